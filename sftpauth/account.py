@@ -1,0 +1,71 @@
+"""The authenticated account every service works with, whatever method made it."""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import attrs
+
+from sftpauth.auth.errors import LoginFailed
+from sftpauth.config.models import GroupSettings
+from sftpauth.permissions import Permission
+
+USER_MARKER = "${USER}"
+
+
+@attrs.frozen
+class Account:
+    username: str
+    method_id: str
+    home_folder: str
+    permissions: frozenset[Permission]
+    groups: tuple[str, ...]  # sftpauth group IDs, the first is primary
+    create_home_folder: bool = False
+    email: str = ""
+    full_name: str = ""
+    dn: Optional[str] = None  # the LDAP entry, for LDAP accounts
+
+
+def home_folder_from_group(group: GroupSettings, username: str) -> str:
+    """The primary group's ``home_folder_path`` with ``${USER}`` appended if absent."""
+    if not group.home_folder_path:
+        raise LoginFailed(
+            "home-folder-missing", f"no home folder: [groups/{group.id}] has no home_folder_path"
+        )
+    template = group.home_folder_path
+    if USER_MARKER not in template:
+        template = os.path.join(template, USER_MARKER)
+    return checked_home_folder(template.replace(USER_MARKER, username))
+
+
+def checked_home_folder(path: str) -> str:
+    """Refuse a home folder that is relative or climbs with ``..``."""
+    if "\0" in path or not os.path.isabs(path):
+        raise LoginFailed("home-folder-invalid", f"home folder {path!r} is not an absolute path")
+    if ".." in path.replace("\\", "/").split("/"):
+        raise LoginFailed("home-folder-invalid", f"home folder {path!r} contains '..'")
+    return os.path.normpath(path)
+
+
+def account_for_groups(
+    username: str,
+    method_id: str,
+    groups: tuple[GroupSettings, ...],
+    home_folder: Optional[str] = None,
+    **extra,
+) -> Account:
+    """Build the account; the primary (first) group gives permissions and home."""
+    primary = groups[0]
+    if not primary.enabled:
+        raise LoginFailed("group-disabled", f"primary group [groups/{primary.id}] is disabled")
+    home = checked_home_folder(home_folder) if home_folder else home_folder_from_group(primary, username)
+    return Account(
+        username=username,
+        method_id=method_id,
+        home_folder=home,
+        permissions=primary.permissions,
+        groups=tuple(group.id for group in groups),
+        create_home_folder=primary.create_home_folder,
+        **extra,
+    )

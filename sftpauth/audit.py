@@ -1,0 +1,49 @@
+"""The audit log: one JSON line per authentication attempt and session event.
+
+Callers pass only what may be shown: never a password, TOTP code or secret.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import threading
+from typing import Any, Callable, Optional
+
+from twisted.logger import Logger
+
+_log = Logger()
+MAX_FIELD = 256
+
+
+def shorten(value: str) -> str:
+    """Keep audit lines bounded when a client sends a huge username."""
+    if len(value) <= MAX_FIELD:
+        return value
+    return value[:MAX_FIELD] + f"...[{len(value)} characters]"
+
+
+class AuditLog:
+    def __init__(self, path: str = "", now: Callable[[], datetime.datetime] = lambda: datetime.datetime.now(datetime.timezone.utc)):
+        self.path = path
+        self._now = now
+        self._lock = threading.Lock()
+        self._file = open(path, "a", encoding="utf-8", buffering=1) if path else None
+        self.listeners: list[Callable[[dict], None]] = []
+
+    def record(self, event: str, **fields: Any) -> dict:
+        entry = {"time": self._now().isoformat(timespec="milliseconds"), "event": event}
+        entry.update({key: shorten(value) if isinstance(value, str) else value for key, value in fields.items()})
+        line = json.dumps(entry, ensure_ascii=False, sort_keys=False)
+        with self._lock:
+            if self._file is not None:
+                self._file.write(line + "\n")
+        _log.info("audit {line}", line=line)
+        for listener in self.listeners:
+            listener(entry)
+        return entry
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None

@@ -1,0 +1,1 @@
+"""Authentication: one chain of methods behind Twisted's cred portal."""

@@ -1,0 +1,150 @@
+"""The authentication chain: methods tried in order, as SFTPPlus does.
+
+A method that accepts or rejects ends the chain; only "unknown user" goes on
+to the next. This is the one ICredentialsChecker of the process: every
+service (FTP, SFTP, Web Manager, test-login) logs in through it.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import unicodedata
+from typing import Callable, Mapping, Optional, Protocol
+
+from twisted.cred.checkers import ICredentialsChecker
+from twisted.internet import defer
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from sftpauth.account import Account
+from sftpauth.audit import AuditLog
+from sftpauth.auth.credentials import ILoginRequest, LoginRequest
+from sftpauth.auth.errors import LoginFailed, UnknownUser
+from sftpauth.config.models import Configuration
+
+MAX_USERNAME = 256
+MAX_PASSWORD = 1024
+_log = Logger()
+
+
+class AuthenticationMethod(Protocol):
+    id: str
+
+    def authenticate(self, request: LoginRequest) -> defer.Deferred:
+        """Fire with an :class:`Account`, or fail with UnknownUser / LoginFailed."""
+
+
+def check_input(request: LoginRequest) -> None:
+    """Reject absurd input before any method (or LDAP server) sees it."""
+    username = request.username
+    if not username or not username.strip():
+        raise LoginFailed("invalid-username", "the username is empty")
+    if len(username) > MAX_USERNAME:
+        raise LoginFailed("invalid-username", f"the username is {len(username)} characters long (at most {MAX_USERNAME})")
+    if any(unicodedata.category(char) in ("Cc", "Cs") for char in username):
+        raise LoginFailed("invalid-username", "the username contains control characters or invalid bytes")
+    if not request.password or not request.password.strip(" \t"):
+        raise LoginFailed("empty-password", "an empty or blank password is never accepted")
+    if len(request.password) > MAX_PASSWORD:
+        raise LoginFailed("invalid-password", f"the password is longer than {MAX_PASSWORD} characters")
+    if "\0" in request.password:
+        raise LoginFailed("invalid-password", "the password contains a NUL character")
+
+
+@implementer(ICredentialsChecker)
+class AuthenticationChain:
+    credentialInterfaces = (ILoginRequest,)
+
+    def __init__(
+        self,
+        configuration: Configuration,
+        methods: Mapping[str, AuthenticationMethod],
+        audit: AuditLog,
+        run_in_thread: Callable[..., defer.Deferred],
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self._configuration = configuration
+        self._methods = methods
+        self._audit = audit
+        self._run_in_thread = run_in_thread
+        self._clock = clock
+
+    def method_ids_for(self, request: LoginRequest) -> tuple[str, ...]:
+        service = self._configuration.services.get(request.service_id)
+        if service is None:
+            return self._configuration.server.authentications
+        return self._configuration.authentications_for(service)
+
+    def requestAvatarId(self, credentials: LoginRequest) -> defer.Deferred:
+        return defer.ensureDeferred(self.login(credentials))
+
+    async def login(self, request: LoginRequest, only_method: Optional[str] = None) -> Account:
+        started = self._clock()
+        method_id = ""
+        try:
+            check_input(request)
+            method_ids = (only_method,) if only_method else self.method_ids_for(request)
+            account = None
+            for method_id in method_ids:
+                method = self._methods.get(method_id)
+                if method is None:
+                    request.trace.add(method_id, "skip", "method is disabled")
+                    continue
+                request.trace.add(method_id, "try", f"trying method {method_id}")
+                try:
+                    account = await method.authenticate(request)
+                except UnknownUser as unknown:
+                    request.trace.add(method_id, "unknown-user", unknown.explanation)
+                    continue
+                break
+            if account is None:
+                method_id = ""
+                raise LoginFailed("unknown-user", "no authentication method knows this username")
+            if not request.manager:
+                await self._prepare_home_folder(account)
+                request.trace.add(method_id, "home-folder", account.home_folder)
+        except LoginFailed as failure:
+            request.trace.add(method_id or "chain", "rejected", f"{failure.reason}: {failure.explanation}")
+            self._record(request, method_id, "failure", failure.reason, started, failure.explanation)
+            raise
+        except Exception as error:  # a bug or an unexpected answer must not crash a service
+            _log.failure("authentication method {method} failed unexpectedly", method=method_id)
+            request.trace.add(method_id or "chain", "error", repr(error))
+            self._record(request, method_id, "failure", "internal-error", started, type(error).__name__)
+            raise LoginFailed("internal-error", f"unexpected error: {type(error).__name__}") from error
+        request.trace.add(method_id, "accepted", f"logged in as {account.username}")
+        self._record(request, method_id, "success", "", started, "")
+        return account
+
+    async def _prepare_home_folder(self, account: Account) -> None:
+        def prepare() -> Optional[str]:
+            if os.path.isdir(account.home_folder):
+                return None
+            if not account.create_home_folder:
+                return "the home folder does not exist"
+            try:
+                os.makedirs(account.home_folder, mode=0o750, exist_ok=True)
+            except OSError as error:
+                return f"the home folder cannot be created: {error.strerror}"
+            return None
+
+        problem = await self._run_in_thread(prepare)
+        if problem is not None:
+            raise LoginFailed("home-folder-missing", f"{problem}: {account.home_folder}")
+
+    def _record(
+        self, request: LoginRequest, method_id: str, outcome: str, reason: str, started: float, detail: str
+    ) -> None:
+        self._audit.record(
+            "authentication",
+            service=request.service_id,
+            protocol=request.protocol,
+            peer=request.peer,
+            username=request.username,
+            method=method_id,
+            outcome=outcome,
+            reason=reason,
+            detail=detail,
+            duration_ms=round((self._clock() - started) * 1000, 1),
+        )

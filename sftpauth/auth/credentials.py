@@ -1,0 +1,24 @@
+"""What a protocol hands to the portal when somebody logs in."""
+
+from __future__ import annotations
+
+import attrs
+from zope.interface import Interface, implementer
+
+from sftpauth.auth.trace import NullTrace, Trace
+
+
+class ILoginRequest(Interface):
+    """A username and password with where they came from."""
+
+
+@implementer(ILoginRequest)
+@attrs.frozen
+class LoginRequest:
+    username: str
+    password: str = attrs.field(repr=False)
+    service_id: str
+    protocol: str  # "ftp", "sftp", "manager" or "cli"
+    peer: str  # source IP address, "" when there is none
+    manager: bool = False  # a Web Manager login: manager_search_filter applies
+    trace: Trace = attrs.field(factory=NullTrace, eq=False)

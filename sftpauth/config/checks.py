@@ -1,0 +1,203 @@
+"""Value checks named in configspec.ini: raw text in, typed value out.
+
+Each check raises ``validate.VdtValueError`` with a sentence that says what
+is allowed, so the loader can put it behind file, line, section and option.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+from typing import Callable, Mapping, Optional
+
+from validate import ValidateError, Validator
+
+from sftpauth.permissions import Permission, parse_permissions
+
+_YES = {"yes", "true", "on", "1", "y", "enabled"}
+_NO = {"no", "false", "off", "0", "n", "disabled"}
+_HOSTNAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9_]([A-Za-z0-9_-]{0,62})(\.[A-Za-z0-9_-]{1,63})*\.?$")
+
+
+class VdtValueError(ValidateError):
+    """A bad value; the message is shown as is, after file, line and option."""
+
+
+class Unsupported:
+    """Marker value for an SFTPPlus option sftpauth accepts but ignores."""
+
+
+UNSUPPORTED = Unsupported()
+
+
+def split_list(value: str) -> tuple[str, ...]:
+    """Split a comma list or one-per-line list, dropping empty items."""
+    items = []
+    for line in value.splitlines():
+        items.extend(part.strip() for part in line.split(","))
+    return tuple(item for item in items if item)
+
+
+def split_lines(value: str) -> tuple[str, ...]:
+    """Split a value given one item per (continuation) line."""
+    return tuple(line.strip() for line in value.splitlines() if line.strip())
+
+
+def _unquote(value: str) -> str:
+    value = value.strip()
+    if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
+        return value[1:-1]
+    return value
+
+
+def yesno(value: str) -> bool:
+    word = _unquote(value).lower()
+    if word in _YES:
+        return True
+    if word in _NO:
+        return False
+    raise VdtValueError(f"{value!r} is not yes or no")
+
+
+def text(value: str) -> str:
+    return _unquote(value)
+
+
+def choice(value: str, *allowed: str) -> str:
+    word = _unquote(value)
+    if word not in allowed:
+        raise VdtValueError(f"{word!r} is not allowed; expected one of: {', '.join(allowed)}")
+    return word
+
+
+def number(value: str, min: Optional[str] = None, max: Optional[str] = None) -> int:
+    word = _unquote(str(value))
+    try:
+        result = int(word, 10)
+    except ValueError:
+        raise VdtValueError(f"{word!r} is not a whole number" + _range_text(min, max)) from None
+    if (min is not None and result < int(min)) or (max is not None and result > int(max)):
+        raise VdtValueError(f"{result} is out of range" + _range_text(min, max))
+    return result
+
+
+def _range_text(min: Optional[str], max: Optional[str]) -> str:
+    if min is not None and max is not None:
+        return f"; allowed: {min} to {max}"
+    if min is not None:
+        return f"; allowed: {min} or more"
+    return ""
+
+
+def port(value: str) -> int:
+    return number(value, "0", "65535")
+
+
+def port_range(value: str) -> Optional[tuple[int, int]]:
+    word = _unquote(value)
+    if not word:
+        return None
+    match = re.fullmatch(r"\s*(\d+)\s*-\s*(\d+)\s*", word)
+    if not match:
+        raise VdtValueError(f"{word!r} is not a port range; expected FIRST-LAST, e.g. 60000-60100")
+    first, last = int(match.group(1)), int(match.group(2))
+    if not (1 <= first <= last <= 65535):
+        raise VdtValueError(f"{word!r} is not a port range; expected 1 <= FIRST <= LAST <= 65535")
+    return (first, last)
+
+
+def host(value: str) -> str:
+    word = _unquote(value)
+    if not word:
+        return word
+    candidate = word[1:-1] if word.startswith("[") and word.endswith("]") else word
+    try:
+        return str(ipaddress.ip_address(candidate))
+    except ValueError:
+        pass
+    if not _HOSTNAME.match(candidate):
+        raise VdtValueError(f"{word!r} is not an IP address or host name")
+    return candidate
+
+
+def identifier(value: str) -> str:
+    word = _unquote(value)
+    if not word or "/" in word or "|" in word:
+        raise VdtValueError(f"{word!r} is not an ID; an ID is any non-empty text without '/' or '|'")
+    return word
+
+
+def id_list(value: str) -> tuple[str, ...]:
+    return tuple(identifier(item) for item in split_list(_unquote(value)))
+
+
+def text_list(value: str) -> tuple[str, ...]:
+    return split_list(_unquote(value))
+
+
+def lines(value: str) -> tuple[str, ...]:
+    return split_lines(value)
+
+
+def permissions(value: str) -> frozenset[Permission]:
+    try:
+        return parse_permissions(split_list(_unquote(value)))
+    except ValueError as error:
+        raise VdtValueError(str(error)) from None
+
+
+def make_validator(base_folder: str, environ: Mapping[str, str]) -> Validator:
+    """A Validator whose path and secret checks know where the file lives."""
+
+    def path(value: str) -> str:
+        word = _unquote(value)
+        if not word:
+            return word
+        if "\0" in word:
+            raise VdtValueError("a path cannot contain NUL bytes")
+        word = os.path.expanduser(word)
+        # Home folder templates such as /srv/ftp/${USER} keep their marker.
+        return os.path.normpath(os.path.join(base_folder, word))
+
+    def path_list(value: str) -> tuple[str, ...]:
+        return tuple(path(item) for item in split_list(value))
+
+    def secret(value: str) -> str:
+        word = _unquote(value)
+        if word.startswith("env:"):
+            name = word[4:]
+            if name not in environ:
+                raise VdtValueError(f"environment variable {name!r} is not set")
+            return environ[name]
+        if word.startswith("file:"):
+            file_path = os.path.join(base_folder, os.path.expanduser(word[5:]))
+            try:
+                with open(file_path, encoding="utf-8") as secret_file:
+                    return secret_file.read().rstrip("\r\n")
+            except OSError as error:
+                raise VdtValueError(f"cannot read secret file {file_path!r}: {error.strerror}") from None
+        return word
+
+    def unsupported(value: str) -> Unsupported:
+        return UNSUPPORTED
+
+    functions: dict[str, Callable] = {
+        "yesno": yesno,
+        "text": text,
+        "choice": choice,
+        "number": number,
+        "port": port,
+        "port_range": port_range,
+        "host": host,
+        "id": identifier,
+        "id_list": id_list,
+        "text_list": text_list,
+        "lines": lines,
+        "permissions": permissions,
+        "path": path,
+        "path_list": path_list,
+        "secret": secret,
+        "unsupported": unsupported,
+    }
+    return Validator(functions)

@@ -1,0 +1,38 @@
+"""Configuration errors that point at the file, line, section and option."""
+
+from __future__ import annotations
+
+from typing import Iterable, Optional
+
+import attrs
+
+
+@attrs.frozen
+class ConfigProblem:
+    """One thing wrong (or worth a warning) in a configuration file."""
+
+    path: str
+    line: Optional[int]
+    section: Optional[str]
+    option: Optional[str]
+    message: str
+
+    def __str__(self) -> str:
+        where = self.path if self.line is None else f"{self.path}:{self.line}"
+        parts = [where]
+        if self.section is not None:
+            parts.append(f"[{self.section}]")
+        if self.option is not None:
+            parts.append(self.option)
+        return " ".join(parts) + ": " + self.message
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; carries every problem found."""
+
+    def __init__(self, problems: Iterable[ConfigProblem]):
+        self.problems = tuple(problems)
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        return "\n".join(str(p) for p in self.problems)

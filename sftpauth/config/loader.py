@@ -1,0 +1,353 @@
+"""Read an sftpauth INI file into a validated :class:`Configuration`.
+
+configobj parses the structure; this module adds what SFTPPlus files need
+and configobj lacks: values on indented continuation lines, a line number
+for every option, and one error per problem naming file, line, section and
+option. Every problem is collected before raising, so an administrator
+fixes a file in one pass.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+from typing import Any, Iterable, Mapping, Optional
+
+import attrs
+from configobj import ConfigObj, ConfigObjError
+from validate import ValidateError, VdtMissingValue
+
+from sftpauth.config import models
+from sftpauth.config.checks import UNSUPPORTED, make_validator
+from sftpauth.config.errors import ConfigError, ConfigProblem
+
+SPEC_PATH = os.path.join(os.path.dirname(__file__), "configspec.ini")
+SECTION_KINDS = ("services", "authentications", "groups", "accounts")
+_OPTION_LINE = re.compile(r"^(?P<name>[^=\[\s][^=]*?)\s*=(?P<value>.*)$")
+_INLINE_COMMENT = re.compile(r"\s+#.*$")
+_CONTINUED = "__sftpauth_continued_value__"
+
+
+@attrs.define
+class _SourceMap:
+    """Where each section and option starts, and multi-line values."""
+
+    sections: dict[str, int] = attrs.Factory(dict)
+    options: dict[tuple[str, str], int] = attrs.Factory(dict)
+    continued: dict[tuple[str, str], str] = attrs.Factory(dict)
+
+
+def _preprocess(text: str) -> tuple[list[str], _SourceMap]:
+    """Fold SFTPPlus continuation lines into one value, keeping line numbers.
+
+    An indented, non-comment line after an option is part of that option's
+    value: each such line is one item (a base DN, a mapping rule...). The
+    lines handed to configobj keep their count so its errors line up.
+    """
+    source = _SourceMap()
+    output: list[str] = []
+    section: Optional[str] = None
+    option: Optional[str] = None
+    first_value = ""
+    continuation: list[str] = []
+    option_index = 0
+
+    def finish_option() -> None:
+        if option is not None and section is not None and continuation:
+            value = "\n".join(([first_value] if first_value else []) + continuation)
+            source.continued[(section, option)] = value
+            output[option_index] = f"{option} = {_CONTINUED}"
+
+    for number, raw in enumerate(text.splitlines(), start=1):
+        stripped = raw.strip()
+        if not stripped or stripped[0] in "#;":
+            output.append("")
+            continue
+        if raw[0] in " \t" and option is not None:
+            continuation.append(stripped)
+            output.append("")
+            continue
+        finish_option()
+        option, continuation, first_value = None, [], ""
+        if stripped.startswith("["):
+            name = stripped.strip("[]").strip()
+            section = name
+            source.sections.setdefault(name, number)
+        else:
+            match = _OPTION_LINE.match(stripped)
+            if match and section is not None:
+                option = match.group("name").strip()
+                first_value = _INLINE_COMMENT.sub("", match.group("value")).strip()
+                option_index = len(output)
+                source.options.setdefault((section, option), number)
+        output.append(raw)
+    finish_option()
+    return output, source
+
+
+class _Problems:
+    def __init__(self, path: str, source: _SourceMap):
+        self.path = path
+        self.source = source
+        self.errors: list[ConfigProblem] = []
+        self.warnings: list[ConfigProblem] = []
+
+    def _make(self, section: Optional[str], option: Optional[str], message: str) -> ConfigProblem:
+        line = None
+        if section is not None and option is not None:
+            line = self.source.options.get((section, option))
+        if line is None and section is not None:
+            line = self.source.sections.get(section)
+        return ConfigProblem(self.path, line, section, option, message)
+
+    def error(self, section: Optional[str], option: Optional[str], message: str) -> None:
+        self.errors.append(self._make(section, option, message))
+
+    def warn(self, section: Optional[str], option: Optional[str], message: str) -> None:
+        self.warnings.append(self._make(section, option, message))
+
+
+def _load_spec() -> Mapping[str, Mapping[str, str]]:
+    spec = ConfigObj(SPEC_PATH, list_values=False, interpolation=False, _inspec=True)
+    return {name: dict(section) for name, section in spec.items()}
+
+
+_SPEC = _load_spec()
+
+
+def load_configuration(path: str, environ: Optional[Mapping[str, str]] = None) -> models.Configuration:
+    """Load and validate ``path``; raise :class:`ConfigError` listing every problem."""
+    display_path = os.fspath(path)
+    try:
+        with open(path, encoding="utf-8") as config_file:
+            text = config_file.read()
+    except OSError as error:
+        raise ConfigError([ConfigProblem(display_path, None, None, None, f"cannot read the file: {error.strerror}")])
+    except UnicodeDecodeError as error:
+        raise ConfigError([ConfigProblem(display_path, None, None, None, f"the file is not UTF-8 text: {error}")])
+    return parse_configuration(
+        text, display_path, os.path.dirname(os.path.abspath(path)), os.environ if environ is None else environ
+    )
+
+
+def parse_configuration(
+    text: str, path: str, base_folder: str, environ: Mapping[str, str]
+) -> models.Configuration:
+    lines, source = _preprocess(text)
+    problems = _Problems(path, source)
+    try:
+        raw = ConfigObj(lines, list_values=False, interpolation=False, raise_errors=False, encoding="utf-8")
+    except ConfigObjError as error:
+        for item in getattr(error, "errors", []) or [error]:
+            message = getattr(item, "msg", str(item))
+            message = re.sub(r"\s*at line \d+\.?$", "", message)
+            problems.errors.append(ConfigProblem(path, getattr(item, "line_number", None), None, None, message))
+        raise ConfigError(problems.errors)
+
+    validator = make_validator(base_folder, environ)
+    sections: dict[str, dict[str, dict[str, Any]]] = {kind: {} for kind in SECTION_KINDS}
+    server_values: Optional[dict[str, Any]] = None
+
+    for name in raw.scalars:
+        problems.error(None, None, f"option {name!r} is outside any [section]")
+    for name, section in raw.items():
+        if not hasattr(section, "scalars"):
+            continue
+        for sub in section.sections:
+            problems.error(name, None, f"nested section [[{sub}]] is not allowed")
+        values = {
+            key: source.continued.get((name, key), value) if value == _CONTINUED else value
+            for key, value in section.items()
+            if key in section.scalars
+        }
+        if name == "server":
+            server_values = _check_section(problems, validator, name, "server", values)
+            continue
+        kind, _, section_id = name.partition("/")
+        if kind not in SECTION_KINDS:
+            allowed = ", ".join(["[server]"] + [f"[{k}/ID]" for k in SECTION_KINDS])
+            problems.error(name, None, f"unknown section; allowed: {allowed}")
+            continue
+        if not section_id or "/" in section_id or "|" in section_id:
+            problems.error(name, None, "the section ID must be non-empty text without '/' or '|'")
+            continue
+        checked = _check_section(problems, validator, name, kind, values)
+        if checked is not None:
+            sections[kind][section_id] = checked
+
+    if server_values is None:
+        server_values = _check_section(problems, validator, "server", "server", {}) or {}
+    configuration = _build(problems, validator, server_values, sections)
+    if problems.errors:
+        raise ConfigError(problems.errors)
+    return attrs.evolve(configuration, path=path, warnings=tuple(problems.warnings))
+
+
+def _check_section(
+    problems: _Problems, validator, section: str, kind: str, values: dict[str, str]
+) -> Optional[dict[str, Any]]:
+    """Check every option of one section against its spec; None if unusable."""
+    spec = dict(_SPEC[kind])
+    if kind in ("services", "authentications"):
+        type_value = values.get("type")
+        if type_value is None:
+            problems.error(section, None, f"option 'type' is required; allowed: {_choices(spec['type'])}")
+            return None
+        try:
+            type_name = validator.check(spec["type"], type_value)
+        except ValidateError as error:
+            problems.error(section, "type", str(error))
+            return None
+        if kind == "services":
+            spec.update(_SPEC.get(f"services:{models.SERVICE_SPEC_KIND[type_name]}", {}))
+    result: dict[str, Any] = {}
+    values_with_errors: set[str] = set()
+    for option, value in values.items():
+        if option not in spec:
+            problems.error(section, option, _unknown_option_message(option, spec))
+            continue
+        try:
+            checked = validator.check(spec[option], value)
+        except ValidateError as error:
+            problems.error(section, option, str(error))
+            # Go on with the default so later checks still report their problems.
+            values_with_errors.add(option)
+            continue
+        if checked is UNSUPPORTED:
+            problems.warn(section, option, "known SFTPPlus option, not implemented by sftpauth: ignored")
+            continue
+        result[option] = checked
+    for option, check in spec.items():
+        if (option in values and option not in values_with_errors) or check.startswith("unsupported"):
+            continue
+        try:
+            default = validator.check(check, None, missing=True)
+        except VdtMissingValue:
+            if option not in values_with_errors:
+                problems.error(section, option, "required option is missing")
+            continue
+        if default is not UNSUPPORTED:
+            result[option] = default
+    return result
+
+
+def _choices(check: str) -> str:
+    return ", ".join(re.findall(r'"([^"]+)"', check))
+
+
+def _unknown_option_message(option: str, spec: Mapping[str, str]) -> str:
+    close = difflib.get_close_matches(option, list(spec), n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return f"unknown option{hint}; allowed: {', '.join(sorted(spec))}"
+
+
+def _build(
+    problems: _Problems, validator, server_values: dict[str, Any], sections: dict[str, dict[str, dict[str, Any]]]
+) -> models.Configuration:
+    server = _construct(problems, "server", models.ServerSettings, server_values)
+
+    authentications: dict[str, models.AuthenticationSettings] = {}
+    raw_methods = dict(sections["authentications"])
+    if models.DEFAULT_AUTHENTICATION not in raw_methods:
+        raw_methods[models.DEFAULT_AUTHENTICATION] = {"type": "application", "name": "", "enabled": True}
+    for method_id, values in raw_methods.items():
+        model = models.AUTHENTICATION_MODELS[values["type"]]
+        built = _construct(problems, f"authentications/{method_id}", model, values, id=method_id)
+        if built is not None:
+            authentications[method_id] = built
+
+    groups: dict[str, models.GroupSettings] = {}
+    raw_groups = dict(sections["groups"])
+    if models.DEFAULT_GROUP not in raw_groups:
+        raw_groups[models.DEFAULT_GROUP] = _check_section(problems, validator, "groups/DEFAULT_GROUP", "groups", {})
+    for group_id, values in raw_groups.items():
+        built = _construct(problems, f"groups/{group_id}", models.GroupSettings, values, id=group_id)
+        if built is not None:
+            groups[group_id] = built
+
+    services: dict[str, models.ServiceSettings] = {}
+    for service_id, values in sections["services"].items():
+        model = models.SERVICE_MODELS[values["type"]]
+        built = _construct(problems, f"services/{service_id}", model, values, id=service_id)
+        if built is not None:
+            services[service_id] = built
+
+    accounts: dict[str, models.AccountSettings] = {}
+    for account_id, values in sections["accounts"].items():
+        built = _construct(problems, f"accounts/{account_id}", models.AccountSettings, values, id=account_id)
+        if built is not None:
+            accounts[account_id] = built
+
+    configuration = models.Configuration(
+        path="", server=server, services=services, authentications=authentications, groups=groups, accounts=accounts
+    )
+    if server is not None:
+        _cross_check(problems, configuration)
+    return configuration
+
+
+def _construct(problems: _Problems, section: str, model: type, values: dict[str, Any], **extra: Any):
+    fields = {field.name for field in attrs.fields(model)}
+    try:
+        return model(**{key: value for key, value in values.items() if key in fields}, **extra)
+    except TypeError as error:  # a required option already reported as missing
+        if not problems.errors:
+            problems.error(section, None, str(error))
+        return None
+
+
+def _cross_check(problems: _Problems, configuration: models.Configuration) -> None:
+    """References between sections: every ID named must exist."""
+    methods = configuration.authentications
+    for method_id in configuration.server.authentications:
+        if method_id not in methods:
+            problems.error("server", "authentications", _unknown_id("authentication method", method_id, methods))
+    if not configuration.server.authentications:
+        problems.error("server", "authentications", "at least one authentication method is required")
+
+    bound: dict[tuple[str, int], str] = {}
+    for service_id, service in configuration.services.items():
+        section = f"services/{service_id}"
+        for method_id in service.authentications:
+            if method_id not in methods:
+                problems.error(section, "authentications", _unknown_id("authentication method", method_id, methods))
+        if service.security_policy != models.DEFAULT_SECURITY_POLICY:
+            problems.error(
+                section,
+                "security_policy",
+                f"unknown security policy {service.security_policy!r}; allowed: {models.DEFAULT_SECURITY_POLICY}",
+            )
+        if service.enabled and service.port:
+            key = (service.address, service.port)
+            if key in bound:
+                problems.error(section, "port", f"{service.address}:{service.port} is already used by [services/{bound[key]}]")
+            bound[key] = service_id
+
+    usernames: dict[str, str] = {}
+    for account_id, account in configuration.accounts.items():
+        section = f"accounts/{account_id}"
+        for group_id in account.group:
+            if group_id not in configuration.groups:
+                problems.error(section, "group", _unknown_id("group", group_id, configuration.groups))
+        if not account.group:
+            problems.error(section, "group", "at least one group is required (the first is the primary group)")
+        if account.username in usernames:
+            problems.error(section, "name", f"username {account.username!r} is also used by [accounts/{usernames[account.username]}]")
+        usernames.setdefault(account.username, account_id)
+        if not account.password:
+            problems.warn(section, "password", "no password is set: this account cannot log in")
+        elif not _looks_like_hash(account.password):
+            problems.error(
+                section, "password", "not a password hash; make one with 'sftpauth hash-password' (argon2id or bcrypt)"
+            )
+
+
+def _looks_like_hash(value: str) -> bool:
+    from sftpauth.auth.passwords import is_supported_hash
+
+    return is_supported_hash(value)
+
+
+def _unknown_id(what: str, wanted: str, known: Iterable[str]) -> str:
+    return f"unknown {what} {wanted!r}; defined: {', '.join(sorted(known)) or 'none'}"

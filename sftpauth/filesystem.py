@@ -1,0 +1,238 @@
+"""The jail: every client path of FTP and SFTP goes through :func:`resolve`.
+
+A session sees its home folder as ``/``. ``..`` stops at ``/``, absolute
+names are taken inside the home folder, and the real path (symlinks
+followed) must still be inside it, so a symlink planted in a home folder
+cannot reach ``/etc``. Names with NUL bytes, over-long names and
+undecodable bytes are refused.
+
+:class:`JailedFilesystem` is the only place that touches files for a
+session: it resolves the path, checks the primary group's permission, and
+does the I/O in a thread so the reactor never waits on a disk.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import posixpath
+import stat as stat_module
+from typing import Any, Callable, Union
+
+from twisted.internet import defer
+
+from sftpauth.permissions import Permission, PermissionDenied
+
+MAX_SEGMENT_BYTES = 255
+MAX_PATH_BYTES = 4096
+
+
+class InvalidPath(Exception):
+    """A client path that can never be valid (NUL, too long, not UTF-8)."""
+
+
+class OutsideJail(Exception):
+    """A path whose real location is outside the home folder."""
+
+    def __init__(self, virtual_path: str):
+        self.virtual_path = virtual_path
+        super().__init__(f"{virtual_path}: no such file or folder")
+
+
+def virtual_path(client_path: Union[str, bytes], cwd: str = "/") -> str:
+    """Normalise a client path to an absolute path inside the session's ``/``."""
+    if isinstance(client_path, bytes):
+        try:
+            client_path = client_path.decode("utf-8")
+        except UnicodeDecodeError:
+            raise InvalidPath("the path is not valid UTF-8") from None
+    if "\0" in client_path:
+        raise InvalidPath("the path contains a NUL byte")
+    encoded_length = len(client_path.encode("utf-8", "surrogatepass"))
+    if encoded_length > MAX_PATH_BYTES:
+        raise InvalidPath(f"the path is longer than {MAX_PATH_BYTES} bytes")
+    client_path = client_path.replace("\\", "/") if os.sep == "\\" else client_path
+    joined = posixpath.normpath(posixpath.join(cwd, client_path))
+    # normpath keeps a leading "//" and never climbs above "/"
+    joined = "/" + joined.lstrip("/")
+    for segment in joined.split("/"):
+        if len(segment.encode("utf-8", "surrogatepass")) > MAX_SEGMENT_BYTES:
+            raise InvalidPath(f"a name is longer than {MAX_SEGMENT_BYTES} bytes")
+    return joined
+
+
+def resolve(root: str, client_path: Union[str, bytes], cwd: str = "/") -> str:
+    """The real filesystem path of ``client_path``; never outside ``root``.
+
+    ``root`` must already be a real path (see :class:`JailedFilesystem`).
+    """
+    virtual = virtual_path(client_path, cwd)
+    candidate = os.path.join(root, virtual.lstrip("/"))
+    real = os.path.realpath(candidate)
+    if real != root and not real.startswith(root.rstrip(os.sep) + os.sep):
+        raise OutsideJail(virtual)
+    return real
+
+
+def is_inside(root: str, path: str) -> bool:
+    real = os.path.realpath(path)
+    return real == root or real.startswith(root.rstrip(os.sep) + os.sep)
+
+
+class JailedFilesystem:
+    """File operations of one session, inside its home folder, with permissions."""
+
+    def __init__(
+        self,
+        home_folder: str,
+        permissions: frozenset[Permission],
+        run_in_thread: Callable[..., defer.Deferred],
+    ):
+        self.root = os.path.realpath(home_folder)
+        self.permissions = permissions
+        self._run_in_thread = run_in_thread
+
+    # -- helpers -------------------------------------------------------------------
+
+    def require(self, permission: Permission, path: str) -> None:
+        if permission not in self.permissions:
+            raise PermissionDenied(permission, path)
+
+    def resolve(self, client_path: Union[str, bytes], cwd: str = "/") -> str:
+        return resolve(self.root, client_path, cwd)
+
+    def _call(self, permission: Union[Permission, None], client_path, cwd: str, function, *args) -> defer.Deferred:
+        """Check permission, then resolve and run ``function(real_path, *args)`` in a thread."""
+        try:
+            virtual = virtual_path(client_path, cwd)
+            if permission is not None:
+                self.require(permission, virtual)
+        except Exception:
+            return defer.fail()
+
+        def work():
+            return function(self.resolve(virtual), *args)
+
+        return self._run_in_thread(work)
+
+    # -- operations ----------------------------------------------------------------
+
+    def stat(self, client_path, cwd: str = "/") -> defer.Deferred:
+        """``os.stat`` of a path (following symlinks that stay inside)."""
+        return self._call(Permission.LIST, client_path, cwd, os.stat)
+
+    def is_directory(self, client_path, cwd: str = "/") -> defer.Deferred:
+        """Whether a path is a folder; needs no permission (CWD, realpath)."""
+        return self._call(None, client_path, cwd, os.path.isdir)
+
+    def list_directory(self, client_path, cwd: str = "/") -> defer.Deferred:
+        """``[(name, stat_result)]`` of a folder; entries leading outside are hidden."""
+        return self._call(Permission.LIST, client_path, cwd, self._list)
+
+    def _list(self, real: str) -> list[tuple[str, os.stat_result]]:
+        if not os.path.isdir(real):
+            result = os.stat(real)
+            return [(os.path.basename(real), result)]
+        entries = []
+        with os.scandir(real) as iterator:
+            for entry in iterator:
+                try:
+                    if entry.is_symlink():
+                        if not is_inside(self.root, entry.path):
+                            continue
+                        entries.append((entry.name, os.stat(entry.path)))
+                    else:
+                        entries.append((entry.name, entry.stat(follow_symlinks=False)))
+                except OSError:
+                    continue  # vanished or dangling: not listed
+        entries.sort(key=lambda item: item[0])
+        return entries
+
+    def open_for_reading(self, client_path, cwd: str = "/") -> defer.Deferred:
+        return self._call(Permission.READ, client_path, cwd, self._open_read)
+
+    @staticmethod
+    def _open_read(real: str):
+        if os.path.isdir(real):
+            raise IsADirectoryError(errno.EISDIR, "is a folder", real)
+        return open(real, "rb")
+
+    def open_for_writing(self, client_path, cwd: str = "/", append: bool = False) -> defer.Deferred:
+        return self._call(Permission.WRITE, client_path, cwd, self._open_write, append)
+
+    @staticmethod
+    def _open_write(real: str, append: bool):
+        if os.path.isdir(real):
+            raise IsADirectoryError(errno.EISDIR, "is a folder", real)
+        return open(real, "ab" if append else "wb")
+
+    def open_file(self, client_path, flags: int, mode: int = 0o644, cwd: str = "/") -> defer.Deferred:
+        """``os.open`` with SFTP-style flags; WRITE for any write flag, READ otherwise."""
+        writing = flags & (os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_TRUNC)
+        reading = not (flags & os.O_WRONLY)
+        try:
+            virtual = virtual_path(client_path, cwd)
+            if writing:
+                self.require(Permission.WRITE, virtual)
+            if reading:
+                self.require(Permission.READ, virtual)
+        except Exception:
+            return defer.fail()
+
+        def work():
+            real = self.resolve(virtual)
+            if os.path.isdir(real):
+                raise IsADirectoryError(errno.EISDIR, "is a folder", virtual)
+            return os.open(real, flags | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0), mode & 0o777)
+
+        return self._run_in_thread(work)
+
+    def make_directory(self, client_path, cwd: str = "/") -> defer.Deferred:
+        return self._call(Permission.CREATE_FOLDER, client_path, cwd, os.mkdir, 0o755)
+
+    def remove_directory(self, client_path, cwd: str = "/") -> defer.Deferred:
+        return self._call(Permission.DELETE_FOLDER, client_path, cwd, self._rmdir)
+
+    def _rmdir(self, real: str) -> None:
+        if real == self.root:
+            raise PermissionError(errno.EACCES, "the home folder cannot be removed", "/")
+        os.rmdir(real)
+
+    def remove_file(self, client_path, cwd: str = "/") -> defer.Deferred:
+        return self._call(Permission.DELETE_FILE, client_path, cwd, self._remove)
+
+    @staticmethod
+    def _remove(real: str) -> None:
+        if os.path.isdir(real):
+            raise IsADirectoryError(errno.EISDIR, "is a folder", real)
+        os.remove(real)
+
+    def rename(self, from_path, to_path, cwd: str = "/", overwrite: bool = True) -> defer.Deferred:
+        try:
+            source = virtual_path(from_path, cwd)
+            target = virtual_path(to_path, cwd)
+            self.require(Permission.RENAME, source)
+        except Exception:
+            return defer.fail()
+
+        def work():
+            real_source = self.resolve(source)
+            real_target = self.resolve(target)
+            if real_source == self.root:
+                raise PermissionError(errno.EACCES, "the home folder cannot be renamed", "/")
+            if not overwrite and os.path.lexists(real_target):
+                raise FileExistsError(errno.EEXIST, "the target exists", target)
+            os.rename(real_source, real_target)
+
+        return self._run_in_thread(work)
+
+    def set_times(self, client_path, atime: float, mtime: float, cwd: str = "/") -> defer.Deferred:
+        return self._call(Permission.WRITE, client_path, cwd, lambda real: os.utime(real, (atime, mtime)))
+
+    def run(self, function: Callable[..., Any], *args: Any) -> defer.Deferred:
+        """Run other blocking file work (reads, writes of an open file) in the thread pool."""
+        return self._run_in_thread(function, *args)
+
+
+def file_type_letter(mode: int) -> str:
+    return "d" if stat_module.S_ISDIR(mode) else "l" if stat_module.S_ISLNK(mode) else "-"

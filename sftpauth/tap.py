@@ -1,0 +1,93 @@
+"""``twistd sftpauth --config FILE``: every enabled service of one file."""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+
+from twisted.application.service import MultiService, Service
+from twisted.cred.portal import Portal
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.python import usage
+
+from sftpauth import __version__
+from sftpauth.audit import AuditLog
+from sftpauth.auth.chain import AuthenticationChain
+from sftpauth.auth.methods import build_methods
+from sftpauth.config.errors import ConfigError
+from sftpauth.config.loader import load_configuration
+from sftpauth.config.models import Configuration
+from sftpauth.realm import SessionRealm
+from sftpauth.runtime import Runtime
+
+_log = Logger()
+
+
+class Options(usage.Options):
+    synopsis = "--config FILE"
+    longdesc = "Run the FTP/FTPS, SFTP and Web Manager services of an sftpauth configuration file."
+    optParameters = [["config", "c", None, "the sftpauth configuration file (INI)"]]
+
+    def postOptions(self) -> None:
+        if not self["config"]:
+            raise usage.UsageError("--config FILE is required")
+        try:
+            self["configuration"] = load_configuration(self["config"])
+        except ConfigError as error:
+            # A clear message and exit status 1, never a traceback.
+            sys.stderr.write(f"sftpauth: cannot start, the configuration has errors:\n{error}\n")
+            raise SystemExit(1)
+
+
+def build_runtime(configuration: Configuration, reactor) -> Runtime:
+    """Wire the chain, the realm and the portal shared by every service."""
+    reactor.suggestThreadPoolSize(20)
+    run_in_thread = functools.partial(deferToThreadPool, reactor, reactor.getThreadPool())
+    audit = AuditLog(configuration.server.audit_log)
+    chain = AuthenticationChain(configuration, build_methods(configuration, run_in_thread, reactor), audit, run_in_thread)
+    portal = Portal(SessionRealm(audit, run_in_thread), [chain])
+    return Runtime(
+        configuration=configuration,
+        reactor=reactor,
+        portal=portal,
+        chain=chain,
+        audit=audit,
+        run_in_thread=run_in_thread,
+        data_folder=configuration.server.data_folder,
+    )
+
+
+class _AuditCloser(Service):
+    def __init__(self, audit: AuditLog):
+        self._audit = audit
+
+    def stopService(self):
+        super().stopService()
+        self._audit.close()
+
+
+def service_factories():
+    from sftpauth import ftp, ssh
+
+    return {"ftp": ftp.make_service, "ssh": ssh.make_service, "sftp": ssh.make_service}
+
+
+def makeService(options: Options, reactor=None) -> MultiService:
+    if reactor is None:
+        from twisted.internet import reactor
+    configuration: Configuration = options["configuration"]
+    for warning in configuration.warnings:
+        _log.warn("configuration: {warning}", warning=str(warning))
+    runtime = build_runtime(configuration, reactor)
+    top = MultiService()
+    _AuditCloser(runtime.audit).setServiceParent(top)
+    factories = service_factories()
+    for service_id, settings in configuration.services.items():
+        if not settings.enabled:
+            _log.info("service {service} is disabled", service=service_id)
+            continue
+        factories[settings.type](settings, runtime).setServiceParent(top)
+    _log.info("sftpauth {version} configured from {path}", version=__version__, path=configuration.path)
+    return top

@@ -1,0 +1,92 @@
+"""Run the real ``twistd -n sftpauth --config FILE`` in a subprocess for tests."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+TWISTD = str(Path(sys.executable).with_name("twistd"))
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class SftpauthServer:
+    """A running sftpauth process; ``config`` is written to ``folder/sftpauth.ini``."""
+
+    def __init__(self, folder: Path, config: str, ports: tuple[int, ...] = ()):
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.config_path = self.folder / "sftpauth.ini"
+        self.config_path.write_text(config, encoding="utf-8")
+        self.log_path = self.folder / "twistd.log"
+        self.ports = ports
+        self.process: Optional[subprocess.Popen] = None
+
+    def start(self, timeout: float = 20.0) -> "SftpauthServer":
+        self.process = subprocess.Popen(
+            [TWISTD, "-n", "--pidfile=", "--logfile", str(self.log_path), "sftpauth", "--config", str(self.config_path)],
+            cwd=self.folder,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + timeout
+        waiting = list(self.ports)
+        while waiting:
+            if self.process.poll() is not None:
+                output = self.process.stdout.read().decode(errors="replace")
+                raise RuntimeError(f"sftpauth exited with {self.process.returncode}:\n{output}\n{self.log_tail()}")
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"sftpauth did not listen on {waiting} within {timeout}s\n{self.log_tail()}")
+            try:
+                socket.create_connection(("127.0.0.1", waiting[0]), timeout=0.5).close()
+                waiting.pop(0)
+            except OSError:
+                time.sleep(0.05)
+        return self
+
+    def stop(self, timeout: float = 15.0) -> int:
+        if self.process is None or self.process.poll() is not None:
+            return self.process.returncode if self.process else 0
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+            raise RuntimeError(f"sftpauth did not stop on SIGTERM within {timeout}s\n{self.log_tail()}")
+        finally:
+            self.process.stdout.close()
+
+    def log_tail(self, lines: int = 60) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    def audit_events(self, path: Optional[Path] = None) -> list[dict]:
+        audit = path or (self.folder / "audit.jsonl")
+        if not audit.exists():
+            return []
+        return [json.loads(line) for line in audit.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+    def wait_for_audit(self, predicate, timeout: float = 5.0) -> dict:
+        deadline = time.monotonic() + timeout
+        while True:
+            for event in self.audit_events():
+                if predicate(event):
+                    return event
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no audit event matched; events: {self.audit_events()}")
+            time.sleep(0.05)
