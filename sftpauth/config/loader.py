@@ -27,6 +27,7 @@ SECTION_KINDS = ("services", "authentications", "groups", "accounts")
 _OPTION_LINE = re.compile(r"^(?P<name>[^=\[\s][^=]*?)\s*=(?P<value>.*)$")
 _INLINE_COMMENT = re.compile(r"\s+#.*$")
 _CONTINUED = "__sftpauth_continued_value__"
+_DUPLICATE = "__sftpauth_duplicate_section__"
 
 
 @attrs.define
@@ -34,8 +35,13 @@ class _SourceMap:
     """Where each section and option starts, and multi-line values."""
 
     sections: dict[str, int] = attrs.Factory(dict)
-    options: dict[tuple[str, str], int] = attrs.Factory(dict)
+    options: dict[tuple[Optional[str], str], int] = attrs.Factory(dict)
     continued: dict[tuple[str, str], str] = attrs.Factory(dict)
+    # (line, section, option, message) found before configobj runs
+    problems: list[tuple[int, Optional[str], Optional[str], str]] = attrs.Factory(list)
+
+
+_SECTION_LINE = re.compile(r"^\[+\s*([^\]]*?)\s*\]+")
 
 
 def _preprocess(text: str) -> tuple[list[str], _SourceMap]:
@@ -44,6 +50,8 @@ def _preprocess(text: str) -> tuple[list[str], _SourceMap]:
     An indented, non-comment line after an option is part of that option's
     value: each such line is one item (a base DN, a mapping rule...). The
     lines handed to configobj keep their count so its errors line up.
+    Repeated sections and options are reported here, with the line of their
+    first use, and hidden from configobj so they do not mask other errors.
     """
     source = _SourceMap()
     output: list[str] = []
@@ -52,6 +60,7 @@ def _preprocess(text: str) -> tuple[list[str], _SourceMap]:
     first_value = ""
     continuation: list[str] = []
     option_index = 0
+    duplicates = 0
 
     def finish_option() -> None:
         if option is not None and section is not None and continuation:
@@ -65,22 +74,41 @@ def _preprocess(text: str) -> tuple[list[str], _SourceMap]:
             output.append("")
             continue
         if raw[0] in " \t" and option is not None:
-            continuation.append(stripped)
+            item = _INLINE_COMMENT.sub("", stripped).strip()
+            if item:
+                continuation.append(item)
             output.append("")
             continue
         finish_option()
         option, continuation, first_value = None, [], ""
-        if stripped.startswith("["):
-            name = stripped.strip("[]").strip()
+        header = _SECTION_LINE.match(stripped)
+        if header:
+            name = header.group(1)
+            if name in source.sections and not stripped.startswith("[["):
+                source.problems.append(
+                    (number, name, None, f"duplicate section, first given on line {source.sections[name]}")
+                )
+                duplicates += 1
+                section = f"{_DUPLICATE}{duplicates}"
+                output.append(f"[{section}]")
+                continue
             section = name
             source.sections.setdefault(name, number)
         else:
             match = _OPTION_LINE.match(stripped)
-            if match and section is not None:
-                option = match.group("name").strip()
+            if match:
+                name = match.group("name").strip()
+                key = (section, name)
+                if key in source.options and section is not None and not section.startswith(_DUPLICATE):
+                    source.problems.append(
+                        (number, section, name, f"duplicate option, first given on line {source.options[key]}")
+                    )
+                    output.append("")
+                    continue
+                option = name
                 first_value = _INLINE_COMMENT.sub("", match.group("value")).strip()
                 option_index = len(output)
-                source.options.setdefault((section, option), number)
+                source.options.setdefault(key, number)
         output.append(raw)
     finish_option()
     return output, source
@@ -95,7 +123,7 @@ class _Problems:
 
     def _make(self, section: Optional[str], option: Optional[str], message: str) -> ConfigProblem:
         line = None
-        if section is not None and option is not None:
+        if option is not None:
             line = self.source.options.get((section, option))
         if line is None and section is not None:
             line = self.source.sections.get(section)
@@ -136,11 +164,16 @@ def parse_configuration(
 ) -> models.Configuration:
     lines, source = _preprocess(text)
     problems = _Problems(path, source)
+    for line, section_name, option_name, message in source.problems:
+        problems.errors.append(ConfigProblem(path, line, section_name, option_name, message))
     try:
         raw = ConfigObj(lines, list_values=False, interpolation=False, raise_errors=False, encoding="utf-8")
     except ConfigObjError as error:
         for item in getattr(error, "errors", []) or [error]:
             message = getattr(item, "msg", str(item))
+            if message.startswith("Invalid line"):
+                # configobj quotes the line, which may hold a secret: never echo it.
+                message = "this line is neither a [section] nor 'option = value'"
             message = re.sub(r"\s*at line \d+\.?$", "", message)
             problems.errors.append(ConfigProblem(path, getattr(item, "line_number", None), None, None, message))
         raise ConfigError(problems.errors)
@@ -150,9 +183,9 @@ def parse_configuration(
     server_values: Optional[dict[str, Any]] = None
 
     for name in raw.scalars:
-        problems.error(None, None, f"option {name!r} is outside any [section]")
+        problems.error(None, name, "this option is outside any [section]")
     for name, section in raw.items():
-        if not hasattr(section, "scalars"):
+        if not hasattr(section, "scalars") or name.startswith(_DUPLICATE):
             continue
         for sub in section.sections:
             problems.error(name, None, f"nested section [[{sub}]] is not allowed")
@@ -319,10 +352,10 @@ def _cross_check(problems: _Problems, configuration: models.Configuration) -> No
                 f"unknown security policy {service.security_policy!r}; allowed: {models.DEFAULT_SECURITY_POLICY}",
             )
         if service.enabled and service.port:
-            key = (service.address, service.port)
-            if key in bound:
-                problems.error(section, "port", f"{service.address}:{service.port} is already used by [services/{bound[key]}]")
-            bound[key] = service_id
+            for (address, port), other in bound.items():
+                if port == service.port and _addresses_clash(address, service.address):
+                    problems.error(section, "port", f"{service.address}:{service.port} is already used by [services/{other}]")
+            bound[(service.address, service.port)] = service_id
 
     usernames: dict[str, str] = {}
     for account_id, account in configuration.accounts.items():
@@ -341,6 +374,19 @@ def _cross_check(problems: _Problems, configuration: models.Configuration) -> No
             problems.error(
                 section, "password", "not a password hash; make one with 'sftpauth hash-password' (argon2id or bcrypt)"
             )
+
+
+def _addresses_clash(first: str, second: str) -> bool:
+    """Two listeners on one port clash if an address is equal or a wildcard of its family."""
+    if first == second:
+        return True
+    wildcards = {"0.0.0.0": 4, "::": 6, "": 4}
+    for wildcard, other in ((first, second), (second, first)):
+        if wildcard in wildcards:
+            if wildcard == "::":
+                return True
+            return ":" not in other
+    return False
 
 
 def _looks_like_hash(value: str) -> bool:

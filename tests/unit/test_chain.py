@@ -1,0 +1,572 @@
+"""The authentication chain, the local ``application`` method and the account it builds (SPEC §3, §4)."""
+
+from __future__ import annotations
+
+import datetime
+import json
+
+import attrs
+import pytest
+import pytest_twisted
+from twisted.cred.checkers import ICredentialsChecker
+from twisted.cred.error import UnauthorizedLogin
+from twisted.internet import defer
+
+from sftpauth.account import Account, checked_home_folder, home_folder_from_group
+from sftpauth.audit import AuditLog
+from sftpauth.auth.application import ApplicationMethod
+from sftpauth.auth.chain import AuthenticationChain
+from sftpauth.auth.credentials import ILoginRequest, LoginRequest
+from sftpauth.auth.errors import LoginFailed, UnknownUser
+from sftpauth.auth.methods import build_methods
+from sftpauth.auth.trace import Trace
+from sftpauth.config import models
+from sftpauth.config.loader import parse_configuration
+from sftpauth.permissions import FULL_CONTROL, Permission
+
+PASSWORD = "s3cret-Pa55word"
+AUDIT_FIELDS = {"time", "service", "protocol", "peer", "username", "method", "outcome", "reason"}
+
+
+@pytest.fixture(scope="module")
+def password_hash(make_hash):
+    return make_hash(PASSWORD)
+
+
+@pytest.fixture
+def homes(tmp_path):
+    folder = tmp_path / "homes"
+    folder.mkdir()
+    return folder
+
+
+def configuration_from(text: str, folder) -> models.Configuration:
+    return parse_configuration(text, str(folder / "server.ini"), str(folder), {})
+
+
+class Harness:
+    """A configuration, its chain and the audit events it records."""
+
+    def __init__(self, configuration, run_in_thread, methods=None):
+        self.configuration = configuration
+        self.events: list[dict] = []
+        self.audit = AuditLog("", now=_fixed_now)
+        self.audit.listeners.append(self.events.append)
+        if methods is None:
+            methods = {
+                method_id: ApplicationMethod(settings, configuration, run_in_thread)
+                for method_id, settings in configuration.authentications.items()
+                if settings.enabled
+            }
+        self.methods = methods
+        self.chain = AuthenticationChain(configuration, methods, self.audit, run_in_thread, clock=lambda: 100.0)
+
+    def login(self, result_of, username="alice", password=PASSWORD, service_id="ftp", **extra):
+        request = LoginRequest(username, password, service_id, extra.pop("protocol", "ftp"), "192.0.2.7", **extra)
+        return result_of(self.chain.requestAvatarId(request))
+
+    def failure_reason(self, result_of, **kwargs) -> str:
+        with pytest.raises(LoginFailed) as caught:
+            self.login(result_of, **kwargs)
+        assert not isinstance(caught.value, UnknownUser), "the chain must never leak UnknownUser"
+        return caught.value.reason
+
+
+def _fixed_now():
+    return datetime.datetime(2025, 1, 2, 3, 4, 5, tzinfo=datetime.timezone.utc)
+
+
+@pytest.fixture
+def local(homes, password_hash, run_in_thread, tmp_path):
+    """One FTP service and the DEFAULT-AUTHENTICATION method with a few accounts."""
+    (homes / "alice").mkdir()
+    (homes / "carol").mkdir()
+    configuration = configuration_from(
+        f"""
+[services/ftp]
+type = ftp
+port = 2121
+
+[groups/readers]
+home_folder_path = {homes}
+permissions = allow-read, allow-list
+
+[groups/writers]
+home_folder_path = {homes}
+permissions = allow-full-control
+
+[groups/off]
+home_folder_path = {homes}
+enabled = no
+
+[accounts/alice]
+password = {password_hash}
+group = readers, writers
+
+[accounts/bob]
+password = {password_hash}
+group = readers
+enabled = no
+
+[accounts/carol]
+password = {password_hash}
+group = off
+
+[accounts/dave]
+group = readers
+""",
+        tmp_path,
+    )
+    return Harness(configuration, run_in_thread)
+
+
+# -- the application method through the chain -----------------------------------------
+
+
+def test_chain_is_a_credentials_checker(local):
+    """The chain is the portal's ICredentialsChecker for LoginRequest credentials."""
+    assert ICredentialsChecker.providedBy(local.chain)
+    assert ILoginRequest in local.chain.credentialInterfaces
+    assert ILoginRequest.providedBy(LoginRequest("alice", PASSWORD, "ftp", "ftp", "192.0.2.7"))
+
+
+def test_successful_login_returns_the_account(local, homes, result_of):
+    """A right password gives an Account homed in group home + username, with the primary group's permissions."""
+    account = local.login(result_of)
+    assert isinstance(account, Account)
+    assert account.username == "alice"
+    assert account.method_id == models.DEFAULT_AUTHENTICATION
+    assert account.home_folder == str(homes / "alice")
+    assert account.groups == ("readers", "writers")
+    assert account.permissions == {Permission.READ, Permission.LIST}
+    assert account.permissions != FULL_CONTROL
+
+
+def test_user_marker_in_home_folder_is_replaced(tmp_path, password_hash, run_in_thread, result_of):
+    """A group home_folder_path containing ${USER} has it replaced, not appended."""
+    (tmp_path / "data" / "alice" / "files").mkdir(parents=True)
+    configuration = configuration_from(
+        f"""
+[groups/g]
+home_folder_path = {tmp_path}/data/${{USER}}/files
+[accounts/alice]
+password = {password_hash}
+group = g
+""",
+        tmp_path,
+    )
+    account = Harness(configuration, run_in_thread).login(result_of, service_id="")
+    assert account.home_folder == str(tmp_path / "data" / "alice" / "files")
+
+
+def test_account_home_folder_overrides_the_group(tmp_path, homes, password_hash, run_in_thread, result_of):
+    """An account's own home_folder_path wins over its primary group's."""
+    own = tmp_path / "special"
+    own.mkdir()
+    configuration = configuration_from(
+        f"""
+[groups/g]
+home_folder_path = {homes}
+[accounts/alice]
+password = {password_hash}
+group = g
+home_folder_path = {own}
+""",
+        tmp_path,
+    )
+    assert Harness(configuration, run_in_thread).login(result_of).home_folder == str(own)
+
+
+def test_wrong_password_is_invalid_password(local, result_of):
+    """A wrong password is refused with reason invalid-password."""
+    assert local.failure_reason(result_of, password="not the password") == "invalid-password"
+
+
+def test_disabled_account_is_refused(local, result_of):
+    """A disabled account is refused with account-disabled, even with its right password."""
+    assert local.failure_reason(result_of, username="bob") == "account-disabled"
+
+
+def test_disabled_primary_group_is_refused(local, result_of):
+    """An account whose primary group is disabled is refused with group-disabled."""
+    assert local.failure_reason(result_of, username="carol") == "group-disabled"
+
+
+def test_account_without_password_is_refused(local, result_of):
+    """An account with no password set can never log in."""
+    assert local.failure_reason(result_of, username="dave") == "no-password"
+
+
+def test_unknown_user_is_refused_after_every_method(tmp_path, homes, password_hash, run_in_thread, result_of):
+    """A username no method knows is refused as unknown-user once every method said so."""
+    configuration = configuration_from(
+        f"""
+[server]
+authentications = first, DEFAULT-AUTHENTICATION
+[authentications/first]
+type = application
+[groups/g]
+home_folder_path = {homes}
+[accounts/alice]
+password = {password_hash}
+group = g
+""",
+        tmp_path,
+    )
+    harness = Harness(configuration, run_in_thread)
+    trace = Trace(clock=lambda: 0.0)
+    assert harness.failure_reason(result_of, username="mallory", service_id="", trace=trace) == "unknown-user"
+    tried = [step.method for step in trace.steps if step.action == "unknown-user"]
+    assert tried == ["first", models.DEFAULT_AUTHENTICATION]
+    (event,) = harness.events
+    assert (event["outcome"], event["reason"], event["method"]) == ("failure", "unknown-user", "")
+
+
+def test_local_accounts_cannot_log_into_the_manager(local, result_of):
+    """A Web Manager login never matches an [accounts/..] entry."""
+    assert local.failure_reason(result_of, manager=True, protocol="manager") == "unknown-user"
+
+
+def test_disabled_method_is_skipped(tmp_path, homes, password_hash, run_in_thread, result_of):
+    """A disabled method in the chain is not built, and the chain goes on past it."""
+    (homes / "alice").mkdir()
+    configuration = configuration_from(
+        f"""
+[server]
+authentications = off, DEFAULT-AUTHENTICATION
+[authentications/off]
+type = application
+enabled = no
+[groups/g]
+home_folder_path = {homes}
+[accounts/alice]
+password = {password_hash}
+group = g
+""",
+        tmp_path,
+    )
+    methods = build_methods(configuration, run_in_thread, reactor=None)
+    assert set(methods) == {models.DEFAULT_AUTHENTICATION}
+    account = Harness(configuration, run_in_thread, methods).login(result_of, service_id="")
+    assert account.method_id == models.DEFAULT_AUTHENTICATION
+
+
+@pytest_twisted.ensureDeferred
+async def test_login_through_the_reactor(local):
+    """The chain also works awaited from a coroutine, as protocol code uses it."""
+    request = LoginRequest("alice", PASSWORD, "ftp", "ftp", "192.0.2.7")
+    account = await local.chain.requestAvatarId(request)
+    assert account.username == "alice"
+    with pytest.raises(LoginFailed) as caught:
+        await local.chain.requestAvatarId(LoginRequest("alice", "wrong", "ftp", "ftp", "192.0.2.7"))
+    assert caught.value.reason == "invalid-password"
+
+
+# -- chain semantics with stub methods -----------------------------------------------
+
+
+class StubMethod:
+    """A method whose answer the test chooses; records every request it sees."""
+
+    def __init__(self, method_id: str, answer):
+        self.id = method_id
+        self.answer = answer
+        self.calls: list[LoginRequest] = []
+
+    def authenticate(self, request: LoginRequest) -> defer.Deferred:
+        self.calls.append(request)
+        if isinstance(self.answer, BaseException):
+            return defer.fail(self.answer)
+        return defer.succeed(self.answer)
+
+
+def stub_account(method_id: str, home: str) -> Account:
+    return Account(username="alice", method_id=method_id, home_folder=home, permissions=FULL_CONTROL, groups=("g",))
+
+
+def chain_configuration(tmp_path, server_methods="one, two, three", service_methods=""):
+    service_line = f"authentications = {service_methods}\n" if service_methods else ""
+    return configuration_from(
+        f"""
+[server]
+authentications = {server_methods}
+[services/ftp]
+type = ftp
+port = 21
+{service_line}
+[authentications/one]
+type = application
+[authentications/two]
+type = application
+[authentications/three]
+type = application
+""",
+        tmp_path,
+    )
+
+
+def test_unknown_user_goes_on_to_the_next_method(tmp_path, run_in_thread, result_of):
+    """Methods answering unknown-user hand over to the next; the first acceptance ends the chain."""
+    one = StubMethod("one", UnknownUser("not here"))
+    two = StubMethod("two", stub_account("two", str(tmp_path)))
+    three = StubMethod("three", stub_account("three", str(tmp_path)))
+    harness = Harness(chain_configuration(tmp_path), run_in_thread, {"one": one, "two": two, "three": three})
+    account = harness.login(result_of)
+    assert account.method_id == "two"
+    assert (len(one.calls), len(two.calls), len(three.calls)) == (1, 1, 0)
+    (event,) = harness.events
+    assert (event["outcome"], event["method"], event["reason"]) == ("success", "two", "")
+
+
+def test_rejection_ends_the_chain(tmp_path, run_in_thread, result_of):
+    """A method that rejects ends the chain: later methods are never called."""
+    one = StubMethod("one", UnknownUser())
+    two = StubMethod("two", LoginFailed("invalid-password", "wrong"))
+    three = StubMethod("three", stub_account("three", str(tmp_path)))
+    harness = Harness(chain_configuration(tmp_path), run_in_thread, {"one": one, "two": two, "three": three})
+    assert harness.failure_reason(result_of) == "invalid-password"
+    assert (len(one.calls), len(two.calls), len(three.calls)) == (1, 1, 0)
+    (event,) = harness.events
+    assert (event["outcome"], event["method"], event["reason"]) == ("failure", "two", "invalid-password")
+
+
+def test_service_authentications_replace_the_server_list(tmp_path, run_in_thread, result_of):
+    """A service's own ``authentications`` list is used instead of [server]'s."""
+    one = StubMethod("one", stub_account("one", str(tmp_path)))
+    two = StubMethod("two", UnknownUser())
+    three = StubMethod("three", stub_account("three", str(tmp_path)))
+    configuration = chain_configuration(tmp_path, server_methods="one", service_methods="two, three")
+    harness = Harness(configuration, run_in_thread, {"one": one, "two": two, "three": three})
+    assert harness.login(result_of, service_id="ftp").method_id == "three"
+    assert (len(one.calls), len(two.calls), len(three.calls)) == (0, 1, 1)
+    # A login that names no configured service uses [server]'s list.
+    assert harness.login(result_of, service_id="cli").method_id == "one"
+    assert len(one.calls) == 1
+
+
+@pytest.mark.parametrize("password", ["", " ", "    ", "\t", "\t\t", " \t "], ids=repr)
+def test_blank_passwords_are_refused_before_any_method(tmp_path, run_in_thread, result_of, password):
+    """Empty passwords, or ones of only spaces and tabs, are refused with no method called."""
+    one = StubMethod("one", stub_account("one", str(tmp_path)))
+    harness = Harness(chain_configuration(tmp_path, server_methods="one"), run_in_thread, {"one": one})
+    assert harness.failure_reason(result_of, password=password) == "empty-password"
+    assert one.calls == []
+    (event,) = harness.events
+    assert (event["outcome"], event["reason"]) == ("failure", "empty-password")
+
+
+@pytest.mark.parametrize(
+    "username",
+    ["a" * 100_000, "a" * 257, "alice\0", "ali\x00ce", "alice\r\nPASS x", "al\x1bice", "\x7f", "al\udcffice", "", "   "],
+    ids=["100KB", "257", "trailing-NUL", "NUL", "CRLF", "ESC", "DEL", "undecodable-byte", "empty", "spaces"],
+)
+def test_absurd_usernames_are_refused_before_any_method(tmp_path, run_in_thread, result_of, username):
+    """Huge, empty or control-character usernames are refused as invalid-username, no method called."""
+    one = StubMethod("one", stub_account("one", str(tmp_path)))
+    harness = Harness(chain_configuration(tmp_path, server_methods="one"), run_in_thread, {"one": one})
+    assert harness.failure_reason(result_of, username=username) == "invalid-username"
+    assert one.calls == []
+    (event,) = harness.events
+    assert len(json.dumps(event)) < 2000, "the audit event must stay bounded"
+
+
+@pytest.mark.parametrize("password", ["x" * 1025, "pass\0word"], ids=["too-long", "NUL"])
+def test_absurd_passwords_are_refused_before_any_method(tmp_path, run_in_thread, result_of, password):
+    """Over-long passwords or ones with NUL never reach a method."""
+    one = StubMethod("one", stub_account("one", str(tmp_path)))
+    harness = Harness(chain_configuration(tmp_path, server_methods="one"), run_in_thread, {"one": one})
+    assert harness.failure_reason(result_of, password=password) == "invalid-password"
+    assert one.calls == []
+
+
+def test_unexpected_exception_becomes_internal_error(tmp_path, run_in_thread, result_of):
+    """A method raising something unexpected is a refusal with internal-error, not a crash."""
+    one = StubMethod("one", ZeroDivisionError(f"boom {PASSWORD}"))
+    two = StubMethod("two", stub_account("two", str(tmp_path)))
+    harness = Harness(chain_configuration(tmp_path, server_methods="one, two"), run_in_thread, {"one": one, "two": two})
+    with pytest.raises(LoginFailed) as caught:
+        harness.login(result_of)
+    assert isinstance(caught.value, UnauthorizedLogin)
+    assert caught.value.reason == "internal-error"
+    assert PASSWORD not in str(caught.value)
+    assert two.calls == []
+    (event,) = harness.events
+    assert (event["outcome"], event["method"], event["reason"]) == ("failure", "one", "internal-error")
+    assert PASSWORD not in json.dumps(event)
+
+
+def test_method_raising_synchronously_becomes_internal_error(tmp_path, run_in_thread, result_of):
+    """A method that raises instead of returning a failed Deferred is still an internal-error."""
+
+    class Broken:
+        id = "one"
+
+        def authenticate(self, request):
+            raise KeyError("oops")
+
+    harness = Harness(chain_configuration(tmp_path, server_methods="one"), run_in_thread, {"one": Broken()})
+    assert harness.failure_reason(result_of) == "internal-error"
+
+
+# -- audit events --------------------------------------------------------------------
+
+
+def test_audit_events_describe_each_attempt_without_the_password(local, result_of):
+    """Each attempt is one audit event with who, where, how and why, never the password."""
+    local.login(result_of)
+    with pytest.raises(LoginFailed):
+        local.login(result_of, password=PASSWORD + "-wrong")
+    with pytest.raises(LoginFailed):
+        local.login(result_of, username="bob")
+    with pytest.raises(LoginFailed):
+        local.login(result_of, username="nobody")
+    assert len(local.events) == 4
+    for event in local.events:
+        assert AUDIT_FIELDS <= set(event)
+        assert event["event"] == "authentication"
+        assert event["time"] == "2025-01-02T03:04:05.000+00:00"
+        assert (event["service"], event["protocol"], event["peer"]) == ("ftp", "ftp", "192.0.2.7")
+    assert [(e["username"], e["outcome"], e["reason"]) for e in local.events] == [
+        ("alice", "success", ""),
+        ("alice", "failure", "invalid-password"),
+        ("bob", "failure", "account-disabled"),
+        ("nobody", "failure", "unknown-user"),
+    ]
+    assert local.events[0]["method"] == models.DEFAULT_AUTHENTICATION
+    serialized = json.dumps(local.events)
+    assert PASSWORD not in serialized
+    assert PASSWORD + "-wrong" not in serialized
+
+
+def test_audit_file_is_json_lines_without_the_password(tmp_path, local, run_in_thread, result_of):
+    """The audit file holds one JSON object per attempt, with no password in it."""
+    audit_path = tmp_path / "audit.jsonl"
+    audit = AuditLog(str(audit_path))
+    local.chain = AuthenticationChain(local.configuration, local.methods, audit, run_in_thread)
+    try:
+        local.login(result_of)
+        with pytest.raises(LoginFailed):
+            local.login(result_of, password="Wrong-Password-42")
+    finally:
+        audit.close()
+    text = audit_path.read_text(encoding="utf-8")
+    lines = text.splitlines()
+    assert [json.loads(line)["outcome"] for line in lines] == ["success", "failure"]
+    assert PASSWORD not in text
+    assert "Wrong-Password-42" not in text
+
+
+def test_undecodable_username_is_audited_to_the_file(tmp_path, local, run_in_thread, result_of):
+    """A username with undecodable bytes (a lone surrogate) is refused and audited without crashing."""
+    audit_path = tmp_path / "audit.jsonl"
+    audit = AuditLog(str(audit_path))
+    local.chain = AuthenticationChain(local.configuration, local.methods, audit, run_in_thread)
+    try:
+        with pytest.raises(LoginFailed) as caught:
+            local.login(result_of, username="b\udcffob")
+    finally:
+        audit.close()
+    assert caught.value.reason == "invalid-username"
+    (line,) = audit_path.read_text(encoding="utf-8").splitlines()
+    assert json.loads(line)["reason"] == "invalid-username"
+
+
+# -- home folders --------------------------------------------------------------------
+
+
+def test_missing_home_folder_is_refused(local, homes, result_of):
+    """A home folder that does not exist, with create_home_folder = no, refuses the login."""
+    (homes / "alice").rmdir()
+    assert local.failure_reason(result_of) == "home-folder-missing"
+    assert not (homes / "alice").exists()
+
+
+def test_missing_home_folder_is_created_when_the_group_says_so(tmp_path, homes, password_hash, run_in_thread, result_of):
+    """With create_home_folder = yes a missing home folder is created at login."""
+    configuration = configuration_from(
+        f"""
+[groups/g]
+home_folder_path = {homes}/nested
+create_home_folder = yes
+[accounts/alice]
+password = {password_hash}
+group = g
+""",
+        tmp_path,
+    )
+    account = Harness(configuration, run_in_thread).login(result_of, service_id="")
+    assert account.home_folder == str(homes / "nested" / "alice")
+    assert (homes / "nested" / "alice").is_dir()
+
+
+def test_group_without_home_folder_is_refused(tmp_path, password_hash, run_in_thread, result_of):
+    """DEFAULT_GROUP has no home_folder_path: its accounts cannot log in until one is set."""
+    configuration = configuration_from(f"[accounts/alice]\npassword = {password_hash}\n", tmp_path)
+    harness = Harness(configuration, run_in_thread)
+    assert harness.failure_reason(result_of, service_id="") == "home-folder-missing"
+
+
+def test_home_folder_from_group_appends_the_username():
+    """``${USER}`` is appended to a group home folder that lacks it."""
+    group = models.GroupSettings("g", "", True, "/srv/ftp", False, "yes", FULL_CONTROL)
+    assert home_folder_from_group(group, "alice") == "/srv/ftp/alice"
+    marked = attrs.evolve(group, home_folder_path="/srv/${USER}/in")
+    assert home_folder_from_group(marked, "alice") == "/srv/alice/in"
+
+
+@pytest.mark.parametrize(
+    "path",
+    ["/srv/ftp/../etc", "/srv/ftp/..", "../srv/alice", "srv/alice", "", "alice", "/srv/a\0b", "/srv/ftp/alice/../../etc"],
+)
+def test_checked_home_folder_refuses_relative_or_climbing_paths(path):
+    """A home folder that is relative or contains '..' is refused as home-folder-invalid."""
+    with pytest.raises(LoginFailed) as caught:
+        checked_home_folder(path)
+    assert caught.value.reason == "home-folder-invalid"
+
+
+@pytest.mark.parametrize(
+    "path, expected",
+    [("/srv/ftp/alice", "/srv/ftp/alice"), ("/srv//ftp/./alice/", "/srv/ftp/alice"), ("/srv/..alice", "/srv/..alice")],
+)
+def test_checked_home_folder_accepts_absolute_paths(path, expected):
+    """An absolute home folder without '..' is accepted, normalised."""
+    assert checked_home_folder(path) == expected
+
+
+def test_username_with_dot_dot_cannot_climb_out_of_the_group_home(tmp_path, homes, password_hash, run_in_thread, result_of):
+    """A username like '../x' gives a home folder with '..', which is refused."""
+    configuration = configuration_from(
+        f"""
+[groups/g]
+home_folder_path = {homes}
+create_home_folder = yes
+[accounts/evil]
+name = ../escaped
+password = {password_hash}
+group = g
+""",
+        tmp_path,
+    )
+    harness = Harness(configuration, run_in_thread)
+    assert harness.failure_reason(result_of, username="../escaped", service_id="") == "home-folder-invalid"
+    assert not (tmp_path / "escaped").exists()
+
+
+def test_password_hashes_are_checked_off_the_reactor_thread(local, result_of):
+    """verify_password runs through run_in_thread, never directly on the reactor thread."""
+    from sftpauth.auth.passwords import verify_password
+
+    offloaded = []
+
+    def spying_run_in_thread(function, *args, **kwargs):
+        offloaded.append(function)
+        return defer.maybeDeferred(function, *args, **kwargs)
+
+    method = ApplicationMethod(
+        local.configuration.authentications[models.DEFAULT_AUTHENTICATION], local.configuration, spying_run_in_thread
+    )
+    request = LoginRequest("alice", PASSWORD, "ftp", "ftp", "192.0.2.7")
+    account = result_of(method.authenticate(request))
+    assert account.username == "alice"
+    assert offloaded == [verify_password]

@@ -1,0 +1,161 @@
+"""The ``sftpauth`` administration commands: hash-password and check-config (SPEC §1)."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+
+from sftpauth import __version__
+from sftpauth.auth.passwords import is_supported_hash, verify_password
+from sftpauth.cli import main
+from sftpauth.config.loader import parse_configuration
+
+
+def run_with_stdin(monkeypatch, text: str, argv) -> int:
+    monkeypatch.setattr("sys.stdin", io.StringIO(text))
+    return main(argv)
+
+
+def test_hash_password_prints_an_argon2id_hash(monkeypatch, capsys):
+    """hash-password --password-stdin prints one argon2id hash that verifies the password."""
+    status = run_with_stdin(monkeypatch, "Tr0ub4dor&3\n", ["hash-password", "--password-stdin"])
+    out, err = capsys.readouterr()
+    assert status == 0
+    assert err == ""
+    lines = out.splitlines()
+    assert len(lines) == 1
+    stored = lines[0]
+    assert stored.startswith("$argon2id$")
+    assert is_supported_hash(stored)
+    assert verify_password(stored, "Tr0ub4dor&3")
+    assert not verify_password(stored, "Tr0ub4dor&3\n")
+    assert not verify_password(stored, "wrong")
+    assert "Tr0ub4dor&3" not in out
+
+
+def test_hash_password_keeps_spaces_inside_the_password(monkeypatch, capsys):
+    """Only the line ending is removed: leading and trailing spaces are part of the password."""
+    assert run_with_stdin(monkeypatch, "  pass phrase  \r\n", ["hash-password", "--password-stdin"]) == 0
+    stored = capsys.readouterr().out.strip()
+    assert verify_password(stored, "  pass phrase  ")
+    assert not verify_password(stored, "pass phrase")
+
+
+def test_hash_password_output_is_accepted_by_the_configuration(monkeypatch, capsys):
+    """The printed hash is accepted as an [accounts/..] password."""
+    run_with_stdin(monkeypatch, "horse battery\n", ["hash-password", "--password-stdin"])
+    stored = capsys.readouterr().out.strip()
+    configuration = parse_configuration(f"[accounts/alice]\npassword = {stored}\n", "/x.ini", "/", {})
+    assert configuration.accounts["alice"].password == stored
+
+
+@pytest.mark.parametrize("text", ["", "\n", " \n", "\t\n", "  \t \n"], ids=repr)
+def test_hash_password_refuses_a_blank_password(monkeypatch, capsys, text):
+    """An empty or blank password exits 1 with a message and prints no hash."""
+    status = run_with_stdin(monkeypatch, text, ["hash-password", "--password-stdin"])
+    out, err = capsys.readouterr()
+    assert status == 1
+    assert out == ""
+    assert "empty or blank password" in err
+
+
+def test_version(capsys):
+    """--version prints the package version and exits 0."""
+    with pytest.raises(SystemExit) as caught:
+        main(["--version"])
+    assert caught.value.code == 0
+    assert capsys.readouterr().out.strip() == f"sftpauth {__version__}"
+
+
+def test_a_command_is_required(capsys):
+    """Running without a command is a usage error (exit 2)."""
+    with pytest.raises(SystemExit) as caught:
+        main([])
+    assert caught.value.code == 2
+    assert "command" in capsys.readouterr().err
+
+
+GOOD = """\
+[server]
+description = our server
+
+[services/ftp]
+type = ftp
+port = 2121
+
+[services/sftp]
+type = ssh
+port = 2222
+enabled = no
+authentications = local
+
+[authentications/local]
+type = application
+
+[groups/staff]
+home_folder_path = /srv/ftp
+"""
+
+
+def test_check_config_summarises_a_good_file(tmp_path, capsys):
+    """check-config exits 0 and prints the chain, each service and each method, with warnings."""
+    config_path = tmp_path / "server.ini"
+    config_path.write_text(GOOD, encoding="utf-8")
+    status = main(["check-config", str(config_path)])
+    out, err = capsys.readouterr()
+    assert status == 0
+    assert err == ""
+    assert out.splitlines()[0] == f"{config_path}: valid"
+    assert "authentication chain: DEFAULT-AUTHENTICATION" in out
+    assert "service ftp: ftp on 127.0.0.1:2121 (enabled; authentications: DEFAULT-AUTHENTICATION)" in out
+    assert "service sftp: ssh on 127.0.0.1:2222 (disabled; authentications: local)" in out
+    assert "authentication local: application" in out
+    assert "groups: 2, accounts: 0" in out
+    assert f"warning: {config_path}:2 [server] description:" in out
+
+
+BAD = """\
+[server]
+authentications = nowhere
+
+[services/ftp]
+type = ftp
+prot = 21
+
+[groups/g]
+enabled = sometimes
+
+[accounts/alice]
+password = PlainTextSecret99
+"""
+
+
+def test_check_config_lists_every_error_of_a_bad_file(tmp_path, capsys):
+    """check-config exits 1 and prints every error, with file and line, on stderr."""
+    config_path = tmp_path / "bad.ini"
+    config_path.write_text(BAD, encoding="utf-8")
+    status = main(["check-config", str(config_path)])
+    out, err = capsys.readouterr()
+    assert status == 1
+    assert out == ""
+    assert err.splitlines()[0] == f"{config_path}: 5 error(s)"
+    for expected in (
+        f"{config_path}:2 [server] authentications: unknown authentication method 'nowhere'",
+        f"{config_path}:6 [services/ftp] prot: unknown option (did you mean 'port'?)",
+        f"{config_path}:4 [services/ftp] port: required option is missing",
+        f"{config_path}:9 [groups/g] enabled: 'sometimes' is not yes or no",
+        f"{config_path}:12 [accounts/alice] password: not a password hash",
+    ):
+        assert expected in err
+    assert "PlainTextSecret99" not in err
+
+
+def test_check_config_of_a_missing_file(tmp_path, capsys):
+    """check-config of a file that does not exist exits 1 with a message, not a traceback."""
+    missing = tmp_path / "missing.ini"
+    status = main(["check-config", str(missing)])
+    out, err = capsys.readouterr()
+    assert status == 1
+    assert out == ""
+    assert f"{missing}: cannot read the file" in err

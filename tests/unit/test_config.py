@@ -1,0 +1,867 @@
+"""sftpauth.config: the INI loader, its value checks and the frozen models (SPEC §2, §3)."""
+
+from __future__ import annotations
+
+import os
+import textwrap
+
+import attrs
+import pytest
+
+from sftpauth.config import models
+from sftpauth.config.errors import ConfigError, ConfigProblem
+from sftpauth.config.loader import load_configuration, parse_configuration
+from sftpauth.permissions import FULL_CONTROL, Permission
+
+PATH = "/etc/sftpauth/server.ini"
+BASE = "/etc/sftpauth"
+
+
+def parse(text: str, environ=None, base_folder: str = BASE) -> models.Configuration:
+    return parse_configuration(textwrap.dedent(text), PATH, base_folder, environ or {})
+
+
+def problems_of(text: str, environ=None, base_folder: str = BASE) -> tuple[ConfigProblem, ...]:
+    with pytest.raises(ConfigError) as caught:
+        parse(text, environ, base_folder)
+    return caught.value.problems
+
+
+def only_problem(text: str, environ=None) -> ConfigProblem:
+    problems = problems_of(text, environ)
+    assert len(problems) == 1, "\n".join(str(p) for p in problems)
+    return problems[0]
+
+
+@pytest.fixture(scope="module")
+def password_hash(make_hash):
+    return make_hash("correct horse")
+
+
+# -- a valid file ------------------------------------------------------------------
+
+
+@pytest.fixture
+def full_configuration(password_hash):
+    return parse(
+        f"""
+        [server]
+        name = Transfer server
+        authentications = local
+
+        [services/ftp]
+        type = ftp
+        port = 2121
+
+        [services/sftp]
+        type = ssh
+        port = 2222
+        address = 0.0.0.0
+
+        [authentications/local]
+        type = application
+
+        [groups/staff]
+        home_folder_path = /srv/ftp
+
+        [accounts/alice]
+        password = {password_hash}
+        group = staff
+        """
+    )
+
+
+def test_valid_file_builds_frozen_models(full_configuration):
+    """Every section kind is built into its own frozen attrs model."""
+    configuration = full_configuration
+    assert isinstance(configuration.server, models.ServerSettings)
+    assert isinstance(configuration.services["ftp"], models.FTPServiceSettings)
+    assert isinstance(configuration.services["sftp"], models.SSHServiceSettings)
+    assert isinstance(configuration.authentications["local"], models.ApplicationAuthenticationSettings)
+    assert isinstance(configuration.groups["staff"], models.GroupSettings)
+    assert isinstance(configuration.accounts["alice"], models.AccountSettings)
+    for frozen in (
+        configuration,
+        configuration.server,
+        configuration.services["ftp"],
+        configuration.authentications["local"],
+        configuration.groups["staff"],
+        configuration.accounts["alice"],
+    ):
+        with pytest.raises(attrs.exceptions.FrozenInstanceError):
+            frozen.name = "changed"
+    assert configuration.path == PATH
+    assert configuration.warnings == ()
+
+
+def test_service_defaults_follow_the_spec(full_configuration):
+    """A service without options gets address 127.0.0.1, timeout 300, 10000 connections, enabled."""
+    ftp = full_configuration.services["ftp"]
+    assert ftp.id == "ftp"
+    assert ftp.type == "ftp"
+    assert ftp.port == 2121
+    assert ftp.address == "127.0.0.1"
+    assert ftp.enabled is True
+    assert ftp.idle_connection_timeout == 300
+    assert ftp.maximum_concurrent_connections == 10000
+    assert ftp.authentications == ()
+    assert ftp.security_policy == models.DEFAULT_SECURITY_POLICY
+    assert ftp.passive_port_range is None
+    sftp = full_configuration.services["sftp"]
+    assert sftp.address == "0.0.0.0"
+    assert sftp.sftp is True
+    assert sftp.ssh_server_keys == ()
+
+
+def test_group_and_account_defaults_follow_the_spec(full_configuration, password_hash):
+    """Groups default to full control, enabled, no home creation; accounts are enabled."""
+    staff = full_configuration.groups["staff"]
+    assert staff.permissions == FULL_CONTROL
+    assert staff.enabled is True
+    assert staff.create_home_folder is False
+    assert staff.home_folder_path == "/srv/ftp"
+    alice = full_configuration.accounts["alice"]
+    assert alice.username == "alice"
+    assert alice.enabled is True
+    assert alice.group == ("staff",)
+    assert alice.password == password_hash
+    assert password_hash not in repr(alice)
+
+
+def test_default_group_and_authentication_are_implicit():
+    """An empty file still has DEFAULT_GROUP, DEFAULT-AUTHENTICATION and [server] defaults."""
+    configuration = parse("")
+    assert configuration.server.authentications == (models.DEFAULT_AUTHENTICATION,)
+    assert configuration.server.name == "sftpauth"
+    assert configuration.server.state == "memory"
+    assert configuration.server.workers == 1
+    default_method = configuration.authentications[models.DEFAULT_AUTHENTICATION]
+    assert default_method.type == "application"
+    assert default_method.enabled is True
+    default_group = configuration.groups[models.DEFAULT_GROUP]
+    assert default_group.permissions == FULL_CONTROL
+    assert default_group.enabled is True
+    assert configuration.services == {}
+    assert configuration.accounts == {}
+
+
+def test_account_group_defaults_to_default_group(password_hash):
+    """An account without ``group`` belongs to DEFAULT_GROUP."""
+    configuration = parse(
+        f"""
+        [accounts/bob]
+        password = {password_hash}
+        """
+    )
+    assert configuration.accounts["bob"].group == (models.DEFAULT_GROUP,)
+
+
+def test_sftp_is_an_alias_of_ssh():
+    """``type = sftp`` builds the same SSH service model as ``type = ssh``."""
+    configuration = parse(
+        """
+        [services/s]
+        type = sftp
+        port = 22
+        sftp = no
+        """
+    )
+    service = configuration.services["s"]
+    assert isinstance(service, models.SSHServiceSettings)
+    assert service.sftp is False
+
+
+def test_typed_values_are_converted():
+    """Port ranges, yes/no words, numbers and relative paths become typed values."""
+    configuration = parse(
+        """
+        [server]
+        audit_log = logs/audit.jsonl
+
+        [services/f]
+        type = ftp
+        port = 21
+        enabled = No
+        passive_port_range = 60000 - 60100
+        idle_connection_timeout = 0
+        maximum_concurrent_connections = 1
+
+        [groups/g]
+        home_folder_path = homes/${USER}
+        create_home_folder = yes
+        permissions = deny-full-control, allow-read
+        """
+    )
+    service = configuration.services["f"]
+    assert service.enabled is False
+    assert service.passive_port_range == (60000, 60100)
+    assert service.idle_connection_timeout == 0
+    assert service.maximum_concurrent_connections == 1
+    assert configuration.server.audit_log == os.path.join(BASE, "logs", "audit.jsonl")
+    group = configuration.groups["g"]
+    assert group.home_folder_path == os.path.join(BASE, "homes", "${USER}")
+    assert group.create_home_folder is True
+    assert group.permissions == frozenset()
+
+
+# -- continuation lines ------------------------------------------------------------
+
+METHODS = """
+[authentications/A]
+type = application
+[authentications/B]
+type = application
+[authentications/C]
+type = application
+"""
+
+
+@pytest.mark.parametrize(
+    "server",
+    [
+        "authentications = A, B, C\n",
+        "authentications =\n    A\n    B\n    C\n",
+        "authentications = A\n    B\n    C\n",
+        "authentications =\n\tA\n\tB,\n\tC\n",
+        "authentications =\n    A\n# a comment\n    ; another comment\n    B\n\n    C\n",
+    ],
+    ids=["comma-list", "no-first-value", "first-value", "tabs-and-commas", "comments-between"],
+)
+def test_continuation_lines_give_the_same_tuple_as_a_comma_list(server):
+    """Indented continuation lines, with or without a first value and with comments, are list items."""
+    configuration = parse_configuration("[server]\n" + server + METHODS, PATH, BASE, {})
+    assert configuration.server.authentications == ("A", "B", "C")
+
+
+def test_inline_comment_on_a_continuation_line_is_dropped():
+    """An inline comment after a continuation value is a comment, as after the first value."""
+    configuration = parse_configuration(
+        "[server]\nauthentications = A  # first\n    B  # second\n    C\n" + METHODS, PATH, BASE, {}
+    )
+    assert configuration.server.authentications == ("A", "B", "C")
+
+
+def test_continuation_lines_of_permissions():
+    """Permissions given one per line become the same set as a comma list."""
+    configuration = parse(
+        """
+        [groups/readers]
+        permissions =
+            allow-read
+            allow-list
+        """
+    )
+    assert configuration.groups["readers"].permissions == {Permission.READ, Permission.LIST}
+
+
+def test_line_numbers_are_right_after_a_multi_line_value():
+    """Errors after a continuation value point at their own line, not a shifted one."""
+    text = (
+        "[server]\n"  # 1
+        "authentications =\n"  # 2
+        "    A\n"  # 3
+        "    # comment\n"  # 4
+        "    B\n"  # 5
+        "\n"  # 6
+        "    C\n"  # 7
+        "bogus = 1\n"  # 8
+        "[authentications/A]\n"  # 9
+        "type = application\n"  # 10
+        "enabled = perhaps\n"  # 11
+    )
+    problems = problems_of_text(text)
+    by_option = {(p.section, p.option): p.line for p in problems}
+    assert by_option[("server", "bogus")] == 8
+    assert by_option[("authentications/A", "enabled")] == 11
+    # B and C do not exist: the problem is on the option's first line.
+    assert by_option[("server", "authentications")] == 2
+
+
+def problems_of_text(text: str) -> tuple[ConfigProblem, ...]:
+    with pytest.raises(ConfigError) as caught:
+        parse_configuration(text, PATH, BASE, {})
+    return caught.value.problems
+
+
+# -- secrets -----------------------------------------------------------------------
+
+
+def test_env_secret_is_resolved(password_hash):
+    """``password = env:NAME`` takes the value of the environment variable."""
+    configuration = parse(
+        """
+        [accounts/alice]
+        password = env:ALICE_HASH
+        """,
+        environ={"ALICE_HASH": password_hash},
+    )
+    assert configuration.accounts["alice"].password == password_hash
+
+
+def test_file_secret_is_resolved_relative_to_the_configuration(tmp_path, password_hash):
+    """``password = file:PATH`` reads the file (relative to the config folder), without its newline."""
+    (tmp_path / "alice.hash").write_text(password_hash + "\n", encoding="utf-8")
+    absolute = tmp_path / "bob.hash"
+    absolute.write_text(password_hash, encoding="utf-8")
+    configuration = parse(
+        f"""
+        [accounts/alice]
+        password = file:alice.hash
+        [accounts/bob]
+        password = file:{absolute}
+        """,
+        base_folder=str(tmp_path),
+    )
+    assert configuration.accounts["alice"].password == password_hash
+    assert configuration.accounts["bob"].password == password_hash
+
+
+def test_missing_env_secret_is_an_error_naming_the_option():
+    """An unset environment variable is an error on that option, naming the variable."""
+    problem = only_problem(
+        """
+        [accounts/alice]
+        password = env:NOT_SET_ANYWHERE
+        """
+    )
+    assert (problem.line, problem.section, problem.option) == (3, "accounts/alice", "password")
+    assert "NOT_SET_ANYWHERE" in problem.message
+
+
+def test_unreadable_file_secret_is_an_error_naming_the_option(tmp_path):
+    """A secret file that cannot be read is an error on that option."""
+    problem = only_problem(
+        f"""
+        [accounts/alice]
+        password = file:{tmp_path / 'missing'}
+        """
+    )
+    assert (problem.line, problem.section, problem.option) == (3, "accounts/alice", "password")
+    assert "cannot read secret file" in problem.message
+    assert "No such file" in problem.message
+
+
+# -- error messages ----------------------------------------------------------------
+
+
+def test_problem_string_format():
+    """A problem reads ``FILE:LINE [section] option: message``; without a line, ``FILE [section] ...``."""
+    assert str(ConfigProblem("/x.ini", 7, "services/ftp", "port", "bad")) == "/x.ini:7 [services/ftp] port: bad"
+    assert str(ConfigProblem("/x.ini", None, "groups/g", None, "bad")) == "/x.ini [groups/g]: bad"
+    assert str(ConfigProblem("/x.ini", 3, None, None, "bad")) == "/x.ini:3: bad"
+    error = ConfigError([ConfigProblem("/a", 1, "s", "o", "m1"), ConfigProblem("/a", 2, "s", "p", "m2")])
+    assert str(error) == "/a:1 [s] o: m1\n/a:2 [s] p: m2"
+
+
+def test_error_string_names_file_line_section_and_option():
+    """The text shown to administrators carries file, line, section, option and message."""
+    with pytest.raises(ConfigError) as caught:
+        parse(
+            """
+            [services/ftp]
+            type = ftp
+            port = 21
+            enabled = maybe
+            """
+        )
+    assert str(caught.value) == f"{PATH}:5 [services/ftp] enabled: 'maybe' is not yes or no"
+
+
+ERROR_CASES = [
+    pytest.param(
+        "[services/ftp]\ntype = ftp\nport = 21\nprot = 22\n",
+        4,
+        "services/ftp",
+        "prot",
+        ["unknown option", "did you mean 'port'?", "allowed:", "passive_port_range"],
+        id="unknown-option",
+    ),
+    pytest.param(
+        "[server]\nname = x\n[users/alice]\nname = a\n",
+        3,
+        "users/alice",
+        None,
+        ["unknown section", "[services/ID]", "[accounts/ID]"],
+        id="unknown-section-kind",
+    ),
+    pytest.param(
+        "[groups/g]\ncreate_home_folder = sometimes\n",
+        2,
+        "groups/g",
+        "create_home_folder",
+        ["'sometimes'", "yes or no"],
+        id="bad-yes-no",
+    ),
+    pytest.param(
+        "[services/ftp]\ntype = ftp\nport = 21\nidle_connection_timeout = 86401\n",
+        4,
+        "services/ftp",
+        "idle_connection_timeout",
+        ["86401 is out of range", "0 to 86400"],
+        id="number-out-of-range",
+    ),
+    pytest.param(
+        "[services/ftp]\ntype = ftp\nport = 70000\n",
+        3,
+        "services/ftp",
+        "port",
+        ["70000 is out of range", "0 to 65535"],
+        id="port-out-of-range",
+    ),
+    pytest.param(
+        "[services/ftp]\ntype = ftp\nport = twenty-one\n",
+        3,
+        "services/ftp",
+        "port",
+        ["not a whole number", "0 to 65535"],
+        id="port-not-a-number",
+    ),
+    pytest.param(
+        "[services/web]\ntype = http\nport = 80\n",
+        2,
+        "services/web",
+        "type",
+        ["'http' is not allowed", "ftp, ssh, sftp"],
+        id="bad-choice",
+    ),
+    pytest.param(
+        "[server]\nstate = disk\n",
+        2,
+        "server",
+        "state",
+        ["'disk' is not allowed", "memory"],
+        id="bad-choice-server",
+    ),
+    pytest.param(
+        "[services/ftp]\ntype = ftp\nport = 21\npassive_port_range = 60100-60000\n",
+        4,
+        "services/ftp",
+        "passive_port_range",
+        ["'60100-60000' is not a port range", "FIRST <= LAST"],
+        id="bad-port-range-order",
+    ),
+    pytest.param(
+        "[services/ftp]\ntype = ftp\nport = 21\npassive_port_range = 60000:60100\n",
+        4,
+        "services/ftp",
+        "passive_port_range",
+        ["not a port range", "FIRST-LAST"],
+        id="bad-port-range-syntax",
+    ),
+    pytest.param(
+        "[services/ftp]\ntype = ftp\nport = 21\naddress = not a host!\n",
+        4,
+        "services/ftp",
+        "address",
+        ["not an IP address or host name"],
+        id="bad-address",
+    ),
+    pytest.param(
+        "[groups/g]\npermissions = allow-read, allow-execute\n",
+        2,
+        "groups/g",
+        "permissions",
+        ["'allow-execute' is not a permission", "allow-full-control", "allow-delete-folder", "deny-full-control"],
+        id="bad-permission",
+    ),
+    pytest.param(
+        "[groups/a|b]\nname = x\n",
+        1,
+        "groups/a|b",
+        None,
+        ["section ID", "'|'"],
+        id="section-id-with-pipe",
+    ),
+    pytest.param(
+        "[groups/]\nname = x\n",
+        1,
+        "groups/",
+        None,
+        ["section ID", "non-empty"],
+        id="empty-section-id",
+    ),
+    pytest.param(
+        "[groups/g]\nname = x\n[[inner]]\nname = y\n",
+        1,
+        "groups/g",
+        None,
+        ["nested section [[inner]]"],
+        id="nested-section",
+    ),
+    pytest.param(
+        "[services/ftp]\ntype = ftp\n",
+        1,
+        "services/ftp",
+        "port",
+        ["required option is missing"],
+        id="missing-port",
+    ),
+    pytest.param(
+        "[services/ftp]\nport = 21\n",
+        1,
+        "services/ftp",
+        None,
+        ["'type' is required", "ftp, ssh, sftp"],
+        id="missing-service-type",
+    ),
+    pytest.param(
+        "[authentications/x]\nname = x\n",
+        1,
+        "authentications/x",
+        None,
+        ["'type' is required", "application"],
+        id="missing-authentication-type",
+    ),
+    pytest.param(
+        "[server]\nauthentications = DEFAULT-AUTHENTICATION, ldap\n",
+        2,
+        "server",
+        "authentications",
+        ["unknown authentication method 'ldap'", "defined: DEFAULT-AUTHENTICATION"],
+        id="unknown-authentication-in-server",
+    ),
+    pytest.param(
+        "[services/ftp]\ntype = ftp\nport = 21\nauthentications = nope\n",
+        4,
+        "services/ftp",
+        "authentications",
+        ["unknown authentication method 'nope'", "defined: DEFAULT-AUTHENTICATION"],
+        id="unknown-authentication-in-service",
+    ),
+    pytest.param(
+        "[server]\nauthentications = a/b\n",
+        2,
+        "server",
+        "authentications",
+        ["'a/b' is not an ID", "'/'"],
+        id="bad-id-in-list",
+    ),
+    pytest.param(
+        "[accounts/alice]\ngroup = staff\n",
+        2,
+        "accounts/alice",
+        "group",
+        ["unknown group 'staff'", "defined: DEFAULT_GROUP"],
+        id="unknown-group",
+    ),
+    pytest.param(
+        "[services/one]\ntype = ftp\nport = 2121\n[services/two]\ntype = ssh\nport = 2121\n",
+        6,
+        "services/two",
+        "port",
+        ["127.0.0.1:2121 is already used by [services/one]"],
+        id="same-address-and-port",
+    ),
+    pytest.param(
+        "[services/ftp]\ntype = ftp\nport = 21\nsecurity_policy = strict\n",
+        4,
+        "services/ftp",
+        "security_policy",
+        ["unknown security policy 'strict'", "DEFAULT-SECURITY-POLICY"],
+        id="unknown-security-policy",
+    ),
+]
+
+
+@pytest.mark.parametrize("text, line, section, option, fragments", ERROR_CASES)
+def test_each_kind_of_error_names_line_section_option_and_what_is_allowed(text, line, section, option, fragments):
+    """Every error names the file, its line, [section], option and what is allowed."""
+    problems = problems_of_text(text)
+    assert len(problems) == 1, "\n".join(str(p) for p in problems)
+    problem = problems[0]
+    assert problem.path == PATH
+    assert (problem.line, problem.section, problem.option) == (line, section, option)
+    for fragment in fragments:
+        assert fragment in problem.message
+    shown = str(problem)
+    assert shown.startswith(f"{PATH}:{line} [{section}]")
+
+
+def test_duplicate_usernames_are_an_error(password_hash):
+    """Two accounts with the same username are refused, naming the first one."""
+    problem = only_problem(
+        f"""
+        [accounts/alice]
+        password = {password_hash}
+        [accounts/alice2]
+        name = alice
+        password = {password_hash}
+        """
+    )
+    assert (problem.line, problem.section, problem.option) == (5, "accounts/alice2", "name")
+    assert "'alice' is also used by [accounts/alice]" in problem.message
+
+
+def test_plain_text_password_is_an_error_and_never_shown():
+    """A password that is not a hash is an error whose text never contains the password."""
+    secret = "Winter2024!plain"
+    with pytest.raises(ConfigError) as caught:
+        parse(
+            f"""
+            [accounts/alice]
+            password = {secret}
+            """
+        )
+    (problem,) = caught.value.problems
+    assert (problem.line, problem.section, problem.option) == (3, "accounts/alice", "password")
+    assert "not a password hash" in problem.message
+    assert "hash-password" in problem.message
+    assert secret not in str(caught.value)
+    assert secret not in repr(caught.value.problems)
+
+
+def test_plain_text_password_from_env_or_file_is_never_shown(tmp_path):
+    """A plain-text secret read from env: or file: is never echoed in the error."""
+    secret = "Summer2025?plain"
+    (tmp_path / "pw").write_text(secret, encoding="utf-8")
+    with pytest.raises(ConfigError) as caught:
+        parse(
+            """
+            [accounts/a]
+            password = env:PW
+            [accounts/b]
+            password = file:pw
+            """,
+            environ={"PW": secret},
+            base_folder=str(tmp_path),
+        )
+    assert len(caught.value.problems) == 2
+    assert secret not in str(caught.value)
+
+
+def test_malformed_password_line_does_not_echo_the_password():
+    """A password line configobj cannot parse (``password: x``) is reported without its value."""
+    secret = "Autumn2023#plain"
+    with pytest.raises(ConfigError) as caught:
+        parse(
+            f"""
+            [accounts/alice]
+            password: {secret}
+            """
+        )
+    assert caught.value.problems[0].line == 3
+    assert secret not in str(caught.value)
+
+
+def test_missing_password_is_a_warning_not_an_error():
+    """An account without a password loads, with a warning that it cannot log in."""
+    configuration = parse(
+        """
+        [accounts/alice]
+        name = alice
+        """
+    )
+    (warning,) = configuration.warnings
+    assert (warning.line, warning.section, warning.option) == (2, "accounts/alice", "password")
+    assert "cannot log in" in warning.message
+
+
+def test_disabled_services_may_share_a_port():
+    """Only enabled services bind, so a disabled one may reuse another's address and port."""
+    configuration = parse(
+        """
+        [services/one]
+        type = ftp
+        port = 2121
+        [services/two]
+        type = ftp
+        port = 2121
+        enabled = no
+        """
+    )
+    assert set(configuration.services) == {"one", "two"}
+
+
+@pytest.mark.parametrize("wildcard", ["0.0.0.0", "::"])
+def test_wildcard_and_specific_address_on_the_same_port_conflict(wildcard):
+    """A service on a wildcard address and another on a specific one cannot share a port: error."""
+    problem = only_problem(
+        f"""
+        [services/public]
+        type = ftp
+        port = 2121
+        address = {wildcard}
+        [services/local]
+        type = ssh
+        port = 2121
+        """
+    )
+    assert (problem.section, problem.option) == ("services/local", "port")
+
+
+def test_option_outside_any_section_is_an_error():
+    """An option before the first [section] is an error naming it."""
+    problems = problems_of_text("stray = 1\n[server]\nname = x\n")
+    assert len(problems) == 1
+    assert problems[0].path == PATH
+    assert problems[0].option == "stray"
+    assert "outside any [section]" in problems[0].message
+
+
+def test_option_outside_any_section_names_its_line():
+    """The error for an option before the first [section] names that option's line."""
+    problems = problems_of_text("\n\nstray = 1\n[server]\nname = x\n")
+    assert problems[0].line == 3
+    assert str(problems[0]).startswith(f"{PATH}:3")
+
+
+def test_duplicate_option_is_configobjs_error_with_its_line():
+    """An option given twice in a section is reported on the line of the repeat."""
+    problems = problems_of_text("[server]\nname = x\n\nname = y\n")
+    assert len(problems) == 1
+    assert problems[0].line == 4
+    assert problems[0].message == "duplicate option, first given on line 2"
+    assert (problems[0].section, problems[0].option) == ("server", "name")
+    assert str(problems[0]) == f"{PATH}:4 [server] name: duplicate option, first given on line 2"
+
+
+def test_duplicate_option_names_section_and_option():
+    """An option given twice is reported with its [section] and option name."""
+    problems = problems_of_text("[server]\nname = x\nname = y\n")
+    assert (problems[0].line, problems[0].section, problems[0].option) == (3, "server", "name")
+
+
+def test_duplicate_section_is_an_error_with_its_line():
+    """A section given twice is reported on the line of the repeat."""
+    problems = problems_of_text("[groups/g]\nname = x\n[groups/h]\n[groups/g]\nname = y\n")
+    assert len(problems) == 1
+    assert problems[0].line == 4
+    assert problems[0].message == "duplicate section, first given on line 1"
+    assert problems[0].section == "groups/g"
+
+
+def test_duplicate_option_does_not_hide_other_problems():
+    """A duplicate option is reported together with the file's other problems."""
+    problems = problems_of_text("[server]\nname = x\nname = y\n[services/ftp]\ntype = ftp\nport = 99999\n")
+    assert len(problems) == 2
+
+
+def test_all_problems_of_a_file_are_reported_at_once(password_hash):
+    """A file with five distinct problems yields exactly five problems, in one error."""
+    text = textwrap.dedent(
+        f"""\
+        [server]
+        authentications = missing-method
+        [services/ftp]
+        type = ftp
+        port = 21
+        enabeld = yes
+        idle_connection_timeout = -1
+        [groups/g]
+        permissions = allow-everything
+        [accounts/alice]
+        group = nogroup
+        password = {password_hash}
+        """
+    )
+    problems = problems_of_text(text)
+    located = sorted((p.line, p.section, p.option) for p in problems)
+    assert located == [
+        (2, "server", "authentications"),
+        (6, "services/ftp", "enabeld"),
+        (7, "services/ftp", "idle_connection_timeout"),
+        (9, "groups/g", "permissions"),
+        (11, "accounts/alice", "group"),
+    ]
+
+
+def test_known_sftpplus_options_are_warnings_not_errors():
+    """SFTPPlus options sftpauth does not implement load with a warning naming each."""
+    configuration = parse(
+        """
+        [server]
+        description = the transfer server
+        [services/ftp]
+        type = ftp
+        port = 21
+        ssl_cipher_list = HIGH
+        [services/ssh]
+        type = ssh
+        port = 22
+        ssh_cipher_list = aes256-ctr
+        """
+    )
+    located = sorted((w.line, w.section, w.option) for w in configuration.warnings)
+    assert located == [
+        (3, "server", "description"),
+        (7, "services/ftp", "ssl_cipher_list"),
+        (11, "services/ssh", "ssh_cipher_list"),
+    ]
+    for warning in configuration.warnings:
+        assert "not implemented by sftpauth" in warning.message
+    assert not hasattr(configuration.server, "description")
+
+
+def test_service_options_of_another_type_are_errors():
+    """An FTP-only option in an SSH service is an unknown option, not silently ignored."""
+    problem = only_problem(
+        """
+        [services/ssh]
+        type = ssh
+        port = 22
+        passive_port_range = 60000-60100
+        """
+    )
+    assert (problem.line, problem.section, problem.option) == (5, "services/ssh", "passive_port_range")
+    assert "unknown option" in problem.message
+
+
+def test_section_header_with_inline_comment_keeps_line_numbers():
+    """Problems in a section whose header has an inline comment still name their line."""
+    problems = problems_of_text("[server]\nname = x\n[groups/g]   # staff\nenabled = perhaps\n")
+    assert problems[0].section == "groups/g"
+    assert problems[0].line == 4
+
+
+# -- load_configuration ----------------------------------------------------------------
+
+
+def test_load_configuration_reads_the_file_relative_to_its_folder(tmp_path, password_hash):
+    """load_configuration resolves relative paths and file: secrets against the file's folder."""
+    (tmp_path / "alice.hash").write_text(password_hash, encoding="utf-8")
+    config_path = tmp_path / "server.ini"
+    config_path.write_text(
+        "[server]\naudit_log = audit.jsonl\n[accounts/alice]\npassword = file:alice.hash\n", encoding="utf-8"
+    )
+    configuration = load_configuration(str(config_path), environ={})
+    assert configuration.path == str(config_path)
+    assert configuration.server.audit_log == str(tmp_path / "audit.jsonl")
+    assert configuration.server.data_folder == str(tmp_path / "data")
+    assert configuration.accounts["alice"].password == password_hash
+
+
+def test_load_configuration_reports_errors_with_the_file_path(tmp_path):
+    """Errors from load_configuration name the path as given."""
+    config_path = tmp_path / "bad.ini"
+    config_path.write_text("[services/ftp]\ntype = ftp\n", encoding="utf-8")
+    with pytest.raises(ConfigError) as caught:
+        load_configuration(str(config_path), environ={})
+    assert str(caught.value) == f"{config_path}:1 [services/ftp] port: required option is missing"
+
+
+def test_load_configuration_of_a_missing_file(tmp_path):
+    """A file that cannot be read is one problem naming the path."""
+    missing = tmp_path / "nope.ini"
+    with pytest.raises(ConfigError) as caught:
+        load_configuration(str(missing))
+    (problem,) = caught.value.problems
+    assert problem.path == str(missing)
+    assert "cannot read the file" in problem.message
+
+
+def test_load_configuration_of_a_non_utf8_file(tmp_path):
+    """A file that is not UTF-8 is one problem, not a traceback."""
+    config_path = tmp_path / "latin1.ini"
+    config_path.write_bytes(b"[server]\nname = Caf\xe9\n")
+    with pytest.raises(ConfigError) as caught:
+        load_configuration(str(config_path))
+    (problem,) = caught.value.problems
+    assert "not UTF-8" in problem.message
+
+
+def test_load_configuration_uses_the_process_environment(tmp_path, monkeypatch, password_hash):
+    """Without an explicit environ, env: secrets come from os.environ."""
+    monkeypatch.setenv("SFTPAUTH_TEST_HASH", password_hash)
+    config_path = tmp_path / "server.ini"
+    config_path.write_text("[accounts/alice]\npassword = env:SFTPAUTH_TEST_HASH\n", encoding="utf-8")
+    assert load_configuration(str(config_path)).accounts["alice"].password == password_hash

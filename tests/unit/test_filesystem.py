@@ -1,0 +1,396 @@
+"""The jail: client paths stay inside the home folder and permissions are enforced (SPEC §4)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from sftpauth.filesystem import InvalidPath, JailedFilesystem, OutsideJail, resolve, virtual_path
+from sftpauth.permissions import FULL_CONTROL, Permission, PermissionDenied
+
+# -- virtual_path --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "client_path, cwd, expected",
+    [
+        ("", "/", "/"),
+        (".", "/", "/"),
+        ("..", "/", "/"),
+        ("../../..", "/", "/"),
+        ("/..", "/", "/"),
+        ("../../etc/passwd", "/", "/etc/passwd"),
+        ("/../../etc/passwd", "/docs", "/etc/passwd"),
+        ("a/b/../../../c", "/", "/c"),
+        ("file.txt", "/docs", "/docs/file.txt"),
+        ("../file.txt", "/docs/sub", "/docs/file.txt"),
+        ("/abs/name", "/docs", "/abs/name"),
+        ("//double//slashes/", "/", "/double/slashes"),
+        ("./x/./y", "/", "/x/y"),
+        (b"bytes/name", "/", "/bytes/name"),
+        ("caf\u00e9", "/", "/caf\u00e9"),
+    ],
+)
+def test_virtual_path_clamps_at_the_session_root(client_path, cwd, expected):
+    """``..`` stops at ``/`` and absolute names are taken inside the session root."""
+    assert virtual_path(client_path, cwd) == expected
+
+
+@pytest.mark.parametrize(
+    "client_path",
+    [
+        "a\0b",
+        b"a\0b",
+        "\0",
+        "x" * 256,
+        "ok/" + "x" * 256 + "/ok",
+        "\u00e9" * 128,  # 256 bytes in UTF-8
+        "a/" * 2100,  # 4200 bytes
+        "/" + "b" * 4096,
+        b"\xff\xfe",
+        b"caf\xe9",  # Latin-1, not UTF-8
+        b"\xc3",  # truncated UTF-8
+    ],
+    ids=[
+        "NUL",
+        "NUL-bytes",
+        "only-NUL",
+        "256-byte-name",
+        "256-byte-segment",
+        "256-byte-multibyte-name",
+        "path-over-4096",
+        "path-4097",
+        "invalid-utf8",
+        "latin1",
+        "truncated-utf8",
+    ],
+)
+def test_virtual_path_refuses_impossible_names(client_path):
+    """NUL bytes, over-long names or paths and undecodable bytes are InvalidPath."""
+    with pytest.raises(InvalidPath):
+        virtual_path(client_path)
+
+
+def test_virtual_path_accepts_the_longest_allowed_name():
+    """A 255-byte name and a 4096-byte path are still valid."""
+    assert virtual_path("x" * 255) == "/" + "x" * 255
+    long_path = "/".join(["y" * 255] * 16)  # 16 * 256 - 1 = 4095 bytes
+    assert virtual_path(long_path) == "/" + long_path
+
+
+# -- resolve -------------------------------------------------------------------------
+
+
+@pytest.fixture
+def root(tmp_path):
+    """A real home folder with files, a sub-folder and symlinks in and out."""
+    home = tmp_path / "home"
+    (home / "docs" / "deep").mkdir(parents=True)
+    (home / "docs" / "report.txt").write_text("report", encoding="utf-8")
+    (home / "a.txt").write_text("a", encoding="utf-8")
+    (home / "empty").mkdir()
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret.txt").write_text("secret", encoding="utf-8")
+    (tmp_path / "home-sibling").mkdir()  # shares the prefix "home"
+    os.symlink("/etc", home / "link")
+    os.symlink("docs", home / "inside-link")
+    os.symlink(str(home / "docs" / "report.txt"), home / "absolute-inside-link")
+    os.symlink("../outside", home / "hop1")
+    os.symlink("hop1", home / "hop2")
+    os.symlink("inside-link", home / "chain-inside")
+    os.symlink("../home-sibling", home / "sibling")
+    os.symlink(str(outside / "secret.txt"), home / "docs" / "deep" / "leak.txt")
+    os.symlink("..", home / "docs" / "up")
+    os.symlink("../../..", home / "docs" / "far-up")
+    return os.path.realpath(home)
+
+
+def test_resolve_maps_into_the_home_folder(root):
+    """A client path resolves to the matching real path under the home folder."""
+    assert resolve(root, "/") == root
+    assert resolve(root, "..") == root
+    assert resolve(root, "/docs/report.txt") == os.path.join(root, "docs", "report.txt")
+    assert resolve(root, "report.txt", cwd="/docs") == os.path.join(root, "docs", "report.txt")
+    assert resolve(root, "/../../docs/../a.txt") == os.path.join(root, "a.txt")
+    assert resolve(root, "/etc/passwd") == os.path.join(root, "etc", "passwd")
+
+
+@pytest.mark.parametrize(
+    "client_path",
+    ["link", "link/passwd", "/link/passwd", "docs/../link/shadow", "hop1", "hop2", "hop2/secret.txt",
+     "sibling", "docs/deep/leak.txt", "docs/far-up", "docs/far-up/outside/secret.txt"],
+)
+def test_symlinks_leading_outside_are_refused(root, client_path):
+    """A symlink (or chain of them) whose target is outside the home is OutsideJail."""
+    with pytest.raises(OutsideJail) as caught:
+        resolve(root, client_path)
+    # The client is told about its own (virtual) path only, never the real one.
+    assert str(caught.value) == f"{virtual_path(client_path)}: no such file or folder"
+    assert root not in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    "client_path, expected",
+    [
+        ("inside-link", "docs"),
+        ("inside-link/report.txt", "docs/report.txt"),
+        ("chain-inside/deep", "docs/deep"),
+        ("absolute-inside-link", "docs/report.txt"),
+        ("docs/up", ""),
+        ("docs/up/a.txt", "a.txt"),
+    ],
+)
+def test_symlinks_staying_inside_resolve(root, client_path, expected):
+    """A symlink whose target is inside the home resolves to that target."""
+    assert resolve(root, client_path) == os.path.join(root, expected).rstrip("/")
+
+
+def test_resolve_refuses_invalid_paths(root):
+    """resolve applies the same input checks as virtual_path."""
+    with pytest.raises(InvalidPath):
+        resolve(root, b"\xff")
+    with pytest.raises(InvalidPath):
+        resolve(root, "a\0/../b")
+
+
+# -- JailedFilesystem ----------------------------------------------------------------
+
+
+@pytest.fixture
+def make_fs(root, run_in_thread):
+    def make(permissions=FULL_CONTROL):
+        return JailedFilesystem(root, frozenset(permissions), run_in_thread)
+
+    return make
+
+
+def test_jailed_filesystem_uses_the_real_home_path(tmp_path, run_in_thread):
+    """A home folder given through a symlink is jailed at its real path."""
+    real = tmp_path / "real-home"
+    real.mkdir()
+    (tmp_path / "alias").symlink_to(real)
+    fs = JailedFilesystem(str(tmp_path / "alias"), FULL_CONTROL, run_in_thread)
+    assert fs.root == os.path.realpath(real)
+    assert fs.resolve("/x") == os.path.join(os.path.realpath(real), "x")
+
+
+def _close(handle):
+    if isinstance(handle, int):
+        os.close(handle)
+    elif hasattr(handle, "close"):
+        handle.close()
+
+
+# Each operation, the permission it needs, and what it must have done on success.
+OPERATIONS = {
+    "read": (Permission.READ, lambda fs: fs.open_for_reading("/a.txt"), None),
+    "open-read": (Permission.READ, lambda fs: fs.open_file("/a.txt", os.O_RDONLY), None),
+    "list": (Permission.LIST, lambda fs: fs.list_directory("/docs"), None),
+    "stat": (Permission.LIST, lambda fs: fs.stat("/a.txt"), None),
+    "write": (Permission.WRITE, lambda fs: fs.open_for_writing("/new.txt"), "new.txt"),
+    "append": (Permission.WRITE, lambda fs: fs.open_for_writing("/a.txt", append=True), None),
+    "open-write": (Permission.WRITE, lambda fs: fs.open_file("/new.txt", os.O_WRONLY | os.O_CREAT), "new.txt"),
+    "set-times": (Permission.WRITE, lambda fs: fs.set_times("/a.txt", 1000.0, 1000.0), None),
+    "create-folder": (Permission.CREATE_FOLDER, lambda fs: fs.make_directory("/newdir"), "newdir"),
+    "rename": (Permission.RENAME, lambda fs: fs.rename("/a.txt", "/b.txt"), "b.txt"),
+    "delete-file": (Permission.DELETE_FILE, lambda fs: fs.remove_file("/a.txt"), "-a.txt"),
+    "delete-folder": (Permission.DELETE_FOLDER, lambda fs: fs.remove_directory("/empty"), "-empty"),
+}
+
+
+def _snapshot(root):
+    return sorted(os.listdir(root)), os.stat(os.path.join(root, "a.txt")).st_mtime
+
+
+@pytest.mark.parametrize("name", sorted(OPERATIONS))
+def test_each_operation_needs_its_permission(make_fs, root, result_of, name):
+    """Without its permission an operation is PermissionDenied and changes nothing."""
+    permission, operation, _ = OPERATIONS[name]
+    fs = make_fs(FULL_CONTROL - {permission})
+    before = _snapshot(root)
+    with pytest.raises(PermissionDenied) as caught:
+        result_of(operation(fs))
+    assert caught.value.permission is permission
+    assert permission.value in str(caught.value)
+    assert _snapshot(root) == before
+
+
+@pytest.mark.parametrize("name", sorted(OPERATIONS))
+def test_each_operation_is_allowed_by_its_permission_alone(make_fs, root, result_of, name):
+    """With only its permission, an operation succeeds and does its job."""
+    permission, operation, effect = OPERATIONS[name]
+    fs = make_fs({permission})
+    _close(result_of(operation(fs)))
+    if effect is not None and effect.startswith("-"):
+        assert not os.path.lexists(os.path.join(root, effect[1:]))
+    elif effect is not None:
+        assert os.path.lexists(os.path.join(root, effect))
+
+
+def test_deny_full_control_denies_everything(make_fs, result_of):
+    """An empty permission set refuses every operation."""
+    fs = make_fs(frozenset())
+    for name, (permission, operation, _) in OPERATIONS.items():
+        with pytest.raises(PermissionDenied):
+            result_of(operation(fs))
+
+
+def test_open_file_read_write_needs_both(make_fs, result_of):
+    """``O_RDWR`` needs read and write; ``O_WRONLY`` needs write only; ``O_RDONLY`` read only."""
+    for permissions in ({Permission.READ}, {Permission.WRITE}):
+        with pytest.raises(PermissionDenied):
+            result_of(make_fs(permissions).open_file("/a.txt", os.O_RDWR))
+    _close(result_of(make_fs({Permission.READ, Permission.WRITE}).open_file("/a.txt", os.O_RDWR)))
+    with pytest.raises(PermissionDenied) as caught:
+        result_of(make_fs({Permission.READ}).open_file("/a.txt", os.O_WRONLY))
+    assert caught.value.permission is Permission.WRITE
+    for flags in (os.O_WRONLY | os.O_APPEND, os.O_WRONLY | os.O_TRUNC, os.O_RDONLY | os.O_CREAT):
+        with pytest.raises(PermissionDenied):
+            result_of(make_fs({Permission.READ}).open_file("/a.txt", flags))
+    with pytest.raises(PermissionDenied) as caught:
+        result_of(make_fs({Permission.WRITE}).open_file("/a.txt", os.O_RDONLY))
+    assert caught.value.permission is Permission.READ
+
+
+def test_open_file_write_lands_inside(make_fs, root, result_of):
+    """A file opened for writing is created inside the home folder."""
+    fd = result_of(make_fs().open_file("../../new.txt", os.O_WRONLY | os.O_CREAT, 0o600))
+    try:
+        os.write(fd, b"data")
+    finally:
+        os.close(fd)
+    with open(os.path.join(root, "new.txt"), "rb") as written:
+        assert written.read() == b"data"
+
+
+def test_reading_through_an_outside_symlink_is_refused(make_fs, result_of):
+    """Files behind a symlink to /etc or outside the home cannot be opened."""
+    fs = make_fs()
+    for path in ("link/passwd", "/link/hostname", "docs/deep/leak.txt", "hop2/secret.txt"):
+        with pytest.raises(OutsideJail):
+            result_of(fs.open_for_reading(path))
+        with pytest.raises(OutsideJail):
+            result_of(fs.open_file(path, os.O_RDONLY))
+
+
+def test_writing_through_an_outside_symlink_is_refused(make_fs, tmp_path, result_of):
+    """No write, folder creation or rename target can reach outside the home through a symlink."""
+    fs = make_fs()
+    with pytest.raises(OutsideJail):
+        result_of(fs.open_for_writing("hop1/planted.txt"))
+    with pytest.raises(OutsideJail):
+        result_of(fs.open_file("hop2/planted.txt", os.O_WRONLY | os.O_CREAT))
+    with pytest.raises(OutsideJail):
+        result_of(fs.make_directory("hop1/planted"))
+    with pytest.raises(OutsideJail):
+        result_of(fs.rename("/a.txt", "/hop1/planted.txt"))
+    with pytest.raises(OutsideJail):
+        result_of(fs.remove_file("docs/deep/leak.txt"))
+    assert sorted(os.listdir(tmp_path / "outside")) == ["secret.txt"]
+
+
+def test_invalid_paths_fail_the_operation(make_fs, result_of):
+    """An operation on a NUL or non-UTF-8 path fails with InvalidPath."""
+    fs = make_fs()
+    with pytest.raises(InvalidPath):
+        result_of(fs.open_for_reading("a\0.txt"))
+    with pytest.raises(InvalidPath):
+        result_of(fs.list_directory(b"\xff"))
+    with pytest.raises(InvalidPath):
+        result_of(fs.rename("/a.txt", "x" * 300))
+    with pytest.raises(InvalidPath):
+        result_of(fs.open_file(b"\xfe", os.O_RDONLY))
+
+
+def test_list_directory_hides_entries_leading_outside(make_fs, result_of):
+    """Listing the home shows files, folders and inside symlinks, never ones leading outside."""
+    names = [name for name, _ in result_of(make_fs().list_directory("/"))]
+    assert names == sorted(names)
+    assert set(names) == {"a.txt", "absolute-inside-link", "chain-inside", "docs", "empty", "inside-link"}
+    deep = [name for name, _ in result_of(make_fs().list_directory("/docs/deep"))]
+    assert deep == []
+
+
+def test_list_directory_of_a_file_lists_the_file(make_fs, result_of):
+    """Listing a file gives that one file with its size."""
+    ((name, stat_result),) = result_of(make_fs().list_directory("/docs/report.txt"))
+    assert name == "report.txt"
+    assert stat_result.st_size == len("report")
+
+
+def test_list_directory_of_an_outside_symlink_is_refused(make_fs, result_of):
+    """Listing through a symlink to /etc is OutsideJail, not the content of /etc."""
+    with pytest.raises(OutsideJail):
+        result_of(make_fs().list_directory("/link"))
+
+
+@pytest.mark.parametrize("path", ["/", ".", "..", "/..", "sub/.."])
+def test_home_folder_cannot_be_removed(tmp_path, run_in_thread, result_of, path):
+    """remove_directory of an empty session root (however named) is refused."""
+    home = tmp_path / "empty-home"
+    home.mkdir()
+    fs = JailedFilesystem(str(home), FULL_CONTROL, run_in_thread)
+    with pytest.raises(PermissionError):
+        result_of(fs.remove_directory(path))
+    assert home.is_dir()
+
+
+def test_home_folder_cannot_be_removed_through_a_symlink(make_fs, root, result_of):
+    """A symlink inside that points at the home folder cannot be used to remove it."""
+    with pytest.raises(PermissionError):
+        result_of(make_fs().remove_directory("docs/up"))
+    assert os.path.isdir(root)
+
+
+@pytest.mark.parametrize("path", ["/", ".", "/..", "docs/..", "docs/up"])
+def test_home_folder_cannot_be_renamed(make_fs, root, result_of, path):
+    """rename of the session root (however named) is refused."""
+    with pytest.raises(PermissionError):
+        result_of(make_fs().rename(path, "/moved"))
+    assert os.path.isdir(root)
+    assert not os.path.exists(os.path.join(root, "moved"))
+
+
+def test_rename_without_overwrite_keeps_the_target(make_fs, root, result_of):
+    """rename with overwrite=False refuses an existing target and keeps both files."""
+    with pytest.raises(FileExistsError):
+        result_of(make_fs().rename("/a.txt", "/docs/report.txt", overwrite=False))
+    assert os.path.exists(os.path.join(root, "a.txt"))
+    with open(os.path.join(root, "docs", "report.txt"), encoding="utf-8") as report:
+        assert report.read() == "report"
+
+
+def test_rename_moves_inside_the_home(make_fs, root, result_of):
+    """rename with relative names and a cwd moves the file inside the home."""
+    result_of(make_fs().rename("../a.txt", "moved.txt", cwd="/docs"))
+    assert os.path.exists(os.path.join(root, "docs", "moved.txt"))
+    assert not os.path.exists(os.path.join(root, "a.txt"))
+
+
+def test_remove_file_refuses_a_folder_and_remove_directory_a_file(make_fs, root, result_of):
+    """remove_file does not delete folders; remove_directory does not delete files."""
+    with pytest.raises(IsADirectoryError):
+        result_of(make_fs().remove_file("/empty"))
+    with pytest.raises(NotADirectoryError):
+        result_of(make_fs().remove_directory("/a.txt"))
+    assert os.path.isdir(os.path.join(root, "empty"))
+    assert os.path.isfile(os.path.join(root, "a.txt"))
+
+
+def test_open_for_reading_a_folder_is_refused(make_fs, result_of):
+    """Opening a folder as a file is IsADirectoryError, not a crash."""
+    with pytest.raises(IsADirectoryError):
+        result_of(make_fs().open_for_reading("/docs"))
+    with pytest.raises(IsADirectoryError):
+        result_of(make_fs().open_file("/docs", os.O_RDONLY))
+
+
+def test_is_directory_needs_no_permission(make_fs, result_of):
+    """Checking for a folder (CWD) works without any permission, and stays in the jail."""
+    fs = make_fs(frozenset())
+    assert result_of(fs.is_directory("/docs")) is True
+    assert result_of(fs.is_directory("/a.txt")) is False
+    with pytest.raises(OutsideJail):
+        result_of(fs.is_directory("/link"))

@@ -1,0 +1,502 @@
+"""JailedFTPShell, the threaded file transfers and the FTP login, in memory."""
+
+from __future__ import annotations
+
+import errno
+import os
+import types
+
+import pytest
+from twisted.cred.error import UnauthorizedLogin
+from twisted.internet import defer
+from twisted.internet import error as internet_error
+from twisted.internet.address import IPv4Address
+from twisted.internet.interfaces import IConsumer, IPushProducer
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.protocols import ftp as twisted_ftp
+from twisted.python.failure import Failure
+from zope.interface import implementer
+from zope.interface.verify import verifyObject
+
+from sftpauth.auth.credentials import LoginRequest
+from sftpauth.config.models import FTPServiceSettings
+from sftpauth.filesystem import JailedFilesystem
+from sftpauth.ftp import FileDownload, FileUpload, FTPReplyError, FTPServiceFactory, JailedFTPShell
+from sftpauth.permissions import FULL_CONTROL, Permission
+from sftpauth.realm import SessionInfo
+
+
+class ManualThreads:
+    """A run_in_thread whose work runs only when the test says so."""
+
+    def __init__(self):
+        self.pending: list[tuple] = []
+
+    def __call__(self, function, *args):
+        deferred = defer.Deferred()
+        self.pending.append((function, args, deferred))
+        return deferred
+
+    def run_one(self) -> None:
+        function, args, deferred = self.pending.pop(0)
+        try:
+            result = function(*args)
+        except Exception:
+            deferred.errback()
+        else:
+            deferred.callback(result)
+
+    def run_all(self) -> None:
+        while self.pending:
+            self.run_one()
+
+
+@implementer(IConsumer)
+class RecordingConsumer:
+    def __init__(self):
+        self.chunks: list[bytes] = []
+        self.producer = None
+        self.unregistered = False
+
+    def registerProducer(self, producer, streaming):
+        assert streaming
+        self.producer = producer
+
+    def unregisterProducer(self):
+        self.unregistered = True
+        self.producer = None
+
+    def write(self, data):
+        self.chunks.append(data)
+
+
+@implementer(IPushProducer)
+class RecordingProducer:
+    def __init__(self):
+        self.events: list[str] = []
+
+    def pauseProducing(self):
+        self.events.append("pause")
+
+    def resumeProducing(self):
+        self.events.append("resume")
+
+    def stopProducing(self):
+        self.events.append("stop")
+
+
+@pytest.fixture
+def home(tmp_path):
+    folder = tmp_path / "home"
+    folder.mkdir()
+    return folder
+
+
+@pytest.fixture
+def shell(home, run_in_thread):
+    return JailedFTPShell(JailedFilesystem(str(home), FULL_CONTROL, run_in_thread))
+
+
+def failure_of(deferred: defer.Deferred) -> Failure:
+    failures = []
+    deferred.addErrback(failures.append)
+    assert failures, "the Deferred did not fail"
+    return failures[0]
+
+
+# -- the shell ------------------------------------------------------------------------
+
+
+def test_shell_provides_iftpshell(shell):
+    """JailedFTPShell implements Twisted's IFTPShell completely."""
+    assert verifyObject(twisted_ftp.IFTPShell, shell)
+
+
+def test_make_and_remove_directory(shell, home, result_of):
+    """makeDirectory creates a folder; removeDirectory removes it."""
+    result_of(shell.makeDirectory(["docs"]))
+    assert (home / "docs").is_dir()
+    result_of(shell.removeDirectory(["docs"]))
+    assert not (home / "docs").exists()
+
+
+def test_errors_become_ftp_errors(shell, home):
+    """Filesystem errors map to FTP errors naming only the session path."""
+    (home / "docs").mkdir()
+    (home / "docs" / "f.txt").write_bytes(b"x")
+    assert failure_of(shell.makeDirectory(["docs"])).check(twisted_ftp.FileExistsError)
+    not_empty = failure_of(shell.removeDirectory(["docs"])).value
+    assert isinstance(not_empty, FTPReplyError) and not_empty.response() == "550 /docs: Folder not empty."
+    assert failure_of(shell.removeFile(["docs"])).check(twisted_ftp.IsADirectoryError)
+    assert failure_of(shell.removeFile(["missing"])).check(twisted_ftp.FileNotFoundError)
+    assert failure_of(shell.openForReading(["docs"])).check(twisted_ftp.IsADirectoryError)
+    missing = failure_of(shell.openForReading(["nope", "x"])).value
+    assert missing.response() == "550 /nope/x: No such file or directory."
+    assert str(home) not in missing.response()
+
+
+def test_invalid_names_are_553(shell):
+    """Names with undecodable bytes or line breaks are refused with 553."""
+    for segments in (["bad\udcffname"], ["line\nbreak"], ["nul\0"]):
+        error = failure_of(shell.makeDirectory(segments)).value
+        assert error.response().startswith("553 "), segments
+    assert failure_of(shell.rename(["a"], ["b\udcff"])).value.response().startswith("553 ")
+
+
+def test_rename(shell, home, result_of):
+    """rename moves a file inside the home folder."""
+    (home / "a.txt").write_bytes(b"a")
+    result_of(shell.rename(["a.txt"], ["b.txt"]))
+    assert (home / "b.txt").read_bytes() == b"a" and not (home / "a.txt").exists()
+
+
+def test_access_needs_an_existing_folder_inside(shell, home, result_of):
+    """access (CWD) succeeds for folders only; files, missing names and escaping links fail."""
+    (home / "dir").mkdir()
+    (home / "file").write_bytes(b"")
+    (home / "out").symlink_to("/etc")
+    assert result_of(shell.access([])) is None
+    assert result_of(shell.access(["dir"])) is None
+    for segments in (["file"], ["missing"], ["out"]):
+        assert failure_of(shell.access(segments)).check(twisted_ftp.FileNotFoundError), segments
+
+
+def test_access_needs_no_permission(home, run_in_thread, result_of):
+    """CWD works even for a group without any permission."""
+    (home / "dir").mkdir()
+    shell = JailedFTPShell(JailedFilesystem(str(home), frozenset(), run_in_thread))
+    assert result_of(shell.access(["dir"])) is None
+
+
+def test_stat_values(shell, home, result_of):
+    """stat returns the requested keys in order, as Twisted's list formatting expects."""
+    (home / "f.bin").write_bytes(b"12345")
+    os.chmod(home / "f.bin", 0o640)
+    os.utime(home / "f.bin", (1000, 2000))
+    size, directory, permissions, links, modified, owner, group = result_of(
+        shell.stat(["f.bin"], ("size", "directory", "permissions", "hardlinks", "modified", "owner", "group"))
+    )
+    assert (size, directory, links, modified) == (5, False, 1, 2000)
+    assert permissions.shorthand() == "rw-r-----"
+    assert isinstance(owner, str) and isinstance(group, str)
+    assert result_of(shell.stat([], ("directory",))) == [True]
+
+
+def test_list_hides_links_outside_and_shows_links_inside(shell, home, result_of):
+    """list names the folder's entries; a symlink leaving the home is not one of them."""
+    (home / "real").mkdir()
+    (home / "a.txt").write_bytes(b"abc")
+    (home / "inside").symlink_to(home / "real")
+    (home / "outside").symlink_to("/etc")
+    entries = result_of(shell.list([], ("size", "directory")))
+    assert [name for name, _ in entries] == ["a.txt", "inside", "real"]
+    assert dict(entries)["a.txt"] == [3, False]
+    assert dict(entries)["inside"][1] is True
+    assert failure_of(shell.list(["outside"])).check(twisted_ftp.FileNotFoundError)
+    assert result_of(shell.list(["a.txt"])) == [("a.txt", [])]
+
+
+def test_permissions_are_enforced(home, run_in_thread):
+    """Without the group's permission, each operation fails with PermissionDeniedError."""
+    (home / "f.txt").write_bytes(b"x")
+    (home / "d").mkdir()
+    shell = JailedFTPShell(JailedFilesystem(str(home), frozenset({Permission.READ}), run_in_thread))
+    for deferred in (
+        shell.openForWriting(["new.txt"]),
+        shell.openForWriting(["f.txt"], append=True),
+        shell.removeFile(["f.txt"]),
+        shell.makeDirectory(["x"]),
+        shell.removeDirectory(["d"]),
+        shell.rename(["f.txt"], ["g.txt"]),
+        shell.list([]),
+        shell.stat(["f.txt"], ("size",)),
+    ):
+        error = failure_of(deferred).value
+        assert isinstance(error, twisted_ftp.PermissionDeniedError)
+        assert "Permission denied" in error.response()
+
+
+def test_reading_through_a_link_outside_is_not_found(shell, home):
+    """RETR through a planted symlink to /etc fails as not found."""
+    (home / "etc").symlink_to("/etc")
+    error = failure_of(shell.openForReading(["etc", "passwd"])).value
+    assert isinstance(error, twisted_ftp.FileNotFoundError)
+
+
+# -- downloads --------------------------------------------------------------------------
+
+
+def test_download_streams_the_whole_file(shell, home, result_of):
+    """send() writes the file to the consumer in chunks and unregisters at the end."""
+    data = os.urandom(3 * FileDownload.chunk_size + 17)
+    (home / "big").write_bytes(data)
+    reader = result_of(shell.openForReading(["big"]))
+    assert verifyObject(twisted_ftp.IReadFile, reader)
+    consumer = RecordingConsumer()
+    result_of(reader.send(consumer))
+    assert b"".join(consumer.chunks) == data
+    assert len(consumer.chunks) == 4
+    assert consumer.unregistered
+
+
+def test_download_reads_in_threads_and_waits_while_paused(home, tmp_path):
+    """Each chunk is read by run_in_thread; no read is started while the consumer is paused."""
+    (home / "f").write_bytes(b"a" * 10)
+    threads = ManualThreads()
+    reader = FileDownload(JailedFilesystem(str(home), FULL_CONTROL, threads), open(home / "f", "rb"))
+    reader.chunk_size = 4
+    consumer = RecordingConsumer()
+    done = reader.send(consumer)
+    assert len(threads.pending) == 1  # one read at a time
+    reader.pauseProducing()
+    threads.run_one()
+    assert consumer.chunks == [b"aaaa"]
+    assert threads.pending == []  # paused: nothing more is read
+    reader.resumeProducing()
+    threads.run_all()
+    assert b"".join(consumer.chunks) == b"a" * 10
+    assert done.called and consumer.unregistered
+
+
+def test_download_stopped_by_the_consumer_closes_the_file(home):
+    """stopProducing (the data connection was lost) closes the file and fails the transfer."""
+    (home / "f").write_bytes(b"a" * 10)
+    threads = ManualThreads()
+    file = open(home / "f", "rb")
+    reader = FileDownload(JailedFilesystem(str(home), FULL_CONTROL, threads), file)
+    reader.chunk_size = 4
+    done = reader.send(RecordingConsumer())
+    reader.stopProducing()  # while a read is in flight
+    assert not file.closed
+    threads.run_all()
+    assert file.closed
+    assert failure_of(done).check(internet_error.ConnectionLost)
+
+
+# -- uploads ---------------------------------------------------------------------------
+
+
+def test_upload_writes_chunks_in_order_and_close_waits(home, result_of, run_in_thread):
+    """Data written to the consumer lands in the file in order; close() fires after the last write."""
+    shell = JailedFTPShell(JailedFilesystem(str(home), FULL_CONTROL, run_in_thread))
+    writer = result_of(shell.openForWriting(["up.bin"]))
+    assert verifyObject(twisted_ftp.IWriteFile, writer)
+    consumer = result_of(writer.receive())
+    for index in range(50):
+        consumer.write(bytes([index]) * 1000)
+    result_of(writer.close())
+    assert (home / "up.bin").read_bytes() == b"".join(bytes([index]) * 1000 for index in range(50))
+
+
+def test_upload_appends(shell, home, result_of):
+    """openForWriting with append=True keeps the existing content (APPE)."""
+    (home / "log").write_bytes(b"one\n")
+    writer = result_of(shell.openForWriting(["log"], append=True))
+    result_of(writer.receive()).write(b"two\n")
+    result_of(writer.close())
+    assert (home / "log").read_bytes() == b"one\ntwo\n"
+
+
+def test_upload_pauses_the_producer_when_the_disk_falls_behind(home):
+    """Above high_water bytes waiting for the disk the producer is paused, below low_water resumed."""
+    threads = ManualThreads()
+    upload = FileUpload(JailedFilesystem(str(home), FULL_CONTROL, threads), open(home / "f", "wb"), "/f")
+    upload.high_water, upload.low_water = 10, 4
+    producer = RecordingProducer()
+    upload.registerProducer(producer, True)
+    upload.write(b"123456")  # one write in flight
+    upload.write(b"7890ab")  # queued: 12 bytes pending
+    assert producer.events == ["pause"]
+    assert len(threads.pending) == 1
+    threads.run_one()  # 6 written, 6 pending: still above low water
+    assert producer.events == ["pause"]
+    threads.run_one()
+    assert producer.events == ["pause", "resume"]
+    closing = upload.close()
+    threads.run_all()
+    assert closing.called
+    assert (home / "f").read_bytes() == b"1234567890ab"
+
+
+class _FullDisk:
+    closed = False
+
+    def write(self, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def close(self):
+        self.closed = True
+
+
+def test_upload_write_error_stops_the_producer_and_fails_close(home, run_in_thread):
+    """A failing write stops the data connection and close() fails with 452, after closing the file."""
+    file = _FullDisk()
+    upload = FileUpload(JailedFilesystem(str(home), FULL_CONTROL, run_in_thread), file, "/f")
+    producer = RecordingProducer()
+    upload.registerProducer(producer, True)
+    upload.write(b"data")
+    assert producer.events == ["stop"]
+    upload.write(b"more")  # ignored, never raises
+    error = failure_of(upload.close()).value
+    assert error.response().startswith("452 ")
+    assert file.closed
+
+
+# -- the protocol ------------------------------------------------------------------------
+
+
+class FakePortal:
+    def __init__(self):
+        self.logins: list[tuple] = []
+        self.logouts = 0
+
+    def login(self, credentials, mind, *interfaces):
+        deferred = defer.Deferred()
+        self.logins.append((credentials, mind, interfaces, deferred))
+        return deferred
+
+    def accept(self, index: int = -1) -> None:
+        def logout():
+            self.logouts += 1
+
+        self.logins[index][3].callback((twisted_ftp.IFTPShell, object(), logout))
+
+
+def _settings(**overrides) -> FTPServiceSettings:
+    values = dict(
+        id="ftp-unit",
+        type="ftp",
+        enabled=True,
+        name="",
+        address="127.0.0.1",
+        port=2121,
+        authentications=(),
+        security_policy="DEFAULT-SECURITY-POLICY",
+        idle_connection_timeout=300,
+        maximum_concurrent_connections=10,
+        banner="unit banner",
+        passive_port_range=None,
+        passive_address="",
+    )
+    values.update(overrides)
+    return FTPServiceSettings(**values)
+
+
+@pytest.fixture
+def connection():
+    """An FTP protocol on a StringTransport, with a fake portal and a fake clock."""
+    reactor = MemoryReactorClock()
+    portal = FakePortal()
+    factory = FTPServiceFactory(_settings(), types.SimpleNamespace(portal=portal, reactor=reactor))
+    protocol = factory.buildProtocol(IPv4Address("TCP", "192.0.2.7", 5555))
+    transport = StringTransport(
+        hostAddress=IPv4Address("TCP", "127.0.0.1", 2121), peerAddress=IPv4Address("TCP", "192.0.2.7", 5555)
+    )
+    protocol.makeConnection(transport)
+
+    def send(line: bytes) -> list[bytes]:
+        transport.clear()
+        protocol.dataReceived(line + b"\r\n")
+        reactor.advance(0)
+        return transport.value().splitlines()
+
+    return types.SimpleNamespace(
+        protocol=protocol, transport=transport, portal=portal, reactor=reactor, send=send
+    )
+
+
+def test_greeting_is_the_banner(connection):
+    """The first line is 220 with the configured banner."""
+    assert connection.transport.value() == b"220 unit banner\r\n"
+
+
+def test_login_sends_a_login_request_with_the_peer_address(connection):
+    """USER/PASS go to the portal as a LoginRequest with the client's address and a SessionInfo mind."""
+    assert connection.send(b"USER alice") == [b"331 Password required."]
+    connection.send(b"PASS s3cret")
+    credentials, mind, interfaces, _ = connection.portal.logins[0]
+    assert credentials == LoginRequest("alice", "s3cret", "ftp-unit", "ftp", "192.0.2.7")
+    assert mind == SessionInfo("ftp-unit", "ftp", "192.0.2.7")
+    assert interfaces == (twisted_ftp.IFTPShell,)
+    connection.transport.clear()
+    connection.portal.accept()
+    assert connection.transport.value() == b"230 User logged in, proceed\r\n"
+
+
+@pytest.mark.parametrize("error", [UnauthorizedLogin("invalid-password"), RuntimeError("bug")])
+def test_any_login_failure_is_a_plain_530(connection, error):
+    """Whatever the reason, the client only reads "530 Login failed." and can try again."""
+    connection.send(b"USER alice")
+    connection.send(b"PASS wrong")
+    connection.transport.clear()
+    connection.portal.logins[0][3].errback(error)
+    assert connection.transport.value() == b"530 Login failed.\r\n"
+    assert connection.send(b"USER alice") == [b"331 Password required."]
+
+
+def test_non_utf8_username_reaches_the_chain_as_surrogates(connection):
+    """Bytes that are not UTF-8 are passed on (as lone surrogates) for the chain to refuse."""
+    connection.send(b"USER al\xffice")
+    connection.send(b"PASS x")
+    assert connection.portal.logins[0][0].username == "al\udcffice"
+
+
+def test_logout_runs_when_the_connection_is_lost(connection):
+    """The portal's logout runs once when the client goes away (Twisted alone never calls it)."""
+    connection.send(b"USER alice")
+    connection.send(b"PASS pw")
+    connection.portal.accept()
+    connection.protocol.connectionLost(Failure(internet_error.ConnectionDone()))
+    assert connection.portal.logouts == 1
+
+
+def test_login_finishing_after_the_client_left_logs_out_at_once(connection):
+    """A session whose client left during the login is ended as soon as the login completes."""
+    connection.send(b"USER alice")
+    connection.send(b"PASS pw")
+    connection.protocol.connectionLost(Failure(internet_error.ConnectionDone()))
+    connection.portal.accept()
+    assert connection.portal.logouts == 1
+
+
+def test_user_after_login_is_refused(connection):
+    """A logged-in session cannot switch user."""
+    connection.send(b"USER alice")
+    connection.send(b"PASS pw")
+    connection.portal.accept()
+    assert connection.send(b"USER bob")[0].startswith(b"503 ")
+    assert connection.send(b"PASS pw")[0].startswith(b"503 ")
+
+
+def test_commands_with_wrong_arguments_get_501(connection):
+    """Missing or extra arguments are 501, never a crash or a 451."""
+    connection.send(b"USER alice")
+    connection.send(b"PASS pw")
+    connection.portal.accept()
+    assert connection.send(b"MKD")[0].startswith(b"501 ")
+    assert connection.send(b"NOOP extra")[0].startswith(b"501 ")
+    assert connection.send(b"NOOP ") == [b"200 Command OK"]
+    assert connection.send(b"TYPE ")[0].startswith(b"501 ")
+
+
+def test_idle_connection_gets_421(connection):
+    """After idle_connection_timeout seconds without a command the server says 421 and closes."""
+    connection.reactor.advance(299)
+    assert not connection.transport.disconnecting
+    connection.reactor.advance(2)
+    assert connection.transport.value().splitlines()[-1].startswith(b"421 ")
+    assert connection.transport.disconnecting
+
+
+def test_over_long_line_gets_500_and_is_closed(connection):
+    """A command line longer than the limit is answered with 500 and the connection closed."""
+    connection.transport.clear()
+    connection.protocol.dataReceived(b"USER " + b"a" * 20_000)
+    assert connection.transport.value().startswith(b"500 ")
+    assert connection.transport.disconnecting
+
+
+def test_opts_utf8_and_feat(connection):
+    """OPTS UTF8 ON answers 200, also before login, and FEAT lists UTF8."""
+    assert connection.send(b"OPTS UTF8 ON")[0].startswith(b"200 ")
+    assert b" UTF8" in connection.send(b"FEAT")
