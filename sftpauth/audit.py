@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
 import threading
 from typing import Any, Callable, Optional
 
@@ -28,13 +29,18 @@ class AuditLog:
         self.path = path
         self._now = now
         self._lock = threading.Lock()
-        self._file = open(path, "a", encoding="utf-8", buffering=1) if path else None
+        self._file = None
+        if path:
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            self._file = open(path, "a", encoding="utf-8", buffering=1)
         self.listeners: list[Callable[[dict], None]] = []
 
     def record(self, event: str, **fields: Any) -> dict:
         entry = {"time": self._now().isoformat(timespec="milliseconds"), "event": event}
         entry.update({key: shorten(value) if isinstance(value, str) else value for key, value in fields.items()})
         line = json.dumps(entry, ensure_ascii=False, sort_keys=False)
+        # Undecodable client bytes arrive as lone surrogates; a UTF-8 file cannot hold them.
+        line = line.encode("utf-8", "backslashreplace").decode("utf-8")
         with self._lock:
             if self._file is not None:
                 self._file.write(line + "\n")

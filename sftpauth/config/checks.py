@@ -147,6 +147,77 @@ def permissions(value: str) -> frozenset[Permission]:
         raise VdtValueError(str(error)) from None
 
 
+_ATTRIBUTE = re.compile(r"^(?:[A-Za-z][A-Za-z0-9-]*|[0-9]+(?:\.[0-9]+)+)$")
+
+
+def attribute(value: str) -> str:
+    word = _unquote(value)
+    if word and not _ATTRIBUTE.match(word):
+        raise VdtValueError(f"{word!r} is not an LDAP attribute name (letters, digits and '-')")
+    return word
+
+
+def address_list(value: str) -> tuple[tuple[str, Optional[int]], ...]:
+    """``host[:port]`` items; IPv6 as ``[::1]:389`` or bare ``::1``."""
+    result = []
+    for item in split_list(_unquote(value)):
+        match = re.fullmatch(r"\[([^\]]+)\](?::(\d+))?", item)
+        if match:
+            host_text, port_text = match.group(1), match.group(2)
+        elif item.count(":") == 1:
+            host_text, port_text = item.split(":")
+        else:
+            host_text, port_text = item, None
+        port_number = number(port_text, "1", "65535") if port_text is not None else None
+        result.append((host(host_text), port_number))
+    if not result:
+        raise VdtValueError("at least one LDAP server address is required")
+    return tuple(result)
+
+
+def dn(value: str):
+    from sftpauth.auth.ldap.dn import parse_dn
+
+    word = _unquote(value)
+    if not word:
+        return ""
+    try:
+        return parse_dn(word).getText()
+    except ValueError as error:
+        raise VdtValueError(str(error)) from None
+
+
+def dn_list(value: str):
+    """Base DNs, one per line (a DN holds commas, so never a comma list)."""
+    from sftpauth.auth.ldap.dn import parse_dn
+
+    result = []
+    for line in split_lines(value):
+        try:
+            result.append(parse_dn(_unquote(line)))
+        except ValueError as error:
+            raise VdtValueError(str(error)) from None
+    return tuple(result)
+
+
+def ldap_filter(value: str):
+    from sftpauth.auth.ldap.filters import InvalidFilter, parse_filter
+
+    try:
+        return parse_filter(_unquote(value))
+    except InvalidFilter as error:
+        raise VdtValueError(str(error)) from None
+
+
+def home_folder_rule(value: str):
+    from sftpauth.auth.ldap.home import HomeFolderRule
+
+    try:
+        return HomeFolderRule.parse(_unquote(value))
+    except ValueError as error:
+        raise VdtValueError(str(error)) from None
+
+
 def make_validator(base_folder: str, environ: Mapping[str, str]) -> Validator:
     """A Validator whose path and secret checks know where the file lives."""
 
@@ -199,5 +270,11 @@ def make_validator(base_folder: str, environ: Mapping[str, str]) -> Validator:
         "path_list": path_list,
         "secret": secret,
         "unsupported": unsupported,
+        "attribute": attribute,
+        "address_list": address_list,
+        "dn": dn,
+        "dn_list": dn_list,
+        "ldap_filter": ldap_filter,
+        "home_folder_rule": home_folder_rule,
     }
     return Validator(functions)

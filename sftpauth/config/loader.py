@@ -232,8 +232,8 @@ def _check_section(
         except ValidateError as error:
             problems.error(section, "type", str(error))
             return None
-        if kind == "services":
-            spec.update(_SPEC.get(f"services:{models.SERVICE_SPEC_KIND[type_name]}", {}))
+        spec_kind = models.SERVICE_SPEC_KIND[type_name] if kind == "services" else type_name
+        spec.update(_SPEC.get(f"{kind}:{spec_kind}", {}))
     result: dict[str, Any] = {}
     values_with_errors: set[str] = set()
     for option, value in values.items():
@@ -339,6 +339,10 @@ def _cross_check(problems: _Problems, configuration: models.Configuration) -> No
     if not configuration.server.authentications:
         problems.error("server", "authentications", "at least one authentication method is required")
 
+    for method_id, method in methods.items():
+        if isinstance(method, models.LDAPAuthenticationSettings):
+            _check_ldap_method(problems, configuration, f"authentications/{method_id}", method)
+
     bound: dict[tuple[str, int], str] = {}
     for service_id, service in configuration.services.items():
         section = f"services/{service_id}"
@@ -374,6 +378,18 @@ def _cross_check(problems: _Problems, configuration: models.Configuration) -> No
             problems.error(
                 section, "password", "not a password hash; make one with 'sftpauth hash-password' (argon2id or bcrypt)"
             )
+
+
+def _check_ldap_method(
+    problems: _Problems, configuration: models.Configuration, section: str, method: models.LDAPAuthenticationSettings
+) -> None:
+    if method.bind_dn_type != "absolute" and not method.bind_dn:
+        problems.error(section, "bind_dn", f"at least one base DN is required for bind_dn_type = {method.bind_dn_type}")
+    for group_id in method.base_groups:
+        if group_id not in configuration.groups:
+            problems.error(section, "base_groups", _unknown_id("group", group_id, configuration.groups))
+    if method.service_account_dn and not method.service_account_password:
+        problems.error(section, "service_account_password", "required when service_account_dn is set")
 
 
 def _addresses_clash(first: str, second: str) -> bool:

@@ -6,7 +6,7 @@ two places only: its spec line (type, default) and its field here.
 
 from __future__ import annotations
 
-from typing import Mapping, Optional
+from typing import Any, Mapping, Optional
 
 import attrs
 
@@ -61,6 +61,13 @@ class SSHServiceSettings(ServiceSettings):
 
 
 @attrs.frozen
+class DirectoryServiceSettings(ServiceSettings):
+    """The embedded demo LDAP directory (ldaptor in-memory)."""
+
+    ldif: str
+
+
+@attrs.frozen
 class AuthenticationSettings:
     """Options every [authentications/ID] has."""
 
@@ -73,6 +80,28 @@ class AuthenticationSettings:
 @attrs.frozen
 class ApplicationAuthenticationSettings(AuthenticationSettings):
     """The local [accounts/..] method."""
+
+
+@attrs.frozen
+class LDAPAuthenticationSettings(AuthenticationSettings):
+    """[authentications/ID] type = ldap (SPEC §3)."""
+
+    address: tuple[tuple[str, Optional[int]], ...]  # (host, port or None for `port`)
+    port: int
+    secure_connection: str
+    timeout: int
+    bind_dn_type: str
+    bind_dn: tuple[Any, ...]  # ldaptor DistinguishedName objects
+    username_attribute: str
+    username_suffix: str
+    service_account_dn: str
+    service_account_password: str = attrs.field(repr=False)
+    search_filter: Any  # ldaptor filter object or None
+    manager_search_filter: Any
+    home_folder_attribute: Any  # HomeFolderRule or None
+    email_attribute: str
+    full_name_attribute: str
+    base_groups: tuple[str, ...]
 
 
 @attrs.frozen
@@ -121,8 +150,10 @@ SERVICE_MODELS = {
     "ftp": FTPServiceSettings,
     "ssh": SSHServiceSettings,
     "sftp": SSHServiceSettings,
+    "ldap-directory": DirectoryServiceSettings,
 }
-SERVICE_SPEC_KIND = {"ftp": "ftp", "ssh": "ssh", "sftp": "ssh"}
+SERVICE_SPEC_KIND = {"ftp": "ftp", "ssh": "ssh", "sftp": "ssh", "ldap-directory": "ldap-directory"}
 AUTHENTICATION_MODELS = {
     "application": ApplicationAuthenticationSettings,
+    "ldap": LDAPAuthenticationSettings,
 }

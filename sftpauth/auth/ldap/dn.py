@@ -1,0 +1,272 @@
+"""How a username becomes a BIND: one :class:`BindStrategy` per ``bind_dn_type``.
+
+Each strategy walks the configured base DNs top to bottom; the first base
+where the account is found decides, and when none has it the reason from
+the last one is reported. A wrong password for an account that was found
+ends the walk. DNs are built from ldaptor RDN objects, so a username is
+always one escaped attribute value (RFC 4514), never DN syntax.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Optional, Sequence
+
+from ldaptor.protocols import pureldap
+from ldaptor.protocols.ldap import distinguishedname
+
+from sftpauth.auth.errors import LoginFailed
+from sftpauth.auth.ldap import client as ldap
+from sftpauth.auth.ldap.client import Entry, LDAPConnection, LDAPResult
+from sftpauth.auth.ldap.filters import MATCH_ALL, as_text, both, equals
+
+SUBTREE = pureldap.LDAP_SCOPE_wholeSubtree
+BASE = pureldap.LDAP_SCOPE_baseObject
+
+# Active Directory puts a sub-code in the diagnostic message of error 49.
+_AD_SUBCODE = re.compile(r"\bdata ([0-9a-fA-F]{3,4})\b")
+AD_REASONS = {
+    "525": ("unknown-user", "Active Directory: user not found"),
+    "52e": ("invalid-password", "Active Directory: invalid password"),
+    "530": ("logon-hours", "Active Directory: not permitted to log on at this time"),
+    "531": ("workstation", "Active Directory: not permitted to log on from this workstation"),
+    "532": ("password-expired", "Active Directory: the password has expired"),
+    "533": ("account-disabled", "Active Directory: the account is disabled"),
+    "701": ("account-expired", "Active Directory: the account has expired"),
+    "773": ("password-must-change", "Active Directory: the password must be changed"),
+    "775": ("account-locked", "Active Directory: the account is locked out"),
+}
+
+
+def classify_bind_failure(result: LDAPResult) -> Optional[tuple[str, str]]:
+    """Reason and sentence from a directory that says why (AD error 49 sub-codes)."""
+    match = _AD_SUBCODE.search(result.message)
+    if match:
+        return AD_REASONS.get(match.group(1).lower())
+    return None
+
+
+def dn_text(dn: distinguishedname.DistinguishedName) -> str:
+    return dn.getText()
+
+
+def parse_dn(text: str) -> distinguishedname.DistinguishedName:
+    """A DN from text; raises ValueError with a readable message."""
+    try:
+        dn = distinguishedname.DistinguishedName(stringValue=text)
+    except Exception as error:
+        raise ValueError(f"{text!r} is not a distinguished name: {error}") from None
+    if not dn.listOfRDNs or any(not rdn.attributeTypesAndValues for rdn in dn.listOfRDNs):
+        raise ValueError(f"{text!r} is not a distinguished name")
+    return dn
+
+
+def child_dn(attribute: str, value: str, base: distinguishedname.DistinguishedName) -> str:
+    """``attribute=value,base`` with ``value`` escaped as one RDN value."""
+    rdn = distinguishedname.RelativeDistinguishedName(
+        attributeTypesAndValues=[distinguishedname.LDAPAttributeTypeAndValue(attributeType=attribute, value=value)]
+    )
+    return dn_text(distinguishedname.DistinguishedName(listOfRDNs=(rdn,) + base.listOfRDNs))
+
+
+class Lookup:
+    """What a strategy needs: settings, the user's input, attributes to read, a trace."""
+
+    def __init__(self, settings, request, filter_object, attributes: Sequence[str], method_id: str):
+        self.settings = settings
+        self.request = request
+        self.username = request.username
+        self.password = request.password
+        self.filter = filter_object
+        self.attributes = tuple(attributes)
+        self.method_id = method_id
+
+    def trace(self, action: str, detail: str) -> None:
+        self.request.trace.add(self.method_id, action, detail)
+
+
+class BindStrategy:
+    """Base: bind as a DN computed from the username, then read the entry."""
+
+    def candidate_dns(self, lookup: Lookup) -> list[str]:
+        raise NotImplementedError
+
+    async def authenticate(self, connection: LDAPConnection, lookup: Lookup) -> Entry:
+        reason = ("unknown-user", "no base DN is configured")
+        for dn in self.candidate_dns(lookup):
+            result = await connection.bind(dn, lookup.password)
+            if result.ok:
+                lookup.trace("bind", f"BIND as {dn}: success")
+                return await read_entry(connection, lookup, dn)
+            lookup.trace("bind", f"BIND as {dn}: {describe(result)}")
+            known = classify_bind_failure(result)
+            if known is not None:
+                raise LoginFailed(*known)
+            if result.code not in (ldap.INVALID_CREDENTIALS, ldap.NO_SUCH_OBJECT):
+                raise LoginFailed("ldap-error", f"BIND as {dn}: {describe(result)}")
+            exists = await entry_exists(connection, lookup, dn)
+            if exists:
+                raise LoginFailed("invalid-password", f"wrong password for {dn}")
+            if exists is None:
+                reason = ("invalid-credentials", f"BIND as {dn} failed and the directory does not say whether it exists")
+            else:
+                reason = ("unknown-user", f"no entry {dn}")
+        raise LoginFailed(*reason)
+
+
+class ParentStrategy(BindStrategy):
+    """``username_attribute=USERNAME,BASE`` for each base."""
+
+    def candidate_dns(self, lookup: Lookup) -> list[str]:
+        return [child_dn(lookup.settings.username_attribute, lookup.username, base) for base in lookup.settings.bind_dn]
+
+
+class RelativeStrategy(BindStrategy):
+    """USERNAME is a DN fragment such as ``cn=john,ou=det``; each base is appended."""
+
+    def candidate_dns(self, lookup: Lookup) -> list[str]:
+        try:
+            fragment = parse_dn(lookup.username)
+        except ValueError:
+            raise LoginFailed("invalid-username", "the username is not a DN fragment (e.g. cn=john,ou=det)") from None
+        return [
+            dn_text(distinguishedname.DistinguishedName(listOfRDNs=fragment.listOfRDNs + base.listOfRDNs))
+            for base in lookup.settings.bind_dn
+        ]
+
+
+class AbsoluteStrategy(BindStrategy):
+    """USERNAME is the whole DN; ``bind_dn`` is ignored."""
+
+    def candidate_dns(self, lookup: Lookup) -> list[str]:
+        try:
+            return [dn_text(parse_dn(lookup.username))]
+        except ValueError:
+            raise LoginFailed("invalid-username", "the username is not a distinguished name") from None
+
+
+class DirectUsernameStrategy:
+    """The bind name as typed (UPN or ``DOMAIN\\user``), then a search for the entry."""
+
+    async def authenticate(self, connection: LDAPConnection, lookup: Lookup) -> Entry:
+        settings = lookup.settings
+        bind_name = lookup.username + settings.username_suffix
+        result = await connection.bind(bind_name, lookup.password)
+        lookup.trace("bind", f"BIND as {bind_name!r}: {'success' if result.ok else describe(result)}")
+        if not result.ok:
+            known = classify_bind_failure(result)
+            if known is not None:
+                raise LoginFailed(*known)
+            if result.code == ldap.INVALID_CREDENTIALS:
+                raise LoginFailed("invalid-credentials", f"BIND as {bind_name!r} refused: {describe(result)}")
+            raise LoginFailed("ldap-error", f"BIND as {bind_name!r}: {describe(result)}")
+        attribute = settings.username_attribute
+        if attribute.lower() == "userprincipalname":
+            value = bind_name
+        elif "\\" in lookup.username:
+            value = lookup.username.split("\\", 1)[1]
+        else:
+            value = lookup.username
+        return await find_entry(connection, lookup, attribute, value)
+
+
+class SearchStrategy:
+    """Find the entry as the service account, then BIND as its DN."""
+
+    async def authenticate(self, connection: LDAPConnection, lookup: Lookup) -> Entry:
+        await bind_service_account(connection, lookup)
+        entry = await find_entry(connection, lookup, lookup.settings.username_attribute, lookup.username)
+        result = await connection.bind(entry.dn, lookup.password)
+        lookup.trace("bind", f"BIND as {entry.dn}: {'success' if result.ok else describe(result)}")
+        if result.ok:
+            return entry
+        known = classify_bind_failure(result)
+        if known is not None:
+            raise LoginFailed(*known)
+        if result.code == ldap.INVALID_CREDENTIALS:
+            raise LoginFailed("invalid-password", f"wrong password for {entry.dn}")
+        raise LoginFailed("ldap-error", f"BIND as {entry.dn}: {describe(result)}")
+
+
+STRATEGIES = {
+    "parent": ParentStrategy,
+    "relative": RelativeStrategy,
+    "absolute": AbsoluteStrategy,
+    "direct-username": DirectUsernameStrategy,
+    "search": SearchStrategy,
+}
+
+
+def describe(result: LDAPResult) -> str:
+    names = {
+        ldap.INVALID_CREDENTIALS: "invalid credentials (49)",
+        ldap.NO_SUCH_OBJECT: "no such object (32)",
+        ldap.INSUFFICIENT_ACCESS: "insufficient access (50)",
+        ldap.UNWILLING_TO_PERFORM: "unwilling to perform (53)",
+    }
+    text = names.get(result.code, f"result code {result.code}")
+    return f"{text}: {result.message}" if result.message else text
+
+
+async def bind_service_account(connection: LDAPConnection, lookup: Lookup) -> None:
+    settings = lookup.settings
+    if not settings.service_account_dn:
+        lookup.trace("bind", "searching anonymously (no service_account_dn)")
+        return
+    result = await connection.bind(settings.service_account_dn, settings.service_account_password)
+    lookup.trace("bind", f"BIND as service account {settings.service_account_dn}: {'success' if result.ok else describe(result)}")
+    if not result.ok:
+        raise LoginFailed("service-account-failed", f"the service account BIND failed: {describe(result)}")
+
+
+async def find_entry(connection: LDAPConnection, lookup: Lookup, attribute: str, value: str) -> Entry:
+    """Subtree search of each base for ``(&(attribute=value)filter)``: first base with a match wins."""
+    by_name = equals(attribute, value)
+    for base in lookup.settings.bind_dn:
+        base_text = dn_text(base)
+        search_filter = both(by_name, lookup.filter)
+        result, entries = await connection.search(base_text, SUBTREE, search_filter, lookup.attributes, size_limit=2)
+        lookup.trace("search", f"search {as_text(search_filter)} under {base_text}: {len(entries)} entr{'y' if len(entries) == 1 else 'ies'}")
+        if len(entries) > 1:
+            raise LoginFailed("ambiguous-user", f"{len(entries)} entries match under {base_text}")
+        if entries:
+            lookup.trace("entry", f"found {entries[0].dn}")
+            return entries[0]
+        if not result.ok and result.code != ldap.NO_SUCH_OBJECT:
+            raise LoginFailed("ldap-error", f"search under {base_text}: {describe(result)}")
+    if lookup.filter is not None:
+        # Tell "no such user" from "not allowed by the filter" for the audit log.
+        for base in lookup.settings.bind_dn:
+            _, entries = await connection.search(dn_text(base), SUBTREE, by_name, (), size_limit=1)
+            if entries:
+                raise LoginFailed("filter-mismatch", f"{entries[0].dn} does not match {as_text(lookup.filter)}")
+    raise LoginFailed("unknown-user", f"no entry with {attribute}={value!r} under any base DN")
+
+
+async def read_entry(connection: LDAPConnection, lookup: Lookup, dn: str) -> Entry:
+    """Read the bound user's own entry, which must match the filter."""
+    result, entries = await connection.search(dn, BASE, lookup.filter or MATCH_ALL, lookup.attributes)
+    lookup.trace("search", f"read {dn} with filter {as_text(lookup.filter)}: {len(entries)} entr{'y' if len(entries) == 1 else 'ies'}")
+    if entries:
+        return entries[0]
+    if not result.ok and result.code != ldap.NO_SUCH_OBJECT:
+        raise LoginFailed("ldap-error", f"reading {dn}: {describe(result)}")
+    if lookup.filter is not None:
+        _, unfiltered = await connection.search(dn, BASE, MATCH_ALL, ())
+        if unfiltered:
+            raise LoginFailed("filter-mismatch", f"{dn} does not match {as_text(lookup.filter)}")
+    raise LoginFailed("entry-unreadable", f"the account cannot read its own entry {dn}")
+
+
+async def entry_exists(connection: LDAPConnection, lookup: Lookup, dn: str) -> Optional[bool]:
+    """After a failed BIND, does ``dn`` exist? ``None`` when the directory will not say."""
+    if lookup.settings.service_account_dn:
+        result = await connection.bind(lookup.settings.service_account_dn, lookup.settings.service_account_password)
+        if not result.ok:
+            return None
+    result, entries = await connection.search(dn, BASE, MATCH_ALL, ())
+    if entries:
+        return True
+    if result.code == ldap.NO_SUCH_OBJECT:
+        return False
+    return None
