@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
+import signal
 import sys
 
 from twisted.application.service import MultiService, Service
@@ -16,7 +17,7 @@ from sftpauth import __version__
 from sftpauth.audit import AuditLog
 from sftpauth.auth.chain import AuthenticationChain
 from sftpauth.auth.methods import build_methods
-from sftpauth.config.errors import ConfigError
+from sftpauth.config.errors import ConfigError, ConfigProblem
 from sftpauth.config.loader import load_configuration
 from sftpauth.config.models import Configuration
 from sftpauth.realm import SessionRealm
@@ -45,7 +46,12 @@ def build_runtime(configuration: Configuration, reactor) -> Runtime:
     """Wire the chain, the realm and the portal shared by every service."""
     reactor.suggestThreadPoolSize(20)
     run_in_thread = functools.partial(deferToThreadPool, reactor, reactor.getThreadPool())
-    audit = AuditLog(configuration.server.audit_log)
+    try:
+        audit = AuditLog(configuration.server.audit_log)
+    except OSError as error:
+        raise ConfigError(
+            [ConfigProblem(configuration.path, None, "server", "audit_log", f"cannot open the audit log: {error}")]
+        ) from None
     chain = AuthenticationChain(configuration, build_methods(configuration, run_in_thread, reactor), audit, run_in_thread)
     portal = Portal(SessionRealm(audit, run_in_thread), [chain])
     return Runtime(
@@ -69,14 +75,45 @@ class _AuditCloser(Service):
 
 
 def service_factories():
-    from sftpauth import ftp, ssh
+    from sftpauth import directory, ftp, ssh
 
-    return {"ftp": ftp.make_service, "ssh": ssh.make_service, "sftp": ssh.make_service}
+    return {
+        "ftp": ftp.make_service,
+        "ssh": ssh.make_service,
+        "sftp": ssh.make_service,
+        "ldap-directory": directory.make_service,
+    }
+
+
+def _stop_cleanly_on_sigterm(reactor) -> None:
+    """SIGTERM is how a service manager stops sftpauth: shut down and exit 0.
+
+    Twisted's own handler makes twistd re-raise the signal after the clean
+    shutdown, so the process would end "killed by SIGTERM" (status -15).
+    """
+
+    def stop(number, frame) -> None:
+        _log.info("Received SIGTERM, shutting down.")
+        reactor.callFromThread(reactor.stop)
+
+    signal.signal(signal.SIGTERM, stop)
 
 
 def makeService(options: Options, reactor=None) -> MultiService:
+    try:
+        return _make_service(options, reactor)
+    except ConfigError as error:
+        # Problems found while building services (host keys, LDIF, audit log)
+        # get the same treatment as bad options: a message and exit status 1.
+        sys.stderr.write(f"sftpauth: cannot start:\n{error}\n")
+        raise SystemExit(1)
+
+
+def _make_service(options: Options, reactor=None) -> MultiService:
     if reactor is None:
         from twisted.internet import reactor
+    # After startup: the reactor installs its own signal handlers during startup.
+    reactor.callWhenRunning(_stop_cleanly_on_sigterm, reactor)
     configuration: Configuration = options["configuration"]
     for warning in configuration.warnings:
         _log.warn("configuration: {warning}", warning=str(warning))

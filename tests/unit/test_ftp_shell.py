@@ -500,3 +500,60 @@ def test_opts_utf8_and_feat(connection):
     """OPTS UTF8 ON answers 200, also before login, and FEAT lists UTF8."""
     assert connection.send(b"OPTS UTF8 ON")[0].startswith(b"200 ")
     assert b" UTF8" in connection.send(b"FEAT")
+
+
+def _logged_in(settings: FTPServiceSettings):
+    reactor = MemoryReactorClock()
+    portal = FakePortal()
+    factory = FTPServiceFactory(settings, types.SimpleNamespace(portal=portal, reactor=reactor))
+    protocol = factory.buildProtocol(IPv4Address("TCP", "192.0.2.7", 5555))
+    transport = StringTransport(
+        hostAddress=IPv4Address("TCP", "10.0.0.5", 2121), peerAddress=IPv4Address("TCP", "192.0.2.7", 5555)
+    )
+    protocol.makeConnection(transport)
+    for line in (b"USER alice", b"PASS pw"):
+        protocol.dataReceived(line + b"\r\n")
+        reactor.advance(0)
+    portal.accept()
+    reactor.advance(0)
+    transport.clear()
+    return protocol, transport, reactor
+
+
+def test_pasv_announces_passive_address_and_listens_in_the_range():
+    """PASV names passive_address and a port from passive_port_range, listening on the local address."""
+    protocol, transport, reactor = _logged_in(_settings(passive_address="203.0.113.9", passive_port_range=(50000, 50010)))
+    protocol.dataReceived(b"PASV\r\n")
+    reactor.advance(0)
+    assert transport.value() == b"227 Entering Passive Mode (203,0,113,9,195,80).\r\n"
+    port, factory, backlog, interface = reactor.tcpServers[-1]
+    assert (port, interface) == (50000, "10.0.0.5")
+
+
+def test_pasv_defaults_to_the_address_the_client_connected_to():
+    """Without passive_address, PASV names the server address of the control connection."""
+    protocol, transport, reactor = _logged_in(_settings())
+    protocol.dataReceived(b"PASV\r\n")
+    reactor.advance(0)
+    assert transport.value().startswith(b"227 Entering Passive Mode (10,0,0,5,")
+
+
+def test_unanswered_pasv_times_out_with_425():
+    """A passive port nobody connects to is closed after the data timeout with 425."""
+    protocol, transport, reactor = _logged_in(_settings())
+    protocol.dataReceived(b"PASV\r\n")
+    reactor.advance(0)
+    transport.clear()
+    reactor.advance(protocol.dtpTimeout + 1)
+    assert transport.value().startswith(b"425 ")
+    assert protocol.dtpFactory is None and protocol.dtpPort is None
+
+
+def test_data_connection_from_another_address_is_refused():
+    """Only the control connection's address may open the passive data connection."""
+    protocol, transport, reactor = _logged_in(_settings())
+    protocol.dataReceived(b"PASV\r\n")
+    reactor.advance(0)
+    factory = reactor.tcpServers[-1][1]
+    assert factory.buildProtocol(IPv4Address("TCP", "198.51.100.1", 4000)) is None
+    assert factory.buildProtocol(IPv4Address("TCP", "192.0.2.7", 4000)) is not None

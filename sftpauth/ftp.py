@@ -1,0 +1,1157 @@
+"""The FTP service: Twisted's FTP protocol, logged in through the one chain.
+
+Logins build a :class:`LoginRequest` (with the client's address) for the
+shared portal instead of Twisted's ``UsernamePassword``; there is no
+anonymous login. After login, :class:`JailedFTPShell` turns every command
+into a call on the session's :class:`JailedFilesystem`, so the jail,
+the group's permissions and the thread pool apply to FTP exactly as to SFTP.
+
+What sftpauth changes in Twisted's FTP protocol, and why:
+
+* the control channel speaks UTF-8; bytes that are not UTF-8 never crash
+  a command: they reach the chain as lone surrogates (the login fails as
+  invalid-username) and a path holding them gets 553;
+* every error answer is an FTP reply without a traceback; a failed login is
+  always ``530 Login failed.`` (the reason is in the audit log);
+* ``..`` stops at ``/`` (as on SFTP), so ``CWD ../..`` stays at ``/``;
+* file data is read and written in the thread pool, never on the reactor;
+* a passive data connection is only accepted from the control connection's
+  address and ``PORT``/``EPRT`` only to it (no FXP bounce or data theft);
+* transfers are always binary, also after ``TYPE A`` (as vsftpd does);
+* the session's logout runs when the connection ends (Twisted looks for
+  ``shell.logout`` and so never calls the portal's logout).
+"""
+
+from __future__ import annotations
+
+import calendar
+import errno
+import fnmatch
+import functools
+import inspect
+import ipaddress
+import os
+import stat as stat_module
+import time
+from typing import Any, Callable, Iterable, Optional, Sequence
+
+from twisted.application.service import IService
+from twisted.cred.error import UnauthorizedLogin, UnhandledCredentials
+from twisted.internet import defer
+from twisted.internet import error as internet_error
+from twisted.internet import interfaces
+from twisted.logger import Logger
+from twisted.protocols import ftp
+from twisted.python import filepath
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from sftpauth.auth.credentials import LoginRequest
+from sftpauth.config.models import FTPServiceSettings
+from sftpauth.filesystem import InvalidPath, JailedFilesystem, OutsideJail
+from sftpauth.listening import listening_service
+from sftpauth.permissions import PermissionDenied
+from sftpauth.realm import SessionInfo
+from sftpauth.runtime import Runtime
+
+try:
+    import grp
+    import pwd
+except ImportError:  # pragma: no cover - Windows
+    grp = pwd = None  # type: ignore[assignment]
+
+_log = Logger()
+
+LIST_KEYS = ("size", "directory", "permissions", "hardlinks", "modified", "owner", "group")
+
+
+# -- replies ---------------------------------------------------------------------------
+
+
+class Reply(str):
+    """A complete reply line a command returns (Twisted's table stays untouched)."""
+
+
+class FTPReplyError(ftp.FTPCmdError):
+    """An error reply with sftpauth's own wording."""
+
+    def __init__(self, code: int, text: str):
+        super().__init__(text)
+        self.code = code
+        self.text = text
+
+    def response(self) -> str:
+        return f"{self.code} {self.text}"
+
+
+def login_failed() -> FTPReplyError:
+    return FTPReplyError(530, "Login failed.")
+
+
+def ftp_error(failure: Failure, virtual: str) -> ftp.FTPCmdError:
+    """The FTP reply for a failed file operation on ``virtual``.
+
+    Only the session's own path is named, never a real path or a reason
+    that tells whether something exists outside the jail.
+    """
+    error = failure.value
+    if isinstance(error, ftp.FTPCmdError):
+        return error
+    if isinstance(error, PermissionDenied):
+        return ftp.PermissionDeniedError(virtual)
+    if isinstance(error, (OutsideJail, FileNotFoundError)):
+        return ftp.FileNotFoundError(virtual)
+    if isinstance(error, InvalidPath):
+        return FTPReplyError(553, f"File name not allowed: {error}.")
+    if isinstance(error, IsADirectoryError):
+        return ftp.IsADirectoryError(virtual)
+    if isinstance(error, NotADirectoryError):
+        return FTPReplyError(550, f"{virtual}: Not a folder.")
+    if isinstance(error, FileExistsError):
+        return ftp.FileExistsError(virtual)
+    if isinstance(error, PermissionError):
+        return ftp.PermissionDeniedError(virtual)
+    if isinstance(error, OSError):
+        if error.errno == errno.ENOTEMPTY:
+            return FTPReplyError(550, f"{virtual}: Folder not empty.")
+        if error.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+            return FTPReplyError(452, "Requested action aborted: insufficient storage space.")
+        if error.errno == errno.ENAMETOOLONG:
+            return FTPReplyError(553, "File name not allowed: the name is too long.")
+        if error.errno in (errno.ELOOP, errno.EXDEV, errno.EINVAL):
+            return FTPReplyError(550, f"{virtual}: Requested action not taken.")
+    _log.failure("unexpected error on {path}", failure, path=virtual)
+    return FTPReplyError(451, "Requested action aborted: local error in processing.")
+
+
+# -- the shell -------------------------------------------------------------------------
+
+
+def virtual_name(segments: Sequence[str]) -> str:
+    """Join Twisted's path segments into the session path; refuse unusable names."""
+    names = []
+    for segment in segments:
+        if isinstance(segment, bytes):
+            try:
+                segment = segment.decode("utf-8")
+            except UnicodeDecodeError:
+                raise InvalidPath("the name is not valid UTF-8") from None
+        if any("\ud800" <= char <= "\udfff" for char in segment):
+            raise InvalidPath("the name is not valid UTF-8")
+        if "\r" in segment or "\n" in segment:
+            raise InvalidPath("the name contains a line break")
+        if "/" in segment or "\0" in segment:
+            raise InvalidPath("the name contains '/' or a NUL byte")
+        names.append(segment)
+    return "/" + "/".join(names)
+
+
+@functools.lru_cache(maxsize=512)
+def _owner_name(uid: int) -> str:
+    try:
+        name = pwd.getpwuid(uid).pw_name if pwd else str(uid)
+    except KeyError:
+        return str(uid)
+    return name if name.isascii() else str(uid)
+
+
+@functools.lru_cache(maxsize=512)
+def _group_name(gid: int) -> str:
+    try:
+        name = grp.getgrgid(gid).gr_name if grp else str(gid)
+    except KeyError:
+        return str(gid)
+    return name if name.isascii() else str(gid)
+
+
+def stat_values(result: os.stat_result, keys: Iterable[str]) -> list[Any]:
+    """The values of ``keys`` (Twisted's IFTPShell.list keys) for one stat result.
+
+    ``owner`` and ``group`` look names up (NSS may be LDAP): call in a thread.
+    """
+    values: list[Any] = []
+    for key in keys:
+        if key == "size":
+            values.append(result.st_size)
+        elif key == "directory":
+            values.append(stat_module.S_ISDIR(result.st_mode))
+        elif key == "permissions":
+            values.append(filepath.Permissions(stat_module.S_IMODE(result.st_mode)))
+        elif key == "hardlinks":
+            values.append(result.st_nlink)
+        elif key == "modified":
+            values.append(result.st_mtime)
+        elif key == "owner":
+            values.append(_owner_name(result.st_uid))
+        elif key == "group":
+            values.append(_group_name(result.st_gid))
+        else:
+            raise ValueError(f"unknown stat key {key!r}")
+    return values
+
+
+def _needs_thread(keys: Iterable[str]) -> bool:
+    return "owner" in keys or "group" in keys
+
+
+@implementer(ftp.IFTPShell)
+class JailedFTPShell:
+    """IFTPShell of one session: Twisted's segment lists on a JailedFilesystem."""
+
+    def __init__(self, filesystem: JailedFilesystem):
+        self.filesystem = filesystem
+
+    def _call(self, segments: Sequence[str], operation: Callable[[str], defer.Deferred]) -> defer.Deferred:
+        try:
+            virtual = virtual_name(segments)
+        except InvalidPath:
+            return defer.fail(ftp_error(Failure(), "/"))
+        deferred = defer.maybeDeferred(operation, virtual)
+        deferred.addErrback(lambda failure: _raise(ftp_error(failure, virtual)))
+        return deferred
+
+    def makeDirectory(self, path):
+        return self._call(path, self.filesystem.make_directory)
+
+    def removeDirectory(self, path):
+        return self._call(path, self.filesystem.remove_directory)
+
+    def removeFile(self, path):
+        return self._call(path, self.filesystem.remove_file)
+
+    def rename(self, fromPath, toPath):
+        try:
+            target = virtual_name(toPath)
+        except InvalidPath:
+            return defer.fail(ftp_error(Failure(), "/"))
+        return self._call(fromPath, lambda source: self.filesystem.rename(source, target))
+
+    def access(self, path):
+        def check(virtual: str) -> defer.Deferred:
+            def is_directory(answer: bool) -> None:
+                if not answer:
+                    raise ftp.FileNotFoundError(virtual)
+
+            return self.filesystem.is_directory(virtual).addCallback(is_directory)
+
+        return self._call(path, check)
+
+    def stat(self, path, keys=()):
+        keys = tuple(keys)
+
+        def values(result: os.stat_result):
+            if _needs_thread(keys):
+                return self.filesystem.run(stat_values, result, keys)
+            return stat_values(result, keys)
+
+        return self._call(path, lambda virtual: self.filesystem.stat(virtual).addCallback(values))
+
+    def list(self, path, keys=()):
+        keys = tuple(keys)
+
+        def entries(listing: list[tuple[str, os.stat_result]]):
+            def build() -> list[tuple[str, list[Any]]]:
+                return [(name, stat_values(result, keys)) for name, result in listing]
+
+            if _needs_thread(keys):
+                return self.filesystem.run(build)
+            return build()
+
+        return self._call(path, lambda virtual: self.filesystem.list_directory(virtual).addCallback(entries))
+
+    def setModificationTime(self, path, modified: float):
+        """Not in IFTPShell: MFMT (needs allow-write, as SFTP's setstat does)."""
+        return self._call(path, lambda virtual: self.filesystem.set_times(virtual, modified, modified))
+
+    def openForReading(self, path):
+        def opened(file) -> "FileDownload":
+            return FileDownload(self.filesystem, file)
+
+        return self._call(path, lambda virtual: self.filesystem.open_for_reading(virtual).addCallback(opened))
+
+    def openForWriting(self, path, append: bool = False):
+        def open_(virtual: str) -> defer.Deferred:
+            return self.filesystem.open_for_writing(virtual, append=append).addCallback(
+                lambda file: FileUpload(self.filesystem, file, virtual)
+            )
+
+        return self._call(path, open_)
+
+
+def _raise(error: BaseException):
+    raise error
+
+
+# -- file data, in the thread pool -----------------------------------------------------
+
+
+@implementer(ftp.IReadFile, interfaces.IPushProducer)
+class FileDownload:
+    """Streams an open file to a consumer, reading each chunk in a thread.
+
+    One read is in flight at a time and none while the consumer is paused,
+    so a slow client never makes the server buffer the file in memory.
+    """
+
+    chunk_size = 64 * 1024
+
+    def __init__(self, filesystem: JailedFilesystem, file):
+        self._filesystem = filesystem
+        self._file = file
+        self._consumer = None
+        self._done: Optional[defer.Deferred] = None
+        self._outcome: Optional[Failure] = None
+        self._paused = False
+        self._reading = False
+        self._looping = False
+        self._finished = False
+
+    def send(self, consumer) -> defer.Deferred:
+        if self._done is not None:
+            raise RuntimeError("send() may only be called once")
+        self._done = defer.Deferred()
+        self._consumer = consumer
+        consumer.registerProducer(self, True)  # may call stopProducing at once
+        self._read_more()
+        return self._done
+
+    # IPushProducer
+    def pauseProducing(self) -> None:
+        self._paused = True
+
+    def resumeProducing(self) -> None:
+        self._paused = False
+        self._read_more()
+
+    def stopProducing(self) -> None:
+        self._finish(Failure(internet_error.ConnectionLost("the data connection was closed")), unregister=False)
+
+    def _read_more(self) -> None:
+        if self._looping:
+            return  # a synchronous read finished inside the loop below
+        self._looping = True
+        try:
+            while not (self._paused or self._reading or self._finished):
+                self._reading = True
+                reading = self._filesystem.run(self._file.read, self.chunk_size)
+                reading.addCallbacks(self._chunk_read, self._read_failed)
+        finally:
+            self._looping = False
+
+    def _chunk_read(self, data: bytes) -> None:
+        self._reading = False
+        if self._finished:
+            self._close_file()  # stopped while this read was in flight
+            return
+        if not data:
+            self._finish(None, unregister=True)
+            return
+        self._consumer.write(data)
+        self._read_more()
+
+    def _read_failed(self, failure: Failure) -> None:
+        self._reading = False
+        if self._finished:
+            self._close_file()
+            return
+        self._finish(failure, unregister=True)
+
+    def _finish(self, outcome: Optional[Failure], unregister: bool) -> None:
+        if self._finished:
+            return
+        self._finished = True
+        self._outcome = outcome
+        if unregister:
+            self._consumer.unregisterProducer()
+        if not self._reading:
+            self._close_file()
+
+    def _close_file(self) -> None:
+        closing = self._filesystem.run(self._file.close)
+        closing.addErrback(lambda failure: None)  # closing a file read from loses nothing
+        closing.addCallback(lambda ignored: self._done.callback(None) if self._outcome is None else self._done.errback(self._outcome))
+
+
+@implementer(ftp.IWriteFile, interfaces.IConsumer)
+class FileUpload:
+    """A consumer writing received data to an open file in a thread, in order.
+
+    Data waiting for the disk is bounded: above ``high_water`` bytes the
+    producer (the data connection) is paused until writes catch up.
+    """
+
+    high_water = 1024 * 1024
+    low_water = 256 * 1024
+
+    def __init__(self, filesystem: JailedFilesystem, file, virtual: str = ""):
+        self._filesystem = filesystem
+        self._file = file
+        self._virtual = virtual
+        self._queue: list[bytes] = []
+        self._pending = 0  # bytes received and not yet written
+        self._writing = False
+        self._error: Optional[Failure] = None
+        self._producer = None
+        self._producer_paused = False
+        self._received = False
+        self._closing: Optional[defer.Deferred] = None
+        self._idle_waiters: list[defer.Deferred] = []
+
+    # IWriteFile
+    def receive(self) -> defer.Deferred:
+        if self._received:
+            raise RuntimeError("receive() may only be called once")
+        self._received = True
+        return defer.succeed(self)
+
+    def close(self) -> defer.Deferred:
+        """Wait for pending writes, close the file; fail with the first error."""
+        if self._closing is not None:
+            return self._closing
+        idle = defer.Deferred()
+        self._idle_waiters.append(idle)
+        self._write_more()
+        closing = idle.addCallback(lambda ignored: self._filesystem.run(self._file.close))
+        closing.addBoth(lambda result: self._error if self._error is not None else result)
+        closing.addErrback(lambda failure: _raise(ftp_error(failure, self._virtual or "/")))
+        self._closing = closing
+        return closing
+
+    # IConsumer
+    def registerProducer(self, producer, streaming) -> None:
+        self._producer = producer
+
+    def unregisterProducer(self) -> None:
+        self._producer = None
+        self._producer_paused = False
+
+    def write(self, data: bytes) -> None:
+        # Never raises: Twisted's DTP fires its Deferred twice if it does.
+        if self._error is not None or self._closing is not None:
+            return
+        self._queue.append(bytes(data))
+        self._pending += len(data)
+        if self._pending >= self.high_water and self._producer is not None and not self._producer_paused:
+            self._producer_paused = True
+            self._producer.pauseProducing()
+        self._write_more()
+
+    def _write_more(self) -> None:
+        if self._writing:
+            return
+        if not self._queue:
+            waiters, self._idle_waiters = self._idle_waiters, []
+            for waiter in waiters:
+                waiter.callback(None)
+            return
+        data = b"".join(self._queue)
+        self._queue.clear()
+        self._writing = True
+        writing = self._filesystem.run(self._file.write, data)
+        writing.addCallbacks(self._written, self._write_failed, callbackArgs=(len(data),))
+
+    def _written(self, ignored, size: int) -> None:
+        self._writing = False
+        self._pending -= size
+        if self._producer_paused and self._pending <= self.low_water and self._producer is not None:
+            self._producer_paused = False
+            self._producer.resumeProducing()
+        self._write_more()
+
+    def _write_failed(self, failure: Failure) -> None:
+        self._writing = False
+        self._error = failure
+        self._queue.clear()
+        self._pending = 0
+        producer, self._producer = self._producer, None
+        if producer is not None:
+            producer.stopProducing()
+        self._write_more()  # wakes close()
+
+
+@implementer(interfaces.IConsumer)
+class _ProgressConsumer:
+    """Passes data on and tells the control connection a transfer is alive."""
+
+    def __init__(self, consumer, on_progress: Callable[[], None]):
+        self._consumer = consumer
+        self._on_progress = on_progress
+
+    def registerProducer(self, producer, streaming) -> None:
+        self._consumer.registerProducer(producer, streaming)
+
+    def unregisterProducer(self) -> None:
+        self._consumer.unregisterProducer()
+
+    def write(self, data: bytes) -> None:
+        self._on_progress()
+        self._consumer.write(data)
+
+
+# -- the protocol ----------------------------------------------------------------------
+
+
+def _plain_address(host: str) -> str:
+    """``::ffff:1.2.3.4`` as ``1.2.3.4``; anything else unchanged."""
+    try:
+        address = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return host
+    if address.version == 6 and address.ipv4_mapped is not None:
+        return str(address.ipv4_mapped)
+    return str(address)
+
+
+def _strip_list_options(path: str) -> str:
+    """``LIST -la dir`` as ``dir``: clients send ls options the server ignores."""
+    path = path.strip()
+    while path.startswith("-"):
+        _, _, path = path.partition(" ")
+        path = path.lstrip()
+    return path
+
+
+_TELNET_BYTES = bytes(range(0xF0, 0x100))
+
+
+def _wire_name(name) -> bytes:
+    if isinstance(name, bytes):
+        return name
+    return name.encode("utf-8", "surrogateescape")
+
+
+class _DataChannel(ftp.DTP):
+    """Twisted's DTP, except that an upload cut off by a reset is not a success.
+
+    Twisted's DTP reports every end of the data connection as the end of
+    the upload; a connection that ends with an error (reset, timeout) fails
+    the STOR with 426 here.
+    """
+
+    def connectionLost(self, reason) -> None:
+        self.isConnected = False
+        waiting = self._onConnLost
+        if waiting is None or waiting.called:
+            return
+        if reason.check(internet_error.ConnectionDone):
+            waiting.callback(None)
+        else:
+            waiting.errback(reason)
+
+
+class _DataChannelFactory(ftp.DTPFactory):
+    """Accepts the data connection only from the control connection's address.
+
+    Also quiet: Twisted's DTPFactory logs several lines per transfer.
+    """
+
+    noisy = False
+
+    def buildProtocol(self, addr):
+        if self._state is not self._IN_PROGRESS:
+            return None
+        if self.peerHost is not None and _plain_address(getattr(addr, "host", "")) != _plain_address(self.peerHost):
+            _log.warn(
+                "FTP data connection from {host} refused: the control connection is from {peer}",
+                host=getattr(addr, "host", "?"),
+                peer=self.peerHost,
+            )
+            return None
+        self._state = self._FINISHED
+        self.cancelTimeout()
+        dtp = _DataChannel()
+        dtp.factory = self
+        dtp.pi = self.pi
+        self.pi.dtpInstance = dtp
+        return dtp
+
+    def stopFactory(self) -> None:
+        self.cancelTimeout()
+
+    def setTimeout(self, seconds: float) -> None:
+        self.delayedCall = self._reactor.callLater(seconds, self.timeoutFactory)
+
+    def cancelTimeout(self) -> None:
+        if self.delayedCall is not None and self.delayedCall.active():
+            self.delayedCall.cancel()
+
+    def timeoutFactory(self) -> None:
+        if self._state is not self._IN_PROGRESS:
+            return
+        self._state = self._FAILED
+        deferred, self.deferred = self.deferred, None
+        deferred.errback(ftp.PortConnectionError(defer.TimeoutError("no data connection in time")))
+
+
+class SftpauthFTP(ftp.FTP):
+    """One FTP control connection."""
+
+    _encoding = "utf-8"
+    PUBLIC_COMMANDS = ["FEAT", "QUIT", "OPTS", "NOOP"]
+    FEATURES = ["EPRT", "EPSV", "MDTM", "MFMT", "PASV", "SIZE", "TYPE A;I", "UTF8"]
+    MAX_LENGTH = 16384  # longer command lines are refused and the connection closed
+
+    factory: "FTPServiceFactory"
+    workingDirectory: list[str]
+    _logout: Optional[Callable[[], None]] = None
+    _lost = False
+
+    # -- connection ---------------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        self.workingDirectory = []
+        super().connectionMade()
+
+    def connectionLost(self, reason) -> None:
+        self._lost = True
+        self._abort_data_connection()
+        super().connectionLost(reason)
+        self._end_session()
+
+    def _end_session(self) -> None:
+        logout, self._logout = self._logout, None
+        if logout is not None:
+            try:
+                logout()
+            except Exception:
+                _log.failure("FTP session logout failed")
+
+    def timeoutConnection(self) -> None:
+        self.sendLine(f"421 No activity for {self.timeOut} seconds, closing the connection.")
+        self._abort_data_connection()
+        self.transport.loseConnection()
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        self.sendLine(f"500 Command line too long (at most {self.MAX_LENGTH} bytes).")
+        self.transport.loseConnection()
+
+    def sendLine(self, line) -> None:
+        if self.transport is None:
+            return  # the command finished after the client left
+        if isinstance(line, str):
+            line = line.encode("utf-8", "replace")
+        self.transport.write(line + self.delimiter)
+
+    def _peer(self) -> str:
+        return _plain_address(self.transport.getPeer().host)
+
+    # -- commands -----------------------------------------------------------------
+
+    def lineReceived(self, line: bytes) -> None:
+        self.resetTimeout()
+        self.pauseProducing()  # one command at a time, in order
+        # Clients send ABOR behind Telnet "interrupt" and "synch" bytes (IAC IP IAC DM).
+        text = line.lstrip(_TELNET_BYTES).decode("utf-8", "surrogateescape")
+        command, space, argument = text.partition(" ")
+        arguments = (argument,) if space else ()
+        deferred = defer.maybeDeferred(self.processCommand, command, *arguments)
+        deferred.addCallbacks(self._send_result, self._send_failure, errbackArgs=(command,))
+        deferred.addErrback(lambda failure: _log.failure("cannot answer an FTP command", failure))
+        # LineReceiver must not resume inside lineReceived.
+        self.factory.reactor.callLater(0, deferred.addBoth, self._command_done)
+
+    def _send_result(self, result) -> None:
+        if result is None:
+            return
+        if isinstance(result, Reply):
+            self.sendLine(result)
+            return
+        try:
+            line = ftp.RESPONSE[result[0]] % tuple(result[1:]) if isinstance(result, tuple) else ftp.RESPONSE[result]
+        except (KeyError, TypeError, IndexError):
+            _log.error("no FTP reply text for {result!r}", result=result)
+            line = "451 Requested action aborted: local error in processing."
+        self.sendLine(line)
+
+    def _send_failure(self, failure: Failure, command: str) -> None:
+        if failure.check(ftp.FTPCmdError):
+            self.sendLine(failure.value.response())
+            return
+        _log.failure("FTP command {command} failed unexpectedly", failure, command=command[:16].upper())
+        self.sendLine("451 Requested action aborted: local error in processing.")
+
+    def _command_done(self, ignored) -> None:
+        if not self.disconnected and self.transport is not None:
+            self.resumeProducing()
+
+    def processCommand(self, cmd: str, *params: str):
+        cmd = cmd.upper()
+        if self.state == self.RENAMING and cmd != "RNTO" and cmd not in self.PUBLIC_COMMANDS:
+            self.state = self.AUTHED
+            self.__dict__.pop("_fromName", None)
+            return defer.fail(ftp.BadCmdSequenceError("RNTO required after RNFR"))
+        if cmd in self.PUBLIC_COMMANDS:
+            return self._call_command(cmd, params)
+        if self.state == self.UNAUTH:
+            if cmd == "USER":
+                return self._call_command(cmd, params)
+            if cmd == "PASS":
+                return defer.fail(ftp.BadCmdSequenceError("USER required before PASS"))
+            return ftp.NOT_LOGGED_IN
+        if self.state == self.INAUTH:
+            if cmd in ("USER", "PASS"):
+                return self._call_command(cmd, params)
+            return defer.fail(ftp.BadCmdSequenceError("PASS required after USER"))
+        if cmd in ("USER", "PASS"):
+            return defer.fail(ftp.BadCmdSequenceError("already logged in"))
+        return self._call_command(cmd, params)
+
+    def _call_command(self, cmd: str, params: tuple[str, ...]):
+        method = getattr(self, "ftp_" + cmd, None) if cmd.isascii() and cmd.isalpha() else None
+        if method is None:
+            return defer.fail(ftp.CmdNotImplementedError(cmd[:40]))
+        signature = inspect.signature(method)
+        try:
+            signature.bind(*params)
+        except TypeError:
+            if params and not params[0].strip():
+                params = ()  # "PASV " with a stray space
+                try:
+                    signature.bind()
+                except TypeError:
+                    return defer.fail(FTPReplyError(501, f"{cmd} requires an argument."))
+            elif params:
+                return defer.fail(FTPReplyError(501, f"{cmd} takes no argument."))
+            else:
+                return defer.fail(FTPReplyError(501, f"{cmd} requires an argument."))
+        return method(*params)
+
+    # -- login --------------------------------------------------------------------
+
+    def ftp_USER(self, username):
+        if not username:
+            return defer.fail(ftp.CmdSyntaxError("USER requires an argument"))
+        self._user = username
+        self.state = self.INAUTH
+        return Reply("331 Password required.")
+
+    def ftp_PASS(self, password=""):
+        # Bytes that were not UTF-8 stay lone surrogates: the chain refuses
+        # them (invalid-username, invalid-password) and audits the attempt.
+        username = self.__dict__.pop("_user", "")
+        self.state = self.UNAUTH
+        settings = self.factory.settings
+        peer = self._peer()
+        request = LoginRequest(username=username, password=password, service_id=settings.id, protocol="ftp", peer=peer)
+        mind = SessionInfo(service_id=settings.id, protocol="ftp", peer=peer)
+
+        def logged_in(result):
+            interface, avatar, logout = result
+            if interface is not ftp.IFTPShell:
+                logout()
+                raise RuntimeError(f"the realm returned {interface!r} for an FTP login")
+            if self._lost:
+                logout()  # the client left while the chain was working
+                return None
+            self.shell = avatar
+            self._logout = logout
+            self.workingDirectory = []
+            self.state = self.AUTHED
+            return ftp.USR_LOGGED_IN_PROCEED
+
+        def failed(failure: Failure):
+            self.state = self.UNAUTH
+            if not failure.check(UnauthorizedLogin, UnhandledCredentials):
+                _log.failure("FTP login raised an unexpected error", failure)
+            raise login_failed()
+
+        deferred = self.portal.login(request, mind, ftp.IFTPShell)
+        deferred.addCallback(logged_in)
+        deferred.addErrback(failed)
+        return deferred
+
+    # -- options ------------------------------------------------------------------
+
+    def ftp_TYPE(self, type):
+        if not type.strip():
+            return defer.fail(FTPReplyError(501, "TYPE requires an argument."))
+        return super().ftp_TYPE("".join(type.split()))  # "A N" as Twisted expects it: "AN"
+
+    def ftp_OPTS(self, option=""):
+        words = option.upper().split()
+        if words and words[0] == "UTF8" and len(words) <= 2:
+            return Reply("200 Always in UTF8 mode.")
+        return defer.fail(FTPReplyError(501, "Option not understood."))
+
+    # -- data connections ---------------------------------------------------------
+
+    def ftp_PASV(self):
+        if self._epsvAll:
+            return defer.fail(ftp.BadCmdSequenceError("may not send PASV after EPSV ALL"))
+        local = _plain_address(self.transport.getHost().host)
+
+        def announce(address: str):
+            try:
+                announced = ipaddress.ip_address(_plain_address(address))
+            except ValueError:
+                raise FTPReplyError(425, "Can't open data connection: the passive address is not an IP address.")
+            if announced.version != 4:
+                raise ftp.PASVIPv6NotImplementedError()
+            port = self._listen_passive(local)
+            self.reply(ftp.ENTERING_PASV_MODE, ftp.encodeHostPort(str(announced), port))
+            return self._data_connected()
+
+        return self._passive_address(local).addCallback(announce)
+
+    def _passive_address(self, local: str) -> defer.Deferred:
+        """The address PASV announces: ``passive_address`` (resolved each time) or ours."""
+        configured = self.factory.settings.passive_address
+        if not configured:
+            return defer.succeed(local)
+        try:
+            ipaddress.ip_address(configured)
+        except ValueError:
+            pass
+        else:
+            return defer.succeed(configured)
+
+        def unresolved(failure: Failure):
+            _log.warn(
+                "FTP service {service}: passive_address {name} does not resolve: {error}",
+                service=self.factory.settings.id,
+                name=configured,
+                error=failure.getErrorMessage(),
+            )
+            raise FTPReplyError(425, "Can't open data connection.")
+
+        return self.factory.reactor.resolve(configured).addErrback(unresolved)
+
+    def ftp_EPSV(self, protocol=""):
+        if protocol.upper() == "ALL":
+            self._epsvAll = True
+            return ftp.EPSV_ALL_OK
+        local = _plain_address(self.transport.getHost().host)
+        if protocol:
+            self._validateNetworkProtocol(protocol)
+            family = ftp._AFNUM_IP6 if ":" in local else ftp._AFNUM_IP
+            if int(protocol) != family:
+                raise ftp.UnsupportedNetworkProtocolError(str(family))
+        port = self._listen_passive(local)
+        self.reply(ftp.ENTERING_EPSV_MODE, port)
+        return self._data_connected()
+
+    def _listen_passive(self, local: str) -> int:
+        """Listen for one data connection on our address; the port number."""
+        self._close_data_channel()
+        factory = _DataChannelFactory(pi=self, peerHost=self._peer(), reactor=self.factory.reactor)
+        try:
+            port = self.getDTPPort(factory, interface=local)
+        except internet_error.CannotListenError:
+            _log.warn(
+                "FTP service {service}: no free passive port in {ports}",
+                service=self.factory.settings.id,
+                ports=self.factory.settings.passive_port_range,
+            )
+            raise FTPReplyError(425, "Can't open data connection: no passive port is free.")
+        factory.setTimeout(self.dtpTimeout)
+        self.dtpFactory = factory
+        self.dtpPort = port
+        return port.getHost().port
+
+    def _data_connected(self) -> defer.Deferred:
+        """Fires when the client opened the data connection (or 425)."""
+
+        def failed(failure: Failure):
+            failure.trap(ftp.PortConnectionError)
+            self._close_data_channel()
+            raise FTPReplyError(425, "Can't open data connection.")
+
+        return self.dtpFactory.deferred.addCallbacks(lambda ignored: None, failed)
+
+    def ftp_PORT(self, address):
+        if self._epsvAll:
+            return defer.fail(ftp.BadCmdSequenceError("may not send PORT after EPSV ALL"))
+        try:
+            numbers = [int(part) for part in address.split(",")]
+        except ValueError:
+            numbers = []
+        if len(numbers) != 6 or not all(0 <= number <= 255 for number in numbers):
+            return defer.fail(ftp.CmdArgSyntaxError(address[:64]))
+        host = ".".join(str(number) for number in numbers[:4])
+        return self._connect_active(host, numbers[4] << 8 | numbers[5])
+
+    def ftp_EPRT(self, extendedAddress):
+        if self._epsvAll:
+            return defer.fail(ftp.BadCmdSequenceError("may not send EPRT after EPSV ALL"))
+        try:
+            protocol, host, port = ftp.decodeExtendedAddress(extendedAddress)
+            ipaddress.ip_address(host)
+            if not 0 < port < 65536:
+                raise ValueError(port)
+        except (ValueError, IndexError):
+            return defer.fail(ftp.CmdArgSyntaxError(extendedAddress[:64]))
+        if protocol:
+            self._validateNetworkProtocol(protocol)
+        return self._connect_active(host, port)
+
+    def _connect_active(self, host: str, port: int):
+        if _plain_address(host) != self._peer() or port < 1024:
+            return defer.fail(FTPReplyError(501, "Data connections go only to your own address, on a port above 1023."))
+        self._close_data_channel()
+        factory = _DataChannelFactory(pi=self, peerHost=self._peer(), reactor=self.factory.reactor)
+        factory.setTimeout(self.dtpTimeout)
+        self.dtpFactory = factory
+        self.dtpPort = self.factory.reactor.connectTCP(_plain_address(host), port, factory)
+
+        def failed(failure: Failure):
+            failure.trap(ftp.PortConnectionError)
+            self._close_data_channel()
+            return ftp.CANT_OPEN_DATA_CNX
+
+        return factory.deferred.addCallbacks(lambda ignored: ftp.ENTERING_PORT_MODE, failed)
+
+    def _data_channel(self):
+        """The connected data channel for a transfer, or 425."""
+        dtp = self.dtpInstance
+        if dtp is None or not dtp.isConnected:
+            raise FTPReplyError(425, "Use PORT, EPRT, PASV or EPSV first.")
+        return dtp
+
+    def _close_data_channel(self) -> None:
+        """Forget the data channel; close its listening port; let sent data flush."""
+        dtp = self.dtpInstance
+        if dtp is not None and dtp.isConnected and dtp.transport is not None:
+            dtp.transport.loseConnection()
+        self.cleanupDTP()
+
+    def cleanupDTP(self) -> None:
+        """Twisted's, without its log lines and its assertion on a missing port."""
+        port, self.dtpPort = self.dtpPort, None
+        if interfaces.IListeningPort.providedBy(port):
+            port.stopListening()
+        elif interfaces.IConnector.providedBy(port):
+            port.disconnect()
+        factory, self.dtpFactory = self.dtpFactory, None
+        if factory is not None:
+            factory.stopFactory()
+        self.dtpInstance = None
+
+    def _abort_data_connection(self) -> None:
+        dtp = self.dtpInstance
+        if dtp is not None and dtp.isConnected and dtp.transport is not None:
+            dtp.transport.abortConnection()
+
+    def _transfer_done(self, result):
+        self._close_data_channel()
+        return result
+
+    def _transfer_failed(self, failure: Failure):
+        if failure.check(ftp.FTPCmdError):
+            return failure
+        if not failure.check(internet_error.ConnectionLost, internet_error.ConnectionDone):
+            _log.failure("FTP transfer failed", failure)
+        return ftp.CNX_CLOSED_TXFR_ABORTED
+
+    def ftp_ABOR(self):
+        self._close_data_channel()
+        return (ftp.CLOSING_DATA_CNX,)
+
+    # -- paths --------------------------------------------------------------------
+
+    def _segments(self, path: str) -> list[str]:
+        """Segments of ``path`` from the working folder; ``..`` stops at ``/``."""
+        segments = [] if path.startswith("/") else list(self.workingDirectory)
+        for segment in path.split("/"):
+            if segment in ("", "."):
+                continue
+            if segment == "..":
+                if segments:
+                    segments.pop()
+                continue
+            segments.append(segment)
+        return segments
+
+    @staticmethod
+    def _quoted(segments: Sequence[str]) -> str:
+        return ("/" + "/".join(segments)).replace('"', '""')
+
+    def ftp_PWD(self):
+        return Reply(f'257 "{self._quoted(self.workingDirectory)}" is the current folder.')
+
+    def ftp_CWD(self, path):
+        segments = self._segments(path)
+
+        def changed(ignored):
+            self.workingDirectory = segments
+            return (ftp.REQ_FILE_ACTN_COMPLETED_OK,)
+
+        return self.shell.access(segments).addCallback(changed)
+
+    def ftp_CDUP(self):
+        return self.ftp_CWD("..")
+
+    def ftp_MKD(self, path):
+        segments = self._segments(path)
+        return self.shell.makeDirectory(segments).addCallback(
+            lambda ignored: Reply(f'257 "{self._quoted(segments)}" created.')
+        )
+
+    def ftp_RMD(self, path):
+        return self.shell.removeDirectory(self._segments(path)).addCallback(
+            lambda ignored: (ftp.REQ_FILE_ACTN_COMPLETED_OK,)
+        )
+
+    def ftp_DELE(self, path):
+        return self.shell.removeFile(self._segments(path)).addCallback(
+            lambda ignored: (ftp.REQ_FILE_ACTN_COMPLETED_OK,)
+        )
+
+    def ftp_RNTO(self, toName):
+        fromName = self.__dict__.pop("_fromName", None)
+        self.state = self.AUTHED
+        if fromName is None:
+            return defer.fail(ftp.BadCmdSequenceError("RNFR required before RNTO"))
+        return self.shell.rename(self._segments(fromName), self._segments(toName)).addCallback(
+            lambda ignored: (ftp.REQ_FILE_ACTN_COMPLETED_OK,)
+        )
+
+    def ftp_SIZE(self, path):
+        segments = self._segments(path)
+
+        def answer(values):
+            size, directory = values
+            if directory:
+                raise FTPReplyError(550, f"/{'/'.join(segments)}: not a plain file.")
+            return (ftp.FILE_STATUS, str(size))
+
+        return self.shell.stat(segments, ("size", "directory")).addCallback(answer)
+
+    def ftp_MDTM(self, path):
+        def answer(values):
+            (modified,) = values
+            return (ftp.FILE_STATUS, time.strftime("%Y%m%d%H%M%S", time.gmtime(modified)))
+
+        return self.shell.stat(self._segments(path), ("modified",)).addCallback(answer)
+
+    def ftp_MFMT(self, arguments):
+        """Set a file's modification time (draft-somers-ftp-mfxx): ``MFMT YYYYMMDDHHMMSS path``."""
+        stamp, _, path = arguments.partition(" ")
+        try:
+            modified = calendar.timegm(time.strptime(stamp[:14], "%Y%m%d%H%M%S"))
+        except ValueError:
+            return defer.fail(FTPReplyError(501, "MFMT needs YYYYMMDDHHMMSS and a file name."))
+        if not path:
+            return defer.fail(FTPReplyError(501, "MFMT needs YYYYMMDDHHMMSS and a file name."))
+        return self.shell.setModificationTime(self._segments(path), modified).addCallback(
+            lambda ignored: Reply(f"213 Modify={stamp[:14]}; {path}")
+        )
+
+    # -- listings -----------------------------------------------------------------
+
+    def _listing_target(self, path: str) -> tuple[list[str], Optional[str]]:
+        """The folder to list and a glob for the names, from ``dir/*.txt``.
+
+        Only a last name the client typed with ``*``, ``?`` or ``[`` is a
+        glob (Twisted's test also takes names with ``-`` or ``.`` for globs,
+        and the working folder's last name too).
+        """
+        path = _strip_list_options(path)
+        folder, slash, last = path.rpartition("/")
+        if any(char in last for char in "*?["):
+            return self._segments(folder or slash), last
+        return self._segments(path), None
+
+    def ftp_LIST(self, path=""):
+        dtp = self._data_channel()
+        segments, glob = self._listing_target(path)
+
+        def send(entries):
+            self.reply(ftp.DATA_CNX_ALREADY_OPEN_START_XFR)
+            for name, values in entries:
+                if glob is None or fnmatch.fnmatchcase(name, glob):
+                    dtp.sendListResponse(_wire_name(name), values)
+            return (ftp.TXFR_COMPLETE_OK,)
+
+        deferred = self.shell.list(segments, LIST_KEYS).addCallback(send)
+        return deferred.addBoth(self._transfer_done)
+
+    def ftp_NLST(self, path=""):
+        dtp = self._data_channel()
+        segments, glob = self._listing_target(path)
+
+        def send(entries):
+            self.reply(ftp.DATA_CNX_ALREADY_OPEN_START_XFR)
+            for name, ignored in entries:
+                if glob is None or fnmatch.fnmatchcase(name, glob):
+                    dtp.sendLine(_wire_name(name))
+            return (ftp.TXFR_COMPLETE_OK,)
+
+        deferred = self.shell.list(segments).addCallback(send)
+        return deferred.addBoth(self._transfer_done)
+
+    # -- transfers ----------------------------------------------------------------
+
+    def ftp_RETR(self, path):
+        dtp = self._data_channel()
+        segments = self._segments(path)
+
+        def opened(file):
+            self.reply(ftp.DATA_CNX_ALREADY_OPEN_START_XFR)
+            sending = file.send(_ProgressConsumer(dtp, self.resetTimeout))
+            return sending.addCallbacks(lambda ignored: (ftp.TXFR_COMPLETE_OK,), self._transfer_failed)
+
+        deferred = self.shell.openForReading(segments).addCallback(opened)
+        return deferred.addBoth(self._transfer_done)
+
+    def ftp_STOR(self, path):
+        return self._receive(path, append=False)
+
+    def ftp_APPE(self, path):
+        return self._receive(path, append=True)
+
+    def _receive(self, path: str, append: bool):
+        dtp = self._data_channel()
+        segments = self._segments(path)
+
+        def opened(file):
+            def start(consumer):
+                self.reply(ftp.DATA_CNX_ALREADY_OPEN_START_XFR)
+                return dtp.registerConsumer(_ProgressConsumer(consumer, self.resetTimeout))
+
+            def close(result):
+                closing = file.close()
+                if isinstance(result, Failure):
+                    closing.addBoth(lambda ignored: result)  # the first error is the one to report
+                return closing
+
+            receiving = file.receive().addCallback(start).addBoth(close)
+            return receiving.addCallbacks(lambda ignored: (ftp.TXFR_COMPLETE_OK,), self._transfer_failed)
+
+        deferred = self.shell.openForWriting(segments, append=append).addCallback(opened)
+        return deferred.addBoth(self._transfer_done)
+
+
+class FTPServiceFactory(ftp.FTPFactory):
+    """Builds :class:`SftpauthFTP` connections for one ``[services/ID] type = ftp``."""
+
+    protocol = SftpauthFTP
+    allowAnonymous = False
+    noisy = False
+
+    def __init__(self, settings: FTPServiceSettings, runtime: Runtime):
+        super().__init__(portal=runtime.portal)
+        self.settings = settings
+        self.reactor = runtime.reactor
+        self.welcomeMessage = settings.banner
+        self.timeOut = settings.idle_connection_timeout or None
+        if settings.passive_port_range:
+            first, last = settings.passive_port_range
+            self.passivePortRange = range(first, last + 1)
+        else:
+            self.passivePortRange = range(0, 1)  # any free port
+
+    def buildProtocol(self, addr):
+        # The connection limit is listening.py's job: no extra wrapper here.
+        protocol = self.protocol()
+        protocol.factory = self
+        protocol.portal = self.portal
+        protocol.timeOut = self.timeOut
+        protocol.passivePortRange = self.passivePortRange
+        protocol.listenFactory = self.reactor.listenTCP
+        protocol.callLater = self.reactor.callLater
+        return protocol
+
+
+def make_service(settings: FTPServiceSettings, runtime: Runtime) -> IService:
+    """The listening service of one ``type = ftp`` section."""
+    return listening_service(runtime.reactor, settings, FTPServiceFactory(settings, runtime))

@@ -1,0 +1,759 @@
+"""The FTP service of a real ``twistd -n sftpauth`` process, driven by real clients.
+
+One server per module (local accounts, a read-only group, a disabled
+account); Python's ftplib and the ``lftp`` command line client talk to it
+over loopback. Audit events are read back from the server's audit log.
+"""
+
+from __future__ import annotations
+
+import ftplib
+import io
+import os
+import random
+import shutil
+import socket
+import struct
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from sftpauth.auth.passwords import hash_password
+
+from .server import SftpauthServer, free_port
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+PASSIVE_PORTS = 40
+TIMEOUT = 10
+
+
+class FTPTestServer:
+    """The running server and what the tests need to know about it."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.homes = folder / "homes"
+        self.port = free_port()
+        self.idle_port = free_port()
+        while self.idle_port == self.port:
+            self.idle_port = free_port()
+        first = random.randrange(41000, 59000)
+        self.passive_ports = (first, first + PASSIVE_PORTS - 1)
+        self.process = SftpauthServer(folder, self.config(), ports=(self.port, self.idle_port))
+
+    def config(self) -> str:
+        return f"""
+[server]
+authentications = DEFAULT-AUTHENTICATION
+audit_log = {self.folder / "audit.jsonl"}
+
+[services/ftp-test]
+type = ftp
+address = 127.0.0.1
+port = {self.port}
+banner = sftpauth integration FTP
+passive_port_range = {self.passive_ports[0]}-{self.passive_ports[1]}
+
+[services/ftp-idle]
+type = ftp
+address = 127.0.0.1
+port = {self.idle_port}
+idle_connection_timeout = 1
+
+[groups/DEFAULT_GROUP]
+home_folder_path = {self.homes}
+create_home_folder = yes
+
+[groups/readers]
+home_folder_path = {self.homes}
+create_home_folder = yes
+permissions = allow-read, allow-list
+
+[accounts/alice]
+name = alice
+password = {hash_password("alice-pass")}
+
+[accounts/carol]
+name = carol
+password = {hash_password("carol-pass")}
+
+[accounts/dave]
+name = dave
+enabled = no
+password = {hash_password("dave-pass")}
+
+[accounts/reader]
+name = reader
+password = {hash_password("reader-pass")}
+group = readers
+"""
+
+    def home(self, username: str) -> Path:
+        """The account's home folder, created if the account never logged in."""
+        path = self.homes / username
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def client(self, username: str = "alice", password: str = "alice-pass", port: int = 0) -> ftplib.FTP:
+        client = ftplib.FTP(timeout=TIMEOUT, encoding="utf-8")
+        client.connect("127.0.0.1", port or self.port)
+        client.login(username, password)
+        return client
+
+    def audit_events(self) -> list[dict]:
+        return self.process.audit_events()
+
+    def wait_for_audit(self, predicate, timeout: float = 5.0) -> dict:
+        return self.process.wait_for_audit(predicate, timeout)
+
+
+def _integration_required() -> bool:
+    return os.environ.get("SFTPAUTH_REQUIRE_INTEGRATION") == "1"
+
+
+@pytest.fixture(scope="module")
+def ftp_server(tmp_path_factory):
+    """A real sftpauth process with two FTP services, shared by this module."""
+    server = FTPTestServer(tmp_path_factory.mktemp("ftp"))
+    # twistd finds the sftpauth plugin (twisted/plugins/ in the checkout) only
+    # when the checkout is on sys.path, which an editable install does not do.
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])))
+        server.process.start()
+    try:
+        yield server
+    finally:
+        status = server.process.stop()
+    log = server.process.log_path.read_text(errors="replace")
+    assert "Traceback" not in log, server.process.log_tail(200)
+    assert status == 0, server.process.log_tail()
+
+
+def download(client: ftplib.FTP, path: str) -> bytes:
+    out = io.BytesIO()
+    client.retrbinary(f"RETR {path}", out.write)
+    return out.getvalue()
+
+
+def upload(client: ftplib.FTP, path: str, data: bytes, command: str = "STOR") -> str:
+    return client.storbinary(f"{command} {path}", io.BytesIO(data))
+
+
+def listing(client: ftplib.FTP, path: str = "") -> list[str]:
+    lines: list[str] = []
+    client.retrlines(f"LIST {path}".rstrip(), lines.append)
+    return lines
+
+
+class RawControl:
+    """A bare control connection, for bytes no FTP client library would send."""
+
+    def __init__(self, port: int):
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT)
+        self.buffer = b""
+        self.greeting = self.reply()
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def reply(self) -> bytes:
+        """The next complete reply (multi-line replies end with "NNN ")."""
+        lines = []
+        while True:
+            while b"\r\n" not in self.buffer:
+                chunk = self.sock.recv(65536)
+                if not chunk:
+                    raise ConnectionError(f"connection closed; got {lines!r} {self.buffer!r}")
+                self.buffer += chunk
+            line, self.buffer = self.buffer.split(b"\r\n", 1)
+            lines.append(line)
+            if len(lines[0]) >= 3 and line[:3] == lines[0][:3] and line[3:4] == b" ":
+                return b"\r\n".join(lines)
+
+    def command(self, line: bytes) -> bytes:
+        self.send(line + b"\r\n")
+        return self.reply()
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+# -- the service ------------------------------------------------------------------------
+
+
+def test_greeting_is_the_configured_banner(ftp_server):
+    """The 220 greeting is the service's banner."""
+    client = ftplib.FTP(timeout=TIMEOUT)
+    assert client.connect("127.0.0.1", ftp_server.port) == "220 sftpauth integration FTP"
+    client.close()
+
+
+def test_feat_lists_utf8_and_opts_utf8_on_is_accepted(ftp_server):
+    """FEAT advertises UTF8 and EPSV, and OPTS UTF8 ON answers 200."""
+    client = ftp_server.client()
+    features = client.sendcmd("FEAT")
+    assert " UTF8" in features.splitlines()
+    assert " EPSV" in features.splitlines()
+    assert client.sendcmd("OPTS UTF8 ON").startswith("200")
+    client.quit()
+
+
+# -- transfers ---------------------------------------------------------------------------
+
+
+def test_upload_then_download_round_trips(ftp_server):
+    """A file stored with STOR comes back unchanged with RETR and is on disk in the home folder."""
+    client = ftp_server.client()
+    assert upload(client, "round-trip.txt", b"hello ftp\n").startswith("226")
+    assert download(client, "round-trip.txt") == b"hello ftp\n"
+    assert (ftp_server.home("alice") / "round-trip.txt").read_bytes() == b"hello ftp\n"
+    client.quit()
+
+
+def test_five_megabyte_file_round_trips_byte_exact(ftp_server):
+    """A 5 MB random file survives the threaded write and the threaded, paced read byte for byte."""
+    data = random.Random(5).randbytes(5 * 1024 * 1024)
+    client = ftp_server.client()
+    upload(client, "big.bin", data)
+    assert (ftp_server.home("alice") / "big.bin").read_bytes() == data
+    assert client.size("big.bin") == len(data)
+    assert download(client, "big.bin") == data
+    client.quit()
+
+
+def test_ascii_type_still_transfers_bytes_unchanged(ftp_server):
+    """After TYPE A the file content is transferred as stored (transfers are always binary)."""
+    client = ftp_server.client()
+    upload(client, "lines.txt", b"one\r\ntwo\n")
+    client.sendcmd("TYPE A")
+    lines: list[str] = []
+    client.retrlines("RETR lines.txt", lines.append)
+    assert lines == ["one", "two"]
+    client.quit()
+
+
+def test_appe_appends_to_a_file(ftp_server):
+    """APPE adds the received data to the end of an existing file."""
+    client = ftp_server.client()
+    upload(client, "log.txt", b"first\n")
+    assert upload(client, "log.txt", b"second\n", command="APPE").startswith("226")
+    assert download(client, "log.txt") == b"first\nsecond\n"
+    client.quit()
+
+
+def test_an_upload_cut_off_by_a_reset_is_not_a_success(ftp_server):
+    """When the data connection of a STOR is reset, the reply is 426, not 226, and the session goes on."""
+    raw = RawControl(ftp_server.port)
+    raw.command(b"USER alice")
+    assert raw.command(b"PASS alice-pass").startswith(b"230")
+    reply = raw.command(b"PASV")
+    host, port = ftplib.parse227(reply.decode())
+    data = socket.create_connection((host, port), timeout=TIMEOUT)
+    assert raw.command(b"STOR cut-off.bin").startswith(b"125")
+    data.sendall(b"x" * 100_000)
+    data.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    data.close()  # linger 0: a reset instead of a clean end
+    assert raw.reply().startswith(b"426")
+    assert raw.command(b"NOOP").startswith(b"200")
+    raw.close()
+
+
+def test_passive_ports_come_from_the_configured_range(ftp_server):
+    """PASV announces the client's server address and a port inside passive_port_range."""
+    client = ftp_server.client()
+    host, port = client.makepasv()
+    assert host == "127.0.0.1"
+    first, last = ftp_server.passive_ports
+    assert first <= port <= last
+    client.close()
+
+
+def test_active_mode_transfer_works(ftp_server):
+    """A PORT (active mode) data connection to the client's own address transfers data."""
+    client = ftp_server.client()
+    client.set_pasv(False)
+    upload(client, "active.txt", b"active mode")
+    assert download(client, "active.txt") == b"active mode"
+    client.quit()
+
+
+def test_port_to_another_address_is_refused(ftp_server):
+    """PORT naming an address other than the client's is refused (no FTP bounce)."""
+    client = ftp_server.client()
+    with pytest.raises(ftplib.error_perm, match="^501"):
+        client.sendcmd("PORT 10,1,2,3,200,1")
+    with pytest.raises(ftplib.error_perm, match="^501"):
+        client.sendcmd("PORT 127,0,0,1,0,22")
+    assert client.voidcmd("NOOP").startswith("200")
+    client.quit()
+
+
+# -- listings and file operations ------------------------------------------------------
+
+
+def test_list_and_nlst_show_the_folder(ftp_server):
+    """LIST shows each entry with its size and a d flag for folders; NLST only the names."""
+    home = ftp_server.home("alice")
+    (home / "listed").mkdir(exist_ok=True)
+    (home / "listed" / "a.txt").write_bytes(b"12345")
+    (home / "listed" / "sub").mkdir(exist_ok=True)
+    client = ftp_server.client()
+    lines = listing(client, "listed")
+    assert len(lines) == 2
+    by_name = {line.split()[-1]: line for line in lines}
+    assert by_name["a.txt"].startswith("-rw")
+    assert by_name["a.txt"].split()[4] == "5"
+    assert by_name["sub"].startswith("d")
+    assert sorted(client.nlst("listed")) == ["a.txt", "sub"]
+    client.cwd("listed")
+    assert sorted(client.nlst()) == ["a.txt", "sub"]
+    assert client.nlst("*.txt") == ["a.txt"]
+    assert [line.split()[-1] for line in listing(client, "-la")] == ["a.txt", "sub"]
+    client.quit()
+
+
+def test_rename_moves_a_file(ftp_server):
+    """RNFR/RNTO renames a file; the old name is gone."""
+    client = ftp_server.client()
+    upload(client, "before.txt", b"x")
+    assert client.rename("before.txt", "after.txt").startswith("250")
+    assert download(client, "after.txt") == b"x"
+    with pytest.raises(ftplib.error_perm, match="^550"):
+        download(client, "before.txt")
+    client.quit()
+
+
+def test_delete_removes_a_file(ftp_server):
+    """DELE removes a file; deleting it again is 550."""
+    client = ftp_server.client()
+    upload(client, "doomed.txt", b"x")
+    assert client.delete("doomed.txt").startswith("250")
+    assert not (ftp_server.home("alice") / "doomed.txt").exists()
+    with pytest.raises(ftplib.error_perm, match="^550"):
+        client.delete("doomed.txt")
+    client.quit()
+
+
+def test_make_and_remove_a_folder(ftp_server):
+    """MKD creates a folder (reply names its absolute path), CWD enters it, RMD removes it."""
+    client = ftp_server.client()
+    assert client.mkd("made") == "/made"
+    client.cwd("made")
+    assert client.pwd() == "/made"
+    client.cwd("..")
+    with pytest.raises(ftplib.error_perm, match="^550"):
+        client.mkd("made")
+    assert client.rmd("made").startswith("250")
+    assert not (ftp_server.home("alice") / "made").exists()
+    client.quit()
+
+
+def test_removing_a_folder_that_is_not_empty_fails(ftp_server):
+    """RMD of a folder with files in it is 550 and the folder stays."""
+    client = ftp_server.client()
+    client.mkd("full")
+    upload(client, "full/file.txt", b"x")
+    with pytest.raises(ftplib.error_perm, match="^550"):
+        client.rmd("full")
+    assert (ftp_server.home("alice") / "full" / "file.txt").exists()
+    client.quit()
+
+
+def test_size_and_mdtm(ftp_server):
+    """SIZE gives the exact byte count and MDTM the file's modification time in UTC."""
+    home = ftp_server.home("alice")
+    (home / "dated.txt").write_bytes(b"0123456789")
+    os.utime(home / "dated.txt", (1700000000, 1700000000))
+    client = ftp_server.client()
+    assert client.size("dated.txt") == 10
+    assert client.sendcmd("MDTM dated.txt") == "213 " + time.strftime("%Y%m%d%H%M%S", time.gmtime(1700000000))
+    with pytest.raises(ftplib.error_perm, match="^550"):
+        client.size("/")
+    client.quit()
+
+
+def test_mfmt_sets_the_modification_time(ftp_server):
+    """MFMT sets a file's modification time, which MDTM and the disk then show."""
+    client = ftp_server.client()
+    upload(client, "stamped.txt", b"x")
+    assert client.sendcmd("MFMT 20200102030405 stamped.txt") == "213 Modify=20200102030405; stamped.txt"
+    assert client.sendcmd("MDTM stamped.txt") == "213 20200102030405"
+    assert (ftp_server.home("alice") / "stamped.txt").stat().st_mtime == 1577934245
+    with pytest.raises(ftplib.error_perm, match="^501"):
+        client.sendcmd("MFMT yesterday stamped.txt")
+    client.quit()
+
+
+def test_abor_behind_telnet_interrupt_bytes_is_understood(ftp_server):
+    """ABOR preceded by Telnet IP/Synch bytes (as lftp sends it) is ABOR, not an unknown command."""
+    raw = RawControl(ftp_server.port)
+    raw.command(b"USER alice")
+    assert raw.command(b"PASS alice-pass").startswith(b"230")
+    assert raw.command(b"\xff\xf4\xff\xf2ABOR").startswith(b"226")
+    raw.close()
+
+
+def test_utf8_file_names_round_trip(ftp_server):
+    """Names with é and 日本 are stored as UTF-8 on disk and listed and read back unchanged."""
+    client = ftp_server.client()
+    assert client.mkd("日本") == "/日本"
+    upload(client, "日本/café.txt", "déjà vu".encode())
+    assert (ftp_server.home("alice") / "日本" / "café.txt").read_bytes() == "déjà vu".encode()
+    assert client.nlst("日本") == ["café.txt"]
+    client.cwd("日本")
+    assert client.pwd() == "/日本"
+    assert download(client, "café.txt") == "déjà vu".encode()
+    assert listing(client)[0].endswith(" café.txt")
+    client.quit()
+
+
+# -- permissions -------------------------------------------------------------------------
+
+
+def test_read_only_account_can_read_and_list(ftp_server):
+    """An account in a group with allow-read and allow-list downloads and lists."""
+    (ftp_server.home("reader") / "notice.txt").write_bytes(b"read me")
+    client = ftp_server.client("reader", "reader-pass")
+    assert download(client, "notice.txt") == b"read me"
+    assert "notice.txt" in client.nlst()
+    client.quit()
+
+
+def test_read_only_account_cannot_store_delete_or_make_folders(ftp_server):
+    """STOR, APPE, DELE, MKD, RMD and RNTO are "550 Permission denied" without the permissions."""
+    home = ftp_server.home("reader")
+    (home / "keep.txt").write_bytes(b"keep")
+    (home / "folder").mkdir(exist_ok=True)
+    client = ftp_server.client("reader", "reader-pass")
+    for command in ("STOR", "APPE"):
+        with pytest.raises(ftplib.error_perm, match="^550 .*Permission denied"):
+            upload(client, "new.txt", b"x", command=command)
+    with pytest.raises(ftplib.error_perm, match="^550 .*Permission denied"):
+        client.delete("keep.txt")
+    with pytest.raises(ftplib.error_perm, match="^550 .*Permission denied"):
+        client.mkd("newfolder")
+    with pytest.raises(ftplib.error_perm, match="^550 .*Permission denied"):
+        client.rmd("folder")
+    with pytest.raises(ftplib.error_perm, match="^550 .*Permission denied"):
+        client.rename("keep.txt", "moved.txt")
+    with pytest.raises(ftplib.error_perm, match="^550 .*Permission denied"):
+        client.sendcmd("MFMT 20000101000000 keep.txt")
+    assert client.voidcmd("NOOP").startswith("200")
+    client.quit()
+    assert not (home / "new.txt").exists() and not (home / "newfolder").exists()
+    assert (home / "keep.txt").read_bytes() == b"keep" and (home / "folder").is_dir()
+
+
+# -- logins and the audit log ------------------------------------------------------------
+
+
+def _failed_login(ftp_server, username: str, password: str) -> str:
+    client = ftplib.FTP(timeout=TIMEOUT, encoding="utf-8")
+    client.connect("127.0.0.1", ftp_server.port)
+    with pytest.raises(ftplib.error_perm) as raised:
+        client.login(username, password)
+    client.close()
+    return str(raised.value)
+
+
+def _audited_failure(ftp_server, username: str) -> dict:
+    return ftp_server.wait_for_audit(
+        lambda event: event["event"] == "authentication"
+        and event["username"] == username
+        and event["outcome"] == "failure"
+        and event["service"] == "ftp-test"
+    )
+
+
+def test_wrong_password_is_530_and_audited_as_invalid_password(ftp_server):
+    """A wrong password answers a plain "530 Login failed." and the audit says invalid-password."""
+    assert _failed_login(ftp_server, "alice", "not-alice-pass") == "530 Login failed."
+    event = _audited_failure(ftp_server, "alice")
+    assert event["reason"] == "invalid-password"
+    assert event["protocol"] == "ftp"
+    assert event["peer"] == "127.0.0.1"
+    assert "not-alice-pass" not in (ftp_server.folder / "audit.jsonl").read_text()
+
+
+def test_unknown_user_is_530_and_audited_as_unknown_user(ftp_server):
+    """A name no method knows answers 530 and the audit says unknown-user."""
+    assert _failed_login(ftp_server, "nobody-here", "whatever") == "530 Login failed."
+    assert _audited_failure(ftp_server, "nobody-here")["reason"] == "unknown-user"
+
+
+def test_disabled_account_is_530_and_audited_as_account_disabled(ftp_server):
+    """A disabled account cannot log in even with its password; the audit says account-disabled."""
+    assert _failed_login(ftp_server, "dave", "dave-pass") == "530 Login failed."
+    assert _audited_failure(ftp_server, "dave")["reason"] == "account-disabled"
+
+
+def test_empty_password_is_530_and_audited_as_empty_password(ftp_server):
+    """An empty password is refused before any method runs; the audit says empty-password."""
+    assert _failed_login(ftp_server, "carol", "") == "530 Login failed."
+    assert _audited_failure(ftp_server, "carol")["reason"] == "empty-password"
+
+
+def test_anonymous_is_just_an_unknown_name(ftp_server):
+    """USER anonymous has no guest login: it goes through the chain and fails as unknown-user."""
+    raw = RawControl(ftp_server.port)
+    assert raw.command(b"USER anonymous").startswith(b"331 ")
+    assert raw.command(b"PASS guest@example.com") == b"530 Login failed."
+    assert raw.command(b"PWD").startswith(b"530 ")
+    raw.close()
+    assert _audited_failure(ftp_server, "anonymous")["reason"] == "unknown-user"
+
+
+def test_commands_before_login_are_refused(ftp_server):
+    """Without a login, file commands answer 530 and nothing is read."""
+    raw = RawControl(ftp_server.port)
+    assert raw.command(b"RETR /etc/passwd").startswith(b"530 ")
+    assert raw.command(b"LIST").startswith(b"530 ")
+    assert raw.command(b"PASS x").startswith(b"503 ")
+    raw.close()
+
+
+def test_session_start_and_end_are_audited_when_the_client_disappears(ftp_server):
+    """A login records session-start; dropping the TCP connection without QUIT records session-end."""
+    client = ftp_server.client("carol", "carol-pass")
+    start = ftp_server.wait_for_audit(lambda e: e["event"] == "session-start" and e["username"] == "carol")
+    assert start["service"] == "ftp-test" and start["protocol"] == "ftp"
+    assert start["home_folder"] == str(ftp_server.homes / "carol")
+    assert not any(e["event"] == "session-end" and e["username"] == "carol" for e in ftp_server.audit_events())
+    client.close()  # no QUIT: the socket just goes away
+    ftp_server.wait_for_audit(lambda e: e["event"] == "session-end" and e["username"] == "carol")
+
+
+# -- the jail ----------------------------------------------------------------------------
+
+
+def test_cd_above_the_home_folder_stays_at_root(ftp_server):
+    """CWD ../.. from / stays in the home folder: PWD is still "/" and the listing is the home's."""
+    (ftp_server.home("alice") / "marker-in-home").write_bytes(b"")
+    client = ftp_server.client()
+    try:
+        client.cwd("../..")
+    except ftplib.error_perm as error:
+        assert str(error).startswith("550")
+    assert client.pwd() == "/"
+    assert "marker-in-home" in client.nlst()
+    client.cwd("/")
+    client.sendcmd("CDUP")
+    assert client.pwd() == "/"
+    client.quit()
+
+
+def test_absolute_and_climbing_paths_cannot_read_system_files(ftp_server):
+    """RETR /etc/passwd and ../../../etc/passwd are 550: absolute names are inside the home."""
+    client = ftp_server.client()
+    for path in ("/etc/passwd", "../../../../etc/passwd", "/../../etc/passwd"):
+        with pytest.raises(ftplib.error_perm, match="^550"):
+            download(client, path)
+    with pytest.raises(ftplib.error_perm, match="^550"):
+        client.cwd("/etc")
+    assert client.pwd() == "/"
+    client.quit()
+
+
+def test_symlink_to_outside_is_invisible_and_unusable(ftp_server):
+    """A symlink to /etc planted in the home is not listed, and RETR, LIST, CWD through it fail."""
+    home = ftp_server.home("alice")
+    link = home / "etc-link"
+    if not link.is_symlink():
+        link.symlink_to("/etc")
+    client = ftp_server.client()
+    with pytest.raises(ftplib.error_perm, match="^550"):
+        download(client, "etc-link/passwd")
+    with pytest.raises(ftplib.error_perm, match="^550"):
+        listing(client, "etc-link")
+    with pytest.raises(ftplib.error_perm, match="^550"):
+        client.cwd("etc-link")
+    with pytest.raises(ftplib.error_perm, match="^550"):
+        client.size("etc-link/passwd")
+    assert not any("etc-link" in line for line in listing(client))
+    assert "etc-link" not in client.nlst()
+    assert client.pwd() == "/"
+    client.quit()
+
+
+def test_symlink_inside_the_home_folder_works(ftp_server):
+    """A symlink that points to a folder inside the home can be listed and read through."""
+    home = ftp_server.home("alice")
+    (home / "real").mkdir(exist_ok=True)
+    (home / "real" / "data.txt").write_bytes(b"inside")
+    link = home / "shortcut"
+    if not link.is_symlink():
+        link.symlink_to(home / "real")
+    client = ftp_server.client()
+    assert download(client, "shortcut/data.txt") == b"inside"
+    assert client.nlst("shortcut") == ["data.txt"]
+    assert "shortcut" in client.nlst()
+    client.quit()
+
+
+# -- bad input ----------------------------------------------------------------------------
+
+
+def test_malformed_commands_get_errors_and_the_connection_goes_on(ftp_server):
+    """Unknown, malformed and argument-less commands get 5xx replies; the session keeps working."""
+    raw = RawControl(ftp_server.port)
+    assert raw.command(b"USER alice").startswith(b"331")
+    assert raw.command(b"PASS alice-pass").startswith(b"230")
+    replies = {
+        line: raw.command(line)
+        for line in (
+            b"XYZZY",
+            b"",
+            b"RETR",
+            b"PORT garbage",
+            b"PORT 1,2,3",
+            b"EPRT |9|x|y|",
+            b"EPRT",
+            b"EPSV 7",
+            b"TYPE Q",
+            b"TYPE ",
+            b"NOOP extra",
+            b"RNTO nothing",
+            b"OPTS FOO BAR",
+            b"\xff\xfe\xfd",
+            b"MKD bad\xffname",
+            b"SIZE bad\xffname",
+            b"DELE x\x00y",
+        )
+    }
+    for line, reply in replies.items():
+        assert reply[:1] == b"5", (line, reply)
+    assert raw.command(b"RNFR round-trip.txt").startswith(b"350")
+    assert raw.command(b"PWD").startswith(b"503")  # RNTO was required: the rename is dropped
+    assert raw.command(b"NOOP").startswith(b"200")
+    assert raw.command(b"PWD") == b'257 "/" is the current folder.'
+    raw.close()
+    client = ftp_server.client()
+    assert client.pwd() == "/"
+    client.quit()
+
+
+def test_non_utf8_username_fails_the_login_only(ftp_server):
+    """A USER with bytes that are not UTF-8 is a failed login (invalid-username), not a crash."""
+    raw = RawControl(ftp_server.port)
+    assert raw.command(b"USER al\xffice").startswith(b"331")
+    assert raw.command(b"PASS alice-pass") == b"530 Login failed."
+    assert raw.command(b"USER alice").startswith(b"331")
+    assert raw.command(b"PASS alice-pass").startswith(b"230")
+    raw.close()
+    event = ftp_server.wait_for_audit(
+        lambda e: e["event"] == "authentication" and e["username"].startswith("al") and e["username"] != "alice"
+    )
+    assert event["reason"] == "invalid-username"
+
+
+def test_a_100_kb_username_is_refused_and_the_service_survives(ftp_server):
+    """A 100 KB command line gets a 500 (or the connection closed); the next client logs in fine."""
+    raw = RawControl(ftp_server.port)
+    raw.send(b"USER " + b"a" * 100_000 + b"\r\nPASS x\r\n")
+    try:
+        reply = raw.reply()
+    except (ConnectionError, OSError):
+        reply = b"(closed)"
+    assert reply.startswith(b"500") or reply == b"(closed)"
+    raw.close()
+    client = ftp_server.client()
+    assert client.pwd() == "/"
+    client.quit()
+
+
+def test_a_long_username_under_the_line_limit_is_audited_as_invalid(ftp_server):
+    """A 10 KB username reaches the chain, answers 530 and is audited as invalid-username."""
+    name = "b" * 10_000
+    assert _failed_login(ftp_server, name, "x") == "530 Login failed."
+    event = ftp_server.wait_for_audit(
+        lambda e: e["event"] == "authentication" and e["username"].startswith("bbbbbbbb")
+    )
+    assert event["reason"] == "invalid-username"
+    assert len(event["username"]) < 400  # the audit log shortens it
+
+
+def test_idle_connection_is_closed_after_the_timeout(ftp_server):
+    """With idle_connection_timeout = 1, a silent connection gets 421 and is closed."""
+    raw = RawControl(ftp_server.idle_port)
+    started = time.monotonic()
+    assert raw.reply().startswith(b"421")
+    assert time.monotonic() - started < 5
+    assert raw.sock.recv(100) == b""
+    raw.close()
+
+
+# -- lftp ---------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def lftp():
+    path = shutil.which("lftp")
+    if path is None:
+        if _integration_required():
+            pytest.fail("SFTPAUTH_REQUIRE_INTEGRATION=1 but lftp is not installed", pytrace=False)
+        pytest.skip("lftp is not installed")
+    return path
+
+
+def run_lftp(lftp: str, ftp_server, commands: str, cwd: Path, user: str = "alice,alice-pass"):
+    script = "set ftp:ssl-allow no; set net:max-retries 1; set net:timeout 10; set cmd:fail-exit yes; " + commands
+    return subprocess.run(
+        [lftp, "-u", user, "-p", str(ftp_server.port), "-e", script + "; bye", "127.0.0.1"],
+        cwd=cwd,
+        capture_output=True,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+def test_lftp_uploads_lists_and_downloads(ftp_server, lftp, tmp_path):
+    """lftp puts a file, lists it and gets it back identical."""
+    data = random.Random(7).randbytes(300_000)
+    (tmp_path / "lftp-up.bin").write_bytes(data)
+    result = run_lftp(
+        lftp, ftp_server, "mkdir lftp-dir; cd lftp-dir; put lftp-up.bin; ls; get lftp-up.bin -o lftp-down.bin", tmp_path
+    )
+    assert result.returncode == 0, result.stderr.decode(errors="replace")
+    assert b"lftp-up.bin" in result.stdout
+    assert (tmp_path / "lftp-down.bin").read_bytes() == data
+    assert (ftp_server.home("alice") / "lftp-dir" / "lftp-up.bin").read_bytes() == data
+
+
+def test_lftp_with_a_wrong_password_fails(ftp_server, lftp, tmp_path):
+    """lftp reports the login failure and exits non-zero."""
+    result = run_lftp(lftp, ftp_server, "ls", tmp_path, user="alice,wrong-pass")
+    assert result.returncode != 0
+    assert b"Login failed" in result.stderr
+
+
+def test_lftp_read_only_account_cannot_put(ftp_server, lftp, tmp_path):
+    """lftp as the read-only account fails to upload, and nothing is written."""
+    (tmp_path / "nope.txt").write_bytes(b"nope")
+    result = run_lftp(lftp, ftp_server, "put nope.txt", tmp_path, user="reader,reader-pass")
+    assert result.returncode != 0
+    assert not (ftp_server.home("reader") / "nope.txt").exists()
+
+
+# -- shutdown -----------------------------------------------------------------------------
+
+
+def test_sigterm_stops_the_process_with_status_zero(tmp_path):
+    """A separate server logs a session in and out, then exits 0 on SIGTERM with both events audited."""
+    server = FTPTestServer(tmp_path)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])))
+        server.process.start()
+    try:
+        client = server.client()
+        upload(client, "x.txt", b"x")
+        client.quit()
+        server.wait_for_audit(lambda e: e["event"] == "session-end" and e["username"] == "alice")
+    finally:
+        status = server.process.stop()
+    assert status == 0
+    events = [event["event"] for event in server.audit_events()]
+    assert events.count("session-start") == 1 and events.count("session-end") == 1
+    assert events.index("session-start") < events.index("session-end")
+    assert "Traceback" not in server.process.log_path.read_text(errors="replace")
