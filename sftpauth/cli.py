@@ -38,10 +38,9 @@ def summary(configuration: Configuration) -> str:
     lines.append(f"  authentication chain: {', '.join(configuration.server.authentications)}")
     for service_id, service in configuration.services.items():
         state = "enabled" if service.enabled else "disabled"
-        methods = ", ".join(configuration.authentications_for(service))
-        lines.append(
-            f"  service {service_id}: {service.type} on {service.address}:{service.port} ({state}; authentications: {methods})"
-        )
+        if service.type != "ldap-directory":
+            state += f"; authentications: {', '.join(configuration.authentications_for(service))}"
+        lines.append(f"  service {service_id}: {service.type} on {service.address}:{service.port} ({state})")
     for method_id, method in configuration.authentications.items():
         lines.append(f"  authentication {method_id}: {method.type}{'' if method.enabled else ' (disabled)'}")
     lines.append(f"  groups: {len(configuration.groups)}, accounts: {len(configuration.accounts)}")

@@ -220,8 +220,13 @@ class JailedFilesystem:
             real_target = self.resolve(target)
             if real_source == self.root:
                 raise PermissionError(errno.EACCES, "the home folder cannot be renamed", "/")
-            if not overwrite and os.path.lexists(real_target):
-                raise FileExistsError(errno.EEXIST, "the target exists", target)
+            if os.path.lexists(real_target):
+                if not overwrite:
+                    raise FileExistsError(errno.EEXIST, "the target exists", target)
+                # Replacing a file destroys it: that needs the right to delete it.
+                if os.path.isdir(real_target):
+                    raise FileExistsError(errno.EEXIST, "the target is a folder", target)
+                self.require(Permission.DELETE_FILE, target)
             os.rename(real_source, real_target)
 
         return self._run_in_thread(work)

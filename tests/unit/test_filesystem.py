@@ -394,3 +394,22 @@ def test_is_directory_needs_no_permission(make_fs, result_of):
     assert result_of(fs.is_directory("/a.txt")) is False
     with pytest.raises(OutsideJail):
         result_of(fs.is_directory("/link"))
+
+
+def test_rename_over_a_file_needs_the_right_to_delete_it(make_fs, root, result_of):
+    """Replacing an existing file by rename is refused without allow-delete-file and keeps both files."""
+    fs = make_fs({Permission.RENAME, Permission.LIST, Permission.READ})
+    with pytest.raises(PermissionDenied):
+        result_of(fs.rename("/a.txt", "/docs/report.txt"))
+    with open(os.path.join(root, "docs", "report.txt"), encoding="utf-8") as report:
+        assert report.read() == "report"
+    assert os.path.exists(os.path.join(root, "a.txt"))
+    result_of(make_fs({Permission.RENAME, Permission.DELETE_FILE}).rename("/a.txt", "/docs/report.txt"))
+    assert not os.path.exists(os.path.join(root, "a.txt"))
+
+
+def test_rename_never_replaces_a_folder(make_fs, root, result_of):
+    """A rename onto an existing folder is refused, even with full control."""
+    with pytest.raises(FileExistsError):
+        result_of(make_fs().rename("/a.txt", "/empty"))
+    assert os.path.isdir(os.path.join(root, "empty"))
