@@ -94,14 +94,16 @@ class JailedFilesystem:
 
     # -- helpers -------------------------------------------------------------------
 
-    def require(self, permission: Permission, path: str) -> None:
-        if permission not in self.permissions:
-            raise PermissionDenied(permission, path)
+    def require(self, permission: Union[Permission, tuple[Permission, ...]], path: str) -> None:
+        """Raise PermissionDenied unless the permission (or one of a tuple of them) is granted."""
+        wanted = permission if isinstance(permission, tuple) else (permission,)
+        if not self.permissions.intersection(wanted):
+            raise PermissionDenied(wanted[0], path)
 
     def resolve(self, client_path: Union[str, bytes], cwd: str = "/") -> str:
         return resolve(self.root, client_path, cwd)
 
-    def _call(self, permission: Union[Permission, None], client_path, cwd: str, function, *args) -> defer.Deferred:
+    def _call(self, permission, client_path, cwd: str, function, *args) -> defer.Deferred:
         """Check permission, then resolve and run ``function(real_path, *args)`` in a thread."""
         try:
             virtual = virtual_path(client_path, cwd)
@@ -118,8 +120,12 @@ class JailedFilesystem:
     # -- operations ----------------------------------------------------------------
 
     def stat(self, client_path, cwd: str = "/") -> defer.Deferred:
-        """``os.stat`` of a path (following symlinks that stay inside)."""
-        return self._call(Permission.LIST, client_path, cwd, os.stat)
+        """``os.stat`` of a path (following symlinks that stay inside).
+
+        Allowed with allow-list or allow-read: clients stat a file before
+        downloading it, so a read-only group must be able to.
+        """
+        return self._call((Permission.LIST, Permission.READ), client_path, cwd, os.stat)
 
     def is_directory(self, client_path, cwd: str = "/") -> defer.Deferred:
         """Whether a path is a folder; needs no permission (CWD, realpath)."""

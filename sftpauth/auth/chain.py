@@ -50,6 +50,8 @@ def check_input(request: LoginRequest) -> None:
         raise LoginFailed("invalid-password", f"the password is longer than {MAX_PASSWORD} characters")
     if "\0" in request.password:
         raise LoginFailed("invalid-password", "the password contains a NUL character")
+    if any("\ud800" <= char <= "\udfff" for char in request.password):
+        raise LoginFailed("invalid-password", "the password is not valid UTF-8")
 
 
 @implementer(ICredentialsChecker)

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Optional
 
 TWISTD = str(Path(sys.executable).with_name("twistd"))
+REPOSITORY = Path(__file__).resolve().parents[2]
 
 
 def free_port() -> int:
@@ -34,9 +35,13 @@ class SftpauthServer:
         self.process: Optional[subprocess.Popen] = None
 
     def start(self, timeout: float = 20.0) -> "SftpauthServer":
+        environment = dict(os.environ)
+        # twistd finds the plugin through sys.path, whatever kind of install this is.
+        environment["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPOSITORY), environment.get("PYTHONPATH")]))
         self.process = subprocess.Popen(
             [TWISTD, "-n", "--pidfile=", "--logfile", str(self.log_path), "sftpauth", "--config", str(self.config_path)],
             cwd=self.folder,
+            env=environment,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
         )

@@ -188,7 +188,6 @@ OPERATIONS = {
     "read": (Permission.READ, lambda fs: fs.open_for_reading("/a.txt"), None),
     "open-read": (Permission.READ, lambda fs: fs.open_file("/a.txt", os.O_RDONLY), None),
     "list": (Permission.LIST, lambda fs: fs.list_directory("/docs"), None),
-    "stat": (Permission.LIST, lambda fs: fs.stat("/a.txt"), None),
     "write": (Permission.WRITE, lambda fs: fs.open_for_writing("/new.txt"), "new.txt"),
     "append": (Permission.WRITE, lambda fs: fs.open_for_writing("/a.txt", append=True), None),
     "open-write": (Permission.WRITE, lambda fs: fs.open_file("/new.txt", os.O_WRONLY | os.O_CREAT), "new.txt"),
@@ -413,3 +412,11 @@ def test_rename_never_replaces_a_folder(make_fs, root, result_of):
     with pytest.raises(FileExistsError):
         result_of(make_fs().rename("/a.txt", "/empty"))
     assert os.path.isdir(os.path.join(root, "empty"))
+
+
+def test_stat_needs_list_or_read(make_fs, result_of):
+    """stat is refused with neither allow-list nor allow-read, and allowed by either alone."""
+    with pytest.raises(PermissionDenied):
+        result_of(make_fs(FULL_CONTROL - {Permission.LIST, Permission.READ}).stat("/a.txt"))
+    for permission in (Permission.LIST, Permission.READ):
+        assert result_of(make_fs({permission}).stat("/a.txt")).st_size > 0

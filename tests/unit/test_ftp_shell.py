@@ -209,7 +209,6 @@ def test_permissions_are_enforced(home, run_in_thread):
         shell.removeDirectory(["d"]),
         shell.rename(["f.txt"], ["g.txt"]),
         shell.list([]),
-        shell.stat(["f.txt"], ("size",)),
     ):
         error = failure_of(deferred).value
         assert isinstance(error, twisted_ftp.PermissionDeniedError)
@@ -557,3 +556,14 @@ def test_data_connection_from_another_address_is_refused():
     factory = reactor.tcpServers[-1][1]
     assert factory.buildProtocol(IPv4Address("TCP", "198.51.100.1", 4000)) is None
     assert factory.buildProtocol(IPv4Address("TCP", "192.0.2.7", 4000)) is not None
+
+
+def test_size_needs_read_or_list(home, run_in_thread):
+    """SIZE (stat) works with allow-read alone, as clients ask it before RETR, and fails with neither read nor list."""
+    (home / "f.txt").write_bytes(b"xyz")
+    reader = JailedFTPShell(JailedFilesystem(str(home), frozenset({Permission.READ}), run_in_thread))
+    results = []
+    reader.stat(["f.txt"], ("size",)).addCallback(results.append)
+    assert results == [[3]]
+    writer = JailedFTPShell(JailedFilesystem(str(home), frozenset({Permission.WRITE}), run_in_thread))
+    assert isinstance(failure_of(writer.stat(["f.txt"], ("size",))).value, twisted_ftp.PermissionDeniedError)

@@ -50,10 +50,34 @@ def dn_text(dn: distinguishedname.DistinguishedName) -> str:
     return dn.getText()
 
 
+_ESCAPED_BACKSLASH_OR_HEX = re.compile(r"(\\\\)|((?:\\[0-9A-Fa-f]{2})+)")
+_DN_SPECIALS = ',+"\\<>;=# '
+
+
+def _decode_hex_escapes(text: str) -> str:
+    """Turn RFC 4514 ``\\XX`` runs into UTF-8 text (ldaptor reads each byte as a character).
+
+    A decoded special character is escaped again with a backslash so the
+    DN keeps its structure: ``\\2C`` stays a comma inside a value.
+    """
+
+    def decode(match: re.Match) -> str:
+        if match.group(1):
+            return match.group(1)
+        raw = bytes.fromhex(match.group(2).replace("\\", ""))
+        try:
+            decoded = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise ValueError(f"{match.group(2)!r} is not UTF-8") from None
+        return "".join("\\" + char if char in _DN_SPECIALS else char for char in decoded)
+
+    return _ESCAPED_BACKSLASH_OR_HEX.sub(decode, text)
+
+
 def parse_dn(text: str) -> distinguishedname.DistinguishedName:
     """A DN from text; raises ValueError with a readable message."""
     try:
-        dn = distinguishedname.DistinguishedName(stringValue=text)
+        dn = distinguishedname.DistinguishedName(stringValue=_decode_hex_escapes(text))
     except Exception as error:
         raise ValueError(f"{text!r} is not a distinguished name: {error}") from None
     if not dn.listOfRDNs or any(not rdn.attributeTypesAndValues for rdn in dn.listOfRDNs):
@@ -100,6 +124,9 @@ class BindStrategy:
                 return await read_entry(connection, lookup, dn)
             lookup.trace("bind", f"BIND as {dn}: {describe(result)}")
             known = classify_bind_failure(result)
+            if known is not None and known[0] == "unknown-user":
+                reason = (known[0], f"{known[1]}: {dn}")
+                continue  # Active Directory says so: try the next base
             if known is not None:
                 raise LoginFailed(*known)
             if result.code not in (ldap.INVALID_CREDENTIALS, ldap.NO_SUCH_OBJECT):

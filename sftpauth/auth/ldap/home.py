@@ -75,8 +75,12 @@ class HomeFolderRule:
             for _, name, _, _ in string.Formatter().parse(self.template):
                 if name:
                     value = values[placeholder_to_attribute(name)].replace("\\", "/")
-                    if ".." in value.split("/"):
+                    segments = value.split("/")
+                    if ".." in segments:
                         raise LoginFailed("home-folder-invalid", f"{placeholder_to_attribute(name)!r} contains '..'")
+                    if all(segment in ("", ".") for segment in segments):
+                        # "/srv/homes/{uid}" with "." or "/" would be every user's parent folder
+                        raise LoginFailed("home-folder-invalid", f"{placeholder_to_attribute(name)!r} names no folder")
                     fields[name] = value
             path = self.template.format(**fields)
         return checked_home_folder(path)

@@ -1,0 +1,996 @@
+"""The SSH service (``type = ssh`` or ``sftp``): SFTP only, locked in the home folder.
+
+Password logins go through the one portal (:class:`LoginRequest`), so the
+authentication chain, the audit log and the realm are the same as for FTP.
+After login the client gets ``session`` channels that accept exactly one
+thing, the ``sftp`` subsystem; shells, commands, port forwarding, X11 and
+agent forwarding are refused with a protocol-level failure.
+
+Choices made where the SPEC is silent:
+
+- ``setstat``/``fsetstat`` apply access and modification times only (with
+  the ``allow-write`` permission). Permission bits and ownership are
+  accepted and ignored (files are created 0644, folders 0755, minus the
+  process umask): clients such as ``sftp put -p`` keep working and no
+  client can make world-writable files. A size change (truncate) is refused
+  with "operation unsupported" rather than silently ignored.
+- Symbolic links are never created or read through SFTP (permission
+  denied). A link planted on disk that stays inside the home folder is
+  shown as what it points to; one that leads outside is hidden from
+  listings and answers "no such file".
+- ``rename`` never replaces an existing target (SFTP v3 semantics).
+- ``realpath`` is lexical: the answer is always the session's own view
+  (``/`` is the home folder), never a path on the server's disk.
+- Host keys: ``ssh_server_keys``, or Ed25519 + RSA-3072 keys generated once
+  into ``<data_folder>/ssh/`` (0600 in a 0700 folder) and reused.
+- At most :data:`MAX_PASSWORD_ATTEMPTS` failed logins per connection, one
+  second apart; a connection must log in within
+  :data:`LOGIN_GRACE_SECONDS`; ``idle_connection_timeout`` closes a
+  connection that sent nothing for that long.
+"""
+
+from __future__ import annotations
+
+import base64
+import errno
+import hashlib
+import os
+import stat as stat_module
+import struct
+import time
+from typing import Any, Callable, Iterable, Iterator, Optional
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
+from twisted.application.service import IService
+from twisted.conch import error as conch_error
+from twisted.conch.avatar import ConchUser
+from twisted.conch.interfaces import IConchUser, ISFTPFile, ISFTPServer
+from twisted.conch.ssh import connection, factory, keys, session, transport, userauth
+from twisted.conch.ssh.common import NS, getNS
+from twisted.conch.ssh.filetransfer import (
+    FileTransferBase,
+    FileTransferServer,
+    FX_BAD_MESSAGE,
+    FX_FAILURE,
+    FX_FILE_ALREADY_EXISTS,
+    FX_NO_SUCH_FILE,
+    FX_OK,
+    FX_OP_UNSUPPORTED,
+    FX_PERMISSION_DENIED,
+    FXF_APPEND,
+    FXF_CREAT,
+    FXF_EXCL,
+    FXF_READ,
+    FXF_TRUNC,
+    FXF_WRITE,
+    FXP_INIT,
+    SFTPError,
+)
+from twisted.internet import defer, protocol
+from twisted.logger import Logger, LogLevel
+from twisted.protocols.policies import TimeoutMixin
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from sftpauth.account import Account
+from sftpauth.auth.credentials import LoginRequest
+from sftpauth.config.errors import ConfigError, ConfigProblem
+from sftpauth.config.models import SSHServiceSettings
+from sftpauth.filesystem import InvalidPath, JailedFilesystem, OutsideJail, virtual_path
+from sftpauth.listening import listening_service
+from sftpauth.permissions import Permission, PermissionDenied
+from sftpauth.realm import SessionInfo
+from sftpauth.runtime import Runtime
+
+_log = Logger()
+
+MAX_PASSWORD_ATTEMPTS = 6  # failed password logins on one connection, then disconnect
+LOGIN_GRACE_SECONDS = 120  # from TCP connect to a successful login
+MAX_QUEUED_AUTH_REQUESTS = 8  # requests sent while one is being checked
+MAX_SESSION_CHANNELS = 10  # like OpenSSH MaxSessions
+MAX_OPEN_HANDLES = 256  # files and folders open at once in one SFTP session
+MAX_SFTP_PACKET = 256 * 1024 + 1024  # OpenSSH sftp-server's limit (plus headers)
+MAX_READ_LENGTH = 256 * 1024
+FILE_MODE = 0o644
+VERSION_STRING = b"SSH-2.0-sftpauth"
+GENERATED_KEYS_FOLDER = "ssh"
+# What conch raises when it parses bytes that do not follow the protocol.
+MALFORMED_INPUT_ERRORS = (struct.error, IndexError, KeyError, ValueError, conch_error.ConchError)
+# Refused without an info line: OpenSSH clients send them all the time.
+ROUTINE_REQUESTS = frozenset({b"env", b"keepalive@openssh.com", b"no-more-sessions@openssh.com"})
+_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
+
+
+# -- host keys -----------------------------------------------------------------------
+
+
+def fingerprint(key: keys.Key) -> str:
+    """The key's fingerprint as OpenSSH shows it (``SHA256:`` unpadded base64)."""
+    digest = hashlib.sha256(key.blob()).digest()
+    return "SHA256:" + base64.b64encode(digest).decode("ascii").rstrip("=")
+
+
+def load_host_keys(settings: SSHServiceSettings, config_path: str, data_folder: str) -> dict[bytes, keys.Key]:
+    """Private host keys by SSH key type; configured ones, else the generated ones."""
+    if settings.ssh_server_keys:
+        return _configured_host_keys(settings, config_path)
+    return generated_host_keys(os.path.join(data_folder, GENERATED_KEYS_FOLDER), config_path)
+
+
+def _configured_host_keys(settings: SSHServiceSettings, config_path: str) -> dict[bytes, keys.Key]:
+    section = f"services/{settings.id}"
+    problems = []
+    loaded: dict[bytes, keys.Key] = {}
+
+    def problem(message: str) -> None:
+        problems.append(ConfigProblem(config_path, None, section, "ssh_server_keys", message))
+
+    for path in settings.ssh_server_keys:
+        try:
+            key = keys.Key.fromFile(path)
+        except OSError as error:
+            problem(f"cannot read the SSH host key {path}: {error.strerror or error}")
+            continue
+        except keys.EncryptedKeyError:
+            problem(f"the SSH host key {path} is protected by a passphrase; give an unencrypted private key")
+            continue
+        except Exception:
+            problem(f"{path} is not a private key in OpenSSH or PEM format")
+            continue
+        if key.isPublic():
+            problem(f"{path} is a public key; give the private key file")
+            continue
+        key_type = key.sshType()
+        if key_type in loaded:
+            problem(f"{path} is a second {key_type.decode('ascii')} key; give one key of each type")
+            continue
+        if key.type() == "RSA" and key.size() < 2048:
+            _log.warn("SSH host key {path} is RSA with only {bits} bits; use 3072 or more", path=path, bits=key.size())
+        loaded[key_type] = key
+    if problems:
+        raise ConfigError(problems)
+    return loaded
+
+
+def generated_host_keys(folder: str, config_path: str = "") -> dict[bytes, keys.Key]:
+    """Ed25519 and RSA keys kept in ``folder``, generated on the first start."""
+    wanted: list[tuple[str, Callable[[], Any]]] = [
+        ("ssh_host_ed25519_key", ed25519.Ed25519PrivateKey.generate),
+        ("ssh_host_rsa_key", lambda: rsa.generate_private_key(public_exponent=65537, key_size=3072)),
+    ]
+    try:
+        os.makedirs(folder, mode=0o700, exist_ok=True)
+        os.chmod(folder, 0o700)
+    except OSError as error:
+        raise ConfigError(
+            [
+                ConfigProblem(
+                    config_path, None, "server", "data_folder",
+                    f"cannot create the folder of the generated SSH host keys {folder}: {error.strerror or error}",
+                )
+            ]
+        ) from None
+    loaded: dict[bytes, keys.Key] = {}
+    for name, generate in wanted:
+        path = os.path.join(folder, name)
+        try:
+            if not os.path.exists(path):
+                _write_private_key(path, generate())
+                _log.info("generated the SSH host key {path}", path=path)
+            key = keys.Key.fromFile(path)
+        except OSError as error:
+            raise ConfigError(
+                [ConfigProblem(config_path, None, "server", "data_folder", f"SSH host key {path}: {error.strerror or error}")]
+            ) from None
+        except Exception:
+            raise ConfigError(
+                [
+                    ConfigProblem(
+                        config_path, None, "server", "data_folder",
+                        f"the generated SSH host key {path} is damaged; remove it to generate a new one",
+                    )
+                ]
+            ) from None
+        loaded[key.sshType()] = key
+    return loaded
+
+
+def _write_private_key(path: str, private_key: Any) -> None:
+    """Write atomically, 0600 from the first byte, so no half key is ever read back."""
+    data = private_key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
+    )
+    temporary = f"{path}.{os.getpid()}.tmp"
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o600)
+    try:
+        with os.fdopen(fd, "wb") as key_file:
+            key_file.write(data)
+            key_file.flush()
+            os.fsync(key_file.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        try:
+            os.unlink(temporary)
+        except OSError:
+            pass
+        raise
+
+
+# -- errors --------------------------------------------------------------------------
+
+
+def _ascii(text: str) -> str:
+    # conch sends status messages with networkString(), which takes ASCII only.
+    return text.encode("ascii", "backslashreplace").decode("ascii")
+
+
+def sftp_error(failure: Failure) -> Failure:
+    """Turn any failure of a file operation into an :class:`SFTPError`.
+
+    Messages never carry a real path on disk (``str(OSError)`` would).
+    """
+    error = failure.value
+    if isinstance(error, SFTPError):
+        return failure
+    if isinstance(error, OutsideJail):
+        code, message = FX_NO_SUCH_FILE, "no such file or folder"
+    elif isinstance(error, PermissionDenied):
+        code, message = FX_PERMISSION_DENIED, f"permission denied: {error.permission.value} is not granted"
+    elif isinstance(error, InvalidPath):
+        code, message = FX_BAD_MESSAGE, str(error)
+    elif isinstance(error, FileNotFoundError):
+        code, message = FX_NO_SUCH_FILE, "no such file or folder"
+    elif isinstance(error, FileExistsError):
+        code, message = FX_FILE_ALREADY_EXISTS, "the file or folder already exists"
+    elif isinstance(error, PermissionError):
+        code, message = FX_PERMISSION_DENIED, "permission denied"
+    elif isinstance(error, IsADirectoryError):
+        code, message = FX_FAILURE, "is a folder"
+    elif isinstance(error, NotADirectoryError):
+        code, message = FX_FAILURE, "not a folder"
+    elif isinstance(error, OSError):
+        if error.errno == errno.ENOTEMPTY:
+            message = "the folder is not empty"
+        elif error.errno is not None:
+            message = os.strerror(error.errno)
+        else:
+            message = "the operation failed"
+        code = FX_FAILURE
+    else:
+        _log.failure("unexpected error in an SFTP operation", failure=failure)
+        code, message = FX_FAILURE, "internal error"
+    return Failure(SFTPError(code, _ascii(message)))
+
+
+def _attributes(result: os.stat_result) -> dict[str, int]:
+    """SFTP v3 attributes; no uid/gid (the server's accounts are none of the client's business)."""
+
+    def seconds(value: float) -> int:
+        return min(max(int(value), 0), 0xFFFFFFFF)
+
+    return {
+        "size": result.st_size,
+        "permissions": result.st_mode,
+        "atime": seconds(result.st_atime),
+        "mtime": seconds(result.st_mtime),
+    }
+
+
+def long_name(name: str, result: os.stat_result, owner: str, group: str, now: Optional[float] = None) -> str:
+    """An ``ls -l`` line, as SFTP v3 clients show it."""
+    now = time.time() if now is None else now
+    moment = time.localtime(result.st_mtime)
+    day = f"{_MONTHS[moment.tm_mon - 1]} {moment.tm_mday:2d}"
+    if abs(now - result.st_mtime) < 180 * 24 * 3600:
+        when = f"{day} {moment.tm_hour:02d}:{moment.tm_min:02d}"
+    else:
+        when = f"{day}  {moment.tm_year}"
+    mode = stat_module.filemode(result.st_mode)
+    return f"{mode} {result.st_nlink:>4} {owner:<8} {group:<8} {result.st_size:>8} {when} {name}"
+
+
+def _printable(text: str) -> str:
+    """A client-chosen name made safe for a log line (no newlines or escapes)."""
+    return "".join(char if char.isprintable() else repr(char)[1:-1] for char in text[:1024])
+
+
+def _name_bytes(name: str) -> bytes:
+    # Names on disk that are not UTF-8 come from os.scandir as surrogate escapes.
+    return name.encode("utf-8", "surrogateescape")
+
+
+# -- SFTP ----------------------------------------------------------------------------
+
+
+def open_flags(pflags: int) -> int:
+    """SFTP ``FXF_*`` open flags as ``os.O_*`` flags."""
+    if pflags & FXF_READ and pflags & FXF_WRITE:
+        flags = os.O_RDWR
+    elif pflags & FXF_WRITE:
+        flags = os.O_WRONLY
+    else:
+        flags = os.O_RDONLY
+    if pflags & FXF_APPEND:
+        flags |= os.O_APPEND
+    if pflags & FXF_CREAT:
+        flags |= os.O_CREAT
+    if pflags & FXF_TRUNC:
+        flags |= os.O_TRUNC
+    if pflags & FXF_EXCL:
+        flags |= os.O_EXCL
+    return flags
+
+
+def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.pwrite(fd, view, offset)
+        view = view[written:]
+        offset += written
+
+
+@implementer(ISFTPFile)
+class JailedFile:
+    """An open file of a session: a raw fd, every operation in a thread.
+
+    Operations on one file run one at a time (a :class:`DeferredLock`), so
+    ``close`` never releases the descriptor while a read or write still uses
+    it: a reused fd number can never serve another session's file.
+    """
+
+    def __init__(self, filesystem: JailedFilesystem, fd: int, path: str, readable: bool, writable: bool):
+        self._filesystem = filesystem
+        self._fd: Optional[int] = fd
+        self.path = path
+        self._readable = readable
+        self._writable = writable
+        self._lock = defer.DeferredLock()
+
+    @property
+    def closed(self) -> bool:
+        return self._fd is None
+
+    def _run(self, function: Callable[..., Any], *args: Any) -> defer.Deferred:
+        if self._fd is None:
+            return defer.fail(SFTPError(FX_FAILURE, "the file is closed"))
+        fd = self._fd
+        return self._lock.run(self._filesystem.run, function, fd, *args).addErrback(sftp_error)
+
+    def readChunk(self, offset: int, length: int) -> defer.Deferred:
+        if not self._readable:
+            return defer.fail(SFTPError(FX_PERMISSION_DENIED, "the file was not opened for reading"))
+        return self._run(os.pread, min(length, MAX_READ_LENGTH), offset)
+
+    def writeChunk(self, offset: int, data: bytes) -> defer.Deferred:
+        if not self._writable:
+            return defer.fail(SFTPError(FX_PERMISSION_DENIED, "the file was not opened for writing"))
+        return self._run(lambda fd: _pwrite_all(fd, data, offset))
+
+    def getAttrs(self) -> defer.Deferred:
+        return self._run(os.fstat).addCallback(_attributes)
+
+    def setAttrs(self, attrs: dict) -> defer.Deferred:
+        try:
+            times = _times_to_set(attrs)
+            if times is not None:
+                self._filesystem.require(Permission.WRITE, self.path)
+        except Exception:
+            return defer.fail(sftp_error(Failure()))
+        if times is None:
+            return defer.succeed(None)
+        return self._run(lambda fd: os.utime(fd, times))
+
+    def close(self) -> defer.Deferred:
+        if self._fd is None:
+            return defer.succeed(None)
+        fd, self._fd = self._fd, None
+        return self._lock.run(self._filesystem.run, os.close, fd).addErrback(sftp_error)
+
+
+def _times_to_set(attrs: dict) -> Optional[tuple[int, int]]:
+    """The (atime, mtime) to apply; raise for what cannot be done.
+
+    Permission bits, uid/gid and extended attributes are ignored (see the
+    module docstring); a size change is refused.
+    """
+    if "size" in attrs:
+        raise SFTPError(FX_OP_UNSUPPORTED, "changing the size of a file is not supported")
+    if "atime" in attrs and "mtime" in attrs:
+        return (attrs["atime"], attrs["mtime"])
+    return None
+
+
+class DirectoryListing:
+    """What ``openDirectory`` returns: an iterator of ``(name, longname, attrs)``."""
+
+    def __init__(self, entries: Iterable[tuple[bytes, bytes, dict]]):
+        self._entries: Iterator[tuple[bytes, bytes, dict]] = iter(list(entries))
+
+    def __iter__(self) -> "DirectoryListing":
+        return self
+
+    def __next__(self) -> tuple[bytes, bytes, dict]:
+        return next(self._entries)
+
+    def close(self) -> None:
+        self._entries = iter(())
+
+
+@implementer(ISFTPServer)
+class JailedSFTPServer:
+    """The file operations of one SFTP session, all through :class:`JailedFilesystem`."""
+
+    def __init__(self, avatar: "SFTPUser"):
+        self.avatar = avatar
+        self.filesystem = avatar.filesystem
+
+    def _changed(self, d: defer.Deferred, operation: str, path: Any) -> defer.Deferred:
+        """Map errors, and log each change (or refusal) the client asked for."""
+        username = self.avatar.account.username
+        shown = _printable(path.decode("utf-8", "backslashreplace") if isinstance(path, bytes) else path)
+
+        def done(result: Any) -> Any:
+            _log.info("sftp {username}: {operation} {path}", username=username, operation=operation, path=shown)
+            return result
+
+        def refused(failure: Failure) -> Failure:
+            _log.info(
+                "sftp {username}: {operation} {path} refused: {reason}",
+                username=username,
+                operation=operation,
+                path=shown,
+                reason=failure.value.message,
+            )
+            return failure
+
+        return d.addErrback(sftp_error).addCallbacks(done, refused)
+
+    def gotVersion(self, otherVersion: int, extData: dict) -> dict:
+        return {}  # no extensions: clients fall back to the plain v3 requests
+
+    def openFile(self, filename: bytes, flags: int, attrs: dict) -> defer.Deferred:
+        os_flags = open_flags(flags)
+        writable = bool(flags & FXF_WRITE)
+        readable = bool(flags & FXF_READ) or not writable
+        try:
+            path = virtual_path(filename)
+        except Exception:
+            return defer.fail(sftp_error(Failure()))
+        d = self.filesystem.open_file(path, os_flags, FILE_MODE)
+        d.addCallback(lambda fd: JailedFile(self.filesystem, fd, path, readable, writable))
+        if writable:
+            return self._changed(d, "open for writing", path)
+        return d.addErrback(sftp_error)
+
+    def removeFile(self, filename: bytes) -> defer.Deferred:
+        return self._changed(self.filesystem.remove_file(filename), "remove", filename)
+
+    def renameFile(self, oldpath: bytes, newpath: bytes) -> defer.Deferred:
+        d = self.filesystem.rename(oldpath, newpath, overwrite=False)
+        return self._changed(d, "rename", oldpath + b" -> " + newpath)
+
+    def makeDirectory(self, path: bytes, attrs: dict) -> defer.Deferred:
+        return self._changed(self.filesystem.make_directory(path), "make folder", path)
+
+    def removeDirectory(self, path: bytes) -> defer.Deferred:
+        return self._changed(self.filesystem.remove_directory(path), "remove folder", path)
+
+    def openDirectory(self, path: bytes) -> defer.Deferred:
+        # list_directory() answers a file with itself (for FTP LIST); SFTP wants "not a folder".
+        d = self.filesystem.stat(path)
+
+        def listed(result: os.stat_result) -> defer.Deferred:
+            if not stat_module.S_ISDIR(result.st_mode):
+                raise NotADirectoryError(errno.ENOTDIR, "not a folder")
+            return self.filesystem.list_directory(path)
+
+        d.addCallback(listed)
+        d.addCallback(self._listing)
+        return d.addErrback(sftp_error)
+
+    def _listing(self, entries: list[tuple[str, os.stat_result]]) -> DirectoryListing:
+        account: Account = self.avatar.account
+        owner = account.username
+        group = account.groups[0] if account.groups else owner
+        now = time.time()
+        return DirectoryListing(
+            (_name_bytes(name), _name_bytes(long_name(name, result, owner, group, now)), _attributes(result))
+            for name, result in entries
+        )
+
+    def getAttrs(self, path: bytes, followLinks: bool) -> defer.Deferred:
+        # Symbolic links inside the home folder are always shown as their target.
+        return self.filesystem.stat(path).addCallback(_attributes).addErrback(sftp_error)
+
+    def setAttrs(self, path: bytes, attrs: dict) -> defer.Deferred:
+        try:
+            times = _times_to_set(attrs)
+            self.filesystem.require(Permission.WRITE, virtual_path(path))
+        except Exception:
+            return defer.fail(sftp_error(Failure()))
+        if times is None:
+            d = self.filesystem.stat(path).addCallback(lambda _: None)  # "no such file" still answers
+        else:
+            d = self.filesystem.set_times(path, *times)
+        return d.addErrback(sftp_error)
+
+    def readLink(self, path: bytes) -> None:
+        raise SFTPError(FX_PERMISSION_DENIED, "symbolic links are not available")
+
+    def makeLink(self, linkPath: bytes, targetPath: bytes) -> None:
+        raise SFTPError(FX_PERMISSION_DENIED, "symbolic links cannot be created")
+
+    def realPath(self, path: bytes) -> bytes:
+        try:
+            return virtual_path(path).encode("utf-8")
+        except InvalidPath as error:
+            raise SFTPError(FX_BAD_MESSAGE, _ascii(str(error))) from None
+
+    def extendedRequest(self, extendedName: bytes, extendedData: bytes) -> None:
+        raise SFTPError(FX_OP_UNSUPPORTED, "extended requests are not supported")
+
+
+def _close_quietly(fileObj: JailedFile) -> None:
+    """Close a file nobody waits for; a failure is logged, not left unhandled."""
+    fileObj.close().addErrback(lambda failure: _log.failure("closing an abandoned file", failure=failure))
+
+
+class _QuietLogger(Logger):
+    """conch logs every SFTP packet at info level: keep warnings and errors only."""
+
+    def emit(self, level: LogLevel, format: Optional[str] = None, **kwargs: Any) -> None:
+        if level in (LogLevel.debug, LogLevel.info):
+            return
+        super().emit(level, format, **kwargs)
+
+
+class SFTPSubsystem(FileTransferServer):
+    """conch's SFTP protocol with our server, bounded resources and no fd leak."""
+
+    _log = _QuietLogger()
+
+    def __init__(self, data: Optional[bytes] = None, avatar: Optional["SFTPUser"] = None):
+        FileTransferBase.__init__(self)
+        assert avatar is not None
+        self.avatar = avatar
+        self.client = JailedSFTPServer(avatar)
+        self.openFiles: dict[bytes, JailedFile] = {}
+        self.openDirs: dict[bytes, list] = {}
+
+    def dataReceived(self, data: bytes) -> None:
+        """conch's packet loop, except that every request gets an answer.
+
+        conch logs a malformed or unknown request and never replies, so the
+        client waits forever; here it gets "bad message" or "unsupported".
+        An oversized or nonsensical length closes the session, as OpenSSH's
+        sftp-server does.
+        """
+        if not self.connected:
+            return
+        self.buf += data
+        while self.connected and len(self.buf) >= 9:
+            length, kind = struct.unpack("!LB", self.buf[:5])
+            if length > MAX_SFTP_PACKET or length < 5:
+                self._protocolError(f"a request of {length} bytes")
+                return
+            if len(self.buf) < 4 + length:
+                return
+            packet, self.buf = self.buf[5 : 4 + length], self.buf[4 + length :]
+            requestId = packet[:4]
+            name = self.packetTypes.get(kind)
+            handler = getattr(self, f"packet_{name}", None) if name else None
+            if handler is None:
+                self._sendStatus(requestId, FX_OP_UNSUPPORTED, b"unsupported request")
+                continue
+            try:
+                handler(packet)
+            except Exception as error:
+                _log.warn(
+                    "sftp {username}: malformed {kind} request ({error})",
+                    username=self.avatar.account.username,
+                    kind=name,
+                    error=f"{type(error).__name__}: {error}"[:200],
+                )
+                if kind == FXP_INIT:
+                    self._protocolError("a malformed INIT")
+                    return
+                self._sendStatus(requestId, FX_BAD_MESSAGE, b"malformed request")
+
+    def _protocolError(self, what: str) -> None:
+        _log.warn(
+            "sftp {username}: closing the session, the client sent {what}",
+            username=self.avatar.account.username,
+            what=what,
+        )
+        self.buf = b""
+        self.transport.loseConnection()
+
+    def _handles(self) -> int:
+        return len(self.openFiles) + len(self.openDirs)
+
+    def _cbOpenFile(self, fileObj: JailedFile, requestId: bytes) -> None:
+        if not self.connected:
+            # The session ended while the file was being opened.
+            _close_quietly(fileObj)
+            return
+        if self._handles() >= MAX_OPEN_HANDLES:
+            _close_quietly(fileObj)
+            raise SFTPError(FX_FAILURE, f"too many open files (at most {MAX_OPEN_HANDLES})")
+        super()._cbOpenFile(fileObj, requestId)
+
+    def _cbOpenDirectory(self, dirObj: DirectoryListing, requestId: bytes) -> None:
+        if not self.connected:
+            return
+        if self._handles() >= MAX_OPEN_HANDLES:
+            raise SFTPError(FX_FAILURE, f"too many open files (at most {MAX_OPEN_HANDLES})")
+        super()._cbOpenDirectory(dirObj, requestId)
+
+    def _cbClose(self, result: Any, handle: bytes, requestId: bytes, isDir: int = 0) -> None:
+        # The session may have ended (and closed everything) while this close ran.
+        (self.openDirs if isDir else self.openFiles).pop(handle, None)
+        if self.connected:
+            self._sendStatus(requestId, FX_OK, b"file closed")
+
+    def _ebStatus(self, reason: Failure, requestId: bytes, msg: bytes = b"request failed") -> None:
+        if reason.check(KeyError):  # conch's lookups of a handle the client never got
+            self._sendStatus(requestId, FX_FAILURE, b"invalid handle")
+            return
+        super()._ebStatus(reason, requestId, msg)
+
+    def _ebRead(self, reason: Failure, requestId: bytes) -> None:
+        # conch's packet_READ and packet_WRITE call these for an unknown handle but do not define them.
+        self._ebStatus(reason, requestId)
+
+    _ebWrite = _ebRead
+
+    def closeHandles(self) -> None:
+        """Close every file and folder still open (the session is over)."""
+        files, self.openFiles = list(self.openFiles.values()), {}
+        for fileObj in files:
+            _close_quietly(fileObj)
+        directories, self.openDirs = list(self.openDirs.values()), {}
+        for dirObj, _ in directories:
+            dirObj.close()
+
+    def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
+        FileTransferBase.connectionLost(self, reason)
+        self.closeHandles()
+        self.avatar.subsystemEnded(self)
+
+
+# -- SSH session and avatar ----------------------------------------------------------
+
+
+class SFTPSessionChannel(session.SSHSession):
+    """A ``session`` channel that only ever runs the ``sftp`` subsystem."""
+
+    def requestReceived(self, requestType: bytes, data: bytes) -> int:
+        if requestType == b"subsystem":
+            return self.request_subsystem(data)
+        _log.emit(
+            LogLevel.debug if requestType in ROUTINE_REQUESTS else LogLevel.info,
+            "refused a {request!r} request on an SFTP-only session",
+            request=requestType.decode("ascii", "backslashreplace"),
+        )
+        return 0
+
+    def request_subsystem(self, data: bytes) -> int:
+        try:
+            name = getNS(data)[0]
+        except Exception:
+            return 0
+        if name != b"sftp" or not self.avatar.sftpEnabled:
+            _log.info(
+                "refused the {name!r} subsystem", name=name.decode("ascii", "backslashreplace")
+            )
+            return 0
+        return super().request_subsystem(data)
+
+
+@implementer(IConchUser)
+class SFTPUser(ConchUser):
+    """The avatar of an SSH login: session channels with SFTP, nothing else."""
+
+    def __init__(self, account: Account, filesystem: JailedFilesystem, sftpEnabled: bool = True):
+        super().__init__()
+        self.account = account
+        self.filesystem = filesystem
+        self.sftpEnabled = sftpEnabled
+        self.channelLookup[b"session"] = SFTPSessionChannel
+        self._subsystems: list[SFTPSubsystem] = []
+
+    def lookupSubsystem(self, subsystem: bytes, data: bytes) -> Optional[SFTPSubsystem]:
+        if subsystem != b"sftp" or not self.sftpEnabled:
+            return None
+        sftp = SFTPSubsystem(data, avatar=self)
+        self._subsystems.append(sftp)
+        return sftp
+
+    def subsystemEnded(self, sftp: SFTPSubsystem) -> None:
+        if sftp in self._subsystems:
+            self._subsystems.remove(sftp)
+
+    def gotGlobalRequest(self, requestType: bytes, data: bytes) -> int:
+        _log.emit(
+            LogLevel.debug if requestType in ROUTINE_REQUESTS else LogLevel.info,
+            "refused the global request {request!r} (port forwarding is not available)",
+            request=requestType.decode("ascii", "backslashreplace"),
+        )
+        return 0
+
+    def logout(self) -> None:
+        """Release what the connection left open (normally already closed)."""
+        for sftp in list(self._subsystems):
+            sftp.closeHandles()
+        self._subsystems = []
+
+
+# -- SSH protocol --------------------------------------------------------------------
+
+
+class LoginState:
+    """Authentication state of one connection, kept on the transport.
+
+    conch makes a new ``ssh-userauth`` service object each time the client
+    asks for the service (paramiko asks before every attempt), so a count
+    kept on that object would start again at zero.
+    """
+
+    def __init__(self) -> None:
+        self.failures = 0
+        self.busy = False
+        self.queued: list[bytes] = []
+
+
+class PasswordUserAuthServer(userauth.SSHUserAuthServer):
+    """``ssh-userauth`` with password logins through our portal.
+
+    Requests are checked one at a time per connection: a client that
+    pipelines attempts (or restarts the service between them) can neither
+    run them in parallel nor get past :data:`MAX_PASSWORD_ATTEMPTS`.
+    """
+
+    loginTimeout = LOGIN_GRACE_SECONDS
+    attemptsBeforeDisconnect = 2**31  # conch's per-service count is replaced by LoginState (per connection)
+
+    def serviceStarted(self) -> None:
+        self.clock = self.transport.factory.reactor
+        self._stopped = False
+        super().serviceStarted()
+        # Key exchange is always over when this service runs, so the
+        # password never travels in clear; keep conch's check anyway.
+        self.supportedAuthentications = [b"password"] if self.transport.isEncrypted("in") else []
+
+    def serviceStopped(self) -> None:
+        self._stopped = True
+        super().serviceStopped()
+
+    @property
+    def _loginState(self) -> LoginState:
+        return self.transport.loginState
+
+    def ssh_USERAUTH_REQUEST(self, packet: bytes) -> None:
+        if self._stopped or self.transport.service is not self:
+            return
+        attempts = self._loginState
+        if attempts.busy:
+            if len(attempts.queued) >= MAX_QUEUED_AUTH_REQUESTS:
+                self.transport.sendDisconnect(
+                    transport.DISCONNECT_PROTOCOL_ERROR, b"too many authentication requests at once"
+                )
+                return
+            attempts.queued.append(packet)
+            return
+        attempts.busy = True
+        try:
+            d = super().ssh_USERAUTH_REQUEST(packet)
+        except Exception:
+            attempts.busy = False
+            raise
+        if d is None:
+            self._requestDone(None)
+        else:
+            d.addBoth(self._requestDone)
+
+    def _requestDone(self, result: Any) -> None:
+        attempts = self._loginState
+        attempts.busy = False
+        if isinstance(result, Failure):
+            _log.failure("SSH authentication request failed", failure=result)
+        current = self.transport.service
+        if attempts.queued and isinstance(current, PasswordUserAuthServer) and not current._stopped:
+            current.ssh_USERAUTH_REQUEST(attempts.queued.pop(0))
+        elif not isinstance(current, PasswordUserAuthServer):
+            attempts.queued = []
+
+    def _ebBadAuth(self, reason: Failure) -> None:
+        if self.method != b"none" and not reason.check(conch_error.IgnoreAuthentication):
+            attempts = self._loginState
+            attempts.failures += 1
+            if attempts.failures >= MAX_PASSWORD_ATTEMPTS:
+                _log.info(
+                    "service {service}: disconnecting {peer} after {count} failed logins",
+                    service=self.transport.factory.settings.id,
+                    peer=getattr(self.transport.transport.getPeer(), "host", ""),
+                    count=attempts.failures,
+                )
+                attempts.queued = []
+                self.transport.sendDisconnect(
+                    transport.DISCONNECT_NO_MORE_AUTH_METHODS_AVAILABLE, b"too many failed logins"
+                )
+                return
+        super()._ebBadAuth(reason)
+
+    def auth_password(self, packet: bytes) -> defer.Deferred:
+        """Password authentication through the chain; always a failed login, never a crash."""
+        try:
+            password = getNS(packet[1:])[0]
+        except Exception:
+            return defer.fail(conch_error.ConchError("malformed password request"))
+        settings: SSHServiceSettings = self.transport.factory.settings
+        peer = getattr(self.transport.transport.getPeer(), "host", "") or ""
+        # Bytes that are not UTF-8 become lone surrogates: the chain rejects
+        # them as an invalid username or password, and audits the attempt.
+        request = LoginRequest(
+            username=self.user.decode("utf-8", "surrogateescape"),
+            password=password.decode("utf-8", "surrogateescape"),
+            service_id=settings.id,
+            protocol="sftp",
+            peer=peer,
+        )
+        d = self.portal.login(request, SessionInfo(settings.id, "sftp", peer), IConchUser)
+        return d.addErrback(self._ebPassword)
+
+    def _cbFinishedAuth(self, result: tuple) -> None:
+        interface, avatar, logout = result
+        if self._stopped:
+            # The client left while the chain was working: end the session now.
+            try:
+                avatar.logout()
+            finally:
+                logout()
+            return
+        avatar.sftpEnabled = self.transport.factory.settings.sftp
+
+        def endSession() -> None:
+            try:
+                avatar.logout()
+            finally:
+                logout()
+
+        super()._cbFinishedAuth((interface, avatar, endSession))
+
+
+class SFTPConnection(connection.SSHConnection):
+    """``ssh-connection`` that refuses every channel type but ``session`` up front."""
+
+    def ssh_CHANNEL_OPEN(self, packet: bytes) -> None:
+        channel_type, rest = getNS(packet)
+        sender = struct.unpack(">L", rest[:4])[0]
+        if channel_type not in self.transport.avatar.channelLookup:
+            _log.info(
+                "refused a {kind!r} channel (only SFTP sessions are available)",
+                kind=channel_type.decode("ascii", "backslashreplace"),
+            )
+            self._refuse(sender, connection.OPEN_ADMINISTRATIVELY_PROHIBITED, b"only SFTP sessions are available")
+            return
+        if len(self.channels) >= MAX_SESSION_CHANNELS:
+            self._refuse(sender, connection.OPEN_RESOURCE_SHORTAGE, b"too many sessions on one connection")
+            return
+        super().ssh_CHANNEL_OPEN(packet)
+
+    def _refuse(self, sender: int, reason: int, text: bytes) -> None:
+        self.transport.sendPacket(
+            connection.MSG_CHANNEL_OPEN_FAILURE, struct.pack(">2L", sender, reason) + NS(text) + NS(b"")
+        )
+
+
+class SFTPServerTransport(transport.SSHServerTransport, TimeoutMixin):
+    """The SSH transport with a login deadline and ``idle_connection_timeout``."""
+
+    ourVersionString = VERSION_STRING
+    _graceCall = None
+
+    def callLater(self, period: float, function: Callable[[], Any]) -> Any:  # TimeoutMixin's clock
+        return self.factory.reactor.callLater(period, function)
+
+    def connectionMade(self) -> None:
+        self.loginState = LoginState()
+        self._graceCall = self.factory.reactor.callLater(LOGIN_GRACE_SECONDS, self._loginTooSlow)
+        self.setTimeout(self.factory.settings.idle_connection_timeout or None)
+        super().connectionMade()
+
+    def dataReceived(self, data: bytes) -> None:
+        self.resetTimeout()
+        try:
+            super().dataReceived(data)
+        except Exception as error:
+            # conch raises on many malformed packets; that ends this connection
+            # with a clear message instead of an "Unhandled Error" traceback.
+            if isinstance(error, MALFORMED_INPUT_ERRORS):
+                _log.warn(
+                    "service {service}: disconnecting {peer}, malformed SSH packet ({error})",
+                    service=self.factory.settings.id,
+                    peer=getattr(self.transport.getPeer(), "host", ""),
+                    error=f"{type(error).__name__}: {error}"[:200],
+                )
+            else:
+                _log.failure("service {service}: SSH packet handling failed", service=self.factory.settings.id)
+            self.sendDisconnect(transport.DISCONNECT_PROTOCOL_ERROR, b"malformed packet")
+
+    def _loginTooSlow(self) -> None:
+        self._graceCall = None
+        if not hasattr(self, "avatar"):
+            self.sendDisconnect(transport.DISCONNECT_NO_MORE_AUTH_METHODS_AVAILABLE, b"login took too long")
+
+    def receiveError(self, reasonCode: int, description: bytes) -> None:
+        # A client saying goodbye (or giving up) is not a server error.
+        _log.info(
+            "client disconnected: code {code}, {description}",
+            code=reasonCode,
+            description=description.decode("utf-8", "backslashreplace")[:200],
+        )
+
+    def timeoutConnection(self) -> None:
+        _log.info(
+            "service {service}: closing a connection idle for {seconds} seconds",
+            service=self.factory.settings.id,
+            seconds=self.factory.settings.idle_connection_timeout,
+        )
+        self.sendDisconnect(transport.DISCONNECT_BY_APPLICATION, b"idle connection timeout")
+
+    def connectionLost(self, reason: Optional[Failure] = None) -> None:
+        self.setTimeout(None)
+        if self._graceCall is not None and self._graceCall.active():
+            self._graceCall.cancel()
+        self._graceCall = None
+        super().connectionLost(reason)
+
+
+class SFTPFactory(factory.SSHFactory):
+    protocol = SFTPServerTransport
+    services = {
+        b"ssh-userauth": PasswordUserAuthServer,
+        b"ssh-connection": SFTPConnection,
+    }
+
+    def __init__(self, settings: SSHServiceSettings, runtime: Runtime, host_keys: dict[bytes, keys.Key]):
+        self.settings = settings
+        self.reactor = runtime.reactor
+        self.portal = runtime.portal
+        self.privateKeys = dict(host_keys)
+        self.publicKeys = {key_type: key.public() for key_type, key in host_keys.items()}
+        self.primes = None  # no moduli file: only fixed-group and elliptic-curve key exchanges
+
+    def buildProtocol(self, addr: Any) -> SFTPServerTransport:
+        built = protocol.Factory.buildProtocol(self, addr)
+        built.supportedPublicKeys = [
+            algorithm for key in self.privateKeys.values() for algorithm in key.supportedSignatureAlgorithms()
+        ]
+        built.supportedKeyExchanges = [
+            kex for kex in built.supportedKeyExchanges if not kex.startswith(b"diffie-hellman-group-exchange-")
+        ]
+        return built
+
+    def getService(self, serverTransport: SFTPServerTransport, service: bytes):
+        if service == b"ssh-userauth" or hasattr(serverTransport, "avatar"):
+            return self.services.get(service)
+        return None
+
+
+def make_service(settings: SSHServiceSettings, runtime: Runtime) -> IService:
+    """The listening SSH/SFTP service of one ``[services/ID]``."""
+    host_keys = load_host_keys(settings, runtime.configuration.path, runtime.data_folder)
+    # Ed25519 first: the key most clients prefer and pin.
+    ordered = dict(sorted(host_keys.items(), key=lambda item: item[0] != b"ssh-ed25519"))
+    for key_type, key in ordered.items():
+        _log.info(
+            "service {service}: SSH host key {type} {fingerprint}",
+            service=settings.id,
+            type=key_type.decode("ascii"),
+            fingerprint=fingerprint(key),
+        )
+    if not settings.sftp:
+        _log.warn("service {service}: sftp = no, so clients can log in but not transfer files", service=settings.id)
+    return listening_service(runtime.reactor, settings, SFTPFactory(settings, runtime, ordered))

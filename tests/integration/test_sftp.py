@@ -1,0 +1,845 @@
+"""The SFTP service of a real ``twistd -n sftpauth``, driven by paramiko and OpenSSH ``sftp``."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import re
+import socket
+import stat
+import struct
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import paramiko
+import pytest
+
+from .server import SftpauthServer, free_port
+from .sftp_fixtures import (
+    PASSWORDS,
+    SERVICE_ID,
+    count_events,
+    login_event,
+    open_fds,
+    openssh_fingerprint,
+    plugin_on_python_path,
+    require_tools,
+    run_openssh_sftp,
+    server_host_key,
+    sftp_config,
+    sftp_session,
+    ssh_transport,
+    start_server,
+    wait_for_new_event,
+)
+
+
+class Site:
+    def __init__(self, server: SftpauthServer, port: int, folder: Path):
+        self.server = server
+        self.port = port
+        self.folder = folder
+        self.homes = folder / "homes"
+
+    def home(self, username: str) -> Path:
+        home = self.homes / username
+        home.mkdir(parents=True, exist_ok=True)
+        return home
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory):
+    """One running server for the module: alice (full control), dave (disabled), rita (read-only)."""
+    folder = tmp_path_factory.mktemp("sftp")
+    with plugin_on_python_path():
+        server, port = start_server(folder)
+        try:
+            yield Site(server, port, folder)
+        finally:
+            server.stop()
+
+
+@pytest.fixture(scope="module")
+def keys_site(tmp_path_factory):
+    """A second server with generated host keys, a 2 s idle timeout and ``sftp = no``."""
+    folder = tmp_path_factory.mktemp("sftp-keys")
+    with plugin_on_python_path():
+        server, port = start_server(folder, "idle_connection_timeout = 2\nsftp = no")
+        try:
+            yield Site(server, port, folder)
+        finally:
+            server.stop()
+
+
+@pytest.fixture
+def alice(site):
+    with sftp_session(site.port, "alice") as client:
+        yield client
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}-{time.monotonic_ns()}"
+
+
+# -- file operations -----------------------------------------------------------------
+
+
+def test_upload_then_download(site, alice, tmp_path):
+    """A file uploaded with put lands in the home folder and downloads with identical bytes."""
+    name = unique("upload") + ".txt"
+    local = tmp_path / "local.txt"
+    local.write_bytes(b"hello sftp\n")
+    alice.put(str(local), name)
+    assert (site.home("alice") / name).read_bytes() == b"hello sftp\n"
+    alice.get(name, str(tmp_path / "back.txt"))
+    assert (tmp_path / "back.txt").read_bytes() == b"hello sftp\n"
+
+
+def test_listdir_and_listdir_attr(site, alice):
+    """listdir names the entries of a folder and listdir_attr gives sizes, types and ls -l lines."""
+    folder = unique("listing")
+    (site.home("alice") / folder).mkdir()
+    (site.home("alice") / folder / "a.txt").write_bytes(b"12345")
+    (site.home("alice") / folder / "sub").mkdir()
+    assert sorted(alice.listdir(folder)) == ["a.txt", "sub"]
+    attributes = {entry.filename: entry for entry in alice.listdir_attr(folder)}
+    assert attributes["a.txt"].st_size == 5
+    assert stat.S_ISREG(attributes["a.txt"].st_mode)
+    assert stat.S_ISDIR(attributes["sub"].st_mode)
+    assert re.match(r"-rw-r--r-- +1 alice +DEFAULT_GROUP +5 \w{3} [ \d]\d [ \d]\d:\d\d a\.txt$", attributes["a.txt"].longname)
+    assert attributes["sub"].longname.startswith("d")
+
+
+def test_opendir_on_a_file_fails(site, alice):
+    """Listing a file as if it were a folder is an error, not a one-entry listing."""
+    name = unique("plain") + ".txt"
+    (site.home("alice") / name).write_bytes(b"x")
+    with pytest.raises(IOError):
+        alice.listdir(name)
+
+
+def test_rename(site, alice):
+    """rename moves a file to its new name."""
+    old, new = unique("old"), unique("new")
+    (site.home("alice") / old).write_bytes(b"content")
+    alice.rename(old, new)
+    assert not (site.home("alice") / old).exists()
+    assert (site.home("alice") / new).read_bytes() == b"content"
+
+
+def test_rename_does_not_replace_an_existing_file(site, alice):
+    """rename onto an existing name fails and both files keep their content (SFTP v3 semantics)."""
+    first, second = unique("first"), unique("second")
+    (site.home("alice") / first).write_bytes(b"1")
+    (site.home("alice") / second).write_bytes(b"2")
+    with pytest.raises(IOError):
+        alice.rename(first, second)
+    with pytest.raises(IOError):
+        alice.posix_rename(first, second)  # an extension the server does not offer
+    assert (site.home("alice") / first).read_bytes() == b"1"
+    assert (site.home("alice") / second).read_bytes() == b"2"
+
+
+def test_remove(site, alice):
+    """remove deletes a file; removing it again says no such file."""
+    name = unique("remove")
+    (site.home("alice") / name).write_bytes(b"x")
+    alice.remove(name)
+    assert not (site.home("alice") / name).exists()
+    with pytest.raises(FileNotFoundError):
+        alice.remove(name)
+
+
+def test_mkdir_and_rmdir(site, alice):
+    """mkdir creates a folder, rmdir of a non-empty folder fails, rmdir of an empty one removes it."""
+    folder = unique("folder")
+    alice.mkdir(folder)
+    assert (site.home("alice") / folder).is_dir()
+    alice.mkdir(f"{folder}/inner")
+    with pytest.raises(IOError):
+        alice.rmdir(folder)
+    alice.rmdir(f"{folder}/inner")
+    alice.rmdir(folder)
+    assert not (site.home("alice") / folder).exists()
+
+
+def test_stat(site, alice):
+    """stat gives the size, type and modification time of files and folders; a missing name is ENOENT."""
+    name = unique("stat")
+    path = site.home("alice") / name
+    path.write_bytes(b"x" * 1234)
+    os.utime(path, (1_600_000_000, 1_600_000_000))
+    result = alice.stat(name)
+    assert result.st_size == 1234
+    assert stat.S_ISREG(result.st_mode)
+    assert result.st_mtime == 1_600_000_000
+    assert stat.S_ISDIR(alice.stat("/").st_mode)
+    assert stat.S_ISREG(alice.lstat(name).st_mode)
+    with pytest.raises(FileNotFoundError):
+        alice.stat(unique("missing"))
+
+
+def test_setstat_sets_times_and_ignores_permission_bits(site, alice):
+    """utime changes the times of a file; chmod is accepted but never changes the mode on disk."""
+    name = unique("times")
+    path = site.home("alice") / name
+    path.write_bytes(b"x")
+    os.chmod(path, 0o644)
+    alice.utime(name, (1_500_000_000, 1_500_000_100))
+    assert path.stat().st_mtime == 1_500_000_100
+    alice.chmod(name, 0o777)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644
+    with pytest.raises(IOError):
+        alice.truncate(name, 0)
+    assert path.read_bytes() == b"x"
+
+
+def test_append_and_exclusive_create(site, alice):
+    """Opening with append adds to the end, and exclusive create refuses an existing file."""
+    name = unique("append")
+    (site.home("alice") / name).write_bytes(b"abc")
+    with alice.open(name, "a") as remote:
+        remote.write(b"def")
+    assert (site.home("alice") / name).read_bytes() == b"abcdef"
+    with pytest.raises(IOError):
+        alice.open(name, "x")
+    assert (site.home("alice") / name).read_bytes() == b"abcdef"
+
+
+def test_utf8_names(site, alice):
+    """File and folder names in UTF-8 are stored as UTF-8 on disk and listed back unchanged."""
+    folder = "données-" + unique("δ")
+    name = "résumé 文件 ✓.txt"
+    alice.mkdir(folder)
+    alice.putfo(io.BytesIO(b"unicode"), f"{folder}/{name}")
+    on_disk = os.listdir(os.fsencode(site.home("alice") / folder))
+    assert on_disk == [name.encode("utf-8")]
+    assert alice.listdir(folder) == [name]
+    assert alice.open(f"{folder}/{name}").read() == b"unicode"
+
+
+def test_five_megabytes_round_trip_byte_exact(site, alice):
+    """A 5 MB random file uploads and downloads byte for byte."""
+    data = os.urandom(5 * 1024 * 1024)
+    name = unique("big") + ".bin"
+    alice.putfo(io.BytesIO(data), name)
+    on_disk = (site.home("alice") / name).read_bytes()
+    assert hashlib.sha256(on_disk).digest() == hashlib.sha256(data).digest()
+    downloaded = io.BytesIO()
+    alice.getfo(name, downloaded)
+    assert downloaded.getvalue() == data
+
+
+# -- permissions ---------------------------------------------------------------------
+
+
+def test_read_only_account_can_list_and_download(site):
+    """An account whose group has allow-read and allow-list lists and downloads."""
+    (site.home("rita") / "report.txt").write_bytes(b"numbers")
+    with sftp_session(site.port, "rita") as rita:
+        assert "report.txt" in rita.listdir("/")
+        assert rita.open("report.txt").read() == b"numbers"
+
+
+def test_read_only_account_cannot_change_anything(site):
+    """Upload, overwrite, mkdir, rename, remove and rmdir are permission denied for a read-only account."""
+    home = site.home("rita")
+    (home / "keep.txt").write_bytes(b"keep")
+    (home / "keep-folder").mkdir(exist_ok=True)
+    before = sorted(os.listdir(home))
+    with sftp_session(site.port, "rita") as rita:
+        with pytest.raises(PermissionError):
+            rita.putfo(io.BytesIO(b"new"), "new.txt")
+        with pytest.raises(PermissionError):
+            rita.open("keep.txt", "w")
+        with pytest.raises(PermissionError):
+            rita.open("keep.txt", "a")
+        with pytest.raises(PermissionError):
+            rita.mkdir("made")
+        with pytest.raises(PermissionError):
+            rita.rename("keep.txt", "moved.txt")
+        with pytest.raises(PermissionError):
+            rita.remove("keep.txt")
+        with pytest.raises(PermissionError):
+            rita.rmdir("keep-folder")
+        with pytest.raises(PermissionError):
+            rita.utime("keep.txt", (1, 1))
+    assert sorted(os.listdir(home)) == before
+    assert (home / "keep.txt").read_bytes() == b"keep"
+
+
+# -- logins --------------------------------------------------------------------------
+
+
+def test_wrong_password_is_refused_and_audited(site):
+    """A wrong password fails the login and the audit log says invalid-password."""
+    predicate = login_event("alice", "invalid-password")
+    already = count_events(site.server, predicate)
+    with pytest.raises(paramiko.AuthenticationException):
+        with ssh_transport(site.port, "alice", "not-alice-pass"):
+            pass
+    event = wait_for_new_event(site.server, predicate, already)
+    assert event["outcome"] == "failure"
+    assert event["service"] == SERVICE_ID
+    assert event["protocol"] == "sftp"
+    assert event["peer"] == "127.0.0.1"
+    assert "not-alice-pass" not in site.server.log_path.read_text(errors="replace")
+
+
+def test_disabled_account_is_refused_and_audited(site):
+    """A disabled account cannot log in even with its right password; the audit reason is account-disabled."""
+    predicate = login_event("dave", "account-disabled")
+    already = count_events(site.server, predicate)
+    with pytest.raises(paramiko.AuthenticationException):
+        with ssh_transport(site.port, "dave", PASSWORDS["dave"]):
+            pass
+    wait_for_new_event(site.server, predicate, already)
+
+
+def test_non_utf8_username_and_password_fail_cleanly(site):
+    """Usernames and passwords that are not UTF-8 are failed logins with an audit event, never a crash."""
+    bad_name = login_event("al\udcffice", "invalid-username")  # JSON "\\udcff" escape
+    already = count_events(site.server, bad_name)
+    with pytest.raises(paramiko.AuthenticationException):
+        with ssh_transport(site.port, b"al\xffice", "alice-pass"):
+            pass
+    wait_for_new_event(site.server, bad_name, already)
+
+    bad_password = login_event("alice", "invalid-password")
+    already = count_events(site.server, bad_password)
+    with pytest.raises(paramiko.AuthenticationException):
+        with ssh_transport(site.port, "alice", b"alice-pass\xff"):
+            pass
+    event = wait_for_new_event(site.server, bad_password, already)
+    assert event["detail"] == "the password is not valid UTF-8"
+    with sftp_session(site.port, "alice") as alice:
+        alice.listdir("/")
+
+
+def test_huge_username_is_refused(site):
+    """A 100 KB username is a failed login (invalid-username) and the service keeps working."""
+    predicate = lambda event: event.get("event") == "authentication" and event.get("reason") == "invalid-username"
+    already = count_events(site.server, predicate)
+    with pytest.raises(paramiko.AuthenticationException):
+        with ssh_transport(site.port, "u" * 100_000, "whatever"):
+            pass
+    event = wait_for_new_event(site.server, predicate, already)
+    assert len(event["username"]) < 1000
+    with sftp_session(site.port, "alice") as alice:
+        alice.listdir("/")
+
+
+def test_six_failed_passwords_disconnect(site):
+    """After six failed passwords on one connection the server disconnects it."""
+    transport = paramiko.Transport(("127.0.0.1", site.port))
+    try:
+        transport.start_client(timeout=10)
+        for _ in range(5):
+            with pytest.raises(paramiko.AuthenticationException):
+                transport.auth_password("alice", "wrong")
+            assert transport.is_active()
+        with pytest.raises(paramiko.SSHException):
+            transport.auth_password("alice", "wrong")
+        deadline = time.monotonic() + 5
+        while transport.is_active() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not transport.is_active()
+    finally:
+        transport.close()
+
+
+def test_session_end_is_audited_when_the_connection_closes(site):
+    """Closing the connection runs the realm's logout: a session-end event follows the session-start."""
+    ended = lambda event: event.get("event") == "session-end" and event.get("username") == "alice"
+    already = count_events(site.server, ended)
+    with sftp_session(site.port, "alice") as alice:
+        alice.listdir("/")
+    event = wait_for_new_event(site.server, ended, already)
+    assert event["protocol"] == "sftp" and event["service"] == SERVICE_ID and event["peer"] == "127.0.0.1"
+
+
+def test_client_leaving_during_the_password_check_leaves_no_open_session(site):
+    """A client that disconnects while its password is checked still gets a session-end for its session-start."""
+    started = lambda event: event.get("event") == "session-start" and event.get("username") == "alice"
+    ended = lambda event: event.get("event") == "session-end" and event.get("username") == "alice"
+    succeeded = lambda event: login_event("alice", "")(event) and event.get("outcome") == "success"
+    already = count_events(site.server, succeeded)
+    transport = paramiko.Transport(("127.0.0.1", site.port))
+    transport.start_client(timeout=10)
+    attempt = threading.Thread(target=lambda: _ignore_errors(transport.auth_password, "alice", PASSWORDS["alice"]))
+    attempt.start()
+    time.sleep(0.1)  # the request is on its way; the password hash takes longer than this
+    transport.sock.close()
+    transport.close()
+    attempt.join(10)
+    wait_for_new_event(site.server, succeeded, already)
+    deadline = time.monotonic() + 10
+    while count_events(site.server, ended) < count_events(site.server, started) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert count_events(site.server, ended) == count_events(site.server, started)
+
+
+def _ignore_errors(function, *args):
+    try:
+        function(*args)
+    except Exception:
+        pass
+
+
+# -- the jail ------------------------------------------------------------------------
+
+
+def test_parent_of_the_home_folder_is_the_home_folder(alice):
+    """chdir("..") from / stays at / and ../.. normalises to /."""
+    assert alice.normalize(".") == "/"
+    alice.chdir("..")
+    assert alice.getcwd() == "/"
+    assert alice.normalize("../..") == "/"
+    assert alice.normalize("/../../etc") == "/etc"
+
+
+def test_system_files_are_out_of_reach(site, alice, tmp_path):
+    """/etc/passwd and ../../etc/passwd name files inside the home folder, which do not exist."""
+    with pytest.raises(FileNotFoundError):
+        alice.get("/etc/passwd", str(tmp_path / "passwd"))
+    with pytest.raises(FileNotFoundError):
+        alice.open("../../etc/passwd")
+    with pytest.raises(FileNotFoundError):
+        alice.open("/../../../../etc/passwd")
+    with pytest.raises(FileNotFoundError):
+        alice.listdir("/etc")
+    assert not (tmp_path / "passwd").exists() or (tmp_path / "passwd").read_bytes() == b""
+
+
+def test_symlink_leading_outside_is_hidden_and_unreadable(site, alice, tmp_path):
+    """A symlink planted in the home folder that points to /etc is not listed, not readable, not statable."""
+    home = site.home("alice")
+    folder_link, file_link = unique("etc-link"), unique("passwd-link")
+    os.symlink("/etc", home / folder_link)
+    os.symlink("/etc/passwd", home / file_link)
+    names = alice.listdir("/")
+    assert folder_link not in names and file_link not in names
+    assert folder_link not in [entry.filename for entry in alice.listdir_attr("/")]
+    with pytest.raises(FileNotFoundError):
+        alice.open(f"{folder_link}/passwd")
+    with pytest.raises(FileNotFoundError):
+        alice.get(file_link, str(tmp_path / "leak"))
+    with pytest.raises(FileNotFoundError):
+        alice.listdir(folder_link)
+    with pytest.raises(FileNotFoundError):
+        alice.stat(file_link)
+    with pytest.raises(FileNotFoundError):
+        alice.open(file_link, "w")
+    assert open("/etc/passwd", "rb").read()  # untouched
+
+
+def test_symlink_inside_the_home_folder_works(site, alice):
+    """A symlink planted in the home folder that points inside it can be listed and read through."""
+    home = site.home("alice")
+    target = unique("docs")
+    (home / target).mkdir()
+    (home / target / "inside.txt").write_bytes(b"inside")
+    link = unique("docs-link")
+    os.symlink(home / target, home / link)
+    assert link in alice.listdir("/")
+    assert alice.listdir(link) == ["inside.txt"]
+    assert alice.open(f"{link}/inside.txt").read() == b"inside"
+
+
+def test_symlink_creation_is_refused(site, alice):
+    """The SFTP symlink request is permission denied and nothing is created."""
+    name = unique("made-link")
+    with pytest.raises(PermissionError):
+        alice.symlink("/etc", name)
+    assert not os.path.lexists(site.home("alice") / name)
+    with pytest.raises(PermissionError):
+        alice.readlink("/")
+
+
+# -- what is not SFTP ----------------------------------------------------------------
+
+
+def test_exec_shell_and_pty_are_refused_and_the_connection_still_works(site):
+    """exec, shell, pty, x11 requests fail cleanly; SFTP on the same connection works afterwards."""
+    with ssh_transport(site.port, "alice", PASSWORDS["alice"]) as transport:
+        channel = transport.open_session()
+        with pytest.raises(paramiko.SSHException):
+            channel.exec_command("cat /etc/passwd")
+        channel = transport.open_session()
+        with pytest.raises(paramiko.SSHException):
+            channel.invoke_shell()
+        channel = transport.open_session()
+        with pytest.raises(paramiko.SSHException):
+            channel.get_pty()
+        channel = transport.open_session()
+        with pytest.raises(paramiko.SSHException):
+            channel.request_x11()
+        channel = transport.open_session()
+        channel.set_environment_variable("LANG", "C")  # no reply wanted: simply ignored
+        channel.request_forward_agent(lambda channel: None)
+        with pytest.raises(paramiko.SSHException):
+            channel.invoke_subsystem("not-sftp")
+        assert transport.is_active()
+        client = paramiko.SFTPClient.from_transport(transport)
+        assert client.normalize(".") == "/"
+        client.close()
+
+
+def test_port_forwarding_is_refused_and_the_connection_still_works(site):
+    """direct-tcpip channels and tcpip-forward requests are refused; SFTP keeps working."""
+    with socket.socket() as target:
+        target.bind(("127.0.0.1", 0))
+        target.listen(1)
+        target_port = target.getsockname()[1]
+        with ssh_transport(site.port, "alice", PASSWORDS["alice"]) as transport:
+            with pytest.raises(paramiko.ChannelException) as refused:
+                transport.open_channel("direct-tcpip", ("127.0.0.1", target_port), ("127.0.0.1", 0))
+            assert refused.value.code == 1  # SSH_OPEN_ADMINISTRATIVELY_PROHIBITED
+            with pytest.raises(paramiko.ChannelException):
+                transport.open_channel("forwarded-tcpip", ("127.0.0.1", target_port), ("127.0.0.1", 0))
+            with pytest.raises(paramiko.ChannelException):
+                transport.open_channel("x11", src_addr=("127.0.0.1", 6000))
+            with pytest.raises(paramiko.SSHException):
+                transport.request_port_forward("127.0.0.1", 0)
+            assert transport.is_active()
+            client = paramiko.SFTPClient.from_transport(transport)
+            assert client.listdir("/") is not None
+            client.close()
+        target.settimeout(0.2)
+        with pytest.raises(socket.timeout):
+            target.accept()  # the server never connected on alice's behalf
+
+
+# -- robustness ----------------------------------------------------------------------
+
+
+def test_open_files_are_closed_when_the_session_ends(site):
+    """Files a client leaves open are closed when its connection drops: no file descriptor leak."""
+    if not os.path.isdir(f"/proc/{site.server.process.pid}/fd"):
+        pytest.skip("needs /proc to count file descriptors")
+    home = site.home("alice")
+    for index in range(20):
+        (home / f"leak-{index}.txt").write_bytes(b"x")
+    # A first session warms up the thread pool, so its threads do not count.
+    with sftp_session(site.port, "alice") as alice:
+        alice.listdir("/")
+    time.sleep(0.5)
+    baseline = open_fds(site.server.process.pid)
+    transport = paramiko.Transport(("127.0.0.1", site.port))
+    transport.connect(username="alice", password=PASSWORDS["alice"])
+    client = paramiko.SFTPClient.from_transport(transport)
+    handles = [client.open(f"leak-{index}.txt") for index in range(20)]
+    handles.append(client.open(unique("leak-written"), "w"))
+    assert open_fds(site.server.process.pid) >= baseline + 21
+    transport.sock.close()  # the client vanishes without closing anything
+    transport.close()
+    deadline = time.monotonic() + 10
+    while open_fds(site.server.process.pid) > baseline and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert open_fds(site.server.process.pid) <= baseline
+
+
+def test_oversized_sftp_packet_ends_only_that_session(site):
+    """An SFTP packet announcing more than 256 KB closes that session; the connection's other sessions go on."""
+    with ssh_transport(site.port, "alice", PASSWORDS["alice"]) as transport:
+        good = paramiko.SFTPClient.from_transport(transport)
+        channel = transport.open_session()
+        channel.invoke_subsystem("sftp")
+        channel.sendall(struct.pack("!LB", 2**31, 1) + b"\0" * 1000)
+        channel.settimeout(10)
+        assert channel.recv(1024) == b""  # closed by the server
+        assert good.normalize(".") == "/"
+        good.close()
+
+
+def test_requests_on_unknown_handles_get_an_error(site, alice):
+    """READ, WRITE, FSTAT, READDIR and CLOSE on a handle the server never gave are answered with an error."""
+    from paramiko import sftp as protocol
+
+    for request in (
+        (protocol.CMD_READ, b"bogus", protocol.int64(0), 10),
+        (protocol.CMD_WRITE, b"bogus", protocol.int64(0), b"data"),
+        (protocol.CMD_FSTAT, b"bogus"),
+        (protocol.CMD_READDIR, b"bogus"),
+        (protocol.CMD_CLOSE, b"bogus"),
+    ):
+        with pytest.raises(IOError):
+            alice._request(*request)
+    assert alice.normalize(".") == "/"
+
+
+def _sftp_packet(kind: int, payload: bytes) -> bytes:
+    return struct.pack("!LB", len(payload) + 1, kind) + payload
+
+
+def _read_sftp_packet(channel) -> tuple[int, bytes]:
+    def exactly(count: int) -> bytes:
+        data = b""
+        while len(data) < count:
+            chunk = channel.recv(count - len(data))
+            assert chunk, "the server closed the SFTP session"
+            data += chunk
+        return data
+
+    length, kind = struct.unpack("!LB", exactly(5))
+    return kind, exactly(length - 1)
+
+
+def test_malformed_and_unknown_requests_are_answered(site):
+    """A truncated request gets "bad message", an unknown type "unsupported", and the session goes on."""
+    with ssh_transport(site.port, "alice", PASSWORDS["alice"]) as transport:
+        channel = transport.open_session()
+        channel.settimeout(10)
+        channel.invoke_subsystem("sftp")
+        channel.sendall(_sftp_packet(1, struct.pack("!L", 3)))  # INIT, version 3
+        assert _read_sftp_packet(channel)[0] == 2  # VERSION
+        channel.sendall(_sftp_packet(5, struct.pack("!L", 7) + b"\0\0"))  # READ, cut short
+        kind, payload = _read_sftp_packet(channel)
+        assert (kind, payload[:8]) == (101, struct.pack("!LL", 7, 5))  # STATUS, id 7, FX_BAD_MESSAGE
+        channel.sendall(_sftp_packet(150, struct.pack("!L", 8)))  # no such request type
+        kind, payload = _read_sftp_packet(channel)
+        assert (kind, payload[:8]) == (101, struct.pack("!LL", 8, 8))  # STATUS, id 8, FX_OP_UNSUPPORTED
+        channel.sendall(_sftp_packet(16, struct.pack("!L", 9) + struct.pack("!L", 1) + b"."))  # REALPATH .
+        kind, payload = _read_sftp_packet(channel)
+        assert kind == 104 and payload.endswith(b"/" + struct.pack("!L", 0) + struct.pack("!L", 0))  # NAME "/"
+
+
+def test_client_leaving_mid_handshake_does_not_hurt_the_service(site):
+    """Clients that close after the version line, after half a packet, send garbage or close at once leave the service working."""
+    kexinit = b"\x14" + b"\0" * 16 + b"\xff\xff\xff\xff"  # a name-list claiming 4 GB
+    padding = 8 - (5 + len(kexinit)) % 8 + 8
+    garbage_packet = struct.pack("!LB", 1 + len(kexinit) + padding, padding) + kexinit + b"\0" * padding
+    for payload in (
+        b"SSH-2.0-OpenSSH_9.2 half-done\r\n",
+        b"SSH-2.0-x\r\n\x00\x00\x01\x00\x05\x14",
+        b"",
+        b"garbage\n" * 100,
+        b"SSH-2.0-x\r\n" + garbage_packet,
+        b"SSH-1.5-old\r\n",
+    ):
+        with socket.create_connection(("127.0.0.1", site.port), timeout=5) as raw:
+            if payload:
+                assert raw.recv(256).startswith(b"SSH-2.0-")
+                raw.sendall(payload)
+    assert site.server.process.poll() is None
+    with sftp_session(site.port, "alice") as alice:
+        assert alice.normalize(".") == "/"
+    assert "Traceback" not in site.server.log_tail(200)
+
+
+# -- host keys, idle timeout, sftp = no ----------------------------------------------
+
+
+def test_generated_host_keys_are_private_and_stable_across_restarts(keys_site):
+    """Generated Ed25519 and RSA keys are 0600 in a 0700 folder, logged at start and reused after a restart."""
+    folder = keys_site.folder / "data" / "ssh"
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o700
+    key_files = sorted(path.name for path in folder.iterdir())
+    assert key_files == ["ssh_host_ed25519_key", "ssh_host_rsa_key"]
+    for path in folder.iterdir():
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    ed25519_before = server_host_key(keys_site.port)
+    rsa_before = server_host_key(keys_site.port, disabled_algorithms={"keys": ["ssh-ed25519"]})
+    assert ed25519_before.get_name() == "ssh-ed25519"
+    assert rsa_before.get_name() == "ssh-rsa" and rsa_before.get_bits() == 3072
+    log = keys_site.server.log_path.read_text(errors="replace")
+    assert openssh_fingerprint(ed25519_before) in log
+    assert openssh_fingerprint(rsa_before) in log
+
+    keys_site.server.stop()
+    keys_site.server.start()
+    assert server_host_key(keys_site.port) == ed25519_before
+    assert server_host_key(keys_site.port, disabled_algorithms={"keys": ["ssh-ed25519"]}) == rsa_before
+    log = keys_site.server.log_path.read_text(errors="replace")
+    assert log.count(openssh_fingerprint(ed25519_before)) == 2
+
+
+def test_idle_connection_is_closed(keys_site):
+    """A logged-in connection that sends nothing for idle_connection_timeout seconds is disconnected."""
+    with ssh_transport(keys_site.port, "alice", PASSWORDS["alice"]) as transport:
+        assert transport.is_active()
+        deadline = time.monotonic() + 10
+        while transport.is_active() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not transport.is_active()
+        assert time.monotonic() < deadline
+
+
+def test_sftp_no_refuses_the_subsystem(keys_site):
+    """With sftp = no, the login works but the sftp subsystem is refused."""
+    with ssh_transport(keys_site.port, "alice", PASSWORDS["alice"]) as transport:
+        with pytest.raises(paramiko.SSHException):
+            paramiko.SFTPClient.from_transport(transport)
+
+
+def test_configured_host_keys_are_used(tmp_path):
+    """Keys listed in ssh_server_keys (PEM RSA, OpenSSH Ed25519) are the host keys clients see."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+
+    rsa_path, ed25519_path = tmp_path / "host_rsa.pem", tmp_path / "host_ed25519"
+    rsa_key = paramiko.RSAKey.generate(2048)
+    rsa_key.write_private_key_file(str(rsa_path))
+    assert rsa_path.read_text().startswith("-----BEGIN RSA PRIVATE KEY-----")
+    ed25519_path.write_bytes(
+        ed25519.Ed25519PrivateKey.generate().private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
+        )
+    )
+    ed25519_key = paramiko.Ed25519Key.from_private_key_file(str(ed25519_path))
+    with plugin_on_python_path():
+        server, port = start_server(tmp_path / "server", f"ssh_server_keys = {rsa_path}, {ed25519_path}")
+        try:
+            assert server_host_key(port).asbytes() == ed25519_key.asbytes()
+            assert server_host_key(port, {"keys": ["ssh-ed25519"]}).asbytes() == rsa_key.asbytes()
+            log = server.log_path.read_text(errors="replace")
+            assert openssh_fingerprint(rsa_key) in log and openssh_fingerprint(ed25519_key) in log
+            assert not (tmp_path / "server" / "data" / "ssh").exists()  # nothing generated
+        finally:
+            server.stop()
+
+
+def test_missing_host_key_file_stops_the_start(tmp_path):
+    """An unreadable ssh_server_keys file makes twistd exit 1 with a message (no traceback) naming file, section and option."""
+    folder = tmp_path / "server"
+    port = free_port()
+    missing = tmp_path / "no-such-key"
+    server = SftpauthServer(folder, sftp_config(folder, port, f"ssh_server_keys = {missing}"), ports=(port,))
+    with plugin_on_python_path():
+        with pytest.raises(RuntimeError) as stopped:
+            server.start()
+    message = str(stopped.value)
+    assert "exited with 1" in message
+    assert f"[services/{SERVICE_ID}] ssh_server_keys: cannot read the SSH host key {missing}" in message
+    assert "sftpauth.ini" in message
+    assert "Traceback" not in message
+
+
+def test_every_unusable_host_key_is_a_configuration_problem(tmp_path):
+    """Missing, public, encrypted, garbage and duplicate-type key files each get a problem naming the file."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+
+    from sftpauth.config.errors import ConfigError
+    from sftpauth.config.loader import load_configuration
+    from sftpauth.ssh import load_host_keys
+
+    def ed25519_file(name: str, encryption=serialization.NoEncryption()) -> Path:
+        path = tmp_path / name
+        key = ed25519.Ed25519PrivateKey.generate()
+        path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, encryption))
+        return path
+
+    good = ed25519_file("good")
+    public = tmp_path / "public.pub"
+    good_key = paramiko.Ed25519Key.from_private_key_file(str(good))
+    public.write_text(f"{good_key.get_name()} {good_key.get_base64()} test\n")
+    encrypted = ed25519_file("encrypted", serialization.BestAvailableEncryption(b"secret"))
+    garbage = tmp_path / "garbage"
+    garbage.write_text("not a key\n")
+    second = ed25519_file("second")
+    missing = tmp_path / "missing"
+    keys = [good, missing, public, encrypted, garbage, second]
+    config = tmp_path / "sftpauth.ini"
+    config.write_text(sftp_config(tmp_path, 2222, "ssh_server_keys = " + ", ".join(map(str, keys))))
+    configuration = load_configuration(str(config))
+    with pytest.raises(ConfigError) as refused:
+        load_host_keys(configuration.services[SERVICE_ID], configuration.path, configuration.server.data_folder)
+    problems = refused.value.problems
+    assert [(p.section, p.option) for p in problems] == [(f"services/{SERVICE_ID}", "ssh_server_keys")] * 5
+    assert all(p.path == str(config) for p in problems)
+    messages = [p.message for p in problems]
+    for path, words in (
+        (missing, "cannot read"),
+        (public, "public key"),
+        (encrypted, "passphrase"),
+        (garbage, "not a private key"),
+        (second, "second ssh-ed25519 key"),
+    ):
+        assert any(str(path) in message and words in message for message in messages), (path, messages)
+    assert "secret" not in str(refused.value)
+
+
+def test_damaged_generated_key_is_reported_not_replaced(tmp_path):
+    """A generated host key that no longer parses stops the start instead of silently changing the fingerprint."""
+    from sftpauth.config.errors import ConfigError
+    from sftpauth.ssh import generated_host_keys
+
+    folder = tmp_path / "ssh"
+    first = generated_host_keys(str(folder), "sftpauth.ini")
+    assert sorted(first) == [b"ssh-ed25519", b"ssh-rsa"]
+    assert generated_host_keys(str(folder), "sftpauth.ini")[b"ssh-ed25519"] == first[b"ssh-ed25519"]
+    (folder / "ssh_host_ed25519_key").write_text("truncated")
+    with pytest.raises(ConfigError) as refused:
+        generated_host_keys(str(folder), "sftpauth.ini")
+    assert "ssh_host_ed25519_key is damaged" in str(refused.value)
+    assert (folder / "ssh_host_ed25519_key").read_text() == "truncated"
+
+
+# -- OpenSSH -------------------------------------------------------------------------
+
+
+def test_openssh_sftp_put_ls_get_rename_rm(site, tmp_path):
+    """OpenSSH sftp (password via sshpass) uploads, lists, downloads, renames and removes files."""
+    require_tools("sshpass", "sftp")
+    local = tmp_path / "openssh-upload.txt"
+    local.write_bytes(b"from openssh\n" * 1000)
+    name = unique("openssh")
+    batch = (
+        f"put {local} {name}.txt\n"
+        "ls -l\n"
+        f"get {name}.txt {tmp_path}/downloaded.txt\n"
+        f"rename {name}.txt {name}-renamed.txt\n"
+        "ls\n"
+        "cd ..\n"
+        "pwd\n"
+        f"rm {name}-renamed.txt\n"
+        "ls\n"
+    )
+    result = run_openssh_sftp(site.port, "alice", PASSWORDS["alice"], batch, tmp_path)
+    output = result.stdout.decode(errors="replace")
+    assert result.returncode == 0, output + result.stderr.decode(errors="replace")
+    assert (tmp_path / "downloaded.txt").read_bytes() == local.read_bytes()
+    assert re.search(rf"-rw-r--r-- .* {name}\.txt", output)
+    assert f"{name}-renamed.txt" in output
+    assert "Remote working directory: /\n" in output
+    home = site.home("alice")
+    assert not (home / f"{name}.txt").exists() and not (home / f"{name}-renamed.txt").exists()
+
+
+def test_openssh_sftp_wrong_password_fails(site, tmp_path):
+    """OpenSSH sftp with a wrong password fails and transfers nothing."""
+    require_tools("sshpass", "sftp")
+    result = run_openssh_sftp(site.port, "alice", "wrong-pass", "ls\n", tmp_path)
+    assert result.returncode != 0
+
+
+def test_openssh_ssh_command_is_refused(site, tmp_path):
+    """OpenSSH ssh can log in but a remote command is refused, so nothing runs."""
+    require_tools("sshpass", "ssh")
+    marker = tmp_path / "should-not-exist"
+    result = subprocess.run(
+        [
+            "sshpass", "-p", PASSWORDS["alice"],
+            "ssh", "-oBatchMode=no", "-oStrictHostKeyChecking=no", "-oUserKnownHostsFile=/dev/null",
+            "-oPreferredAuthentications=password", "-oPubkeyAuthentication=no", "-T",
+            "-p", str(site.port), "alice@127.0.0.1", f"touch {marker}",
+        ],
+        capture_output=True,
+        timeout=60,
+    )
+    assert result.returncode != 0
+    assert not marker.exists()
+    with sftp_session(site.port, "alice") as alice:
+        alice.listdir("/")
+
+
+def test_server_log_has_no_unhandled_errors(site):
+    """After every test above, the server log holds no traceback or unhandled error (runs last)."""
+    log = site.server.log_path.read_text(errors="replace")
+    assert "Traceback" not in log
+    assert "Unhandled" not in log
+    assert site.server.process.poll() is None

@@ -1,0 +1,437 @@
+"""bind_dn_type = direct-username (and AD's error-49 sub-codes) against an in-process, recording LDAP server.
+
+OpenLDAP cannot bind with ``john@ad.example.com`` or ``AD\\john``: only
+Active Directory accepts such names. So this module plays AD with ldaptor:
+a real LDAP server on 127.0.0.1:0 that records every BIND name and every
+search filter, accepts one name/password pair and answers searches from an
+in-memory tree. The LDAPMethod under test talks to it over TCP as it would
+to a real directory.
+"""
+
+from __future__ import annotations
+
+import io
+import textwrap
+
+import pytest
+import pytest_twisted
+from ldaptor.inmemory import fromLDIFFile
+from ldaptor.interfaces import IConnectedLDAPEntry
+from ldaptor.protocols import pureldap
+from ldaptor.protocols.ldap.ldapserver import LDAPServer
+from twisted.internet import defer
+from twisted.internet.protocol import ServerFactory
+from twisted.python.components import registerAdapter
+
+from sftpauth.audit import AuditLog
+from sftpauth.auth.chain import AuthenticationChain
+from sftpauth.auth.credentials import LoginRequest
+from sftpauth.auth.errors import LoginFailed
+from sftpauth.auth.ldap.dn import AD_REASONS
+from sftpauth.auth.ldap.method import LDAPMethod
+from sftpauth.config.loader import parse_configuration
+
+DOMAIN = "dc=ad,dc=example,dc=com"
+USERS = f"cn=Users,{DOMAIN}"
+JOHN_DN = f"cn=John Smith,{USERS}"
+UPN = "john@ad.example.com"
+PASSWORD = "J0hn-Pa55"
+AD_MESSAGE = "80090308: LdapErr: DSID-0C09042A, comment: AcceptSecurityContext error, data {code}, v3839"
+
+TREE_LDIF = f"""\
+dn: {DOMAIN}
+objectClass: top
+objectClass: domain
+dc: ad
+
+dn: {USERS}
+objectClass: top
+objectClass: container
+cn: Users
+
+dn: ou=Contractors,{DOMAIN}
+objectClass: top
+objectClass: organizationalUnit
+ou: Contractors
+
+dn: {JOHN_DN}
+objectClass: top
+objectClass: person
+objectClass: user
+cn: John Smith
+sAMAccountName: john
+userPrincipalName: {UPN}
+homeDirectory: users\\john
+mail: {UPN}
+memberOf: cn=FTP-Users,cn=Groups,{DOMAIN}
+
+"""
+
+
+class RecordingDirectory(ServerFactory):
+    """Plays Active Directory: records what clients send; the test decides the BIND answers."""
+
+    def __init__(self, root):
+        self.root = root
+        self.binds: list[str] = []
+        self.searches: list[tuple[str, str]] = []
+        self.unbinds = 0
+        self.connections = 0
+        self.open_connections = 0
+        # bind name -> password accepted for it
+        self.accept: dict[str, str] = {}
+        # bind name -> (result code, diagnostic message) answered whatever the password
+        self.refuse: dict[str, tuple[int, str]] = {}
+
+    def buildProtocol(self, addr):
+        self.connections += 1
+        return super().buildProtocol(addr)
+
+
+registerAdapter(lambda factory: factory.root, RecordingDirectory, IConnectedLDAPEntry)
+
+
+class RecordingLDAPServer(LDAPServer):
+    factory: RecordingDirectory
+
+    def connectionMade(self):
+        self.factory.open_connections += 1
+        super().connectionMade()
+
+    def connectionLost(self, reason=None):
+        self.factory.open_connections -= 1
+        super().connectionLost(reason)
+
+    def handle_LDAPBindRequest(self, request, controls, reply):
+        name = request.dn.decode("utf-8") if isinstance(request.dn, bytes) else request.dn
+        password = request.auth.decode("utf-8") if isinstance(request.auth, bytes) else request.auth
+        self.factory.binds.append(name)
+        if name in self.factory.refuse:
+            code, message = self.factory.refuse[name]
+            return pureldap.LDAPBindResponse(resultCode=code, errorMessage=message)
+        if name == "" or (name in self.factory.accept and self.factory.accept[name] == password):
+            # As AD does, an empty password is an anonymous bind that succeeds.
+            return pureldap.LDAPBindResponse(resultCode=0)
+        if password == "":
+            return pureldap.LDAPBindResponse(resultCode=0)
+        return pureldap.LDAPBindResponse(resultCode=49, errorMessage=AD_MESSAGE.format(code="52e"))
+
+    def handle_LDAPSearchRequest(self, request, controls, reply):
+        base = request.baseObject.decode("utf-8") if isinstance(request.baseObject, bytes) else request.baseObject
+        self.factory.searches.append((base, filter_text(request.filter)))
+        return super().handle_LDAPSearchRequest(request, controls, reply)
+
+    def handle_LDAPUnbindRequest(self, request, controls, reply):
+        self.factory.unbinds += 1
+        return super().handle_LDAPUnbindRequest(request, controls, reply)
+
+
+RecordingDirectory.protocol = RecordingLDAPServer
+
+
+def _text(value) -> str:
+    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+def filter_text(received) -> str:
+    """RFC 4515 text of a filter as the server decoded it (values arrive as bytes)."""
+    if isinstance(received, pureldap.LDAPFilter_and):
+        return "(&" + "".join(filter_text(item) for item in received) + ")"
+    if isinstance(received, pureldap.LDAPFilter_or):
+        return "(|" + "".join(filter_text(item) for item in received) + ")"
+    if isinstance(received, pureldap.LDAPFilter_not):
+        return "(!" + filter_text(received.value) + ")"
+    if isinstance(received, pureldap.LDAPFilter_present):
+        return f"({_text(received.value)}=*)"
+    if isinstance(received, pureldap.LDAPFilter_equalityMatch):
+        value = pureldap.escape(_text(received.assertionValue.value))
+        return f"({_text(received.attributeDesc.value)}={value})"
+    return repr(received)
+
+
+def load_tree():
+    results = []
+    fromLDIFFile(io.BytesIO(TREE_LDIF.encode("utf-8"))).addBoth(results.append)
+    assert results and not hasattr(results[0], "getErrorMessage"), results
+    return results[0]
+
+
+@pytest_twisted.async_yield_fixture
+async def directory():
+    """A recording fake AD listening on 127.0.0.1:<free port>."""
+    from twisted.internet import reactor
+
+    factory = RecordingDirectory(load_tree())
+    port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+    factory.port = port.getHost().port
+    yield factory
+    await port.stopListening()
+
+
+def configuration_for(directory, options: str, tmp_path):
+    text = textwrap.dedent(
+        f"""
+        [server]
+        authentications = ad
+
+        [groups/ldap-users]
+        home_folder_path = {tmp_path}/homes
+
+        [authentications/ad]
+        type = ldap
+        address = 127.0.0.1
+        port = {directory.port}
+        timeout = 5
+        base_groups = ldap-users
+        """
+    ) + textwrap.dedent(options)
+    return parse_configuration(text, str(tmp_path / "server.ini"), str(tmp_path), {})
+
+
+def method_for(directory, options: str, tmp_path) -> LDAPMethod:
+    from twisted.internet import reactor
+
+    configuration = configuration_for(directory, options, tmp_path)
+    return LDAPMethod(configuration.authentications["ad"], configuration, reactor)
+
+
+def request(username: str, password: str = PASSWORD, manager: bool = False) -> LoginRequest:
+    return LoginRequest(username, password, "sftp", "sftp", "192.0.2.1", manager=manager)
+
+
+async def until_closed(directory) -> None:
+    """Let the server see the client's UNBIND and close (a few reactor turns)."""
+    from twisted.internet import reactor
+
+    for _ in range(100):
+        if directory.open_connections == 0:
+            return
+        await deferLater(reactor, 0.01)
+
+
+def deferLater(reactor, seconds):
+    from twisted.internet import task
+
+    return task.deferLater(reactor, seconds, lambda: None)
+
+
+async def failure_of(method: LDAPMethod, login: LoginRequest) -> LoginFailed:
+    with pytest.raises(LoginFailed) as caught:
+        await method.authenticate(login)
+    return caught.value
+
+
+DIRECT_UPN = f"""
+bind_dn_type = direct-username
+bind_dn = {DOMAIN}
+username_attribute = sAMAccountName
+username_suffix = @ad.example.com
+home_folder_attribute = homeDirectory, {{home}}/{{homeDirectory}}
+"""
+
+
+@pytest_twisted.ensureDeferred
+async def test_bind_name_is_username_plus_suffix_then_search_by_samaccountname(directory, tmp_path):
+    """'john' with username_suffix '@ad.example.com' binds as exactly 'john@ad.example.com', then finds the entry by sAMAccountName=john."""
+    directory.accept[UPN] = PASSWORD
+    method = method_for(directory, DIRECT_UPN.replace("{home}", str(tmp_path / "ad")), tmp_path)
+    account = await method.authenticate(request("john"))
+    assert directory.binds == [UPN]
+    assert directory.searches == [(DOMAIN, "(sAMAccountName=john)")]
+    assert account.dn == JOHN_DN
+    assert account.username == "john"
+    assert account.home_folder == str(tmp_path / "ad" / "users" / "john")  # AD's backslash became '/'
+    assert account.groups == ("ldap-users",)
+    await until_closed(directory)
+    assert directory.unbinds == 1
+    assert directory.open_connections == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_down_level_name_is_bound_as_typed_and_searched_by_its_user_part(directory, tmp_path):
+    """'AD\\john' binds as exactly 'AD\\john' and the sAMAccountName search uses only 'john'."""
+    directory.accept["AD\\john"] = PASSWORD
+    method = method_for(
+        directory,
+        f"""
+        bind_dn_type = direct-username
+        bind_dn = {DOMAIN}
+        username_attribute = sAMAccountName
+        """,
+        tmp_path,
+    )
+    account = await method.authenticate(request("AD\\john"))
+    assert directory.binds == ["AD\\john"]
+    assert directory.searches == [(DOMAIN, "(sAMAccountName=john)")]
+    assert account.dn == JOHN_DN
+    assert account.home_folder == str(tmp_path / "homes" / "AD\\john")
+
+
+@pytest_twisted.ensureDeferred
+async def test_userprincipalname_search_uses_the_full_upn(directory, tmp_path):
+    """With username_attribute = userPrincipalName the search uses the full bind name, suffix included."""
+    directory.accept[UPN] = PASSWORD
+    method = method_for(
+        directory,
+        f"""
+        bind_dn_type = direct-username
+        bind_dn = {DOMAIN}
+        username_attribute = userPrincipalName
+        username_suffix = @ad.example.com
+        """,
+        tmp_path,
+    )
+    account = await method.authenticate(request("john"))
+    assert directory.binds == [UPN]
+    assert directory.searches == [(DOMAIN, f"(userPrincipalName={UPN})")]
+    assert account.dn == JOHN_DN
+
+
+@pytest_twisted.ensureDeferred
+async def test_search_is_made_under_each_base_until_found(directory, tmp_path):
+    """After the BIND, the bases are searched top to bottom and the first one holding the entry decides."""
+    directory.accept[UPN] = PASSWORD
+    method = method_for(
+        directory,
+        f"""
+        bind_dn_type = direct-username
+        bind_dn =
+            ou=Contractors,{DOMAIN}
+            {USERS}
+        username_attribute = sAMAccountName
+        username_suffix = @ad.example.com
+        """,
+        tmp_path,
+    )
+    account = await method.authenticate(request("john"))
+    assert directory.binds == [UPN]
+    assert directory.searches == [(f"ou=Contractors,{DOMAIN}", "(sAMAccountName=john)"), (USERS, "(sAMAccountName=john)")]
+    assert account.dn == JOHN_DN
+
+
+@pytest_twisted.ensureDeferred
+async def test_search_filter_applies_after_the_bind(directory, tmp_path):
+    """A bound account whose entry does not match search_filter is refused with filter-mismatch."""
+    directory.accept[UPN] = PASSWORD
+    method = method_for(
+        directory,
+        f"""
+        bind_dn_type = direct-username
+        bind_dn = {DOMAIN}
+        username_attribute = sAMAccountName
+        username_suffix = @ad.example.com
+        search_filter = (memberOf=cn=Admins,cn=Groups,{DOMAIN})
+        """,
+        tmp_path,
+    )
+    failure = await failure_of(method, request("john"))
+    assert failure.reason == "filter-mismatch"
+    assert directory.searches[0] == (DOMAIN, f"(&(sAMAccountName=john)(memberOf=cn=Admins,cn=Groups,{DOMAIN}))")
+
+
+@pytest_twisted.ensureDeferred
+async def test_bound_name_without_entry_is_unknown_user(directory, tmp_path):
+    """A name AD accepts but whose entry no search finds is refused as unknown-user."""
+    directory.accept["ghost@ad.example.com"] = PASSWORD
+    method = method_for(directory, DIRECT_UPN.replace("{home}", str(tmp_path)), tmp_path)
+    failure = await failure_of(method, request("ghost"))
+    assert failure.reason == "unknown-user"
+    assert directory.searches == [(DOMAIN, "(sAMAccountName=ghost)")]
+
+
+@pytest.mark.parametrize("code", sorted(AD_REASONS))
+@pytest_twisted.ensureDeferred
+async def test_ad_error_49_sub_codes_become_reasons(directory, tmp_path, code):
+    """AD's 'data XXX' sub-code of error 49 becomes its own reason, and nothing is searched after the failed BIND."""
+    directory.refuse[UPN] = (49, AD_MESSAGE.format(code=code))
+    method = method_for(directory, DIRECT_UPN.replace("{home}", str(tmp_path)), tmp_path)
+    failure = await failure_of(method, request("john"))
+    assert (failure.reason, failure.explanation) == AD_REASONS[code]
+    assert directory.binds == [UPN]
+    assert directory.searches == []
+    await until_closed(directory)
+    assert directory.unbinds == 1
+
+
+def test_ad_reasons_are_distinct_and_named():
+    """Wrong password, unknown user, expired, disabled, locked and must-change are told apart."""
+    reasons = {code: reason for code, (reason, _) in AD_REASONS.items()}
+    assert reasons["525"] == "unknown-user"
+    assert reasons["52e"] == "invalid-password"
+    assert reasons["775"] == "account-locked"
+    assert reasons["533"] == "account-disabled"
+    assert reasons["532"] == "password-expired"
+    assert reasons["701"] == "account-expired"
+    assert reasons["773"] == "password-must-change"
+    assert len(set(reasons.values())) == len(reasons)
+
+
+@pytest_twisted.ensureDeferred
+async def test_plain_invalid_credentials_without_sub_code(directory, tmp_path):
+    """Error 49 without an AD sub-code is reported as invalid-credentials (the directory does not say which)."""
+    directory.refuse[UPN] = (49, "Invalid credentials")
+    method = method_for(directory, DIRECT_UPN.replace("{home}", str(tmp_path)), tmp_path)
+    failure = await failure_of(method, request("john"))
+    assert failure.reason == "invalid-credentials"
+
+
+@pytest_twisted.ensureDeferred
+async def test_other_bind_errors_are_ldap_errors(directory, tmp_path):
+    """A BIND refused for another reason (e.g. unwilling to perform) is an ldap-error, never a success."""
+    directory.refuse[UPN] = (53, "unwilling to perform")
+    method = method_for(directory, DIRECT_UPN.replace("{home}", str(tmp_path)), tmp_path)
+    failure = await failure_of(method, request("john"))
+    assert failure.reason == "ldap-error"
+
+
+@pytest.mark.parametrize("username", ["*", "john)(sAMAccountName=*", "*)(|(sAMAccountName=*"])
+@pytest_twisted.ensureDeferred
+async def test_filter_injection_in_direct_username_is_escaped(directory, tmp_path, username):
+    """Even when the directory accepts the typed name, the search for it is one escaped equality test."""
+    directory.accept[username + "@ad.example.com"] = PASSWORD
+    method = method_for(directory, DIRECT_UPN.replace("{home}", str(tmp_path)), tmp_path)
+    failure = await failure_of(method, request(username))
+    assert failure.reason == "unknown-user"
+    escaped = username.replace("*", r"\2a").replace("(", r"\28").replace(")", r"\29")
+    assert directory.searches == [(DOMAIN, f"(sAMAccountName={escaped})")]
+
+
+@pytest_twisted.ensureDeferred
+async def test_empty_password_never_reaches_a_directory_that_would_accept_it(directory, tmp_path):
+    """The chain refuses empty and blank passwords before any connection, although this AD-like server accepts them."""
+    from twisted.internet import reactor
+
+    configuration = configuration_for(directory, DIRECT_UPN.replace("{home}", str(tmp_path)), tmp_path)
+    method = LDAPMethod(configuration.authentications["ad"], configuration, reactor)
+    events: list[dict] = []
+    audit = AuditLog("")
+    audit.listeners.append(events.append)
+    chain = AuthenticationChain(configuration, {"ad": method}, audit, defer.maybeDeferred)
+    for password in ("", " ", " \t "):
+        with pytest.raises(LoginFailed) as caught:
+            await chain.login(request("john", password))
+        assert caught.value.reason == "empty-password"
+    assert [event["reason"] for event in events] == ["empty-password"] * 3
+    assert directory.connections == 0
+    assert directory.binds == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_parent_walks_on_when_ad_says_user_not_found_under_a_base(directory, tmp_path):
+    """With bind_dn_type = parent, AD's 525 (no such user) under the first base goes on to the next base."""
+    directory.refuse[f"cn=John Smith,ou=Contractors,{DOMAIN}"] = (49, AD_MESSAGE.format(code="525"))
+    directory.accept[JOHN_DN] = PASSWORD
+    method = method_for(
+        directory,
+        f"""
+        bind_dn_type = parent
+        bind_dn =
+            ou=Contractors,{DOMAIN}
+            {USERS}
+        username_attribute = cn
+        """,
+        tmp_path,
+    )
+    account = await method.authenticate(request("John Smith"))
+    assert account.dn == JOHN_DN
+    assert directory.binds == [f"cn=John Smith,ou=Contractors,{DOMAIN}", JOHN_DN]
