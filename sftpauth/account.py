@@ -25,6 +25,7 @@ class Account:
     email: str = ""
     full_name: str = ""
     dn: Optional[str] = None  # the LDAP entry, for LDAP accounts
+    roles: tuple[str, ...] = ()  # Web Manager role IDs, for manager logins
 
 
 def home_folder_from_group(group: GroupSettings, username: str) -> str:

@@ -9,7 +9,7 @@ import datetime
 import json
 import os
 import threading
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 from twisted.logger import Logger
 

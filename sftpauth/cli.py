@@ -43,7 +43,10 @@ def summary(configuration: Configuration) -> str:
         lines.append(f"  service {service_id}: {service.type} on {service.address}:{service.port} ({state})")
     for method_id, method in configuration.authentications.items():
         lines.append(f"  authentication {method_id}: {method.type}{'' if method.enabled else ' (disabled)'}")
-    lines.append(f"  groups: {len(configuration.groups)}, accounts: {len(configuration.accounts)}")
+    lines.append(
+        f"  groups: {len(configuration.groups)}, accounts: {len(configuration.accounts)}, "
+        f"administrators: {len(configuration.administrators)}"
+    )
     for warning in configuration.warnings:
         lines.append(f"warning: {warning}")
     return "\n".join(lines)
@@ -66,7 +69,6 @@ def _start_embedded_directories(configuration: Configuration, runtime) -> list:
 
     from sftpauth import directory
     from sftpauth.config.models import DirectoryServiceSettings
-    from sftpauth.listening import endpoint_for
 
     ports = []
     for settings in configuration.services.values():
@@ -83,6 +85,43 @@ def format_trace(trace) -> list[str]:
     lines = []
     for step in trace.steps:
         lines.append(f"  {step.elapsed * 1000:8.1f} ms  {step.method:<24} {step.action:<13} {step.detail}")
+    return lines
+
+
+def result_lines(account, failure, manager: bool) -> list[str]:
+    """The outcome of a test login: what was decided and what the account gets (CLI and Web Manager)."""
+    if account is None:
+        return [f"result: REJECTED ({failure.reason}): {failure.explanation}"]
+    lines = [f"result: ACCEPTED by {account.method_id} as {account.username!r}"]
+    if account.dn:
+        lines.append(f"  entry:       {account.dn}")
+    if not manager:
+        permissions = ", ".join(sorted(p.value for p in account.permissions)) or "none"
+        lines.append(f"  home folder: {account.home_folder}")
+        lines.append(f"  groups:      {', '.join(account.groups)} (primary: {account.groups[0]})")
+        lines.append(f"  permissions: {permissions}")
+    else:
+        lines.append(f"  roles:       {', '.join(account.roles) or 'none'}")
+    if account.email:
+        lines.append(f"  e-mail:      {account.email}")
+    if account.full_name:
+        lines.append(f"  full name:   {account.full_name}")
+    return lines
+
+
+def server_state_lines(runtime, method_ids) -> list[str]:
+    """One line per LDAP server of the methods used: up, down (and why) or not contacted."""
+    if isinstance(method_ids, str):
+        method_ids = (method_ids,)
+    now = runtime.reactor.seconds()
+    lines = []
+    for method_id in method_ids:
+        pool = runtime.ldap_pools.get(method_id)
+        if pool is None:
+            continue
+        lines.append(f"LDAP servers of {method_id}:")
+        for state in pool.states():
+            lines.append(f"  {str(state.address):<28} {state.describe(now)}")
     return lines
 
 
@@ -125,26 +164,90 @@ def test_login_command(args: argparse.Namespace) -> int:
             account = await runtime.chain.login(request, only_method=args.authentication)
         except LoginFailed as failure:
             print("\n".join(format_trace(trace)))
-            print(f"result: REJECTED ({failure.reason}): {failure.explanation}")
+            print("\n".join(result_lines(None, failure, args.manager)))
         else:
             print("\n".join(format_trace(trace)))
-            print(f"result: ACCEPTED by {account.method_id} as {account.username!r}")
-            if account.dn:
-                print(f"  entry:       {account.dn}")
-            if not args.manager:
-                permissions = ", ".join(sorted(p.value for p in account.permissions)) or "none"
-                print(f"  home folder: {account.home_folder}")
-                print(f"  groups:      {', '.join(account.groups)} (primary: {account.groups[0]})")
-                print(f"  permissions: {permissions}")
-            if account.email:
-                print(f"  e-mail:      {account.email}")
-            if account.full_name:
-                print(f"  full name:   {account.full_name}")
+            print("\n".join(result_lines(account, None, args.manager)))
             outcome["code"] = 0
         finally:
+            for line in server_state_lines(runtime, args.authentication or configuration.server.authentications):
+                print(line)
             for port in ports:
                 await port.stopListening()
             runtime.audit.close()
+
+    try:
+        task.react(lambda reactor: defer.ensureDeferred(run(reactor)))
+    except SystemExit:
+        pass
+    return outcome["code"]
+
+
+def totp_new_command(args: argparse.Namespace) -> int:
+    from sftpauth.auth.ldap.totp import ldif_line, new_totp_uri, terminal_qr_code
+
+    username = args.username.strip()
+    if not username:
+        print("sftpauth: the username is empty", file=sys.stderr)
+        return 1
+    uri = new_totp_uri(username, args.issuer, args.digits)
+    print(f"New TOTP secret for {username!r} (issuer {args.issuer!r}, {args.digits} digits, SHA1, 30 s).")
+    print("It is a key: hand it to the user only, store it only in the LDAP attribute.")
+    print()
+    print("otpauth URI:")
+    print(uri)
+    print()
+    print("QR code for an authenticator app:")
+    print(terminal_qr_code(uri), end="")
+    print()
+    print("LDIF line for the LDAP attribute (e.g. with ldapmodify, replace:):")
+    print(ldif_line(args.attribute, uri))
+    if args.digits != 6:
+        print()
+        print(f'The LDAP method needs "digits": {args.digits} in extension_configuration.')
+    return 0
+
+
+def verify_ldap_command(args: argparse.Namespace) -> int:
+    from twisted.internet import defer, task
+
+    from types import SimpleNamespace
+
+    from sftpauth.auth.ldap.verify import format_report, verify_method
+    from sftpauth.config.models import LDAPAuthenticationSettings
+
+    try:
+        configuration = load_configuration(args.file)
+    except ConfigError as error:
+        print(str(error), file=sys.stderr)
+        return 1
+    methods = {
+        method_id: settings
+        for method_id, settings in configuration.authentications.items()
+        if isinstance(settings, LDAPAuthenticationSettings)
+    }
+    if args.id is not None:
+        if args.id not in methods:
+            print(f"sftpauth: no LDAP authentication method {args.id!r}; defined: {', '.join(methods) or 'none'}", file=sys.stderr)
+            return 1
+        methods = {args.id: methods[args.id]}
+    if not methods:
+        print(f"sftpauth: {args.file} has no [authentications/ID] with type = ldap", file=sys.stderr)
+        return 1
+    for warning in configuration.warnings:
+        print(f"warning: {warning}")
+    outcome = {"code": 1}
+
+    async def run(reactor) -> None:
+        # Only the embedded directory is needed (no audit log, no chain).
+        ports = _start_embedded_directories(configuration, SimpleNamespace(reactor=reactor))
+        try:
+            reports = [await verify_method(settings, reactor) for settings in methods.values()]
+        finally:
+            for port in ports:
+                await port.stopListening()
+        print(format_report(configuration.path, reports))
+        outcome["code"] = 1 if any(report.failures for report in reports) else 0
 
     try:
         task.react(lambda reactor: defer.ensureDeferred(run(reactor)))
@@ -170,9 +273,29 @@ def build_parser() -> argparse.ArgumentParser:
     login.add_argument("--password-stdin", action="store_true", help="read the password from standard input")
     login.set_defaults(run=test_login_command)
 
-    hashing = commands.add_parser("hash-password", help="print a password hash for [accounts/..]")
+    verify = commands.add_parser(
+        "verify-ldap", help="check every server of the LDAP methods: TCP, TLS, certificate, service BIND, base DNs"
+    )
+    verify.add_argument("file")
+    verify.add_argument("id", nargs="?", metavar="ID", help="only this [authentications/ID]")
+    verify.set_defaults(run=verify_ldap_command)
+
+    hashing = commands.add_parser("hash-password", help="print a password hash for [accounts/..] and [administrators/..]")
     hashing.add_argument("--password-stdin", action="store_true", help="read the password from standard input")
     hashing.set_defaults(run=hash_password_command)
+
+    totp = commands.add_parser("totp", help="TOTP secrets for the AugmentedTOTP LDAP extension")
+    totp_commands = totp.add_subparsers(dest="totp_command", required=True)
+    totp_new = totp_commands.add_parser(
+        "new", help="print a new secret: otpauth URI, terminal QR code and LDIF line"
+    )
+    totp_new.add_argument("username", help="the account name shown by the authenticator app")
+    totp_new.add_argument("--issuer", default="sftpauth", metavar="NAME", help="shown by the app (default: sftpauth)")
+    totp_new.add_argument(
+        "--attribute", default="totpSharedSecret", metavar="NAME", help="LDAP attribute of the LDIF line (mfa_attribute)"
+    )
+    totp_new.add_argument("--digits", type=int, choices=(6, 7, 8), default=6, help="code length (default: 6)")
+    totp_new.set_defaults(run=totp_new_command)
     return parser
 
 

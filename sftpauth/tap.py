@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import os
 import signal
 import sys
 
@@ -16,12 +15,14 @@ from twisted.python import usage
 from sftpauth import __version__
 from sftpauth.audit import AuditLog
 from sftpauth.auth.chain import AuthenticationChain
-from sftpauth.auth.methods import build_methods
+from sftpauth.auth.policy import SecurityPolicies
+from sftpauth.auth.methods import build_methods, ldap_pools
 from sftpauth.config.errors import ConfigError, ConfigProblem
 from sftpauth.config.loader import load_configuration
 from sftpauth.config.models import Configuration
 from sftpauth.realm import SessionRealm
 from sftpauth.runtime import Runtime
+from sftpauth.state import build_state
 
 _log = Logger()
 
@@ -52,7 +53,10 @@ def build_runtime(configuration: Configuration, reactor) -> Runtime:
         raise ConfigError(
             [ConfigProblem(configuration.path, None, "server", "audit_log", f"cannot open the audit log: {error}")]
         ) from None
-    chain = AuthenticationChain(configuration, build_methods(configuration, run_in_thread, reactor), audit, run_in_thread)
+    state = build_state(configuration.server.state, reactor)
+    methods = build_methods(configuration, run_in_thread, reactor, state)
+    policies = SecurityPolicies(configuration, state.bans, audit, reactor)
+    chain = AuthenticationChain(configuration, methods, audit, run_in_thread, policies=policies)
     portal = Portal(SessionRealm(audit, run_in_thread), [chain])
     return Runtime(
         configuration=configuration,
@@ -62,6 +66,9 @@ def build_runtime(configuration: Configuration, reactor) -> Runtime:
         audit=audit,
         run_in_thread=run_in_thread,
         data_folder=configuration.server.data_folder,
+        state=state,
+        ldap_pools=ldap_pools(methods),
+        policies=policies,
     )
 
 
@@ -74,13 +81,67 @@ class _AuditCloser(Service):
         self._audit.close()
 
 
+class SharedStateService(Service):
+    """Connects to the shared state (Redis) with the services, and closes it and the ban timers after them."""
+
+    name = "shared-state"
+
+    def __init__(self, runtime: Runtime):
+        self._runtime = runtime
+
+    def startService(self):
+        super().startService()
+        state = self._runtime.state
+        _log.info("shared state (bans, used TOTP codes): {state}", state=state.description)
+        if state.connection is not None:
+            state.connection.start()
+
+    def stopService(self):
+        super().stopService()
+        if self._runtime.policies is not None:
+            self._runtime.policies.stop()
+        if self._runtime.state.connection is not None:
+            return self._runtime.state.connection.stop()
+        return None
+
+
+class LDAPHealthProbes(Service):
+    """The LDAP pools probe their down servers while sftpauth runs, and stop with it."""
+
+    name = "ldap-health-probes"
+
+    def __init__(self, pools):
+        self._pools = tuple(pools)
+
+    def startService(self):
+        super().startService()
+        for pool in self._pools:
+            _log.info(
+                "LDAP method {method}: servers {servers} ({security}), timeout {timeout}s, retry_interval {retry}s",
+                method=pool.name,
+                servers=", ".join(str(address) for address in pool.addresses),
+                security=pool.connector.tls.describe(),
+                timeout=pool.timeout,
+                retry=pool.retry_interval,
+            )
+            pool.start()
+
+    def stopService(self):
+        super().stopService()
+        for pool in self._pools:
+            pool.stop()
+
+
 def service_factories():
     from sftpauth import directory, ftp, ssh
+    from sftpauth.manager import service as manager
 
     return {
         "ftp": ftp.make_service,
+        "ftpsi": ftp.make_service,
         "ssh": ssh.make_service,
         "sftp": ssh.make_service,
+        "manager": manager.make_service,
         "ldap-directory": directory.make_service,
     }
 
@@ -120,6 +181,8 @@ def _make_service(options: Options, reactor=None) -> MultiService:
     runtime = build_runtime(configuration, reactor)
     top = MultiService()
     _AuditCloser(runtime.audit).setServiceParent(top)
+    SharedStateService(runtime).setServiceParent(top)
+    LDAPHealthProbes(runtime.ldap_pools.values()).setServiceParent(top)
     factories = service_factories()
     for service_id, settings in configuration.services.items():
         if not settings.enabled:

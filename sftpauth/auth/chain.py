@@ -2,7 +2,13 @@
 
 A method that accepts or rejects ends the chain; only "unknown user" goes on
 to the next. This is the one ICredentialsChecker of the process: every
-service (FTP, SFTP, Web Manager, test-login) logs in through it.
+service (FTP, SFTP, Web Manager, test-login) logs in through it. The
+service's security policy (:mod:`sftpauth.auth.policy`) runs before any
+method (bans, source filter, denied usernames) and counts every outcome.
+
+:meth:`AuthenticationChain.second_factor` tells a protocol that can ask
+more than once (SSH keyboard-interactive) whether the login will need a
+code typed after the password, so it can ask for the two separately.
 """
 
 from __future__ import annotations
@@ -10,8 +16,9 @@ from __future__ import annotations
 import os
 import time
 import unicodedata
-from typing import Callable, Mapping, Optional, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional, Protocol
 
+import attrs
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -21,7 +28,10 @@ from sftpauth.account import Account
 from sftpauth.audit import AuditLog
 from sftpauth.auth.credentials import ILoginRequest, LoginRequest
 from sftpauth.auth.errors import LoginFailed, UnknownUser
-from sftpauth.config.models import Configuration
+from sftpauth.config.models import ApplicationAuthenticationSettings, Configuration, LDAPAuthenticationSettings
+
+if TYPE_CHECKING:
+    from sftpauth.auth.policy import SecurityPolicies
 
 MAX_USERNAME = 256
 MAX_PASSWORD = 1024
@@ -33,6 +43,53 @@ class AuthenticationMethod(Protocol):
 
     def authenticate(self, request: LoginRequest) -> defer.Deferred:
         """Fire with an :class:`Account`, or fail with UnknownUser / LoginFailed."""
+
+    # Optional, for SSH keyboard-interactive:
+    #   def second_factor(self, request: LoginRequest) -> Optional[SecondFactor]
+    # From the username and the configuration only (never the password, never
+    # LDAP traffic); raise UnknownUser when authenticate() would pass the
+    # username on. Methods without it are answered by configured_second_factor().
+
+
+@attrs.frozen
+class SecondFactor:
+    """A one-time code the method expects appended to the password (TOTP)."""
+
+    digits: int
+    prompt: str = "Verification code:"
+
+    def combine(self, password: str, code: str) -> str:
+        """The one string the chain checks: password then code (spaces typed in the code dropped)."""
+        return password + "".join(code.split())
+
+
+TOTP_EXTENSION = "sftpauth.auth.ldap.totp.AugmentedTOTP"
+
+
+def configured_second_factor(configuration: Configuration, settings: Any, request: LoginRequest) -> Optional[SecondFactor]:
+    """What a method without a ``second_factor`` hook wants, read from its configuration.
+
+    Local accounts never have a second factor; an unknown local username
+    goes on (UnknownUser), as authenticate() does. An LDAP method is
+    terminal: it wants a code when its extension is the TOTP extension.
+    """
+    if isinstance(settings, ApplicationAuthenticationSettings):
+        if request.manager or request.username not in {account.username for account in configuration.accounts.values()}:
+            raise UnknownUser("not a local account")
+        return None
+    if isinstance(settings, LDAPAuthenticationSettings):
+        entry_point = settings.extension_entry_point
+        factory = getattr(entry_point, "factory", None)
+        if factory is None or f"{factory.__module__}.{factory.__qualname__}" != TOTP_EXTENSION:
+            return None
+        from sftpauth.auth.ldap.totp import DEFAULT_DIGITS
+
+        return SecondFactor(digits=int(settings.extension_configuration.get("digits", DEFAULT_DIGITS)))
+    return None
+
+
+def _nothing() -> None:
+    pass
 
 
 def check_input(request: LoginRequest) -> None:
@@ -65,12 +122,16 @@ class AuthenticationChain:
         audit: AuditLog,
         run_in_thread: Callable[..., defer.Deferred],
         clock: Callable[[], float] = time.monotonic,
+        *,
+        policies: Optional["SecurityPolicies"] = None,
     ):
         self._configuration = configuration
         self._methods = methods
         self._audit = audit
         self._run_in_thread = run_in_thread
         self._clock = clock
+        # The security policies (sftpauth.auth.policy): checked before any method, told every outcome.
+        self._policies = policies
 
     def method_ids_for(self, request: LoginRequest) -> tuple[str, ...]:
         service = self._configuration.services.get(request.service_id)
@@ -78,13 +139,45 @@ class AuthenticationChain:
             return self._configuration.server.authentications
         return self._configuration.authentications_for(service)
 
+    def second_factor(self, request: LoginRequest) -> Optional[SecondFactor]:
+        """The code the login of ``request.username`` will need after the password, or None.
+
+        Found as the chain finds the method that handles a username, from
+        the username and the configuration only: the password is not
+        checked and no LDAP server is asked, so being asked for a code says
+        nothing about the password. (It does say which kind of method would
+        handle the username, which the timing of a login says as well.)
+        """
+        for method_id in self.method_ids_for(request):
+            method = self._methods.get(method_id)
+            if method is None:
+                continue
+            hook = getattr(method, "second_factor", None)
+            try:
+                if hook is not None:
+                    return hook(request)
+                return configured_second_factor(self._configuration, self._configuration.authentications.get(method_id), request)
+            except UnknownUser:
+                continue
+            except Exception:
+                _log.failure("method {method} cannot tell whether it needs a second factor", method=method_id)
+                return None
+        return None
+
     def requestAvatarId(self, credentials: LoginRequest) -> defer.Deferred:
         return defer.ensureDeferred(self.login(credentials))
 
     async def login(self, request: LoginRequest, only_method: Optional[str] = None) -> Account:
         started = self._clock()
         method_id = ""
+        policy = self._policies.for_service(request.service_id) if self._policies is not None else None
+        release: Callable[[], None] = _nothing
         try:
+            if self._policies is not None:
+                # One address's flood waits for its own turns (sftpauth.auth.policy.LoginSlots).
+                release = await self._policies.login_slot(request.peer)
+            if policy is not None:
+                await policy.check_before_login(request)
             check_input(request)
             method_ids = (only_method,) if only_method else self.method_ids_for(request)
             account = None
@@ -109,14 +202,21 @@ class AuthenticationChain:
         except LoginFailed as failure:
             request.trace.add(method_id or "chain", "rejected", f"{failure.reason}: {failure.explanation}")
             self._record(request, method_id, "failure", failure.reason, started, failure.explanation)
+            if policy is not None:
+                await policy.record(request, "failure", failure.reason)
+                await policy.slow_down(failure.reason)
             raise
         except Exception as error:  # a bug or an unexpected answer must not crash a service
             _log.failure("authentication method {method} failed unexpectedly", method=method_id)
             request.trace.add(method_id or "chain", "error", repr(error))
             self._record(request, method_id, "failure", "internal-error", started, type(error).__name__)
             raise LoginFailed("internal-error", f"unexpected error: {type(error).__name__}") from error
+        finally:
+            release()
         request.trace.add(method_id, "accepted", f"logged in as {account.username}")
         self._record(request, method_id, "success", "", started, "")
+        if policy is not None:
+            await policy.record(request, "success")
         return account
 
     async def _prepare_home_folder(self, account: Account) -> None:

@@ -218,6 +218,92 @@ def home_folder_rule(value: str):
         raise VdtValueError(str(error)) from None
 
 
+class VdtLineError(VdtValueError):
+    """A bad item of a one-per-line value; ``index`` (from 0) lets the loader name its own line."""
+
+    def __init__(self, message: str, index: int):
+        super().__init__(message)
+        self.index = index
+
+
+def _mapping(value: str, kind: str):
+    from sftpauth.auth.ldap.groups import GroupMapping, MappingError
+
+    try:
+        return GroupMapping.parse(value, kind)
+    except MappingError as error:
+        raise VdtLineError(str(error), error.index) from None
+
+
+def group_mapping(value: str):
+    """``group_mapping``: a GroupMapping of matching-expression rules (None when empty)."""
+    mapping = _mapping(value, "group")
+    return None if mapping.empty else mapping
+
+
+def roles_mapping(value: str):
+    """``roles_mapping``: the same grammar, giving role IDs."""
+    mapping = _mapping(value, "role")
+    return None if mapping.empty else mapping
+
+
+def group_search_filter(value: str):
+    """A filter template with ``{username}`` / ``{dn}`` placeholders (None when empty)."""
+    from sftpauth.auth.ldap.groups import FilterTemplate, InvalidTemplate
+
+    try:
+        return FilterTemplate.parse(_unquote(value))
+    except InvalidTemplate as error:
+        raise VdtValueError(str(error)) from None
+
+
+def dn_set(value: str) -> tuple[str, ...]:
+    """DNs one per line, normalised (lower-case, canonical) for comparison."""
+    from sftpauth.auth.ldap.groups import normalise_dn
+
+    result = []
+    for index, line in enumerate(split_lines(value)):
+        try:
+            result.append(normalise_dn(_unquote(line)))
+        except ValueError as error:
+            raise VdtLineError(str(error), index) from None
+    return tuple(dict.fromkeys(result))
+
+
+_ROLE_PERMISSIONS = ("all", "configuration", "read", "write")
+
+
+def role_permissions(value: str) -> frozenset[str]:
+    """``[roles/ID] permissions``: empty or ``all`` is full control; ``configuration, read`` is read-only."""
+    words = [word.lower() for word in split_list(_unquote(value))]
+    for word in words:
+        if word not in _ROLE_PERMISSIONS:
+            raise VdtValueError(f"{word!r} is not a role permission; allowed: {', '.join(_ROLE_PERMISSIONS)}")
+    if not words or "all" in words:
+        return frozenset({"all"})
+    return frozenset(words)
+
+
+def entry_point(value: str):
+    """``extension_entry_point``: ``python:module.Class``, imported now (None when empty)."""
+    from sftpauth.auth.ldap.extensions import resolve_entry_point
+
+    try:
+        return resolve_entry_point(_unquote(value))
+    except ValueError as error:
+        raise VdtValueError(str(error)) from None
+
+
+def json_object(value: str) -> dict:
+    """``extension_configuration``: a JSON object ({} when empty)."""
+    from sftpauth.auth.ldap.extensions import parse_extension_configuration
+
+    try:
+        return parse_extension_configuration(_unquote(value))
+    except ValueError as error:
+        raise VdtValueError(str(error)) from None
+
+
 def make_validator(base_folder: str, environ: Mapping[str, str]) -> Validator:
     """A Validator whose path and secret checks know where the file lives."""
 
@@ -276,5 +362,77 @@ def make_validator(base_folder: str, environ: Mapping[str, str]) -> Validator:
         "dn_list": dn_list,
         "ldap_filter": ldap_filter,
         "home_folder_rule": home_folder_rule,
+        "entry_point": entry_point,
+        "json_object": json_object,
+        "group_mapping": group_mapping,
+        "roles_mapping": roles_mapping,
+        "group_search_filter": group_search_filter,
+        "dn_set": dn_set,
+        "role_permissions": role_permissions,
+        "network_list": network_list,
+        "tls_trust": lambda value: tls_trust(value, path),
+        "shared_state": shared_state,
+        "expression_list": expression_list,
     }
     return Validator(functions)
+
+
+def tls_trust(value: str, resolve_path: Callable[[str], str]) -> str:
+    """``tls_trusted_certificates``: ``system``, ``disable-identity-security`` or a readable PEM bundle."""
+    from sftpauth.auth.ldap.tls import DISABLED, SYSTEM, load_certificate_bundle
+
+    word = _unquote(value)
+    if word in ("", SYSTEM):
+        return SYSTEM
+    if word == DISABLED:
+        return DISABLED
+    bundle = resolve_path(word)
+    try:
+        load_certificate_bundle(bundle)
+    except ValueError as error:
+        raise VdtValueError(
+            f"{error}; expected {SYSTEM}, {DISABLED} or the path of a PEM file of trusted CA certificates"
+        ) from None
+    return bundle
+
+
+def network_list(value: str) -> tuple:
+    """``trusted_proxies``: IP addresses or CIDRs (``10.0.0.0/8``, ``::1``), as ip_network objects."""
+    result = []
+    for item in split_list(_unquote(value)):
+        try:
+            result.append(ipaddress.ip_network(item, strict=False))
+        except ValueError:
+            raise VdtValueError(f"{item!r} is not an IP address or network; expected e.g. 10.0.0.5 or 10.0.0.0/24") from None
+    return tuple(result)
+
+
+def shared_state(value: str) -> str:
+    """``[server] state``: ``memory`` or ``redis://HOST[:PORT][/DB]``, returned in canonical form."""
+    from sftpauth.state import InvalidStateURL, parse_state_url
+
+    word = _unquote(value)
+    if word == "memory":
+        return word
+    try:
+        return parse_state_url(word).url
+    except InvalidStateURL as error:
+        raise VdtValueError(str(error)) from None
+
+
+def expression_list(value: str) -> tuple:
+    """Matching expressions (``deny_usernames``): one per line, or a comma list on one line.
+
+    An expression holding a comma (``m/a{1,3}/``) must be given one per line.
+    """
+    from sftpauth.matching import InvalidExpression, compile_expression
+
+    text = value if "\n" in value.strip() else _unquote(value)
+    items = split_lines(text) if "\n" in text.strip() else split_list(text)
+    result = []
+    for index, item in enumerate(items):
+        try:
+            result.append(compile_expression(_unquote(item)))
+        except InvalidExpression as error:
+            raise VdtLineError(str(error), index) from None
+    return tuple(result)

@@ -23,7 +23,7 @@ from sftpauth.config.checks import UNSUPPORTED, make_validator
 from sftpauth.config.errors import ConfigError, ConfigProblem
 
 SPEC_PATH = os.path.join(os.path.dirname(__file__), "configspec.ini")
-SECTION_KINDS = ("services", "authentications", "groups", "accounts")
+SECTION_KINDS = ("services", "authentications", "groups", "accounts", "roles", "administrators", "security-policies")
 _OPTION_LINE = re.compile(r"^(?P<name>[^=\[\s][^=]*?)\s*=(?P<value>.*)$")
 _INLINE_COMMENT = re.compile(r"\s+#.*$")
 _CONTINUED = "__sftpauth_continued_value__"
@@ -37,6 +37,8 @@ class _SourceMap:
     sections: dict[str, int] = attrs.Factory(dict)
     options: dict[tuple[Optional[str], str], int] = attrs.Factory(dict)
     continued: dict[tuple[str, str], str] = attrs.Factory(dict)
+    # the line of each item of a multi-line value (first line included when it holds one)
+    item_lines: dict[tuple[str, str], list[int]] = attrs.Factory(dict)
     # (line, section, option, message) found before configobj runs
     problems: list[tuple[int, Optional[str], Optional[str], str]] = attrs.Factory(list)
 
@@ -60,12 +62,15 @@ def _preprocess(text: str) -> tuple[list[str], _SourceMap]:
     first_value = ""
     continuation: list[str] = []
     option_index = 0
+    option_line = 0
+    continuation_lines: list[int] = []
     duplicates = 0
 
     def finish_option() -> None:
         if option is not None and section is not None and continuation:
             value = "\n".join(([first_value] if first_value else []) + continuation)
             source.continued[(section, option)] = value
+            source.item_lines[(section, option)] = ([option_line] if first_value else []) + continuation_lines
             output[option_index] = f"{option} = {_CONTINUED}"
 
     for number, raw in enumerate(text.splitlines(), start=1):
@@ -77,10 +82,12 @@ def _preprocess(text: str) -> tuple[list[str], _SourceMap]:
             item = _INLINE_COMMENT.sub("", stripped).strip()
             if item:
                 continuation.append(item)
+                continuation_lines.append(number)
             output.append("")
             continue
         finish_option()
         option, continuation, first_value = None, [], ""
+        continuation_lines = []
         header = _SECTION_LINE.match(stripped)
         if header:
             name = header.group(1)
@@ -108,6 +115,7 @@ def _preprocess(text: str) -> tuple[list[str], _SourceMap]:
                 option = name
                 first_value = _INLINE_COMMENT.sub("", match.group("value")).strip()
                 option_index = len(output)
+                option_line = number
                 source.options.setdefault(key, number)
         output.append(raw)
     finish_option()
@@ -121,16 +129,22 @@ class _Problems:
         self.errors: list[ConfigProblem] = []
         self.warnings: list[ConfigProblem] = []
 
-    def _make(self, section: Optional[str], option: Optional[str], message: str) -> ConfigProblem:
+    def _make(
+        self, section: Optional[str], option: Optional[str], message: str, item: Optional[int] = None
+    ) -> ConfigProblem:
         line = None
         if option is not None:
             line = self.source.options.get((section, option))
+            item_lines = self.source.item_lines.get((section, option), [])
+            if item is not None and 0 <= item < len(item_lines):
+                line = item_lines[item]
         if line is None and section is not None:
             line = self.source.sections.get(section)
         return ConfigProblem(self.path, line, section, option, message)
 
-    def error(self, section: Optional[str], option: Optional[str], message: str) -> None:
-        self.errors.append(self._make(section, option, message))
+    def error(self, section: Optional[str], option: Optional[str], message: str, item: Optional[int] = None) -> None:
+        """``item``: which line of a one-per-line value is wrong (its own line is reported)."""
+        self.errors.append(self._make(section, option, message, item))
 
     def warn(self, section: Optional[str], option: Optional[str], message: str) -> None:
         self.warnings.append(self._make(section, option, message))
@@ -243,7 +257,7 @@ def _check_section(
         try:
             checked = validator.check(spec[option], value)
         except ValidateError as error:
-            problems.error(section, option, str(error))
+            problems.error(section, option, str(error), getattr(error, "index", None))
             # Go on with the default so later checks still report their problems.
             values_with_errors.add(option)
             continue
@@ -312,8 +326,44 @@ def _build(
         if built is not None:
             accounts[account_id] = built
 
+    roles: dict[str, models.RoleSettings] = {}
+    raw_roles = dict(sections["roles"])
+    if models.DEFAULT_ROLE not in raw_roles:
+        raw_roles[models.DEFAULT_ROLE] = _check_section(problems, validator, f"roles/{models.DEFAULT_ROLE}", "roles", {})
+    for role_id, values in raw_roles.items():
+        built = _construct(problems, f"roles/{role_id}", models.RoleSettings, values, id=role_id)
+        if built is not None:
+            roles[role_id] = built
+
+    administrators: dict[str, models.AdministratorSettings] = {}
+    for administrator_id, values in sections["administrators"].items():
+        built = _construct(
+            problems, f"administrators/{administrator_id}", models.AdministratorSettings, values, id=administrator_id
+        )
+        if built is not None:
+            administrators[administrator_id] = built
+
+    policies: dict[str, models.SecurityPolicySettings] = {}
+    raw_policies = dict(sections["security-policies"])
+    if models.DEFAULT_SECURITY_POLICY not in raw_policies:
+        raw_policies[models.DEFAULT_SECURITY_POLICY] = _check_section(
+            problems, validator, f"security-policies/{models.DEFAULT_SECURITY_POLICY}", "security-policies", {}
+        )
+    for policy_id, values in raw_policies.items():
+        built = _construct(problems, f"security-policies/{policy_id}", models.SecurityPolicySettings, values, id=policy_id)
+        if built is not None:
+            policies[policy_id] = built
+
     configuration = models.Configuration(
-        path="", server=server, services=services, authentications=authentications, groups=groups, accounts=accounts
+        path="",
+        server=server,
+        services=services,
+        authentications=authentications,
+        groups=groups,
+        accounts=accounts,
+        roles=roles,
+        administrators=administrators,
+        security_policies=policies,
     )
     if server is not None:
         _cross_check(problems, configuration)
@@ -349,17 +399,19 @@ def _cross_check(problems: _Problems, configuration: models.Configuration) -> No
         for method_id in service.authentications:
             if method_id not in methods:
                 problems.error(section, "authentications", _unknown_id("authentication method", method_id, methods))
-        if service.security_policy != models.DEFAULT_SECURITY_POLICY:
+        if service.security_policy not in configuration.security_policies:
             problems.error(
                 section,
                 "security_policy",
-                f"unknown security policy {service.security_policy!r}; allowed: {models.DEFAULT_SECURITY_POLICY}",
+                _unknown_id("security policy", service.security_policy, configuration.security_policies),
             )
         if service.enabled and service.port:
             for (address, port), other in bound.items():
                 if port == service.port and _addresses_clash(address, service.address):
                     problems.error(section, "port", f"{service.address}:{service.port} is already used by [services/{other}]")
             bound[(service.address, service.port)] = service_id
+
+    _check_manager(problems, configuration)
 
     usernames: dict[str, str] = {}
     for account_id, account in configuration.accounts.items():
@@ -380,6 +432,59 @@ def _cross_check(problems: _Problems, configuration: models.Configuration) -> No
             )
 
 
+def _check_manager(problems: _Problems, configuration: models.Configuration) -> None:
+    """[administrators/..] and the Web Manager options that name other sections."""
+    usernames: dict[str, str] = {}
+    for administrator_id, administrator in configuration.administrators.items():
+        section = f"administrators/{administrator_id}"
+        for role_id in administrator.roles:
+            if role_id not in configuration.roles:
+                problems.error(section, "roles", _unknown_id("role", role_id, configuration.roles))
+        if not administrator.roles:
+            problems.error(section, "roles", "at least one role is required, e.g. DEFAULT-ROLE")
+        if administrator.username in usernames:
+            other = usernames[administrator.username]
+            problems.error(section, "name", f"username {administrator.username!r} is also used by [administrators/{other}]")
+        usernames.setdefault(administrator.username, administrator_id)
+        if not administrator.password:
+            problems.warn(section, "password", "no password is set: this administrator cannot log in")
+        elif not _looks_like_hash(administrator.password):
+            problems.error(
+                section, "password", "not a password hash; make one with 'sftpauth hash-password' (argon2id or bcrypt)"
+            )
+    for service_id, service in configuration.services.items():
+        if not isinstance(service, models.ManagerServiceSettings):
+            continue
+        section = f"services/{service_id}"
+        if service.header_authentication_role not in configuration.roles:
+            problems.error(
+                section,
+                "header_authentication_role",
+                _unknown_id("role", service.header_authentication_role, configuration.roles),
+            )
+        if service.header_authentication and not service.trusted_proxies:
+            problems.error(
+                section,
+                "trusted_proxies",
+                "required when header_authentication = yes: the addresses of the reverse proxies that set preauth-* headers",
+            )
+        if not service.header_authentication and service.trusted_proxies:
+            problems.warn(section, "trusted_proxies", "ignored: header_authentication = no")
+        if not service.metrics_require_login:
+            problems.warn(
+                section,
+                "metrics_require_login",
+                "/metrics is readable by anyone who reaches this port: limit access to it (address, firewall)",
+            )
+        methods = configuration.authentications_for(service)
+        if configuration.administrators and models.DEFAULT_AUTHENTICATION not in methods:
+            problems.warn(
+                section,
+                "authentications",
+                f"{models.DEFAULT_AUTHENTICATION} is not listed: the [administrators/..] cannot log into this Web Manager",
+            )
+
+
 def _check_ldap_method(
     problems: _Problems, configuration: models.Configuration, section: str, method: models.LDAPAuthenticationSettings
 ) -> None:
@@ -390,6 +495,62 @@ def _check_ldap_method(
             problems.error(section, "base_groups", _unknown_id("group", group_id, configuration.groups))
     if method.service_account_dn and not method.service_account_password:
         problems.error(section, "service_account_password", "required when service_account_dn is set")
+    _check_groups_and_roles(problems, configuration, section, method)
+    _check_extension(problems, section, method)
+    _check_ldap_tls(problems, section, method)
+
+
+def _check_groups_and_roles(
+    problems: _Problems, configuration: models.Configuration, section: str, method: models.LDAPAuthenticationSettings
+) -> None:
+    """Mapped IDs must exist; a group search needs both its base and its filter."""
+    for option, mapping, known, what in (
+        ("group_mapping", method.group_mapping, configuration.groups, "group"),
+        ("roles_mapping", method.roles_mapping, configuration.roles, "role"),
+    ):
+        if mapping is None:
+            continue
+        for target, index in mapping.targets_with_indexes():
+            if target not in known:
+                problems.error(section, option, _unknown_id(what, target, known), index)
+    if method.group_search_filter is not None and not method.group_search_base:
+        problems.error(section, "group_search_base", "required when group_search_filter is set: the base DN of the groups")
+    if method.nested_groups and not method.group_search_base:
+        problems.error(
+            section, "group_search_base", "required when nested_groups = yes: parent groups are searched under it"
+        )
+    if method.group_search_base and method.group_search_filter is None and not method.nested_groups:
+        problems.error(
+            section, "group_search_filter", "required when group_search_base is set, e.g. (member={dn}) or (memberUid={username})"
+        )
+
+
+def _check_extension(problems: _Problems, section: str, method: models.LDAPAuthenticationSettings) -> None:
+    """Build the LDAP extension once, so check-config reports what its constructor refuses."""
+    from sftpauth.auth.ldap.extensions import load_extension
+
+    options = ("extension_entry_point", "extension_configuration")
+    if any(problem.section == section and problem.option in options for problem in problems.errors):
+        return  # already reported; a second error would only repeat it
+    if method.extension_entry_point is None:
+        if method.extension_configuration:
+            problems.error(section, "extension_configuration", "set, but extension_entry_point is empty")
+        return
+    try:
+        extension = load_extension(method.extension_entry_point, method.extension_configuration)
+    except ValueError as error:
+        given = (section, "extension_configuration") in problems.source.options
+        problems.error(section, "extension_configuration" if given else "extension_entry_point", str(error))
+        return
+    names = ", ".join(extension.getExtraAttributes())
+    if names and not method.service_account_dn:
+        reader = "anonymously" if method.bind_dn_type == "search" else "by each user"
+        problems.warn(
+            section,
+            "extension_entry_point",
+            f"no service_account_dn: {names} is read {reader}, so users must be able to read their own "
+            "secret; set a service account and hide the attribute from its owner (see the TOTP documentation)",
+        )
 
 
 def _addresses_clash(first: str, second: str) -> bool:
@@ -413,3 +574,30 @@ def _looks_like_hash(value: str) -> bool:
 
 def _unknown_id(what: str, wanted: str, known: Iterable[str]) -> str:
     return f"unknown {what} {wanted!r}; defined: {', '.join(sorted(known)) or 'none'}"
+
+
+def _check_ldap_tls(problems: _Problems, section: str, method: models.LDAPAuthenticationSettings) -> None:
+    """Warnings for TLS settings that work but are probably not what was meant."""
+    from sftpauth.auth.ldap.tls import DISABLED, SYSTEM
+
+    trust = method.tls_trusted_certificates
+    if method.secure_connection == "no":
+        if trust != SYSTEM:
+            problems.warn(section, "tls_trusted_certificates", "ignored: secure_connection = no (plain LDAP)")
+        return
+    if trust == DISABLED:
+        problems.warn(
+            section,
+            "tls_trusted_certificates",
+            "INSECURE: the LDAP servers' certificates are NOT verified (disable-identity-security): anyone "
+            "on the network path can impersonate the directory and read every password; use a PEM bundle instead",
+        )
+    if method.secure_connection == "yes":
+        plain = [host for host, port in method.address if (port or method.port) == 389]
+        if plain:
+            problems.warn(
+                section,
+                "secure_connection",
+                f"LDAPS usually listens on port 636, not 389 ({', '.join(plain)}); "
+                "port 389 is plain LDAP: use secure_connection = starttls there",
+            )

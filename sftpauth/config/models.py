@@ -6,6 +6,7 @@ two places only: its spec line (type, default) and its field here.
 
 from __future__ import annotations
 
+import ipaddress
 from typing import Any, Mapping, Optional
 
 import attrs
@@ -15,6 +16,7 @@ from sftpauth.permissions import Permission
 DEFAULT_AUTHENTICATION = "DEFAULT-AUTHENTICATION"
 DEFAULT_GROUP = "DEFAULT_GROUP"
 DEFAULT_SECURITY_POLICY = "DEFAULT-SECURITY-POLICY"
+DEFAULT_ROLE = "DEFAULT-ROLE"
 
 
 @attrs.frozen
@@ -41,6 +43,8 @@ class ServiceSettings:
     security_policy: str
     idle_connection_timeout: int
     maximum_concurrent_connections: int
+    # ext: connections start with an HAProxy PROXY header (sftpauth.listening)
+    proxy_protocol: bool = attrs.field(default=False, kw_only=True)
 
     @property
     def title(self) -> str:
@@ -49,15 +53,48 @@ class ServiceSettings:
 
 @attrs.frozen
 class FTPServiceSettings(ServiceSettings):
+    """``type = ftp`` (explicit FTPS with a certificate) and ``type = ftpsi`` (implicit FTPS)."""
+
     banner: str
     passive_port_range: Optional[tuple[int, int]]
     passive_address: str
+    ssl_certificate: str = ""  # PEM: certificate, chain and private key; "" = no FTPS
+    ftps_explicit_enabled: bool = True
+    ftps_force_secured_command_channel: bool = True
+    ftps_force_secured_data_channel: bool = True
+    ftps_require_session_reuse: bool = True
+
+    @property
+    def implicit_tls(self) -> bool:
+        return self.type == "ftpsi"
 
 
 @attrs.frozen
 class SSHServiceSettings(ServiceSettings):
     ssh_server_keys: tuple[str, ...]
     sftp: bool
+    keyboard_interactive_message: str = "Password:"
+
+
+@attrs.frozen
+class ManagerServiceSettings(ServiceSettings):
+    """The Web Manager over HTTPS (sftpauth.manager)."""
+
+    ssl_certificate: str  # PEM with certificate and key; "" = generated, self-signed
+    header_authentication: bool
+    trusted_proxies: tuple[Any, ...]  # ipaddress networks allowed to send preauth-* headers
+    header_authentication_role: str
+    metrics_require_login: bool
+    session_idle_timeout: int
+
+    def is_trusted_proxy(self, address: str) -> bool:
+        try:
+            peer = ipaddress.ip_address(address)
+        except ValueError:
+            return False
+        if getattr(peer, "ipv4_mapped", None) is not None:
+            peer = peer.ipv4_mapped
+        return any(peer in network for network in self.trusted_proxies if network.version == peer.version)
 
 
 @attrs.frozen
@@ -88,8 +125,10 @@ class LDAPAuthenticationSettings(AuthenticationSettings):
 
     address: tuple[tuple[str, Optional[int]], ...]  # (host, port or None for `port`)
     port: int
-    secure_connection: str
+    secure_connection: str  # "no", "yes" (LDAPS) or "starttls"
+    tls_trusted_certificates: str  # "system", "disable-identity-security" or a PEM bundle path
     timeout: int
+    retry_interval: int
     bind_dn_type: str
     bind_dn: tuple[Any, ...]  # ldaptor DistinguishedName objects
     username_attribute: str
@@ -102,6 +141,13 @@ class LDAPAuthenticationSettings(AuthenticationSettings):
     email_attribute: str
     full_name_attribute: str
     base_groups: tuple[str, ...]
+    group_mapping: Any  # sftpauth.auth.ldap.groups.GroupMapping or None
+    roles_mapping: Any  # GroupMapping of role IDs or None
+    group_search_base: str
+    group_search_filter: Any  # sftpauth.auth.ldap.groups.FilterTemplate or None
+    nested_groups: bool
+    extension_entry_point: Any  # sftpauth.auth.ldap.extensions.ExtensionEntryPoint or None
+    extension_configuration: Mapping[str, Any]  # the JSON object, {} when empty
 
 
 @attrs.frozen
@@ -113,6 +159,7 @@ class GroupSettings:
     create_home_folder: bool
     lock_in_home_folder: str
     permissions: frozenset[Permission]
+    external_groups_association: tuple[str, ...] = ()  # normalised, lower-case DNs
 
 
 @attrs.frozen
@@ -130,6 +177,47 @@ class AccountSettings:
 
 
 @attrs.frozen
+class AdministratorSettings:
+    """[administrators/ID]: a local Web Manager login (never a file transfer one)."""
+
+    id: str
+    name: str
+    enabled: bool
+    password: str = attrs.field(repr=False)
+    roles: tuple[str, ...]
+
+    @property
+    def username(self) -> str:
+        return self.name or self.id
+
+
+@attrs.frozen
+class RoleSettings:
+    """[roles/ID]: what a Web Manager administrator with this role may do."""
+
+    id: str
+    name: str
+    permissions: frozenset[str]  # {"all"} or a subset of configuration, read, write
+
+    @property
+    def read_only(self) -> bool:
+        return "all" not in self.permissions and "write" not in self.permissions
+
+
+@attrs.frozen
+class SecurityPolicySettings:
+    """[security-policies/ID]: bans, denied usernames and source filters (sftpauth.auth.policy)."""
+
+    id: str
+    name: str
+    source_ip_ban_after_count: int  # 0: never ban
+    source_ip_ban_interval: int  # seconds
+    deny_usernames: tuple[Any, ...]  # sftpauth.matching.MatchingExpression objects
+    deny_administrators: tuple[Any, ...]
+    source_ip_filter: tuple[Any, ...]  # ipaddress networks; empty: every address
+
+
+@attrs.frozen
 class Configuration:
     path: str
     server: ServerSettings
@@ -138,21 +226,42 @@ class Configuration:
     groups: Mapping[str, GroupSettings]
     accounts: Mapping[str, AccountSettings]
     warnings: tuple = ()
+    roles: Mapping[str, "RoleSettings"] = attrs.Factory(dict)
+    administrators: Mapping[str, "AdministratorSettings"] = attrs.Factory(dict)
+    security_policies: Mapping[str, "SecurityPolicySettings"] = attrs.Factory(dict)
 
     def authentications_for(self, service: ServiceSettings) -> tuple[str, ...]:
-        """The ordered method IDs a service uses (its own list wins)."""
-        return service.authentications or self.server.authentications
+        """The ordered method IDs a service uses (its own list wins).
+
+        A Web Manager service without its own list tries the local
+        [administrators/..] (DEFAULT-AUTHENTICATION) first, then the server's list.
+        """
+        if service.authentications:
+            return service.authentications
+        if service.type == "manager":
+            others = tuple(method for method in self.server.authentications if method != DEFAULT_AUTHENTICATION)
+            return (DEFAULT_AUTHENTICATION,) + others
+        return self.server.authentications
 
 
 # Which model a section kind (and, for services/authentications, its type)
 # is built into.
 SERVICE_MODELS = {
     "ftp": FTPServiceSettings,
+    "ftpsi": FTPServiceSettings,
     "ssh": SSHServiceSettings,
     "sftp": SSHServiceSettings,
+    "manager": ManagerServiceSettings,
     "ldap-directory": DirectoryServiceSettings,
 }
-SERVICE_SPEC_KIND = {"ftp": "ftp", "ssh": "ssh", "sftp": "ssh", "ldap-directory": "ldap-directory"}
+SERVICE_SPEC_KIND = {
+    "ftp": "ftp",
+    "ftpsi": "ftp",
+    "ssh": "ssh",
+    "sftp": "ssh",
+    "manager": "manager",
+    "ldap-directory": "ldap-directory",
+}
 AUTHENTICATION_MODELS = {
     "application": ApplicationAuthenticationSettings,
     "ldap": LDAPAuthenticationSettings,

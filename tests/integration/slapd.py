@@ -47,6 +47,7 @@ __all__ = [
     "SlapdError",
     "SlapdNotFound",
     "SlapdServer",
+    "BlackHole",
     "CaseInsensitiveDict",
     "find_slapd",
     "find_ldap_tool",
@@ -166,11 +167,11 @@ def _static_components(slapd: str) -> set[str]:
     return names
 
 
-def _module_lines(slapd: str) -> list[str]:
-    """slapd.conf lines loading back_mdb and memberof unless compiled in."""
+def _module_lines(slapd: str, overlays: Sequence[str] = ("memberof",)) -> list[str]:
+    """slapd.conf lines loading back_mdb and the overlays unless compiled in."""
     static = _static_components(slapd)
     wanted = [mod for mod, static_name in (("back_mdb", "mdb"),
-                                           ("memberof", "memberof"))
+                                           *((name, name) for name in overlays))
               if static_name not in static]
     if not wanted:
         return []
@@ -279,8 +280,25 @@ class SlapdServer:
     def __init__(self, admin_password: str = "admin-secret",
                  extra_schemas: Iterable[os.PathLike | str] = (CUSTOM_SCHEMA,),
                  start_timeout: float = 15.0,
-                 debug_level: str | None = None):
+                 debug_level: str | None = None,
+                 port: int | None = None,
+                 tls_certificate: os.PathLike | str | None = None,
+                 tls_key: os.PathLike | str | None = None,
+                 overlays: Sequence[str] = ("memberof",)):
+        """``port`` fixes the ldap:// port (default: a free one, e.g. to
+        restart a server where a test expects it).  With ``tls_certificate``
+        and ``tls_key`` (PEM files) slapd also serves StartTLS on ldap:// and
+        LDAPS on ``ldaps_url`` (``ldaps://127.0.0.1:<ldaps_port>``)."""
         self.admin_password = admin_password
+        # overlays=() gives a directory without memberOf (groups by search only)
+        self.overlays = tuple(overlays)
+        self.fixed_port = port
+        self.tls_certificate = Path(tls_certificate) if tls_certificate else None
+        self.tls_key = Path(tls_key) if tls_key else None
+        if (self.tls_certificate is None) != (self.tls_key is None):
+            raise SlapdError("tls_certificate and tls_key go together")
+        self.ldaps_port: int | None = None
+        self.ldaps_url: str | None = None
         self.extra_schemas = [Path(p) for p in extra_schemas]
         self.start_timeout = start_timeout
         self.debug_level = debug_level or os.environ.get(
@@ -321,7 +339,7 @@ class SlapdServer:
         self.ldapadd = find_ldap_tool("ldapadd")
         self.ldapwhoami_tool = find_ldap_tool("ldapwhoami")
         schema_dir = _find_schema_dir(self.slapd)
-        modules = _module_lines(self.slapd)
+        modules = _module_lines(self.slapd, self.overlays)
         for extra in self.extra_schemas:
             if not extra.is_file():
                 raise SlapdError(f"schema file {extra} does not exist")
@@ -339,8 +357,11 @@ class SlapdServer:
             # Choosing a port by binding to port 0 is racy (someone may take
             # it before slapd binds); retry with a fresh port in that case.
             for attempt in range(5):
-                self.port = _free_port(self.host)
+                self.port = self.fixed_port or _free_port(self.host)
                 self.url = f"ldap://{self.host}:{self.port}"
+                if self.tls_certificate is not None:
+                    self.ldaps_port = _free_port(self.host)
+                    self.ldaps_url = f"ldaps://{self.host}:{self.ldaps_port}"
                 if self._spawn_and_wait():
                     return self
                 if not self._log_says_address_in_use() or attempt == 4:
@@ -364,6 +385,7 @@ class SlapdServer:
             f"pidfile {_conf_value(str(self.tmpdir / 'slapd.pid'))}",
             f"argsfile {_conf_value(str(self.tmpdir / 'slapd.args'))}",
             *modules,
+            *self._tls_lines(),
             "",
             "database mdb",
             f"suffix {_conf_value(self.base_dn)}",
@@ -376,11 +398,13 @@ class SlapdServer:
             "index objectClass eq",
             "index uid,cn,mail,memberUid,member eq",
             "",
-            "overlay memberof",
-            "memberof-group-oc groupOfNames",
-            "memberof-member-ad member",
-            "memberof-memberof-ad memberOf",
-            "memberof-refint TRUE",
+            *([
+                "overlay memberof",
+                "memberof-group-oc groupOfNames",
+                "memberof-member-ad member",
+                "memberof-memberof-ad memberOf",
+                "memberof-refint TRUE",
+            ] if "memberof" in self.overlays else []),
             "",
             # rootdn bypasses these; "users" = any authenticated (bound) DN
             "access to attrs=userPassword",
@@ -393,6 +417,14 @@ class SlapdServer:
             "",
         ]
         return "\n".join(lines)
+
+    def _tls_lines(self) -> list[str]:
+        if self.tls_certificate is None:
+            return []
+        return [
+            f"TLSCertificateFile {_conf_value(str(self.tls_certificate.resolve()))}",
+            f"TLSCertificateKeyFile {_conf_value(str(self.tls_key.resolve()))}",
+        ]
 
     def _check_config(self) -> None:
         """Run ``slapd -Tt`` (slaptest) for a clear error on a bad config."""
@@ -413,7 +445,7 @@ class SlapdServer:
         # (never a pipe, which could fill up and block slapd).  We are
         # allowed to run as root, so no -u/-g.
         self.process = subprocess.Popen(
-            [self.slapd, "-f", str(self.conf_path), "-h", f"{self.url}/",
+            [self.slapd, "-f", str(self.conf_path), "-h", self._listeners(),
              "-d", self.debug_level],
             stdin=subprocess.DEVNULL, stdout=self._log_file,
             stderr=subprocess.STDOUT, env=self._env(), close_fds=True)
@@ -436,6 +468,13 @@ class SlapdServer:
             f"slapd did not answer on {self.url} within {self.start_timeout} s;"
             f" log tail ({self.log_path}):\n{self.log_tail()}")
 
+    def _listeners(self) -> str:
+        """slapd -h: the ldap:// URL, and the ldaps:// one when TLS is on."""
+        urls = [f"{self.url}/"]
+        if self.ldaps_url is not None:
+            urls.append(f"{self.ldaps_url}/")
+        return " ".join(urls)
+
     def _log_says_address_in_use(self) -> bool:
         return "Address already in use" in self.log_tail(200)
 
@@ -452,6 +491,13 @@ class SlapdServer:
                 proc.wait(timeout=10)
         # keep the last process around for error messages
         self._last_returncode = proc.returncode
+
+    def kill(self) -> None:
+        """SIGKILL slapd (a crash: no clean close of its connections); stop() still cleans up."""
+        proc, self.process = self.process, None
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
 
     def stop(self) -> None:
         """SIGTERM slapd, wait for it, then delete the temporary folder."""
@@ -561,3 +607,74 @@ class SlapdServer:
                 f"{result.returncode}): "
                 f"{result.stderr.decode('utf-8', 'replace')}")
         return parse_ldif(result.stdout)
+
+
+# --------------------------------------------------------------------------
+# a dead server
+# --------------------------------------------------------------------------
+
+class BlackHole:
+    """A loopback TCP port that plays a dead LDAP server.
+
+    ``accept=True``: connections are accepted (and counted in ``accepted``)
+    but nothing is ever answered, like a hung slapd.  ``accept=False``: the
+    listen queue is kept full, so connection attempts are never accepted
+    and time out, like a host that drops packets.  ``close()`` frees the
+    port (e.g. to start a real slapd there).
+    """
+
+    def __init__(self, accept: bool = True):
+        import threading
+
+        self.host = SlapdServer.host
+        self._listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._listener.bind((self.host, 0))
+        self.port = self._listener.getsockname()[1]
+        self.accepted = 0
+        self._held: list[socket.socket] = []
+        self._closed = threading.Event()
+        self._thread = None
+        if accept:
+            self._listener.listen(64)
+            self._listener.settimeout(0.05)
+            self._thread = threading.Thread(target=self._accept, daemon=True,
+                                            name=f"black-hole-{self.port}")
+            self._thread.start()
+        else:
+            self._listener.listen(0)
+            for _ in range(4):  # fill the accept queue: later SYNs are dropped
+                filler = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                filler.setblocking(False)
+                try:
+                    filler.connect((self.host, self.port))
+                except BlockingIOError:
+                    pass
+                self._held.append(filler)
+            time.sleep(0.05)
+
+    def _accept(self) -> None:
+        while not self._closed.is_set():
+            try:
+                connection, _ = self._listener.accept()
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            self.accepted += 1
+            self._held.append(connection)
+
+    def close(self) -> None:
+        self._closed.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        for held in self._held:
+            held.close()
+        self._held.clear()
+        self._listener.close()
+
+    def __enter__(self) -> "BlackHole":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

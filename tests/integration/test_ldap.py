@@ -415,11 +415,6 @@ async def test_non_ascii_search_by_cn(ldap):
     assert (await site.login(JMULLER_CN, "jürgen-pass")).reason == "invalid-password"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: LDAPMethod._account (method.py) builds the account from the typed username, so 'ALICE' or "
-    "' alice' log into alice's entry with another home folder (homes/ALICE, 'homes/ alice')",
-)
 @pytest.mark.parametrize("bind_dn_type", ["parent", "search"])
 @pytest_twisted.ensureDeferred
 async def test_one_entry_has_one_home_folder_whatever_the_typed_case(ldap, bind_dn_type):
@@ -661,6 +656,9 @@ class LDAPSite:
 [server]
 authentications = ldap
 audit_log = {folder}/audit.jsonl
+
+[security-policies/DEFAULT-SECURITY-POLICY]
+source_ip_ban_after_count = 1000
 
 [services/ftp-ldap]
 type = ftp

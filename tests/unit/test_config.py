@@ -421,7 +421,7 @@ ERROR_CASES = [
         2,
         "services/web",
         "type",
-        ["'http' is not allowed", "ftp, ssh, sftp"],
+        ["'http' is not allowed", "ftp, ftpsi, ssh, sftp, manager, ldap-directory"],
         id="bad-choice",
     ),
     pytest.param(
@@ -501,7 +501,7 @@ ERROR_CASES = [
         1,
         "services/ftp",
         None,
-        ["'type' is required", "ftp, ssh, sftp"],
+        ["'type' is required", "ftp, ftpsi, ssh, sftp, manager, ldap-directory"],
         id="missing-service-type",
     ),
     pytest.param(

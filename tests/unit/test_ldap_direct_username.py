@@ -264,7 +264,9 @@ async def test_down_level_name_is_bound_as_typed_and_searched_by_its_user_part(d
     assert directory.binds == ["AD\\john"]
     assert directory.searches == [(DOMAIN, "(sAMAccountName=john)")]
     assert account.dn == JOHN_DN
-    assert account.home_folder == str(tmp_path / "homes" / "AD\\john")
+    # The account is named by the entry's sAMAccountName, not by what was typed.
+    assert account.username == "john"
+    assert account.home_folder == str(tmp_path / "homes" / "john")
 
 
 @pytest_twisted.ensureDeferred

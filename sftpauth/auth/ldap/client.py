@@ -1,30 +1,53 @@
-"""Connections to LDAP servers: one per login, closed with UNBIND.
+"""Connections to LDAP servers: failover, timeouts, health, TLS.
 
-:class:`LDAPServerPool` is the interface the method uses; it tries the
-configured addresses in order, so a server that does not answer costs at
-most one ``timeout`` before the next is tried.
+:class:`LDAPServerPool` is what the method uses. It tries the configured
+addresses in order and keeps the health of each (:class:`ServerState`). A
+network error or a ``timeout`` (connect, TLS handshake, StartTLS, each
+operation) marks a server down; an LDAP answer, even a refusal, does not.
+A server that is down is skipped, so only the first login that meets it
+pays the ``timeout``. While the pool is started (the twistd service), a
+background probe retries each down server every ``retry_interval`` seconds
+and marks it up again; logins never probe. When every server is down a
+login fails at once, and the probes run every ``timeout`` seconds (at most
+``retry_interval``) so that the service comes back soon after a server does.
+
+:class:`Connector` opens one connection ready for use: TCP, then LDAPS or
+StartTLS as configured (see :mod:`.tls`), never falling back to plain text.
+:class:`LDAPConnection` is one connected client; it is closed with UNBIND.
 """
 
 from __future__ import annotations
 
 import time
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import attrs
 from ldaptor.protocols import pureldap
 from ldaptor.protocols.ldap.ldapclient import LDAPClient
 from twisted.internet import defer, error as net_error
-from twisted.internet.endpoints import HostnameEndpoint, connectProtocol
+from twisted.internet.endpoints import HostnameEndpoint
+from twisted.internet.interfaces import IHandshakeListener
+from twisted.internet.protocol import Factory
 from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from sftpauth.auth.ldap.tls import CertificateSummary, TLSPolicy, TLSReport, check_name, describe_handshake_failure
 
 _log = Logger()
 
 # LDAP result codes used by the method (RFC 4511 §4.1.9).
 SUCCESS = 0
+SIZE_LIMIT_EXCEEDED = 4
+CONFIDENTIALITY_REQUIRED = 13
 NO_SUCH_OBJECT = 32
 INVALID_CREDENTIALS = 49
 INSUFFICIENT_ACCESS = 50
 UNWILLING_TO_PERFORM = 53
+
+UP = "up"
+DOWN = "down"
+UNKNOWN = "unknown"
 
 
 @attrs.frozen
@@ -38,7 +61,18 @@ class ServerAddress:
 
 
 class LDAPUnavailable(Exception):
-    """No configured server could be reached, or one stopped answering."""
+    """A server could not be used: a network error, a timeout, a TLS failure.
+
+    ``kind`` is machine-readable (``refused``, ``timeout``, ``dns``,
+    ``lost``, ``starttls-refused``, ``tls-handshake``, ``tls-expired``,
+    ``tls-untrusted``, ``tls-name-mismatch``..., ``all-down``); an LDAP
+    answer is never one of these.
+    """
+
+    def __init__(self, message: str, kind: str = "network", reason: str = ""):
+        super().__init__(message)
+        self.kind = kind
+        self.reason = reason or message  # the message without the server's address
 
 
 @attrs.frozen
@@ -69,29 +103,110 @@ def _text(value) -> str:
     return str(value)
 
 
-class LDAPConnection:
-    """One connected client; every operation is bounded by ``timeout``."""
+@implementer(IHandshakeListener)
+class _LDAPProtocol(LDAPClient):
+    """ldaptor's client, told when a TLS handshake ends and when the connection goes."""
 
-    def __init__(self, client: LDAPClient, server: ServerAddress, reactor, timeout: float):
+    def __init__(self):
+        super().__init__()
+        self._handshake: Optional[defer.Deferred] = None
+        self.protocol_error = ""  # set when the server sent something that is not LDAP
+
+    def dataReceived(self, data: bytes) -> None:
+        try:
+            super().dataReceived(data)
+        except Exception as error:  # garbage from the server must not become a traceback
+            self.protocol_error = f"{type(error).__name__}: {error}"[:80]
+            self.buffer = b""
+            _log.warn(
+                "LDAP server {peer} sent data that is not an LDAP answer ({error}); closing",
+                peer=str(self.transport.getPeer()), error=self.protocol_error,
+            )
+            self.transport.abortConnection()
+
+    def expect_handshake(self) -> defer.Deferred:
+        self._handshake = defer.Deferred()
+        return self._handshake
+
+    def handshakeCompleted(self) -> None:
+        waiting, self._handshake = self._handshake, None
+        if waiting is not None:
+            waiting.callback(None)
+
+    def connectionLost(self, reason=net_error.ConnectionDone) -> None:
+        super().connectionLost(reason)
+        waiting, self._handshake = self._handshake, None
+        if waiting is not None:
+            waiting.errback(reason)
+
+    def unsolicitedNotification(self, msg) -> None:
+        # e.g. a Notice of Disconnection; the connection loss that follows is what counts
+        _log.debug("unsolicited LDAP notification: {message!r}", message=msg)
+
+
+class _OneConnection(Factory):
+    """connectProtocol's factory, without a log line for every connection."""
+
+    noisy = False
+
+    def __init__(self, protocol: _LDAPProtocol):
+        self._protocol = protocol
+
+    def buildProtocol(self, addr) -> _LDAPProtocol:
+        return self._protocol
+
+
+class LDAPConnection:
+    """One connected client; every operation is bounded by ``timeout``.
+
+    A timeout or a lost connection raises :class:`LDAPUnavailable` and is
+    reported to ``on_unavailable`` (the pool marks the server down).
+    """
+
+    def __init__(
+        self,
+        client: LDAPClient,
+        server: ServerAddress,
+        reactor,
+        timeout: float,
+        on_unavailable: Optional[Callable[[ServerAddress, "LDAPUnavailable"], None]] = None,
+        tls: Optional[TLSReport] = None,
+    ):
         self.client = client
         self.server = server
+        self.tls = tls
         self._reactor = reactor
         self._timeout = timeout
+        self._on_unavailable = on_unavailable
+        self._broken = False
 
-    def _bounded(self, deferred: defer.Deferred) -> defer.Deferred:
+    def _unavailable(self, message: str, kind: str) -> LDAPUnavailable:
+        error = LDAPUnavailable(f"{self.server}: {message}", kind, message)
+        if not self._broken:
+            self._broken = True
+            if self._on_unavailable is not None:
+                self._on_unavailable(self.server, error)
+        return error
+
+    def _require_connected(self) -> None:
+        if not self.client.connected:
+            raise self._unavailable("connection lost", "lost")
+
+    async def _bounded(self, deferred: defer.Deferred, what: str):
         deferred.addTimeout(self._timeout, self._reactor)
-
-        def unavailable(failure):
-            failure.trap(defer.TimeoutError, defer.CancelledError, net_error.ConnectionLost, net_error.ConnectionDone)
-            raise LDAPUnavailable(f"{self.server}: no answer within {self._timeout:g}s or connection lost")
-
-        return deferred.addErrback(unavailable)
+        try:
+            return await deferred
+        except (defer.TimeoutError, defer.CancelledError):
+            raise self._unavailable(f"no answer to {what} within {self._timeout:g}s", "timeout") from None
+        except Exception as error:  # the connection went away (closed, reset, TLS error)
+            if getattr(self.client, "protocol_error", ""):
+                raise self._unavailable(f"the answer to {what} is not LDAP ({self.client.protocol_error})", "garbage") from None
+            raise self._unavailable(f"connection lost during {what} ({_describe(error)})", "lost") from None
 
     async def bind(self, dn: str, password: str) -> LDAPResult:
-        if not self.client.connected:
-            raise LDAPUnavailable(f"{self.server}: connection lost")
+        self._require_connected()
         request = pureldap.LDAPBindRequest(dn=dn, auth=password.encode("utf-8"))
-        response = await self._bounded(self.client.send(request))
+        response = await self._bounded(self.client.send(request), "BIND")
         return LDAPResult(response.resultCode, _text(response.errorMessage or b""), _text(response.matchedDN or b""))
 
     async def search(
@@ -102,8 +217,7 @@ class LDAPConnection:
         attributes: Sequence[str],
         size_limit: int = 0,
     ) -> tuple[LDAPResult, list[Entry]]:
-        if not self.client.connected:
-            raise LDAPUnavailable(f"{self.server}: connection lost")
+        self._require_connected()
         entries: list[Entry] = []
         done: defer.Deferred = defer.Deferred()
 
@@ -116,9 +230,14 @@ class LDAPConnection:
                 entries.append(Entry(_text(message.objectName), attributes_found))
                 return False
             if isinstance(message, pureldap.LDAPSearchResultDone):
-                done.callback(LDAPResult(message.resultCode, _text(message.errorMessage or b"")))
+                if not done.called:
+                    done.callback(LDAPResult(message.resultCode, _text(message.errorMessage or b"")))
                 return True
             return False  # references are not chased
+
+        def lost(failure):
+            if not done.called:
+                done.errback(failure)
 
         request = pureldap.LDAPSearchRequest(
             baseObject=base,
@@ -130,50 +249,403 @@ class LDAPConnection:
             filter=filter_object,
             attributes=list(attributes) or ["1.1"],
         )
-        self.client.send_multiResponse(request, handle)
-        result = await self._bounded(done)
+        # ldaptor errbacks this Deferred (only) when the connection is lost.
+        self.client.send_multiResponse(request, handle).addErrback(lost)
+        result = await self._bounded(done, "search")
         return result, entries
+
+    async def root_dse(self) -> LDAPResult:
+        """Read the root DSE anonymously: any LDAP answer proves the server works."""
+        result, _ = await self.search("", pureldap.LDAP_SCOPE_baseObject, pureldap.LDAPFilter_present("objectClass"), ())
+        return result
+
+    async def request_start_tls(self) -> None:
+        """The StartTLS request (RFC 4511 §4.14); a refusal raises: there is no plain-text fallback.
+
+        :meth:`handshake` must follow at once: nothing else is sent in between.
+        """
+        self._require_connected()
+        response = await self._bounded(self.client.send(pureldap.LDAPStartTLSRequest()), "StartTLS")
+        if response.resultCode != SUCCESS:
+            message = _text(response.errorMessage or b"")
+            raise self._unavailable(
+                f"the server refused StartTLS (result code {response.resultCode}{': ' + message if message else ''})",
+                "starttls-refused",
+            )
+
+    async def handshake(self, policy: TLSPolicy, report: TLSReport) -> None:
+        """Start TLS on the connection now and wait for the handshake (LDAPS, or after StartTLS)."""
+        self._require_connected()
+        waiting = self.client.expect_handshake()
+        self.client.transport.startTLS(policy.creator(self.server.host, report))
+        waiting.addTimeout(self._timeout, self._reactor)
+        try:
+            await waiting
+        except (defer.TimeoutError, defer.CancelledError):
+            raise self._unavailable(f"no TLS handshake within {self._timeout:g}s", "timeout") from None
+        except Exception as error:
+            kind, sentence = describe_handshake_failure(report, error)
+            raise self._unavailable(sentence, kind) from None
+        self.tls = report
+        handle = self.client.transport.getHandle()
+        report.version = handle.get_protocol_version_name()
+        if report.certificate is None or not report.name_checked:
+            peer = handle.get_peer_certificate()
+            if peer is not None:
+                certificate = peer.to_cryptography()
+                report.certificate = report.certificate or CertificateSummary.from_certificate(certificate)
+                if not report.name_checked:
+                    report.name_checked = True
+                    mismatch = check_name(certificate, self.server.host)
+                    if mismatch:
+                        report.record("name-mismatch", mismatch)
+
+    def abort(self) -> None:
+        """Drop the connection at once (a failed or cancelled TLS set-up): no UNBIND."""
+        self._broken = True
+        self.close()
 
     def close(self) -> None:
         """UNBIND and close; safe to call twice or on a lost connection."""
-        if self.client.connected:
+        transport = self.client.transport
+        if self.client.connected and not self._broken:
             try:
                 self.client.unbind()
             except Exception:  # the connection went away in between
                 pass
-        if self.client.transport is not None:
-            self.client.transport.loseConnection()
+        if transport is not None:
+            if self._broken:
+                transport.abortConnection()
+            else:
+                transport.loseConnection()
+
+
+@attrs.define
+class ConnectProgress:
+    """How far one connection attempt got (for verify-ldap and the trace)."""
+
+    tcp_seconds: Optional[float] = None
+    starttls: Optional[bool] = None  # None: not attempted
+    tls: Optional[TLSReport] = None
+    ready_seconds: Optional[float] = None
+
+
+class Connector:
+    """Opens a ready-to-use connection: TCP, then LDAPS or StartTLS as configured."""
+
+    def __init__(self, reactor, timeout: float, tls: TLSPolicy, clock: Callable[[], float] = time.monotonic):
+        self.reactor = reactor
+        self.timeout = timeout
+        self.tls = tls
+        self._clock = clock
+
+    async def open(
+        self,
+        address: ServerAddress,
+        on_unavailable: Optional[Callable[[ServerAddress, LDAPUnavailable], None]] = None,
+        progress: Optional[ConnectProgress] = None,
+    ) -> LDAPConnection:
+        progress = progress if progress is not None else ConnectProgress()
+        started = self._clock()
+        endpoint = HostnameEndpoint(self.reactor, address.host, address.port, timeout=self.timeout)
+        attempt = endpoint.connect(_OneConnection(_LDAPProtocol()))
+        attempt.addTimeout(self.timeout, self.reactor)
+        try:
+            client = await attempt
+        except Exception as failure:  # refused, unreachable, DNS, timeout
+            kind, text = _classify_connect_failure(failure, self.timeout)
+            raise LDAPUnavailable(f"{address}: {text}", kind, text) from None
+        progress.tcp_seconds = self._clock() - started
+        connection = LDAPConnection(client, address, self.reactor, self.timeout, on_unavailable)
+        if self.tls.enabled:
+            report = progress.tls = self.tls.new_report(address.host)
+            try:
+                if self.tls.secure_connection == "starttls":
+                    progress.starttls = False
+                    await connection.request_start_tls()
+                    progress.starttls = True
+                await connection.handshake(self.tls, report)
+            except BaseException:
+                connection.abort()
+                raise
+        progress.ready_seconds = self._clock() - started
+        return connection
+
+
+@attrs.frozen
+class ServerState:
+    """One server's health, for test-login, verify-ldap, the dashboard and /health.
+
+    Times (``since``, ``checked``, ``next_probe``) are reactor seconds (the
+    epoch on a real reactor); ``latency`` is the seconds the last successful
+    connection took to be ready (TCP, and TLS when configured).
+    """
+
+    address: ServerAddress
+    status: str  # up, down or unknown (never contacted)
+    since: Optional[float]
+    last_error: str
+    latency: Optional[float]
+    checked: Optional[float]
+    next_probe: Optional[float]
+
+    def describe(self, now: float) -> str:
+        if self.status == UNKNOWN:
+            return "unknown (not contacted yet)"
+        text = f"{self.status} for {_duration(now - self.since)}" if self.since is not None else self.status
+        if self.latency is not None:
+            text += f", last connection in {self.latency * 1000:.1f} ms"
+        if self.status == DOWN:
+            text += f"; last error: {self.last_error}"
+            if self.next_probe is not None:
+                text += f"; next probe in {_duration(max(0.0, self.next_probe - now))}"
+        return text
+
+    def as_dict(self) -> dict:
+        """JSON-ready (the /health endpoint and the API)."""
+        return {
+            "address": str(self.address),
+            "status": self.status,
+            "since": self.since,
+            "last_error": self.last_error,
+            "latency_ms": None if self.latency is None else round(self.latency * 1000, 1),
+            "checked": self.checked,
+            "next_probe": self.next_probe,
+        }
+
+
+@attrs.define
+class _Server:
+    address: ServerAddress
+    status: str = UNKNOWN
+    since: Optional[float] = None
+    last_error: str = ""
+    latency: Optional[float] = None
+    checked: Optional[float] = None
+    probe_call: object = None  # IDelayedCall of the next probe
+
+    def snapshot(self) -> ServerState:
+        next_probe = self.probe_call.getTime() if self.probe_call is not None and self.probe_call.active() else None
+        return ServerState(self.address, self.status, self.since, self.last_error, self.latency, self.checked, next_probe)
 
 
 class LDAPServerPool:
-    """The servers of one method, tried in the configured order."""
+    """The servers of one method: tried in order, down ones skipped, probed back."""
 
-    def __init__(self, addresses: Sequence[ServerAddress], reactor, timeout: float, clock=time.monotonic):
+    def __init__(
+        self,
+        addresses: Sequence[ServerAddress],
+        reactor,
+        timeout: float,
+        clock: Callable[[], float] = time.monotonic,
+        *,
+        retry_interval: float = 30,
+        tls: Optional[TLSPolicy] = None,
+        name: str = "",
+        connector: Optional[Connector] = None,
+    ):
         self.addresses = tuple(addresses)
+        self.name = name
+        self.retry_interval = retry_interval
         self._reactor = reactor
-        self._timeout = timeout
         self._clock = clock
+        self.connector = connector or Connector(reactor, timeout, tls or TLSPolicy("no", "system"), clock)
+        self._servers = {address: _Server(address) for address in self.addresses}
+        self._probing = False
+        self._probes_in_flight: set[defer.Deferred] = set()
+
+    @classmethod
+    def from_settings(cls, settings, reactor) -> "LDAPServerPool":
+        """The pool of an ``[authentications/ID] type = ldap`` section."""
+        addresses = [ServerAddress(host, port or settings.port) for host, port in settings.address]
+        return cls(
+            addresses,
+            reactor,
+            settings.timeout,
+            retry_interval=settings.retry_interval,
+            tls=TLSPolicy(settings.secure_connection, settings.tls_trusted_certificates),
+            name=settings.id,
+        )
+
+    @property
+    def timeout(self) -> float:
+        return self.connector.timeout
+
+    # -- health ---------------------------------------------------------------
+
+    def states(self) -> tuple[ServerState, ...]:
+        return tuple(self._servers[address].snapshot() for address in self.addresses)
+
+    def _now(self) -> float:
+        return self._reactor.seconds()
+
+    def _mark_up(self, address: ServerAddress, latency: float, how: str) -> None:
+        server = self._servers[address]
+        now = self._now()
+        if server.status != UP:
+            if server.status == DOWN:
+                _log.info(
+                    "LDAP server {server} of {method} is up again ({how}, {latency:.1f} ms)",
+                    server=str(address), method=self.name, how=how, latency=latency * 1000,
+                )
+            server.status, server.since = UP, now
+        server.latency, server.checked, server.last_error = latency, now, ""
+        if server.probe_call is not None and server.probe_call.active():
+            server.probe_call.cancel()
+        server.probe_call = None
+
+    def _mark_down(self, address: ServerAddress, error: LDAPUnavailable) -> None:
+        server = self._servers[address]
+        now = self._now()
+        if server.status != DOWN:
+            _log.warn(
+                "LDAP server {server} of {method} is down: {error}; skipped for {interval:g}s while another is up",
+                server=str(address), method=self.name, error=str(error), interval=self.retry_interval,
+            )
+            server.status, server.since = DOWN, now
+            if self._all_down():
+                _log.error(
+                    "every LDAP server of {method} is down: its logins fail until a probe finds one up "
+                    "(every {interval:g}s)",
+                    method=self.name, interval=self._probe_delay(),
+                )
+        server.last_error, server.checked = str(error), now
+        self._schedule_probe(server)
+        if self._all_down():
+            # Nothing else can serve logins: probe the others soon too.
+            for other in self._servers.values():
+                call = other.probe_call
+                if call is not None and call.active() and call.getTime() > now + self._probe_delay():
+                    call.reset(self._probe_delay())
+
+    def _all_down(self) -> bool:
+        return all(server.status == DOWN for server in self._servers.values())
+
+    def _probe_delay(self) -> float:
+        """retry_interval while another server is up; when none is, every ``timeout`` (at most retry_interval)."""
+        if self._all_down():
+            return min(self.retry_interval, self.timeout)
+        return self.retry_interval
+
+    def _eligible(self, server: _Server) -> bool:
+        if server.status != DOWN:
+            return True
+        # Without probes (a pool that was never started, e.g. test-login)
+        # logins retry a down server once retry_interval has passed.
+        return not self._probing and self._now() - (server.checked or 0) >= self.retry_interval
+
+    # -- logins ---------------------------------------------------------------
 
     async def connect(self, trace=None, method_id: str = "") -> LDAPConnection:
-        problems = []
-        for address in self.addresses:
-            started = self._clock()
-            endpoint = HostnameEndpoint(self._reactor, address.host, address.port, timeout=self._timeout)
-            attempt = connectProtocol(endpoint, LDAPClient())
-            attempt.addTimeout(self._timeout, self._reactor)
-            try:
-                client = await attempt
-            except Exception as failure:  # refused, unreachable, DNS, timeout
-                problem = f"{address}: {_describe(failure)}"
-                problems.append(problem)
-                _log.warn("LDAP server {server} is unavailable: {problem}", server=str(address), problem=problem)
-                if trace is not None:
-                    trace.add(method_id, "connect", f"{problem} (after {1000 * (self._clock() - started):.0f} ms)")
-                continue
+        """A connection to the first usable server; LDAPUnavailable when there is none."""
+
+        def note(action: str, detail: str) -> None:
             if trace is not None:
-                trace.add(method_id, "connect", f"connected to {address} in {1000 * (self._clock() - started):.0f} ms")
-            return LDAPConnection(client, address, self._reactor, self._timeout)
-        raise LDAPUnavailable("; ".join(problems) or "no LDAP server is configured")
+                trace.add(method_id or self.name, action, detail)
+
+        problems = []
+        now = self._now()
+        for address in self.addresses:
+            server = self._servers[address]
+            if not self._eligible(server):
+                state = server.snapshot()
+                note("skip", f"{address} is {state.describe(now)}")
+                problems.append(f"{server.last_error} (down for {_duration(now - (server.since or now))})")
+                continue
+            started = self._clock()
+            progress = ConnectProgress()
+            try:
+                connection = await self.connector.open(address, self._mark_down, progress)
+            except LDAPUnavailable as error:
+                self._mark_down(address, error)
+                problems.append(str(error))
+                note("connect", f"{error} (after {1000 * (self._clock() - started):.0f} ms)")
+                continue
+            self._mark_up(address, progress.ready_seconds or 0.0, "login")
+            detail = f"connected to {address} in {1000 * (self._clock() - started):.0f} ms"
+            if progress.tls is not None:
+                kind = "StartTLS" if progress.starttls else "LDAPS"
+                detail += f" ({kind}, {progress.tls.outcome()})"
+            note("connect", detail)
+            return connection
+        raise LDAPUnavailable("; ".join(problems) or "no LDAP server is configured", "all-down")
+
+    # -- probes -----------------------------------------------------------------
+
+    def start(self) -> None:
+        """Probe down servers in the background from now on (the twistd service)."""
+        self._probing = True
+        for server in self._servers.values():
+            if server.status == DOWN:
+                self._schedule_probe(server)
+
+    def stop(self) -> None:
+        """No more probes: cancel the scheduled ones and those in flight."""
+        self._probing = False
+        for server in self._servers.values():
+            if server.probe_call is not None and server.probe_call.active():
+                server.probe_call.cancel()
+            server.probe_call = None
+        for probe in list(self._probes_in_flight):
+            probe.cancel()
+
+    def _schedule_probe(self, server: _Server) -> None:
+        if not self._probing or (server.probe_call is not None and server.probe_call.active()):
+            return
+        server.probe_call = self._reactor.callLater(self._probe_delay(), self._start_probe, server)
+
+    def _start_probe(self, server: _Server) -> None:
+        server.probe_call = None
+        probe = defer.ensureDeferred(self.probe(server.address, background=True))
+        self._probes_in_flight.add(probe)
+
+        def done(result):
+            self._probes_in_flight.discard(probe)
+            if isinstance(result, Failure) and not result.check(defer.CancelledError):
+                _log.failure("probe of LDAP server {server} failed", result, server=str(server.address))
+            return None
+
+        probe.addBoth(done)
+
+    async def probe(self, address: ServerAddress, background: bool = False) -> ServerState:
+        """Connect (with TLS when configured) and read the root DSE; update the state.
+
+        A background probe cancelled by :meth:`stop` leaves the state alone.
+        """
+        started = self._clock()
+        try:
+            connection = await self.connector.open(address)
+            try:
+                await connection.root_dse()
+            finally:
+                connection.close()
+        except LDAPUnavailable as error:
+            if self._probing or not background:
+                self._mark_down(address, error)
+            return self._servers[address].snapshot()
+        if self._probing or not background:
+            self._mark_up(address, self._clock() - started, "probe")
+        return self._servers[address].snapshot()
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    if seconds < 120:
+        return f"{seconds}s"
+    if seconds < 7200:
+        return f"{seconds // 60}m"
+    return f"{seconds // 3600}h"
+
+
+def _classify_connect_failure(failure: Exception, timeout: float) -> tuple[str, str]:
+    timed_out = (defer.TimeoutError, defer.CancelledError, net_error.TimeoutError, net_error.ConnectingCancelledError)
+    if isinstance(failure, timed_out):
+        return "timeout", f"connection timed out after {timeout:g}s"
+    if isinstance(failure, net_error.ConnectionRefusedError):
+        return "refused", "connection refused"
+    if isinstance(failure, net_error.DNSLookupError):
+        return "dns", "host name not found"
+    return "network", _describe(failure)
 
 
 def _describe(failure: Exception) -> str:
@@ -183,4 +655,6 @@ def _describe(failure: Exception) -> str:
         return "connection refused"
     if isinstance(failure, net_error.DNSLookupError):
         return "host name not found"
+    if isinstance(failure, (net_error.ConnectionDone, net_error.ConnectionLost)):
+        return "closed by the server"
     return str(failure) or type(failure).__name__

@@ -14,9 +14,12 @@ from typing import Optional
 from sftpauth.account import Account, account_for_groups
 from sftpauth.auth.credentials import LoginRequest
 from sftpauth.auth.errors import LoginFailed
-from sftpauth.auth.ldap.client import LDAPServerPool, LDAPUnavailable, ServerAddress
+from sftpauth.auth.ldap.client import LDAPServerPool, LDAPUnavailable
 from sftpauth.auth.ldap.dn import STRATEGIES, Lookup
-from sftpauth.config.models import DEFAULT_GROUP, Configuration, LDAPAuthenticationSettings
+from sftpauth.auth.ldap.extensions import LDAPExtensions
+from sftpauth.auth.ldap.groups import GroupResolver
+from sftpauth.config.models import Configuration, LDAPAuthenticationSettings
+from sftpauth.state import SharedState, build_state
 
 MEMBER_OF = "memberOf"
 
@@ -28,15 +31,18 @@ class LDAPMethod:
         configuration: Configuration,
         reactor,
         pool: Optional[LDAPServerPool] = None,
+        state: Optional[SharedState] = None,
     ):
         self.id = settings.id
         self.settings = settings
         self._configuration = configuration
-        addresses = [ServerAddress(host, port or settings.port) for host, port in settings.address]
-        self.pool = pool or LDAPServerPool(addresses, reactor, settings.timeout)
+        # The servers of `address`: failover, health, probes, TLS (client.py)
+        self.pool = pool or LDAPServerPool.from_settings(settings, reactor)
         self._strategy = STRATEGIES[settings.bind_dn_type]()
-        group_ids = settings.base_groups or (DEFAULT_GROUP,)
-        self._groups = tuple(configuration.groups[group_id] for group_id in group_ids)
+        # base_groups, group_mapping, roles_mapping, group search and nesting (groups.py)
+        self.groups = GroupResolver(settings, configuration)
+        # The extension (TOTP) of extension_entry_point; its state (used codes) is shared by every service.
+        self.extensions = LDAPExtensions.from_settings(settings, reactor, state or build_state("memory", reactor))
         self._attributes = self._attributes_to_read()
 
     def _attributes_to_read(self) -> tuple[str, ...]:
@@ -45,6 +51,8 @@ class LDAPMethod:
         if settings.home_folder_attribute is not None:
             names += settings.home_folder_attribute.attributes
         names += [name for name in (settings.email_attribute, settings.full_name_attribute) if name]
+        names += self.groups.attributes
+        names += self.extensions.extra_attributes
         return tuple(dict.fromkeys(names))
 
     async def authenticate(self, request: LoginRequest) -> Account:
@@ -57,34 +65,87 @@ class LDAPMethod:
             search_filter = settings.manager_search_filter
         else:
             search_filter = settings.search_filter
+        # Before any LDAP traffic: an extension may take a TOTP code off the password, or reject.
+        credentials = await self.extensions.update_credentials(request)
         lookup = Lookup(settings, request, search_filter, self._attributes, self.id)
-        try:
-            connection = await self.pool.connect(request.trace, self.id)
-        except LDAPUnavailable as error:
-            raise LoginFailed("service-unavailable", f"no LDAP server answered: {error}") from None
-        try:
-            entry = await self._strategy.authenticate(connection, lookup)
-        except LDAPUnavailable as error:
-            raise LoginFailed("service-unavailable", str(error)) from None
-        finally:
-            connection.close()
-        used = {name: entry.get(name) for name in self._attributes if entry.get(name)}
+        lookup.username, lookup.password = credentials.username, credentials.password
+        # A server lost in the middle of the login (not an LDAP answer): the whole
+        # login once more on the next server, unless an extension already used
+        # a single-use TOTP code.
+        for attempt in (1, 2):
+            try:
+                connection = await self.pool.connect(request.trace, self.id)
+            except LDAPUnavailable as error:
+                raise LoginFailed("service-unavailable", f"no LDAP server answered: {error}") from None
+            code_used = False
+            try:
+                entry = await self._strategy.authenticate(connection, lookup)
+                code_used = bool(self.extensions)
+                # Only after a successful BIND: a wrong password and a wrong code look alike.
+                entry = await self.extensions.augment_entry(connection, lookup, entry, credentials)
+                # memberOf, plus groups found by group_search_filter and their parents (nested_groups)
+                member_of = await self.groups.member_of(connection, lookup, entry, request.manager)
+                break
+            except LDAPUnavailable as error:
+                if attempt == 2 or code_used:
+                    raise LoginFailed("service-unavailable", str(error)) from None
+                request.trace.add(self.id, "failover", f"{error}; trying the login again on the next server")
+            finally:
+                connection.close()
+        used = {
+            name: entry.get(name)
+            for name in self._attributes
+            if entry.get(name) and not self.extensions.is_hidden(name)
+        }
         request.trace.add(self.id, "entry", f"{entry.dn}: " + "; ".join(f"{k}={list(v)}" for k, v in used.items()))
-        return self._account(request, entry)
+        return self._account(request, entry, member_of)
 
-    def _account(self, request: LoginRequest, entry) -> Account:
+    def _account(self, request: LoginRequest, entry, member_of: tuple[str, ...] = ()) -> Account:
         settings = self.settings
         extra = {
             "dn": entry.dn,
             "email": _first(entry.get(settings.email_attribute)) if settings.email_attribute else "",
             "full_name": _first(entry.get(settings.full_name_attribute)) if settings.full_name_attribute else "",
         }
+        username = self._username(request, entry)
         if request.manager:
+            roles = self.groups.roles(entry, member_of)
+            for line in roles.explanation:
+                request.trace.add(self.id, "roles", line)
             return Account(
-                username=request.username, method_id=self.id, home_folder="", permissions=frozenset(), groups=(), **extra
+                username=username,
+                method_id=self.id,
+                home_folder="",
+                permissions=frozenset(),
+                groups=(),
+                roles=roles.ids,
+                **extra,
             )
+        resolution = self.groups.groups(entry, member_of)
+        for line in resolution.explanation:
+            request.trace.add(self.id, "groups", line)
+        groups = tuple(self._configuration.groups[group_id] for group_id in resolution.ids)
         home = settings.home_folder_attribute.resolve(entry.get) if settings.home_folder_attribute else None
-        return account_for_groups(request.username, self.id, self._groups, home_folder=home, **extra)
+        return account_for_groups(username, self.id, groups, home_folder=home, **extra)
+
+    def _username(self, request: LoginRequest, entry) -> str:
+        """The entry's own spelling of the username, so ``ALICE`` and ``alice`` share one home.
+
+        LDAP matches usernames ignoring case and surrounding spaces; the value
+        stored in ``username_attribute`` that matches what was typed (or its
+        USER part of ``DOMAIN\\USER``) names the account. For ``relative`` and
+        ``absolute`` (a DN was typed) a single stored value is used.
+        """
+        typed = request.username
+        wanted = {typed.strip().casefold(), typed.rsplit("\\", 1)[-1].strip().casefold()}
+        wanted.add((typed + self.settings.username_suffix).strip().casefold())
+        stored = entry.get(self.settings.username_attribute)
+        for value in stored:
+            if value.strip().casefold() in wanted:
+                return value
+        if self.settings.bind_dn_type in ("relative", "absolute") and len(stored) == 1:
+            return stored[0]
+        return typed
 
 
 def _first(values: tuple[str, ...]) -> str:
