@@ -1,0 +1,226 @@
+"""TOTP appended to the password: ``python:sftpauth.ldap.totp.AugmentedTOTP``.
+
+The user types password and code as one string (``SecretPass123456``). The
+last ``digits`` characters (6 unless ``extension_configuration`` says
+``"digits": 8``) are the code; the rest is the password sent to the BIND.
+Only after the BIND succeeded is the code checked against the otpauth URI in
+``mfa_attribute`` (RFC 6238 with the URI's algorithm, digits and period, one
+step of drift each way), so a wrong password and a wrong code take the same
+path up to the BIND and nobody learns which factor was wrong.
+
+The split happens before the entry (and so the URI) is read: the BIND needs
+the password without the code. So the number of digits is configured, and a
+URI that asks for another number rejects the login (``totp-invalid-secret``)
+instead of guessing.
+
+A code that let somebody in is claimed in the shared replay store, keyed on
+method, entry DN, time step and code, until it can no longer be valid; a
+second login with it, on any service, is ``totp-replayed``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+from typing import Any, Mapping
+from urllib.parse import parse_qs, urlsplit
+
+import pyotp
+from twisted.internet import defer
+from validate import ValidateError
+from zope.interface import implementer
+
+from sftpauth.auth.errors import LoginFailed
+from sftpauth.auth.ldap.client import Entry
+from sftpauth.auth.ldap.dn import parse_dn
+from sftpauth.auth.ldap.extensions import ILDAPExtension, LDAPCredentials
+from sftpauth.config import checks
+
+DEFAULT_DIGITS = 6
+ALLOWED_DIGITS = (6, 7, 8)
+DRIFTS = (0, -1, 1)  # steps tried, the current one first
+URI_PREFIX = "otpauth://totp/"
+_CODE = "totp-code"
+_ALGORITHMS = ("SHA1", "SHA256", "SHA512")
+_KEYS = ("digits", "mfa_attribute")
+
+
+class InvalidTOTPURI(ValueError):
+    """The attribute's value cannot be used; the message never holds the secret."""
+
+
+def parse_totp_uri(uri: str) -> pyotp.TOTP:
+    """A ``pyotp.TOTP`` from a Google Authenticator key URI, checked."""
+    uri = uri.strip()
+    if not uri.startswith(URI_PREFIX):
+        raise InvalidTOTPURI(f"the value is not an {URI_PREFIX}... URI")
+    query = parse_qs(urlsplit(uri).query, keep_blank_values=True)
+    secret = (query.get("secret") or [""])[0]
+    if not secret:
+        raise InvalidTOTPURI("the URI has no secret")
+    if query.get("encoder"):
+        raise InvalidTOTPURI("the URI names an encoder: only RFC 6238 decimal codes are supported")
+    algorithm = (query.get("algorithm") or ["SHA1"])[0]
+    if algorithm not in _ALGORITHMS:
+        raise InvalidTOTPURI(f"algorithm {algorithm!r} is not one of {', '.join(_ALGORITHMS)}")
+    for name in ("digits", "period"):
+        value = (query.get(name) or ["1"])[0]
+        if not value.isascii() or not value.isdigit():
+            raise InvalidTOTPURI(f"{name} {value!r} is not a whole number")
+    try:
+        otp = pyotp.parse_uri(uri)
+    except Exception as error:  # pyotp: ValueError, binascii.Error (bad base32)...
+        message = str(error)
+        if secret in message or not message:
+            message = type(error).__name__
+        raise InvalidTOTPURI(f"pyotp cannot use the URI: {message}") from None
+    if not isinstance(otp, pyotp.TOTP):  # pragma: no cover - the prefix check makes it TOTP
+        raise InvalidTOTPURI("the URI is not a TOTP key")
+    return otp
+
+
+def describe_totp(otp: pyotp.TOTP) -> str:
+    """The URI's parameters, never its secret."""
+    return f"{otp.digest().name.upper()}, {otp.digits} digits, {otp.interval} s period"
+
+
+def matching_steps(otp: pyotp.TOTP, code: str, step: int) -> list[tuple[int, int]]:
+    """(drift, step) of each step in reach whose code is ``code``; every candidate is computed."""
+    matches = []
+    for drift in DRIFTS:
+        expected = otp.generate_otp(step + drift)
+        if hmac.compare_digest(expected.encode("ascii"), code.encode("ascii")):
+            matches.append((drift, step + drift))
+    return matches
+
+
+def step_drift(drift: int) -> str:
+    return f"{drift:+d}" if drift else "0"
+
+
+def replay_key(method_id: str, dn: str, step: int, code: str) -> str:
+    """The replay store's key: bounded in size and free of the DN's and code's text."""
+    try:
+        account = parse_dn(dn).getText().lower()
+    except ValueError:
+        account = dn.lower()
+    material = "\0".join((method_id, account, str(step), code)).encode("utf-8", "surrogatepass")
+    return "totp-replay:" + hashlib.sha256(material).hexdigest()
+
+
+@implementer(ILDAPExtension)
+class AugmentedTOTP:
+    """``{"mfa_attribute": "totpSharedSecret"}``, optionally ``"digits": 8``."""
+
+    def __init__(self, configuration: Mapping[str, Any]):
+        unknown = sorted(set(configuration) - set(_KEYS))
+        if unknown:
+            raise ValueError(f"unknown key(s) {', '.join(map(repr, unknown))}; allowed: {', '.join(_KEYS)}")
+        attribute = configuration.get("mfa_attribute")
+        if not isinstance(attribute, str) or not attribute.strip():
+            raise ValueError(
+                '"mfa_attribute" is required: the LDAP attribute holding the otpauth://totp/ URI, '
+                'e.g. {"mfa_attribute": "totpSharedSecret"}'
+            )
+        try:
+            checks.attribute(attribute.strip())
+        except ValidateError as error:
+            raise ValueError(f'"mfa_attribute": {error}') from None
+        digits = configuration.get("digits", DEFAULT_DIGITS)
+        if isinstance(digits, bool) or digits not in ALLOWED_DIGITS:
+            raise ValueError(f'"digits": {digits!r} is not allowed; allowed: 6, 7, 8 (the digits of the users\' otpauth URIs)')
+        self.mfa_attribute = attribute.strip()
+        self.digits = int(digits)
+
+    def getExtraAttributes(self) -> tuple[str, ...]:
+        return (self.mfa_attribute,)
+
+    def updateCredentials(self, credentials: LDAPCredentials) -> LDAPCredentials:
+        """Split the code off the password, before any LDAP traffic."""
+        digits = self.digits
+        password = credentials.password
+        if len(password) < digits + 1:
+            raise LoginFailed("totp-wrong-code", f"the password is too short to end with a {digits}-digit TOTP code")
+        code = password[-digits:]
+        if not re.fullmatch(r"[0-9]+", code):
+            raise LoginFailed("totp-wrong-code", f"the password does not end with a {digits}-digit TOTP code")
+        credentials.password = password[:-digits]
+        credentials.data[_CODE] = code
+        credentials.trace("totp", f"the last {digits} characters are the TOTP code; the rest is the password")
+        return credentials
+
+    def augmentEntry(self, entry: Entry, credentials: LDAPCredentials, client) -> defer.Deferred:
+        return defer.ensureDeferred(self._verify(entry, credentials))
+
+    async def _verify(self, entry: Entry, credentials: LDAPCredentials) -> Entry:
+        code = credentials.data.get(_CODE)
+        if code is None:  # pragma: no cover - updateCredentials always runs first
+            raise LoginFailed("totp-wrong-code", "no TOTP code was split off the password")
+        attribute = self.mfa_attribute
+        values = [value for value in entry.get(attribute) if value.strip()]
+        if not values:
+            raise LoginFailed(
+                "totp-missing-secret", f"{entry.dn} has no {attribute} (absent, empty or not readable by sftpauth)"
+            )
+        if len(values) > 1:
+            raise LoginFailed("totp-invalid-secret", f"{attribute} of {entry.dn} has {len(values)} values, not one")
+        try:
+            otp = parse_totp_uri(values[0])
+        except InvalidTOTPURI as error:
+            raise LoginFailed("totp-invalid-secret", f"{attribute} of {entry.dn}: {error}") from None
+        if otp.digits != self.digits:
+            raise LoginFailed(
+                "totp-invalid-secret",
+                f"{attribute} of {entry.dn} asks for {otp.digits}-digit codes but the extension splits "
+                f'{self.digits} digits off the password (set "digits": {otp.digits} for every user or none)',
+            )
+        credentials.trace("totp", f"{attribute}: otpauth URI ({describe_totp(otp)})")
+        now = credentials.clock.seconds()
+        step = int(now // otp.interval)
+        matches = matching_steps(otp, code, step)
+        if not matches:
+            raise LoginFailed("totp-wrong-code", "the TOTP code matches none of the steps -1, 0, +1")
+        for drift, matched in matches:
+            # Valid while the current step is at most matched + 1; one more period of margin
+            # covers clocks of other nodes sharing the store.
+            ttl = (matched + 3) * otp.interval - now
+            try:
+                fresh = await credentials.state.replay.claim(replay_key(credentials.method_id, entry.dn, matched, code), ttl)
+            except Exception as error:
+                raise LoginFailed(
+                    "service-unavailable", f"the TOTP replay store cannot answer: {type(error).__name__}: {error}"
+                ) from None
+            if not fresh:
+                raise LoginFailed("totp-replayed", f"the TOTP code (step drift {step_drift(drift)}) was already used")
+        credentials.trace("totp", f"TOTP code accepted (step drift {step_drift(matches[0][0])})")
+        return entry
+
+
+def new_totp_uri(username: str, issuer: str, digits: int = DEFAULT_DIGITS) -> str:
+    """A fresh 160-bit secret as a Google Authenticator key URI (SHA1, 30 s: what every app supports)."""
+    otp = pyotp.TOTP(pyotp.random_base32(32), digits=digits, name=username, issuer=issuer or None)
+    uri = otp.provisioning_uri()
+    parse_totp_uri(uri)  # what sftpauth writes, sftpauth must read
+    return uri
+
+
+def ldif_line(attribute: str, value: str) -> str:
+    """``attribute: value``, or ``attribute:: base64`` when RFC 2849 does not allow the plain form."""
+    import base64
+
+    safe = value.isascii() and value.isprintable() and not value.startswith((" ", ":", "<")) and not value.endswith(" ")
+    if safe:
+        return f"{attribute}: {value}"
+    return f"{attribute}:: {base64.b64encode(value.encode('utf-8')).decode('ascii')}"
+
+
+def terminal_qr_code(text: str) -> str:
+    """``text`` as a QR code of Unicode half blocks (two rows per line), quiet zone included."""
+    import io
+
+    import segno
+
+    output = io.StringIO()
+    segno.make(text, error="m", micro=False).terminal(out=output, compact=True, border=2)
+    return output.getvalue()

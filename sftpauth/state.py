@@ -1,0 +1,603 @@
+"""State shared by every service of a process, or by several nodes: used TOTP codes and bans.
+
+A TOTP code that once let somebody in must be refused for the rest of its
+validity, whichever service (FTP, SFTP, Web Manager) sees it again. The
+methods only know the :class:`ReplayStore` interface: one atomic "claim this
+key unless it is already claimed" with an expiry. The security policies
+(``sftpauth.auth.policy``) only know the :class:`BanStore` interface: count
+the consecutive failures of an address and ban it for a while.
+
+``[server] state = memory`` keeps both in this process. ``state =
+redis://HOST:PORT/DB`` keeps both in Redis, shared by every node using that
+database: a claim is ``SET key 1 NX PX ttl``; a failure is one Lua script
+(``INCR`` + ``PEXPIRE``, and the ban ``SET`` when the count is reached), so
+nodes racing on one address count every failure and exactly one of them
+starts the ban. Every key expires.
+
+When Redis cannot answer (down, unreachable, slower than
+:data:`REDIS_TIMEOUT`): TOTP logins fail closed (the claim fails, the login
+is refused as ``service-unavailable``), while bans degrade to what this
+node knows: the bans it saw in Redis and the failures it counts itself
+until Redis answers again. Nothing blocks: an unreachable Redis is known as
+such after the first failed connection attempt and answered at once; the
+connection is retried in the background and a log line says when it is
+lost and when it is back.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import math
+import re
+from typing import Any, Callable, Optional, Protocol
+from urllib.parse import quote
+
+import attrs
+from twisted.internet import defer
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+_log = Logger()
+
+DEFAULT_MAX_ENTRIES = 100_000
+
+
+class ReplayStoreFull(Exception):
+    """Every slot holds a claim that has not expired yet: refuse rather than forget one."""
+
+
+class ReplayStore(Protocol):
+    def claim(self, key: str, ttl: float) -> defer.Deferred:
+        """Fire with True if ``key`` was free (it is now held for ``ttl`` seconds), False if already held.
+
+        Atomic: of several concurrent claims of one key, exactly one gets
+        True. May fail with :class:`ReplayStoreFull` (or a connection error
+        for a remote store); callers then refuse the login.
+        """
+
+
+class MemoryReplayStore:
+    """Claims in a dict, expired by the injected clock; at most ``max_entries`` live claims.
+
+    Everything runs on the reactor thread, so check-and-set is atomic. When
+    the store is full of live claims a new claim fails: forgetting a live
+    one would let its code be replayed. Filling it takes ``max_entries``
+    successful logins within one code's validity (about 90 seconds).
+    """
+
+    def __init__(self, clock: IReactorTime, max_entries: int = DEFAULT_MAX_ENTRIES):
+        if max_entries < 1:
+            raise ValueError("max_entries must be at least 1")
+        self._clock = clock
+        self.max_entries = max_entries
+        self._expiries: dict[str, float] = {}
+        self._heap: list[tuple[float, str]] = []
+
+    def __len__(self) -> int:
+        self._expire(self._clock.seconds())
+        return len(self._expiries)
+
+    def _expire(self, now: float) -> None:
+        while self._heap and self._heap[0][0] <= now:
+            expiry, key = heapq.heappop(self._heap)
+            if self._expiries.get(key) == expiry:
+                del self._expiries[key]
+
+    def claim(self, key: str, ttl: float) -> defer.Deferred:
+        if not ttl > 0:
+            return defer.fail(ValueError(f"ttl must be positive, not {ttl!r}"))
+        now = self._clock.seconds()
+        self._expire(now)
+        if key in self._expiries:
+            return defer.succeed(False)
+        if len(self._expiries) >= self.max_entries:
+            _log.warn("the TOTP replay store is full ({count} live entries): refusing new claims", count=self.max_entries)
+            return defer.fail(ReplayStoreFull(f"{self.max_entries} codes used within their validity"))
+        expiry = now + ttl
+        self._expiries[key] = expiry
+        heapq.heappush(self._heap, (expiry, key))
+        return defer.succeed(True)
+
+
+@attrs.frozen
+class SharedState:
+    """What the services of one process share; built once by ``tap.build_runtime``."""
+
+    replay: ReplayStore
+    # Failure counters and bans of the security policies; None: nothing is banned.
+    bans: Optional["BanStore"] = None
+    description: str = "memory"  # for log lines: "memory" or the Redis URL
+    # Started and stopped with the services (the Redis connection); None for memory.
+    connection: Optional["RedisConnection"] = None
+
+
+def build_state(state_setting: str, reactor: IReactorTime) -> SharedState:
+    """The shared state named by ``[server] state`` (validated by the configuration loader)."""
+    if state_setting == "memory":
+        return SharedState(replay=MemoryReplayStore(reactor), bans=MemoryBanStore(reactor))
+    location = parse_state_url(state_setting)
+    connection = RedisConnection(location, reactor)
+    return SharedState(
+        replay=RedisReplayStore(connection),
+        bans=RedisBanStore(connection, MemoryBanStore(reactor)),
+        description=location.url,
+        connection=connection,
+    )
+
+
+# -- bans -----------------------------------------------------------------------------------
+
+
+@attrs.frozen
+class FailureCount:
+    """What recording one failed login of an address did."""
+
+    count: int  # consecutive failures counted now (0: the address was already banned, nothing counted)
+    banned_now: bool  # this failure started a ban: true for exactly one failure per ban, across nodes
+    ban_left: float  # seconds the ban of the address still lasts (0.0: not banned)
+
+
+class BanStore(Protocol):
+    """Failure counters and bans, by policy (``scope``) and source address.
+
+    A counter is forgotten ``interval`` seconds after its last failure; the
+    failure that brings it to ``limit`` deletes it and bans the address for
+    ``interval`` seconds. A ban is never extended by later failures.
+    """
+
+    def ban_left(self, scope: str, address: str) -> defer.Deferred:
+        """Fire with the seconds the ban of ``address`` still lasts, 0.0 when it is not banned."""
+
+    def add_failure(self, scope: str, address: str, limit: int, interval: float) -> defer.Deferred:
+        """Count one failure (atomically); fire with a :class:`FailureCount`."""
+
+    def reset(self, scope: str, address: str) -> defer.Deferred:
+        """Forget the failures of ``address`` (a successful login)."""
+
+
+class _ExpiringMap:
+    """key -> value with an expiry each, on an injected clock; at most ``max_entries`` keys.
+
+    When full, the key that would expire first is dropped: for failure
+    counters and bans that is the least harmful one to forget.
+    """
+
+    def __init__(self, clock: IReactorTime, max_entries: int, what: str):
+        self._clock = clock
+        self._max = max_entries
+        self._what = what
+        self._entries: dict[Any, tuple[Any, float]] = {}
+        self._heap: list[tuple[float, int, Any]] = []
+        self._order = itertools.count()
+        self.dropped = 0
+
+    def __len__(self) -> int:
+        self._expire(self._clock.seconds())
+        return len(self._entries)
+
+    def _expire(self, now: float) -> None:
+        while self._heap and self._heap[0][0] <= now:
+            expiry, _, key = heapq.heappop(self._heap)
+            entry = self._entries.get(key)
+            if entry is not None and entry[1] == expiry:
+                del self._entries[key]
+
+    def get(self, key: Any) -> Optional[tuple[Any, float]]:
+        """(value, expiry) or None."""
+        self._expire(self._clock.seconds())
+        return self._entries.get(key)
+
+    def set(self, key: Any, value: Any, expiry: float) -> None:
+        self._expire(self._clock.seconds())
+        if key not in self._entries and len(self._entries) >= self._max:
+            self._drop_one()
+        self._entries[key] = (value, expiry)
+        heapq.heappush(self._heap, (expiry, next(self._order), key))
+        if len(self._heap) > 2 * len(self._entries) + 1024:  # superseded expiries pile up
+            self._heap = [(entry[1], next(self._order), k) for k, entry in self._entries.items()]
+            heapq.heapify(self._heap)
+
+    def pop(self, key: Any) -> None:
+        self._entries.pop(key, None)
+
+    def _drop_one(self) -> None:
+        while self._heap:
+            expiry, _, key = heapq.heappop(self._heap)
+            entry = self._entries.get(key)
+            if entry is not None and entry[1] == expiry:
+                del self._entries[key]
+                self.dropped += 1
+                if self.dropped == 1 or self.dropped % 10_000 == 0:
+                    _log.warn(
+                        "{what}: {max} entries reached, forgetting the ones closest to expiring ({count} so far)",
+                        what=self._what,
+                        max=self._max,
+                        count=self.dropped,
+                    )
+                return
+
+
+class MemoryBanStore:
+    """Counters and bans of one process, expired by the injected clock; bounded in size.
+
+    Everything runs on the reactor thread, so each operation is atomic.
+    """
+
+    def __init__(self, clock: IReactorTime, max_entries: int = DEFAULT_MAX_ENTRIES):
+        if max_entries < 1:
+            raise ValueError("max_entries must be at least 1")
+        self._clock = clock
+        self._failures = _ExpiringMap(clock, max_entries, "failure counters of the security policies")
+        self._bans = _ExpiringMap(clock, max_entries, "bans of the security policies")
+
+    def seconds_left(self, scope: str, address: str) -> float:
+        """The ban left, answered at once (what :class:`RedisBanStore` asks before Redis)."""
+        entry = self._bans.get((scope, address))
+        if entry is None:
+            return 0.0
+        return max(0.0, entry[1] - self._clock.seconds())
+
+    def ban_left(self, scope: str, address: str) -> defer.Deferred:
+        return defer.succeed(self.seconds_left(scope, address))
+
+    def add_failure(self, scope: str, address: str, limit: int, interval: float) -> defer.Deferred:
+        return defer.succeed(self.count_failure(scope, address, limit, interval))
+
+    def count_failure(self, scope: str, address: str, limit: int, interval: float) -> FailureCount:
+        if limit < 1 or not interval > 0:
+            raise ValueError(f"limit must be at least 1 and interval positive, not {limit!r} and {interval!r}")
+        left = self.seconds_left(scope, address)
+        if left > 0:
+            return FailureCount(0, False, left)
+        key = (scope, address)
+        now = self._clock.seconds()
+        entry = self._failures.get(key)
+        count = (entry[0] if entry is not None else 0) + 1
+        if count >= limit:
+            self._failures.pop(key)
+            self._bans.set(key, True, now + interval)
+            return FailureCount(count, True, float(interval))
+        self._failures.set(key, count, now + interval)
+        return FailureCount(count, False, 0.0)
+
+    def learn_ban(self, scope: str, address: str, seconds: float) -> None:
+        """Remember a ban seen elsewhere (in Redis) until it ends; never shortens a known one."""
+        if seconds > 0 and self.seconds_left(scope, address) < seconds:
+            self._bans.set((scope, address), True, self._clock.seconds() + seconds)
+
+    def reset(self, scope: str, address: str) -> defer.Deferred:
+        self._failures.pop((scope, address))
+        return defer.succeed(None)
+
+
+# -- Redis ----------------------------------------------------------------------------------
+
+REDIS_TIMEOUT = 2.0  # seconds for the first connection and for each answer
+REDIS_RETRY_MAX = 5.0  # seconds at most between two connection attempts while Redis is away
+REDIS_POOL_SIZE = 2
+KEY_PREFIX = "sftpauth:"
+_REDIS_URL = re.compile(r"^redis://(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+)(?::(?P<port>\d{1,5}))?(?:/(?P<db>\d{1,5})?)?$")
+
+
+class InvalidStateURL(ValueError):
+    """``[server] state`` is neither ``memory`` nor a usable ``redis://`` URL; the message says why."""
+
+
+@attrs.frozen
+class RedisLocation:
+    host: str
+    port: int
+    db: int
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"redis://{host}:{self.port}/{self.db}"
+
+
+def parse_state_url(text: str) -> RedisLocation:
+    """``redis://HOST[:PORT][/DB]`` (port 6379 and database 0 by default)."""
+    match = _REDIS_URL.match(text.strip())
+    if match is None:
+        raise InvalidStateURL(f"{text!r} is not allowed; expected memory or redis://HOST:PORT/DB (e.g. redis://10.0.0.5:6379/0)")
+    host = match.group("host").strip("[]")
+    port = int(match.group("port") or 6379)
+    db = int(match.group("db") or 0)
+    if not 1 <= port <= 65535:
+        raise InvalidStateURL(f"{text!r}: the port must be 1 to 65535")
+    if db > 65535:
+        raise InvalidStateURL(f"{text!r}: the database number is too large")
+    return RedisLocation(host, port, db)
+
+
+class RedisUnavailable(Exception):
+    """Redis cannot answer now: no connection, or no answer within REDIS_TIMEOUT."""
+
+
+class RedisConnection:
+    """A small pool of connections to the Redis of ``[server] state``, reconnecting on its own.
+
+    txredisapi does the protocol and the reconnecting (with a backoff of at
+    most :data:`REDIS_RETRY_MAX` seconds). What is added here: a command is
+    failed at once with :class:`RedisUnavailable` while no connection is up
+    (txredisapi would queue it until Redis returns), the first commands wait
+    at most :data:`REDIS_TIMEOUT` for the first connection, answers are
+    awaited at most as long, and the log says when Redis is lost and back.
+    """
+
+    CONNECTING, UP, DOWN = "connecting", "up", "down"
+
+    def __init__(self, location: RedisLocation, reactor, timeout: float = REDIS_TIMEOUT, pool_size: int = REDIS_POOL_SIZE):
+        self.location = location
+        self._reactor = reactor
+        self.timeout = timeout
+        self._pool_size = pool_size
+        self._factory = None
+        self.status = self.CONNECTING
+        self._waiting: list[defer.Deferred] = []
+        self._next = itertools.count()
+        self._problem_logged_at: dict[str, float] = {}
+        self._stopped = False
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start connecting (idempotent; the first command starts it too; never again after stop)."""
+        if self._factory is not None or self._stopped:
+            return
+        import txredisapi  # imported here: it installs the global reactor on import
+        from twisted.internet.endpoints import HostnameEndpoint
+
+        owner = self
+
+        class ObservedRedisFactory(txredisapi.RedisFactory):
+            maxDelay = REDIS_RETRY_MAX
+
+            def addConnection(self, conn) -> None:
+                super().addConnection(conn)
+                if conn in self.pool:
+                    owner._connected()
+
+            def delConnection(self, conn) -> None:
+                super().delConnection(conn)
+                if not self.pool:
+                    owner._lost("the connection was closed")
+
+        self._factory = ObservedRedisFactory(
+            self.location.url,
+            self.location.db,
+            self._pool_size,
+            isLazy=True,
+            charset="utf-8",
+            replyTimeout=self.timeout,
+            convertNumbers=False,
+        )
+        endpoint = _ObservedEndpoint(
+            HostnameEndpoint(self._reactor, self.location.host, self.location.port, timeout=self.timeout),
+            self._connect_failed,
+            f"Redis {self.location.url}",
+        )
+        self._factory.startConnecting(endpoint)
+
+    def stop(self) -> defer.Deferred:
+        """Close the connections and stop reconnecting; fires when they are closed."""
+        factory, self._factory = self._factory, None
+        self._stopped = True
+        self.status = self.DOWN
+        self._fail_waiting("sftpauth is stopping")
+        if factory is None:
+            return defer.succeed(None)
+        return factory.disconnect().addErrback(lambda failure: None)
+
+    # -- up and down --------------------------------------------------------------------
+
+    def _connected(self) -> None:
+        if self.status != self.UP:
+            if self.status == self.DOWN:
+                _log.info("shared state {url}: Redis answers again; TOTP replay checks and bans are shared again", url=self.location.url)
+            else:
+                _log.info("shared state {url}: connected to Redis", url=self.location.url)
+        self.status = self.UP
+        waiting, self._waiting = self._waiting, []
+        for waiter in waiting:
+            if not waiter.called:
+                waiter.callback(None)
+
+    def _lost(self, why: str) -> None:
+        if self._factory is None:
+            return  # stopping
+        self._went_down(why)
+
+    def _connect_failed(self, failure: Failure) -> None:
+        if self._factory is None or (self._factory.pool and self.status == self.UP):
+            return
+        self._went_down(f"cannot connect: {failure.getErrorMessage()}")
+
+    def _went_down(self, why: str) -> None:
+        if self.status != self.DOWN:
+            _log.warn(
+                "shared state {url}: Redis is unreachable ({why}): TOTP logins are refused and bans are counted "
+                "by this node alone until it answers again (reconnecting every {retry:.0f}s at most)",
+                url=self.location.url,
+                why=why,
+                retry=REDIS_RETRY_MAX,
+            )
+        self.status = self.DOWN
+        self._fail_waiting(why)
+
+    def _fail_waiting(self, why: str) -> None:
+        waiting, self._waiting = self._waiting, []
+        for waiter in waiting:
+            if not waiter.called:
+                waiter.errback(RedisUnavailable(f"{self.location.url}: {why}"))
+
+    def report(self, failure: Failure, what: str) -> None:
+        """Log a failed command, at most once a minute per kind of error (floods stay readable)."""
+        kind = failure.type.__name__ if failure.type else "error"
+        now = self._reactor.seconds()
+        if now - self._problem_logged_at.get(what + kind, -math.inf) < 60:
+            return
+        self._problem_logged_at[what + kind] = now
+        _log.warn(
+            "shared state {url}: {what} failed: {error}",
+            url=self.location.url,
+            what=what,
+            error=f"{kind}: {failure.getErrorMessage()}"[:300],
+        )
+
+    # -- commands -----------------------------------------------------------------------
+
+    def execute(self, *command: Any) -> defer.Deferred:
+        """Run one Redis command; fails with RedisUnavailable (or txredisapi's errors), never hangs."""
+        self.start()
+        if self.status == self.UP:
+            return self._run(command)
+        if self.status == self.DOWN or self._stopped:
+            return defer.fail(RedisUnavailable(f"{self.location.url}: not connected"))
+        waiter = defer.Deferred()
+        self._waiting.append(waiter)
+        timer = self._reactor.callLater(self.timeout, self._give_up, waiter)
+        waiter.addBoth(_cancel_timer, timer)
+        return waiter.addCallback(lambda ignored: self._run(command))
+
+    def _give_up(self, waiter: defer.Deferred) -> None:
+        if waiter in self._waiting:
+            self._waiting.remove(waiter)
+        if not waiter.called:
+            waiter.errback(RedisUnavailable(f"{self.location.url}: no connection within {self.timeout:g}s"))
+
+    def _run(self, command: tuple) -> defer.Deferred:
+        factory = self._factory
+        live = [conn for conn in (factory.pool if factory is not None else ()) if conn.connected]
+        if not live:
+            return defer.fail(RedisUnavailable(f"{self.location.url}: not connected"))
+        conn = live[next(self._next) % len(live)]
+        try:
+            return conn.execute_command(*command)
+        except Exception:
+            return defer.fail()
+
+
+def _cancel_timer(result: Any, timer) -> Any:
+    if timer.active():
+        timer.cancel()
+    return result
+
+
+class _ObservedEndpoint:
+    """A client endpoint that reports failed connection attempts (txredisapi retries them silently)."""
+
+    def __init__(self, endpoint, on_failure: Callable[[Failure], None], name: str = "Redis"):
+        self._endpoint = endpoint
+        self._on_failure = on_failure
+        self._name = name
+
+    def __repr__(self) -> str:  # ClientService logs its retries with it
+        return f"<{self._name}>"
+
+    def connect(self, protocol_factory) -> defer.Deferred:
+        def failed(failure: Failure) -> Failure:
+            if not failure.check(defer.CancelledError):
+                self._on_failure(failure)
+            return failure
+
+        return self._endpoint.connect(protocol_factory).addErrback(failed)
+
+
+def redis_key(kind: str, *parts: str) -> str:
+    """``sftpauth:KIND:PART:...``, each part quoted so that no two key tuples give one key."""
+    return KEY_PREFIX + kind + "".join(":" + quote(part, safe="") for part in parts)
+
+
+class RedisReplayStore:
+    """Used TOTP codes in Redis: ``SET key 1 NX PX ttl``. Fails (and the login with it) when Redis cannot answer."""
+
+    def __init__(self, connection: RedisConnection):
+        self._connection = connection
+
+    def claim(self, key: str, ttl: float) -> defer.Deferred:
+        if not ttl > 0:
+            return defer.fail(ValueError(f"ttl must be positive, not {ttl!r}"))
+        milliseconds = max(1, math.ceil(ttl * 1000))
+        deferred = self._connection.execute("SET", redis_key("replay", key), "1", "PX", milliseconds, "NX")
+
+        def failed(failure: Failure) -> Failure:
+            self._connection.report(failure, "a TOTP replay claim")
+            return failure
+
+        return deferred.addCallbacks(lambda reply: reply == "OK", failed)
+
+
+# KEYS: the failure counter, the ban. ARGV: limit, interval in ms.
+# Returns {count, banned now (0/1), ban left in ms}. One script: atomic across nodes.
+_COUNT_FAILURE = """
+local left = redis.call('PTTL', KEYS[2])
+if left > 0 then
+  return {0, 0, left}
+end
+local count = redis.call('INCR', KEYS[1])
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+if count >= tonumber(ARGV[1]) then
+  redis.call('DEL', KEYS[1])
+  redis.call('SET', KEYS[2], '1', 'PX', ARGV[2])
+  return {count, 1, tonumber(ARGV[2])}
+end
+return {count, 0, 0}
+"""
+
+
+class RedisBanStore:
+    """Counters and bans in Redis, shared by every node; this node's own view when Redis cannot answer.
+
+    ``local`` remembers every ban seen in Redis until it ends, so a banned
+    address that keeps connecting costs no Redis round trip, and it counts
+    the failures while Redis is away (bans degrade to per-node bans).
+    """
+
+    def __init__(self, connection: RedisConnection, local: MemoryBanStore):
+        self._connection = connection
+        self.local = local
+
+    def ban_left(self, scope: str, address: str) -> defer.Deferred:
+        known = self.local.seconds_left(scope, address)
+        if known > 0:
+            return defer.succeed(known)
+
+        def answered(milliseconds: Any) -> float:
+            seconds = int(milliseconds) / 1000 if isinstance(milliseconds, int) and milliseconds > 0 else 0.0
+            self.local.learn_ban(scope, address, seconds)
+            return seconds
+
+        def failed(failure: Failure) -> float:
+            self._connection.report(failure, "a ban check")
+            return 0.0  # this node knows of no ban (checked above)
+
+        return self._connection.execute("PTTL", redis_key("ban", scope, address)).addCallbacks(answered, failed)
+
+    def add_failure(self, scope: str, address: str, limit: int, interval: float) -> defer.Deferred:
+        if limit < 1 or not interval > 0:
+            return defer.fail(ValueError(f"limit must be at least 1 and interval positive, not {limit!r} and {interval!r}"))
+        keys = (redis_key("failures", scope, address), redis_key("ban", scope, address))
+        deferred = self._connection.execute("EVAL", _COUNT_FAILURE, 2, *keys, limit, max(1, math.ceil(interval * 1000)))
+
+        def answered(reply: Any) -> FailureCount:
+            count, banned_now, left = (int(value) for value in reply)
+            result = FailureCount(count, bool(banned_now), left / 1000 if left > 0 else 0.0)
+            self.local.learn_ban(scope, address, result.ban_left)
+            return result
+
+        def failed(failure: Failure) -> FailureCount:
+            self._connection.report(failure, "counting a failed login")
+            return self.local.count_failure(scope, address, limit, interval)
+
+        return deferred.addCallbacks(answered, failed)
+
+    def reset(self, scope: str, address: str) -> defer.Deferred:
+        self.local.reset(scope, address)
+
+        def failed(failure: Failure) -> None:
+            self._connection.report(failure, "resetting a failure counter")
+
+        return self._connection.execute("DEL", redis_key("failures", scope, address)).addCallbacks(lambda reply: None, failed)
