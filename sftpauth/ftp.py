@@ -20,6 +20,37 @@ What sftpauth changes in Twisted's FTP protocol, and why:
 * transfers are always binary, also after ``TYPE A`` (as vsftpd does);
 * the session's logout runs when the connection ends (Twisted looks for
   ``shell.logout`` and so never calls the portal's logout).
+
+FTPS (RFC 4217), with ``ssl_certificate``:
+
+* ``type = ftp``: ``AUTH TLS`` (``TLS-C`` and ``SSL`` too) answers 234 and
+  then upgrades the control connection; plain text the client sent behind
+  ``AUTH`` before its reply (command injection) is answered 421 and the
+  connection closed. ``type = ftpsi``:
+  TLS from the first byte, and data connections are protected from the
+  start (``PROT P``).
+* ``PBSZ 0`` then ``PROT P`` puts TLS on every later data connection,
+  passive and active; the FTP server is the TLS server on both, as RFC
+  4217 says. ``PROT C`` is refused (534) with
+  ``ftps_force_secured_data_channel``, which also refuses ``PASV``/``PORT``
+  (521) before ``PROT P``. ``CCC`` is not supported (502): the control
+  connection stays encrypted.
+* ``ftps_force_secured_command_channel``: ``USER`` before ``AUTH TLS`` is
+  530.
+* Data-connection theft: a data connection is accepted only from the
+  control connection's address (always), and, with
+  ``ftps_require_session_reuse``, its TLS handshake must *resume* a TLS
+  session of its own control connection. Every control connection has its
+  own OpenSSL context (session cache and ticket keys), so no other
+  connection's session, not even one of the same user, can be resumed
+  there. A data connection that fails the check is aborted before any file
+  byte is written to it and the transfer is answered 522.
+* Nothing is written to a protected data connection before its handshake
+  completed and passed that check: the transfer commands answer 150 (the
+  client starts the handshake after it), wait for it, then send.
+* A protected upload is complete only when the client ended it with TLS
+  close_notify; a cut-off connection is 426 (no truncation attack).
+* TLS 1.2 at most (:data:`FTPS_MAXIMUM_VERSION`).
 """
 
 from __future__ import annotations
@@ -35,24 +66,30 @@ import stat as stat_module
 import time
 from typing import Any, Callable, Iterable, Optional, Sequence
 
-from twisted.application.service import IService
+from OpenSSL import SSL
+from twisted.application.service import IService, MultiService
 from twisted.cred.error import UnauthorizedLogin, UnhandledCredentials
 from twisted.internet import defer
 from twisted.internet import error as internet_error
 from twisted.internet import interfaces
+from twisted.internet.interfaces import IHandshakeListener, IOpenSSLServerConnectionCreator
+from twisted.internet.ssl import TLSVersion
 from twisted.logger import Logger
 from twisted.protocols import ftp
+from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import filepath
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from sftpauth.auth.credentials import LoginRequest
+from sftpauth.config.errors import ConfigError, ConfigProblem
 from sftpauth.config.models import FTPServiceSettings
 from sftpauth.filesystem import InvalidPath, JailedFilesystem, OutsideJail
 from sftpauth.listening import listening_service
 from sftpauth.permissions import PermissionDenied
 from sftpauth.realm import SessionInfo
 from sftpauth.runtime import Runtime
+from sftpauth.tls import CertificateProblem, ReloadOnSIGHUP, ServerTLS, can_check_session_reuse, session_reused
 
 try:
     import grp
@@ -63,6 +100,14 @@ except ImportError:  # pragma: no cover - Windows
 _log = Logger()
 
 LIST_KEYS = ("size", "directory", "permissions", "hardlinks", "modified", "owner", "group")
+AUTH_MECHANISMS = ("TLS", "TLS-C", "SSL")  # SSL: what older clients (curl first) ask for
+# TLS 1.2 at most on FTPS: a TLS 1.3 server sends session tickets *after* each
+# handshake, also on data connections, and clients that never read an upload's
+# data connection (lftp with GnuTLS) then close it with unread data: the kernel
+# resets the connection and drops the end of the upload (426). TLS 1.2 resumes
+# sessions inside the handshake. TLS 1.2 with Twisted's ECDHE + AEAD suites.
+FTPS_MAXIMUM_VERSION = TLSVersion.TLSv1_2
+DATA_HANDSHAKE_TIMEOUT = 30  # seconds for the TLS handshake of a protected data connection
 
 
 # -- replies ---------------------------------------------------------------------------
@@ -86,6 +131,10 @@ class FTPReplyError(ftp.FTPCmdError):
 
 def login_failed() -> FTPReplyError:
     return FTPReplyError(530, "Login failed.")
+
+
+class DataChannelRefused(FTPReplyError):
+    """A protected data connection failed its TLS handshake or the session-reuse check."""
 
 
 def ftp_error(failure: Failure, virtual: str) -> ftp.FTPCmdError:
@@ -305,6 +354,14 @@ class FileDownload:
         self._reading = False
         self._looping = False
         self._finished = False
+
+    def discard(self) -> defer.Deferred:
+        """Close the file without sending it (the data connection was refused)."""
+        if self._done is not None:
+            raise RuntimeError("discard() after send()")
+        self._done = defer.Deferred()
+        self._finished = True
+        return self._filesystem.run(self._file.close)
 
     def send(self, consumer) -> defer.Deferred:
         if self._done is not None:
@@ -528,6 +585,8 @@ class _DataChannel(ftp.DTP):
     the STOR with 426 here.
     """
 
+    refusal: Optional[DataChannelRefused] = None
+
     def connectionLost(self, reason) -> None:
         self.isConnected = False
         waiting = self._onConnLost
@@ -538,6 +597,116 @@ class _DataChannel(ftp.DTP):
         else:
             waiting.errback(reason)
 
+    def when_secured(self) -> defer.Deferred:
+        """Fires when data may be sent: at once on a plain data connection."""
+        return defer.succeed(None)
+
+
+@implementer(IHandshakeListener)
+class _ProtectedDataChannel(_DataChannel):
+    """A ``PROT P`` data connection: usable once its TLS handshake passed the checks.
+
+    Twisted's TLS layer calls :meth:`handshakeCompleted` before it lets any
+    buffered data out, so a refused connection never carries a byte of
+    data; on top of that this channel holds everything written to it
+    until then.
+    """
+
+    _verified = False
+    _handshake_timeout = None
+
+    def connectionMade(self) -> None:
+        self._waiters: list[defer.Deferred] = []
+        self._held: list[bytes] = []
+        super().connectionMade()
+        self._handshake_timeout = self.factory._reactor.callLater(DATA_HANDSHAKE_TIMEOUT, self._handshake_too_slow)
+
+    def handshakeCompleted(self) -> None:
+        self._cancel_timeout()
+        refusal = self.pi._check_data_tls(self.transport)
+        if refusal is not None:
+            self._refuse(refusal)
+            return
+        self._verified = True
+        held, self._held = self._held, []
+        for data in held:
+            self.transport.write(data)
+        self._settle()
+
+    def _handshake_too_slow(self) -> None:
+        self._handshake_timeout = None
+        self._refuse(DataChannelRefused(522, "Data connection closed: no TLS handshake in time (use PROT P only with a TLS client)."))
+
+    def _cancel_timeout(self) -> None:
+        if self._handshake_timeout is not None and self._handshake_timeout.active():
+            self._handshake_timeout.cancel()
+        self._handshake_timeout = None
+
+    def _refuse(self, refusal: DataChannelRefused) -> None:
+        if self.refusal is None and not self._verified:
+            self.refusal = refusal
+            self._held = []
+            if self.transport is not None:
+                self.transport.abortConnection()
+        self._settle()
+
+    def _settle(self) -> None:
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            self._answer(waiter)
+
+    def _answer(self, waiter: defer.Deferred) -> None:
+        if self.refusal is not None:
+            waiter.errback(self.refusal)
+        else:
+            waiter.callback(None)
+
+    def when_secured(self) -> defer.Deferred:
+        waiter = defer.Deferred()
+        if self._verified or self.refusal is not None:
+            self._answer(waiter)
+        else:
+            self._waiters.append(waiter)
+        return waiter
+
+    def write(self, data) -> None:
+        if self.refusal is not None:
+            return
+        if not self._verified:
+            self._held.append(bytes(data))
+            return
+        super().write(data)
+
+    def sendLine(self, line) -> None:
+        self.write(line + b"\r\n")
+
+    def dataReceived(self, data) -> None:
+        if self._verified:
+            super().dataReceived(data)
+
+    def connectionLost(self, reason) -> None:
+        self._cancel_timeout()
+        if not self._verified and self.refusal is None:
+            _log.info(
+                "FTP service {service}: a protected data connection ended before its TLS handshake: {reason}",
+                service=self.pi.factory.settings.id,
+                reason=reason.getErrorMessage(),
+            )
+            self.refusal = DataChannelRefused(522, "Data connection failed: the TLS handshake did not complete.")
+        self._settle()
+        if self._verified and not reason.check(internet_error.ConnectionDone) and self._peer_closed_tls():
+            # The client ended the data with TLS close_notify and then closed the
+            # socket before our own close_notify reached it: a complete upload.
+            reason = Failure(internet_error.ConnectionDone("TLS close_notify received"))
+        super().connectionLost(reason)
+
+    def _peer_closed_tls(self) -> bool:
+        """The client sent close_notify: the data it sent is complete (no truncation)."""
+        try:
+            return bool(self.transport.getHandle().get_shutdown() & SSL.RECEIVED_SHUTDOWN)
+        except Exception:  # the TLS connection is already gone
+            return False
+
 
 class _DataChannelFactory(ftp.DTPFactory):
     """Accepts the data connection only from the control connection's address.
@@ -546,6 +715,7 @@ class _DataChannelFactory(ftp.DTPFactory):
     """
 
     noisy = False
+    protected = False  # PROT P: the channel speaks TLS (wrapped by _ProtectedDataFactory)
 
     def buildProtocol(self, addr):
         if self._state is not self._IN_PROGRESS:
@@ -559,7 +729,7 @@ class _DataChannelFactory(ftp.DTPFactory):
             return None
         self._state = self._FINISHED
         self.cancelTimeout()
-        dtp = _DataChannel()
+        dtp = _ProtectedDataChannel() if self.protected else _DataChannel()
         dtp.factory = self
         dtp.pi = self.pi
         self.pi.dtpInstance = dtp
@@ -583,11 +753,43 @@ class _DataChannelFactory(ftp.DTPFactory):
         deferred.errback(ftp.PortConnectionError(defer.TimeoutError("no data connection in time")))
 
 
+class _ProtectedDataFactory(TLSMemoryBIOFactory):
+    """TLS (server side, also for active connections) around a ``_DataChannelFactory``.
+
+    ``options`` are the control connection's: the data connection can only
+    resume a TLS session of that connection.
+    """
+
+    noisy = False
+
+    def __init__(self, options: IOpenSSLServerConnectionCreator, channels: _DataChannelFactory):
+        super().__init__(options, False, channels)
+
+    def buildProtocol(self, addr):
+        channel = self.wrappedFactory.buildProtocol(addr)
+        if channel is None:  # refused: another address, or a second connection
+            return None
+        return self.protocol(self, channel)
+
+
+@implementer(IOpenSSLServerConnectionCreator)
+class _ImplicitTLS:
+    """Implicit FTPS: each control connection gets a TLS session (context) of its own."""
+
+    def __init__(self, tls: ServerTLS):
+        self._tls = tls
+
+    def serverConnectionForTLS(self, tlsProtocol):
+        options = self._tls.new_session()
+        tlsProtocol.wrappedProtocol.tls_options = options
+        return options.serverConnectionForTLS(tlsProtocol)
+
+
 class SftpauthFTP(ftp.FTP):
     """One FTP control connection."""
 
     _encoding = "utf-8"
-    PUBLIC_COMMANDS = ["FEAT", "QUIT", "OPTS", "NOOP"]
+    PUBLIC_COMMANDS = ["FEAT", "QUIT", "OPTS", "NOOP", "AUTH", "PBSZ", "PROT", "CCC"]
     FEATURES = ["EPRT", "EPSV", "MDTM", "MFMT", "PASV", "SIZE", "TYPE A;I", "UTF8"]
     MAX_LENGTH = 16384  # longer command lines are refused and the connection closed
 
@@ -595,11 +797,18 @@ class SftpauthFTP(ftp.FTP):
     workingDirectory: list[str]
     _logout: Optional[Callable[[], None]] = None
     _lost = False
+    # The TLS options (own context) of this connection once TLS is on: after
+    # AUTH TLS, or set by _ImplicitTLS before connectionMade.
+    tls_options: Optional[IOpenSSLServerConnectionCreator] = None
+    _pbsz = False
+    _protection = "C"  # PROT: "C" clear or "P" private data connections
 
     # -- connection ---------------------------------------------------------------
 
     def connectionMade(self) -> None:
         self.workingDirectory = []
+        if self.tls_options is not None:  # implicit FTPS: every channel protected from the start
+            self._protection = "P"
         super().connectionMade()
 
     def connectionLost(self, reason) -> None:
@@ -684,6 +893,10 @@ class SftpauthFTP(ftp.FTP):
             return self._call_command(cmd, params)
         if self.state == self.UNAUTH:
             if cmd == "USER":
+                if self.tls_options is None and self._tls_required():
+                    return defer.fail(
+                        FTPReplyError(530, "This server requires an encrypted connection: send AUTH TLS before USER.")
+                    )
                 return self._call_command(cmd, params)
             if cmd == "PASS":
                 return defer.fail(ftp.BadCmdSequenceError("USER required before PASS"))
@@ -760,6 +973,105 @@ class SftpauthFTP(ftp.FTP):
         deferred.addErrback(failed)
         return deferred
 
+    # -- FTPS (RFC 4217) -------------------------------------------------------------
+
+    def _explicit_tls(self) -> bool:
+        """AUTH TLS is offered on this connection (explicit FTPS service, not yet TLS)."""
+        factory = self.factory
+        return factory.tls is not None and not factory.settings.implicit_tls and factory.settings.ftps_explicit_enabled
+
+    def _tls_required(self) -> bool:
+        return self._explicit_tls() and self.factory.settings.ftps_force_secured_command_channel
+
+    def _data_protection_required(self) -> bool:
+        settings = self.factory.settings
+        tls_offered = settings.implicit_tls or self._explicit_tls()
+        return tls_offered and settings.ftps_force_secured_data_channel
+
+    def ftp_FEAT(self):
+        features = list(self.FEATURES)
+        if self._explicit_tls():
+            features.append("AUTH TLS")
+        if self._explicit_tls() or self.tls_options is not None:
+            features += ["PBSZ", "PROT"]
+        self.sendLine("211-Features:")
+        for feature in sorted(features):
+            self.sendLine(" " + feature)
+        self.sendLine("211 End")
+
+    def ftp_AUTH(self, mechanism):
+        if self.tls_options is not None:
+            return defer.fail(FTPReplyError(503, "The connection is already encrypted."))
+        if not self._explicit_tls():
+            return defer.fail(FTPReplyError(502, "AUTH is not available on this service."))
+        if mechanism.strip().upper() not in AUTH_MECHANISMS:
+            return defer.fail(FTPReplyError(504, "AUTH TLS is the only security mechanism."))
+        if self.state == self.AUTHED:
+            return defer.fail(FTPReplyError(503, "AUTH TLS must come before USER and PASS."))
+        injected = self.clearLineBuffer()
+        if injected:
+            # Commands sent in clear behind AUTH would otherwise run as if encrypted.
+            _log.warn(
+                "FTP service {service}: {peer} sent {count} bytes in clear after AUTH TLS; closing the connection",
+                service=self.factory.settings.id,
+                peer=self._peer(),
+                count=len(injected),
+            )
+            self.sendLine("421 Data sent after AUTH TLS before its reply: closing the connection.")
+            self.transport.loseConnection()
+            return None
+        self.sendLine("234 AUTH TLS successful: start the TLS handshake.")
+        options = self.factory.tls.new_session()
+        self.transport.startTLS(options)
+        self.tls_options = options
+        self.state = self.UNAUTH
+        self.__dict__.pop("_user", None)
+        return None
+
+    def ftp_PBSZ(self, size):
+        if self.tls_options is None:
+            return defer.fail(FTPReplyError(503, "PBSZ needs an encrypted connection: send AUTH TLS first."))
+        if not size.strip().isdigit():
+            return defer.fail(FTPReplyError(501, "PBSZ takes a number (0 for TLS)."))
+        self._pbsz = True
+        return Reply("200 PBSZ=0")
+
+    def ftp_PROT(self, level):
+        if self.tls_options is None:
+            return defer.fail(FTPReplyError(503, "PROT needs an encrypted connection: send AUTH TLS first."))
+        if not self._pbsz:
+            return defer.fail(FTPReplyError(503, "PBSZ must come before PROT."))
+        level = level.strip().upper()
+        if level == "C" and self.factory.settings.ftps_force_secured_data_channel:
+            return defer.fail(FTPReplyError(534, "Request denied for policy reasons: data connections must be protected (PROT P)."))
+        if level in ("S", "E"):
+            return defer.fail(FTPReplyError(536, "Requested PROT level not supported: use P."))
+        if level not in ("C", "P"):
+            return defer.fail(FTPReplyError(504, "PROT takes C or P."))
+        if level != self._protection:
+            self._close_data_channel()  # a data connection prepared before keeps its old protection: drop it
+        self._protection = level
+        return Reply(f"200 Protection level set to {'Private' if level == 'P' else 'Clear'}.")
+
+    def ftp_CCC(self):
+        return defer.fail(FTPReplyError(502, "CCC is not supported: the control connection stays encrypted."))
+
+    def _check_data_tls(self, tls_transport) -> Optional[DataChannelRefused]:
+        """The reason to refuse a protected data connection whose handshake just completed, or None."""
+        settings = self.factory.settings
+        if not settings.ftps_require_session_reuse:
+            return None
+        if session_reused(tls_transport.getHandle()):
+            return None
+        _log.warn(
+            "FTP service {service}: refused a data connection from {peer}: its TLS session is not the control connection's",
+            service=settings.id,
+            peer=getattr(tls_transport.getPeer(), "host", "?"),
+        )
+        return DataChannelRefused(
+            522, "Data connection refused: its TLS session must resume the control connection's (session reuse required)."
+        )
+
     # -- options ------------------------------------------------------------------
 
     def ftp_TYPE(self, type):
@@ -830,12 +1142,25 @@ class SftpauthFTP(ftp.FTP):
         self.reply(ftp.ENTERING_EPSV_MODE, port)
         return self._data_connected()
 
+    def _new_data_factory(self) -> tuple[_DataChannelFactory, Any]:
+        """The data channel factory and what to listen or connect with (TLS around it for PROT P)."""
+        factory = _DataChannelFactory(pi=self, peerHost=self._peer(), reactor=self.factory.reactor)
+        if self._protection == "P" and self.tls_options is not None:
+            factory.protected = True
+            return factory, _ProtectedDataFactory(self.tls_options, factory)
+        return factory, factory
+
+    def _check_data_protection(self) -> None:
+        if self._data_protection_required() and not (self._protection == "P" and self.tls_options is not None):
+            raise FTPReplyError(521, "Data connections must be protected: send PBSZ 0 and PROT P first.")
+
     def _listen_passive(self, local: str) -> int:
         """Listen for one data connection on our address; the port number."""
+        self._check_data_protection()
         self._close_data_channel()
-        factory = _DataChannelFactory(pi=self, peerHost=self._peer(), reactor=self.factory.reactor)
+        factory, wire = self._new_data_factory()
         try:
-            port = self.getDTPPort(factory, interface=local)
+            port = self.getDTPPort(wire, interface=local)
         except internet_error.CannotListenError:
             _log.warn(
                 "FTP service {service}: no free passive port in {ports}",
@@ -887,11 +1212,15 @@ class SftpauthFTP(ftp.FTP):
     def _connect_active(self, host: str, port: int):
         if _plain_address(host) != self._peer() or port < 1024:
             return defer.fail(FTPReplyError(501, "Data connections go only to your own address, on a port above 1023."))
+        try:
+            self._check_data_protection()
+        except FTPReplyError as refusal:
+            return defer.fail(refusal)
         self._close_data_channel()
-        factory = _DataChannelFactory(pi=self, peerHost=self._peer(), reactor=self.factory.reactor)
+        factory, wire = self._new_data_factory()
         factory.setTimeout(self.dtpTimeout)
         self.dtpFactory = factory
-        self.dtpPort = self.factory.reactor.connectTCP(_plain_address(host), port, factory)
+        self.dtpPort = self.factory.reactor.connectTCP(_plain_address(host), port, wire)
 
         def failed(failure: Failure):
             failure.trap(ftp.PortConnectionError)
@@ -930,6 +1259,11 @@ class SftpauthFTP(ftp.FTP):
         dtp = self.dtpInstance
         if dtp is not None and dtp.isConnected and dtp.transport is not None:
             dtp.transport.abortConnection()
+
+    def _when_secured(self, result, dtp):
+        """Answer 150, then wait until the data connection may carry data (its TLS handshake passed); ``result``."""
+        self.reply(ftp.DATA_CNX_ALREADY_OPEN_START_XFR)
+        return dtp.when_secured().addCallback(lambda ignored: result)
 
     def _transfer_done(self, result):
         self._close_data_channel()
@@ -1056,13 +1390,12 @@ class SftpauthFTP(ftp.FTP):
         segments, glob = self._listing_target(path)
 
         def send(entries):
-            self.reply(ftp.DATA_CNX_ALREADY_OPEN_START_XFR)
             for name, values in entries:
                 if glob is None or fnmatch.fnmatchcase(name, glob):
                     dtp.sendListResponse(_wire_name(name), values)
             return (ftp.TXFR_COMPLETE_OK,)
 
-        deferred = self.shell.list(segments, LIST_KEYS).addCallback(send)
+        deferred = self.shell.list(segments, LIST_KEYS).addCallback(self._when_secured, dtp).addCallback(send)
         return deferred.addBoth(self._transfer_done)
 
     def ftp_NLST(self, path=""):
@@ -1070,13 +1403,12 @@ class SftpauthFTP(ftp.FTP):
         segments, glob = self._listing_target(path)
 
         def send(entries):
-            self.reply(ftp.DATA_CNX_ALREADY_OPEN_START_XFR)
             for name, ignored in entries:
                 if glob is None or fnmatch.fnmatchcase(name, glob):
                     dtp.sendLine(_wire_name(name))
             return (ftp.TXFR_COMPLETE_OK,)
 
-        deferred = self.shell.list(segments).addCallback(send)
+        deferred = self.shell.list(segments).addCallback(self._when_secured, dtp).addCallback(send)
         return deferred.addBoth(self._transfer_done)
 
     # -- transfers ----------------------------------------------------------------
@@ -1086,9 +1418,14 @@ class SftpauthFTP(ftp.FTP):
         segments = self._segments(path)
 
         def opened(file):
-            self.reply(ftp.DATA_CNX_ALREADY_OPEN_START_XFR)
-            sending = file.send(_ProgressConsumer(dtp, self.resetTimeout))
-            return sending.addCallbacks(lambda ignored: (ftp.TXFR_COMPLETE_OK,), self._transfer_failed)
+            def send(ignored):
+                sending = file.send(_ProgressConsumer(dtp, self.resetTimeout))
+                return sending.addCallbacks(lambda ignored: (ftp.TXFR_COMPLETE_OK,), self._transfer_failed)
+
+            def refused(failure: Failure):
+                return file.discard().addBoth(lambda ignored: failure)
+
+            return self._when_secured(file, dtp).addCallbacks(send, refused)
 
         deferred = self.shell.openForReading(segments).addCallback(opened)
         return deferred.addBoth(self._transfer_done)
@@ -1105,8 +1442,9 @@ class SftpauthFTP(ftp.FTP):
 
         def opened(file):
             def start(consumer):
-                self.reply(ftp.DATA_CNX_ALREADY_OPEN_START_XFR)
-                return dtp.registerConsumer(_ProgressConsumer(consumer, self.resetTimeout))
+                return self._when_secured(consumer, dtp).addCallback(
+                    lambda consumer: dtp.registerConsumer(_ProgressConsumer(consumer, self.resetTimeout))
+                )
 
             def close(result):
                 closing = file.close()
@@ -1122,16 +1460,17 @@ class SftpauthFTP(ftp.FTP):
 
 
 class FTPServiceFactory(ftp.FTPFactory):
-    """Builds :class:`SftpauthFTP` connections for one ``[services/ID] type = ftp``."""
+    """Builds :class:`SftpauthFTP` connections for one ``[services/ID] type = ftp`` or ``ftpsi``."""
 
     protocol = SftpauthFTP
     allowAnonymous = False
     noisy = False
 
-    def __init__(self, settings: FTPServiceSettings, runtime: Runtime):
+    def __init__(self, settings: FTPServiceSettings, runtime: Runtime, tls: Optional[ServerTLS] = None):
         super().__init__(portal=runtime.portal)
         self.settings = settings
         self.reactor = runtime.reactor
+        self.tls = tls
         self.welcomeMessage = settings.banner
         self.timeOut = settings.idle_connection_timeout or None
         if settings.passive_port_range:
@@ -1152,6 +1491,56 @@ class FTPServiceFactory(ftp.FTPFactory):
         return protocol
 
 
+def load_tls(settings: FTPServiceSettings, config_path: str) -> Optional[ServerTLS]:
+    """The service's certificate, or None for plain FTP; ConfigError when it cannot be used."""
+    section = f"services/{settings.id}"
+
+    def problem(option: str, message: str) -> ConfigError:
+        return ConfigError([ConfigProblem(config_path, None, section, option, message)])
+
+    if not settings.ssl_certificate:
+        if settings.implicit_tls:
+            raise problem("ssl_certificate", "required for type = ftpsi (implicit FTPS): a PEM file with the certificate and its key")
+        return None
+    try:
+        tls = ServerTLS(settings.ssl_certificate, settings.id, maximum_version=FTPS_MAXIMUM_VERSION)
+    except CertificateProblem as error:
+        raise problem("ssl_certificate", str(error)) from None
+    if settings.ftps_require_session_reuse and not can_check_session_reuse():  # pragma: no cover - other pyOpenSSL
+        raise problem(
+            "ftps_require_session_reuse",
+            "this pyOpenSSL cannot tell whether a TLS session was resumed; set ftps_require_session_reuse = no",
+        )
+    return tls
+
+
 def make_service(settings: FTPServiceSettings, runtime: Runtime) -> IService:
-    """The listening service of one ``type = ftp`` section."""
-    return listening_service(runtime.reactor, settings, FTPServiceFactory(settings, runtime))
+    """The listening service of one ``type = ftp`` or ``type = ftpsi`` section."""
+    tls = load_tls(settings, runtime.configuration.path)
+    if tls is not None and not settings.implicit_tls and not settings.ftps_explicit_enabled:
+        _log.warn("service {service}: ftps_explicit_enabled = no, so ssl_certificate is not used: plain FTP", service=settings.id)
+        tls = None
+    factory = FTPServiceFactory(settings, runtime, tls)
+    if tls is None:
+        return listening_service(runtime.reactor, settings, factory, runtime.policy_for(settings))
+    if settings.implicit_tls:
+        wire = TLSMemoryBIOFactory(_ImplicitTLS(tls), False, factory)
+        wire.noisy = False
+        mode = "implicit FTPS (TLS from the first byte)"
+    else:
+        wire = factory
+        mode = "explicit FTPS (AUTH TLS)"
+    _log.info(
+        "service {service}: {mode}; control channel {control}, data channels {data}, TLS session reuse {reuse}",
+        service=settings.id,
+        mode=mode,
+        control="TLS required" if settings.implicit_tls or settings.ftps_force_secured_command_channel else "TLS optional",
+        data="TLS required" if settings.ftps_force_secured_data_channel else "TLS optional",
+        reuse="required" if settings.ftps_require_session_reuse else "not checked",
+    )
+    tls.log_certificate()
+    service = MultiService()
+    service.setName(settings.id)
+    listening_service(runtime.reactor, settings, wire, runtime.policy_for(settings)).setServiceParent(service)
+    ReloadOnSIGHUP(runtime.reactor, tls.reload).setServiceParent(service)
+    return service

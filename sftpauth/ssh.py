@@ -1,7 +1,11 @@
 """The SSH service (``type = ssh`` or ``sftp``): SFTP only, locked in the home folder.
 
-Password logins go through the one portal (:class:`LoginRequest`), so the
-authentication chain, the audit log and the realm are the same as for FTP.
+Password and keyboard-interactive logins go through the one portal
+(:class:`LoginRequest`), so the authentication chain, the audit log and the
+realm are the same as for FTP. Keyboard-interactive asks
+``keyboard_interactive_message``, then ``Verification code:`` when the chain
+says the username's method wants a code appended (TOTP); see
+:class:`KeyboardInteractive`.
 After login the client gets ``session`` channels that accept exactly one
 thing, the ``sftp`` subsystem; shells, commands, port forwarding, X11 and
 agent forwarding are refused with a protocol-level failure.
@@ -46,6 +50,7 @@ from twisted.application.service import IService
 from twisted.conch import error as conch_error
 from twisted.conch.avatar import ConchUser
 from twisted.conch.interfaces import IConchUser, ISFTPFile, ISFTPServer
+from twisted.cred.error import UnauthorizedLogin
 from twisted.conch.ssh import connection, factory, keys, session, transport, userauth
 from twisted.conch.ssh.common import NS, getNS
 from twisted.conch.ssh.filetransfer import (
@@ -74,10 +79,12 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from sftpauth.account import Account
-from sftpauth.auth.credentials import LoginRequest
+from sftpauth.auth.chain import SecondFactor
+from sftpauth.auth.credentials import ILoginRequest, LoginRequest
 from sftpauth.config.errors import ConfigError, ConfigProblem
 from sftpauth.config.models import SSHServiceSettings
 from sftpauth.filesystem import InvalidPath, JailedFilesystem, OutsideJail, virtual_path
+from sftpauth.private_files import write_private_file
 from sftpauth.listening import listening_service
 from sftpauth.permissions import Permission, PermissionDenied
 from sftpauth.realm import SessionInfo
@@ -197,24 +204,12 @@ def generated_host_keys(folder: str, config_path: str = "") -> dict[bytes, keys.
 
 
 def _write_private_key(path: str, private_key: Any) -> None:
-    """Write atomically, 0600 from the first byte, so no half key is ever read back."""
-    data = private_key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
+    write_private_file(
+        path,
+        private_key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
+        ),
     )
-    temporary = f"{path}.{os.getpid()}.tmp"
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o600)
-    try:
-        with os.fdopen(fd, "wb") as key_file:
-            key_file.write(data)
-            key_file.flush()
-            os.fsync(key_file.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        try:
-            os.unlink(temporary)
-        except OSError:
-            pass
-        raise
 
 
 # -- errors --------------------------------------------------------------------------
@@ -741,14 +736,43 @@ class LoginState:
         self.failures = 0
         self.busy = False
         self.queued: list[bytes] = []
+        self.conversation: Optional[KeyboardInteractive] = None
 
 
-class PasswordUserAuthServer(userauth.SSHUserAuthServer):
-    """``ssh-userauth`` with password logins through our portal.
+class KeyboardInteractive:
+    """One keyboard-interactive attempt (RFC 4256): the prompts, then one login.
+
+    The first prompt (``keyboard_interactive_message``) takes the password.
+    When the chain says the username's method wants a code appended (TOTP),
+    a second prompt asks for it; only then is anything checked, with
+    password and code as the one string password logins use. So the client
+    learns nothing about the password before it typed the code: it gets the
+    second prompt whether the password is right or not.
+    """
+
+    def __init__(self, server: "UserAuthServer", username: bytes):
+        self.server = server
+        self.username = username
+        self.result: defer.Deferred = defer.Deferred()
+        self.waiting = True  # for the client's INFO_RESPONSE
+        self.password: Optional[bytes] = None
+        self.factor: Optional[SecondFactor] = None
+
+    def abandon(self) -> None:
+        """The client started another request: this attempt ends without a reply of its own."""
+        if self.waiting:
+            self.waiting = False
+            self.result.errback(conch_error.IgnoreAuthentication())
+
+
+class UserAuthServer(userauth.SSHUserAuthServer):
+    """``ssh-userauth`` with password and keyboard-interactive logins through our portal.
 
     Requests are checked one at a time per connection: a client that
     pipelines attempts (or restarts the service between them) can neither
     run them in parallel nor get past :data:`MAX_PASSWORD_ATTEMPTS`.
+    The methods offered are those of the credentials the portal's checkers
+    accept (:data:`METHODS_BY_CREDENTIALS`).
     """
 
     loginTimeout = LOGIN_GRACE_SECONDS
@@ -758,12 +782,18 @@ class PasswordUserAuthServer(userauth.SSHUserAuthServer):
         self.clock = self.transport.factory.reactor
         self._stopped = False
         super().serviceStarted()
+        methods: list[bytes] = []
+        for interface in self.portal.listCredentialsInterfaces():
+            methods += [method for method in METHODS_BY_CREDENTIALS.get(interface, ()) if method not in methods]
         # Key exchange is always over when this service runs, so the
         # password never travels in clear; keep conch's check anyway.
-        self.supportedAuthentications = [b"password"] if self.transport.isEncrypted("in") else []
+        self.supportedAuthentications = methods if self.transport.isEncrypted("in") else []
 
     def serviceStopped(self) -> None:
         self._stopped = True
+        conversation = self._loginState.conversation
+        if conversation is not None and conversation.server is self:
+            conversation.abandon()
         super().serviceStopped()
 
     @property
@@ -774,6 +804,8 @@ class PasswordUserAuthServer(userauth.SSHUserAuthServer):
         if self._stopped or self.transport.service is not self:
             return
         attempts = self._loginState
+        if attempts.conversation is not None and attempts.conversation.waiting:
+            attempts.conversation.abandon()  # RFC 4256 3.3: a new request ends the exchange
         if attempts.busy:
             if len(attempts.queued) >= MAX_QUEUED_AUTH_REQUESTS:
                 self.transport.sendDisconnect(
@@ -796,12 +828,13 @@ class PasswordUserAuthServer(userauth.SSHUserAuthServer):
     def _requestDone(self, result: Any) -> None:
         attempts = self._loginState
         attempts.busy = False
+        attempts.conversation = None
         if isinstance(result, Failure):
             _log.failure("SSH authentication request failed", failure=result)
         current = self.transport.service
-        if attempts.queued and isinstance(current, PasswordUserAuthServer) and not current._stopped:
+        if attempts.queued and isinstance(current, UserAuthServer) and not current._stopped:
             current.ssh_USERAUTH_REQUEST(attempts.queued.pop(0))
-        elif not isinstance(current, PasswordUserAuthServer):
+        elif not isinstance(current, UserAuthServer):
             attempts.queued = []
 
     def _ebBadAuth(self, reason: Failure) -> None:
@@ -822,18 +855,17 @@ class PasswordUserAuthServer(userauth.SSHUserAuthServer):
                 return
         super()._ebBadAuth(reason)
 
-    def auth_password(self, packet: bytes) -> defer.Deferred:
-        """Password authentication through the chain; always a failed login, never a crash."""
-        try:
-            password = getNS(packet[1:])[0]
-        except Exception:
-            return defer.fail(conch_error.ConchError("malformed password request"))
+    def _peer(self) -> str:
+        return getattr(self.transport.transport.getPeer(), "host", "") or ""
+
+    def _login(self, username: bytes, password: bytes) -> defer.Deferred:
+        """One login through the portal; a failure is answered after conch's delay."""
         settings: SSHServiceSettings = self.transport.factory.settings
-        peer = getattr(self.transport.transport.getPeer(), "host", "") or ""
+        peer = self._peer()
         # Bytes that are not UTF-8 become lone surrogates: the chain rejects
         # them as an invalid username or password, and audits the attempt.
         request = LoginRequest(
-            username=self.user.decode("utf-8", "surrogateescape"),
+            username=username.decode("utf-8", "surrogateescape"),
             password=password.decode("utf-8", "surrogateescape"),
             service_id=settings.id,
             protocol="sftp",
@@ -841,6 +873,80 @@ class PasswordUserAuthServer(userauth.SSHUserAuthServer):
         )
         d = self.portal.login(request, SessionInfo(settings.id, "sftp", peer), IConchUser)
         return d.addErrback(self._ebPassword)
+
+    def auth_password(self, packet: bytes) -> defer.Deferred:
+        """Password authentication through the chain; always a failed login, never a crash."""
+        try:
+            password = getNS(packet[1:])[0]
+        except Exception:
+            return defer.fail(conch_error.ConchError("malformed password request"))
+        return self._login(self.user, password)
+
+    # -- keyboard-interactive (RFC 4256) ---------------------------------------------
+
+    def auth_keyboard_interactive(self, packet: bytes) -> defer.Deferred:
+        """Start the prompts; the Deferred fires when the client answered them and the chain decided."""
+        try:
+            getNS(packet, 2)  # language tag and submethods: nothing to choose from
+        except Exception:
+            return defer.fail(conch_error.ConchError("malformed keyboard-interactive request"))
+        conversation = KeyboardInteractive(self, self.user)
+        self._loginState.conversation = conversation
+        message = self.transport.factory.settings.keyboard_interactive_message
+        self._prompt(message)
+        return conversation.result
+
+    def _prompt(self, text: str) -> None:
+        if text and not text[-1].isspace():
+            text += " "
+        payload = NS(b"") + NS(b"") + NS(b"") + struct.pack(">L", 1) + NS(text.encode("utf-8")) + b"\x00"
+        self.transport.sendPacket(userauth.MSG_USERAUTH_INFO_REQUEST, payload)
+
+    def ssh_USERAUTH_INFO_RESPONSE(self, packet: bytes) -> None:
+        conversation = self._loginState.conversation
+        if conversation is None or not conversation.waiting:
+            self.transport.sendDisconnect(transport.DISCONNECT_PROTOCOL_ERROR, b"unexpected keyboard-interactive response")
+            return
+        (count,) = struct.unpack(">L", packet[:4])
+        if count > 16:
+            raise conch_error.ConchError(f"{count} keyboard-interactive responses")
+        responses = getNS(packet[4:], count)[:count] if count else []
+        if count != 1:
+            # One prompt, one answer: anything else is a failed attempt (after the delay).
+            conversation.waiting = False
+            self._ebPassword(Failure(UnauthorizedLogin("wrong number of responses"))).chainDeferred(conversation.result)
+            return
+        answer = responses[0]
+        if conversation.password is None:
+            conversation.password = answer
+            conversation.factor = self._second_factor(conversation.username)
+            if conversation.factor is not None:
+                self._prompt(conversation.factor.prompt)
+                return
+            secret = answer
+        else:
+            code = answer.decode("utf-8", "surrogateescape")
+            secret = conversation.factor.combine(conversation.password.decode("utf-8", "surrogateescape"), code).encode(
+                "utf-8", "surrogateescape"
+            )
+        conversation.waiting = False
+        self._login(conversation.username, secret).chainDeferred(conversation.result)
+
+    def _second_factor(self, username: bytes) -> Optional[SecondFactor]:
+        """Ask the portal's checker (the chain) whether this username's login needs a code."""
+        checker = self.portal.checkers.get(ILoginRequest)
+        ask = getattr(checker, "second_factor", None)
+        if ask is None:
+            return None
+        settings: SSHServiceSettings = self.transport.factory.settings
+        request = LoginRequest(
+            username=username.decode("utf-8", "surrogateescape"),
+            password="",
+            service_id=settings.id,
+            protocol="sftp",
+            peer=self._peer(),
+        )
+        return ask(request)
 
     def _cbFinishedAuth(self, result: tuple) -> None:
         interface, avatar, logout = result
@@ -860,6 +966,11 @@ class PasswordUserAuthServer(userauth.SSHUserAuthServer):
                 logout()
 
         super()._cbFinishedAuth((interface, avatar, endSession))
+
+
+PasswordUserAuthServer = UserAuthServer  # the name before keyboard-interactive
+# The SSH methods each kind of credentials the portal may accept stands for.
+METHODS_BY_CREDENTIALS = {ILoginRequest: (b"password", b"keyboard-interactive")}
 
 
 class SFTPConnection(connection.SSHConnection):
@@ -951,7 +1062,7 @@ class SFTPServerTransport(transport.SSHServerTransport, TimeoutMixin):
 class SFTPFactory(factory.SSHFactory):
     protocol = SFTPServerTransport
     services = {
-        b"ssh-userauth": PasswordUserAuthServer,
+        b"ssh-userauth": UserAuthServer,
         b"ssh-connection": SFTPConnection,
     }
 
@@ -993,4 +1104,6 @@ def make_service(settings: SSHServiceSettings, runtime: Runtime) -> IService:
         )
     if not settings.sftp:
         _log.warn("service {service}: sftp = no, so clients can log in but not transfer files", service=settings.id)
-    return listening_service(runtime.reactor, settings, SFTPFactory(settings, runtime, ordered))
+    return listening_service(
+        runtime.reactor, settings, SFTPFactory(settings, runtime, ordered), runtime.policy_for(settings)
+    )

@@ -45,6 +45,9 @@ def sftp_config(folder: Path, port: int, service_options: str = "") -> str:
 [server]
 audit_log = {folder}/audit.jsonl
 
+[security-policies/DEFAULT-SECURITY-POLICY]
+source_ip_ban_after_count = 1000
+
 [services/{SERVICE_ID}]
 type = ssh
 address = 127.0.0.1

@@ -49,6 +49,9 @@ class FTPTestServer:
 authentications = DEFAULT-AUTHENTICATION
 audit_log = {self.folder / "audit.jsonl"}
 
+[security-policies/DEFAULT-SECURITY-POLICY]
+source_ip_ban_after_count = 1000
+
 [services/ftp-test]
 type = ftp
 address = 127.0.0.1

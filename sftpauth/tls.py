@@ -1,0 +1,223 @@
+"""Server-side TLS (FTPS): the certificate of a service, its TLS contexts, SIGHUP reload.
+
+``ssl_certificate`` is one PEM file holding the certificate, its private key
+(unencrypted) and optionally the intermediate certificates. It is read at
+start-up, where anything wrong with it is a configuration error, and again
+on SIGHUP, where a file that cannot be used is logged and the certificate
+in use is kept.
+
+Each TLS *session* (one FTP control connection and its data connections)
+gets its own OpenSSL context, built from the loaded certificate: TLS 1.2 or
+later (up to ``maximum_version``), Twisted's default cipher suites (forward
+secrecy, AEAD), its own session cache and its own session-ticket keys. So a data connection can
+only resume a TLS session its own control connection established; that is
+what ``ftps_require_session_reuse`` checks. (The LDAP client's TLS lives in
+:mod:`sftpauth.auth.ldap.tls`.)
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import signal
+from typing import Any, Callable, Optional
+
+import attrs
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from OpenSSL import SSL, crypto
+from twisted.application.service import Service
+from twisted.internet import ssl
+from twisted.logger import Logger
+
+MINIMUM_VERSION = ssl.TLSVersion.TLSv1_2
+EXPIRY_WARNING = datetime.timedelta(days=14)
+
+_log = Logger()
+
+
+class CertificateProblem(ValueError):
+    """``ssl_certificate`` cannot be used; the message says why, without key material."""
+
+
+@attrs.frozen
+class ServerCertificate:
+    """A certificate with its private key and chain (cryptography objects, as pyOpenSSL takes them)."""
+
+    path: str
+    private_key: Any = attrs.field(repr=False)
+    certificate: x509.Certificate
+    chain: tuple[x509.Certificate, ...]
+    subject: str
+    not_after: datetime.datetime
+    fingerprint: str  # SHA256 of the DER certificate, as "AB:CD:..."
+
+    def describe(self) -> str:
+        return f"{self.subject}, valid until {self.not_after:%Y-%m-%d %H:%M} UTC, SHA256 {self.fingerprint}"
+
+
+def _public_der(key) -> bytes:
+    return key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+def load_server_certificate(
+    path: str, now: Optional[datetime.datetime] = None, check_expiry: bool = True
+) -> ServerCertificate:
+    """Read and check ``path``; :class:`CertificateProblem` when it cannot serve TLS.
+
+    ``check_expiry = False`` loads an expired certificate, for callers that
+    look at ``not_after`` themselves (a generated one is then made again).
+    """
+    try:
+        with open(path, "rb") as pem_file:
+            data = pem_file.read()
+    except OSError as error:
+        raise CertificateProblem(f"cannot read {path}: {error.strerror or error}") from None
+    try:
+        certificates = x509.load_pem_x509_certificates(data)
+    except ValueError:
+        raise CertificateProblem(f"{path} holds no PEM certificate (-----BEGIN CERTIFICATE-----)") from None
+    try:
+        key = serialization.load_pem_private_key(data, password=None)
+    except TypeError:
+        raise CertificateProblem(f"the private key in {path} is protected by a passphrase; give an unencrypted key") from None
+    except (ValueError, crypto.Error):
+        raise CertificateProblem(
+            f"{path} holds no usable PEM private key: put the certificate and its key in one file"
+        ) from None
+    except Exception as error:  # cryptography.exceptions.UnsupportedAlgorithm
+        raise CertificateProblem(f"the private key in {path} cannot be used: {type(error).__name__}") from None
+    wanted = _public_der(key.public_key())
+    leaves = [certificate for certificate in certificates if _public_der(certificate.public_key()) == wanted]
+    if not leaves:
+        raise CertificateProblem(f"the private key in {path} does not belong to any certificate of the file")
+    leaf = leaves[0]
+    chain = tuple(certificate for certificate in certificates if certificate is not leaf)
+    now = now or datetime.datetime.now(datetime.timezone.utc)
+    not_after = leaf.not_valid_after_utc
+    if check_expiry and not_after < now:
+        raise CertificateProblem(f"the certificate in {path} expired on {not_after:%Y-%m-%d %H:%M} UTC")
+    digest = hashlib.sha256(leaf.public_bytes(serialization.Encoding.DER)).hexdigest().upper()
+    try:
+        loaded = ServerCertificate(
+            path=path,
+            private_key=key,
+            certificate=leaf,
+            chain=chain,
+            subject=leaf.subject.rfc4514_string() or "(empty subject)",
+            not_after=not_after,
+            fingerprint=":".join(digest[index : index + 2] for index in range(0, len(digest), 2)),
+        )
+        server_options(loaded).getContext()  # OpenSSL checks the key against the certificate
+    except (TypeError, ValueError, crypto.Error, SSL.Error) as error:
+        raise CertificateProblem(f"OpenSSL cannot use the certificate and key of {path}: {error}") from None
+    return loaded
+
+
+def server_options(certificate: ServerCertificate, maximum_version=None) -> ssl.CertificateOptions:
+    return ssl.CertificateOptions(
+        privateKey=certificate.private_key,
+        certificate=certificate.certificate,
+        extraCertChain=list(certificate.chain),
+        raiseMinimumTo=MINIMUM_VERSION,
+        lowerMaximumSecurityTo=maximum_version,
+        enableSessions=True,
+        enableSessionTickets=True,
+    )
+
+
+class ServerTLS:
+    """The TLS side of one service: its current certificate and a context per session."""
+
+    def __init__(self, path: str, service_id: str, maximum_version=None):
+        self.path = path
+        self.service_id = service_id
+        self.maximum_version = maximum_version  # a twisted.internet.ssl.TLSVersion, None = the newest
+        self.certificate = load_server_certificate(path)
+
+    def new_session(self) -> ssl.CertificateOptions:
+        """Options (an ``IOpenSSLServerConnectionCreator``) with a context of their own.
+
+        Use the same object for the control connection and every data
+        connection of one FTP session: TLS sessions are resumable only
+        within it.
+        """
+        return server_options(self.certificate, self.maximum_version)
+
+    def reload(self) -> bool:
+        """Read ``ssl_certificate`` again; new sessions use it. False (and the old one kept) on error."""
+        try:
+            certificate = load_server_certificate(self.path)
+        except CertificateProblem as problem:
+            _log.error(
+                "service {service}: ssl_certificate not reloaded, the certificate in use is kept: {problem}",
+                service=self.service_id,
+                problem=str(problem),
+            )
+            return False
+        self.certificate = certificate
+        _log.info("service {service}: reloaded ssl_certificate: {certificate}", service=self.service_id, certificate=certificate.describe())
+        return True
+
+    def log_certificate(self, now: Optional[datetime.datetime] = None) -> None:
+        certificate = self.certificate
+        _log.info("service {service}: TLS certificate {certificate}", service=self.service_id, certificate=certificate.describe())
+        now = now or datetime.datetime.now(datetime.timezone.utc)
+        if certificate.not_after - now < EXPIRY_WARNING:
+            _log.warn(
+                "service {service}: the TLS certificate expires on {date:%Y-%m-%d}; replace {path} and send SIGHUP",
+                service=self.service_id,
+                date=certificate.not_after,
+                path=self.path,
+            )
+
+
+def session_reused(connection: SSL.Connection) -> Optional[bool]:
+    """Whether the handshake of ``connection`` resumed an earlier TLS session; None if unknown.
+
+    pyOpenSSL has no public call for OpenSSL's ``SSL_session_reused``; the
+    binding it is built on has it.
+    """
+    try:
+        from OpenSSL._util import lib
+
+        return bool(lib.SSL_session_reused(connection._ssl))
+    except (ImportError, AttributeError):  # pragma: no cover - another pyOpenSSL
+        return None
+
+
+def can_check_session_reuse() -> bool:
+    try:
+        from OpenSSL._util import lib
+    except ImportError:  # pragma: no cover
+        return False
+    return hasattr(lib, "SSL_session_reused") and hasattr(SSL.Connection(SSL.Context(SSL.TLS_METHOD)), "_ssl")
+
+
+class ReloadOnSIGHUP(Service):
+    """Call ``reload`` on SIGHUP while running; other SIGHUP handlers keep running too."""
+
+    def __init__(self, reactor, reload: Callable[[], object]):
+        self._reactor = reactor
+        self._reload = reload
+        self._previous = None
+        self._installed = False
+
+    def startService(self) -> None:
+        super().startService()
+        try:
+            self._previous = signal.signal(signal.SIGHUP, self._handle)
+        except (ValueError, AttributeError, OSError):  # not the main thread, or no SIGHUP (Windows)
+            return
+        self._installed = True
+
+    def _handle(self, number, frame) -> None:
+        self._reactor.callFromThread(self._reload)
+        if callable(self._previous):
+            self._previous(number, frame)
+
+    def stopService(self):
+        if self._installed and signal.getsignal(signal.SIGHUP) == self._handle:
+            signal.signal(signal.SIGHUP, self._previous if self._previous is not None else signal.SIG_DFL)
+        self._installed = False
+        return super().stopService()
