@@ -29,25 +29,33 @@ class ApplicationMethod:
             account.username: account for account in configuration.accounts.values()
         }
 
-    @defer.inlineCallbacks
-    def authenticate(self, request: LoginRequest):
+    def authenticate(self, request: LoginRequest) -> defer.Deferred:
+        return defer.ensureDeferred(self._authenticate(request))
+
+    async def _authenticate(self, request: LoginRequest) -> Account:
         if request.manager:
             raise UnknownUser("local accounts cannot log into the Web Manager")
         settings = self._accounts.get(request.username)
         if settings is None:
             request.trace.add(self.id, "lookup", "no local account with this username")
             raise UnknownUser(f"no [accounts/..] named {request.username!r}")
-        request.trace.add(self.id, "lookup", f"found [accounts/{settings.id}]")
-        if not settings.enabled:
-            raise LoginFailed("account-disabled", f"[accounts/{settings.id}] is disabled")
-        if not settings.password:
-            raise LoginFailed("no-password", f"[accounts/{settings.id}] has no password")
-        matched = yield self._run_in_thread(verify_password, settings.password, request.password)
-        if not matched:
-            raise LoginFailed("invalid-password", "the password does not match the stored hash")
-        request.trace.add(self.id, "password", "password hash matched")
+        await check_local_password(self.id, f"accounts/{settings.id}", settings, request, self._run_in_thread)
         groups = tuple(self._configuration.groups[group_id] for group_id in settings.group)
-        account: Account = account_for_groups(
-            settings.username, self.id, groups, home_folder=settings.home_folder_path or None
-        )
-        return account
+        return account_for_groups(settings.username, self.id, groups, home_folder=settings.home_folder_path or None)
+
+
+async def check_local_password(
+    method_id: str, section: str, settings, request: LoginRequest, run_in_thread: Callable[..., defer.Deferred]
+) -> None:
+    """An [accounts/..] or [administrators/..] section: enabled, with a password matching its hash.
+
+    argon2/bcrypt are slow by design, so the hash is checked in a thread.
+    """
+    request.trace.add(method_id, "lookup", f"found [{section}]")
+    if not settings.enabled:
+        raise LoginFailed("account-disabled", f"[{section}] is disabled")
+    if not settings.password:
+        raise LoginFailed("no-password", f"[{section}] has no password")
+    if not await run_in_thread(verify_password, settings.password, request.password):
+        raise LoginFailed("invalid-password", "the password does not match the stored hash")
+    request.trace.add(method_id, "password", "password hash matched")

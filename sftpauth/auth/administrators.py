@@ -1,0 +1,74 @@
+"""Local Web Manager administrators: the [administrators/..] sections.
+
+SFTPPlus semantics: the ``application`` method (DEFAULT-AUTHENTICATION)
+knows the file's local accounts for file transfer and the file's
+administrators for the Web Manager. :class:`LocalMethod` is that method;
+it sends manager logins to :class:`AdministratorsMethod` and every other
+login to the accounts, so an administrator's password never opens an FTP
+or SFTP session and an account's never opens the Web Manager.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from twisted.internet import defer
+
+from sftpauth.account import Account
+from sftpauth.auth.application import ApplicationMethod, check_local_password
+from sftpauth.auth.credentials import LoginRequest
+from sftpauth.auth.errors import UnknownUser
+from sftpauth.config.models import AdministratorSettings, ApplicationAuthenticationSettings, Configuration
+
+
+class AdministratorsMethod:
+    """Knows the [administrators/..]; only for Web Manager (``manager``) logins."""
+
+    def __init__(
+        self,
+        method_id: str,
+        configuration: Configuration,
+        run_in_thread: Callable[..., defer.Deferred],
+    ):
+        self.id = method_id
+        self._run_in_thread = run_in_thread
+        self._administrators: dict[str, AdministratorSettings] = {
+            administrator.username: administrator for administrator in configuration.administrators.values()
+        }
+
+    async def authenticate(self, request: LoginRequest) -> Account:
+        if not request.manager:
+            raise UnknownUser("administrators can only log into the Web Manager")
+        settings = self._administrators.get(request.username)
+        if settings is None:
+            request.trace.add(self.id, "lookup", "no local administrator with this username")
+            raise UnknownUser(f"no [administrators/..] named {request.username!r}")
+        await check_local_password(self.id, f"administrators/{settings.id}", settings, request, self._run_in_thread)
+        request.trace.add(self.id, "roles", f"roles: {', '.join(settings.roles)}")
+        return Account(
+            username=settings.username,
+            method_id=self.id,
+            home_folder="",
+            permissions=frozenset(),
+            groups=(),
+            roles=settings.roles,
+        )
+
+
+class LocalMethod:
+    """An ``application`` method: local accounts for file transfer, administrators for the Web Manager."""
+
+    def __init__(
+        self,
+        settings: ApplicationAuthenticationSettings,
+        configuration: Configuration,
+        run_in_thread: Callable[..., defer.Deferred],
+    ):
+        self.id = settings.id
+        self.accounts = ApplicationMethod(settings, configuration, run_in_thread)
+        self.administrators = AdministratorsMethod(settings.id, configuration, run_in_thread)
+
+    def authenticate(self, request: LoginRequest) -> defer.Deferred:
+        if request.manager:
+            return defer.ensureDeferred(self.administrators.authenticate(request))
+        return self.accounts.authenticate(request)

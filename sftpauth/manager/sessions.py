@@ -1,0 +1,137 @@
+"""Web Manager sessions: random IDs, idle expiry, audit events.
+
+A session is kept in memory by the manager service that opened it (a
+restart logs everyone out). Its ID is 256 random bits sent only in a
+``Secure; HttpOnly; SameSite=Strict`` cookie; a login always makes a new
+one (no fixation). A session unused for ``session_idle_timeout`` seconds
+ends: at its next request, or at the periodic sweep, whichever is first.
+Every start and end is a ``session-start`` / ``session-end`` audit event,
+like FTP and SFTP sessions.
+"""
+
+from __future__ import annotations
+
+import secrets
+from typing import Iterable, Optional
+
+import attrs
+
+from sftpauth.audit import AuditLog
+from sftpauth.config.models import Configuration, DEFAULT_ROLE, RoleSettings
+from sftpauth.manager.csrf import new_token
+
+MAX_SESSIONS = 10000
+
+
+@attrs.define
+class ManagerSession:
+    id: str = attrs.field(repr=False)
+    username: str
+    roles: tuple[str, ...]
+    can_act: bool  # False for read-only roles: they may look, never trigger an action
+    method: str  # the authentication method, or "header-authentication"
+    csrf_token: str = attrs.field(repr=False)
+    peer: str
+    created: float
+    last_seen: float
+    source: str = "password"  # or "header" (pre-authentication by a trusted proxy)
+    email: str = ""
+    full_name: str = ""
+    provider: str = ""
+
+    @property
+    def display_name(self) -> str:
+        return self.full_name or self.username
+
+
+def effective_roles(configuration: Configuration, role_ids: Iterable[str]) -> tuple[tuple[str, ...], bool]:
+    """Known role IDs (DEFAULT-ROLE when none) and whether any of them may act."""
+    known = [role_id for role_id in dict.fromkeys(role_ids) if role_id in configuration.roles]
+    if not known:
+        known = [DEFAULT_ROLE] if DEFAULT_ROLE in configuration.roles else []
+    roles: list[RoleSettings] = [configuration.roles[role_id] for role_id in known]
+    return tuple(known), any(not role.read_only for role in roles)
+
+
+class SessionStore:
+    """The open sessions of one manager service; ``clock`` is the reactor (IReactorTime)."""
+
+    def __init__(self, clock, idle_timeout: float, audit: AuditLog, service_id: str, limit: int = MAX_SESSIONS):
+        self._clock = clock
+        self.idle_timeout = idle_timeout
+        self._audit = audit
+        self._service_id = service_id
+        self._limit = limit
+        self._sessions: dict[str, ManagerSession] = {}
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+    def open(self, username: str, roles: tuple[str, ...], can_act: bool, method: str, peer: str, **extra) -> ManagerSession:
+        now = self._clock.seconds()
+        if len(self._sessions) >= self._limit:
+            self.expire_idle()
+            if len(self._sessions) >= self._limit:
+                oldest = min(self._sessions.values(), key=lambda session: session.last_seen)
+                self.close(oldest, "evicted")
+        session = ManagerSession(
+            id=secrets.token_urlsafe(32),
+            username=username,
+            roles=roles,
+            can_act=can_act,
+            method=method,
+            csrf_token=new_token(),
+            peer=peer,
+            created=now,
+            last_seen=now,
+            **extra,
+        )
+        self._sessions[session.id] = session
+        self._audit.record(
+            "session-start",
+            service=self._service_id,
+            protocol="manager",
+            peer=peer,
+            username=username,
+            method=method,
+            roles=list(roles),
+        )
+        return session
+
+    def get(self, session_id: Optional[str]) -> Optional[ManagerSession]:
+        """The live session with this ID, its idle time reset; None if unknown or expired."""
+        if not session_id:
+            return None
+        session = self._sessions.get(session_id)
+        if session is None:
+            return None
+        now = self._clock.seconds()
+        if now - session.last_seen >= self.idle_timeout:
+            self.close(session, "idle-timeout")
+            return None
+        session.last_seen = now
+        return session
+
+    def close(self, session: ManagerSession, reason: str) -> None:
+        if self._sessions.pop(session.id, None) is None:
+            return
+        self._audit.record(
+            "session-end",
+            service=self._service_id,
+            protocol="manager",
+            peer=session.peer,
+            username=session.username,
+            reason=reason,
+        )
+
+    def expire_idle(self) -> int:
+        """End every idle session now; how many ended."""
+        now = self._clock.seconds()
+        idle = [session for session in self._sessions.values() if now - session.last_seen >= self.idle_timeout]
+        for session in idle:
+            self.close(session, "idle-timeout")
+        return len(idle)
+
+    def close_all(self, reason: str) -> None:
+        for session in list(self._sessions.values()):
+            self.close(session, reason)

@@ -1,0 +1,787 @@
+"""The Web Manager's HTTP resource: routes, sessions, CSRF, roles and headers in one place.
+
+Every request goes through :meth:`ManagerApp.handle`: security headers,
+route lookup, the session cookie, header pre-authentication, the login
+requirement, the CSRF token of every POST and the role check of every
+action, and only then the handler. Handlers return a :class:`Response`;
+pages are Jinja2 templates with autoescaping, the API under ``/api/v1/``
+answers JSON with the same sessions and CSRF rules.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+import urllib.parse
+from typing import Any, Callable, Optional
+
+import attrs
+from jinja2 import Environment, PackageLoader, select_autoescape
+from twisted.internet import defer
+from twisted.logger import Logger
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET
+
+from sftpauth import __version__
+from sftpauth.auth.credentials import LoginRequest
+from sftpauth.auth.errors import LoginFailed
+from sftpauth.auth.trace import Trace
+from sftpauth.config.models import LDAPAuthenticationSettings, ManagerServiceSettings
+from sftpauth.manager import csrf, preauth
+from sftpauth.manager.events import KINDS, OUTCOMES, AuditHistory, clamp_limit
+from sftpauth.manager.metrics import CONTENT_TYPE, ManagerMetrics
+from sftpauth.manager.sessions import ManagerSession, SessionStore, effective_roles
+from sftpauth.manager.views import build_chart, health_report, ldap_overview, service_overview
+
+_log = Logger()
+
+SESSION_COOKIE = b"__Host-sftpauth-session"
+LOGIN_COOKIE = b"__Host-sftpauth-login"
+MAX_BODY = 64 * 1024
+STATIC_FOLDER = os.path.join(os.path.dirname(__file__), "static")
+STATIC_TYPES = {".css": b"text/css; charset=utf-8", ".svg": b"image/svg+xml"}
+CONTENT_SECURITY_POLICY = (
+    b"default-src 'none'; style-src 'self'; img-src 'self' data:; form-action 'self'; "
+    b"frame-ancestors 'none'; base-uri 'none'"
+)
+SECURITY_HEADERS = {
+    b"content-security-policy": CONTENT_SECURITY_POLICY,
+    b"x-frame-options": b"DENY",
+    b"x-content-type-options": b"nosniff",
+    b"referrer-policy": b"no-referrer",
+    b"cross-origin-opener-policy": b"same-origin",
+    b"cross-origin-resource-policy": b"same-origin",
+    b"server": b"sftpauth",
+}
+LOGIN_FAILED = "Login failed: wrong username or password, or this account may not use the Web Manager."
+PREAUTH_METHOD = "header-authentication"
+
+
+@attrs.define
+class Response:
+    status: int = 200
+    body: bytes = b""
+    content_type: bytes = b"text/html; charset=utf-8"
+    headers: dict[bytes, bytes] = attrs.Factory(dict)
+    cacheable: bool = False
+
+
+def json_response(value: Any, status: int = 200) -> Response:
+    return Response(status, json.dumps(value, ensure_ascii=False, indent=1).encode("utf-8") + b"\n", b"application/json")
+
+
+def redirect(location: str, status: int = 303) -> Response:
+    return Response(status, b"", headers={b"location": location.encode("utf-8")})
+
+
+@attrs.frozen
+class Route:
+    method: bytes
+    pattern: re.Pattern
+    handler: str
+    login: bool = True  # a session is required
+    action: bool = False  # changes something or runs something: read-only roles may not
+    api: bool = False  # JSON errors instead of pages and redirects
+    csrf: str = "session"  # POST check: "session" token, "login" double-submit cookie, "json" content type
+
+
+def _route(method: str, path: str, handler: str, **options) -> Route:
+    pattern = re.compile("^" + re.sub(r"<(\w+)>", r"(?P<\1>[^/]+)", path) + "$")
+    return Route(method.encode("ascii"), pattern, handler, **options)
+
+
+ROUTES = (
+    _route("GET", "/health", "health", login=False),
+    _route("GET", "/metrics", "metrics_page", login=False),
+    _route("GET", "/static/<name>", "static", login=False),
+    _route("GET", "/login", "login_page", login=False),
+    _route("POST", "/login", "login_form", login=False, csrf="login"),
+    _route("POST", "/logout", "logout"),
+    _route("GET", "/", "dashboard"),
+    _route("GET", "/authentications", "authentications_page"),
+    _route("POST", "/authentications/<method_id>/verify_connection", "verify_page", action=True),
+    _route("GET", "/test-login", "test_login_page"),
+    _route("POST", "/test-login", "test_login_form", action=True),
+    _route("GET", "/events", "events_page"),
+    _route("POST", "/api/v1/login", "api_login", login=False, api=True, csrf="json"),
+    _route("POST", "/api/v1/logout", "api_logout", api=True),
+    _route("GET", "/api/v1/session", "api_session", api=True),
+    _route("GET", "/api/v1/services", "api_services", api=True),
+    _route("GET", "/api/v1/authentications", "api_authentications", api=True),
+    _route("POST", "/api/v1/authentications/<method_id>/verify_connection", "api_verify", api=True, action=True),
+    _route("POST", "/api/v1/test_login", "api_test_login", api=True, action=True),
+    _route("GET", "/api/v1/events", "api_events", api=True),
+)
+
+
+@attrs.define
+class Call:
+    """One request as the handlers see it."""
+
+    request: Any
+    peer: str
+    path: str
+    query: dict[str, str]
+    form: dict[str, str]
+    body_json: Optional[dict]
+    params: dict[str, str]
+    session: Optional[ManagerSession] = None
+    session_ended: bool = False  # the cookie named a session that is gone (expired, logged out)
+
+    def field(self, name: str) -> str:
+        if self.body_json is not None:
+            value = self.body_json.get(name, "")
+            return value if isinstance(value, str) else ""
+        return self.form.get(name, "")
+
+    def flag(self, name: str) -> bool:
+        if self.body_json is not None:
+            return self.body_json.get(name) is True
+        return self.form.get(name, "") in ("on", "yes", "1", "true")
+
+
+class BadRequest(Exception):
+    def __init__(self, message: str, status: int = 400):
+        super().__init__(message)
+        self.status = status
+
+
+class ManagerApp:
+    """The Web Manager of one ``[services/ID] type = manager``."""
+
+    def __init__(
+        self,
+        settings: ManagerServiceSettings,
+        runtime,
+        sessions: SessionStore,
+        metrics: ManagerMetrics,
+        history: AuditHistory,
+        service_states: Callable[[], dict[str, str]] = dict,
+        verify: Optional[Callable] = None,
+        certificate_fingerprint: str = "",
+    ):
+        self.settings = settings
+        self.runtime = runtime
+        self.configuration = runtime.configuration
+        self.sessions = sessions
+        self.metrics = metrics
+        self.history = history
+        self.service_states = service_states
+        self.certificate_fingerprint = certificate_fingerprint
+        if verify is None:
+            from sftpauth.auth.ldap.verify import verify_method
+
+            verify = verify_method
+        self._verify = verify
+        self.templates = Environment(
+            loader=PackageLoader("sftpauth.manager", "templates"),
+            autoescape=select_autoescape(default=True, default_for_string=True),
+            trim_blocks=True,
+            lstrip_blocks=True,
+        )
+
+    # -- the pipeline ------------------------------------------------------------------
+
+    async def handle(self, request) -> Response:
+        path = request.path.decode("utf-8", "replace")
+        matched = None
+        allowed = []
+        for route in ROUTES:
+            match = route.pattern.match(path)
+            if match:
+                allowed.append(route.method)
+                if route.method == request.method or (route.method == b"GET" and request.method == b"HEAD"):
+                    matched = (route, match)
+                    break
+        if matched is None:
+            if allowed:
+                return Response(405, b"method not allowed\n", b"text/plain; charset=utf-8", {b"allow": b", ".join(allowed)})
+            return self._error(path.startswith("/api/"), 404, "Not found", "There is no such page.")
+        route, match = matched
+        try:
+            call = self._call(request, path, route, match)
+        except BadRequest as error:
+            return self._error(route.api, error.status, "Bad request", str(error))
+        cookie = request.getCookie(SESSION_COOKIE)
+        cookie_id = cookie.decode("ascii", "replace") if cookie else None
+        call.session = self.sessions.get(cookie_id)
+        call.session_ended = bool(cookie_id) and call.session is None
+        if preauth.present(request) and route.handler != "static":
+            problem = self._pre_authenticate(call)
+            if problem is not None:
+                return problem
+        if route.login and call.session is None:
+            if route.api:
+                return json_response({"error": "login required"}, 401)
+            if route.method == b"GET":
+                return redirect("/login?" + urllib.parse.urlencode({"next": path}))
+            return redirect("/login")
+        if request.method == b"POST":
+            problem = self._check_csrf(call, route)
+            if problem is not None:
+                return problem
+        if route.action and not call.session.can_act:
+            return self._error(
+                route.api, 403, "Not allowed", "Your role is read-only: it can look at everything but cannot run actions."
+            )
+        return await getattr(self, route.handler)(call)
+
+    def _call(self, request, path: str, route: Route, match: re.Match) -> Call:
+        query = {
+            key: values[0]
+            for key, values in urllib.parse.parse_qs(
+                request.uri.partition(b"?")[2].decode("utf-8", "replace"), keep_blank_values=True, max_num_fields=50
+            ).items()
+        }
+        form: dict[str, str] = {}
+        body_json = None
+        if request.method == b"POST":
+            request.content.seek(0)
+            body = request.content.read(MAX_BODY + 1)
+            if len(body) > MAX_BODY:
+                raise BadRequest("the request body is too large", 413)
+            content_type = (request.getHeader(b"content-type") or b"").split(b";")[0].strip().lower()
+            try:
+                text = body.decode("utf-8")
+            except UnicodeDecodeError:
+                raise BadRequest("the request body is not UTF-8") from None
+            if content_type == b"application/json":
+                try:
+                    body_json = json.loads(text) if text.strip() else {}
+                except ValueError:
+                    raise BadRequest("the request body is not JSON") from None
+                if not isinstance(body_json, dict):
+                    raise BadRequest("the request body must be a JSON object")
+            elif content_type == b"application/x-www-form-urlencoded":
+                try:
+                    parsed = urllib.parse.parse_qs(text, keep_blank_values=True, max_num_fields=50, errors="strict")
+                except (ValueError, UnicodeDecodeError):
+                    raise BadRequest("the form is malformed") from None
+                form = {key: values[0] for key, values in parsed.items()}
+        params = {name: urllib.parse.unquote(value, errors="strict") for name, value in match.groupdict().items()}
+        return Call(request, _peer(request), path, query, form, body_json, params)
+
+    def _check_csrf(self, call: Call, route: Route) -> Optional[Response]:
+        request = call.request
+        if route.csrf == "json":
+            # A cross-site page cannot send application/json without a CORS preflight, which is never allowed.
+            if call.body_json is None:
+                return json_response({"error": "send a JSON object (Content-Type: application/json)"}, 415)
+            return None
+        if route.csrf == "login":
+            cookie = request.getCookie(LOGIN_COOKIE)
+            expected = cookie.decode("ascii", "replace") if cookie else None
+        else:
+            expected = call.session.csrf_token if call.session is not None else None
+        header = request.getHeader(csrf.HEADER)
+        given = header.decode("ascii", "replace") if header else call.field(csrf.FORM_FIELD)
+        if csrf.token_matches(expected, given):
+            return None
+        _log.warn(
+            "Web Manager {service}: refused a POST to {path} from {peer}: missing or wrong CSRF token",
+            service=self.settings.id, path=call.path, peer=call.peer,
+        )
+        if route.csrf == "login":
+            return self._login_response(call, "The login form expired. Please try again.", status=403)
+        return self._error(
+            route.api, 403, "Form expired", "The form expired or did not come from this Web Manager: reload the page and try again.",
+            api_message="missing or wrong CSRF token (X-CSRF-Token header or csrf_token field)",
+        )
+
+    def _pre_authenticate(self, call: Call) -> Optional[Response]:
+        """Honour ``preauth-*`` headers only from a trusted proxy with header_authentication = yes."""
+        settings = self.settings
+        request = call.request
+        audit = self.runtime.audit
+        if not settings.header_authentication or not settings.is_trusted_proxy(call.peer):
+            if not settings.header_authentication:
+                reason, detail = "preauth-disabled", "header_authentication = no: pre-authentication headers ignored"
+            else:
+                reason, detail = "preauth-untrusted", f"{call.peer} is not in trusted_proxies: pre-authentication headers ignored"
+            audit.record(
+                "authentication",
+                service=settings.id,
+                protocol="manager",
+                peer=call.peer,
+                username=preauth.claimed_username(request),
+                method=PREAUTH_METHOD,
+                outcome="failure",
+                reason=reason,
+                detail=detail,
+            )
+            _log.warn("Web Manager {service}: request from {peer}: {detail}", service=settings.id, peer=call.peer, detail=detail)
+            return None
+        try:
+            claim = preauth.read(request)
+        except preauth.InvalidPreAuthentication as error:
+            audit.record(
+                "authentication",
+                service=settings.id,
+                protocol="manager",
+                peer=call.peer,
+                username=preauth.claimed_username(request),
+                method=PREAUTH_METHOD,
+                outcome="failure",
+                reason="preauth-invalid",
+                detail=str(error),
+            )
+            return self._error(call.path.startswith("/api/"), 400, "Bad request", f"Invalid pre-authentication header: {error}")
+        if claim is None:
+            return None
+        session = call.session
+        if session is not None and session.source == "header" and session.username == claim.username:
+            return None
+        if session is not None:
+            self.sessions.close(session, "replaced")
+        roles, can_act = effective_roles(self.configuration, (settings.header_authentication_role,))
+        provider = f" ({claim.provider})" if claim.provider else ""
+        audit.record(
+            "authentication",
+            service=settings.id,
+            protocol="manager",
+            peer=call.peer,
+            username=claim.username,
+            method=PREAUTH_METHOD,
+            outcome="success",
+            reason="",
+            detail=f"pre-authenticated by the trusted proxy {call.peer}{provider}",
+        )
+        call.session = self.sessions.open(
+            claim.username,
+            roles,
+            can_act,
+            PREAUTH_METHOD,
+            call.peer,
+            source="header",
+            email=claim.email,
+            full_name=claim.full_name,
+            provider=claim.provider,
+        )
+        call.session_ended = False
+        _set_cookie(request, SESSION_COOKIE, call.session.id)
+        return None
+
+    # -- rendering ---------------------------------------------------------------------------
+
+    def render(self, call: Call, template: str, status: int = 200, **context) -> Response:
+        session = call.session
+        context.update(
+            session=session,
+            csrf_token=session.csrf_token if session else "",
+            can_act=bool(session and session.can_act),
+            server_name=self.configuration.server.name,
+            service=self.settings,
+            version=__version__,
+            path=call.path,
+        )
+        body = self.templates.get_template(template).render(**context)
+        return Response(status, body.encode("utf-8"))
+
+    def _error(self, api: bool, status: int, title: str, message: str, api_message: str = "") -> Response:
+        if api:
+            return json_response({"error": api_message or message}, status)
+        body = self.templates.get_template("error.html").render(
+            title=title, message=message, status=status, server_name=self.configuration.server.name, session=None,
+            version=__version__, path="",
+        )
+        return Response(status, body.encode("utf-8"))
+
+    # -- public endpoints -------------------------------------------------------------------------
+
+    async def health(self, call: Call) -> Response:
+        report = health_report(self.configuration, self.runtime.ldap_pools, self.service_states())
+        return json_response(report, 200 if report["status"] != "failing" else 503)
+
+    async def metrics_page(self, call: Call) -> Response:
+        if self.settings.metrics_require_login and call.session is None:
+            return Response(
+                401, b"log in first (metrics_require_login = yes)\n", b"text/plain; charset=utf-8",
+            )
+        return Response(200, self.metrics.render(), CONTENT_TYPE.encode("ascii"))
+
+    async def static(self, call: Call) -> Response:
+        name = call.params["name"]
+        extension = os.path.splitext(name)[1]
+        if extension not in STATIC_TYPES or name not in os.listdir(STATIC_FOLDER):
+            return Response(404, b"not found\n", b"text/plain; charset=utf-8")
+        data = await self.runtime.run_in_thread(_read_file, os.path.join(STATIC_FOLDER, name))
+        return Response(200, data, STATIC_TYPES[extension], cacheable=True)
+
+    # -- login and logout -------------------------------------------------------------------------
+
+    def _login_response(self, call: Call, error: str = "", status: int = 200, username: str = "") -> Response:
+        token = csrf.new_token()
+        _set_cookie(call.request, LOGIN_COOKIE, token)
+        next_path = _safe_next(call.form.get("next") or call.query.get("next", ""))
+        notice = ""
+        if call.session_ended and not error:
+            notice = "Your session has ended. Please log in again."
+        call.session = None
+        return self.render(
+            call, "login.html", status, login_token=token, error=error, notice=notice, username=username, next_path=next_path
+        )
+
+    async def login_page(self, call: Call) -> Response:
+        if call.session is not None:
+            return redirect(_safe_next(call.query.get("next", "")))
+        return self._login_response(call)
+
+    async def _authenticate(self, call: Call, username: str, password: str) -> Optional[ManagerSession]:
+        """The manager-mode login through the one authentication chain; a new session or None."""
+        request = LoginRequest(
+            username=username,
+            password=password,
+            service_id=self.settings.id,
+            protocol="manager",
+            peer=call.peer,
+            manager=True,
+        )
+        # Bans, denied usernames and the audit event are the chain's: the same as FTP and SFTP logins.
+        try:
+            account = await self.runtime.chain.login(request)
+        except LoginFailed:
+            return None
+        if call.session is not None:
+            self.sessions.close(call.session, "replaced")
+        roles, can_act = effective_roles(self.configuration, account.roles)
+        session = self.sessions.open(
+            account.username, roles, can_act, account.method_id, call.peer, email=account.email, full_name=account.full_name
+        )
+        _set_cookie(call.request, SESSION_COOKIE, session.id)
+        call.session = session
+        return session
+
+    async def login_form(self, call: Call) -> Response:
+        username = call.field("username")
+        session = await self._authenticate(call, username, call.field("password"))
+        if session is None:
+            return self._login_response(call, LOGIN_FAILED, status=401, username=username)
+        _expire_cookie(call.request, LOGIN_COOKIE)
+        return redirect(_safe_next(call.field("next")))
+
+    async def logout(self, call: Call) -> Response:
+        self.sessions.close(call.session, "logout")
+        _expire_cookie(call.request, SESSION_COOKIE)
+        return redirect("/login?logged_out=1")
+
+    # -- pages ---------------------------------------------------------------------------------------
+
+    async def dashboard(self, call: Call) -> Response:
+        series = self.metrics.logins_per_minute()
+        return self.render(
+            call,
+            "dashboard.html",
+            services=service_overview(self.configuration, self.service_states()),
+            methods=ldap_overview(self.configuration, self.runtime.ldap_pools, self.runtime.reactor.seconds()),
+            chart=build_chart(series),
+            accepted=sum(item[1] for item in series),
+            refused=sum(item[2] for item in series),
+            manager_sessions=len(self.sessions),
+            bans=self.metrics.bans_in_force() or 0,
+            fingerprint=self.certificate_fingerprint,
+            active="dashboard",
+        )
+
+    def _ldap_methods(self) -> dict[str, LDAPAuthenticationSettings]:
+        return {
+            method_id: settings
+            for method_id, settings in self.configuration.authentications.items()
+            if isinstance(settings, LDAPAuthenticationSettings)
+        }
+
+    async def authentications_page(self, call: Call, report=None, report_method: str = "") -> Response:
+        return self.render(
+            call,
+            "authentications.html",
+            methods=ldap_overview(self.configuration, self.runtime.ldap_pools, self.runtime.reactor.seconds()),
+            others=[
+                settings for settings in self.configuration.authentications.values()
+                if not isinstance(settings, LDAPAuthenticationSettings)
+            ],
+            report=report,
+            report_method=report_method,
+            active="authentications",
+        )
+
+    async def _run_verify(self, call: Call, method_id: str):
+        settings = self._ldap_methods().get(method_id)
+        if settings is None:
+            raise BadRequest(f"no LDAP authentication method {method_id!r}", 404)
+        started = time.monotonic()
+        report = await self._verify(settings, self.runtime.reactor)
+        self.runtime.audit.record(
+            "manager-action",
+            service=self.settings.id,
+            protocol="manager",
+            peer=call.peer,
+            username=call.session.username,
+            action="verify-connection",
+            target=method_id,
+            outcome="success" if not report.failures else "failure",
+            detail=f"{report.failures} check(s) failed" if report.failures else "every check passed",
+            duration_ms=round((time.monotonic() - started) * 1000, 1),
+        )
+        return report
+
+    async def verify_page(self, call: Call) -> Response:
+        try:
+            report = await self._run_verify(call, call.params["method_id"])
+        except BadRequest as error:
+            return self._error(False, error.status, "Not found", str(error))
+        return await self.authentications_page(call, report=report, report_method=call.params["method_id"])
+
+    def _test_login_form_context(self) -> dict:
+        return {
+            "methods": list(self.configuration.authentications),
+            "chain": ", ".join(self.configuration.server.authentications),
+            "manager_chain": ", ".join(self.configuration.authentications_for(self.settings)),
+        }
+
+    async def test_login_page(self, call: Call) -> Response:
+        return self.render(
+            call, "test_login.html", outcome=None, username="", manager=False, method="", active="test-login",
+            **self._test_login_form_context(),
+        )
+
+    async def _run_test_login(self, call: Call, username: str, password: str, manager: bool, method_id: str) -> dict:
+        """Run the real chain once with a trace, as ``sftpauth test-login`` does, and explain it."""
+        from sftpauth.cli import result_lines, server_state_lines
+
+        if method_id and method_id not in self.configuration.authentications:
+            raise BadRequest(f"no authentication method {method_id!r}; defined: {', '.join(self.configuration.authentications)}")
+        trace = Trace()
+        request = LoginRequest(
+            username=username,
+            password=password,
+            # A manager-mode test uses this Web Manager's chain; a file-transfer one the [server] chain.
+            service_id=self.settings.id if manager else "test-login",
+            protocol="test-login",
+            peer="",
+            manager=manager,
+            trace=trace,
+        )
+        account, failure = None, None
+        try:
+            account = await self.runtime.chain.login(request, only_method=method_id or None)
+        except LoginFailed as error:
+            failure = error
+        method_ids = (method_id,) if method_id else self.runtime.chain.method_ids_for(request)
+        self.runtime.audit.record(
+            "manager-action",
+            service=self.settings.id,
+            protocol="manager",
+            peer=call.peer,
+            username=call.session.username,
+            action="test-login",
+            target=username,
+            outcome="success" if failure is None else "failure",
+            detail="manager mode" if manager else "file transfer mode",
+        )
+        return {
+            "username": username,
+            "manager": manager,
+            "chain": list(method_ids),
+            "accepted": failure is None,
+            "reason": failure.reason if failure else "",
+            "explanation": failure.explanation if failure else "",
+            "steps": [
+                {"elapsed_ms": round(step.elapsed * 1000, 1), "method": step.method, "action": step.action, "detail": step.detail}
+                for step in trace.steps
+            ],
+            "result": result_lines(account, failure, manager),
+            "servers": server_state_lines(self.runtime, method_ids),
+            "account": None
+            if account is None
+            else {
+                "username": account.username,
+                "method": account.method_id,
+                "dn": account.dn,
+                "home_folder": account.home_folder or None,
+                "groups": list(account.groups),
+                "roles": list(account.roles),
+                "email": account.email,
+                "full_name": account.full_name,
+            },
+        }
+
+    async def test_login_form(self, call: Call) -> Response:
+        username = call.field("username")
+        manager = call.flag("manager")
+        method_id = call.field("method")
+        try:
+            outcome = await self._run_test_login(call, username, call.field("password"), manager, method_id)
+        except BadRequest as error:
+            return self._error(False, error.status, "Bad request", str(error))
+        return self.render(
+            call, "test_login.html", outcome=outcome, username=username, manager=manager, method=method_id,
+            active="test-login", **self._test_login_form_context(),
+        )
+
+    async def events_page(self, call: Call) -> Response:
+        username = call.query.get("username", "")[:256]
+        outcome = call.query.get("outcome", "")
+        outcome = outcome if outcome in OUTCOMES else ""
+        kind = call.query.get("kind", "authentication")
+        kind = kind if kind in KINDS else "authentication"
+        limit = clamp_limit(call.query.get("limit"))
+        events = await self.history.recent(username, outcome, kind, limit)
+        return self.render(
+            call, "events.html", events=events, username=username, outcome=outcome, kind=kind, limit=limit,
+            source=self.runtime.audit.path, active="events",
+        )
+
+    # -- JSON API -----------------------------------------------------------------------------------------
+
+    def _session_json(self, session: ManagerSession) -> dict:
+        return {
+            "username": session.username,
+            "full_name": session.full_name,
+            "roles": list(session.roles),
+            "can_act": session.can_act,
+            "method": session.method,
+            "csrf_token": session.csrf_token,
+            "idle_timeout": self.sessions.idle_timeout,
+        }
+
+    async def api_login(self, call: Call) -> Response:
+        session = await self._authenticate(call, call.field("username"), call.field("password"))
+        if session is None:
+            return json_response({"error": "login failed"}, 401)
+        return json_response(self._session_json(session))
+
+    async def api_logout(self, call: Call) -> Response:
+        self.sessions.close(call.session, "logout")
+        _expire_cookie(call.request, SESSION_COOKIE)
+        return json_response({"logged_out": True})
+
+    async def api_session(self, call: Call) -> Response:
+        return json_response(self._session_json(call.session))
+
+    async def api_services(self, call: Call) -> Response:
+        return json_response({"services": service_overview(self.configuration, self.service_states())})
+
+    async def api_authentications(self, call: Call) -> Response:
+        now = self.runtime.reactor.seconds()
+        methods = ldap_overview(self.configuration, self.runtime.ldap_pools, now)
+        ldap = {method["id"]: method for method in methods}
+        result = []
+        for method_id, settings in self.configuration.authentications.items():
+            item = {"id": method_id, "name": settings.name, "type": settings.type, "enabled": settings.enabled}
+            if method_id in ldap:
+                item["servers"] = ldap[method_id]["servers"]
+            result.append(item)
+        return json_response({"authentications": result})
+
+    async def api_verify(self, call: Call) -> Response:
+        try:
+            report = await self._run_verify(call, call.params["method_id"])
+        except BadRequest as error:
+            return json_response({"error": str(error)}, error.status)
+        return json_response(
+            {
+                "method": report.method_id,
+                "title": report.title,
+                "failures": report.failures,
+                "checks": [attrs.asdict(check) for check in report.checks],
+            }
+        )
+
+    async def api_test_login(self, call: Call) -> Response:
+        if call.body_json is None:
+            return json_response({"error": "send a JSON object (Content-Type: application/json)"}, 415)
+        method = call.body_json.get("authentication") or ""
+        try:
+            outcome = await self._run_test_login(
+                call, call.field("username"), call.field("password"), call.flag("manager"), method if isinstance(method, str) else ""
+            )
+        except BadRequest as error:
+            return json_response({"error": str(error)}, error.status)
+        return json_response(outcome)
+
+    async def api_events(self, call: Call) -> Response:
+        outcome = call.query.get("outcome", "")
+        if outcome not in OUTCOMES:
+            return json_response({"error": "outcome must be success or failure"}, 400)
+        kind = call.query.get("kind", "authentication")
+        if kind not in KINDS:
+            return json_response({"error": "kind must be authentication or all"}, 400)
+        events = await self.history.recent(
+            call.query.get("username", "")[:256], outcome, kind, clamp_limit(call.query.get("limit"))
+        )
+        return json_response({"events": events})
+
+
+def _read_file(path: str) -> bytes:
+    with open(path, "rb") as static_file:
+        return static_file.read()
+
+
+def _peer(request) -> str:
+    address = request.getClientAddress()
+    host = getattr(address, "host", "")
+    return host or ""
+
+
+def _safe_next(value: str) -> str:
+    """Only a local path: never another site (open redirect), never a scheme-relative URL."""
+    if not value.startswith("/") or value.startswith("//") or "\\" in value or any(ord(char) < 32 for char in value):
+        return "/"
+    if value.startswith(("/login", "/logout")):
+        return "/"
+    return value
+
+
+def _set_cookie(request, name: bytes, value: str) -> None:
+    request.addCookie(name, value.encode("ascii"), path=b"/", secure=True, httpOnly=True, sameSite=b"strict")
+
+
+def _expire_cookie(request, name: bytes) -> None:
+    request.addCookie(
+        name, b"", path=b"/", secure=True, httpOnly=True, sameSite=b"strict",
+        expires=b"Thu, 01 Jan 1970 00:00:00 GMT", max_age=b"0",
+    )
+
+
+class ManagerResource(Resource):
+    """The twisted.web resource of the whole Web Manager (it routes by itself)."""
+
+    isLeaf = True
+
+    def __init__(self, app: ManagerApp):
+        super().__init__()
+        self.app = app
+
+    def render(self, request):
+        gone: list[bool] = []
+        request.notifyFinish().addErrback(lambda _: gone.append(True))
+        deferred = defer.ensureDeferred(self.app.handle(request))
+
+        def failed(failure):
+            _log.failure("Web Manager request {path} failed", failure, path=request.path)
+            return self.app._error(request.path.startswith(b"/api/"), 500, "Internal error", "Something went wrong; see the server log.")
+
+        def write(response: Response) -> None:
+            if gone:
+                return
+            request.setResponseCode(response.status)
+            for name, value in SECURITY_HEADERS.items():
+                request.setHeader(name, value)
+            if not response.cacheable:
+                request.setHeader(b"cache-control", b"no-store")
+                request.setHeader(b"pragma", b"no-cache")
+            else:
+                request.setHeader(b"cache-control", b"private, max-age=3600")
+            request.setHeader(b"content-type", response.content_type)
+            request.setHeader(b"content-length", str(len(response.body)).encode("ascii"))
+            for name, value in response.headers.items():
+                request.setHeader(name, value)
+            if request.method != b"HEAD":
+                request.write(response.body)
+            request.finish()
+
+        deferred.addErrback(failed).addCallback(write).addErrback(
+            lambda failure: _log.failure("Web Manager could not answer", failure)
+        )
+        return NOT_DONE_YET

@@ -1,0 +1,166 @@
+"""The Web Manager's JSON API, /health and /metrics on a real twistd, against a real slapd, over real TLS."""
+
+from __future__ import annotations
+
+import ftplib
+import hashlib
+import re
+import socket
+import ssl
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+
+from .manager_helpers import ADMIN_PASSWORD, AUDITOR_PASSWORD, HTTPSClient, ManagerServer
+
+pytestmark = pytest.mark.slapd
+
+
+@pytest.fixture(scope="module")
+def manager(slapd, tmp_path_factory):
+    """One sftpauth process with a Web Manager, FTP and the LDAP method, for this module."""
+    server = ManagerServer(tmp_path_factory.mktemp("manager-api"), slapd).start()
+    yield server
+    assert server.stop() in (0, None)
+
+
+@pytest.fixture
+def client(manager):
+    """An HTTPS client trusting only the manager's generated certificate."""
+    return HTTPSClient(manager)
+
+
+def test_generated_certificate_is_served_and_its_fingerprint_logged(manager):
+    """The self-signed certificate verifies for 127.0.0.1, and its SHA-256 fingerprint is in the log."""
+    context = ssl.create_default_context(cafile=str(manager.certificate))
+    with socket.create_connection(("127.0.0.1", manager.port), timeout=10) as raw:
+        with context.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+            der = tls.getpeercert(binary_form=True)
+            assert tls.version() in ("TLSv1.2", "TLSv1.3")
+    fingerprint = ":".join(f"{byte:02X}" for byte in hashlib.sha256(der).digest())
+    assert f"SHA-256 fingerprint {fingerprint}" in manager.server.log_tail(200)
+    on_disk = x509.load_pem_x509_certificate(manager.certificate.read_bytes())
+    assert on_disk.fingerprint(hashes.SHA256()) == hashlib.sha256(der).digest()
+
+
+def test_health_without_login(client):
+    """/health answers JSON without a session: version, every service running, the LDAP server."""
+    status, body = client.get_json("/health")
+    assert status == 200
+    assert body["status"] in ("ok", "degraded")
+    assert body["services"]["web"] == {"type": "manager", "state": "running"}
+    assert body["services"]["ftp"]["state"] == "running"
+    assert body["ldap"]["ldap"]["total"] == 1
+
+
+def test_api_needs_login(client):
+    """Without a session the API answers 401."""
+    assert client.get_json("/api/v1/authentications")[0] == 401
+    assert client.post_json("/api/v1/test_login", {"username": "a", "password": "b"})[0] == 401
+
+
+def test_ldap_administrator_logs_in_and_lists_authentications(client, slapd):
+    """alice (in cn=admins) logs in through the chain in manager mode and sees the LDAP server up."""
+    status, session = client.login("alice", "alice-pass")
+    assert status == 200, session
+    assert session["roles"] == ["DEFAULT-ROLE"] and session["method"] == "ldap"
+    status, body = client.get_json("/api/v1/authentications")
+    assert status == 200
+    ldap = {item["id"]: item for item in body["authentications"]}["ldap"]
+    (server,) = ldap["servers"]
+    assert server["address"] == f"127.0.0.1:{slapd.port}" and server["status"] == "up"
+    assert server["latency_ms"] is not None
+
+
+def test_ldap_user_outside_manager_search_filter_is_refused(client, manager):
+    """carol may use FTP but is not in cn=admins: the Web Manager refuses her, the audit says why."""
+    status, body = client.login("carol", "carol-pass")
+    assert status == 401 and body == {"error": "login failed"}
+    event = manager.server.wait_for_audit(
+        lambda entry: entry.get("username") == "carol" and entry.get("service") == "web" and entry.get("event") == "authentication"
+    )
+    assert event["outcome"] == "failure" and event["reason"] == "filter-mismatch"
+    assert event["protocol"] == "manager"
+
+
+def test_verify_connection_and_test_login_through_the_api(client, slapd):
+    """verify_connection runs the verify-ldap checks; test_login explains a refused manager login step by step."""
+    client.login("admin", ADMIN_PASSWORD)
+    assert client.post_json("/api/v1/authentications/ldap/verify_connection", {}, csrf=False)[0] == 403
+    status, report = client.post_json("/api/v1/authentications/ldap/verify_connection", {})
+    assert status == 200, report
+    assert report["failures"] == 0
+    assert {check["step"] for check in report["checks"]} >= {"tcp", "bind", "search"}
+    status, outcome = client.post_json("/api/v1/test_login", {"username": "carol", "password": "carol-pass", "manager": True})
+    assert status == 200
+    assert outcome["accepted"] is False and outcome["reason"] == "filter-mismatch"
+    assert any("memberOf" in step["detail"] for step in outcome["steps"])
+    assert any(line.startswith("LDAP servers of ldap") for line in outcome["servers"])
+    status, outcome = client.post_json("/api/v1/test_login", {"username": "alice", "password": "alice-pass"})
+    assert outcome["accepted"] is True and outcome["account"]["groups"] == ["ldap-users"]
+    assert "alice-pass" not in str(outcome)
+
+
+def test_read_only_administrator_cannot_run_actions(client):
+    """The auditor (permissions = configuration, read) reads events but gets 403 for actions."""
+    client.login("auditor", AUDITOR_PASSWORD)
+    assert client.get_json("/api/v1/events")[0] == 200
+    status, body = client.post_json("/api/v1/test_login", {"username": "alice", "password": "alice-pass"})
+    assert status == 403 and "read-only" in body["error"]
+    assert client.post_json("/api/v1/authentications/ldap/verify_connection", {})[0] == 403
+
+
+def test_events_and_metrics_see_ftp_logins(client, manager):
+    """An FTP login shows in /api/v1/events and in the Prometheus counters and session gauge."""
+    ftp = ftplib.FTP(timeout=10)
+    ftp.connect("127.0.0.1", manager.ftp_port)
+    ftp.login("alice", "alice-pass")
+    try:
+        client.login("admin", ADMIN_PASSWORD)
+        status, body = client.get_json("/api/v1/events?username=alice&outcome=success")
+        assert status == 200
+        assert any(event["service"] == "ftp" for event in body["events"])
+        status, _, data = client.request("GET", "/metrics")
+        assert status == 200
+        text = data.decode()
+        assert re.search(r'sftpauth_login_attempts_total\{method="ldap",outcome="success",service="ftp"\} [1-9]', text)
+        assert re.search(r'sftpauth_open_sessions\{service="ftp"\} 1\.0', text)
+        assert re.search(r'sftpauth_ldap_operation_seconds_count\{method="ldap",operation="bind",server="127\.0\.0\.1:\d+"\} [1-9]', text)
+        assert re.search(r'sftpauth_ldap_server_up\{method="ldap",server="127\.0\.0\.1:\d+"\} 1\.0', text)
+    finally:
+        ftp.quit()
+
+
+def test_metrics_need_a_session(client):
+    """/metrics is refused without a session (metrics_require_login defaults to yes)."""
+    status, _, _ = client.request("GET", "/metrics")
+    assert status == 401
+
+
+def test_header_preauthentication_from_an_untrusted_address_is_ignored(client, manager):
+    """preauth-username from 127.0.0.1 (no trusted proxy configured) opens nothing and is audited."""
+    status, _, _ = client.request("GET", "/api/v1/session", headers={"preauth-username": "mallory"})
+    assert status == 401
+    event = manager.server.wait_for_audit(lambda entry: entry.get("username") == "mallory")
+    assert event["reason"] == "preauth-disabled" and event["outcome"] == "failure"
+
+
+def test_logout_ends_the_api_session(client):
+    """POST /api/v1/logout with the token ends the session."""
+    client.login("admin", ADMIN_PASSWORD)
+    assert client.get_json("/api/v1/session")[0] == 200
+    status, body = client.post_json("/api/v1/logout", {})
+    assert status == 200 and body == {"logged_out": True}
+    assert client.get_json("/api/v1/session")[0] == 401
+
+
+def test_server_log_has_no_errors_and_no_passwords(manager):
+    """After every request above, the twistd log has no traceback and no password."""
+    log = manager.server.log_path.read_text(errors="replace")
+    assert "Traceback" not in log and "Unhandled" not in log
+    for secret in (ADMIN_PASSWORD, AUDITOR_PASSWORD, "alice-pass", "carol-pass"):
+        assert secret not in log
+    audit = (manager.folder / "audit.jsonl").read_text()
+    for secret in (ADMIN_PASSWORD, AUDITOR_PASSWORD, "alice-pass", "carol-pass"):
+        assert secret not in audit

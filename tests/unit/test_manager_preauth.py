@@ -1,0 +1,148 @@
+"""Header pre-authentication: honoured only from trusted proxies, {base64} values, audited refusals."""
+
+from __future__ import annotations
+
+import base64
+
+import pytest
+from manager_harness import ManagerHarness
+
+from sftpauth.manager import preauth
+
+TRUSTING = """
+header_authentication = yes
+trusted_proxies = 10.0.0.0/24, ::1
+header_authentication_role = auditors
+"""
+
+
+@pytest.fixture
+def manager(tmp_path, make_hash):
+    """A Web Manager trusting 10.0.0.0/24 and ::1 for pre-authentication (role auditors)."""
+    made = []
+
+    def make(options: str = TRUSTING) -> ManagerHarness:
+        harness = ManagerHarness(tmp_path / f"m{len(made)}", make_hash, manager_options=options)
+        made.append(harness)
+        return harness
+
+    yield make
+    for harness in made:
+        harness.close()
+
+
+def b64(text: str) -> str:
+    return "{base64}" + base64.b64encode(text.encode("utf-8")).decode("ascii")
+
+
+def test_trusted_proxy_opens_a_session_with_the_configured_role(manager):
+    """preauth-username from a trusted proxy opens a session with header_authentication_role."""
+    m = manager()
+    page = m.get("/", peer="10.0.0.7", headers={"preauth-username": "jdoe", "preauth-provider": "cas"})
+    assert page.status == 200
+    assert "jdoe" in page.text
+    cookie = page.cookie("__Host-sftpauth-session")
+    assert cookie and "Secure" in cookie and "HttpOnly" in cookie
+    session = m.get("/api/v1/session", peer="10.0.0.7", headers={"preauth-username": "jdoe"}).json()
+    assert session["roles"] == ["auditors"] and session["can_act"] is False
+    assert session["method"] == "header-authentication"
+    event = m.events()[-1]
+    assert (event["username"], event["outcome"], event["method"]) == ("jdoe", "success", "header-authentication")
+    assert "cas" in event["detail"]
+    assert len(m.events("session-start")) == 1  # the second request reused the session
+
+
+def test_ipv6_trusted_proxy(manager):
+    """An IPv6 address listed in trusted_proxies is trusted too."""
+    m = manager()
+    assert m.get("/", peer="::1", headers={"preauth-username": "v6user"}).status == 200
+
+
+def test_untrusted_address_headers_are_ignored_and_audited(manager):
+    """From an address outside trusted_proxies the headers do nothing, and the attempt is audited."""
+    m = manager()
+    page = m.get("/", peer="10.0.1.7", headers={"preauth-username": "mallory"})
+    assert page.status == 303
+    assert page.header("location").startswith("/login")
+    assert page.cookie("__Host-sftpauth-session") is None
+    event = m.events()[-1]
+    assert (event["username"], event["outcome"], event["reason"]) == ("mallory", "failure", "preauth-untrusted")
+    assert event["peer"] == "10.0.1.7"
+    assert m.events("session-start") == []
+
+
+def test_headers_ignored_when_header_authentication_is_off(manager):
+    """With header_authentication = no even a listed address cannot pre-authenticate."""
+    m = manager("trusted_proxies = 10.0.0.0/24")
+    page = m.get("/", peer="10.0.0.7", headers={"preauth-username": "jdoe"})
+    assert page.status == 303
+    assert m.events()[-1]["reason"] == "preauth-disabled"
+
+
+def test_untrusted_headers_do_not_change_a_password_session(manager):
+    """A logged-in administrator stays who they are when an untrusted client adds preauth headers."""
+    m = manager()
+    m.login()
+    session = m.get("/api/v1/session", peer="127.0.0.1", headers={"preauth-username": "root"}).json()
+    assert session["username"] == "admin"
+
+
+def test_base64_values_are_decoded_as_utf8(manager):
+    """{base64} values are decoded as UTF-8: names with non-ASCII letters arrive intact."""
+    m = manager()
+    headers = {
+        "preauth-username": b64("jürgen"),
+        "preauth-firstname": b64("Jürgen"),
+        "preauth-lastname": "Muller",
+        "preauth-email": "j@example.com",
+    }
+    session = m.get("/api/v1/session", peer="10.0.0.2", headers=headers).json()
+    assert session["username"] == "jürgen"
+    assert session["full_name"] == "Jürgen Muller"
+
+
+def test_invalid_base64_is_refused_and_audited(manager):
+    """A {base64} value that is not base64 (or not UTF-8) is a 400, audited, with no session."""
+    m = manager()
+    result = m.get("/", peer="10.0.0.2", headers={"preauth-username": "{base64}***"})
+    assert result.status == 400
+    assert result.cookie("__Host-sftpauth-session") is None
+    assert m.events()[-1]["reason"] == "preauth-invalid"
+    not_utf8 = "{base64}" + base64.b64encode(b"\xff\xfe").decode()
+    assert m.get("/", peer="10.0.0.2", headers={"preauth-username": not_utf8}).status == 400
+
+
+def test_another_preauth_username_replaces_the_session(manager):
+    """When the proxy sends another username, the old session ends and a new one starts."""
+    m = manager()
+    m.get("/", peer="10.0.0.2", headers={"preauth-username": "first"})
+    session = m.get("/api/v1/session", peer="10.0.0.2", headers={"preauth-username": "second"}).json()
+    assert session["username"] == "second"
+    ends = m.events("session-end")
+    assert [(end["username"], end["reason"]) for end in ends] == [("first", "replaced")]
+
+
+def test_preauth_session_still_needs_csrf_for_posts(manager):
+    """A pre-authenticated session follows the same CSRF rule on POST."""
+    m = manager(TRUSTING.replace("auditors", "DEFAULT-ROLE"))
+    headers = {"preauth-username": "jdoe"}
+    assert m.post_form("/test-login", {"username": "a", "password": "b"}, peer="10.0.0.2", headers=headers).status == 403
+    token = m.get("/api/v1/session", peer="10.0.0.2", headers=headers).json()["csrf_token"]
+    page = m.post_form("/test-login", {"csrf_token": token, "username": "a", "password": "b"}, peer="10.0.0.2", headers=headers)
+    assert page.status == 200
+
+
+@pytest.mark.parametrize(
+    "raw, expected",
+    [(b"plain", "plain"), (b"{base64}w6ll", "\u00e9e"), (b"{BASE64}YWJj", "abc"), (b"  spaced  ", "spaced")],
+)
+def test_decode_value(raw, expected):
+    """Plain values are UTF-8 text; {base64} (any case) is decoded; spaces around are removed."""
+    assert preauth.decode_value(raw, "preauth-username") == expected
+
+
+@pytest.mark.parametrize("raw", [b"{base64}!!", b"\xff", b"{base64}" + base64.b64encode(b"a\x01b"), b"x" * 300])
+def test_decode_value_refuses_bad_values(raw):
+    """Bad base64, non-UTF-8, control characters and oversized values are refused."""
+    with pytest.raises(preauth.InvalidPreAuthentication):
+        preauth.decode_value(raw, "preauth-username")

@@ -1,0 +1,498 @@
+"""The Web Manager's rules over real twisted.web requests: login, cookies, CSRF, roles, expiry, API."""
+
+from __future__ import annotations
+
+import pytest
+
+from sftpauth.account import Account
+from sftpauth.auth.errors import LoginFailed, UnknownUser
+from sftpauth.auth.ldap.verify import Check, MethodReport
+
+from manager_harness import ManagerHarness
+
+LDAP_METHOD = """
+[authentications/ldap]
+type = ldap
+address = 127.0.0.1
+bind_dn = ou=people,dc=example,dc=com
+manager_search_filter = (objectClass=person)
+"""
+
+
+class RolesMethod:
+    """Stands in for an LDAP method: knows one manager account with the given roles."""
+
+    def __init__(self, method_id: str, username: str, password: str, roles: tuple[str, ...]):
+        self.id = method_id
+        self.username, self.password, self.roles = username, password, roles
+        self.requests = []
+
+    async def authenticate(self, request):
+        self.requests.append(request)
+        if request.username != self.username:
+            raise UnknownUser("not here")
+        if request.password != self.password:
+            raise LoginFailed("invalid-password", "wrong password")
+        if not request.manager:
+            raise LoginFailed("filter-mismatch", "file transfer")
+        return Account(request.username, self.id, "", frozenset(), (), email="l@example.com", full_name="L Dap", roles=self.roles)
+
+
+@pytest.fixture
+def manager(tmp_path, make_hash):
+    """A Web Manager with admin (full), auditor (read-only) and an FTP account."""
+    made = []
+
+    def make(**options) -> ManagerHarness:
+        harness = ManagerHarness(tmp_path / f"m{len(made)}", make_hash, **options)
+        made.append(harness)
+        return harness
+
+    yield make
+    for harness in made:
+        harness.close()
+
+
+def test_pages_need_a_session_and_redirect_to_login(manager):
+    """Without a session the dashboard redirects to /login?next=..., the API answers 401 JSON."""
+    m = manager()
+    page = m.get("/events?username=x")
+    assert page.status == 303
+    assert page.header("location") == "/login?next=%2Fevents"
+    api = m.get("/api/v1/authentications")
+    assert api.status == 401
+    assert api.json() == {"error": "login required"}
+
+
+def test_local_administrator_logs_in_with_secure_cookie(manager):
+    """A good password opens a session whose cookie is Secure, HttpOnly, SameSite=Strict and random."""
+    m = manager()
+    result = m.login()
+    assert result.status == 303
+    assert result.header("location") == "/"
+    cookie = result.cookie("__Host-sftpauth-session")
+    assert cookie is not None
+    parts = [part.strip().lower() for part in cookie.split(";")]
+    assert {"secure", "httponly", "samesite=strict", "path=/"} <= set(parts)
+    assert len(cookie.split(";")[0].split("=", 1)[1]) >= 43  # 256 random bits
+    dashboard = m.get("/")
+    assert dashboard.status == 200
+    assert "Dashboard" in dashboard.text and "admin" in dashboard.text
+    event = m.events()[-1]
+    assert event["username"] == "admin" and event["outcome"] == "success" and event["protocol"] == "manager"
+    assert event["method"] == "DEFAULT-AUTHENTICATION"
+    start = m.events("session-start")[-1]
+    assert start["service"] == "manager" and start["roles"] == ["DEFAULT-ROLE"]
+
+
+def test_session_ids_differ_for_each_login(manager):
+    """Two logins get two different session IDs (no fixation, no predictable ID)."""
+    m = manager()
+    first = m.login().cookie("__Host-sftpauth-session")
+    m.cookies.clear()
+    second = m.login().cookie("__Host-sftpauth-session")
+    assert first.split(";")[0] != second.split(";")[0]
+
+
+def test_wrong_password_is_refused_with_one_audited_failure(manager):
+    """A wrong password renders the login page with a generic message and audits the reason."""
+    m = manager()
+    result = m.login("admin", "nope")
+    assert result.status == 401
+    assert "Login failed" in result.text
+    assert "invalid-password" not in result.text
+    assert result.cookie("__Host-sftpauth-session") is None
+    event = m.events()[-1]
+    assert (event["username"], event["outcome"], event["reason"]) == ("admin", "failure", "invalid-password")
+    assert "nope" not in (m.folder / "audit.jsonl").read_text()
+
+
+def test_file_transfer_account_cannot_log_into_the_manager(manager):
+    """An [accounts/..] password is not a Web Manager login."""
+    m = manager()
+    assert m.login("ftpuser", "ftp-pass").status == 401
+    assert m.events()[-1]["reason"] == "unknown-user"
+
+
+def test_administrator_password_never_opens_file_transfer(manager, result_of):
+    """The application method sends non-manager logins to the accounts only: admins are unknown there."""
+    from sftpauth.auth.credentials import LoginRequest
+
+    m = manager()
+    request = LoginRequest("admin", "admin-pass", "ftp", "ftp", "10.0.0.1")
+    with pytest.raises(LoginFailed) as caught:
+        result_of(m.chain.requestAvatarId(request))
+    assert caught.value.reason == "unknown-user"
+
+
+def test_login_form_without_its_csrf_token_is_refused(manager):
+    """POST /login needs the token of the login cookie (double submit); a missing one is refused."""
+    m = manager()
+    m.get("/login")
+    result = m.post_form("/login", {"username": "admin", "password": "admin-pass"})
+    assert result.status == 403
+    assert result.cookie("__Host-sftpauth-session") is None
+    forged = m.post_form("/login", {"csrf_token": "forged", "username": "admin", "password": "admin-pass"})
+    assert forged.status == 403
+    assert m.events() == []  # never reached the chain
+
+
+def test_every_post_needs_the_session_csrf_token(manager):
+    """Logout, test-login and verify refuse a POST without the session's token (form field or header)."""
+    m = manager()
+    m.login()
+    for path in ("/logout", "/test-login", "/authentications/x/verify_connection"):
+        assert m.post_form(path, {"username": "u", "password": "p"}).status == 403, path
+        assert m.post_form(path, {"csrf_token": "wrong"}).status == 403, path
+    assert m.get("/").status == 200  # still logged in
+    api = m.post_json("/api/v1/test_login", {"username": "u", "password": "p"})
+    assert api.status == 403
+    assert "CSRF" in api.json()["error"]
+
+
+def test_logout_ends_the_session(manager):
+    """POST /logout with the token ends the session server-side and expires the cookie."""
+    m = manager()
+    m.login()
+    cookie = dict(m.cookies)
+    token = m.csrf_token()
+    result = m.post_form("/logout", {"csrf_token": token})
+    assert result.status == 303
+    expired = result.cookie("__Host-sftpauth-session")
+    assert "Max-Age=0" in expired
+    m.cookies = cookie  # a stolen copy of the old cookie no longer works
+    assert m.get("/").status == 303
+    end = m.events("session-end")[-1]
+    assert end["reason"] == "logout" and end["username"] == "admin"
+
+
+def test_idle_session_expires_with_the_clock(manager):
+    """A session unused for session_idle_timeout ends; using it before then keeps it alive."""
+    m = manager(manager_options="session_idle_timeout = 600")
+    m.login()
+    m.clock.advance(599)
+    assert m.get("/").status == 200
+    m.clock.advance(599)
+    assert m.get("/").status == 200
+    m.clock.advance(600)
+    page = m.get("/")
+    assert page.status == 303
+    login = m.get("/login")
+    assert "Your session has ended" in login.text
+    assert m.events("session-end")[-1]["reason"] == "idle-timeout"
+
+
+def test_sweep_ends_idle_sessions_without_a_request(manager):
+    """The periodic sweep records session-end for idle sessions, keeping the open-session gauge right."""
+    m = manager(manager_options="session_idle_timeout = 60")
+    m.login()
+    assert len(m.sessions) == 1
+    m.clock.advance(61)
+    assert m.sessions.expire_idle() == 1
+    assert len(m.sessions) == 0
+    assert 'sftpauth_open_sessions{service="manager"} 0.0' in m.metrics.render().decode()
+
+
+def test_security_headers_and_no_store(manager):
+    """Pages carry CSP, X-Frame-Options, nosniff and no-store; the CSS may be cached."""
+    m = manager()
+    m.login()
+    page = m.get("/")
+    assert "default-src 'none'" in page.header("content-security-policy")
+    assert "frame-ancestors 'none'" in page.header("content-security-policy")
+    assert "script-src" not in page.header("content-security-policy")
+    assert page.header("x-frame-options") == "DENY"
+    assert page.header("x-content-type-options") == "nosniff"
+    assert page.header("cache-control") == "no-store"
+    assert page.header("server") == "sftpauth"
+    css = m.get("/static/manager.css")
+    assert css.status == 200 and css.header("content-type").startswith("text/css")
+    assert css.header("cache-control") != "no-store"
+    assert m.get("/static/..%2Fweb.py").status == 404
+    assert m.get("/static/missing.css").status == 404
+
+
+def test_read_only_role_sees_pages_but_cannot_act(manager):
+    """permissions = configuration, read: pages open, actions answer 403 and buttons are disabled."""
+    m = manager(verify=_never_verify)
+    m.login("auditor", "auditor-pass")
+    page = m.get("/test-login")
+    assert page.status == 200
+    assert "read-only" in page.text
+    assert 'id="tl-run" disabled' in page.text
+    token = m.csrf_token()
+    result = m.post_form("/test-login", {"csrf_token": token, "username": "admin", "password": "admin-pass"})
+    assert result.status == 403
+    api = m.post_json("/api/v1/test_login", {"username": "a", "password": "b"}, headers={"X-CSRF-Token": token})
+    assert api.status == 403
+    assert m.get("/api/v1/session").json()["can_act"] is False
+    assert m.get("/events").status == 200
+    assert [event["username"] for event in m.events()] == ["auditor"]  # no test login ran
+
+
+def _never_verify(settings, reactor):
+    raise AssertionError("a read-only role must not reach verify")
+
+
+def test_ldap_administrator_gets_mapped_roles(manager):
+    """An LDAP manager login's roles (roles_mapping) decide what the session may do."""
+    method = RolesMethod("ldap", "lisa", "lisa-pass", ("auditors",))
+    m = manager(extra=LDAP_METHOD, methods={"ldap": method}, manager_options="authentications = DEFAULT-AUTHENTICATION, ldap")
+    assert m.login("lisa", "lisa-pass").status == 303
+    session = m.get("/api/v1/session").json()
+    assert session["roles"] == ["auditors"] and session["can_act"] is False
+    assert session["full_name"] == "L Dap"
+    assert method.requests[-1].manager is True
+    assert method.requests[-1].protocol == "manager"
+
+
+def test_ldap_administrator_without_roles_gets_default_role(manager):
+    """No role from LDAP means DEFAULT-ROLE, with full permissions."""
+    method = RolesMethod("ldap", "lisa", "lisa-pass", ())
+    m = manager(extra=LDAP_METHOD, methods={"ldap": method}, manager_options="authentications = DEFAULT-AUTHENTICATION, ldap")
+    m.login("lisa", "lisa-pass")
+    session = m.get("/api/v1/session").json()
+    assert session["roles"] == ["DEFAULT-ROLE"] and session["can_act"] is True
+
+
+def test_next_parameter_cannot_redirect_elsewhere(manager):
+    """After login only local paths are followed: //evil.example and https:// go to /."""
+    m = manager()
+    for target, expected in (("//evil.example/x", "/"), ("https://evil.example/", "/"), ("/events?outcome=failure", "/events?outcome=failure")):
+        m.cookies.clear()
+        page = m.get("/login?" + __import__("urllib.parse").parse.urlencode({"next": target}))
+        result = m.post_form(
+            "/login", {"csrf_token": page.form_value("csrf_token"), "username": "admin", "password": "admin-pass", "next": page.form_value("next")}
+        )
+        assert result.header("location") == expected
+
+
+def test_pages_escape_what_users_typed(manager):
+    """A username with HTML is shown escaped on the test-login and events pages."""
+    m = manager()
+    m.login()
+    token = m.csrf_token()
+    evil = "<script>alert(1)</script>"
+    page = m.post_form("/test-login", {"csrf_token": token, "username": evil, "password": "x"})
+    assert page.status == 200
+    assert evil not in page.text
+    assert "&lt;script&gt;" in page.text
+    events = m.get("/events?kind=all")
+    assert evil not in events.text
+
+
+def test_test_login_page_explains_each_step_without_the_password(manager):
+    """The test-login page shows the trace and the result lines of sftpauth test-login; never the password."""
+    m = manager()
+    m.login()
+    token = m.csrf_token()
+    page = m.post_form(
+        "/test-login", {"csrf_token": token, "username": "admin", "password": "admin-pass", "manager": "on"}
+    )
+    assert page.status == 200
+    assert "ACCEPTED" in page.text
+    assert "found [administrators/admin]" in page.text
+    assert "password hash matched" in page.text
+    assert "result: ACCEPTED by DEFAULT-AUTHENTICATION as &#39;admin&#39;" in page.text
+    assert "admin-pass" not in page.text
+    refused = m.post_form("/test-login", {"csrf_token": token, "username": "ftpuser", "password": "bad"})
+    assert "REJECTED" in refused.text and "invalid-password" in refused.text
+    action = m.events("manager-action")[-1]
+    assert action["action"] == "test-login" and action["target"] == "ftpuser" and action["username"] == "admin"
+    assert "bad" not in [value for event in m.events("manager-action") for value in event.values()]
+
+
+def test_api_login_session_and_test_login(manager):
+    """The JSON API: login returns the CSRF token, test_login needs it in X-CSRF-Token."""
+    m = manager()
+    login = m.post_json("/api/v1/login", {"username": "admin", "password": "admin-pass"})
+    assert login.status == 200
+    token = login.json()["csrf_token"]
+    assert login.cookie("__Host-sftpauth-session")
+    outcome = m.post_json(
+        "/api/v1/test_login", {"username": "ftpuser", "password": "ftp-pass"}, headers={"X-CSRF-Token": token}
+    )
+    assert outcome.status == 200
+    body = outcome.json()
+    assert body["accepted"] is True
+    assert body["account"]["groups"] == ["DEFAULT_GROUP"]
+    assert [step["action"] for step in body["steps"]][:2] == ["try", "lookup"]
+    assert "ftp-pass" not in outcome.text
+
+
+def test_api_login_needs_json(manager):
+    """POST /api/v1/login as a form (what a cross-site page can send) is refused with 415."""
+    m = manager()
+    result = m.post_form("/api/v1/login", {"username": "admin", "password": "admin-pass"})
+    assert result.status == 415
+    assert result.cookie("__Host-sftpauth-session") is None
+
+
+def test_api_login_failure_is_generic(manager):
+    """A failed API login says only "login failed"."""
+    m = manager()
+    result = m.post_json("/api/v1/login", {"username": "admin", "password": "bad"})
+    assert result.status == 401 and result.json() == {"error": "login failed"}
+
+
+def test_api_events_filter_by_username_and_outcome(manager):
+    """GET /api/v1/events filters authentication events by username and outcome, newest first."""
+    m = manager()
+    m.login("admin", "wrong")
+    m.login("auditor", "auditor-pass")
+    m.cookies.clear()
+    m.login()
+    failures = m.get("/api/v1/events?outcome=failure").json()["events"]
+    assert [(event["username"], event["reason"]) for event in failures] == [("admin", "invalid-password")]
+    audited = m.get("/api/v1/events?username=AUDIT").json()["events"]
+    assert [event["username"] for event in audited] == ["auditor"]
+    everything = m.get("/api/v1/events").json()["events"]
+    assert [event["username"] for event in everything] == ["admin", "auditor", "admin"]
+    assert m.get("/api/v1/events?outcome=maybe").status == 400
+    page = m.get("/events?username=auditor&outcome=success")
+    assert page.text.count('<tr class="event">') == 1
+
+
+def test_events_without_an_audit_file_come_from_memory(manager):
+    """With no [server] audit_log the events page shows what happened since start-up."""
+    m = manager(audit_file=False)
+    m.login("admin", "wrong")
+    m.login()
+    events = m.get("/api/v1/events").json()["events"]
+    assert [event["outcome"] for event in events] == ["success", "failure"]
+
+
+def test_verify_connection_runs_the_verify_engine(manager):
+    """POST verify_connection runs the verify-ldap engine for that method and renders its checks."""
+    calls = []
+
+    async def verify(settings, reactor):
+        calls.append(settings.id)
+        return MethodReport(
+            settings.id, f"[authentications/{settings.id}]",
+            (Check("127.0.0.1:389", "tcp", "ok", "connected"), Check("127.0.0.1:389", "bind", "FAIL", "bad", "hint text")),
+        )
+
+    m = manager(extra=LDAP_METHOD, verify=verify)
+    m.login()
+    token = m.csrf_token()
+    page = m.post_form("/authentications/ldap/verify_connection", {"csrf_token": token})
+    assert page.status == 200
+    assert "1 failed" in page.text and "hint text" in page.text
+    api = m.post_json("/api/v1/authentications/ldap/verify_connection", {}, headers={"X-CSRF-Token": token})
+    assert api.json()["failures"] == 1
+    assert api.json()["checks"][1]["hint"] == "hint text"
+    assert calls == ["ldap", "ldap"]
+    missing = m.post_json("/api/v1/authentications/nope/verify_connection", {}, headers={"X-CSRF-Token": token})
+    assert missing.status == 404
+    action = m.events("manager-action")[-1]
+    assert action["action"] == "verify-connection" and action["outcome"] == "failure"
+
+
+def test_api_authentications_lists_methods(manager):
+    """GET /api/v1/authentications lists every method, LDAP ones with their servers."""
+    m = manager(extra=LDAP_METHOD)
+    m.login()
+    methods = {item["id"]: item for item in m.get("/api/v1/authentications").json()["authentications"]}
+    assert methods["DEFAULT-AUTHENTICATION"]["type"] == "application"
+    assert methods["ldap"]["type"] == "ldap"
+
+
+def test_health_is_public_json(manager):
+    """/health answers without a session: version and service states."""
+    m = manager()
+    health = m.get("/health")
+    assert health.status == 200
+    body = health.json()
+    assert body["status"] == "ok"
+    assert body["services"]["manager"]["state"] == "running"
+    assert "version" in body
+
+
+def test_metrics_need_login_unless_configured(manager):
+    """/metrics is 401 without a session by default, open with metrics_require_login = no."""
+    m = manager()
+    assert m.get("/metrics").status == 401
+    m.login()
+    metrics = m.get("/metrics")
+    assert metrics.status == 200
+    assert metrics.header("content-type").startswith("text/plain")
+    assert 'sftpauth_login_attempts_total{method="DEFAULT-AUTHENTICATION",outcome="success",service="manager"} 1.0' in metrics.text
+    assert 'sftpauth_open_sessions{service="manager"} 1.0' in metrics.text
+    assert "sftpauth_bans_in_force 0.0" in metrics.text
+    open_metrics = manager(manager_options="metrics_require_login = no")
+    assert open_metrics.get("/metrics").status == 200
+
+
+def test_unknown_path_and_method(manager):
+    """Unknown paths are 404; a known path with another method is 405 with Allow."""
+    m = manager()
+    assert m.get("/nope").status == 404
+    result = m.request("DELETE", "/login")
+    assert result.status == 405
+    assert "GET" in result.header("allow")
+
+
+def test_oversized_and_malformed_bodies_are_refused(manager):
+    """A body over 64 KiB is 413, a non-UTF-8 body 400, a JSON array 400."""
+    m = manager()
+    assert m.request("POST", "/login", b"a=" + b"x" * 70000, content_type="application/x-www-form-urlencoded").status == 413
+    assert m.request("POST", "/login", b"a=\xff\xfe", content_type="application/x-www-form-urlencoded").status == 400
+    assert m.request("POST", "/api/v1/login", b"[1]", content_type="application/json").status == 400
+
+
+def test_ldap_administrator_with_totp_types_password_and_code(manager):
+    """When the LDAP method has the TOTP extension, a Web Manager login needs the code too, once."""
+    import pyotp
+    from twisted.internet import task
+
+    from ldap_fake import PEOPLE, FakeDirectory, configuration, make_method
+
+    secret = "JBSWY3DPEHPK3PXPJBSWY3DPEHPK3PXP"
+    uri = f"otpauth://totp/Srv:alice?secret={secret}&issuer=Srv"
+    clock = task.Clock()
+    clock.advance(56_666_667 * 30 + 10)
+    directory = FakeDirectory(clock)
+    directory.add(f"uid=alice,{PEOPLE}", "alice-pass", uid="alice", totpSharedSecret=uri)
+    directory.hidden_from_owner = {"totpsharedsecret"}
+    method = make_method(directory, configuration())
+    section = LDAP_METHOD.replace("[authentications/ldap]", "[authentications/directory]")
+    m = manager(extra=section, methods={"directory": method}, manager_options="authentications = DEFAULT-AUTHENTICATION, directory")
+    code = pyotp.parse_uri(uri).generate_otp(56_666_667)
+    assert m.login("alice", "alice-pass").status == 401
+    assert m.events()[-1]["reason"].startswith("totp-")
+    assert m.login("alice", "alice-pass" + code).status == 303
+    assert m.get("/api/v1/session").json()["username"] == "alice"
+    m.cookies.clear()
+    assert m.login("alice", "alice-pass" + code).status == 401
+    assert m.events()[-1]["reason"] == "totp-replayed"
+    assert code not in (m.folder / "audit.jsonl").read_text()
+
+
+def test_health_reports_failing_and_degraded_states():
+    """A stopped service makes /health "failing" (503); an LDAP method with every server down "degraded"."""
+    from sftpauth.auth.ldap.client import DOWN, ServerAddress, ServerState
+    from sftpauth.config.loader import parse_configuration
+    from sftpauth.manager.views import health_report
+
+    class Pool:
+        def states(self):
+            return (ServerState(ServerAddress("ldap1", 389), DOWN, 1.0, "connection refused", None, 1.0, None),)
+
+    configuration = parse_configuration("[services/web]\ntype = manager\nport = 8443\n", "/x.ini", "/", {})
+    assert health_report(configuration, {}, {"web": "stopped"})["status"] == "failing"
+    degraded = health_report(configuration, {"ldap": Pool()}, {"web": "running"})
+    assert degraded["status"] == "degraded"
+    assert degraded["ldap"]["ldap"] == {"servers": [{"address": "ldap1:389", "status": "down", "latency_ms": None}], "up": 0, "total": 1}
+    assert "connection refused" not in str(degraded)
+
+
+def test_head_and_services_api(manager):
+    """HEAD /health answers headers only; GET /api/v1/services lists address, port and state."""
+    m = manager()
+    head = m.request("HEAD", "/health")
+    assert head.status == 200 and head.body == b""
+    m.login()
+    (service,) = m.get("/api/v1/services").json()["services"]
+    assert (service["id"], service["type"], service["port"], service["state"]) == ("manager", "manager", 10443, "running")
+    assert service["authentications"] == ["DEFAULT-AUTHENTICATION"]
