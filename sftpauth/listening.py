@@ -1,21 +1,137 @@
-"""Listening sockets of the services: address, port and connection limit."""
+"""Listening sockets of the services: address and port, and what every connection passes first.
+
+Each accepted connection goes through :class:`ConnectionGuard` before the
+service's protocol (FTP, SSH, HTTPS) sees a byte of it or sends one:
+
+1. ``maximum_concurrent_connections``: over the limit, the connection is
+   closed at once;
+2. ``proxy_protocol = yes``: the connection must start with an HAProxy PROXY
+   header (v1 text or v2 binary, read with Twisted's parsers from
+   ``twisted.protocols.haproxy``), within :data:`PROXY_HEADER_TIMEOUT`
+   seconds; from then on ``getPeer()`` is the client's address the header
+   gives, so bans, filters, the audit log and the protocols all see the real
+   client. Anything else (no header, a malformed one) closes the
+   connection. ``getHost()`` stays this server's own address: it is where
+   FTP listens for passive data connections. Without the option, a
+   connection starting with a PROXY header is a protocol error: it is
+   closed, and the log says that the service does not expect one;
+3. the service's security policy (:mod:`sftpauth.auth.policy`):
+   ``source_ip_filter``, then bans. With Redis the ban check is a round trip:
+   the connection is accepted, reading is paused, and the protocol starts
+   once the policy answered (bans this node already knows are answered at
+   once, without Redis). A refused connection gets a short, constant line
+   (FTP ``421 Connection refused.``, SSH ``Connection refused.``; nothing on
+   TLS-first services) and is closed; the policy audits it.
+
+Twisted's own ``proxyEndpoint`` wrapper starts the wrapped protocol before
+the header has arrived (the FTP banner goes out, and a refusal could only
+come after the client's first command) and closes the connection when the
+first read holds less than 16 bytes; reading the header here, before the
+protocol starts, avoids both.
+"""
 
 from __future__ import annotations
 
 import ipaddress
+from typing import Any, Optional
 
 from twisted.application.internet import StreamServerEndpointService
+from twisted.internet import defer
 from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
 from twisted.internet.interfaces import IProtocolFactory
+from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
+from twisted.protocols.haproxy._exceptions import InvalidProxyHeader
+from twisted.protocols.haproxy._v1parser import V1Parser
+from twisted.protocols.haproxy._v2parser import V2Parser
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
+from twisted.python.failure import Failure
+from zope.interface import directlyProvides, providedBy
 
 from sftpauth.config.models import ServiceSettings
 
 _log = Logger()
 
+PROXY_HEADER_TIMEOUT = 10.0  # seconds for the PROXY header to arrive
+MAX_EARLY_BYTES = 65536  # bytes a client may send while the policy decides
+PROBLEM_LOG_INTERVAL = 10.0  # seconds between two log lines about bad PROXY headers of one service
 
-class _CountedProtocol(ProtocolWrapper):
+# What a refused connection is told: constant, whatever the reason.
+REFUSAL_LINES = {
+    "ftp": b"421 Connection refused.\r\n",
+    "ssh": b"Connection refused.\r\n",  # RFC 4253 4.2: lines before the version string are allowed
+    "sftp": b"Connection refused.\r\n",
+}
+
+
+class InvalidHeader(Exception):
+    """The connection does not start with a valid PROXY header."""
+
+
+class ProxyHeaderReader:
+    """Reads one PROXY header (v1 or v2) from bytes split in any way; Twisted's parsers do the parsing."""
+
+    def __init__(self) -> None:
+        self._start = b""
+        self._parser: Any = None
+
+    def feed(self, data: bytes) -> tuple[Any, bytes]:
+        """(ProxyInfo, bytes after the header) once complete, (None, b"") before; raises InvalidHeader."""
+        if self._parser is None:
+            data = self._start + data
+            self._start = b""
+            signature = V2Parser.PREFIX
+            if data[: len(signature)] == signature[: len(data)] and len(data) < 16:
+                self._start = data  # possibly v2: wait for its 16-byte start
+                return None, b""
+            if data[: len(signature)] == signature:
+                if data[12] & 0xF0 != 0x20:
+                    raise InvalidHeader("PROXY v2 header with an unknown version")
+                self._parser = V2Parser()
+            elif data[:5] == V1Parser.PROXYSTR:
+                self._parser = V1Parser()
+            elif V1Parser.PROXYSTR.startswith(data):
+                self._start = data
+                return None, b""
+            else:
+                raise InvalidHeader("no PROXY header")
+        try:
+            info, remaining = self._parser.feed(data)
+        except InvalidProxyHeader as error:
+            raise InvalidHeader(f"malformed PROXY header ({type(error).__name__})") from None
+        except (ValueError, UnicodeDecodeError, IndexError) as error:  # Twisted's v1 parser lets some through
+            raise InvalidHeader(f"malformed PROXY header ({type(error).__name__})") from None
+        if info is None:
+            return None, b""
+        if info.source is not None:
+            try:
+                ipaddress.ip_address(info.source.host)
+            except ValueError:
+                raise InvalidHeader("the PROXY header's source is not an IP address") from None
+        return info, remaining or b""
+
+
+class ConnectionGuard(ProtocolWrapper):
+    """Stands between one TCP connection and the service's protocol until the connection is admitted."""
+
+    HEADER, CHECKING, OPEN, REFUSED, CLOSED = "header", "checking", "open", "refused", "closed"
+
+    def __init__(self, factory: "ConnectionGuardFactory", wrappedProtocol):
+        super().__init__(factory, wrappedProtocol)
+        self.state = self.CHECKING
+        self.proxy_info: Any = None
+        self._counted = False
+        self._paused = False
+        self._early: list[bytes] = []
+        self._early_size = 0
+        self._header: Optional[ProxyHeaderReader] = None
+        self._header_timer: Any = None
+        self._first_bytes = True  # a PROXY header where none is expected is refused
+
+    def makeConnection(self, transport) -> None:
+        directlyProvides(self, providedBy(transport))
+        Protocol.makeConnection(self, transport)  # the wrapped protocol starts once admitted
+
     def connectionMade(self) -> None:
         factory = self.factory
         if factory.open_connections >= factory.limit:
@@ -26,31 +142,183 @@ class _CountedProtocol(ProtocolWrapper):
                 peer=self.transport.getPeer().host,
                 limit=factory.limit,
             )
+            self.state = self.REFUSED
             self.transport.loseConnection()
             return
         factory.open_connections += 1
         self._counted = True
-        super().connectionMade()
+        factory.registerProtocol(self)
+        if factory.proxy_protocol:
+            self.state = self.HEADER
+            self._header = ProxyHeaderReader()
+            self._header_timer = factory.reactor.callLater(PROXY_HEADER_TIMEOUT, self._header_too_slow)
+            return
+        self._check_policy()
+
+    # -- PROXY header -------------------------------------------------------------------
+
+    def _read_header(self, data: bytes) -> None:
+        try:
+            info, remaining = self._header.feed(data)
+        except InvalidHeader as error:
+            self._refuse_header(str(error))
+            return
+        if info is None:
+            return
+        self._cancel_header_timer()
+        self._header = None
+        self.proxy_info = info
+        if remaining:
+            self._keep_early(remaining)
+        if self.state == self.HEADER:
+            self._check_policy()
+
+    def _header_too_slow(self) -> None:
+        self._header_timer = None
+        if self.state == self.HEADER:
+            self._refuse_header(f"no PROXY header within {PROXY_HEADER_TIMEOUT:g}s")
+
+    def _refuse_header(self, why: str) -> None:
+        self._cancel_header_timer()
+        self.state = self.REFUSED
+        self.factory.log_problem(why, self.transport.getPeer())
+        self.transport.abortConnection()
+
+    def _cancel_header_timer(self) -> None:
+        timer, self._header_timer = self._header_timer, None
+        if timer is not None and timer.active():
+            timer.cancel()
+
+    # -- admission ----------------------------------------------------------------------
+
+    def _check_policy(self) -> None:
+        self.state = self.CHECKING
+        policy = self.factory.policy
+        if policy is None:
+            self._open()
+            return
+        try:
+            decision = policy.check_connection(self.factory.service_id, self.getPeer().host)
+        except Exception:
+            decision = defer.fail()
+        if not decision.called:  # a Redis round trip: read nothing meanwhile
+            self._paused = True
+            self.transport.pauseProducing()
+        decision.addCallbacks(self._decided, self._check_failed)
+
+    def _check_failed(self, failure: Failure) -> None:
+        _log.failure("service {service}: the security policy check failed", failure, service=self.factory.service_id)
+        self._decided(None)
+
+    def _decided(self, refusal: Optional[str]) -> None:
+        if self.state != self.CHECKING:
+            return  # the client left meanwhile
+        if refusal is not None:
+            self.state = self.REFUSED
+            if self.factory.refusal_line:
+                self.transport.write(self.factory.refusal_line)
+            self.transport.loseConnection()
+            return
+        if self._paused:
+            self._paused = False
+            self.transport.resumeProducing()
+        self._open()
+
+    def _open(self) -> None:
+        self.state = self.OPEN
+        self.wrappedProtocol.makeConnection(self)
+        early, self._early = self._early, []
+        for data in early:
+            if self.state != self.OPEN:
+                break
+            self.wrappedProtocol.dataReceived(data)
+
+    def _keep_early(self, data: bytes) -> None:
+        self._early_size += len(data)
+        if self._early_size > MAX_EARLY_BYTES:
+            self.state = self.REFUSED
+            self._early = []
+            self.transport.abortConnection()
+            return
+        self._early.append(data)
+
+    # -- the wrapper --------------------------------------------------------------------
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._first_bytes and not self.factory.proxy_protocol and self.state != self.HEADER:
+            self._first_bytes = False
+            if data.startswith((b"PROXY ", V2Parser.PREFIX)):
+                self.state = self.REFUSED
+                self.factory.log_problem("it starts with a PROXY header but proxy_protocol = no", self.transport.getPeer())
+                self.transport.abortConnection()
+                return
+        if self.state == self.OPEN:
+            self.wrappedProtocol.dataReceived(data)
+        elif self.state == self.HEADER:
+            self._read_header(data)
+        elif self.state == self.CHECKING:
+            self._keep_early(data)
+        # REFUSED, CLOSED: dropped
+
+    def getPeer(self):
+        """The client: from the PROXY header when there is one (not LOCAL / UNKNOWN), else the TCP peer."""
+        if self.proxy_info is not None and self.proxy_info.source is not None:
+            return self.proxy_info.source
+        return self.transport.getPeer()
+
+    def getHost(self):
+        """This server's own address, also behind a proxy (FTP listens there for passive data)."""
+        return self.transport.getHost()
 
     def connectionLost(self, reason) -> None:
-        if getattr(self, "_counted", False):
+        self._cancel_header_timer()
+        opened = self.state == self.OPEN
+        self.state = self.CLOSED
+        self._early = []
+        if self._counted:
+            self._counted = False
             self.factory.open_connections -= 1
-            super().connectionLost(reason)
-        else:
             self.factory.unregisterProtocol(self)
+        if opened:
+            self.wrappedProtocol.connectionLost(reason)
+        self.wrappedProtocol = None
 
 
-class ConnectionLimitFactory(WrappingFactory):
-    """Refuse connections above ``maximum_concurrent_connections``."""
+class ConnectionGuardFactory(WrappingFactory):
+    """Wraps a service's factory: connection limit, PROXY header, security policy."""
 
-    protocol = _CountedProtocol
+    protocol = ConnectionGuard
+    noisy = False
 
-    def __init__(self, wrapped: IProtocolFactory, limit: int, service_id: str):
+    def __init__(self, wrapped: IProtocolFactory, settings: ServiceSettings, reactor, policy: Any = None):
         super().__init__(wrapped)
-        self.limit = limit
-        self.service_id = service_id
+        self.reactor = reactor
+        self.limit = settings.maximum_concurrent_connections
+        self.service_id = settings.id
+        self.proxy_protocol = settings.proxy_protocol
+        self.policy = policy  # sftpauth.auth.policy.SecurityPolicy or None
+        self.refusal_line = REFUSAL_LINES.get(settings.type, b"")
         self.open_connections = 0
         self.refused = 0
+        self._problems_logged_at = float("-inf")
+        self._problems_unlogged = 0
+
+    def log_problem(self, why: str, peer) -> None:
+        """A missing, bad or unexpected PROXY header: logged, at most once every PROBLEM_LOG_INTERVAL seconds (a scan stays readable)."""
+        now = self.reactor.seconds()
+        if now - self._problems_logged_at < PROBLEM_LOG_INTERVAL:
+            self._problems_unlogged += 1
+            return
+        self._problems_logged_at = now
+        more, self._problems_unlogged = self._problems_unlogged, 0
+        _log.warn(
+            "service {service}: closed a connection from {peer}: {why} (proxy_protocol = {setting}){more}",
+            service=self.service_id,
+            peer=getattr(peer, "host", "?"),
+            why=why,
+            setting="yes" if self.proxy_protocol else "no",
+            more=f"; {more} more since the last line" if more else "",
+        )
 
 
 def endpoint_for(reactor, address: str, port: int):
@@ -63,9 +331,12 @@ def endpoint_for(reactor, address: str, port: int):
     return TCP4ServerEndpoint(reactor, port, interface=address)
 
 
-def listening_service(reactor, settings: ServiceSettings, factory: IProtocolFactory) -> StreamServerEndpointService:
-    limited = ConnectionLimitFactory(factory, settings.maximum_concurrent_connections, settings.id)
-    service = StreamServerEndpointService(endpoint_for(reactor, settings.address, settings.port), limited)
+def listening_service(
+    reactor, settings: ServiceSettings, factory: IProtocolFactory, policy: Any = None
+) -> StreamServerEndpointService:
+    """``policy``: the service's SecurityPolicy (``runtime.policy_for(settings)``); None: no filter, no bans."""
+    guarded = ConnectionGuardFactory(factory, settings, reactor, policy)
+    service = StreamServerEndpointService(endpoint_for(reactor, settings.address, settings.port), guarded)
     service.setName(settings.id)
     # A port that cannot be bound must stop the process, not log and go on.
     service._raiseSynchronously = True

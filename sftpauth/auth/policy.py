@@ -1,0 +1,360 @@
+"""Security policies: source filters, bans after failed logins, denied usernames.
+
+One :class:`SecurityPolicy` per ``[security-policies/ID]`` (the implicit
+``DEFAULT-SECURITY-POLICY`` included); every service names the one it uses
+(``security_policy``) and services sharing a policy share its bans. The
+policy acts at two places:
+
+* when a connection is accepted (``sftpauth.listening``):
+  :meth:`SecurityPolicy.check_connection` refuses an address outside
+  ``source_ip_filter`` or banned, before the service's protocol sees it;
+* around every login (``sftpauth.auth.chain``):
+  :meth:`SecurityPolicy.check_before_login` refuses a filtered or banned
+  address and a denied username before any authentication method runs (no
+  LDAP traffic), and :meth:`SecurityPolicy.record` counts the outcome.
+
+``source_ip_ban_after_count`` consecutive failures of one address ban it
+for ``source_ip_ban_interval`` seconds; a success from the address resets
+its count, and a count is forgotten ``source_ip_ban_interval`` seconds after
+its last failure. ``0`` never bans. Failures that are the server's fault
+(:data:`NOT_COUNTED`) never count. The counters and bans live in the shared
+state (:mod:`sftpauth.state`): this process, or Redis for several nodes.
+
+A flood of logins from one address cannot slow the others down: at most
+:data:`MAX_LOGINS_IN_PROGRESS` logins of one address run at once in a
+process (:class:`LoginSlots`), the next ones wait their turn, and past
+:data:`MAX_LOGINS_WAITING` waiting ones an attempt is refused at once. The
+refusals a flood earns (``banned``, ``too-many-logins``) are answered
+:data:`FLOOD_REFUSAL_DELAY` late, so a client keeping its connections open
+after its ban cannot make the server answer (and audit) a thousand
+attempts a second.
+
+Audit events: ``ban`` when a ban starts (on the node whose failure started
+it), ``ban-ended`` when it ends (same node), ``connection`` for refused
+connections (at most one per service, address and reason every
+:data:`REFUSAL_AUDIT_INTERVAL` seconds, with the number of repeats), and the
+chain's ``authentication`` events with reasons ``banned``,
+``source-filtered``, ``denied-username``, ``denied-administrator`` and
+``too-many-logins``.
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import math
+import unicodedata
+from typing import Any, Mapping, Optional
+
+from twisted.internet import defer, task
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from sftpauth.audit import AuditLog
+from sftpauth.auth.credentials import LoginRequest
+from sftpauth.auth.errors import LoginFailed
+from sftpauth.config.models import DEFAULT_SECURITY_POLICY, Configuration, SecurityPolicySettings
+from sftpauth.state import BanStore, FailureCount
+
+_log = Logger()
+
+# Failures that say nothing about the client: they never count towards a ban.
+NOT_COUNTED = frozenset({"banned", "source-filtered", "service-unavailable", "internal-error", "home-folder-missing"})
+REFUSAL_AUDIT_INTERVAL = 60.0  # seconds between two audited refusals of one address on one service
+# Fairness: logins of one source address that run at once in this process, and that may wait for
+# their turn; a flood from one address then holds at most this many threads (password hashing,
+# LDAP binds) and other addresses do not queue behind it.
+MAX_LOGINS_IN_PROGRESS = 2
+MAX_LOGINS_WAITING = 32
+_MAX_REFUSALS_TRACKED = 10_000
+MAX_MATCHED_USERNAME = 256  # longer usernames are refused by the chain's input check anyway
+MAX_BAN_END_TIMERS = 100_000  # pending ban-ended events per policy; past it, ends are not audited
+# A refusal caused by the flood itself is answered this many seconds late: a client that keeps its
+# connections open and goes on sending logins after its ban gets one answer a second per connection.
+FLOOD_REFUSAL_DELAY = 1.0
+SLOWED_DOWN = frozenset({"banned", "too-many-logins"})
+
+
+def normalise_address(host: Any) -> str:
+    """The address bans and filters use: ``::ffff:1.2.3.4`` as ``1.2.3.4``, no zone; "" when not an IP."""
+    if not isinstance(host, str) or not host:
+        return ""
+    try:
+        address = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return ""
+    if address.version == 6 and address.ipv4_mapped is not None:
+        return str(address.ipv4_mapped)
+    return str(address)
+
+
+def _username_forms(username: str) -> tuple[str, ...]:
+    """The username as typed and as a directory compares it (NFKC, spaces collapsed).
+
+    LDAP matching rules ignore case, leading/trailing and repeated spaces, so
+    ``" root"`` must not get past a ``root`` rule.
+    """
+    folded = " ".join(unicodedata.normalize("NFKC", username).split())
+    return (username,) if folded == username else (username, folded)
+
+
+class SecurityPolicy:
+    """One ``[security-policies/ID]``: what it refuses, and its ban counters in the shared state."""
+
+    def __init__(self, settings: SecurityPolicySettings, bans: Optional[BanStore], audit: AuditLog, clock: IReactorTime):
+        self.settings = settings
+        self._bans = bans
+        self._audit = audit
+        self._clock = clock
+        self._ban_timers: dict[str, Any] = {}
+        self._refusals: dict[tuple[str, str, str], list[float]] = {}  # (service, address, reason) -> [last audit, repeats]
+
+    @property
+    def id(self) -> str:
+        return self.settings.id
+
+    @property
+    def bans_enabled(self) -> bool:
+        return self._bans is not None and self.settings.source_ip_ban_after_count > 0
+
+    # -- addresses ----------------------------------------------------------------------
+
+    def source_allowed(self, address: str) -> bool:
+        """True when ``source_ip_filter`` is empty or holds ``address`` (a normalised address)."""
+        networks = self.settings.source_ip_filter
+        if not networks:
+            return True
+        try:
+            peer = ipaddress.ip_address(address)
+        except ValueError:
+            return False
+        return any(peer in network for network in networks if network.version == peer.version)
+
+    def ban_left(self, address: str) -> defer.Deferred:
+        """Seconds the ban of ``address`` still lasts (0.0: not banned); never fails."""
+        if not self.bans_enabled or not address:
+            return defer.succeed(0.0)
+        try:
+            deferred = self._bans.ban_left(self.id, address)
+        except Exception:
+            deferred = defer.fail()
+
+        def failed(failure: Failure) -> float:
+            _log.failure("security policy {policy}: cannot check the ban of {address}", failure, policy=self.id, address=address)
+            return 0.0
+
+        return deferred.addErrback(failed)
+
+    def check_connection(self, service_id: str, host: str) -> defer.Deferred:
+        """Fire with None to accept a connection from ``host``, or the refusal reason (audited)."""
+        address = normalise_address(host)
+        if not address and not (host and self.settings.source_ip_filter):
+            return defer.succeed(None)  # not an IP connection: nothing to filter or ban
+        if not self.source_allowed(address):
+            self._connection_refused(service_id, address or host, "source-filtered")
+            return defer.succeed("source-filtered")
+
+        def decided(left: float) -> Optional[str]:
+            if left > 0:
+                self._connection_refused(service_id, address, "banned")
+                return "banned"
+            return None
+
+        return self.ban_left(address).addCallback(decided)
+
+    def _connection_refused(self, service_id: str, address: str, reason: str) -> None:
+        now = self._clock.seconds()
+        key = (service_id, address, reason)
+        seen = self._refusals.get(key)
+        if seen is not None and now - seen[0] < REFUSAL_AUDIT_INTERVAL:
+            seen[1] += 1
+            return
+        if len(self._refusals) >= _MAX_REFUSALS_TRACKED:
+            self._refusals = {k: v for k, v in self._refusals.items() if now - v[0] < REFUSAL_AUDIT_INTERVAL}
+            if len(self._refusals) >= _MAX_REFUSALS_TRACKED:
+                self._refusals.clear()
+        repeats = int(seen[1]) if seen is not None else 0
+        self._refusals[key] = [now, 0]
+        self._audit.record(
+            "connection",
+            service=service_id,
+            peer=address,
+            outcome="refused",
+            reason=reason,
+            policy=self.id,
+            repeats=repeats,  # refusals of this address on this service not audited since the last event
+        )
+
+    # -- logins -------------------------------------------------------------------------
+
+    async def check_before_login(self, request: LoginRequest) -> None:
+        """Raise :class:`LoginFailed` for a filtered or banned source or a denied username."""
+        address = normalise_address(request.peer)
+        if request.peer and not self.source_allowed(address):
+            raise LoginFailed(
+                "source-filtered", f"{address or request.peer!r} is not in source_ip_filter of [security-policies/{self.id}]"
+            )
+        if address:
+            left = await self.ban_left(address)
+            if left > 0:
+                raise LoginFailed(
+                    "banned", f"{address} is banned by [security-policies/{self.id}] for {math.ceil(left)} more seconds"
+                )
+        username = request.username
+        if not username or len(username) > MAX_MATCHED_USERNAME:
+            return  # the chain's input check refuses it
+        if request.manager:
+            option, reason, expressions = "deny_administrators", "denied-administrator", self.settings.deny_administrators
+        else:
+            option, reason, expressions = "deny_usernames", "denied-username", self.settings.deny_usernames
+        forms = _username_forms(username)
+        for expression in expressions:
+            if expression.first_match(forms) is not None:
+                raise LoginFailed(reason, f"the username matches {expression.text!r} of {option} in [security-policies/{self.id}]")
+
+    async def record(self, request: LoginRequest, outcome: str, reason: str = "") -> None:
+        """Count a login's outcome for its source address; never raises.
+
+        A success resets the count without waiting for the store; a failure
+        is counted before the client gets its answer, so the next attempt
+        already meets the ban.
+        """
+        address = normalise_address(request.peer)
+        if not address or not self.bans_enabled:
+            return
+        try:
+            if outcome == "success":
+                self._bans.reset(self.id, address).addErrback(
+                    lambda failure: _log.failure("security policy {policy}: cannot reset a counter", failure, policy=self.id)
+                )
+                return
+            if reason in NOT_COUNTED:
+                return
+            settings = self.settings
+            counted: FailureCount = await self._bans.add_failure(
+                self.id, address, settings.source_ip_ban_after_count, settings.source_ip_ban_interval
+            )
+        except Exception:
+            _log.failure("security policy {policy}: cannot count a failed login of {address}", policy=self.id, address=address)
+            return
+        if counted.banned_now:
+            self._banned(request, address, counted)
+
+    def slow_down(self, reason: str) -> defer.Deferred:
+        """Fires FLOOD_REFUSAL_DELAY seconds later for a ``banned`` or ``too-many-logins`` refusal, at once otherwise."""
+        if reason not in SLOWED_DOWN:
+            return defer.succeed(None)
+        return task.deferLater(self._clock, FLOOD_REFUSAL_DELAY, lambda: None)
+
+    def _banned(self, request: LoginRequest, address: str, counted: FailureCount) -> None:
+        until = datetime.datetime.fromtimestamp(self._clock.seconds() + counted.ban_left, datetime.timezone.utc)
+        self._audit.record(
+            "ban",
+            policy=self.id,
+            peer=address,
+            service=request.service_id,
+            protocol=request.protocol,
+            username=request.username,
+            failures=counted.count,
+            interval=self.settings.source_ip_ban_interval,
+            until=until.isoformat(timespec="seconds"),
+        )
+        _log.warn(
+            "security policy {policy}: {address} is banned for {seconds}s after {count} consecutive failed logins",
+            policy=self.id,
+            address=address,
+            seconds=self.settings.source_ip_ban_interval,
+            count=counted.count,
+        )
+        previous = self._ban_timers.pop(address, None)
+        if previous is not None and previous.active():
+            previous.cancel()
+        if len(self._ban_timers) >= MAX_BAN_END_TIMERS:
+            _log.warn("security policy {policy}: too many bans at once, the end of this one is not audited", policy=self.id)
+            return
+        self._ban_timers[address] = self._clock.callLater(counted.ban_left, self._ban_ended, address)
+
+    def _ban_ended(self, address: str) -> None:
+        self._ban_timers.pop(address, None)
+        self._audit.record("ban-ended", policy=self.id, peer=address)
+        _log.info("security policy {policy}: the ban of {address} ended", policy=self.id, address=address)
+
+    def stop(self) -> None:
+        """Forget the pending ban-end events (the process is stopping)."""
+        timers, self._ban_timers = self._ban_timers, {}
+        for timer in timers.values():
+            if timer.active():
+                timer.cancel()
+
+
+class LoginSlots:
+    """At most ``in_progress`` logins of one source address run at once; ``waiting`` more wait in order.
+
+    Per process, whatever the service or policy: it protects this process's
+    threads and CPU. One more waiting login is refused (``too-many-logins``,
+    counted towards a ban like any failure).
+    """
+
+    def __init__(self, in_progress: int = MAX_LOGINS_IN_PROGRESS, waiting: int = MAX_LOGINS_WAITING):
+        self._in_progress = in_progress
+        self._waiting = waiting
+        self._by_address: dict[str, defer.DeferredSemaphore] = {}
+
+    def __len__(self) -> int:
+        return len(self._by_address)
+
+    def acquire(self, host: str) -> defer.Deferred:
+        """Fire with a function that gives the slot back (call it exactly once)."""
+        address = normalise_address(host)
+        if not address:
+            return defer.succeed(lambda: None)
+        semaphore = self._by_address.get(address)
+        if semaphore is None:
+            semaphore = self._by_address[address] = defer.DeferredSemaphore(self._in_progress)
+        if len(semaphore.waiting) >= self._waiting:
+            return defer.fail(
+                LoginFailed(
+                    "too-many-logins",
+                    f"{address} already has {self._in_progress} logins in progress and {self._waiting} waiting",
+                )
+            )
+        released = []
+
+        def release() -> None:
+            if released:
+                return
+            released.append(True)
+            semaphore.release()
+            if semaphore.tokens == semaphore.limit and not semaphore.waiting:
+                self._by_address.pop(address, None)
+
+        return semaphore.acquire().addCallback(lambda ignored: release)
+
+
+class SecurityPolicies:
+    """Every policy of a configuration, built once and shared by the chain and the listening sockets."""
+
+    def __init__(self, configuration: Configuration, bans: Optional[BanStore], audit: AuditLog, clock: IReactorTime):
+        self._configuration = configuration
+        settings = dict(configuration.security_policies)
+        if DEFAULT_SECURITY_POLICY not in settings:  # a Configuration built by hand (tests)
+            settings[DEFAULT_SECURITY_POLICY] = SecurityPolicySettings(DEFAULT_SECURITY_POLICY, "", 5, 3600, (), (), ())
+        self.by_id: Mapping[str, SecurityPolicy] = {
+            policy_id: SecurityPolicy(policy, bans, audit, clock) for policy_id, policy in settings.items()
+        }
+        self.slots = LoginSlots()
+
+    def login_slot(self, host: str) -> defer.Deferred:
+        """Wait for a turn of ``host`` (see :class:`LoginSlots`); fires with the function releasing it."""
+        return self.slots.acquire(host)
+
+    def for_service(self, service_id: str) -> SecurityPolicy:
+        """The policy of ``service_id``; DEFAULT-SECURITY-POLICY for logins of no service (test-login)."""
+        service = self._configuration.services.get(service_id)
+        policy_id = service.security_policy if service is not None else DEFAULT_SECURITY_POLICY
+        return self.by_id.get(policy_id) or self.by_id[DEFAULT_SECURITY_POLICY]
+
+    def stop(self) -> None:
+        for policy in self.by_id.values():
+            policy.stop()

@@ -1,0 +1,174 @@
+"""``[server] state = redis://``: two real sftpauth processes share bans and used TOTP codes through a real Redis.
+
+The nodes ``a`` and ``b`` are two ``twistd -n sftpauth`` processes with the
+same configuration apart from ports and audit logs; the LDAP method (with
+the TOTP extension) uses the session's real slapd. The last test stops
+Redis under them and starts it again.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pyotp
+import pytest
+
+from sftpauth.auth.passwords import hash_password
+
+from .policy_helpers import FTP_REFUSAL, ftp_fails, ftp_login, greeting
+from .redis_fixture import start_redis
+from .server import SftpauthServer, free_port
+from .sftp_fixtures import plugin_on_python_path
+
+BASE = "dc=example,dc=com"
+USERS = f"ou=redis-totp,{BASE}"
+SECRETS = {"rtina": "NBSWY3DPEB3W64TMMQQHIZLTORUW4ZZR", "rtom": "MFRGGZDFMZTWQ2LKNNWG23TPOBYXE43U"}
+FAILURE = "530 Login failed."
+
+
+def code(uid: str) -> str:
+    return pyotp.TOTP(SECRETS[uid]).now()
+
+
+def users_ldif() -> str:
+    parts = [f"dn: {USERS}\nobjectClass: organizationalUnit\nou: redis-totp\n"]
+    for uid, secret in SECRETS.items():
+        parts.append(
+            f"dn: uid={uid},{USERS}\nobjectClass: inetOrgPerson\nobjectClass: sftpauthTestUser\nuid: {uid}\n"
+            f"cn: {uid}\nsn: {uid}\nuserPassword: {uid}-pass\n"
+            f"totpSharedSecret: otpauth://totp/Srv:{uid}?secret={secret}&issuer=Srv\n"
+        )
+    return "\n".join(parts)
+
+
+class Node:
+    def __init__(self, folder: Path, redis_url: str, slapd):
+        self.folder = folder
+        self.port = free_port()
+        config = f"""
+[server]
+authentications = DEFAULT-AUTHENTICATION, directory
+audit_log = {folder / "audit.jsonl"}
+state = {redis_url}
+
+[services/ftp]
+type = ftp
+port = {self.port}
+
+[security-policies/DEFAULT-SECURITY-POLICY]
+source_ip_ban_after_count = 4
+
+[authentications/directory]
+type = ldap
+address = 127.0.0.1
+port = {slapd.port}
+bind_dn = {USERS}
+username_attribute = uid
+extension_entry_point = python:sftpauth.ldap.totp.AugmentedTOTP
+extension_configuration = {{"mfa_attribute": "totpSharedSecret"}}
+
+[groups/DEFAULT_GROUP]
+home_folder_path = {folder / "homes"}
+create_home_folder = yes
+
+[accounts/alice]
+password = {hash_password("alice-pass")}
+"""
+        self.server = SftpauthServer(folder, config, ports=(self.port,))
+
+    def events(self, kind: str) -> list[dict]:
+        return [event for event in self.server.audit_events() if event["event"] == kind]
+
+    def audit(self, predicate, timeout: float = 10.0) -> dict:
+        return self.server.wait_for_audit(predicate, timeout=timeout)
+
+    def wait_for_log(self, text: str, timeout: float = 20.0) -> None:
+        deadline = time.monotonic() + timeout
+        while text not in self.server.log_path.read_text(errors="replace"):
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{text!r} not logged:\n{self.server.log_tail()}")
+            time.sleep(0.1)
+
+
+@pytest.fixture(scope="module")
+def redis(tmp_path_factory):
+    server = start_redis(tmp_path_factory.mktemp("redis"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def nodes(tmp_path_factory, redis, slapd):
+    """Two sftpauth processes on one Redis database and one slapd."""
+    slapd.add_ldif(users_ldif())
+    a = Node(tmp_path_factory.mktemp("node-a"), redis.url, slapd)
+    b = Node(tmp_path_factory.mktemp("node-b"), redis.url, slapd)
+    with plugin_on_python_path():
+        a.server.start()
+        try:
+            b.server.start()
+        except BaseException:
+            a.server.stop()
+            raise
+    try:
+        a.wait_for_log("connected to Redis")
+        b.wait_for_log("connected to Redis")
+        yield a, b
+    finally:
+        statuses = [a.server.stop(), b.server.stop()]
+    for node in (a, b):
+        log = node.server.log_path.read_text(errors="replace")
+        assert "Traceback" not in log, node.server.log_tail(200)
+    assert statuses == [0, 0]
+
+
+def test_failures_spread_over_two_nodes_add_up_to_one_ban(nodes, redis):
+    """Two failures on each node reach the limit of four; one ban event; both nodes refuse the address."""
+    a, b = nodes
+    source = "127.0.0.60"
+    for node in (a, b, a, b):
+        assert ftp_fails(node.port, "alice", "wrong", source) == FAILURE
+    bans = [e for node in (a, b) for e in node.events("ban") if e["peer"] == source]
+    assert len(bans) == 1 and bans[0]["failures"] == 4
+    assert int(redis.command("PTTL", f"sftpauth:ban:DEFAULT-SECURITY-POLICY:{source}").lstrip(":")) > 3_500_000
+    assert greeting(a.port, source) == FTP_REFUSAL
+    assert greeting(b.port, source) == FTP_REFUSAL
+    ftp_login(a.port, "alice", "alice-pass", "127.0.0.62").quit()
+
+
+def test_totp_code_used_on_one_node_is_refused_on_the_other(nodes):
+    """A code that let rtina in on node a is a replay on node b."""
+    a, b = nodes
+    password = "rtina-pass" + code("rtina")
+    ftp_login(a.port, "rtina", password, "127.0.0.63").quit()
+    assert ftp_fails(b.port, "rtina", password, "127.0.0.63") == FAILURE
+    b.audit(lambda e: e["event"] == "authentication" and e["username"] == "rtina" and e["reason"] == "totp-replayed")
+
+
+def test_redis_outage_fails_totp_closed_bans_per_node_and_recovers(nodes, redis):
+    """Without Redis: TOTP logins are refused, local logins work, bans are per node; then Redis comes back."""
+    a, b = nodes
+    redis.stop()
+    try:
+        a.wait_for_log("Redis is unreachable")
+        b.wait_for_log("Redis is unreachable")
+        assert ftp_fails(a.port, "rtom", "rtom-pass" + code("rtom"), "127.0.0.64") == FAILURE
+        a.audit(lambda e: e["event"] == "authentication" and e["username"] == "rtom" and e["reason"] == "service-unavailable")
+        started = time.monotonic()
+        ftp_login(a.port, "alice", "alice-pass", "127.0.0.65").quit()
+        assert time.monotonic() - started < 3  # no waiting on Redis
+        source = "127.0.0.61"
+        for _ in range(4):
+            ftp_fails(a.port, "alice", "wrong", source)
+        a.audit(lambda e: e["event"] == "ban" and e["peer"] == source)
+        assert greeting(a.port, source) == FTP_REFUSAL
+        assert greeting(b.port, source).startswith(b"220 ")  # b never saw those failures
+    finally:
+        redis.start()
+    a.wait_for_log("Redis answers again")
+    b.wait_for_log("Redis answers again")
+    password = "rtom-pass" + code("rtom")
+    ftp_login(a.port, "rtom", password, "127.0.0.66").quit()
+    assert ftp_fails(b.port, "rtom", password, "127.0.0.66") == FAILURE
+    b.audit(lambda e: e["event"] == "authentication" and e["username"] == "rtom" and e["reason"] == "totp-replayed")

@@ -1,0 +1,759 @@
+"""Security policies (bans, denied usernames, source filters), their ban store, and the connection guard."""
+
+from __future__ import annotations
+
+import socket
+import struct
+import textwrap
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from twisted.internet import address, defer, task
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.testing import StringTransport
+
+from sftpauth.audit import AuditLog
+from sftpauth.auth.chain import AuthenticationChain
+from sftpauth.auth.credentials import LoginRequest
+from sftpauth.auth.errors import LoginFailed, UnknownUser
+from sftpauth.auth.policy import FLOOD_REFUSAL_DELAY, NOT_COUNTED, SecurityPolicies, SecurityPolicy, normalise_address
+from sftpauth.config.errors import ConfigError
+from sftpauth.config.loader import parse_configuration
+from sftpauth.listening import (
+    PROXY_HEADER_TIMEOUT,
+    ConnectionGuardFactory,
+    InvalidHeader,
+    ProxyHeaderReader,
+)
+from sftpauth.state import (
+    MemoryBanStore,
+    RedisConnection,
+    RedisLocation,
+    build_state,
+    parse_state_url,
+    redis_key,
+)
+
+BASE = """
+[server]
+authentications = DEFAULT-AUTHENTICATION
+
+[services/ftp]
+type = ftp
+port = 2121
+
+[services/sftp]
+type = ssh
+port = 2222
+"""
+
+
+def configuration(extra: str = "", tmp_path=None):
+    return parse_configuration(textwrap.dedent(BASE + extra), "/tmp/policy.ini", "/tmp", {})
+
+
+POLICIES = """
+[services/other]
+type = ftp
+port = 2323
+security_policy = lenient
+
+[security-policies/DEFAULT-SECURITY-POLICY]
+source_ip_ban_after_count = 3
+source_ip_ban_interval = 60
+deny_usernames = root, admin*
+deny_administrators = m/^ops-/
+source_ip_filter =
+
+[security-policies/lenient]
+source_ip_ban_after_count = 0
+source_ip_filter = 192.0.2.0/24, 2001:db8::/32
+"""
+
+
+class Recorder:
+    """The audit events of one test."""
+
+    def __init__(self):
+        self.events: list[dict] = []
+        self.audit = AuditLog("")
+        self.audit.listeners.append(self.events.append)
+
+    def of(self, kind: str) -> list[dict]:
+        return [event for event in self.events if event["event"] == kind]
+
+
+@pytest.fixture
+def clock():
+    return task.Clock()
+
+
+@pytest.fixture
+def recorder():
+    return Recorder()
+
+
+@pytest.fixture
+def policies(clock, recorder):
+    conf = configuration(POLICIES)
+    return SecurityPolicies(conf, MemoryBanStore(clock), recorder.audit, clock)
+
+
+def request(username="alice", peer="198.51.100.7", service_id="ftp", manager=False, password="pw"):
+    return LoginRequest(username, password, service_id, "ftp", peer, manager=manager)
+
+
+def refusal(result_of, policy: SecurityPolicy, login: LoginRequest):
+    try:
+        result_of(defer.ensureDeferred(policy.check_before_login(login)))
+    except LoginFailed as failure:
+        return failure.reason
+    return None
+
+
+def fail(result_of, policy: SecurityPolicy, login: LoginRequest, reason="invalid-password"):
+    result_of(defer.ensureDeferred(policy.record(login, "failure", reason)))
+
+
+# -- the configuration ------------------------------------------------------------------------
+
+
+def test_default_policy_exists_with_the_documented_defaults():
+    """Without a section, DEFAULT-SECURITY-POLICY bans after 5 failures for 3600 s and denies nothing."""
+    conf = parse_configuration("[services/f]\ntype = ftp\nport = 21\n", "/tmp/a.ini", "/tmp", {})
+    policy = conf.security_policies["DEFAULT-SECURITY-POLICY"]
+    assert (policy.source_ip_ban_after_count, policy.source_ip_ban_interval) == (5, 3600)
+    assert policy.deny_usernames == policy.deny_administrators == policy.source_ip_filter == ()
+    assert conf.services["f"].proxy_protocol is False
+
+
+def test_a_service_may_name_a_defined_policy_only():
+    """security_policy naming no [security-policies/ID] is an error listing the defined ones."""
+    with pytest.raises(ConfigError) as error:
+        parse_configuration("[services/f]\ntype = ftp\nport = 21\nsecurity_policy = strict\n", "/tmp/a.ini", "/tmp", {})
+    assert "unknown security policy 'strict'" in str(error.value)
+    assert "DEFAULT-SECURITY-POLICY" in str(error.value)
+
+
+def test_named_policy_and_proxy_protocol_load():
+    """A named policy is built from its section and proxy_protocol = yes reaches the service settings."""
+    conf = configuration(POLICIES + "\n[services/proxied]\ntype = ssh\nport = 2424\nproxy_protocol = yes\n")
+    assert conf.security_policies["lenient"].source_ip_ban_after_count == 0
+    assert [str(net) for net in conf.security_policies["lenient"].source_ip_filter] == ["192.0.2.0/24", "2001:db8::/32"]
+    assert conf.services["proxied"].proxy_protocol is True
+
+
+def test_deny_usernames_one_per_line_keeps_commas_and_bad_expressions_name_their_line():
+    """One expression per line may hold a comma; an invalid one is an error on its own line."""
+    conf = configuration("\n[security-policies/x]\ndeny_usernames =\n    m/^a{1,3}$/\n    root\n")
+    assert [e.text for e in conf.security_policies["x"].deny_usernames] == ["m/^a{1,3}$/", "root"]
+    with pytest.raises(ConfigError) as error:
+        configuration("\n[security-policies/x]\ndeny_usernames =\n    root\n    m/(/\n")
+    [problem] = error.value.problems
+    assert problem.option == "deny_usernames" and "not a valid regular expression" in problem.message
+    assert problem.line == BASE.count("\n") + 5  # the line of m/(/
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("memory", "memory"),
+        ("redis://127.0.0.1:6380/2", "redis://127.0.0.1:6380/2"),
+        ("redis://cache.example.com", "redis://cache.example.com:6379/0"),
+        ("redis://[::1]:7000/1", "redis://[::1]:7000/1"),
+    ],
+)
+def test_server_state_accepts_memory_and_redis_urls(text, expected):
+    """[server] state is memory or redis://HOST[:PORT][/DB], kept in canonical form."""
+    conf = parse_configuration(f"[server]\nstate = {text}\n", "/tmp/a.ini", "/tmp", {})
+    assert conf.server.state == expected
+
+
+@pytest.mark.parametrize("text", ["disk", "redis://", "redis://h:99999/0", "rediss://h/0", "redis://h/0?x=1", "redis://:pw@h/0"])
+def test_server_state_refuses_anything_else(text):
+    """Any other state is a configuration error saying what is allowed."""
+    with pytest.raises(ConfigError) as error:
+        parse_configuration(f"[server]\nstate = {text}\n", "/tmp/a.ini", "/tmp", {})
+    assert "expected memory or redis://HOST:PORT/DB" in str(error.value) or "port must be" in str(error.value)
+
+
+def test_redis_keys_cannot_collide_between_scopes_and_addresses():
+    """Policy IDs and IPv6 addresses hold ':' but the quoted key parts keep them apart."""
+    assert redis_key("ban", "a:1", "2::3") != redis_key("ban", "a", "1:2::3")
+    assert redis_key("ban", "P", "192.0.2.1") == "sftpauth:ban:P:192.0.2.1"
+
+
+# -- the memory ban store ---------------------------------------------------------------------
+
+
+def test_memory_store_bans_at_the_limit_once_and_for_the_interval(clock, result_of):
+    """The failure reaching the limit bans (banned_now once); the ban ends after the interval."""
+    store = MemoryBanStore(clock)
+    counts = [result_of(store.add_failure("P", "a", 3, 60)) for _ in range(4)]
+    assert [(c.count, c.banned_now) for c in counts] == [(1, False), (2, False), (3, True), (0, False)]
+    assert result_of(store.ban_left("P", "a")) == 60
+    clock.advance(59)
+    assert result_of(store.ban_left("P", "a")) == pytest.approx(1)
+    clock.advance(1)
+    assert result_of(store.ban_left("P", "a")) == 0
+    assert result_of(store.add_failure("P", "a", 3, 60)).count == 1
+
+
+def test_memory_store_forgets_a_count_after_the_interval_and_on_reset(clock, result_of):
+    """A counter lives interval seconds after its last failure; reset() forgets it at once."""
+    store = MemoryBanStore(clock)
+    result_of(store.add_failure("P", "a", 3, 60))
+    clock.advance(61)
+    assert result_of(store.add_failure("P", "a", 3, 60)).count == 1
+    result_of(store.reset("P", "a"))
+    assert result_of(store.add_failure("P", "a", 3, 60)).count == 1
+
+
+def test_memory_store_scopes_are_separate(clock, result_of):
+    """Two policies count the same address separately."""
+    store = MemoryBanStore(clock)
+    result_of(store.add_failure("P", "a", 2, 60))
+    assert result_of(store.add_failure("Q", "a", 2, 60)).count == 1
+
+
+def test_memory_store_is_bounded(clock, result_of):
+    """Past max_entries the counters closest to expiring are forgotten, never more than the bound kept."""
+    store = MemoryBanStore(clock, max_entries=10)
+    for number in range(100):
+        clock.advance(0.01)
+        result_of(store.add_failure("P", f"10.0.0.{number}", 5, 60))
+    assert len(store._failures) == 10
+    assert result_of(store.add_failure("P", "10.0.0.99", 5, 60)).count == 2
+
+
+# -- the policy -----------------------------------------------------------------------------------
+
+
+def test_consecutive_failures_ban_the_address_on_every_service_of_the_policy(policies, recorder, result_of):
+    """Three failures (FTP and SFTP mixed) ban the address on both; the ban is one audit event."""
+    ftp, sftp = policies.for_service("ftp"), policies.for_service("sftp")
+    assert ftp is sftp
+    for service in ("ftp", "sftp", "ftp"):
+        assert refusal(result_of, ftp, request(service_id=service)) is None
+        fail(result_of, ftp, request(service_id=service))
+    assert refusal(result_of, sftp, request(service_id="sftp")) == "banned"
+    assert refusal(result_of, ftp, request(peer="198.51.100.8")) is None
+    [ban] = recorder.of("ban")
+    assert ban["peer"] == "198.51.100.7" and ban["failures"] == 3 and ban["policy"] == "DEFAULT-SECURITY-POLICY"
+    assert ban["interval"] == 60 and ban["service"] == "ftp"
+
+
+def test_a_success_resets_the_count(policies, result_of):
+    """Two failures, a success, two failures: no ban."""
+    policy = policies.for_service("ftp")
+    for outcome in ("failure", "failure", "success", "failure", "failure"):
+        result_of(defer.ensureDeferred(policy.record(request(), outcome, "invalid-password" if outcome == "failure" else "")))
+    assert refusal(result_of, policy, request()) is None
+
+
+@pytest.mark.parametrize("reason", sorted(NOT_COUNTED))
+def test_server_side_failures_never_count(policies, result_of, reason):
+    """Failures that are the server's fault (LDAP down, internal errors...) never ban anybody."""
+    policy = policies.for_service("ftp")
+    for _ in range(10):
+        fail(result_of, policy, request(), reason)
+    assert refusal(result_of, policy, request()) is None
+
+
+def test_zero_never_bans(policies, result_of):
+    """source_ip_ban_after_count = 0 disables bans."""
+    policy = policies.for_service("other")
+    for _ in range(20):
+        fail(result_of, policy, request(peer="192.0.2.5", service_id="other"))
+    assert refusal(result_of, policy, request(peer="192.0.2.5", service_id="other")) is None
+
+
+def test_ban_end_is_an_audit_event(policies, recorder, clock, result_of):
+    """The node that started a ban audits its end when the interval is over."""
+    policy = policies.for_service("ftp")
+    for _ in range(3):
+        fail(result_of, policy, request())
+    clock.advance(59)
+    assert recorder.of("ban-ended") == []
+    clock.advance(1)
+    [ended] = recorder.of("ban-ended")
+    assert ended["peer"] == "198.51.100.7"
+    assert refusal(result_of, policy, request()) is None
+
+
+def test_stop_forgets_pending_ban_ends(policies, recorder, clock, result_of):
+    """Stopping the policies cancels the ban-end timers (no event after shutdown)."""
+    policy = policies.for_service("ftp")
+    for _ in range(3):
+        fail(result_of, policy, request())
+    policies.stop()
+    clock.advance(120)
+    assert recorder.of("ban-ended") == [] and clock.getDelayedCalls() == []
+
+
+@pytest.mark.parametrize("username", ["root", "ROOT", " root", "root ", "admin", "Administrator", "ｒｏｏｔ"])
+def test_denied_usernames_match_case_and_space_insensitively(policies, result_of, username):
+    """deny_usernames globs match whatever case, spacing or width a directory would ignore."""
+    assert refusal(result_of, policies.for_service("ftp"), request(username=username)) == "denied-username"
+
+
+def test_deny_lists_apply_to_their_kind_of_login_only(policies, result_of):
+    """deny_usernames is for file transfer logins, deny_administrators for Web Manager logins."""
+    policy = policies.for_service("ftp")
+    assert refusal(result_of, policy, request(username="root", manager=True)) is None
+    assert refusal(result_of, policy, request(username="ops-anna", manager=True)) == "denied-administrator"
+    assert refusal(result_of, policy, request(username="ops-anna")) is None
+
+
+def test_source_filter_refuses_other_addresses(policies, result_of):
+    """source_ip_filter admits its networks (IPv4-mapped IPv6 too) and refuses the rest."""
+    policy = policies.for_service("other")
+    assert refusal(result_of, policy, request(peer="192.0.2.200", service_id="other")) is None
+    assert refusal(result_of, policy, request(peer="::ffff:192.0.2.9", service_id="other")) is None
+    assert refusal(result_of, policy, request(peer="2001:db8::1", service_id="other")) is None
+    assert refusal(result_of, policy, request(peer="198.51.100.1", service_id="other")) == "source-filtered"
+    assert refusal(result_of, policy, request(peer="not-an-ip", service_id="other")) == "source-filtered"
+    assert refusal(result_of, policy, request(peer="", service_id="other")) is None  # test-login: no address
+
+
+def test_connection_refusals_are_audited_without_flooding(policies, recorder, clock, result_of):
+    """A refused connection is audited once a minute per service, address and reason, with the repeats."""
+    policy = policies.for_service("other")
+    for _ in range(5):
+        assert result_of(policy.check_connection("other", "198.51.100.1")) == "source-filtered"
+    assert len(recorder.of("connection")) == 1
+    clock.advance(61)
+    assert result_of(policy.check_connection("other", "198.51.100.1")) == "source-filtered"
+    first, second = recorder.of("connection")
+    assert (first["repeats"], second["repeats"]) == (0, 4)
+    assert second["outcome"] == "refused" and second["reason"] == "source-filtered"
+    assert result_of(policy.check_connection("other", "192.0.2.1")) is None
+
+
+def test_banned_address_is_refused_at_connection(policies, result_of):
+    """check_connection answers "banned" for a banned address and None for others."""
+    policy = policies.for_service("ftp")
+    for _ in range(3):
+        fail(result_of, policy, request())
+    assert result_of(policy.check_connection("ftp", "198.51.100.7")) == "banned"
+    assert result_of(policy.check_connection("ftp", "::ffff:198.51.100.7")) == "banned"
+    assert result_of(policy.check_connection("ftp", "198.51.100.9")) is None
+
+
+def test_normalise_address():
+    """Mapped IPv6 becomes IPv4, zones go, non-addresses give ""."""
+    assert normalise_address("::ffff:10.1.2.3") == "10.1.2.3"
+    assert normalise_address("fe80::1%eth0") == "fe80::1"
+    assert normalise_address("2001:DB8::1") == "2001:db8::1"
+    assert normalise_address("") == normalise_address("x") == normalise_address(None) == ""
+
+
+# -- the chain ------------------------------------------------------------------------------------
+
+
+class CountingMethod:
+    """A method that records every call and rejects the password."""
+
+    id = "DEFAULT-AUTHENTICATION"
+
+    def __init__(self):
+        self.calls = 0
+
+    def authenticate(self, login):
+        self.calls += 1
+        return defer.fail(LoginFailed("invalid-password", "wrong"))
+
+
+@pytest.fixture
+def chain(policies, recorder, run_in_thread):
+    method = CountingMethod()
+    conf = configuration(POLICIES)
+    chain = AuthenticationChain(conf, {"DEFAULT-AUTHENTICATION": method}, recorder.audit, run_in_thread, policies=policies)
+    return chain, method
+
+
+def chain_reason(result_of, chain, login, clock=None) -> str:
+    """The refusal's reason; with ``clock``, a refusal that is slowed down is waited for (and must be)."""
+    answer = chain.requestAvatarId(login)
+    if clock is not None and not answer.called:
+        clock.advance(FLOOD_REFUSAL_DELAY)
+    with pytest.raises(LoginFailed) as failure:
+        result_of(answer)
+    assert not isinstance(failure.value, UnknownUser)
+    return failure.value.reason
+
+
+def test_chain_refuses_denied_usernames_before_any_method(chain, recorder, result_of):
+    """A denied username never reaches a method; the audit reason says why."""
+    chain, method = chain
+    assert chain_reason(result_of, chain, request(username="root")) == "denied-username"
+    assert method.calls == 0
+    assert recorder.of("authentication")[-1]["reason"] == "denied-username"
+
+
+def test_chain_counts_failures_and_refuses_banned_addresses_before_any_method(chain, recorder, result_of, clock):
+    """After the limit, the chain refuses as banned without calling a method, and answers that one second late."""
+    chain, method = chain
+    for _ in range(3):
+        assert chain_reason(result_of, chain, request()) == "invalid-password"
+    assert method.calls == 3
+    refused = chain.requestAvatarId(request())
+    assert not refused.called  # answered one second late
+    clock.advance(FLOOD_REFUSAL_DELAY)
+    with pytest.raises(LoginFailed) as failure:
+        result_of(refused)
+    assert failure.value.reason == "banned"
+    assert method.calls == 3
+    reasons = [event["reason"] for event in recorder.of("authentication")]
+    assert reasons == ["invalid-password"] * 3 + ["banned"]
+    assert [event["event"] for event in recorder.events].index("ban") == 3
+
+
+def test_chain_counts_invalid_input_towards_the_ban(chain, result_of, clock):
+    """A flood of absurd usernames (100 KB, control characters) bans like wrong passwords."""
+    chain, method = chain
+    for username in ("x" * 100_000, "a\udcffb", "bad\x00"):
+        assert chain_reason(result_of, chain, request(username=username)) == "invalid-username"
+    assert chain_reason(result_of, chain, request(), clock) == "banned"
+    assert method.calls == 0
+
+
+# -- the connection guard ---------------------------------------------------------------------------
+
+
+class Echo(Protocol):
+    """Records what the guarded protocol sees."""
+
+    def __init__(self):
+        self.started = False
+        self.received = b""
+        self.lost = False
+        self.peer = None
+
+    def connectionMade(self):
+        self.started = True
+        self.peer = self.transport.getPeer()
+        self.transport.write(b"banner\r\n")
+
+    def dataReceived(self, data):
+        self.received += data
+
+    def connectionLost(self, reason):
+        self.lost = True
+
+
+class EchoFactory(Factory):
+    def __init__(self):
+        self.built: list[Echo] = []
+
+    def buildProtocol(self, addr):
+        protocol = Echo()
+        protocol.factory = self
+        self.built.append(protocol)
+        return protocol
+
+
+class FixedPolicy:
+    """A policy whose answer the test decides (None, a reason, or a Deferred)."""
+
+    def __init__(self, answer=None):
+        self.answer = answer
+        self.asked: list[str] = []
+
+    def check_connection(self, service_id, host):
+        self.asked.append(host)
+        if isinstance(self.answer, defer.Deferred):
+            return self.answer
+        return defer.succeed(self.answer)
+
+
+def service_settings(kind="ftp", proxy=False, limit=10000):
+    conf = configuration(f"\n[services/guarded]\ntype = {kind}\nport = 2525\nproxy_protocol = {'yes' if proxy else 'no'}\nmaximum_concurrent_connections = {limit}\n")
+    return conf.services["guarded"]
+
+
+def connect(factory, peer=("203.0.113.9", 40000)):
+    transport = StringTransport(peerAddress=address.IPv4Address("TCP", *peer), hostAddress=address.IPv4Address("TCP", "10.0.0.1", 21))
+    guard = factory.buildProtocol(transport.getPeer())
+    guard.makeConnection(transport)
+    return guard, transport
+
+
+def v2_header(source="198.51.100.44", destination="10.9.9.9", ports=(5555, 21), command=0x21) -> bytes:
+    body = socket.inet_aton(source) + socket.inet_aton(destination) + struct.pack("!HH", *ports)
+    return b"\r\n\r\n\x00\r\nQUIT\n" + bytes([command, 0x11]) + struct.pack("!H", len(body)) + body
+
+
+def test_guard_refuses_with_a_constant_line_and_never_starts_the_protocol(clock):
+    """A refused connection gets the service's short line, is closed, and the protocol never runs."""
+    services = EchoFactory()
+    factory = ConnectionGuardFactory(services, service_settings("ftp"), clock, FixedPolicy("banned"))
+    guard, transport = connect(factory)
+    assert transport.value() == b"421 Connection refused.\r\n" and transport.disconnecting
+    guard.dataReceived(b"USER x\r\n")
+    guard.connectionLost(None)
+    assert not services.built[0].started and not services.built[0].lost
+    assert factory.open_connections == 0 and factory.protocols == {}
+
+
+def test_guard_refusal_on_ssh_is_a_pre_version_line_and_nothing_on_tls_services(clock):
+    """SSH gets a line before any version string; TLS-first services are just closed."""
+    _, ssh = connect(ConnectionGuardFactory(EchoFactory(), service_settings("ssh"), clock, FixedPolicy("banned")))
+    _, https = connect(ConnectionGuardFactory(EchoFactory(), service_settings("manager"), clock, FixedPolicy("banned")))
+    assert ssh.value() == b"Connection refused.\r\n" and https.value() == b""
+    assert https.disconnecting
+
+
+def test_guard_waits_for_an_asynchronous_decision_with_reading_paused(clock):
+    """While the policy asks Redis the transport is paused, early bytes are kept, then delivered in order."""
+    answer = defer.Deferred()
+    services = EchoFactory()
+    guard, transport = connect(ConnectionGuardFactory(services, service_settings(), clock, FixedPolicy(answer)))
+    assert transport.producerState == "paused" and not services.built[0].started
+    guard.dataReceived(b"USER a")
+    guard.dataReceived(b"lice\r\n")
+    answer.callback(None)
+    assert transport.producerState == "producing"
+    assert services.built[0].started and services.built[0].received == b"USER alice\r\n"
+    assert transport.value() == b"banner\r\n"
+
+
+def test_guard_enforces_the_connection_limit(clock):
+    """Past maximum_concurrent_connections a connection is closed; closing one frees a place."""
+    factory = ConnectionGuardFactory(EchoFactory(), service_settings(limit=1), clock, None)
+    first, _ = connect(factory)
+    _, second = connect(factory)
+    assert second.disconnecting and factory.refused == 1
+    first.connectionLost(None)
+    _, third = connect(factory)
+    assert not third.disconnecting and factory.open_connections == 1
+
+
+def test_proxy_v1_header_gives_the_client_address_to_policy_and_protocol(clock):
+    """With proxy_protocol, getPeer() is the header's source everywhere; getHost() stays ours."""
+    policy = FixedPolicy(None)
+    services = EchoFactory()
+    guard, transport = connect(ConnectionGuardFactory(services, service_settings(proxy=True), clock, policy))
+    assert transport.value() == b"" and not services.built[0].started  # nothing before the header
+    guard.dataReceived(b"PROXY TCP4 198.51.100.44 10.9.9.9 5555 21\r\nUSER bob\r\n")
+    assert policy.asked == ["198.51.100.44"]
+    protocol = services.built[0]
+    assert protocol.peer.host == "198.51.100.44" and protocol.received == b"USER bob\r\n"
+    assert guard.getHost().host == "10.0.0.1"
+
+
+def test_proxy_v2_header_split_byte_by_byte(clock):
+    """A v2 header arriving one byte at a time is read like one arriving whole."""
+    policy = FixedPolicy(None)
+    services = EchoFactory()
+    guard, transport = connect(ConnectionGuardFactory(services, service_settings(proxy=True), clock, policy))
+    for byte in v2_header() + b"SSH-2.0-x\r\n":
+        guard.dataReceived(bytes([byte]))
+    assert policy.asked == ["198.51.100.44"]
+    assert services.built[0].received == b"SSH-2.0-x\r\n"
+
+
+def test_proxy_v2_local_command_keeps_the_proxy_address(clock):
+    """A LOCAL header (the proxy's health check) keeps the TCP peer as the client."""
+    policy = FixedPolicy(None)
+    guard, _ = connect(ConnectionGuardFactory(EchoFactory(), service_settings(proxy=True), clock, policy))
+    guard.dataReceived(v2_header(command=0x20))
+    assert policy.asked == ["203.0.113.9"]
+
+
+@pytest.mark.parametrize(
+    "data",
+    [b"USER alice\r\n", b"SSH-2.0-OpenSSH\r\n", b"PROXY TCP4 evil 10.0.0.1 1 2\r\n", b"PROXY TCP4 1.2.3.4 5.6.7.8 x 2\r\n",
+     b"PROXY " + b"A" * 200, b"\r\n\r\n\x00\r\nQUIT\n\x31\x11\x00\x0c" + b"\x00" * 12],
+)
+def test_proxy_protocol_refuses_connections_without_a_valid_header(clock, data):
+    """No header, a malformed one or a non-IP source closes the connection before the protocol runs."""
+    services = EchoFactory()
+    guard, transport = connect(ConnectionGuardFactory(services, service_settings(proxy=True), clock, FixedPolicy(None)))
+    guard.dataReceived(data)
+    assert transport.disconnected or transport.disconnecting
+    assert not services.built[0].started
+
+
+def test_proxy_header_timeout(clock):
+    """A client that sends no header is closed after PROXY_HEADER_TIMEOUT seconds."""
+    factory = ConnectionGuardFactory(EchoFactory(), service_settings(proxy=True), clock, FixedPolicy(None))
+    guard, transport = connect(factory)
+    clock.advance(PROXY_HEADER_TIMEOUT)
+    assert transport.disconnected
+    guard.connectionLost(None)
+    assert factory.open_connections == 0 and clock.getDelayedCalls() == []
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(min_value=1, max_value=40), max_size=8), st.sampled_from(["v1", "v2"]))
+def test_header_reader_any_split_gives_the_same_result(cuts, version):
+    """Property: however the header and what follows are split, the reader gives one source and the rest."""
+    header = b"PROXY TCP4 198.51.100.44 10.9.9.9 5555 21\r\n" if version == "v1" else v2_header()
+    data = header + b"after"
+    reader = ProxyHeaderReader()
+    info, rest, position = None, b"", 0
+    for cut in cuts + [len(data)]:
+        piece, position = data[position : position + cut], position + cut
+        if not piece:
+            continue
+        if info is None:
+            info, rest = reader.feed(piece)
+        else:
+            rest += piece
+    assert info.source.host == "198.51.100.44" and rest == b"after"
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=300))
+def test_header_reader_never_fails_otherwise_than_invalid_header(data):
+    """Property: arbitrary bytes either wait for more, give a header, or raise InvalidHeader."""
+    reader = ProxyHeaderReader()
+    try:
+        reader.feed(data)
+    except InvalidHeader:
+        pass
+
+
+# -- shared state wiring ---------------------------------------------------------------------------
+
+
+def test_memory_state_has_bans_and_redis_state_connects_lazily(clock):
+    """build_state gives bans for memory, and for Redis an unstarted connection (nothing before start)."""
+    memory = build_state("memory", clock)
+    assert isinstance(memory.bans, MemoryBanStore) and memory.connection is None
+    redis = build_state("redis://127.0.0.1:1/0", clock)
+    assert isinstance(redis.connection, RedisConnection) and redis.connection.status == "connecting"
+    assert redis.description == "redis://127.0.0.1:1/0" and redis.bans.local is not None
+
+
+def test_state_url_parsing():
+    """parse_state_url fills in the default port and database."""
+    assert parse_state_url("redis://h") == RedisLocation("h", 6379, 0)
+    assert parse_state_url("redis://h:1/15").url == "redis://h:1/15"
+
+
+# -- fairness ----------------------------------------------------------------------------------------
+
+
+def test_login_slots_let_two_logins_of_an_address_run_and_queue_the_rest(result_of):
+    """Per address two logins run at once, later ones wait in order, other addresses never wait."""
+    from sftpauth.auth.policy import LoginSlots
+
+    slots = LoginSlots(in_progress=2, waiting=2)
+    first, second = result_of(slots.acquire("192.0.2.1")), result_of(slots.acquire("192.0.2.1"))
+    third, fourth = slots.acquire("192.0.2.1"), slots.acquire("::ffff:192.0.2.1")
+    assert not third.called and not fourth.called
+    with pytest.raises(LoginFailed) as refused:
+        result_of(slots.acquire("192.0.2.1"))
+    assert refused.value.reason == "too-many-logins"
+    result_of(slots.acquire("192.0.2.2"))()  # another address: at once
+    first()
+    first()  # a second call gives nothing back twice
+    assert third.called and not fourth.called
+    second()
+    assert fourth.called
+    result_of(third)()
+    result_of(fourth)()
+    assert len(slots) == 0
+    assert result_of(slots.acquire(""))() is None  # no address (test-login): never limited
+
+
+def test_chain_runs_at_most_two_logins_of_one_address_at_once(policies, recorder, run_in_thread):
+    """A flood of parallel logins from one address reaches the methods two at a time."""
+    running = []
+
+    class SlowMethod:
+        id = "DEFAULT-AUTHENTICATION"
+
+        def authenticate(self, login):
+            answer = defer.Deferred()
+            running.append(answer)
+            return answer
+
+    chain = AuthenticationChain(configuration(POLICIES), {"DEFAULT-AUTHENTICATION": SlowMethod()}, recorder.audit, run_in_thread, policies=policies)
+    reasons = []
+    flood = [chain.requestAvatarId(request()) for _ in range(6)]
+    other = chain.requestAvatarId(request(peer="198.51.100.99"))
+    for login in flood + [other]:
+        login.addErrback(lambda failure: reasons.append(failure.value.reason))
+    assert len(running) == 3  # two of the flood, and the other address at once
+    running[0].errback(LoginFailed("invalid-password", "x"))
+    assert len(running) == 4 and reasons == ["invalid-password"]
+
+
+def test_a_proxy_header_on_a_service_without_proxy_protocol_is_refused(clock):
+    """Without proxy_protocol a connection starting with a PROXY header (v1 or v2) is closed before the protocol reads it."""
+    for header in (b"PROXY TCP4 192.0.2.1 10.0.0.1 1 21\r\n", v2_header()):
+        services = EchoFactory()
+        guard, transport = connect(ConnectionGuardFactory(services, service_settings(), clock, FixedPolicy(None)))
+        guard.dataReceived(header + b"USER x\r\n")
+        assert transport.disconnected and services.built[0].received == b""
+    services = EchoFactory()
+    guard, transport = connect(ConnectionGuardFactory(services, service_settings(), clock, FixedPolicy(None)))
+    guard.dataReceived(b"USER x\r\n")
+    guard.dataReceived(b"PROXY later is just a command\r\n")
+    assert not transport.disconnected and services.built[0].received.endswith(b"command\r\n")
+
+
+class FakeRedis:
+    """A RedisConnection stand-in: answers from a list, or fails like an unreachable Redis."""
+
+    def __init__(self, answers=None):
+        self.answers = list(answers or [])
+        self.commands = []
+        self.reported = []
+
+    def execute(self, *command):
+        self.commands.append(command)
+        if not self.answers:
+            from sftpauth.state import RedisUnavailable
+
+            return defer.fail(RedisUnavailable("redis://x:1/0: not connected"))
+        return defer.succeed(self.answers.pop(0))
+
+    def report(self, failure, what):
+        self.reported.append(what)
+
+
+def test_redis_ban_store_uses_one_script_and_remembers_bans(clock, result_of):
+    """A failure is one EVAL; a ban it reports is remembered so later checks need no round trip."""
+    from sftpauth.state import RedisBanStore
+
+    redis = FakeRedis([[1, 0, 0], [2, 1, 60_000]])
+    store = RedisBanStore(redis, MemoryBanStore(clock))
+    assert result_of(store.add_failure("P", "192.0.2.1", 2, 60)).count == 1
+    banned = result_of(store.add_failure("P", "192.0.2.1", 2, 60))
+    assert banned.banned_now and banned.ban_left == 60
+    assert [command[0] for command in redis.commands] == ["EVAL", "EVAL"]
+    assert redis.commands[0][3:5] == ("sftpauth:failures:P:192.0.2.1", "sftpauth:ban:P:192.0.2.1")
+    assert result_of(store.ban_left("P", "192.0.2.1")) == 60
+    assert len(redis.commands) == 2  # answered from what this node knows
+
+
+def test_redis_ban_store_degrades_to_this_node_when_redis_cannot_answer(clock, result_of):
+    """Without Redis, failures are counted and bans made by this node alone; nothing raises."""
+    from sftpauth.state import RedisBanStore
+
+    redis = FakeRedis()
+    store = RedisBanStore(redis, MemoryBanStore(clock))
+    assert result_of(store.ban_left("P", "192.0.2.1")) == 0
+    counts = [result_of(store.add_failure("P", "192.0.2.1", 2, 60)) for _ in range(2)]
+    assert counts[1].banned_now
+    assert result_of(store.ban_left("P", "192.0.2.1")) == 60
+    assert result_of(store.reset("P", "192.0.2.9")) is None
+    assert "counting a failed login" in redis.reported
+
+
+def test_redis_replay_store_fails_closed(result_of):
+    """A claim Redis cannot answer fails (the TOTP login is refused); an answered one is True once."""
+    from sftpauth.state import RedisReplayStore, RedisUnavailable
+
+    assert result_of(RedisReplayStore(FakeRedis(["OK"])).claim("k", 90)) is True
+    assert result_of(RedisReplayStore(FakeRedis([None])).claim("k", 90)) is False
+    with pytest.raises(RedisUnavailable):
+        result_of(RedisReplayStore(FakeRedis()).claim("k", 90))
+    redis = FakeRedis(["OK"])
+    result_of(RedisReplayStore(redis).claim("k", 0.0001))
+    assert redis.commands == [("SET", "sftpauth:replay:k", "1", "PX", 1, "NX")]
