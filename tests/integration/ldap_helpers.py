@@ -74,6 +74,9 @@ def base_config(folder: Path, authentications: str = METHOD_ID) -> str:
         authentications = {authentications}
         audit_log = {folder}/audit.jsonl
 
+        [security-policies/DEFAULT-SECURITY-POLICY]
+        source_ip_ban_after_count = 1000
+
         [groups/ldap-users]
         home_folder_path = {folder}/homes
         create_home_folder = yes
