@@ -29,6 +29,9 @@ class ApplicationMethod:
             account.username: account for account in configuration.accounts.values()
         }
 
+    def knows(self, username: str) -> bool:
+        return username in self._accounts
+
     def authenticate(self, request: LoginRequest) -> defer.Deferred:
         return defer.ensureDeferred(self._authenticate(request))
 

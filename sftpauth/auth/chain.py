@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import time
 import unicodedata
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional, Protocol
+from typing import TYPE_CHECKING, Callable, Mapping, Optional, Protocol
 
 import attrs
 from twisted.cred.checkers import ICredentialsChecker
@@ -28,7 +28,7 @@ from sftpauth.account import Account
 from sftpauth.audit import AuditLog
 from sftpauth.auth.credentials import ILoginRequest, LoginRequest
 from sftpauth.auth.errors import LoginFailed, UnknownUser
-from sftpauth.config.models import ApplicationAuthenticationSettings, Configuration, LDAPAuthenticationSettings
+from sftpauth.config.models import Configuration
 
 if TYPE_CHECKING:
     from sftpauth.auth.policy import SecurityPolicies
@@ -48,7 +48,7 @@ class AuthenticationMethod(Protocol):
     #   def second_factor(self, request: LoginRequest) -> Optional[SecondFactor]
     # From the username and the configuration only (never the password, never
     # LDAP traffic); raise UnknownUser when authenticate() would pass the
-    # username on. Methods without it are answered by configured_second_factor().
+    # username on. A method without it never asks for a code.
 
 
 @attrs.frozen
@@ -61,31 +61,6 @@ class SecondFactor:
     def combine(self, password: str, code: str) -> str:
         """The one string the chain checks: password then code (spaces typed in the code dropped)."""
         return password + "".join(code.split())
-
-
-TOTP_EXTENSION = "sftpauth.auth.ldap.totp.AugmentedTOTP"
-
-
-def configured_second_factor(configuration: Configuration, settings: Any, request: LoginRequest) -> Optional[SecondFactor]:
-    """What a method without a ``second_factor`` hook wants, read from its configuration.
-
-    Local accounts never have a second factor; an unknown local username
-    goes on (UnknownUser), as authenticate() does. An LDAP method is
-    terminal: it wants a code when its extension is the TOTP extension.
-    """
-    if isinstance(settings, ApplicationAuthenticationSettings):
-        if request.manager or request.username not in {account.username for account in configuration.accounts.values()}:
-            raise UnknownUser("not a local account")
-        return None
-    if isinstance(settings, LDAPAuthenticationSettings):
-        entry_point = settings.extension_entry_point
-        factory = getattr(entry_point, "factory", None)
-        if factory is None or f"{factory.__module__}.{factory.__qualname__}" != TOTP_EXTENSION:
-            return None
-        from sftpauth.auth.ldap.totp import DEFAULT_DIGITS
-
-        return SecondFactor(digits=int(settings.extension_configuration.get("digits", DEFAULT_DIGITS)))
-    return None
 
 
 def _nothing() -> None:
@@ -153,10 +128,10 @@ class AuthenticationChain:
             if method is None:
                 continue
             hook = getattr(method, "second_factor", None)
+            if hook is None:
+                return None  # a method that never asks for a code
             try:
-                if hook is not None:
-                    return hook(request)
-                return configured_second_factor(self._configuration, self._configuration.authentications.get(method_id), request)
+                return hook(request)
             except UnknownUser:
                 continue
             except Exception:

@@ -199,6 +199,14 @@ class LDAPExtensions:
     def __bool__(self) -> bool:
         return bool(self._extensions)
 
+    def second_factor_digits(self) -> Optional[int]:
+        """Digits of a one-time code an extension expects after the password (TOTP), or None."""
+        for extension in self._extensions:
+            digits = getattr(extension, "secondFactorDigits", None)
+            if digits is not None:
+                return digits()
+        return None
+
     def is_hidden(self, attribute: str) -> bool:
         """An extension's attribute: its values never go into a trace or a log."""
         return attribute.lower() in self._hidden

@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Optional
 
 from sftpauth.account import Account, account_for_groups
+from sftpauth.auth.chain import SecondFactor
 from sftpauth.auth.credentials import LoginRequest
 from sftpauth.auth.errors import LoginFailed
 from sftpauth.auth.ldap.client import LDAPServerPool, LDAPUnavailable
@@ -54,6 +55,11 @@ class LDAPMethod:
         names += self.groups.attributes
         names += self.extensions.extra_attributes
         return tuple(dict.fromkeys(names))
+
+    def second_factor(self, request: LoginRequest) -> Optional[SecondFactor]:
+        """A code is asked after the password when the extension (TOTP) wants one; LDAP is terminal."""
+        digits = self.extensions.second_factor_digits()
+        return SecondFactor(digits=digits) if digits else None
 
     async def authenticate(self, request: LoginRequest) -> Account:
         settings = self.settings

@@ -133,6 +133,10 @@ class AugmentedTOTP:
         self.mfa_attribute = attribute.strip()
         self.digits = int(digits)
 
+    def secondFactorDigits(self) -> int:
+        """Optional hook: SSH keyboard-interactive asks for a code of this many digits."""
+        return self.digits
+
     def getExtraAttributes(self) -> tuple[str, ...]:
         return (self.mfa_attribute,)
 
