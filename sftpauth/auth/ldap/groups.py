@@ -32,7 +32,7 @@ from ldaptor.protocols.ldap import distinguishedname
 
 from sftpauth.auth.errors import LoginFailed
 from sftpauth.auth.ldap.client import Entry, LDAPConnection
-from sftpauth.auth.ldap.dn import SUBTREE, Lookup, bind_service_account, describe
+from sftpauth.auth.ldap.dn import SUBTREE, Lookup, bind_service_account, describe, parse_dn
 from sftpauth.auth.ldap.filters import as_text
 from sftpauth.config.models import DEFAULT_GROUP, DEFAULT_ROLE, Configuration, LDAPAuthenticationSettings
 from sftpauth.matching import InvalidExpression, MatchingExpression, compile_expression
@@ -52,21 +52,6 @@ _SHOWN_VALUES = 5
 # -- DNs ------------------------------------------------------------------------------
 
 
-_HEX_RUN = re.compile(r"(?:\\[0-9A-Fa-f]{2})+")
-_DN_SPECIAL = ',+"\\<>;=#'
-
-
-def _decode_hex_escapes(text: str) -> str:
-    """``\\C3\\BC`` -> ``ü`` and ``\\2C`` -> ``\\,``: ldaptor only reads the second kind."""
-
-    def decode(match: re.Match) -> str:
-        raw = bytes(int(pair, 16) for pair in match.group(0).split("\\")[1:])
-        decoded = raw.decode("utf-8", "surrogateescape")
-        return "".join("\\" + char if char in _DN_SPECIAL or char == " " else char for char in decoded)
-
-    return _HEX_RUN.sub(decode, text)
-
-
 def normalise_dn(text: str) -> str:
     """A DN in one canonical, lower-case form, for case-insensitive comparison.
 
@@ -75,12 +60,7 @@ def normalise_dn(text: str) -> str:
     pairs of a multi-valued RDN sorted. Raises ValueError for text that is
     not a DN.
     """
-    try:
-        dn = distinguishedname.DistinguishedName(stringValue=_decode_hex_escapes(text.strip()))
-    except Exception as error:
-        raise ValueError(f"{text!r} is not a distinguished name: {error}") from None
-    if not dn.listOfRDNs:
-        raise ValueError(f"{text!r} is not a distinguished name")
+    dn = parse_dn(text.strip())  # hex escapes decoded as UTF-8; ValueError when not a DN
     rdns = []
     for rdn in dn.listOfRDNs:
         pairs = []
