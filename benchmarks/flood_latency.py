@@ -8,7 +8,7 @@ flood never stops). For each, it measures the legitimate user's login
 ``--flooders`` connections from 127.0.0.66 send wrong passwords as fast as
 the server answers.
 
-    /work/venv/bin/python benchmarks/flood_latency.py [--samples 40] [--flooders 16]
+    .venv/bin/python benchmarks/flood_latency.py [--samples 40] [--flooders 16]
 """
 
 from __future__ import annotations

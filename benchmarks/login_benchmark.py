@@ -1,0 +1,282 @@
+"""Login throughput and latency of sftpauth against a real slapd, beside the LDAP floor (issue 7).
+
+Starts a throw-away slapd with ``--users`` generated inetOrgPerson entries
+(uid=userNNNNN under ou=Engineering / ou=Accounting, ``{SSHA}`` passwords)
+and the real ``twistd -n sftpauth`` with an FTP and an SFTP service and one
+LDAP method, once per ``--bind-type`` (parent, search: the service account
+is the slapd admin). Bans are off (source_ip_ban_after_count = 0) and every
+account gets a home folder created on first login under a temporary folder.
+
+Cells (each bounded by ``--logins`` and ``--seconds``):
+
+* floor: what one login needs from LDAP, done directly against slapd by a
+  raw-BER asyncio client: connect, [service BIND + subtree search,] BIND as
+  the user, read the entry (base search), UNBIND; concurrency 1, 8, 32;
+* ftp: connect, USER, PASS, PWD, QUIT (asyncio client); 1, 8, 32, 128;
+* sftp: connect, key exchange, password, SFTP subsystem, list the home
+  folder, close (paramiko in threads, TCP_NODELAY); 1, 8, 32, 128.
+
+For each: logins/s, latency p50/p95/p99, failures, and the CPU time of the
+sftpauth (twistd) process and of slapd per login (/proc/PID/stat utime +
+stime before and after the cell). The client runs on the same machine and
+takes its share of the CPU: the numbers are for comparison between
+versions of sftpauth on one machine, not absolute.
+
+    .venv/bin/python benchmarks/login_benchmark.py [--users 1000] [--logins 200] [--seconds 30]
+        [--bind-type parent search] [--json benchmarks/results/login.json]
+        [--png benchmarks/results/login.png]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import json
+import platform
+import shutil
+import statistics
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import benchlib as lib
+
+HOST = "127.0.0.1"
+OPERATION_TIMEOUT = 60.0
+
+
+def percentile(values: list[float], fraction: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    rank = min(len(ordered) - 1, max(0, int(round(fraction * len(ordered) + 0.5)) - 1))
+    return ordered[rank]
+
+
+class Cell:
+    """The counters of one (bind type, kind, concurrency) measurement."""
+
+    def __init__(self, logins: int, seconds: float, users: int, start_index: int):
+        self.logins = logins
+        self.deadline = time.monotonic() + seconds
+        self.users = users
+        self.counter = itertools.count(start_index)
+        self.issued = 0
+        self.latencies: list[float] = []
+        self.failures = 0
+        self.errors: dict[str, int] = {}
+        self.lock = threading.Lock()
+
+    def take(self):
+        """The next user index, or None when the cell is over (count or time)."""
+        with self.lock:
+            if self.issued >= self.logins or time.monotonic() >= self.deadline:
+                return None
+            self.issued += 1
+            return next(self.counter) % self.users
+
+    def record(self, started: float, error: BaseException | None) -> None:
+        elapsed = time.monotonic() - started
+        with self.lock:
+            if error is None:
+                self.latencies.append(elapsed)
+            else:
+                self.failures += 1
+                key = f"{type(error).__name__}: {error}"[:120]
+                self.errors[key] = self.errors.get(key, 0) + 1
+
+
+async def _async_cell(cell: Cell, concurrency: int, login, sources: bool) -> None:
+    async def worker(number):
+        source = lib.source_address(number if sources else None)
+        while (index := cell.take()) is not None:
+            started = time.monotonic()
+            try:
+                await asyncio.wait_for(login(index, source), OPERATION_TIMEOUT)
+                cell.record(started, None)
+            except Exception as error:  # noqa: BLE001 - counted as a failure
+                cell.record(started, error)
+
+    await asyncio.gather(*(worker(number) for number in range(concurrency)))
+
+
+def _thread_cell(cell: Cell, concurrency: int, login, sources: bool) -> None:
+    def worker(number):
+        source = lib.source_address(number if sources else None)
+        while (index := cell.take()) is not None:
+            started = time.monotonic()
+            try:
+                login(index, source)
+                cell.record(started, None)
+            except Exception as error:  # noqa: BLE001 - counted as a failure
+                cell.record(started, error)
+
+    with ThreadPoolExecutor(concurrency) as pool:
+        for future in [pool.submit(worker, number) for number in range(concurrency)]:
+            future.result()
+
+
+def measure(kind: str, bind_type: str, concurrency: int, args, start_index: int, login, pids: dict) -> dict:
+    cell = Cell(args.logins, args.seconds, args.users, start_index)
+    cpu_before = {name: lib.cpu_seconds(pid) for name, pid in pids.items()}
+    started = time.monotonic()
+    if kind == "sftp":
+        _thread_cell(cell, concurrency, login, args.sources == "many")
+    else:
+        asyncio.run(_async_cell(cell, concurrency, login, args.sources == "many"))
+    wall = time.monotonic() - started
+    cpu = {name: lib.cpu_seconds(pid) - cpu_before[name] for name, pid in pids.items()}
+    done = len(cell.latencies) + cell.failures
+    ms = [value * 1000 for value in cell.latencies]
+    result = {
+        "bind_type": bind_type,
+        "kind": kind,
+        "concurrency": concurrency,
+        "attempts": done,
+        "ok": len(cell.latencies),
+        "failures": cell.failures,
+        "errors": cell.errors,
+        "seconds": round(wall, 3),
+        "logins_per_s": round(len(cell.latencies) / wall, 1) if wall else 0.0,
+        "p50_ms": round(percentile(ms, 0.50), 2),
+        "p95_ms": round(percentile(ms, 0.95), 2),
+        "p99_ms": round(percentile(ms, 0.99), 2),
+        "mean_ms": round(statistics.fmean(ms), 2) if ms else float("nan"),
+    }
+    for name, seconds in cpu.items():
+        result[f"{name}_cpu_ms_per_login"] = round(seconds * 1000 / done, 2) if done else float("nan")
+    return result
+
+
+def print_row(row: dict) -> None:
+    sftpauth_cpu = row.get("sftpauth_cpu_ms_per_login", "")
+    print(f"{row['bind_type']:<7} {row['kind']:<5} {row['concurrency']:>4} {row['ok']:>5} {row['failures']:>4} "
+          f"{row['logins_per_s']:>8.1f} {row['p50_ms']:>8.1f} {row['p95_ms']:>8.1f} {row['p99_ms']:>8.1f} "
+          f"{sftpauth_cpu!s:>9} {row['slapd_cpu_ms_per_login']!s:>8}", flush=True)
+
+
+HEADER = (f"{'bind':<7} {'kind':<5} {'conc':>4} {'ok':>5} {'fail':>4} {'login/s':>8} {'p50 ms':>8} "
+          f"{'p95 ms':>8} {'p99 ms':>8} {'cpu/twd':>9} {'cpu/sl':>8}\n"
+          "(cpu/twd, cpu/sl: ms of CPU per login of the sftpauth process and of slapd)")
+
+
+def draw(rows: list[dict], path: Path, peers: dict) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed (pip install -r benchmarks/requirements.txt): no PNG")
+        return
+    figure, (rate_axis, p99_axis) = plt.subplots(1, 2, figsize=(12, 5))
+    styles = {"floor": ":", "ftp": "-", "sftp": "--"}
+    markers = {"parent": "o", "search": "s"}
+    series: dict[tuple[str, str], list[dict]] = {}
+    for row in rows:
+        series.setdefault((row["kind"], row["bind_type"]), []).append(row)
+    for (kind, bind_type), points in sorted(series.items()):
+        points.sort(key=lambda row: row["concurrency"])
+        label = f"{'LDAP floor' if kind == 'floor' else kind.upper()} ({bind_type})"
+        xs = [row["concurrency"] for row in points]
+        rate_axis.plot(xs, [row["logins_per_s"] for row in points], styles[kind], marker=markers.get(bind_type, "x"),
+                       label=label)
+        p99_axis.plot(xs, [row["p99_ms"] for row in points], styles[kind], marker=markers.get(bind_type, "x"),
+                      label=label)
+    for name, (value, colour) in peers.items():
+        rate_axis.scatter([32], [value], color=colour, marker="*", s=120, zorder=5, label=name)
+    rate_axis.set(xscale="log", yscale="log", xlabel="concurrent clients", ylabel="logins/s",
+                  title="Throughput (higher is better)")
+    p99_axis.set(xscale="log", yscale="log", xlabel="concurrent clients", ylabel="p99 latency (ms)",
+                 title="p99 latency (lower is better)")
+    for axis in (rate_axis, p99_axis):
+        axis.set_xticks([1, 8, 32, 128], labels=["1", "8", "32", "128"])
+        axis.grid(True, which="both", alpha=0.3)
+    rate_axis.legend(fontsize=7)
+    figure.suptitle("sftpauth logins against slapd, beside the LDAP floor (same 2-core machine)")
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+    print(f"wrote {path}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--users", type=int, default=1000)
+    parser.add_argument("--logins", type=int, default=200, help="logins per cell (upper bound)")
+    parser.add_argument("--seconds", type=float, default=30.0, help="time limit per cell")
+    parser.add_argument("--bind-type", nargs="+", default=["parent", "search"], choices=["parent", "search"])
+    parser.add_argument("--kinds", nargs="+", default=["floor", "ftp", "sftp"], choices=["floor", "ftp", "sftp"])
+    parser.add_argument("--floor-concurrency", default="1,8,32")
+    parser.add_argument("--concurrency", default="1,8,32,128", help="for ftp and sftp")
+    parser.add_argument("--json", type=Path, default=lib.REPOSITORY / "benchmarks/results/login.json")
+    parser.add_argument("--png", type=Path, default=lib.REPOSITORY / "benchmarks/results/login.png")
+    parser.add_argument("--sources", choices=["many", "one"], default="many",
+                        help="many (default): each concurrent client from its own 127.0.x.y address, as many "
+                             "users are; one: all from 127.0.0.1, where sftpauth runs at most 2 logins of one "
+                             "address at once and refuses past 32 waiting (too-many-logins)")
+    parser.add_argument("--keep", action="store_true", help="keep the temporary folder (logs)")
+    args = parser.parse_args()
+    floor_levels = [int(value) for value in args.floor_concurrency.split(",")]
+    levels = [int(value) for value in args.concurrency.split(",")]
+    lib.raise_nofile()
+
+    rows: list[dict] = []
+    folder = Path(tempfile.mkdtemp(prefix="sftpauth-bench-"))
+    slapd = lib.start_slapd(args.users)
+    admin = (slapd.admin_dn, slapd.admin_password)
+    print(HEADER, flush=True)
+    next_index = 0
+    try:
+        for bind_type in args.bind_type:
+            server, ftp_port, sftp_port = lib.start_sftpauth(folder / bind_type, slapd, bind_type)
+            try:
+                pids = {"sftpauth": server.process.pid, "slapd": slapd.process.pid}
+                logins = {
+                    "floor": lambda index, source, b=bind_type: lib.floor_login(
+                        HOST, slapd.port, index, b, admin, source),
+                    "ftp": lambda index, source: lib.ftp_login(HOST, ftp_port, index, source),
+                    "sftp": lambda index, source: lib.sftp_login(HOST, sftp_port, index, source),
+                }
+                # warm up: host keys, first home folders, imports in the server
+                asyncio.run(lib.ftp_login(HOST, ftp_port, 0))
+                lib.sftp_login(HOST, sftp_port, 0)
+                for kind in args.kinds:
+                    for concurrency in (floor_levels if kind == "floor" else levels):
+                        cell_pids = {"slapd": pids["slapd"]} if kind == "floor" else pids
+                        row = measure(kind, bind_type, concurrency, args, next_index, logins[kind], cell_pids)
+                        next_index += row["attempts"]
+                        rows.append(row)
+                        print_row(row)
+                        if row["errors"]:
+                            print(f"        errors: {row['errors']}", flush=True)
+            finally:
+                server.stop()
+    finally:
+        slapd.stop()
+        if not args.keep:
+            shutil.rmtree(folder, ignore_errors=True)
+        else:
+            print(f"kept {folder}")
+
+    report = {
+        "benchmark": "login",
+        "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "machine": {"cpus": lib.os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
+        "settings": {"users": args.users, "logins_per_cell": args.logins, "seconds_per_cell": args.seconds,
+                     "sources": args.sources,
+                     "bind_types": args.bind_type},
+        "cells": rows,
+    }
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    print(f"wrote {args.json}")
+    draw(rows, args.png, {"ProFTPD FTP @32 (issue 7)": (255, "tab:red"),
+                          "ProFTPD SFTP @32 (issue 7)": (110, "tab:purple")})
+
+
+if __name__ == "__main__":
+    main()
