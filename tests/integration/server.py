@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -10,7 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 TWISTD = str(Path(sys.executable).with_name("twistd"))
 REPOSITORY = Path(__file__).resolve().parents[2]
@@ -95,3 +96,16 @@ class SftpauthServer:
             if time.monotonic() > deadline:
                 raise AssertionError(f"no audit event matched; events: {self.audit_events()}")
             time.sleep(0.05)
+
+
+@contextlib.contextmanager
+def serving(server: SftpauthServer) -> Iterator[SftpauthServer]:
+    """Run ``server`` for a block; afterwards it must have exited 0 without a traceback in its log."""
+    server.start()
+    try:
+        yield server
+    finally:
+        status = server.stop()
+    log = server.log_path.read_text(errors="replace")
+    assert "Traceback" not in log, server.log_tail(200)
+    assert status == 0, server.log_tail()

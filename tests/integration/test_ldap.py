@@ -42,9 +42,8 @@ from .ldap_helpers import (
     connections_to,
     ldap_section,
     open_fds,
-    plugin_on_python_path,
 )
-from .server import SftpauthServer, free_port
+from .server import SftpauthServer, free_port, serving
 
 pytestmark = pytest.mark.slapd
 
@@ -744,15 +743,8 @@ base_groups = ldap-users
 def site(slapd, tmp_path_factory):
     """One real sftpauth process for every service test of this module."""
     site = LDAPSite(tmp_path_factory.mktemp("ldap-site"), slapd)
-    with plugin_on_python_path():
-        site.server.start()
-    try:
+    with serving(site.server):
         yield site
-    finally:
-        status = site.server.stop()
-    log = site.server.log_path.read_text(errors="replace")
-    assert "Traceback" not in log, site.server.log_tail(200)
-    assert status == 0, site.server.log_tail()
 
 
 def test_ftp_login_uses_the_ldap_home_folder(site):

@@ -27,8 +27,7 @@ from .policy_helpers import (
     sftp_fails,
     sftp_listing,
 )
-from .server import SftpauthServer, free_port
-from .sftp_fixtures import plugin_on_python_path
+from .server import SftpauthServer, free_port, serving
 
 FAILURE = "530 Login failed."
 
@@ -158,15 +157,8 @@ def ldap():
 def site(tmp_path_factory, ldap):
     """A real sftpauth with five services on four policies."""
     site = Site(tmp_path_factory.mktemp("policy"), ldap)
-    with plugin_on_python_path():
-        site.server.start()
-    try:
+    with serving(site.server):
         yield site
-    finally:
-        status = site.server.stop()
-    log = site.server.log_path.read_text(errors="replace")
-    assert "Traceback" not in log, site.server.log_tail(200)
-    assert status == 0, site.server.log_tail()
 
 
 def test_failures_across_ftp_and_sftp_ban_the_address_on_both(site):

@@ -26,8 +26,7 @@ import paramiko
 import pyotp
 import pytest
 
-from .server import SftpauthServer, free_port
-from .sftp_fixtures import plugin_on_python_path
+from .server import SftpauthServer, free_port, serving
 from .slapd import SlapdNotFound, SlapdServer
 
 BASE = "dc=example,dc=com"
@@ -228,15 +227,8 @@ create_home_folder = yes
 def site(tmp_path_factory, slapd_totp):
     """A real sftpauth process (FTP x3, SFTP) in front of the TOTP directory."""
     site = Site(tmp_path_factory.mktemp("totp"), slapd_totp)
-    with plugin_on_python_path():
-        site.server.start()
-    try:
+    with serving(site.server):
         yield site
-    finally:
-        status = site.server.stop()
-    log = site.server.log_path.read_text(errors="replace")
-    assert "Traceback" not in log, site.server.log_tail(200)
-    assert status == 0, site.server.log_tail()
 
 
 # -- the directory itself -------------------------------------------------------------------
