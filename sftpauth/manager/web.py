@@ -290,6 +290,20 @@ class ManagerApp:
             api_message="missing or wrong CSRF token (X-CSRF-Token header or csrf_token field)",
         )
 
+
+    def _audit_preauth_refusal(self, call, reason: str, detail: str) -> None:
+        """A pre-authentication attempt that was not honoured is an authentication failure in the audit log."""
+        self.runtime.audit.record(
+            "authentication",
+            service=self.settings.id,
+            protocol="manager",
+            peer=call.peer,
+            username=preauth.claimed_username(call.request),
+            method=PREAUTH_METHOD,
+            outcome="failure",
+            reason=reason,
+            detail=detail,
+        )
     def _pre_authenticate(self, call: Call) -> Optional[Response]:
         """Honour ``preauth-*`` headers only from a trusted proxy with header_authentication = yes."""
         settings = self.settings
@@ -300,33 +314,13 @@ class ManagerApp:
                 reason, detail = "preauth-disabled", "header_authentication = no: pre-authentication headers ignored"
             else:
                 reason, detail = "preauth-untrusted", f"{call.peer} is not in trusted_proxies: pre-authentication headers ignored"
-            audit.record(
-                "authentication",
-                service=settings.id,
-                protocol="manager",
-                peer=call.peer,
-                username=preauth.claimed_username(request),
-                method=PREAUTH_METHOD,
-                outcome="failure",
-                reason=reason,
-                detail=detail,
-            )
+            self._audit_preauth_refusal(call, reason, detail)
             _log.warn("Web Manager {service}: request from {peer}: {detail}", service=settings.id, peer=call.peer, detail=detail)
             return None
         try:
             claim = preauth.read(request)
         except preauth.InvalidPreAuthentication as error:
-            audit.record(
-                "authentication",
-                service=settings.id,
-                protocol="manager",
-                peer=call.peer,
-                username=preauth.claimed_username(request),
-                method=PREAUTH_METHOD,
-                outcome="failure",
-                reason="preauth-invalid",
-                detail=str(error),
-            )
+            self._audit_preauth_refusal(call, "preauth-invalid", str(error))
             return self._error(call.path.startswith("/api/"), 400, "Bad request", f"Invalid pre-authentication header: {error}")
         if claim is None:
             return None
