@@ -129,6 +129,7 @@ class LDAPAuthenticationSettings(AuthenticationSettings):
     tls_trusted_certificates: str  # "system", "disable-identity-security" or a PEM bundle path
     timeout: int
     retry_interval: int
+    connection_pool_size: int
     bind_dn_type: str
     bind_dn: tuple[Any, ...]  # ldaptor DistinguishedName objects
     username_attribute: str

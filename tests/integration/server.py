@@ -75,9 +75,17 @@ class SftpauthServer:
         finally:
             self.process.stdout.close()
 
+    def log_text(self) -> str:
+        """The whole twistd log, oldest first, including the files twistd rotated away at 1 MB."""
+        rotated = sorted(
+            (path for path in self.folder.glob(self.log_path.name + ".*") if path.suffix[1:].isdigit()),
+            key=lambda path: -int(path.suffix[1:]),
+        )
+        return "".join(path.read_text(errors="replace") for path in [*rotated, self.log_path] if path.exists())
+
     def log_tail(self, lines: int = 60) -> str:
         try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+            return "\n".join(self.log_text().splitlines()[-lines:])
         except OSError:
             return "(no log)"
 
@@ -106,6 +114,6 @@ def serving(server: SftpauthServer) -> Iterator[SftpauthServer]:
         yield server
     finally:
         status = server.stop()
-    log = server.log_path.read_text(errors="replace")
+    log = server.log_text()
     assert "Traceback" not in log, server.log_tail(200)
     assert status == 0, server.log_tail()

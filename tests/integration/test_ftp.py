@@ -129,7 +129,7 @@ def ftp_server(tmp_path_factory):
         yield server
     finally:
         status = server.process.stop()
-    log = server.process.log_path.read_text(errors="replace")
+    log = server.process.log_text()
     assert "Traceback" not in log, server.process.log_tail(200)
     assert status == 0, server.process.log_tail()
 
@@ -759,4 +759,4 @@ def test_sigterm_stops_the_process_with_status_zero(tmp_path):
     events = [event["event"] for event in server.audit_events()]
     assert events.count("session-start") == 1 and events.count("session-end") == 1
     assert events.index("session-start") < events.index("session-end")
-    assert "Traceback" not in server.process.log_path.read_text(errors="replace")
+    assert "Traceback" not in server.process.log_text()

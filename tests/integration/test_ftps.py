@@ -132,7 +132,7 @@ def site(tmp_path_factory):
         yield site
     finally:
         status = site.server.stop()
-    log = site.server.log_path.read_text(errors="replace")
+    log = site.server.log_text()
     assert "Traceback" not in log, site.server.log_tail(200)
     assert status == 0
 
@@ -600,14 +600,14 @@ ssl_certificate = {certificate}
         certificate.write_text("not a certificate\n")
         server.process.send_signal(signal.SIGHUP)
         deadline = time.monotonic() + 10
-        while "not reloaded" not in server.log_path.read_text(errors="replace"):
+        while "not reloaded" not in server.log_text():
             assert time.monotonic() < deadline, server.log_tail()
             time.sleep(0.1)
         assert same_certificate(served_certificate(port), pki.wrong_name.certificate.read_bytes())
     finally:
         status = server.stop()
     assert status == 0
-    assert "Traceback" not in server.log_path.read_text(errors="replace")
+    assert "Traceback" not in server.log_text()
 
 
 @pytest.mark.parametrize("kind", ["missing", "expired", "ftpsi-without-certificate"])

@@ -185,7 +185,7 @@ def site(tmp_path_factory, fakes):
         yield site
     finally:
         status = site.server.stop()
-    log = site.server.log_path.read_text(errors="replace")
+    log = site.server.log_text()
     assert "Traceback" not in log and "Unhandled" not in log, site.server.log_tail(200)
     assert status == 0, site.server.log_tail()
 

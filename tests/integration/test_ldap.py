@@ -843,10 +843,16 @@ def test_sftp_huge_username_is_invalid_username_and_the_service_survives(site):
     site.sftp_transport("alice", "alice-pass").close()
 
 
-def test_no_ldap_connection_left_open_by_the_server(site, slapd):
-    """After the logins above, the sftpauth process holds no connection to slapd."""
+def test_the_server_reuses_a_few_ldap_connections(site, slapd):
+    """After the logins above the process keeps a few connections to slapd (at most connection_pool_size = 16),
+    and ten more sequential logins open none."""
     pid = site.server.process.pid
-    deadline = time.monotonic() + 5
-    while connections_to(slapd.port, pid) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert connections_to(slapd.port, pid) == []
+
+    def local_ends() -> set[str]:
+        return {line.split()[3] for line in connections_to(slapd.port, pid)}
+
+    kept = local_ends()
+    assert 1 <= len(kept) <= 16, kept
+    for _ in range(10):
+        site.ftp("alice", "alice-pass").quit()
+    assert local_ends() == kept

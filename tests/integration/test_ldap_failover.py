@@ -170,7 +170,7 @@ def test_a_crashed_server_costs_at_most_the_logins_in_flight(two_directories, tm
     assert len(in_flight) <= len(workers)
     events = [event for event in server.audit_events() if event.get("event") == "authentication"]
     assert {event["reason"] for event in events if event["outcome"] == "failure"} <= {"service-unavailable"}
-    log = server.log_path.read_text(errors="replace")
+    log = server.log_text()
     assert f"LDAP method ldap: servers 127.0.0.1:{first.port}, 127.0.0.1:{second.port} (plain LDAP)" in log
     assert f"LDAP server 127.0.0.1:{first.port} of ldap is down" in log
     assert "Starting factory <sftpauth.auth.ldap" not in log  # no log line per LDAP connection

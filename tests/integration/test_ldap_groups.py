@@ -415,7 +415,7 @@ port = {sftp_port}
         yield Site(folder, server, ftp_port, sftp_port)
     finally:
         status = server.stop()
-    assert "Traceback" not in server.log_path.read_text(errors="replace"), server.log_tail(200)
+    assert "Traceback" not in server.log_text(), server.log_tail(200)
     assert status == 0, server.log_tail()
 
 

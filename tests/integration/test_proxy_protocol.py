@@ -104,7 +104,7 @@ def site(tmp_path_factory):
             site.haproxy.stop()
     finally:
         status = site.server.stop()
-    log = site.server.log_path.read_text(errors="replace")
+    log = site.server.log_text()
     assert "Traceback" not in log, site.server.log_tail(200)
     assert status == 0, site.server.log_tail()
 
@@ -196,7 +196,7 @@ def test_proxy_header_without_the_option_is_a_protocol_error(site):
             connection.recv(1024)  # the banner or the SSH version
             connection.sendall(header + b"USER alice\r\n")
             assert read_until_closed(connection) == b""
-    assert "it starts with a PROXY header but proxy_protocol = no" in site.server.log_path.read_text(errors="replace")
+    assert "it starts with a PROXY header but proxy_protocol = no" in site.server.log_text()
     # The plain services keep working with the real TCP peer.
     ftp_login(site.ports["ftp-plain"], "alice", "alice-pass", "127.0.0.35").quit()
     site.audit(lambda e: e["event"] == "authentication" and e["peer"] == "127.0.0.35" and e["service"] == "ftp-plain")

@@ -85,7 +85,7 @@ password = {hash_password("alice-pass")}
 
     def wait_for_log(self, text: str, timeout: float = 20.0) -> None:
         deadline = time.monotonic() + timeout
-        while text not in self.server.log_path.read_text(errors="replace"):
+        while text not in self.server.log_text():
             if time.monotonic() > deadline:
                 raise AssertionError(f"{text!r} not logged:\n{self.server.log_tail()}")
             time.sleep(0.1)
@@ -118,7 +118,7 @@ def nodes(tmp_path_factory, redis, slapd):
     finally:
         statuses = [a.server.stop(), b.server.stop()]
     for node in (a, b):
-        log = node.server.log_path.read_text(errors="replace")
+        log = node.server.log_text()
         assert "Traceback" not in log, node.server.log_tail(200)
     assert statuses == [0, 0]
 

@@ -286,7 +286,7 @@ def test_wrong_password_is_refused_and_audited(site):
     assert event["service"] == SERVICE_ID
     assert event["protocol"] == "sftp"
     assert event["peer"] == "127.0.0.1"
-    assert "not-alice-pass" not in site.server.log_path.read_text(errors="replace")
+    assert "not-alice-pass" not in site.server.log_text()
 
 
 def test_disabled_account_is_refused_and_audited(site):
@@ -645,7 +645,7 @@ def test_generated_host_keys_are_private_and_stable_across_restarts(keys_site):
     rsa_before = server_host_key(keys_site.port, disabled_algorithms={"keys": ["ssh-ed25519"]})
     assert ed25519_before.get_name() == "ssh-ed25519"
     assert rsa_before.get_name() == "ssh-rsa" and rsa_before.get_bits() == 3072
-    log = keys_site.server.log_path.read_text(errors="replace")
+    log = keys_site.server.log_text()
     assert openssh_fingerprint(ed25519_before) in log
     assert openssh_fingerprint(rsa_before) in log
 
@@ -653,7 +653,7 @@ def test_generated_host_keys_are_private_and_stable_across_restarts(keys_site):
     keys_site.server.start()
     assert server_host_key(keys_site.port) == ed25519_before
     assert server_host_key(keys_site.port, disabled_algorithms={"keys": ["ssh-ed25519"]}) == rsa_before
-    log = keys_site.server.log_path.read_text(errors="replace")
+    log = keys_site.server.log_text()
     assert log.count(openssh_fingerprint(ed25519_before)) == 2
 
 
@@ -695,7 +695,7 @@ def test_configured_host_keys_are_used(tmp_path):
         try:
             assert server_host_key(port).asbytes() == ed25519_key.asbytes()
             assert server_host_key(port, {"keys": ["ssh-ed25519"]}).asbytes() == rsa_key.asbytes()
-            log = server.log_path.read_text(errors="replace")
+            log = server.log_text()
             assert openssh_fingerprint(rsa_key) in log and openssh_fingerprint(ed25519_key) in log
             assert not (tmp_path / "server" / "data" / "ssh").exists()  # nothing generated
         finally:
@@ -839,7 +839,7 @@ def test_openssh_ssh_command_is_refused(site, tmp_path):
 
 def test_server_log_has_no_unhandled_errors(site):
     """After every test above, the server log holds no traceback or unhandled error (runs last)."""
-    log = site.server.log_path.read_text(errors="replace")
+    log = site.server.log_text()
     assert "Traceback" not in log
     assert "Unhandled" not in log
     assert site.server.process.poll() is None

@@ -366,7 +366,7 @@ def test_wrong_code_over_sftp_is_refused(site):
 
 def test_no_password_code_or_secret_in_logs(site):
     """Neither the twistd log nor the audit log holds a password, a code, a URI or a secret."""
-    log = site.server.log_path.read_text(errors="replace")
+    log = site.server.log_text()
     audit = (site.folder / "audit.jsonl").read_text(errors="replace")
     for text in (log, audit):
         assert "otpauth://" not in text

@@ -77,6 +77,9 @@ class FakeDirectory:
         self.open_connections += 1
         return FakeConnection(self)
 
+    def release(self, connection: "FakeConnection") -> None:
+        connection.close()
+
 
 class FakeConnection:
     server = "fake:389"
@@ -84,6 +87,7 @@ class FakeConnection:
     def __init__(self, directory: FakeDirectory):
         self.directory = directory
         self.bound: Optional[str] = None
+        self.bound_as: Optional[str] = None
         self.closed = False
 
     async def _answer(self, value):
@@ -97,8 +101,9 @@ class FakeConnection:
         expected = directory.passwords.get(dn.lower())
         if expected is not None and expected == password:
             self.bound = dn.lower()
+            self.bound_as = dn
             return await self._answer(LDAPResult(0, ""))
-        self.bound = None
+        self.bound = self.bound_as = None
         return await self._answer(LDAPResult(INVALID_CREDENTIALS, "invalid credentials"))
 
     async def search(

@@ -493,6 +493,7 @@ class FakeConnection:
         self.fail = fail
         self.searches: list[tuple[str, str]] = []
         self.binds: list[str] = []
+        self.bound_as = None
         self.closed = False
 
     async def bind(self, dn: str, password: str) -> LDAPResult:
@@ -545,6 +546,9 @@ class FakePool:
 
     async def connect(self, trace=None, method_id: str = ""):
         return self.connection
+
+    def release(self, connection) -> None:
+        connection.close()
 
 
 class FakeLookup:

@@ -402,6 +402,9 @@ class LoginPool:
         self.connections.append(connection)
         return connection
 
+    def release(self, connection):
+        connection.close()
+
 
 @pytest.fixture
 def ldap_configuration(tmp_path):

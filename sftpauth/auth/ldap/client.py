@@ -14,10 +14,30 @@ login fails at once, and the probes run every ``timeout`` seconds (at most
 :class:`Connector` opens one connection ready for use: TCP, then LDAPS or
 StartTLS as configured (see :mod:`.tls`), never falling back to plain text.
 :class:`LDAPConnection` is one connected client; it is closed with UNBIND.
+
+Connection reuse. While the pool is started (the running server) a login
+gives its connection back with :meth:`LDAPServerPool.release` and the next
+login on that server takes it (newest first), so a login costs no TCP
+connection, TLS handshake or UNBIND. A connection never carries one user's
+identity into another login, by this rule enforced in
+:class:`LDAPConnection` itself: it knows the identity it is bound as (a
+BIND that succeeds sets it; any other BIND answer leaves the connection
+anonymous, RFC 4511 §4.2.1), and when it is lent to a new login while
+bound as anybody but the method's own service account, its first
+operation other than a BIND is preceded by an anonymous BIND that resets
+it. Every strategy begins with a BIND, so the reset is only sent when a
+login would search first (``search`` without a service account). A
+connection is only lent when nothing is pending on it: after an error, a
+timeout or a lost connection it is closed, never kept. Idle connections are
+closed after :data:`IDLE_SECONDS`, when the server goes down, and when the
+pool stops. A kept connection that turns out to have been closed by the
+server meanwhile does not mark the server down: the pool drops the others
+kept for that server and the login is run again on a new connection.
 """
 
 from __future__ import annotations
 
+import collections
 import time
 from typing import Callable, Optional, Sequence
 
@@ -25,7 +45,8 @@ import attrs
 from ldaptor.protocols import pureldap
 from ldaptor.protocols.ldap.ldapclient import LDAPClient
 from twisted.internet import defer, error as net_error
-from twisted.internet.endpoints import HostnameEndpoint
+from twisted.internet.abstract import isIPAddress, isIPv6Address
+from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint
 from twisted.internet.interfaces import IHandshakeListener
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
@@ -45,8 +66,13 @@ INVALID_CREDENTIALS = 49
 INSUFFICIENT_ACCESS = 50
 UNWILLING_TO_PERFORM = 53
 
+# Seconds a kept connection may stay idle before it is closed (below the
+# idle time-outs directories are usually given: AD's MaxConnIdleTime is 900).
+IDLE_SECONDS = 60.0
+
 UP = "up"
 DOWN = "down"
+_REFERRALS_LOGGED: set = set()  # servers whose continuation references were logged (once per process)
 UNKNOWN = "unknown"
 
 
@@ -80,6 +106,7 @@ class LDAPResult:
     code: int
     message: str
     matched_dn: str = ""
+    referrals: tuple[str, ...] = ()  # continuation references of a search (never chased)
 
     @property
     def ok(self) -> bool:
@@ -179,6 +206,27 @@ class LDAPConnection:
         self._timeout = timeout
         self._on_unavailable = on_unavailable
         self._broken = False
+        self._busy = 0  # operations sent and not answered yet
+        self.bound_as: Optional[str] = None  # the DN of the last successful BIND; None: anonymous
+        self._reset_before_use = False  # lent while bound as somebody else: reset before any search
+        self.uses = 0  # logins this connection served before the current one
+        self.idle_since = 0.0
+
+    @property
+    def reusable(self) -> bool:
+        """Connected, never failed, nothing pending: it may serve another login."""
+        return self.client.connected and not self._broken and not self._busy
+
+    def lend(self, shared_identity: str, on_unavailable) -> None:
+        """This connection now serves a new login (:meth:`LDAPServerPool.connect`).
+
+        Bound as anyone but ``shared_identity`` (the method's service account)
+        it must not run a search as that identity: :meth:`search` first
+        resets it with an anonymous BIND unless the login BINDs first.
+        """
+        self.uses += 1
+        self._reset_before_use = self.bound_as is not None and self.bound_as != shared_identity
+        self._on_unavailable = on_unavailable
 
     def _unavailable(self, message: str, kind: str) -> LDAPUnavailable:
         error = LDAPUnavailable(f"{self.server}: {message}", kind, message)
@@ -194,6 +242,7 @@ class LDAPConnection:
 
     async def _bounded(self, deferred: defer.Deferred, what: str):
         deferred.addTimeout(self._timeout, self._reactor)
+        self._busy += 1
         try:
             return await deferred
         except (defer.TimeoutError, defer.CancelledError):
@@ -202,11 +251,19 @@ class LDAPConnection:
             if getattr(self.client, "protocol_error", ""):
                 raise self._unavailable(f"the answer to {what} is not LDAP ({self.client.protocol_error})", "garbage") from None
             raise self._unavailable(f"connection lost during {what} ({_describe(error)})", "lost") from None
+        finally:
+            self._busy -= 1
 
     async def bind(self, dn: str, password: str) -> LDAPResult:
         self._require_connected()
+        # From this request on the connection is anonymous until a BIND succeeds
+        # (a refused BIND leaves it anonymous: RFC 4511 §4.2.1).
+        self.bound_as = None
+        self._reset_before_use = False
         request = pureldap.LDAPBindRequest(dn=dn, auth=password.encode("utf-8"))
         response = await self._bounded(self.client.send(request), "BIND")
+        if response.resultCode == SUCCESS and dn and password:
+            self.bound_as = dn  # an empty DN or password is an anonymous BIND (RFC 4513 §5.1)
         return LDAPResult(response.resultCode, _text(response.errorMessage or b""), _text(response.matchedDN or b""))
 
     async def search(
@@ -218,7 +275,10 @@ class LDAPConnection:
         size_limit: int = 0,
     ) -> tuple[LDAPResult, list[Entry]]:
         self._require_connected()
+        if self._reset_before_use:
+            await self.bind("", "")  # back to anonymous: never search as the previous login's user
         entries: list[Entry] = []
+        references: list[str] = []
         done: defer.Deferred = defer.Deferred()
 
         def handle(message) -> bool:
@@ -231,9 +291,20 @@ class LDAPConnection:
                 return False
             if isinstance(message, pureldap.LDAPSearchResultDone):
                 if not done.called:
-                    done.callback(LDAPResult(message.resultCode, _text(message.errorMessage or b"")))
+                    done.callback(
+                        LDAPResult(message.resultCode, _text(message.errorMessage or b""), referrals=tuple(references))
+                    )
                 return True
-            return False  # references are not chased
+            if isinstance(message, pureldap.LDAPSearchResultReference):
+                # Never chased: that would send a search (anonymous, or with credentials) to another server.
+                references.extend(_text(getattr(uri, "value", uri)) for uri in message.uris)
+                if self.server not in _REFERRALS_LOGGED:
+                    _REFERRALS_LOGGED.add(self.server)
+                    _log.info(
+                        "LDAP server {server} answered a search with referrals ({uris}); they are not followed",
+                        server=str(self.server), uris=", ".join(references),
+                    )
+            return False
 
         def lost(failure):
             if not done.called:
@@ -347,7 +418,7 @@ class Connector:
     ) -> LDAPConnection:
         progress = progress if progress is not None else ConnectProgress()
         started = self._clock()
-        endpoint = HostnameEndpoint(self.reactor, address.host, address.port, timeout=self.timeout)
+        endpoint = _client_endpoint(self.reactor, address, self.timeout)
         attempt = endpoint.connect(_OneConnection(_LDAPProtocol()))
         attempt.addTimeout(self.timeout, self.reactor)
         try:
@@ -443,10 +514,18 @@ class LDAPServerPool:
         tls: Optional[TLSPolicy] = None,
         name: str = "",
         connector: Optional[Connector] = None,
+        keep: int = 0,
+        shared_identity: str = "",
     ):
         self.addresses = tuple(addresses)
         self.name = name
         self.retry_interval = retry_interval
+        # Connection reuse (see the module's docstring): at most `keep` idle
+        # connections per server, lent only while the pool is started.
+        self.keep = keep
+        self.shared_identity = shared_identity
+        self._idle: dict[ServerAddress, collections.deque] = {address: collections.deque() for address in addresses}
+        self._sweep_call = None
         self._reactor = reactor
         self._clock = clock
         self.connector = connector or Connector(reactor, timeout, tls or TLSPolicy("no", "system"), clock)
@@ -465,6 +544,8 @@ class LDAPServerPool:
             retry_interval=settings.retry_interval,
             tls=TLSPolicy(settings.secure_connection, settings.tls_trusted_certificates),
             name=settings.id,
+            keep=settings.connection_pool_size,
+            shared_identity=settings.service_account_dn,
         )
 
     @property
@@ -503,6 +584,7 @@ class LDAPServerPool:
                 server=str(address), method=self.name, error=str(error), interval=self.retry_interval,
             )
             server.status, server.since = DOWN, now
+            self._drop_idle(address)
             if self._all_down():
                 _log.error(
                     "every LDAP server of {method} is down: its logins fail until a probe finds one up "
@@ -552,6 +634,10 @@ class LDAPServerPool:
                 note("skip", f"{address} is {state.describe(now)}")
                 problems.append(f"{server.last_error} (down for {_duration(now - (server.since or now))})")
                 continue
+            kept = self._take_idle(address)
+            if kept is not None:
+                note("connect", f"reusing a connection to {address} (login {kept.uses + 1} on it)")
+                return kept
             started = self._clock()
             progress = ConnectProgress()
             try:
@@ -569,6 +655,68 @@ class LDAPServerPool:
             note("connect", detail)
             return connection
         raise LDAPUnavailable("; ".join(problems) or "no LDAP server is configured", "all-down")
+
+    def release(self, connection: LDAPConnection) -> None:
+        """A login is done with ``connection``: keep it for the next login, or close it."""
+        idle = self._idle.get(connection.server)
+        server = self._servers.get(connection.server)
+        if (
+            not self._probing  # not the running server (test-login), or stopped
+            or idle is None
+            or len(idle) >= self.keep
+            or server.status == DOWN
+            or not connection.reusable
+        ):
+            connection.close()
+            return
+        connection.idle_since = self._now()
+        idle.append(connection)
+        if self._sweep_call is None or not self._sweep_call.active():
+            self._sweep_call = self._reactor.callLater(IDLE_SECONDS, self._sweep)
+
+    def idle_connections(self) -> int:
+        return sum(len(idle) for idle in self._idle.values())
+
+    def _take_idle(self, address: ServerAddress) -> Optional[LDAPConnection]:
+        idle = self._idle[address]
+        oldest_allowed = self._now() - IDLE_SECONDS
+        while idle:
+            connection = idle.pop()  # the newest: the others age out when fewer are needed
+            if connection.reusable and connection.idle_since >= oldest_allowed:
+                connection.lend(self.shared_identity, self._kept_connection_failed)
+                return connection
+            connection.close()
+        return None
+
+    def _kept_connection_failed(self, address: ServerAddress, error: LDAPUnavailable) -> None:
+        """A kept connection failed: the server may only have closed idle connections.
+
+        Lost: drop the other kept connections (a restarted server closed
+        them all) without marking the server down; the login is retried on
+        a new connection, which tells whether the server is really down. A
+        timeout or garbage is the server's fault whatever the connection.
+        """
+        self._drop_idle(address)
+        if error.kind != "lost":
+            self._mark_down(address, error)
+        else:
+            _log.debug("a kept connection to LDAP server {server} was closed: {error}", server=str(address), error=str(error))
+
+    def _drop_idle(self, address: ServerAddress) -> None:
+        idle = self._idle.get(address)
+        while idle:
+            idle.pop().close()
+
+    def _sweep(self) -> None:
+        """Close the connections idle for IDLE_SECONDS; come back while some are kept."""
+        self._sweep_call = None
+        oldest_allowed = self._now() - IDLE_SECONDS
+        for idle in self._idle.values():
+            # Oldest on the left: released first.
+            while idle and (idle[0].idle_since < oldest_allowed or not idle[0].reusable):
+                idle.popleft().close()
+        if self.idle_connections():
+            self._sweep_call = self._reactor.callLater(IDLE_SECONDS / 2, self._sweep)
 
     # -- probes -----------------------------------------------------------------
 
@@ -588,6 +736,11 @@ class LDAPServerPool:
             server.probe_call = None
         for probe in list(self._probes_in_flight):
             probe.cancel()
+        if self._sweep_call is not None and self._sweep_call.active():
+            self._sweep_call.cancel()
+        self._sweep_call = None
+        for address in self.addresses:
+            self._drop_idle(address)
 
     def _schedule_probe(self, server: _Server) -> None:
         if not self._probing or (server.probe_call is not None and server.probe_call.active()):
@@ -626,6 +779,15 @@ class LDAPServerPool:
         if self._probing or not background:
             self._mark_up(address, self._clock() - started, "probe")
         return self._servers[address].snapshot()
+
+
+def _client_endpoint(reactor, address: ServerAddress, timeout: float):
+    """TCP to an IP address directly; a host name through HostnameEndpoint (resolved in a thread)."""
+    if isIPAddress(address.host):
+        return TCP4ClientEndpoint(reactor, address.host, address.port, timeout=timeout)
+    if isIPv6Address(address.host):
+        return TCP6ClientEndpoint(reactor, address.host, address.port, timeout=timeout)
+    return HostnameEndpoint(reactor, address.host, address.port, timeout=timeout)
 
 
 def _duration(seconds: float) -> str:

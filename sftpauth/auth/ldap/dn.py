@@ -240,6 +240,10 @@ async def bind_service_account(connection: LDAPConnection, lookup: Lookup) -> No
     if not settings.service_account_dn:
         lookup.trace("bind", "searching anonymously (no service_account_dn)")
         return
+    if connection.bound_as == settings.service_account_dn:
+        # A kept connection already bound as the service account (client.py: connection reuse).
+        lookup.trace("bind", f"already bound as service account {settings.service_account_dn}")
+        return
     result = await connection.bind(settings.service_account_dn, settings.service_account_password)
     lookup.trace("bind", f"BIND as service account {settings.service_account_dn}: {'success' if result.ok else describe(result)}")
     if not result.ok:

@@ -3,7 +3,8 @@
 One login: connect (LDAPServerPool), BIND per ``bind_dn_type`` and read the
 entry (:mod:`.dn`), then turn the entry into an :class:`Account` (home
 folder, groups, e-mail, full name). The connection is closed with UNBIND
-whatever happens. Every step goes into the request's trace, which is what
+whatever happens, or given back to the pool for the next login when it is
+still sound. Every step goes into the request's trace, which is what
 ``sftpauth test-login`` prints.
 """
 
@@ -97,7 +98,8 @@ class LDAPMethod:
                     raise LoginFailed("service-unavailable", str(error)) from None
                 request.trace.add(self.id, "failover", f"{error}; trying the login again on the next server")
             finally:
-                connection.close()
+                # Kept for the next login when it is still sound (client.py: connection reuse).
+                self.pool.release(connection)
         used = {
             name: entry.get(name)
             for name in self._attributes
