@@ -26,6 +26,9 @@ class Account:
     full_name: str = ""
     dn: Optional[str] = None  # the LDAP entry, for LDAP accounts
     roles: tuple[str, ...] = ()  # Web Manager role IDs, for manager logins
+    # The home folder with every symbolic link resolved, found by the chain in a
+    # thread when it checks the folder (the jail's root; no file I/O on the reactor).
+    home_root: str = ""
 
 
 def home_folder_from_group(group: GroupSettings, username: str) -> str:

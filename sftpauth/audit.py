@@ -9,7 +9,7 @@ import datetime
 import json
 import os
 import threading
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 from twisted.logger import Logger
 
@@ -25,9 +25,17 @@ def shorten(value: str) -> str:
 
 
 class AuditLog:
-    def __init__(self, path: str = "", now: Callable[[], datetime.datetime] = lambda: datetime.datetime.now(datetime.timezone.utc)):
+    def __init__(
+        self,
+        path: str = "",
+        now: Callable[[], datetime.datetime] = lambda: datetime.datetime.now(datetime.timezone.utc),
+        echo: Optional[bool] = None,
+    ):
         self.path = path
         self._now = now
+        # Each event also goes to the server log only when there is no audit file
+        # (default): with one, a second copy per event would only cost time.
+        self.echo = not path if echo is None else echo
         self._lock = threading.Lock()
         self._file = None
         if path:
@@ -44,7 +52,8 @@ class AuditLog:
         with self._lock:
             if self._file is not None:
                 self._file.write(line + "\n")
-        _log.info("audit {line}", line=line)
+        if self.echo:
+            _log.info("audit {line}", line=line)
         for listener in self.listeners:
             listener(entry)
         return entry

@@ -90,9 +90,11 @@ def format_trace(trace) -> list[str]:
 
 def result_lines(account, failure, manager: bool) -> list[str]:
     """The outcome of a test login: what was decided and what the account gets (CLI and Web Manager)."""
+    from sftpauth.auth.ldap.dn import shown
+
     if account is None:
         return [f"result: REJECTED ({failure.reason}): {failure.explanation}"]
-    lines = [f"result: ACCEPTED by {account.method_id} as {account.username!r}"]
+    lines = [f"result: ACCEPTED by {account.method_id} as {shown(account.username)}"]
     if account.dn:
         lines.append(f"  entry:       {account.dn}")
     if not manager:
@@ -130,6 +132,7 @@ def test_login_command(args: argparse.Namespace) -> int:
 
     from sftpauth.auth.credentials import LoginRequest
     from sftpauth.auth.errors import LoginFailed
+    from sftpauth.auth.ldap.dn import shown
     from sftpauth.auth.trace import Trace
     from sftpauth.tap import build_runtime
 
@@ -159,7 +162,7 @@ def test_login_command(args: argparse.Namespace) -> int:
             trace=trace,
         )
         chain = args.authentication or ", ".join(configuration.server.authentications)
-        print(f"test-login {args.username!r} ({'Web Manager' if args.manager else 'file transfer'}) through: {chain}")
+        print(f"test-login {shown(args.username)} ({'Web Manager' if args.manager else 'file transfer'}) through: {chain}")
         try:
             account = await runtime.chain.login(request, only_method=args.authentication)
         except LoginFailed as failure:

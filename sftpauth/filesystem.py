@@ -87,8 +87,10 @@ class JailedFilesystem:
         home_folder: str,
         permissions: frozenset[Permission],
         run_in_thread: Callable[..., defer.Deferred],
+        resolved: bool = False,
     ):
-        self.root = os.path.realpath(home_folder)
+        # A login's root was resolved in a thread by the chain (Account.home_root).
+        self.root = home_folder if resolved else os.path.realpath(home_folder)
         self.permissions = permissions
         self._run_in_thread = run_in_thread
 

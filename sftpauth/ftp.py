@@ -785,6 +785,13 @@ class _ImplicitTLS:
         return options.serverConnectionForTLS(tlsProtocol)
 
 
+@functools.lru_cache(maxsize=None)
+def _command_signature(function) -> inspect.Signature:
+    """The arguments of an ``ftp_*`` function without ``self``: computed once, not per command."""
+    signature = inspect.signature(function)
+    return signature.replace(parameters=list(signature.parameters.values())[1:])
+
+
 class SftpauthFTP(ftp.FTP):
     """One FTP control connection."""
 
@@ -913,7 +920,7 @@ class SftpauthFTP(ftp.FTP):
         method = getattr(self, "ftp_" + cmd, None) if cmd.isascii() and cmd.isalpha() else None
         if method is None:
             return defer.fail(ftp.CmdNotImplementedError(cmd[:40]))
-        signature = inspect.signature(method)
+        signature = _command_signature(method.__func__)
         try:
             signature.bind(*params)
         except TypeError:

@@ -134,6 +134,10 @@ class ConnectionGuard(ProtocolWrapper):
 
     def connectionMade(self) -> None:
         factory = self.factory
+        # Replies are small writes: without TCP_NODELAY a reply may wait for the
+        # client's delayed ACK (about 40 ms) of the one before it.
+        if hasattr(self.transport, "setTcpNoDelay"):
+            self.transport.setTcpNoDelay(True)
         if factory.open_connections >= factory.limit:
             factory.refused += 1
             _log.warn(

@@ -37,7 +37,10 @@ class SessionRealm:
 
     def requestAvatar(self, avatarId: Account, mind: SessionInfo, *interfaces):
         account = avatarId
-        filesystem = JailedFilesystem(account.home_folder, account.permissions, self._run_in_thread)
+        if account.home_root:
+            filesystem = JailedFilesystem(account.home_root, account.permissions, self._run_in_thread, resolved=True)
+        else:
+            filesystem = JailedFilesystem(account.home_folder, account.permissions, self._run_in_thread)
         self._audit.record(
             "session-start",
             service=mind.service_id,

@@ -540,6 +540,17 @@ class _QuietLogger(Logger):
         super().emit(level, format, **kwargs)
 
 
+class _NoDebugLogger(Logger):
+    """conch's debug lines (key exchange algorithms, "trying auth" with the raw
+    username, channel requests) are protocol internals written for every
+    login: only info and above reach the server log."""
+
+    def emit(self, level: LogLevel, format: Optional[str] = None, **kwargs: Any) -> None:
+        if level is LogLevel.debug:
+            return
+        super().emit(level, format, **kwargs)
+
+
 class SFTPSubsystem(FileTransferServer):
     """conch's SFTP protocol with our server, bounded resources and no fd leak."""
 
@@ -660,6 +671,8 @@ class SFTPSubsystem(FileTransferServer):
 class SFTPSessionChannel(session.SSHSession):
     """A ``session`` channel that only ever runs the ``sftp`` subsystem."""
 
+    _log = _NoDebugLogger()
+
     def requestReceived(self, requestType: bytes, data: bytes) -> int:
         if requestType == b"subsystem":
             return self.request_subsystem(data)
@@ -774,6 +787,8 @@ class UserAuthServer(userauth.SSHUserAuthServer):
     The methods offered are those of the credentials the portal's checkers
     accept (:data:`METHODS_BY_CREDENTIALS`).
     """
+
+    _log = _NoDebugLogger()
 
     loginTimeout = LOGIN_GRACE_SECONDS
     attemptsBeforeDisconnect = 2**31  # conch's per-service count is replaced by LoginState (per connection)
@@ -976,6 +991,8 @@ METHODS_BY_CREDENTIALS = {ILoginRequest: (b"password", b"keyboard-interactive")}
 class SFTPConnection(connection.SSHConnection):
     """``ssh-connection`` that refuses every channel type but ``session`` up front."""
 
+    _log = _NoDebugLogger()
+
     def ssh_CHANNEL_OPEN(self, packet: bytes) -> None:
         channel_type, rest = getNS(packet)
         sender = struct.unpack(">L", rest[:4])[0]
@@ -999,6 +1016,8 @@ class SFTPConnection(connection.SSHConnection):
 
 class SFTPServerTransport(transport.SSHServerTransport, TimeoutMixin):
     """The SSH transport with a login deadline and ``idle_connection_timeout``."""
+
+    _log = _NoDebugLogger()
 
     ourVersionString = VERSION_STRING
     _graceCall = None

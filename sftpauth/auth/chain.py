@@ -172,7 +172,7 @@ class AuthenticationChain:
                 method_id = ""
                 raise LoginFailed("unknown-user", "no authentication method knows this username")
             if not request.manager:
-                await self._prepare_home_folder(account)
+                account = await self._prepare_home_folder(account)
                 request.trace.add(method_id, "home-folder", account.home_folder)
         except LoginFailed as failure:
             request.trace.add(method_id or "chain", "rejected", f"{failure.reason}: {failure.explanation}")
@@ -194,21 +194,23 @@ class AuthenticationChain:
             await policy.record(request, "success")
         return account
 
-    async def _prepare_home_folder(self, account: Account) -> None:
-        def prepare() -> Optional[str]:
-            if os.path.isdir(account.home_folder):
-                return None
-            if not account.create_home_folder:
-                return "the home folder does not exist"
-            try:
-                os.makedirs(account.home_folder, mode=0o750, exist_ok=True)
-            except OSError as error:
-                return f"the home folder cannot be created: {error.strerror}"
-            return None
+    async def _prepare_home_folder(self, account: Account) -> Account:
+        """Check (or create) the home folder in a thread; the account gains its resolved path."""
 
-        problem = await self._run_in_thread(prepare)
+        def prepare() -> tuple[Optional[str], str]:
+            if not os.path.isdir(account.home_folder):
+                if not account.create_home_folder:
+                    return "the home folder does not exist", ""
+                try:
+                    os.makedirs(account.home_folder, mode=0o750, exist_ok=True)
+                except OSError as error:
+                    return f"the home folder cannot be created: {error.strerror}", ""
+            return None, os.path.realpath(account.home_folder)
+
+        problem, root = await self._run_in_thread(prepare)
         if problem is not None:
             raise LoginFailed("home-folder-missing", f"{problem}: {account.home_folder}")
+        return attrs.evolve(account, home_root=root)
 
     def _record(
         self, request: LoginRequest, method_id: str, outcome: str, reason: str, started: float, detail: str

@@ -5,12 +5,17 @@ with ``data/directory.ldif`` (users and passwords are listed at the top of
 that file).  If slapd or the OpenLDAP client tools are missing the fixture
 skips, unless ``SFTPAUTH_REQUIRE_INTEGRATION=1`` is set, in which case it
 fails.
+
+``samba_dc`` (session scope) is a running Samba AD domain controller
+(:class:`.samba.SambaDC`) with ``data/active-directory.ldif``; it skips or
+fails the same way when Samba, iproute2 or root rights are missing.
 """
 
 import os
 
 import pytest
 
+from .samba import SambaDC, SambaNotFound, provisioned_template
 from .slapd import DATA_DIR, INSTALL_HINT, SlapdNotFound, SlapdServer
 
 DIRECTORY_LDIF = DATA_DIR / "directory.ldif"
@@ -18,6 +23,7 @@ DIRECTORY_LDIF = DATA_DIR / "directory.ldif"
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slapd: needs a real OpenLDAP slapd")
+    config.addinivalue_line("markers", "samba: needs a real Samba AD domain controller")
 
 
 def _integration_required() -> bool:
@@ -41,6 +47,19 @@ def slapd():
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def samba_dc():
+    """A running throw-away Samba AD DC (provisioned once, the template cached) with data/active-directory.ldif."""
+    try:
+        server = SambaDC(provisioned_template())
+    except SambaNotFound as exc:
+        if _integration_required():
+            pytest.fail(f"SFTPAUTH_REQUIRE_INTEGRATION=1 but Samba AD cannot be used: {exc}", pytrace=False)
+        pytest.skip(f"Samba AD domain controller not available: {exc}")
+    with server:
+        yield server
 
 
 def pytest_collection_modifyitems(config, items):

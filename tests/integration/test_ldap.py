@@ -841,6 +841,8 @@ def test_sftp_huge_username_is_invalid_username_and_the_service_survives(site):
     assert (event["outcome"], event["reason"]) == ("failure", "invalid-username")
     assert len(event["username"]) < 1000
     site.sftp_transport("alice", "alice-pass").close()
+    # Neither the audit copy nor conch's debug lines ("trying auth") put it in the server log.
+    assert "u" * 1000 not in site.server.log_text()
 
 
 def test_the_server_reuses_a_few_ldap_connections(site, slapd):

@@ -88,6 +88,10 @@ class TestPKI:
         )
         self.untrusted = self._server("untrusted", "localhost", GOOD_NAMES, self._other_key, self._other_ca)
 
+    def issue(self, label: str, common_name: str, names) -> CertificatePair:
+        """Another server certificate from the trusted CA, for ``names`` (host names or IP addresses)."""
+        return self._server(label, common_name, tuple(names), self._ca_key, self._ca)
+
     def _make_ca(self, common_name: str):
         key = _key()
         name = _name(common_name)

@@ -142,6 +142,35 @@ def test_successful_login_returns_the_account(local, homes, result_of):
     assert account.permissions != FULL_CONTROL
 
 
+def test_the_account_carries_its_home_resolved_in_a_thread(local, homes, tmp_path, result_of, monkeypatch):
+    """The jail's root (symbolic links resolved) is found with the home check, off the reactor thread."""
+    import os
+    import threading
+
+    from sftpauth.realm import SessionRealm
+
+    (homes / "alice").rmdir()
+    (tmp_path / "elsewhere").mkdir()
+    (homes / "alice").symlink_to(tmp_path / "elsewhere")
+    account = local.login(result_of)
+    assert account.home_folder == str(homes / "alice")
+    assert account.home_root == str((tmp_path / "elsewhere").resolve())
+    main = threading.current_thread()
+
+    def realpath(path, *args, **kwargs):
+        assert threading.current_thread() is not main, "realpath on the reactor thread"
+        return original(path, *args, **kwargs)
+
+    original = os.path.realpath
+    monkeypatch.setattr(os.path, "realpath", realpath)
+    from twisted.conch.interfaces import IConchUser
+
+    mind = type("Mind", (), {"service_id": "ftp", "protocol": "sftp", "peer": "127.0.0.1"})()
+    _, user, logout = SessionRealm(AuditLog(""), None).requestAvatar(account, mind, IConchUser)
+    assert user.filesystem.root == account.home_root
+    logout()
+
+
 def test_user_marker_in_home_folder_is_replaced(tmp_path, password_hash, run_in_thread, result_of):
     """A group home_folder_path containing ${USER} has it replaced, not appended."""
     (tmp_path / "data" / "alice" / "files").mkdir(parents=True)
@@ -469,6 +498,28 @@ def test_undecodable_username_is_audited_to_the_file(tmp_path, local, run_in_thr
     assert caught.value.reason == "invalid-username"
     (line,) = audit_path.read_text(encoding="utf-8").splitlines()
     assert json.loads(line)["reason"] == "invalid-username"
+
+
+@pytest.mark.parametrize("with_file", [True, False])
+def test_audit_events_go_to_the_server_log_only_without_an_audit_file(tmp_path, with_file):
+    """With audit_log set each event is written once, to the file; without it, to the server log."""
+    from twisted.logger import globalLogPublisher
+
+    seen = []
+    observer = lambda event: seen.append(event) if event.get("log_namespace") == "sftpauth.audit" else None  # noqa: E731
+    globalLogPublisher.addObserver(observer)
+    audit = AuditLog(str(tmp_path / "audit.jsonl") if with_file else "")
+    try:
+        audit.record("session-start", username="alice")
+    finally:
+        globalLogPublisher.removeObserver(observer)
+        audit.close()
+    echoed = [event["line"] for event in seen if "line" in event]
+    if with_file:
+        assert echoed == []
+        assert json.loads((tmp_path / "audit.jsonl").read_text(encoding="utf-8"))["username"] == "alice"
+    else:
+        assert [json.loads(line)["username"] for line in echoed] == ["alice"]
 
 
 # -- home folders --------------------------------------------------------------------

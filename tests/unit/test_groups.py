@@ -13,6 +13,7 @@ from sftpauth.auth.errors import LoginFailed
 from sftpauth.auth.ldap import client as ldap
 from sftpauth.auth.ldap.client import Entry, LDAPResult
 from sftpauth.auth.ldap.groups import (
+    ACTIVE_DIRECTORY_CAPABILITY,
     MAX_NESTING,
     FilterTemplate,
     GroupMapping,
@@ -495,6 +496,8 @@ class FakeConnection:
         self.binds: list[str] = []
         self.bound_as = None
         self.closed = False
+        self.capabilities: tuple[str, ...] = ()  # the root DSE's supportedCapabilities
+        self.root_dse_reads = 0
 
     async def bind(self, dn: str, password: str) -> LDAPResult:
         self.binds.append(dn)
@@ -503,6 +506,9 @@ class FakeConnection:
         return LDAPResult(ldap.INVALID_CREDENTIALS, "")
 
     async def search(self, base, scope, filter_object, attributes, size_limit=0):
+        if base == "":
+            self.root_dse_reads += 1
+            return LDAPResult(ldap.SUCCESS, ""), [Entry("", {"supportedcapabilities": self.capabilities})]
         self.searches.append((base, filter_object.asText()))
         if self.fail is not None:
             return LDAPResult(self.fail, "no such object"), []
@@ -698,6 +704,54 @@ def test_in_chain_filter_skips_the_walk():
     assert member_of == (f"cn=deep,{GROUPS}",)
     assert len(connection.searches) == 1
     assert "resolved by the directory" in lookup.steps[-1][1]
+
+
+def test_nested_groups_on_active_directory_are_one_in_chain_search():
+    """When the root DSE names AD's capability, nested_groups is one in-chain search; the root DSE is read once per server."""
+    options = f"""
+    group_search_base = {GROUPS}
+    nested_groups = yes
+    group_mapping = memberOf, *, DEFAULT_GROUP
+    """
+    connection = FakeConnection({})
+    connection.capabilities = (ACTIVE_DIRECTORY_CAPABILITY,)
+    read_root_dse = connection.search
+    configuration_partition = "ldap://ad.example.com/CN=Configuration,DC=ad,DC=example,DC=com"
+
+    async def directory_search(base, scope, filter_object, attributes, size_limit=0):
+        if base == "":
+            return await read_root_dse(base, scope, filter_object, attributes, size_limit)
+        connection.searches.append((base, filter_object.asText()))
+        found = [Entry(f"cn=team,{GROUPS}", {}), Entry(f"cn=department,{GROUPS}", {})]
+        return LDAPResult(ldap.SUCCESS, "", referrals=(configuration_partition,)), found
+
+    connection.search = directory_search
+    groups = resolver(options)
+    lookup = FakeLookup()
+    entry = Entry(BOB_DN, {"memberof": (f"CN=Team,{GROUPS}",)})
+    member_of = run(groups.member_of(connection, lookup, entry))
+    assert member_of == (f"CN=Team,{GROUPS}", f"cn=department,{GROUPS}")
+    assert connection.searches == [(GROUPS, f"(member:1.2.840.113556.1.4.1941:={BOB_DN})")]
+    details = [detail for _, detail in lookup.steps]
+    assert any("one in-chain search" in detail for detail in details)
+    assert any(configuration_partition in detail and "global catalog" in detail for detail in details)
+    run(groups.member_of(connection, FakeLookup(), entry))
+    assert connection.root_dse_reads == 1
+
+
+def test_without_the_ad_capability_nested_groups_are_walked():
+    """A directory whose root DSE does not name AD's capability gets the level-by-level walk."""
+    options = f"""
+    group_search_base = {GROUPS}
+    nested_groups = yes
+    group_mapping = memberOf, *, DEFAULT_GROUP
+    """
+    connection = FakeConnection(dict([group("parent", f"cn=child,{GROUPS}")]))
+    entry = Entry(BOB_DN, {"memberof": (f"cn=child,{GROUPS}",)})
+    member_of = run(resolver(options).member_of(connection, FakeLookup(), entry))
+    assert f"cn=parent,{GROUPS}" in member_of
+    assert connection.searches[0] == (GROUPS, f"(member=cn=child,{GROUPS})")
+    assert connection.root_dse_reads == 1
 
 
 def test_failed_group_search_rejects_the_login():

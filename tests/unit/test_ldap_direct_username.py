@@ -27,7 +27,8 @@ from sftpauth.audit import AuditLog
 from sftpauth.auth.chain import AuthenticationChain
 from sftpauth.auth.credentials import LoginRequest
 from sftpauth.auth.errors import LoginFailed
-from sftpauth.auth.ldap.dn import AD_REASONS
+from sftpauth.auth.ldap.dn import AD_REASONS, shown
+from sftpauth.auth.trace import Trace
 from sftpauth.auth.ldap.method import LDAPMethod
 from sftpauth.config.loader import parse_configuration
 
@@ -260,9 +261,12 @@ async def test_down_level_name_is_bound_as_typed_and_searched_by_its_user_part(d
         """,
         tmp_path,
     )
-    account = await method.authenticate(request("AD\\john"))
+    login = LoginRequest("AD\\john", PASSWORD, "sftp", "sftp", "192.0.2.1", trace=Trace())
+    account = await method.authenticate(login)
     assert directory.binds == ["AD\\john"]
     assert directory.searches == [(DOMAIN, "(sAMAccountName=john)")]
+    # shown as typed, with one backslash (repr would double it)
+    assert "BIND as 'AD\\john': success" in [step.detail for step in login.trace.steps]
     assert account.dn == JOHN_DN
     # The account is named by the entry's sAMAccountName, not by what was typed.
     assert account.username == "john"
@@ -332,12 +336,13 @@ async def test_search_filter_applies_after_the_bind(directory, tmp_path):
 
 
 @pytest_twisted.ensureDeferred
-async def test_bound_name_without_entry_is_unknown_user(directory, tmp_path):
-    """A name AD accepts but whose entry no search finds is refused as unknown-user."""
+async def test_bound_name_without_entry_under_the_bases_is_outside_base_dn(directory, tmp_path):
+    """A name AD accepts but whose entry no search under bind_dn finds (another OU) is refused as outside-base-dn."""
     directory.accept["ghost@ad.example.com"] = PASSWORD
     method = method_for(directory, DIRECT_UPN.replace("{home}", str(tmp_path)), tmp_path)
     failure = await failure_of(method, request("ghost"))
-    assert failure.reason == "unknown-user"
+    assert failure.reason == "outside-base-dn"
+    assert "ghost@ad.example.com" in failure.explanation and DOMAIN in failure.explanation
     assert directory.searches == [(DOMAIN, "(sAMAccountName=ghost)")]
 
 
@@ -353,6 +358,12 @@ async def test_ad_error_49_sub_codes_become_reasons(directory, tmp_path, code):
     assert directory.searches == []
     await until_closed(directory)
     assert directory.unbinds == 1
+
+
+def test_typed_names_are_shown_as_typed_with_control_characters_escaped():
+    """shown() keeps DOMAIN\\user's single backslash and escapes what cannot be printed."""
+    assert shown("AD\\john") == "'AD\\john'"
+    assert shown("john\n\x00") == "'john\\n\\x00'"
 
 
 def test_ad_reasons_are_distinct_and_named():
@@ -393,7 +404,7 @@ async def test_filter_injection_in_direct_username_is_escaped(directory, tmp_pat
     directory.accept[username + "@ad.example.com"] = PASSWORD
     method = method_for(directory, DIRECT_UPN.replace("{home}", str(tmp_path)), tmp_path)
     failure = await failure_of(method, request(username))
-    assert failure.reason == "unknown-user"
+    assert failure.reason == "outside-base-dn"  # bound, but no entry matched the escaped name
     escaped = username.replace("*", r"\2a").replace("(", r"\28").replace(")", r"\29")
     assert directory.searches == [(DOMAIN, f"(sAMAccountName={escaped})")]
 

@@ -757,3 +757,18 @@ def test_redis_replay_store_fails_closed(result_of):
     redis = FakeRedis(["OK"])
     result_of(RedisReplayStore(redis).claim("k", 0.0001))
     assert redis.commands == [("SET", "sftpauth:replay:k", "1", "PX", 1, "NX")]
+
+
+def test_guard_sets_tcp_nodelay_on_every_accepted_connection(clock):
+    """Small replies go out at once instead of waiting for the client's delayed ACK."""
+
+    class TCPTransport(StringTransport):
+        nodelay = False
+
+        def setTcpNoDelay(self, enabled):
+            self.nodelay = enabled
+
+    transport = TCPTransport(peerAddress=address.IPv4Address("TCP", "203.0.113.9", 40000))
+    factory = ConnectionGuardFactory(EchoFactory(), service_settings(), clock, None)
+    factory.buildProtocol(transport.getPeer()).makeConnection(transport)
+    assert transport.nodelay is True

@@ -22,6 +22,12 @@ from sftpauth.auth.ldap.filters import MATCH_ALL, as_text, both, equals
 
 SUBTREE = pureldap.LDAP_SCOPE_wholeSubtree
 BASE = pureldap.LDAP_SCOPE_baseObject
+# RFC 4511 referral: the base is held by another server (another domain of an AD forest). Never chased.
+REFERRAL = 10
+REFERRAL_ADVICE = "not followed; for a forest, point address at a global catalog (port 3268, LDAPS 3269)"
+# Active Directory sends at most MaxValRange (1,500) values of an attribute at once, as NAME;range=LOW-HIGH.
+_RANGED = re.compile(r"^(?P<name>[^;]+);range=(?P<low>[0-9]+)-(?P<high>[0-9]+|\*)$", re.IGNORECASE)
+MAX_RANGE_REQUESTS = 1000
 
 # Active Directory puts a sub-code in the diagnostic message of error 49.
 _AD_SUBCODE = re.compile(r"\bdata ([0-9a-fA-F]{3,4})\b")
@@ -44,6 +50,14 @@ def classify_bind_failure(result: LDAPResult) -> Optional[tuple[str, str]]:
     if match:
         return AD_REASONS.get(match.group(1).lower())
     return None
+
+
+def shown(text: str) -> str:
+    """A typed name in quotes for the trace and test-login: ``'AD\\john'`` keeps its one backslash.
+
+    ``repr`` would double it; only characters that cannot be printed are escaped.
+    """
+    return "'" + "".join(char if char.isprintable() else repr(char)[1:-1] for char in text) + "'"
 
 
 def dn_text(dn: distinguishedname.DistinguishedName) -> str:
@@ -179,14 +193,14 @@ class DirectUsernameStrategy:
         settings = lookup.settings
         bind_name = lookup.username + settings.username_suffix
         result = await connection.bind(bind_name, lookup.password)
-        lookup.trace("bind", f"BIND as {bind_name!r}: {'success' if result.ok else describe(result)}")
+        lookup.trace("bind", f"BIND as {shown(bind_name)}: {'success' if result.ok else describe(result)}")
         if not result.ok:
             known = classify_bind_failure(result)
             if known is not None:
                 raise LoginFailed(*known)
             if result.code == ldap.INVALID_CREDENTIALS:
-                raise LoginFailed("invalid-credentials", f"BIND as {bind_name!r} refused: {describe(result)}")
-            raise LoginFailed("ldap-error", f"BIND as {bind_name!r}: {describe(result)}")
+                raise LoginFailed("invalid-credentials", f"BIND as {shown(bind_name)} refused: {describe(result)}")
+            raise LoginFailed("ldap-error", f"BIND as {shown(bind_name)}: {describe(result)}")
         attribute = settings.username_attribute
         if attribute.lower() == "userprincipalname":
             value = bind_name
@@ -194,7 +208,18 @@ class DirectUsernameStrategy:
             value = lookup.username.split("\\", 1)[1]
         else:
             value = lookup.username
-        return await find_entry(connection, lookup, attribute, value)
+        try:
+            return await find_entry(connection, lookup, attribute, value)
+        except LoginFailed as failure:
+            if failure.reason != "unknown-user":
+                raise
+            # The password was right, so the account exists: just not where this method looks.
+            bases = "; ".join(dn_text(base) for base in settings.bind_dn)
+            raise LoginFailed(
+                "outside-base-dn",
+                f"the directory accepted {shown(bind_name)} but no entry with {attribute}={value!r} is under {bases}"
+                f" (an account of another OU, or its {attribute} is not {value!r})",
+            ) from None
 
 
 class SearchStrategy:
@@ -230,6 +255,7 @@ def describe(result: LDAPResult) -> str:
         ldap.NO_SUCH_OBJECT: "no such object (32)",
         ldap.INSUFFICIENT_ACCESS: "insufficient access (50)",
         ldap.UNWILLING_TO_PERFORM: "unwilling to perform (53)",
+        REFERRAL: "referral (10)",
     }
     text = names.get(result.code, f"result code {result.code}")
     return f"{text}: {result.message}" if result.message else text
@@ -258,12 +284,13 @@ async def find_entry(connection: LDAPConnection, lookup: Lookup, attribute: str,
         search_filter = both(by_name, lookup.filter)
         result, entries = await connection.search(base_text, SUBTREE, search_filter, lookup.attributes, size_limit=2)
         lookup.trace("search", f"search {as_text(search_filter)} under {base_text}: {len(entries)} entr{'y' if len(entries) == 1 else 'ies'}")
+        trace_referrals(lookup, "search", result)
         if len(entries) > 1:
             raise LoginFailed("ambiguous-user", f"{len(entries)} entries match under {base_text}")
         if entries:
             lookup.trace("entry", f"found {entries[0].dn}")
-            return entries[0]
-        if not result.ok and result.code != ldap.NO_SUCH_OBJECT:
+            return await complete_ranged_values(connection, entries[0], lookup)
+        if not result.ok and result.code not in (ldap.NO_SUCH_OBJECT, REFERRAL):
             raise LoginFailed("ldap-error", f"search under {base_text}: {describe(result)}")
     if lookup.filter is not None:
         # Tell "no such user" from "not allowed by the filter" for the audit log.
@@ -279,7 +306,7 @@ async def read_entry(connection: LDAPConnection, lookup: Lookup, dn: str) -> Ent
     result, entries = await connection.search(dn, BASE, lookup.filter or MATCH_ALL, lookup.attributes)
     lookup.trace("search", f"read {dn} with filter {as_text(lookup.filter)}: {len(entries)} entr{'y' if len(entries) == 1 else 'ies'}")
     if entries:
-        return entries[0]
+        return await complete_ranged_values(connection, entries[0], lookup)
     if not result.ok and result.code != ldap.NO_SUCH_OBJECT:
         raise LoginFailed("ldap-error", f"reading {dn}: {describe(result)}")
     if lookup.filter is not None:
@@ -301,3 +328,51 @@ async def entry_exists(connection: LDAPConnection, lookup: Lookup, dn: str) -> O
     if result.code == ldap.NO_SUCH_OBJECT:
         return False
     return None
+
+
+def trace_referrals(lookup: Lookup, action: str, result: LDAPResult) -> None:
+    """Continuation references or a referral answer: said in the trace, never chased (see client.py)."""
+    referrals = getattr(result, "referrals", ())
+    if result.code == REFERRAL:
+        lookup.trace(action, f"the directory answered with a referral{': ' + result.message if result.message else ''}; {REFERRAL_ADVICE}")
+    elif referrals:
+        shown = ", ".join(referrals[:3]) + (f" and {len(referrals) - 3} more" if len(referrals) > 3 else "")
+        lookup.trace(action, f"{len(referrals)} referral(s) to other partitions ({shown}) {REFERRAL_ADVICE}")
+
+
+async def complete_ranged_values(connection: LDAPConnection, entry: Entry, lookup: Optional[Lookup] = None) -> Entry:
+    """The entry with every ``NAME;range=LOW-HIGH`` value list read to its end, under ``NAME``.
+
+    Active Directory answers a large multi-valued attribute (``member``,
+    ``memberOf``) in pieces: the first comes back as ``memberOf;range=0-1499``
+    and the next is asked for as ``memberOf;range=1500-*``, until a piece
+    ends with ``*``. Without this, a member of many groups would silently
+    have no ``memberOf`` at all. An incomplete answer refuses the login
+    rather than guessing.
+    """
+    if not any(_RANGED.match(name) for name in entry.attributes):
+        return entry
+    attributes = dict(entry.attributes)
+    for key in [name for name in attributes if _RANGED.match(name)]:
+        match = _RANGED.match(key)
+        name = match.group("name")
+        values = list(attributes.pop(key))
+        high, requests = match.group("high"), 0
+        while high != "*":
+            requests += 1
+            if requests > MAX_RANGE_REQUESTS:
+                raise LoginFailed("ldap-error", f"{name} of {entry.dn}: more than {MAX_RANGE_REQUESTS} ranged requests")
+            wanted = f"{name};range={int(high) + 1}-*"
+            result, found = await connection.search(entry.dn, BASE, MATCH_ALL, [wanted])
+            if not found:
+                raise LoginFailed("ldap-error", f"reading {wanted} of {entry.dn}: {describe(result)}")
+            pieces = [(piece, _RANGED.match(piece)) for piece in found[0].attributes]
+            piece = next(((key, ranged) for key, ranged in pieces if ranged and ranged.group("name").lower() == name.lower()), None)
+            if piece is None:
+                break  # nothing beyond what was read
+            values += found[0].attributes[piece[0]]
+            high = piece[1].group("high")
+        attributes[name.lower()] = attributes.get(name.lower(), ()) + tuple(values)
+        if lookup is not None:
+            lookup.trace("entry", f"{name}: {len(values)} values, read in {requests + 1} ranged pieces")
+    return Entry(entry.dn, attributes)

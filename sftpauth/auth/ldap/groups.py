@@ -14,7 +14,8 @@ Three parts, each built once when the configuration loads:
 * :class:`GroupResolver`: at login, the entry's ``memberOf`` values plus the
   group DNs found by ``group_search_filter`` plus, with ``nested_groups``,
   their parents (one search per level, cycle-safe, at most
-  :data:`MAX_NESTING` levels) become the account's ``memberOf``; then the
+  :data:`MAX_NESTING` levels; on Active Directory one search with its
+  in-chain matching rule instead) become the account's ``memberOf``; then the
   mapping, ``base_groups`` and ``external_groups_association`` give the
   final group IDs, and every decision is written to the login's trace.
 """
@@ -32,8 +33,8 @@ from ldaptor.protocols.ldap import distinguishedname
 
 from sftpauth.auth.errors import LoginFailed
 from sftpauth.auth.ldap.client import Entry, LDAPConnection
-from sftpauth.auth.ldap.dn import SUBTREE, Lookup, bind_service_account, describe, parse_dn
-from sftpauth.auth.ldap.filters import as_text
+from sftpauth.auth.ldap.dn import BASE, SUBTREE, Lookup, bind_service_account, describe, parse_dn, trace_referrals
+from sftpauth.auth.ldap.filters import MATCH_ALL, as_text
 from sftpauth.config.models import DEFAULT_GROUP, DEFAULT_ROLE, Configuration, LDAPAuthenticationSettings
 from sftpauth.matching import InvalidExpression, MatchingExpression, compile_expression
 
@@ -41,6 +42,8 @@ MEMBER_OF = "memberof"
 MAX_NESTING = 10
 # Active Directory's LDAP_MATCHING_RULE_IN_CHAIN: the directory itself walks nested groups.
 IN_CHAIN_RULE = "1.2.840.113556.1.4.1941"
+# LDAP_CAP_ACTIVE_DIRECTORY_OID in the root DSE's supportedCapabilities (Samba's AD DC has it too)
+ACTIVE_DIRECTORY_CAPABILITY = "1.2.840.113556.1.4.800"
 PLACEHOLDERS = ("username", "dn")
 _SENTINEL = "sftpauthPlaceholder{}7f3c"
 _ATTRIBUTE = re.compile(r"^(?:[A-Za-z][A-Za-z0-9-]*|[0-9]+(?:\.[0-9]+)+)$")
@@ -335,6 +338,8 @@ def any_of(filters: Sequence[pureldap.LDAPFilter]) -> pureldap.LDAPFilter:
 
 
 DEFAULT_PARENT_FILTER = FilterTemplate.parse("(member={dn})")
+# Every group that holds {dn}, directly or through other groups, in one search (Active Directory)
+IN_CHAIN_FILTER = FilterTemplate.parse(f"(member:{IN_CHAIN_RULE}:={{dn}})")
 
 
 # -- resolution at login --------------------------------------------------------------------
@@ -369,6 +374,8 @@ class GroupResolver:
             self.parent_filter = template
         else:
             self.parent_filter = DEFAULT_PARENT_FILTER
+        # server address -> whether its root DSE says Active Directory (asked once per server)
+        self._active_directory: dict[object, bool] = {}
 
     @property
     def attributes(self) -> tuple[str, ...]:
@@ -406,6 +413,7 @@ class GroupResolver:
                 f"{what}: search {as_text(filter_object)} under {self.search_base}: "
                 + (f"{len(found)} group(s)" + (f": {'; '.join(found)}" if found else "")),
             )
+            trace_referrals(lookup, "groups", result)
             if not result.ok:
                 raise LoginFailed(
                     "group-search-failed", f"group search under {self.search_base}: {describe(result)}"
@@ -420,9 +428,23 @@ class GroupResolver:
         if self.nested:
             if self.search_filter is not None and self.search_filter.in_chain:
                 lookup.trace("groups", f"nested groups: resolved by the directory ({IN_CHAIN_RULE} in the filter)")
+            elif await self._is_active_directory(connection, lookup):
+                for dn in await search(IN_CHAIN_FILTER.build(dn=entry.dn), "nested groups, Active Directory in-chain rule"):
+                    values.setdefault(try_normalise_dn(dn), dn)
             else:
                 await self._walk_parents(values, search, lookup)
         return tuple(values.values())
+
+    async def _is_active_directory(self, connection: LDAPConnection, lookup: Lookup) -> bool:
+        """Whether the server resolves nested groups itself: its root DSE names AD's capability."""
+        server = getattr(connection, "server", None)
+        if server not in self._active_directory:
+            result, entries = await connection.search("", BASE, MATCH_ALL, ["supportedCapabilities"])
+            capabilities = entries[0].get("supportedCapabilities") if entries else ()
+            self._active_directory[server] = ACTIVE_DIRECTORY_CAPABILITY in capabilities
+        if self._active_directory[server]:
+            lookup.trace("groups", f"nested groups: the server is Active Directory ({ACTIVE_DIRECTORY_CAPABILITY}): one in-chain search")
+        return self._active_directory[server]
 
     async def _walk_parents(self, values: dict[str, str], search, lookup) -> None:
         """Parents of parents, one search per level with an OR of that level's DNs."""
