@@ -46,6 +46,10 @@ class AuditLog:
     def record(self, event: str, **fields: Any) -> dict:
         entry = {"time": self._now().isoformat(timespec="milliseconds"), "event": event}
         entry.update({key: shorten(value) if isinstance(value, str) else value for key, value in fields.items()})
+        return self.publish(entry)
+
+    def publish(self, entry: dict) -> dict:
+        """Write a finished entry and tell the listeners (with workers, the parent publishes theirs: sftpauth.workers)."""
         line = json.dumps(entry, ensure_ascii=False, sort_keys=False)
         # Undecodable client bytes arrive as lone surrogates; a UTF-8 file cannot hold them.
         line = line.encode("utf-8", "backslashreplace").decode("utf-8")

@@ -36,6 +36,8 @@ def hash_password_command(args: argparse.Namespace) -> int:
 def summary(configuration: Configuration) -> str:
     lines = [f"{configuration.path}: valid"]
     lines.append(f"  authentication chain: {', '.join(configuration.server.authentications)}")
+    if configuration.server.workers > 1:
+        lines.append(f"  workers: {configuration.server.workers} processes share the FTP/FTPS/SFTP sockets")
     for service_id, service in configuration.services.items():
         state = "enabled" if service.enabled else "disabled"
         if service.type != "ldap-directory":

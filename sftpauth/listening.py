@@ -33,11 +33,13 @@ protocol starts, avoids both.
 from __future__ import annotations
 
 import ipaddress
-from typing import Any, Optional
+import socket
+from typing import Any, Mapping, Optional
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.internet import defer
-from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
+from twisted.internet.endpoints import AdoptedStreamServerEndpoint, TCP4ServerEndpoint, TCP6ServerEndpoint
+from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IProtocolFactory
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
@@ -52,6 +54,7 @@ from sftpauth.config.models import ServiceSettings
 
 _log = Logger()
 
+LISTEN_BACKLOG = 50  # Twisted's listenTCP default, what a single process listens with
 PROXY_HEADER_TIMEOUT = 10.0  # seconds for the PROXY header to arrive
 MAX_EARLY_BYTES = 65536  # bytes a client may send while the policy decides
 PROBLEM_LOG_INTERVAL = 10.0  # seconds between two log lines about bad PROXY headers of one service
@@ -325,14 +328,43 @@ class ConnectionGuardFactory(WrappingFactory):
         )
 
 
-def endpoint_for(reactor, address: str, port: int):
+# In a worker process (sftpauth.workers): service ID -> (file descriptor, address family) of the
+# listening socket the parent bound for that service. One per process, set before the services are built.
+_INHERITED_SOCKETS: dict[str, tuple[int, int]] = {}
+
+
+def adopt_inherited_sockets(sockets: Mapping[str, tuple[int, int]]) -> None:
+    """The services named in ``sockets`` accept on those inherited listening sockets instead of listening."""
+    _INHERITED_SOCKETS.clear()
+    _INHERITED_SOCKETS.update(sockets)
+
+
+def _is_ipv6(address: str) -> bool:
     try:
-        is_v6 = ipaddress.ip_address(address).version == 6
+        return ipaddress.ip_address(address).version == 6
     except ValueError:
-        is_v6 = False
-    if is_v6:
+        return False  # a host name: IPv4, as Twisted's listenTCP does
+
+
+def endpoint_for(reactor, address: str, port: int):
+    if _is_ipv6(address):
         return TCP6ServerEndpoint(reactor, port, interface=address)
     return TCP4ServerEndpoint(reactor, port, interface=address)
+
+
+def bind_shared_socket(address: str, port: int, backlog: int = LISTEN_BACKLOG) -> socket.socket:
+    """A listening socket for worker processes to adopt; CannotListenError as ``listenTCP`` raises it."""
+    family = socket.AF_INET6 if _is_ipv6(address) else socket.AF_INET
+    shared = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        shared.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as Twisted's ports: restarts find the port free
+        shared.bind((address, port))
+        shared.listen(backlog)
+    except OSError as error:
+        shared.close()
+        raise CannotListenError(address, port, error) from None
+    shared.setblocking(False)
+    return shared
 
 
 def listening_service(
@@ -340,7 +372,12 @@ def listening_service(
 ) -> StreamServerEndpointService:
     """``policy``: the service's SecurityPolicy (``runtime.policy_for(settings)``); None: no filter, no bans."""
     guarded = ConnectionGuardFactory(factory, settings, reactor, policy)
-    service = StreamServerEndpointService(endpoint_for(reactor, settings.address, settings.port), guarded)
+    inherited = _INHERITED_SOCKETS.pop(settings.id, None)
+    if inherited is not None:
+        endpoint = AdoptedStreamServerEndpoint(reactor, *inherited)
+    else:
+        endpoint = endpoint_for(reactor, settings.address, settings.port)
+    service = StreamServerEndpointService(endpoint, guarded)
     service.setName(settings.id)
     # A port that cannot be bound must stop the process, not log and go on.
     service._raiseSynchronously = True

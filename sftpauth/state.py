@@ -35,6 +35,7 @@ from urllib.parse import quote
 
 import attrs
 from twisted.internet import defer
+from twisted.protocols import amp
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -202,6 +203,9 @@ class _ExpiringMap:
     def pop(self, key: Any) -> None:
         self._entries.pop(key, None)
 
+    def keys(self) -> Any:
+        return self._entries.keys()
+
     def _drop_one(self) -> None:
         while self._heap:
             expiry, _, key = heapq.heappop(self._heap)
@@ -231,6 +235,14 @@ class MemoryBanStore:
         self._clock = clock
         self._failures = _ExpiringMap(clock, max_entries, "failure counters of the security policies")
         self._bans = _ExpiringMap(clock, max_entries, "bans of the security policies")
+        # Told (scope, address, seconds) when a failure counted here starts a ban: the worker processes learn it.
+        self.ban_listeners: list[Callable[[str, str, float], None]] = []
+
+    def live_bans(self) -> list[tuple[str, str, float]]:
+        """(scope, address, seconds left) of every ban in force (for a worker process that just started)."""
+        now = self._clock.seconds()
+        found = ((key, self._bans.get(key)) for key in list(self._bans.keys()))
+        return [(key[0], key[1], entry[1] - now) for key, entry in found if entry is not None and entry[1] > now]
 
     def seconds_left(self, scope: str, address: str) -> float:
         """The ban left, answered at once (what :class:`RedisBanStore` asks before Redis)."""
@@ -258,6 +270,11 @@ class MemoryBanStore:
         if count >= limit:
             self._failures.pop(key)
             self._bans.set(key, True, now + interval)
+            for listener in self.ban_listeners:
+                try:
+                    listener(scope, address, float(interval))
+                except Exception:
+                    _log.failure("telling the workers of a ban failed")
             return FailureCount(count, True, float(interval))
         self._failures.set(key, count, now + interval)
         return FailureCount(count, False, 0.0)
@@ -312,6 +329,28 @@ def parse_state_url(text: str) -> RedisLocation:
     return RedisLocation(host, port, db)
 
 
+class FailureReports:
+    """Log lines for failed calls to a remote state, at most one a minute per call and error kind."""
+
+    def __init__(self, clock: IReactorTime, where: str):
+        self._clock = clock
+        self._where = where
+        self._logged_at: dict[str, float] = {}
+
+    def report(self, failure: Failure, what: str) -> None:
+        kind = failure.type.__name__ if failure.type else "error"
+        now = self._clock.seconds()
+        if now - self._logged_at.get(what + kind, -math.inf) < 60:
+            return
+        self._logged_at[what + kind] = now
+        _log.warn(
+            "shared state {where}: {what} failed: {error}",
+            where=self._where,
+            what=what,
+            error=f"{kind}: {failure.getErrorMessage()}"[:300],
+        )
+
+
 class RedisUnavailable(Exception):
     """Redis cannot answer now: no connection, or no answer within REDIS_TIMEOUT."""
 
@@ -338,7 +377,7 @@ class RedisConnection:
         self.status = self.CONNECTING
         self._waiting: list[defer.Deferred] = []
         self._next = itertools.count()
-        self._problem_logged_at: dict[str, float] = {}
+        self._reports = FailureReports(reactor, location.url)
         self._stopped = False
 
     # -- lifecycle ----------------------------------------------------------------------
@@ -435,17 +474,7 @@ class RedisConnection:
 
     def report(self, failure: Failure, what: str) -> None:
         """Log a failed command, at most once a minute per kind of error (floods stay readable)."""
-        kind = failure.type.__name__ if failure.type else "error"
-        now = self._reactor.seconds()
-        if now - self._problem_logged_at.get(what + kind, -math.inf) < 60:
-            return
-        self._problem_logged_at[what + kind] = now
-        _log.warn(
-            "shared state {url}: {what} failed: {error}",
-            url=self.location.url,
-            what=what,
-            error=f"{kind}: {failure.getErrorMessage()}"[:300],
-        )
+        self._reports.report(failure, what)
 
     # -- commands -----------------------------------------------------------------------
 
@@ -601,3 +630,172 @@ class RedisBanStore:
             self._connection.report(failure, "resetting a failure counter")
 
         return self._connection.execute("DEL", redis_key("failures", scope, address)).addCallbacks(lambda reply: None, failed)
+
+
+# -- worker processes ([server] workers > 1): the parent's memory, over the parent channel ---
+
+CHANNEL_TIMEOUT = 2.0  # seconds a worker waits for the parent to answer a claim or a failure count
+
+
+class ChannelUnavailable(Exception):
+    """The parent process cannot answer now: the channel is closed, or no answer within CHANNEL_TIMEOUT."""
+
+
+class Claim(amp.Command):
+    """Worker -> parent: claim a TOTP replay key (:meth:`ReplayStore.claim`)."""
+
+    arguments = [(b"key", amp.Unicode()), (b"ttl", amp.Float())]
+    response = [(b"claimed", amp.Boolean())]
+    errors = {ReplayStoreFull: b"REPLAY_STORE_FULL"}
+
+
+class AddFailure(amp.Command):
+    """Worker -> parent: count one failed login (:meth:`BanStore.add_failure`)."""
+
+    arguments = [(b"scope", amp.Unicode()), (b"address", amp.Unicode()), (b"limit", amp.Integer()), (b"interval", amp.Float())]
+    response = [(b"count", amp.Integer()), (b"banned_now", amp.Boolean()), (b"ban_left", amp.Float())]
+
+
+class ResetFailures(amp.Command):
+    """Worker -> parent: a successful login forgets the failures of its address; no answer awaited."""
+
+    arguments = [(b"scope", amp.Unicode()), (b"address", amp.Unicode())]
+    requiresAnswer = False
+
+
+class BanStarted(amp.Command):
+    """Parent -> every worker: an address is banned for ``seconds`` (each worker then refuses it on its own)."""
+
+    arguments = [(b"scope", amp.Unicode()), (b"address", amp.Unicode()), (b"seconds", amp.Float())]
+    requiresAnswer = False
+
+
+class StateServer(amp.CommandLocator):
+    """The parent's side: answers the workers from the parent's own memory stores.
+
+    Mixed into the parent's AMP protocol of each worker; ``shared_state`` is
+    the parent's :class:`SharedState` (memory), which its own services (the
+    Web Manager) use too, so a code used on FTP is refused by the manager.
+    """
+
+    shared_state: SharedState
+
+    @Claim.responder
+    def _claim(self, key: str, ttl: float) -> defer.Deferred:
+        return self.shared_state.replay.claim(key, ttl).addCallback(lambda claimed: {"claimed": claimed})
+
+    @AddFailure.responder
+    def _add_failure(self, scope: str, address: str, limit: int, interval: float) -> defer.Deferred:
+        counting = self.shared_state.bans.add_failure(scope, address, limit, interval)
+        return counting.addCallback(attrs.asdict)
+
+    @ResetFailures.responder
+    def _reset(self, scope: str, address: str) -> dict:
+        self.shared_state.bans.reset(scope, address)
+        return {}
+
+
+class StateChannel:
+    """A worker's end of the parent channel, as the stores below use it: the live AMP connection or none."""
+
+    def __init__(self, clock: IReactorTime, timeout: float = CHANNEL_TIMEOUT):
+        self._clock = clock
+        self.timeout = timeout
+        self.protocol: Optional[amp.AMP] = None  # set while the channel is open
+        self._reports = FailureReports(clock, "(the parent process)")
+
+    def call(self, command: type, **arguments: Any) -> defer.Deferred:
+        """Ask the parent; fails with ChannelUnavailable when it is gone or does not answer in time."""
+        if self.protocol is None:
+            return defer.fail(ChannelUnavailable("the parent process is not connected"))
+        deferred = self.protocol.callRemote(command, **arguments)
+        if not command.requiresAnswer:
+            return defer.succeed(None)
+
+        def timed_out(failure: Failure) -> Failure:
+            failure.trap(defer.TimeoutError)
+            return Failure(ChannelUnavailable(f"the parent process did not answer within {self.timeout:g}s"))
+
+        return deferred.addTimeout(self.timeout, self._clock).addErrback(timed_out)
+
+    def report(self, failure: Failure, what: str) -> None:
+        """Log a failed call, at most once a minute per kind of error (floods stay readable)."""
+        self._reports.report(failure, what)
+
+
+class ChannelReplayStore:
+    """Used TOTP codes kept by the parent: one round trip per claim; fails closed when the parent cannot answer."""
+
+    def __init__(self, channel: StateChannel):
+        self._channel = channel
+
+    def claim(self, key: str, ttl: float) -> defer.Deferred:
+        if not ttl > 0:
+            return defer.fail(ValueError(f"ttl must be positive, not {ttl!r}"))
+
+        def failed(failure: Failure) -> Failure:
+            if not failure.check(ReplayStoreFull):
+                self._channel.report(failure, "a TOTP replay claim")
+            return failure
+
+        return self._channel.call(Claim, key=key, ttl=float(ttl)).addCallbacks(lambda answer: answer["claimed"], failed)
+
+
+class ChannelBanStore:
+    """Counters and bans kept by the parent; bans answered from what the parent told this worker.
+
+    Checking a ban costs no round trip: the parent tells every worker each
+    ban it starts (:class:`BanStarted`, and every ban in force when a worker
+    connects), kept in ``local`` until it ends. Counting a failure is one
+    round trip, so failures spread over the workers add up and exactly one
+    of them starts the ban. When the parent cannot answer, the failures are
+    counted by this worker alone, as with Redis down.
+    """
+
+    def __init__(self, channel: StateChannel, local: MemoryBanStore):
+        self._channel = channel
+        self.local = local
+
+    def ban_left(self, scope: str, address: str) -> defer.Deferred:
+        return self.local.ban_left(scope, address)
+
+    def add_failure(self, scope: str, address: str, limit: int, interval: float) -> defer.Deferred:
+        if limit < 1 or not interval > 0:
+            return defer.fail(ValueError(f"limit must be at least 1 and interval positive, not {limit!r} and {interval!r}"))
+
+        def answered(reply: dict) -> FailureCount:
+            result = FailureCount(reply["count"], reply["banned_now"], reply["ban_left"])
+            self.local.learn_ban(scope, address, result.ban_left)
+            return result
+
+        def failed(failure: Failure) -> FailureCount:
+            self._channel.report(failure, "counting a failed login")
+            return self.local.count_failure(scope, address, limit, interval)
+
+        deferred = self._channel.call(AddFailure, scope=scope, address=address, limit=limit, interval=float(interval))
+        return deferred.addCallbacks(answered, failed)
+
+    def reset(self, scope: str, address: str) -> defer.Deferred:
+        self.local.reset(scope, address)
+        return self._channel.call(ResetFailures, scope=scope, address=address).addErrback(lambda failure: None)
+
+
+class StateClient(amp.CommandLocator):
+    """The worker's side: learns the bans the parent announces. Mixed into the worker's AMP protocol."""
+
+    channel_bans: Optional[ChannelBanStore] = None
+
+    @BanStarted.responder
+    def _ban_started(self, scope: str, address: str, seconds: float) -> dict:
+        if self.channel_bans is not None:
+            self.channel_bans.local.learn_ban(scope, address, seconds)
+        return {}
+
+
+def channel_state(channel: StateChannel, reactor: IReactorTime, workers: int) -> SharedState:
+    """A worker's SharedState when ``[server] state = memory``: the parent's memory, over ``channel``."""
+    return SharedState(
+        replay=ChannelReplayStore(channel),
+        bans=ChannelBanStore(channel, MemoryBanStore(reactor)),
+        description=f"memory of the parent process, shared by its {workers} workers",
+    )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import signal
 import sys
+from typing import Iterator, Optional
 
 from twisted.application.service import MultiService, Service
 from twisted.cred.portal import Portal
@@ -19,10 +20,10 @@ from sftpauth.auth.policy import SecurityPolicies
 from sftpauth.auth.methods import build_methods, ldap_pools
 from sftpauth.config.errors import ConfigError, ConfigProblem
 from sftpauth.config.loader import load_configuration
-from sftpauth.config.models import Configuration
+from sftpauth.config.models import Configuration, ServiceSettings
 from sftpauth.realm import SessionRealm
 from sftpauth.runtime import Runtime
-from sftpauth.state import build_state
+from sftpauth.state import SharedState, build_state
 
 _log = Logger()
 
@@ -43,17 +44,25 @@ class Options(usage.Options):
             raise SystemExit(1)
 
 
-def build_runtime(configuration: Configuration, reactor) -> Runtime:
-    """Wire the chain, the realm and the portal shared by every service."""
+def build_runtime(
+    configuration: Configuration, reactor, state: Optional[SharedState] = None, audit: Optional[AuditLog] = None
+) -> Runtime:
+    """Wire the chain, the realm and the portal shared by every service.
+
+    A worker process (sftpauth.workers) passes its own ``state`` and
+    ``audit``: both reach the parent process over the parent channel.
+    """
     reactor.suggestThreadPoolSize(20)
     run_in_thread = functools.partial(deferToThreadPool, reactor, reactor.getThreadPool())
-    try:
-        audit = AuditLog(configuration.server.audit_log)
-    except OSError as error:
-        raise ConfigError(
-            [ConfigProblem(configuration.path, None, "server", "audit_log", f"cannot open the audit log: {error}")]
-        ) from None
-    state = build_state(configuration.server.state, reactor)
+    if audit is None:
+        try:
+            audit = AuditLog(configuration.server.audit_log)
+        except OSError as error:
+            raise ConfigError(
+                [ConfigProblem(configuration.path, None, "server", "audit_log", f"cannot open the audit log: {error}")]
+            ) from None
+    if state is None:
+        state = build_state(configuration.server.state, reactor)
     methods = build_methods(configuration, run_in_thread, reactor, state)
     policies = SecurityPolicies(configuration, state.bans, audit, reactor)
     chain = AuthenticationChain(configuration, methods, audit, run_in_thread, policies=policies)
@@ -132,6 +141,11 @@ class LDAPHealthProbes(Service):
             pool.stop()
 
 
+# With [server] workers > 1 these run in the worker processes, on sockets the parent bound;
+# the others (the Web Manager, the embedded directory) run once, in the parent.
+WORKER_SERVICE_TYPES = frozenset({"ftp", "ftpsi", "ssh", "sftp"})
+
+
 def service_factories():
     from sftpauth import directory, ftp, ssh
     from sftpauth.manager import service as manager
@@ -181,13 +195,33 @@ def _make_service(options: Options, reactor=None) -> MultiService:
     runtime = build_runtime(configuration, reactor)
     top = MultiService()
     _AuditCloser(runtime.audit).setServiceParent(top)
-    SharedStateService(runtime).setServiceParent(top)
-    LDAPHealthProbes(runtime.ldap_pools.values()).setServiceParent(top)
+    add_runtime_services(runtime, top)
+    pool = None
+    if configuration.server.workers > 1:
+        from sftpauth.workers.pool import WorkerPool
+
+        pool = WorkerPool(runtime)
     factories = service_factories()
-    for service_id, settings in configuration.services.items():
-        if not settings.enabled:
-            _log.info("service {service} is disabled", service=service_id)
-            continue
-        factories[settings.type](settings, runtime).setServiceParent(top)
+    for settings in enabled_services(configuration):
+        if pool is not None and settings.type in WORKER_SERVICE_TYPES:
+            pool.add_service(settings).setServiceParent(top)
+        else:
+            factories[settings.type](settings, runtime).setServiceParent(top)
+    if pool is not None:
+        pool.setServiceParent(top)  # last: stopped first, so the workers' last audit events still reach the file
     _log.info("sftpauth {version} configured from {path}", version=__version__, path=configuration.path)
     return top
+
+
+def add_runtime_services(runtime: Runtime, top: MultiService) -> None:
+    """What every process serving logins runs beside its services: the shared state, the LDAP probes."""
+    SharedStateService(runtime).setServiceParent(top)
+    LDAPHealthProbes(runtime.ldap_pools.values()).setServiceParent(top)
+
+
+def enabled_services(configuration: Configuration) -> Iterator[ServiceSettings]:
+    for service_id, settings in configuration.services.items():
+        if settings.enabled:
+            yield settings
+        else:
+            _log.info("service {service} is disabled", service=service_id)

@@ -94,6 +94,28 @@ def port(value: str) -> int:
     return number(value, "0", "65535")
 
 
+MAX_WORKERS = 256
+
+
+def available_cores() -> int:
+    """The cores this process may run on (its CPU affinity, so a container's cpuset counts)."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+def worker_count(value: str) -> int:
+    """``[server] workers``: 1 to MAX_WORKERS reactor processes, or ``auto``: one per available core."""
+    word = _unquote(str(value))
+    if word.lower() == "auto":
+        return max(1, min(MAX_WORKERS, available_cores()))
+    try:
+        return number(word, "1", str(MAX_WORKERS))
+    except VdtValueError as error:
+        raise VdtValueError(f"{error}, or auto (one per core)") from None
+
+
 def port_range(value: str) -> Optional[tuple[int, int]]:
     word = _unquote(value)
     if not word:
@@ -372,6 +394,7 @@ def make_validator(base_folder: str, environ: Mapping[str, str]) -> Validator:
         "network_list": network_list,
         "tls_trust": lambda value: tls_trust(value, path),
         "shared_state": shared_state,
+        "worker_count": worker_count,
         "expression_list": expression_list,
     }
     return Validator(functions)

@@ -1,0 +1,136 @@
+"""The parent channel: one AMP connection per worker, over a socketpair the worker inherits.
+
+Worker -> parent: :class:`Ready` once its services accept connections,
+:class:`Audit` for every audit event (the parent is the single writer of
+the audit file and feeds the Web Manager's listeners), and with ``state =
+memory`` the state commands of :mod:`sftpauth.state` (claims, failures,
+resets). Parent -> worker: :class:`~sftpauth.state.BanStarted`.
+
+Nothing but audit entries and state commands crosses it: no password, code
+or secret. When it closes, the worker knows its parent is gone and stops.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Callable, Optional
+
+from twisted.internet.protocol import Factory
+from twisted.logger import Logger
+from twisted.protocols import amp
+
+from sftpauth.audit import AuditLog
+from sftpauth.state import BanStarted, ChannelBanStore, SharedState, StateChannel, StateClient, StateServer
+
+_log = Logger()
+
+MAX_AUDIT_BYTES = 60_000  # an AMP value holds at most 65,535 bytes
+
+
+class Ready(amp.Command):
+    """Worker -> parent: its services accept connections."""
+
+    arguments: list = []
+    requiresAnswer = False
+
+
+class Audit(amp.Command):
+    """Worker -> parent: one audit entry, as JSON (ASCII: lone surrogates of client bytes survive the trip)."""
+
+    arguments = [(b"entry", amp.Unicode())]
+    requiresAnswer = False
+
+
+class _QuietAMP(amp.AMP):
+    """AMP without its "connection established / lost" log lines (the pool logs what matters)."""
+
+    def makeConnection(self, transport) -> None:
+        amp.BinaryBoxProtocol.makeConnection(self, transport)
+
+    def connectionLost(self, reason) -> None:
+        amp.BinaryBoxProtocol.connectionLost(self, reason)
+        self.transport = None
+
+
+class ParentSide(StateServer, _QuietAMP):
+    """The parent's end of one worker's channel."""
+
+    def __init__(self, shared_state: SharedState, audit: AuditLog, on_ready: Callable[[], None], on_lost: Callable[[], None]):
+        amp.AMP.__init__(self)
+        self.shared_state = shared_state
+        self._audit = audit
+        self._on_ready = on_ready
+        self._on_lost = on_lost
+
+    @Ready.responder
+    def _ready(self) -> dict:
+        self._on_ready()
+        return {}
+
+    @Audit.responder
+    def _audit_entry(self, entry: str) -> dict:
+        self._audit.publish(json.loads(entry))
+        return {}
+
+    def announce_ban(self, scope: str, address: str, seconds: float) -> None:
+        """Tell the worker of a ban (it then refuses the address without asking)."""
+        if self.transport is not None:  # None once the channel is closed
+            self.callRemote(BanStarted, scope=scope, address=address, seconds=float(seconds))
+
+    def connectionLost(self, reason) -> None:
+        _QuietAMP.connectionLost(self, reason)
+        self._on_lost()
+
+
+class WorkerSide(StateClient, _QuietAMP):
+    """A worker's end: the state stores and the audit log send through it; its loss means the parent is gone."""
+
+    def __init__(self, channel: StateChannel, bans: Optional[ChannelBanStore], on_lost: Callable[[], None]):
+        amp.AMP.__init__(self)
+        self._channel = channel
+        self.channel_bans = bans
+        self._on_lost = on_lost
+
+    def connectionMade(self) -> None:
+        _QuietAMP.connectionMade(self)
+        self._channel.protocol = self
+
+    def connectionLost(self, reason) -> None:
+        self._channel.protocol = None
+        _QuietAMP.connectionLost(self, reason)
+        self._on_lost()
+
+
+class WorkerAuditLog(AuditLog):
+    """A worker's audit log: each entry gets ``worker`` (the index) and goes to the parent, which writes it."""
+
+    def __init__(self, index: int, channel: StateChannel):
+        super().__init__("")
+        self.index = index
+        self._channel = channel
+
+    def record(self, event: str, **fields) -> dict:
+        fields["worker"] = self.index
+        return super().record(event, **fields)
+
+    def publish(self, entry: dict) -> dict:
+        line = json.dumps(entry, ensure_ascii=True)
+        protocol = self._channel.protocol
+        if protocol is None or len(line) > MAX_AUDIT_BYTES:
+            # Not lost: the line reaches the parent's log through this worker's output.
+            _log.warn("audit (not sent to the parent process: {why}) {line}", why="no channel" if protocol is None else "too long", line=line)
+        else:
+            protocol.callRemote(Audit, entry=line)
+        for listener in self.listeners:
+            listener(entry)
+        return entry
+
+
+class OneProtocolFactory(Factory):
+    """Adopting a connected socket builds exactly this protocol."""
+
+    def __init__(self, protocol: amp.AMP):
+        self._protocol = protocol
+
+    def buildProtocol(self, addr) -> amp.AMP:
+        return self._protocol

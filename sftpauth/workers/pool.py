@@ -1,0 +1,311 @@
+"""The parent's side of ``[server] workers = N``: shared sockets, and N worker processes kept running.
+
+Start: each FTP/FTPS/SFTP service's socket is bound in
+``privilegedStartService`` (errors as without workers, before any worker
+exists), then the workers are spawned with ``reactor.spawnProcess``. Each
+gets the configuration text on its standard input (every worker, also a
+restarted one, runs the file as it was when sftpauth started), its channel
+on fd 3 and the listening sockets from fd 4 on.
+
+While running: a worker's output lines go to the parent's log as
+``worker N: ...``; a worker that exits is started again, at once after a
+long run, with a growing delay (up to :data:`MAX_RESTART_DELAY`) when it
+keeps exiting quickly; SIGHUP is passed on to every worker (FTPS
+certificates are reloaded there).
+
+Stop: SIGTERM to every worker, then wait until each has exited and its
+channel is drained (its last audit events written); a worker still there
+after :data:`STOP_TIMEOUT` seconds is killed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+from typing import Optional
+
+from twisted.application.service import MultiService, Service
+from twisted.internet import defer, error as internet_error
+from twisted.internet.protocol import ProcessProtocol
+from twisted.logger import Logger, LogLevel
+from twisted.python.failure import Failure
+
+import sftpauth
+from sftpauth.config.models import ServiceSettings
+from sftpauth.listening import bind_shared_socket
+from sftpauth.runtime import Runtime
+from sftpauth.state import MemoryBanStore
+from sftpauth.tls import ReloadOnSIGHUP
+from sftpauth.workers import CHANNEL_FD, FIRST_SOCKET_FD
+from sftpauth.workers.channel import OneProtocolFactory, ParentSide
+
+_log = Logger()
+
+STOP_TIMEOUT = 10.0  # seconds a worker has to exit after SIGTERM before it is killed
+FIRST_RESTART_DELAY = 0.5  # seconds before a worker that exited is started again ...
+MAX_RESTART_DELAY = 30.0  # ... doubling while it keeps exiting quickly, up to this
+STABLE_AFTER = 60.0  # a worker that ran this long is restarted without delay growth
+MAX_LINE = 16 * 1024  # a worker's output line longer than this is cut
+_LEVELS = {level.name: level for level in LogLevel.iterconstants()}
+
+
+class SharedListeningSocket(Service):
+    """One FTP/FTPS/SFTP service's listening socket, bound by the parent; every worker accepts on it.
+
+    Named like the service, so the Web Manager's dashboard shows the
+    service as running while its socket is open.
+    """
+
+    def __init__(self, settings: ServiceSettings):
+        self.settings = settings
+        self.setName(settings.id)
+        self.socket: Optional[socket.socket] = None
+
+    def privilegedStartService(self) -> None:
+        super().privilegedStartService()
+        if self.socket is None:
+            self.socket = bind_shared_socket(self.settings.address, self.settings.port)
+
+    def stopService(self):
+        super().stopService()
+        shared, self.socket = self.socket, None
+        if shared is not None:
+            shared.close()
+
+
+class WorkerProcess(ProcessProtocol):
+    """One worker process and its channel; ``ended`` fires when both are gone."""
+
+    def __init__(self, pool: "WorkerPool", index: int):
+        self.pool = pool
+        self.index = index
+        self.pid: Optional[int] = None
+        self.started_at = pool.reactor.seconds()
+        self.ready = False
+        self.ended: defer.Deferred = defer.Deferred()
+        self.channel: Optional[ParentSide] = None
+        self._partial = {1: b"", 2: b""}
+        self._process_over = False
+        self._channel_over = False
+        self.exit_reason: Optional[Failure] = None
+
+    # -- the process ----------------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        self.pid = self.transport.pid
+        self.transport.writeToChild(0, self.pool.configuration_text.encode("utf-8"))
+        self.transport.closeStdin()
+
+    def childDataReceived(self, fd: int, data: bytes) -> None:
+        lines = (self._partial.get(fd, b"") + data).split(b"\n")
+        self._partial[fd] = lines.pop()[-MAX_LINE:]
+        for line in lines:
+            self._relay(fd, line)
+
+    def _relay(self, fd: int, raw: bytes) -> None:
+        text = raw[:MAX_LINE].decode("utf-8", "replace").rstrip("\r")
+        if not text:
+            return
+        level = LogLevel.warn  # stderr: what Python printed before the worker's logging started
+        if fd == 1:
+            name, separator, rest = text.partition("\t")
+            if separator and name in _LEVELS:
+                level, text = _LEVELS[name], rest
+        _log.emit(level, "worker {worker}: {line}", worker=self.index, line=text)
+
+    def processEnded(self, reason: Failure) -> None:
+        for fd, rest in self._partial.items():
+            if rest:
+                self._relay(fd, rest)
+        self._partial = {1: b"", 2: b""}
+        self.exit_reason = reason
+        self._process_over = True
+        self.pool.worker_exited(self, reason)
+        self._maybe_ended()
+
+    def signal(self, name: str) -> None:
+        if not self._process_over:
+            try:
+                self.transport.signalProcess(name)
+            except internet_error.ProcessExitedAlready:
+                pass
+
+    # -- the channel ----------------------------------------------------------------
+
+    def channel_ready(self) -> None:
+        self.ready = True
+        _log.info("worker {worker} (pid {pid}) is ready", worker=self.index, pid=self.pid)
+
+    def channel_lost(self) -> None:
+        self._channel_over = True
+        self._maybe_ended()
+
+    def _maybe_ended(self) -> None:
+        if self._process_over and self._channel_over and not self.ended.called:
+            self.ended.callback(self)
+
+
+class WorkerPool(MultiService):
+    """Starts ``[server] workers`` processes serving the FTP/FTPS/SFTP services, and keeps them running."""
+
+    def __init__(self, runtime: Runtime, executable: str = sys.executable):
+        super().__init__()
+        self.runtime = runtime
+        self.reactor = runtime.reactor
+        self.configuration = runtime.configuration
+        self.count = self.configuration.server.workers
+        self.executable = executable
+        with open(self.configuration.path, encoding="utf-8") as config_file:
+            self.configuration_text = config_file.read()
+        self.sockets: list[SharedListeningSocket] = []
+        self.workers: dict[int, WorkerProcess] = {}
+        self._quick_exits: dict[int, int] = {}
+        self._restarts: dict[int, object] = {}
+        self._stopping = False
+        ReloadOnSIGHUP(self.reactor, self.forward_sighup).setServiceParent(self)
+        bans = runtime.state.bans
+        if isinstance(bans, MemoryBanStore):
+            bans.ban_listeners.append(self._announce_ban)
+
+    def add_service(self, settings: ServiceSettings) -> SharedListeningSocket:
+        """The parent's part of one FTP/FTPS/SFTP service: its socket; its certificate or host keys checked now.
+
+        Checked here, the errors of a certificate or a host key stop
+        sftpauth at start as without workers, and generated host keys are
+        written once, before two workers could race to create them.
+        """
+        from sftpauth import ftp, ssh
+
+        if settings.type in ("ssh", "sftp"):
+            ssh.load_host_keys(settings, self.configuration.path, self.runtime.data_folder)
+        else:
+            ftp.load_tls(settings, self.configuration.path)
+        shared = SharedListeningSocket(settings)
+        self.sockets.append(shared)
+        return shared
+
+    # -- start and stop --------------------------------------------------------------
+
+    def startService(self) -> None:
+        super().startService()
+        self._stopping = False
+        _log.info(
+            "starting {count} worker processes for {services}; the Web Manager, the embedded directory{state} "
+            "stay in this process (pid {pid})",
+            count=self.count,
+            services=", ".join(shared.settings.id for shared in self.sockets) or "no service",
+            state=" and the shared state" if isinstance(self.runtime.state.bans, MemoryBanStore) else "",
+            pid=os.getpid(),
+        )
+        for index in range(1, self.count + 1):
+            self.spawn(index)
+
+    def stopService(self) -> defer.Deferred:
+        self._stopping = True
+        for timer in self._restarts.values():
+            if timer.active():
+                timer.cancel()
+        self._restarts.clear()
+        live = list(self.workers.values())
+        for worker in live:
+            worker.signal("TERM")
+        killer = self.reactor.callLater(STOP_TIMEOUT, self._kill_remaining)
+        stopped = defer.gatherResults([worker.ended for worker in live])
+
+        def done(result):
+            if killer.active():
+                killer.cancel()
+            if live:
+                _log.info("the {count} worker processes have stopped", count=len(live))
+            return defer.maybeDeferred(MultiService.stopService, self)
+
+        return stopped.addBoth(done)
+
+    def _kill_remaining(self) -> None:
+        for worker in self.workers.values():
+            _log.warn("worker {worker} (pid {pid}) did not stop within {seconds:g}s: killing it", worker=worker.index, pid=worker.pid, seconds=STOP_TIMEOUT)
+            worker.signal("KILL")
+
+    def spawn(self, index: int) -> WorkerProcess:
+        """Start worker ``index``: its channel on CHANNEL_FD, the services' sockets from FIRST_SOCKET_FD."""
+        self._restarts.pop(index, None)
+        worker = WorkerProcess(self, index)
+        parent_end, worker_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        child_fds: dict[int, object] = {0: "w", 1: "r", 2: "r", CHANNEL_FD: worker_end.fileno()}
+        sockets = {}
+        for number, shared in enumerate(self.sockets, start=FIRST_SOCKET_FD):
+            child_fds[number] = shared.socket.fileno()
+            sockets[shared.settings.id] = [number, int(shared.socket.family)]
+        arguments = [
+            self.executable, "-m", "sftpauth.workers",
+            "--config", os.path.abspath(self.configuration.path),
+            "--index", str(index),
+            "--workers", str(self.count),
+            "--sockets", json.dumps(sockets),
+        ]
+        environment = dict(os.environ)
+        # The worker imports the same sftpauth as this process, whatever kind of install this is.
+        package_root = os.path.dirname(os.path.dirname(os.path.abspath(sftpauth.__file__)))
+        environment["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, environment.get("PYTHONPATH")]))
+        try:
+            self.reactor.spawnProcess(worker, self.executable, arguments, env=environment, childFDs=child_fds)
+        finally:
+            worker_end.close()
+        worker.channel = ParentSide(self.runtime.state, self.runtime.audit, worker.channel_ready, worker.channel_lost)
+        try:
+            self.reactor.adoptStreamConnection(parent_end.fileno(), socket.AF_UNIX, OneProtocolFactory(worker.channel))
+        finally:
+            parent_end.close()
+        self.workers[index] = worker
+        _log.info("worker {worker} started (pid {pid})", worker=index, pid=worker.pid)
+        if isinstance(self.runtime.state.bans, MemoryBanStore):
+            for scope, address, seconds in self.runtime.state.bans.live_bans():
+                worker.channel.announce_ban(scope, address, seconds)
+        return worker
+
+    # -- while running ---------------------------------------------------------------
+
+    def worker_exited(self, worker: WorkerProcess, reason: Failure) -> None:
+        if self.workers.get(worker.index) is worker:
+            del self.workers[worker.index]
+        if self._stopping or not self.running:
+            return
+        ran = self.reactor.seconds() - worker.started_at
+        quick = self._quick_exits.get(worker.index, 0) + 1 if ran < STABLE_AFTER else 0
+        self._quick_exits[worker.index] = quick
+        delay = restart_delay(quick)
+        _log.warn(
+            "worker {worker} (pid {pid}) {how} after {ran:.1f}s; starting it again in {delay:g}s",
+            worker=worker.index,
+            pid=worker.pid,
+            how=describe_exit(reason),
+            ran=ran,
+            delay=delay,
+        )
+        self._restarts[worker.index] = self.reactor.callLater(delay, self.spawn, worker.index)
+
+    def forward_sighup(self) -> None:
+        """SIGHUP reloads the FTPS certificates, which the workers hold."""
+        _log.info("SIGHUP: passing it on to {count} worker processes", count=len(self.workers))
+        for worker in self.workers.values():
+            worker.signal("HUP")
+
+    def _announce_ban(self, scope: str, address: str, seconds: float) -> None:
+        for worker in self.workers.values():
+            if worker.channel is not None:
+                worker.channel.announce_ban(scope, address, seconds)
+
+
+def restart_delay(quick_exits: int) -> float:
+    """Seconds before starting again a worker that exited ``quick_exits`` times in a row soon after its start."""
+    return min(MAX_RESTART_DELAY, FIRST_RESTART_DELAY * 2 ** max(0, quick_exits - 1))
+
+
+def describe_exit(reason: Failure) -> str:
+    value = reason.value
+    signal_number = getattr(value, "signal", None)
+    if signal_number:
+        return f"was killed by signal {signal_number}"
+    return f"exited with status {getattr(value, 'exitCode', '?')}"

@@ -1,0 +1,145 @@
+"""A worker process: ``python -m sftpauth.workers``, started by the parent (:mod:`.pool`), never by hand.
+
+It reads the configuration text on its standard input, builds its own
+Runtime (chain, LDAP pools, realm) whose audit log and, with ``state =
+memory``, whose bans and used TOTP codes go to the parent over the channel
+on fd 3, and runs the FTP/FTPS/SFTP services on the listening sockets it
+inherited. Its log goes to its standard output, one ``LEVEL<TAB>text`` line
+each, for the parent to relay.
+
+Signals: SIGTERM stops it (exit 0); SIGINT is left to the parent (a
+terminal's Ctrl-C reaches the whole process group, and the parent stops the
+workers in order); SIGHUP reloads FTPS certificates (``sftpauth.tls``).
+When the channel closes, the parent is gone: the worker stops.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import sys
+from typing import Optional
+
+from twisted.application.service import MultiService
+from twisted.internet import defer
+from twisted.logger import LogLevel, Logger, eventAsText, globalLogBeginner
+
+from sftpauth import tap
+from sftpauth.config.errors import ConfigError
+from sftpauth.config.loader import parse_configuration
+from sftpauth.listening import adopt_inherited_sockets
+from sftpauth.state import ChannelBanStore, StateChannel, channel_state
+from sftpauth.workers import CHANNEL_FD
+from sftpauth.workers.channel import OneProtocolFactory, Ready, WorkerAuditLog, WorkerSide
+
+_log = Logger()
+CHANNEL_CLOSE_TIMEOUT = 5.0  # seconds to send what the services recorded while stopping
+
+
+def parse_arguments(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m sftpauth.workers", description="An sftpauth worker process (started by twistd sftpauth).")
+    parser.add_argument("--config", required=True, help="the configuration file's path (its text comes on standard input)")
+    parser.add_argument("--index", type=int, required=True, help="this worker's number, 1 to --workers")
+    parser.add_argument("--workers", type=int, required=True)
+    parser.add_argument("--sockets", default="{}", help='JSON: {"service ID": [fd, address family]}')
+    return parser.parse_args(argv)
+
+
+def log_to_stdout(stream=None) -> None:
+    """One ``LEVEL<TAB>text`` line per line of each event (tracebacks included); the parent adds the time."""
+    out = stream or sys.stdout
+
+    def observer(event: dict) -> None:
+        text = eventAsText(event, includeTimestamp=False, includeSystem=True)
+        level = event.get("log_level", LogLevel.info)
+        out.write("".join(f"{level.name}\t{line}\n" for line in text.splitlines()))
+        out.flush()
+
+    globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
+
+
+class Worker:
+    """What one worker process runs; built by :func:`main`, reactor passed in."""
+
+    def __init__(self, configuration, index: int, workers: int, sockets: dict, reactor):
+        self.reactor = reactor
+        self.index = index
+        self._stopping = False
+        channel = StateChannel(reactor)
+        state = channel_state(channel, reactor, workers) if configuration.server.state == "memory" else None
+        self.runtime = tap.build_runtime(configuration, reactor, state=state, audit=WorkerAuditLog(index, channel))
+        bans = self.runtime.state.bans
+        self.channel = WorkerSide(channel, bans if isinstance(bans, ChannelBanStore) else None, self._parent_gone)
+        self._on_channel_closed: Optional[defer.Deferred] = None
+        adopt_inherited_sockets({service_id: (fd, family) for service_id, (fd, family) in sockets.items()})
+        self.top = MultiService()
+        tap.add_runtime_services(self.runtime, self.top)
+        factories = tap.service_factories()
+        for settings in configuration.services.values():
+            if settings.enabled and settings.type in tap.WORKER_SERVICE_TYPES:
+                factories[settings.type](settings, self.runtime).setServiceParent(self.top)
+
+    def connect(self, fd: int) -> None:
+        self.reactor.adoptStreamConnection(fd, socket.AF_UNIX, OneProtocolFactory(self.channel))
+        os.close(fd)
+
+    def start(self) -> None:
+        self.top.privilegedStartService()
+        self.top.startService()
+        self.reactor.addSystemEventTrigger("before", "shutdown", self._shutdown)
+        self.channel.callRemote(Ready)
+
+    def stop(self) -> None:
+        if not self._stopping:
+            self._stopping = True
+            self.reactor.stop()
+
+    def _shutdown(self):
+        """Stop the services, then close the channel once what they recorded is sent."""
+        self._stopping = True
+        stopped = defer.maybeDeferred(self.top.stopService)
+
+        def close_channel(result):
+            transport = self.channel.transport
+            if transport is None or not transport.connected:
+                return result
+            closed = defer.Deferred()
+            self._on_channel_closed = closed
+            transport.loseConnection()
+            timer = self.reactor.callLater(CHANNEL_CLOSE_TIMEOUT, lambda: closed.called or closed.callback(None))
+            return closed.addBoth(lambda ignored: timer.active() and timer.cancel())
+
+        return stopped.addBoth(close_channel)
+
+    def _parent_gone(self) -> None:
+        closed, self._on_channel_closed = self._on_channel_closed, None
+        if closed is not None and not closed.called:
+            closed.callback(None)
+        if not self._stopping:
+            _log.warn("worker {worker}: the channel to the parent process closed; stopping", worker=self.index)
+            self.reactor.callLater(0, self.stop)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    arguments = parse_arguments(argv)
+    text = sys.stdin.read()
+    sys.stdin.close()
+    log_to_stdout()
+    from twisted.internet import reactor
+
+    try:
+        configuration = parse_configuration(text, arguments.config, os.path.dirname(os.path.abspath(arguments.config)), os.environ)
+        worker = Worker(configuration, arguments.index, arguments.workers, json.loads(arguments.sockets), reactor)
+    except ConfigError as error:
+        _log.error("worker {worker} cannot start:\n{error}", worker=arguments.index, error=str(error))
+        return 1
+    worker.connect(CHANNEL_FD)
+    signal.signal(signal.SIGTERM, lambda number, frame: reactor.callFromThread(worker.stop))
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # FTPS services add their certificate reload to it
+    reactor.callWhenRunning(worker.start)
+    reactor.run(installSignalHandlers=False)
+    return 0

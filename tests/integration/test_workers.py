@@ -1,0 +1,424 @@
+"""``[server] workers = 2`` end to end: a real ``twistd -n sftpauth``, its two workers, a real slapd.
+
+Which worker serves a connection is the kernel's choice. The tests do not
+guess: :func:`serving_worker` finds the worker process holding the server
+side of a client's TCP connection (``/proc/net/tcp`` and each worker's
+``/proc/PID/fd``), so a test opens connections until it has one on each
+worker, then decides which one does what. The audit ``worker`` field says
+the same from the server's side.
+"""
+
+from __future__ import annotations
+
+import ftplib
+import os
+import signal
+import socket
+import textwrap
+import time
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Callable, Iterator
+
+import paramiko
+import pyotp
+import pytest
+
+from .ldap_helpers import BASE, ENGINEERING
+from .manager_helpers import _CHEAP, HTTPSClient
+from .server import SftpauthServer, free_port, serving
+from .test_ftps import pem_with_key
+from .tls_certs import TestPKI
+
+TIMEOUT = 10
+FAILED = "530 Login failed."
+TOTP_USERS = f"ou=workers-totp,{BASE}"
+SECRET = "KRSXG5CTMVRXEZLUKRSXG5CTMVRXEZLU"
+ADMIN_PASSWORD = "workers-admin-pass"
+
+
+def children(pid: int) -> set[int]:
+    """The live child processes of ``pid``."""
+    found = set()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", encoding="ascii", errors="replace") as stat:
+                fields = stat.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid and fields[0] != "Z":
+            found.add(int(entry))
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def serving_worker(server_port: int, client: socket.socket, workers: set[int], timeout: float = 5.0) -> int:
+    """The pid of the worker holding the server end of ``client``'s connection."""
+    client_port = client.getsockname()[1]
+    deadline = time.monotonic() + timeout
+    while True:
+        inodes = set()
+        with open("/proc/net/tcp", encoding="ascii") as table:
+            for line in table.readlines()[1:]:
+                fields = line.split()
+                local, remote = (int(address.split(":")[1], 16) for address in fields[1:3])
+                if local == server_port and remote == client_port:
+                    inodes.add(f"socket:[{fields[9]}]")
+        for pid in workers:
+            try:
+                names = os.listdir(f"/proc/{pid}/fd")
+            except OSError:
+                continue
+            for name in names:
+                try:
+                    if os.readlink(f"/proc/{pid}/fd/{name}") in inodes:
+                        return pid
+                except OSError:
+                    continue
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no worker of {workers} holds the connection from port {client_port}")
+        time.sleep(0.05)
+
+
+def totp_ldif() -> str:
+    return textwrap.dedent(
+        f"""\
+        dn: {TOTP_USERS}
+        objectClass: organizationalUnit
+        ou: workers-totp
+
+        dn: uid=tessa,{TOTP_USERS}
+        objectClass: top
+        objectClass: inetOrgPerson
+        objectClass: sftpauthTestUser
+        uid: tessa
+        cn: Tessa
+        sn: Tessa
+        userPassword: tessa-pass
+        totpSharedSecret: otpauth://totp/Srv:tessa?secret={SECRET}&issuer=Srv
+        """
+    )
+
+
+class Site:
+    """sftpauth with workers = 2: FTP (passive range of two ports), SFTP, FTPS, FTP with TOTP, a Web Manager."""
+
+    def __init__(self, folder: Path, slapd):
+        self.folder = Path(folder)
+        names = ("ftp", "sftp", "ftps", "totp", "web")
+        self.ports = {name: free_port() for name in names}
+        self.passive = free_port_pair()
+        pki = TestPKI(self.folder / "pki")
+        self.certificate = pem_with_key(pki.good, self.folder / "ftps.pem")
+        config = textwrap.dedent(
+            f"""
+            [server]
+            authentications = plain
+            audit_log = {self.folder}/audit.jsonl
+            data_folder = {self.folder}/data
+            workers = 2
+
+            [security-policies/DEFAULT-SECURITY-POLICY]
+            source_ip_ban_after_count = 4
+            source_ip_ban_interval = 60
+
+            [security-policies/relaxed]
+            source_ip_ban_after_count = 1000
+
+            [services/ftp]
+            type = ftp
+            port = {self.ports["ftp"]}
+            passive_port_range = {self.passive}-{self.passive + 1}
+
+            [services/sftp]
+            type = ssh
+            port = {self.ports["sftp"]}
+
+            [services/ftps]
+            type = ftp
+            port = {self.ports["ftps"]}
+            ssl_certificate = {self.certificate}
+            security_policy = relaxed
+
+            [services/totp]
+            type = ftp
+            port = {self.ports["totp"]}
+            authentications = totp
+            security_policy = relaxed
+
+            [services/web]
+            type = manager
+            port = {self.ports["web"]}
+            security_policy = relaxed
+
+            [groups/DEFAULT_GROUP]
+            home_folder_path = {self.folder}/homes
+            create_home_folder = yes
+
+            [administrators/admin]
+            password = {_CHEAP.hash(ADMIN_PASSWORD)}
+
+            [authentications/plain]
+            type = ldap
+            address = 127.0.0.1
+            port = {slapd.port}
+            bind_dn = {ENGINEERING}
+            username_attribute = uid
+
+            [authentications/totp]
+            type = ldap
+            address = 127.0.0.1
+            port = {slapd.port}
+            bind_dn = {TOTP_USERS}
+            username_attribute = uid
+            extension_entry_point = python:sftpauth.ldap.totp.AugmentedTOTP
+            extension_configuration = {{"mfa_attribute": "totpSharedSecret"}}
+            """
+        )
+        self.server = SftpauthServer(self.folder, config, ports=tuple(self.ports.values()))
+        self.manager = SimpleNamespace(port=self.ports["web"], certificate=self.folder / "data" / "manager" / "certificate.pem")
+
+    @property
+    def pid(self) -> int:
+        return self.server.process.pid
+
+    def workers(self, count: int = 2, timeout: float = 15.0) -> set[int]:
+        """The worker pids once ``count`` of them have said they are ready."""
+        deadline = time.monotonic() + timeout
+        while True:
+            pids = children(self.pid)
+            ready = {pid for pid in pids if f"(pid {pid}) is ready" in self.server.log_text()}
+            if len(ready) >= count:
+                return ready
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{count} ready workers expected, have {ready}\n{self.server.log_tail()}")
+            time.sleep(0.1)
+
+    def events(self, predicate: Callable[[dict], bool]) -> list[dict]:
+        return [event for event in self.server.audit_events() if predicate(event)]
+
+    def event(self, predicate: Callable[[dict], bool], timeout: float = 10.0) -> dict:
+        return self.server.wait_for_audit(predicate, timeout=timeout)
+
+    def ftp_on_each_worker(self, service: str, source: str = "127.0.0.1") -> dict[int, ftplib.FTP]:
+        """An FTP connection (greeted, not logged in) served by each worker, by worker pid."""
+        workers = self.workers()
+        found: dict[int, ftplib.FTP] = {}
+        spare = []
+        for _ in range(40):
+            client = ftplib.FTP(timeout=TIMEOUT, encoding="utf-8", source_address=(source, 0))
+            client.connect("127.0.0.1", self.ports[service])
+            pid = serving_worker(self.ports[service], client.sock, workers)
+            if pid in found:
+                spare.append(client)
+            else:
+                found[pid] = client
+            if len(found) == len(workers):
+                break
+        for client in spare:
+            client.close()
+        assert len(found) == len(workers), "the kernel gave every connection to one worker"
+        return found
+
+
+def free_port_pair() -> int:
+    """A port p with p and p + 1 free now."""
+    for _ in range(50):
+        port = free_port()
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port + 1))
+                return port
+            except OSError:
+                continue
+    raise AssertionError("no two consecutive free ports")
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory, slapd) -> Iterator[Site]:
+    slapd.add_ldif(totp_ldif())
+    site = Site(tmp_path_factory.mktemp("workers"), slapd)
+    with serving(site.server):
+        site.workers()
+        yield site
+
+
+def audited_worker(site: Site, username: str, outcome: str = "success", service: str = "ftp") -> int:
+    event = site.event(
+        lambda e: e["event"] == "authentication" and e["username"] == username and e["outcome"] == outcome and e["service"] == service
+    )
+    return event["worker"]
+
+
+def test_ftp_and_sftp_logins_are_served_by_both_workers(site):
+    """A login on a connection of each worker succeeds; the audit says which worker served it (1 and 2)."""
+    for client in site.ftp_on_each_worker("ftp").values():
+        client.login("alice", "alice-pass")
+        assert client.pwd() == "/"
+        client.quit()
+    site.event(lambda e: e["event"] == "session-end" and e["service"] == "ftp" and e["worker"] == 2)
+    events = site.events(lambda e: e["event"] == "authentication" and e["service"] == "ftp" and e["outcome"] == "success")
+    assert {event["worker"] for event in events} == {1, 2}
+    workers = site.workers()
+    served = set()
+    for _ in range(40):
+        sock = socket.create_connection(("127.0.0.1", site.ports["sftp"]), timeout=TIMEOUT)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        pid = serving_worker(site.ports["sftp"], sock, workers)
+        if pid in served:
+            sock.close()
+            continue
+        served.add(pid)
+        transport = paramiko.Transport(sock)
+        try:
+            transport.connect(username="alice", password="alice-pass")
+            assert paramiko.SFTPClient.from_transport(transport).listdir(".") == []
+        finally:
+            transport.close()
+        if served == workers:
+            break
+    assert served == workers
+    site.event(lambda e: e["event"] == "session-end" and e["service"] == "sftp" and e["worker"] == 2)
+    sftp_workers = {e["worker"] for e in site.events(lambda e: e["event"] == "session-start" and e["service"] == "sftp")}
+    assert sftp_workers == {1, 2}
+
+
+def test_failures_spread_over_both_workers_ban_the_address_on_both(site):
+    """Two failures on each worker make the fourth, and one ban that every worker enforces."""
+    source = "127.0.0.61"
+    connections = site.ftp_on_each_worker("ftp", source)
+    order = list(connections.values()) * 2
+    for number, client in enumerate(order):
+        with pytest.raises(ftplib.error_perm) as failure:
+            client.login(f"ghost-{number}", "wrong")
+        assert str(failure.value) == FAILED
+        site.event(lambda e, n=number: e["event"] == "authentication" and e["username"] == f"ghost-{n}")
+    failures = site.events(lambda e: e["event"] == "authentication" and e["peer"] == source)
+    assert sorted(event["worker"] for event in failures) == [1, 1, 2, 2]
+    ban = site.event(lambda e: e["event"] == "ban" and e["peer"] == source)
+    assert ban["failures"] == 4
+    for client in connections.values():
+        client.close()
+    # Every new connection is refused, whichever worker accepts it.
+    for _ in range(6):
+        with socket.create_connection(("127.0.0.1", site.ports["ftp"]), timeout=TIMEOUT, source_address=(source, 0)) as refused:
+            refused.settimeout(TIMEOUT)
+            assert refused.recv(100) == b"421 Connection refused.\r\n"
+    time.sleep(0.3)
+    assert len(site.events(lambda e: e["event"] == "ban" and e["peer"] == source)) == 1
+
+
+def test_a_totp_code_used_on_one_worker_is_refused_on_the_other(site):
+    """The code that logged in on worker A is ``totp-replayed`` on worker B: the replay store is the parent's."""
+    connections = site.ftp_on_each_worker("totp", "127.0.0.62")
+    first, second = connections.values()
+    code = pyotp.TOTP(SECRET).now()
+    first.login("tessa", "tessa-pass" + code)
+    first.quit()
+    with pytest.raises(ftplib.error_perm) as refused:
+        second.login("tessa", "tessa-pass" + code)
+    assert str(refused.value) == FAILED
+    second.close()
+    accepted = site.event(lambda e: e.get("username") == "tessa" and e.get("outcome") == "success")
+    replayed = site.event(lambda e: e.get("username") == "tessa" and e.get("reason") == "totp-replayed")
+    assert {accepted["worker"], replayed["worker"]} == {1, 2}
+
+
+def test_a_taken_passive_port_is_skipped(site):
+    """PASV on a worker while another process holds the first port of the range answers with the second."""
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", site.passive))
+        holder.listen()
+        client = ftplib.FTP(timeout=TIMEOUT, encoding="utf-8")
+        client.connect("127.0.0.1", site.ports["ftp"])
+        client.login("alice", "alice-pass")
+        data, _ = client.ntransfercmd("NLST")  # PASV, then the data connection to the port it announced
+        with data:
+            assert data.getpeername()[1] == site.passive + 1
+            assert data.recv(100) == b""
+        assert client.voidresp().startswith("226")
+        client.quit()
+
+
+def test_the_web_manager_in_the_parent_sees_the_workers(site):
+    """The manager (in the parent) logs in, shows FTP/SFTP running, and counts and lists the workers' logins."""
+    client = HTTPSClient(site.manager)
+    assert client.login("admin", ADMIN_PASSWORD)[0] == 200
+    status, body = client.get_json("/api/v1/services")
+    assert status == 200
+    states = {service["id"]: service["state"] for service in body["services"]}
+    assert states == {"ftp": "running", "sftp": "running", "ftps": "running", "totp": "running", "web": "running"}
+    status, body = client.get_json("/api/v1/events?limit=200")
+    assert status == 200 and {event.get("worker") for event in body["events"]} >= {1, 2}
+    status, _, metrics = client.request("GET", "/metrics")
+    assert status == 200
+    line = next(line for line in metrics.decode().splitlines() if line.startswith('sftpauth_login_attempts_total{method="plain",outcome="success",service="ftp"}'))
+    assert float(line.split()[-1]) >= 2
+
+
+def test_sighup_reaches_every_worker(site):
+    """SIGHUP on the parent reloads the FTPS certificate in each worker; no worker is replaced."""
+    before = site.workers()
+    site.server.process.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 10
+    while True:
+        log = site.server.log_text()
+        reloaded = {index for index in (1, 2) if f"worker {index}: [sftpauth.tls#info] service ftps: reloaded ssl_certificate" in log}
+        if reloaded == {1, 2}:
+            break
+        assert time.monotonic() < deadline, site.server.log_tail()
+        time.sleep(0.1)
+    assert children(site.pid) == before
+
+
+def test_a_killed_worker_is_started_again(site):
+    """SIGKILL of a worker: the parent logs it and starts a new one, which serves logins."""
+    before = site.workers()
+    victim = min(before)
+    os.kill(victim, signal.SIGKILL)
+    deadline = time.monotonic() + 15
+    while True:
+        now = children(site.pid)
+        if victim not in now and len(now) == 2 and all(f"(pid {pid}) is ready" in site.server.log_text() for pid in now):
+            break
+        assert time.monotonic() < deadline, site.server.log_tail()
+        time.sleep(0.1)
+    assert f"(pid {victim}) was killed by signal 9" in site.server.log_text()
+    for client in site.ftp_on_each_worker("ftp").values():  # the new worker among them
+        client.login("alice", "alice-pass")
+        client.quit()
+
+
+def test_sigterm_stops_every_worker_and_exits_0(tmp_path):
+    """SIGTERM on the parent: both workers stop, then the parent exits 0, with no traceback in the log."""
+    port = free_port()
+    server = SftpauthServer(
+        tmp_path,
+        textwrap.dedent(
+            f"""
+            [server]
+            data_folder = {tmp_path}/data
+            workers = 2
+            [services/ftp]
+            type = ftp
+            port = {port}
+            """
+        ),
+        ports=(port,),
+    )
+    with serving(server):
+        site = SimpleNamespace(server=server, pid=server.process.pid)
+        workers = Site.workers(site)
+        assert len(workers) == 2
+    assert server.process.returncode == 0
+    assert not [pid for pid in workers if alive(pid)]
+    assert "the 2 worker processes have stopped" in server.log_text()

@@ -1,0 +1,408 @@
+"""``[server] workers``: the option, and the parent channel that keeps bans and TOTP claims shared."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+
+import pytest
+from twisted.internet import defer, task
+from twisted.internet.testing import MemoryReactorClock
+from twisted.test import iosim
+
+from sftpauth.audit import AuditLog
+from sftpauth.cli import main
+from sftpauth.config import checks
+from sftpauth.config.errors import ConfigError
+from sftpauth.config.loader import parse_configuration
+from sftpauth.state import (
+    CHANNEL_TIMEOUT,
+    ChannelBanStore,
+    ChannelUnavailable,
+    FailureCount,
+    MemoryBanStore,
+    MemoryReplayStore,
+    ReplayStoreFull,
+    SharedState,
+    StateChannel,
+    channel_state,
+)
+from sftpauth.workers.channel import ParentSide, WorkerAuditLog, WorkerSide
+from sftpauth.tap import Options, makeService
+from sftpauth.workers.pool import MAX_RESTART_DELAY, SharedListeningSocket, WorkerPool, describe_exit, restart_delay
+
+BASE = "/etc/sftpauth"
+
+
+def server_section(workers: str) -> str:
+    return f"[server]\nworkers = {workers}\n"
+
+
+def load(text: str):
+    return parse_configuration(text, f"{BASE}/sftpauth.ini", BASE, {})
+
+
+# -- the option -------------------------------------------------------------------------------
+
+
+def test_workers_defaults_to_one():
+    """Without the option sftpauth is the single process it always was."""
+    assert load("[server]\n").server.workers == 1
+
+
+def test_workers_takes_a_number():
+    """workers = 4 asks for four worker processes."""
+    assert load(server_section("4")).server.workers == 4
+
+
+def test_workers_auto_is_one_per_available_core(monkeypatch):
+    """workers = auto counts the cores this process may run on (its affinity), not all of the machine's."""
+    monkeypatch.setattr(checks.os, "sched_getaffinity", lambda pid: {0, 1, 5})
+    assert load(server_section("auto")).server.workers == 3
+    assert load(server_section("AUTO")).server.workers == 3
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("0", "0 is out of range; allowed: 1 to 256, or auto (one per core)"),
+        ("lots", "'lots' is not a whole number; allowed: 1 to 256, or auto (one per core)"),
+        ("257", "257 is out of range; allowed: 1 to 256, or auto (one per core)"),
+    ],
+)
+def test_a_bad_workers_value_names_file_line_section_and_option(value, message):
+    """A bad value is reported like any other option's: file, line, [server], workers and what is allowed."""
+    with pytest.raises(ConfigError) as caught:
+        load("# comment\n" + server_section(value))
+    [problem] = caught.value.problems
+    assert (problem.path, problem.line, problem.section, problem.option) == (f"{BASE}/sftpauth.ini", 3, "server", "workers")
+    assert problem.message == message
+
+
+def test_check_config_accepts_two_and_auto_and_refuses_zero(tmp_path, capsys):
+    """sftpauth check-config: workers = 2 and auto are valid (the summary says how many), 0 is an error with its line."""
+    config = tmp_path / "sftpauth.ini"
+    config.write_text(server_section("2"))
+    assert main(["check-config", str(config)]) == 0
+    assert "workers: 2 processes share the FTP/FTPS/SFTP sockets" in capsys.readouterr().out
+    config.write_text(server_section("auto"))
+    assert main(["check-config", str(config)]) == 0
+    capsys.readouterr()
+    config.write_text(server_section("0"))
+    assert main(["check-config", str(config)]) == 1
+    assert f"{config}:2 [server] workers: 0 is out of range" in capsys.readouterr().err
+
+
+# -- the parent channel: claims and bans across workers ------------------------------------------
+
+
+class Parent:
+    """The parent's memory state and audit log, and one channel per connected worker."""
+
+    def __init__(self, clock: task.Clock, tmp_path=None):
+        self.clock = clock
+        self.bans = MemoryBanStore(clock)
+        self.state = SharedState(replay=MemoryReplayStore(clock), bans=self.bans)
+        self.audit = AuditLog(str(tmp_path / "audit.jsonl") if tmp_path else "")
+        self.seen: list[dict] = []
+        self.audit.listeners.append(self.seen.append)
+        self.sides: list[ParentSide] = []
+        self.bans.ban_listeners.append(lambda *ban: [side.announce_ban(*ban) for side in self.sides])
+        self.ready = 0
+        self.lost = 0
+
+    def connect_worker(self, index: int):
+        """A worker's state and audit log, connected to this parent through an in-memory AMP pair."""
+        channel = StateChannel(self.clock)
+        state = channel_state(channel, self.clock, 2)
+        audit = WorkerAuditLog(index, channel)
+        side = ParentSide(self.state, self.audit, self._ready, self._lost)
+        self.sides.append(side)
+        worker_side = WorkerSide(channel, state.bans, lambda: None)
+        _, _, pump = iosim.connectedServerAndClient(lambda: side, lambda: worker_side)
+        return Worker(state, audit, channel, pump)
+
+    def _ready(self) -> None:
+        self.ready += 1
+
+    def _lost(self) -> None:
+        self.lost += 1
+
+
+class Worker:
+    def __init__(self, state: SharedState, audit: WorkerAuditLog, channel: StateChannel, pump):
+        self.state = state
+        self.audit = audit
+        self.channel = channel
+        self.pump = pump
+
+    def answer(self, deferred: defer.Deferred, *others: "Worker"):
+        """Pump this worker's channel (and the others') until ``deferred`` has fired; its result."""
+        results = []
+        deferred.addBoth(results.append)
+        for _ in range(10):
+            if results:
+                break
+            self.pump.flush()
+            for other in others:
+                other.pump.flush()
+        assert results, "the parent never answered"
+        if isinstance(results[0], Exception) or hasattr(results[0], "raiseException"):
+            results[0].raiseException()
+        return results[0]
+
+
+@pytest.fixture
+def clock():
+    return task.Clock()
+
+
+def test_two_workers_claiming_one_code_only_one_wins(clock):
+    """Claims of one key from two workers, sent before either is answered: exactly one is True."""
+    parent = Parent(clock)
+    first, second = parent.connect_worker(1), parent.connect_worker(2)
+    claims = [first.state.replay.claim("code", 90), second.state.replay.claim("code", 90), first.state.replay.claim("code", 90)]
+    answers = [first.answer(claims[0], second), second.answer(claims[1], first), first.answer(claims[2], second)]
+    assert sorted(answers) == [False, False, True]
+
+
+def test_a_claim_held_by_the_parent_is_refused_to_a_worker(clock):
+    """The parent's own claims (a Web Manager login) and the workers' are one store."""
+    parent = Parent(clock)
+    worker = parent.connect_worker(1)
+    parent.state.replay.claim("code", 90)
+    assert worker.answer(worker.state.replay.claim("code", 90)) is False
+
+
+def test_a_full_replay_store_refuses_the_claim_on_the_worker_too(clock):
+    """ReplayStoreFull crosses the channel as itself: the login is refused, not accepted."""
+    parent = Parent(clock)
+    parent.state = SharedState(replay=MemoryReplayStore(clock, max_entries=1), bans=parent.bans)
+    worker = parent.connect_worker(1)
+    assert worker.answer(worker.state.replay.claim("a", 90)) is True
+    with pytest.raises(ReplayStoreFull):
+        worker.answer(worker.state.replay.claim("b", 90))
+
+
+def test_failures_on_two_workers_add_up_to_one_ban_that_both_enforce(clock):
+    """Failures alternating over two workers are counted together; exactly one starts the ban; both then refuse the address."""
+    parent = Parent(clock)
+    first, second = parent.connect_worker(1), parent.connect_worker(2)
+    counts = []
+    for number in range(4):
+        worker = (first, second)[number % 2]
+        other = (second, first)[number % 2]
+        counts.append(worker.answer(worker.state.bans.add_failure("policy", "10.0.0.9", 4, 60), other))
+    for worker in (first, second):
+        worker.pump.flush()
+    assert [count.count for count in counts] == [1, 2, 3, 4]
+    assert [count.banned_now for count in counts] == [False, False, False, True]
+    # Both know the ban without asking the parent: ban_left answers at once.
+    for worker in (first, second):
+        assert worker.state.bans.ban_left("policy", "10.0.0.9").result == pytest.approx(60)
+    assert first.state.bans.ban_left("policy", "10.0.0.1").result == 0.0
+
+
+def test_a_success_on_one_worker_resets_failures_counted_on_the_other(clock):
+    """reset() from one worker forgets the failures the other counted (the next failure counts 1)."""
+    parent = Parent(clock)
+    first, second = parent.connect_worker(1), parent.connect_worker(2)
+    for _ in range(2):
+        first.answer(first.state.bans.add_failure("policy", "10.0.0.9", 4, 60))
+    second.state.bans.reset("policy", "10.0.0.9")
+    second.pump.flush()
+    assert first.answer(first.state.bans.add_failure("policy", "10.0.0.9", 4, 60)) == FailureCount(1, False, 0.0)
+
+
+def test_a_worker_that_connects_later_learns_the_bans_in_force(clock):
+    """live_bans() lists what a (re)started worker must be told: the bans still in force, with their time left."""
+    parent = Parent(clock)
+    parent.bans.count_failure("policy", "10.0.0.9", 1, 60)
+    clock.advance(20)
+    parent.bans.count_failure("policy", "10.0.0.8", 1, 10)
+    clock.advance(15)
+    assert parent.bans.live_bans() == [("policy", "10.0.0.9", pytest.approx(25))]
+    worker = parent.connect_worker(1)
+    parent.sides[-1].announce_ban("policy", "10.0.0.9", 25)
+    worker.pump.flush()
+    assert worker.state.bans.ban_left("policy", "10.0.0.9").result == pytest.approx(25)
+
+
+def test_without_the_parent_claims_fail_closed_and_failures_are_counted_locally(clock):
+    """Channel down: a TOTP claim fails (the login is refused); failures still ban, per worker."""
+    channel = StateChannel(clock)
+    state = channel_state(channel, clock, 2)
+    failures = []
+    state.replay.claim("code", 90).addErrback(failures.append)
+    assert failures and failures[0].check(ChannelUnavailable)
+    counted = [state.bans.add_failure("policy", "10.0.0.9", 2, 60).result for _ in range(2)]
+    assert counted[-1].banned_now and state.bans.ban_left("policy", "10.0.0.9").result == 60
+
+
+def test_a_parent_that_does_not_answer_fails_the_claim_after_the_timeout(clock):
+    """A claim waits at most CHANNEL_TIMEOUT seconds for the parent, then fails closed."""
+    channel = StateChannel(clock)
+    state = channel_state(channel, clock, 2)
+    silent = WorkerSide(channel, state.bans, lambda: None)
+    silent.makeConnection(iosim.FakeTransport(silent, isServer=False))  # nobody reads the other end
+    outcome = []
+    state.replay.claim("code", 90).addBoth(outcome.append)
+    clock.advance(CHANNEL_TIMEOUT - 0.1)
+    assert outcome == []
+    clock.advance(0.2)
+    assert outcome[0].check(ChannelUnavailable)
+
+
+def test_bad_arguments_fail_before_the_channel(clock, result_of):
+    """A non-positive ttl or limit is refused by the worker's stores as by the memory stores."""
+    state = channel_state(StateChannel(clock), clock, 2)
+    with pytest.raises(ValueError):
+        result_of(state.replay.claim("k", 0))
+    with pytest.raises(ValueError):
+        result_of(state.bans.add_failure("p", "a", 0, 60))
+
+
+def test_channel_bans_store_is_what_workers_use_with_memory_state():
+    """channel_state() gives the worker the channel stores and says where the state lives."""
+    clock = task.Clock()
+    state = channel_state(StateChannel(clock), clock, 3)
+    assert isinstance(state.bans, ChannelBanStore)
+    assert state.description == "memory of the parent process, shared by its 3 workers"
+
+
+# -- the audit log ------------------------------------------------------------------------------
+
+
+def test_worker_audit_events_carry_the_worker_and_are_written_by_the_parent(clock, tmp_path):
+    """A worker's event reaches the parent's file and listeners once, with its own time and ``worker``."""
+    parent = Parent(clock, tmp_path)
+    worker = parent.connect_worker(2)
+    recorded = worker.audit.record("authentication", service="sftp", username="al\udcffice", outcome="success")
+    worker.pump.flush()
+    [line] = (tmp_path / "audit.jsonl").read_text(encoding="utf-8").splitlines()
+    written = json.loads(line)
+    assert written == parent.seen[0]
+    assert written["worker"] == 2 and written["time"] == recorded["time"] and written["event"] == "authentication"
+    assert "al\\udcffice" in line  # an undecodable byte is written as the single process writes it
+
+
+def test_worker_audit_without_a_channel_goes_to_the_log(clock):
+    """With the parent gone an event is not lost silently: it is logged (and reaches the parent's log)."""
+    from twisted.logger import globalLogPublisher
+
+    logged = []
+    globalLogPublisher.addObserver(logged.append)
+    try:
+        WorkerAuditLog(1, StateChannel(clock)).record("session-end", service="ftp")
+    finally:
+        globalLogPublisher.removeObserver(logged.append)
+    assert any("not sent to the parent process" in event.get("log_format", "") for event in logged)
+
+
+def test_ready_and_lost_reach_the_parent(clock):
+    """The parent hears when a worker is ready and when its channel closes."""
+    from sftpauth.workers.channel import Ready
+
+    parent = Parent(clock)
+    worker = parent.connect_worker(1)
+    worker.channel.protocol.callRemote(Ready)
+    worker.pump.flush()
+    assert parent.ready == 1
+    worker.channel.protocol.transport.loseConnection()
+    worker.pump.flush()
+    assert parent.lost == 1 and worker.channel.protocol is None
+
+
+# -- the pool -----------------------------------------------------------------------------------
+
+
+def test_restart_delay_grows_while_a_worker_keeps_exiting_quickly():
+    """0.5 s, 1 s, 2 s ... up to MAX_RESTART_DELAY; a worker that ran long (0 quick exits) restarts soon."""
+    assert [restart_delay(n) for n in range(5)] == [0.5, 0.5, 1.0, 2.0, 4.0]
+    assert restart_delay(100) == MAX_RESTART_DELAY
+
+
+def test_describe_exit_says_status_or_signal():
+    """The log line says how a worker ended."""
+    from twisted.internet.error import ProcessDone, ProcessTerminated
+    from twisted.python.failure import Failure
+
+    assert describe_exit(Failure(ProcessTerminated(exitCode=None, signal=9))) == "was killed by signal 9"
+    assert describe_exit(Failure(ProcessTerminated(exitCode=1))) == "exited with status 1"
+    assert describe_exit(Failure(ProcessDone(0))) == "exited with status 0"
+
+
+class _Reactor(MemoryReactorClock):
+    """What makeService needs of a reactor, in memory."""
+
+    def suggestThreadPoolSize(self, size):
+        pass
+
+    def getThreadPool(self):
+        return None
+
+
+def make_top(tmp_path, workers: int):
+    config = tmp_path / "sftpauth.ini"
+    config.write_text(
+        textwrap.dedent(
+            f"""
+            [server]
+            data_folder = {tmp_path}/data
+            workers = {workers}
+            [services/ftp]
+            type = ftp
+            port = 0
+            [services/sftp]
+            type = ssh
+            port = 0
+            [services/manager]
+            type = manager
+            port = 0
+            """
+        )
+    )
+    options = Options()
+    options.parseOptions(["--config", str(config)])
+    return makeService(options, _Reactor())
+
+
+def test_one_worker_builds_no_pool(tmp_path):
+    """workers = 1: every service is built in this process exactly as before (no shared sockets, no pool)."""
+    top = make_top(tmp_path, 1)
+    kinds = {type(service) for service in top}
+    assert WorkerPool not in kinds and SharedListeningSocket not in kinds
+    assert {type(top.getServiceNamed(name)).__name__ for name in ("ftp", "sftp")} == {"StreamServerEndpointService"}
+
+
+def test_two_workers_leave_ftp_and_sftp_to_the_pool_and_keep_the_manager(tmp_path):
+    """workers = 2: FTP and SFTP become shared sockets for the pool (host keys made once, now); the manager stays here."""
+    top = make_top(tmp_path, 2)
+    pools = [service for service in top if isinstance(service, WorkerPool)]
+    assert len(pools) == 1 and pools[0].count == 2
+    assert [shared.settings.id for shared in pools[0].sockets] == ["ftp", "sftp"]
+    assert all(isinstance(top.getServiceNamed(name), SharedListeningSocket) for name in ("ftp", "sftp"))
+    assert type(top.getServiceNamed("manager")).__name__ == "ManagerService"
+    assert sorted(path.name for path in (tmp_path / "data" / "ssh").iterdir()) == ["ssh_host_ed25519_key", "ssh_host_rsa_key"]
+    assert list(top)[-1] is pools[0]  # stopped first: the workers' last audit events still reach the file
+
+
+def test_a_shared_socket_binds_in_privileged_start_and_reports_a_taken_port(tmp_path):
+    """The parent binds each socket before any worker exists; a port in use fails as listenTCP would."""
+    import socket
+
+    from twisted.internet.error import CannotListenError
+
+    from sftpauth.config.models import ServiceSettings
+
+    settings = ServiceSettings("ftp", "ftp", True, "", "127.0.0.1", 0, (), "p", 300, 10)
+    shared = SharedListeningSocket(settings)
+    shared.privilegedStartService()
+    port = shared.socket.getsockname()[1]
+    assert shared.socket.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN) == 1
+    taken = SharedListeningSocket(ServiceSettings("ftp2", "ftp", True, "", "127.0.0.1", port, (), "p", 300, 10))
+    with pytest.raises(CannotListenError):
+        taken.privilegedStartService()
+    shared.startService()
+    shared.stopService()
+    assert shared.socket is None
