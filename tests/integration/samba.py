@@ -13,7 +13,9 @@ real, so the AD tests run against it.
   its maximum age); every start copies it.
 * :class:`SambaDC` copies the template, writes its own ``smb.conf``
   (LDAP only, simple binds over plain LDAP allowed, a TLS certificate from
-  :class:`.tls_certs.TestPKI` for LDAPS) and starts ``samba -F``.
+  :class:`.tls_certs.TestPKI` for LDAPS; every folder, the pid file
+  included, in its own temporary folder, so several test runs can each
+  have a DC at once) and starts ``samba -F``.
   Samba's LDAP server always listens on 389 and 636, so it runs inside a
   network namespace of its own (:class:`NetworkNamespace`), reached from
   the host over a veth pair with link-local addresses; nothing else ever
@@ -287,9 +289,11 @@ class SambaDC:
     port = 389
     ldaps_port = 636
 
-    def __init__(self, template: Path, start_timeout: float = 30.0):
+    def __init__(self, template: Path, start_timeout: float = 30.0, options: Sequence[str] = ()):
+        """``options``: more ``smb.conf`` lines for ``[global]``; they win over the defaults above them."""
         self.template = Path(template)
         self.start_timeout = start_timeout
+        self.options = tuple(options)
         self.tools = find_tools()
         self.namespace: Optional[NetworkNamespace] = None
         self.folder: Optional[Path] = None
@@ -362,13 +366,17 @@ class SambaDC:
 \tcache directory = {dc}/cache
 \tlock directory = {dc}
 \tbinddns dir = {dc}/bind-dns
+\tpid directory = {self.folder}/run
+\tncalrpc dir = {self.folder}/run/ncalrpc
+\twinbindd socket directory = {self.folder}/run/winbindd
+\tntp signd socket directory = {self.folder}/run/ntp_signd
 \tlog file = {self.folder}/samba.log
 \tlogging = file
 \ttls enabled = yes
 \ttls keyfile = {pair.key}
 \ttls certfile = {pair.certificate}
 \ttls cafile = {self.ca_certificate}
-"""
+""" + "".join(f"\t{line}\n" for line in self.options)
 
     def _wait_until_answering(self) -> None:
         deadline = time.monotonic() + self.start_timeout

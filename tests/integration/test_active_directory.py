@@ -29,6 +29,7 @@ from sftpauth.auth.ldap.tls import TLSPolicy
 
 from .ldap_helpers import InProcessLDAP
 from .policy_helpers import ftp_login
+from .samba import SambaDC
 from .server import SftpauthServer, free_port, serving
 from .sftp_fixtures import count_events, login_event, ssh_transport, wait_for_new_event
 
@@ -275,6 +276,34 @@ async def test_ldaps_with_the_domain_ca(ad, samba_dc):
     outcome = await site.login("alice@ad.example.com", PASSWORDS["alice"])
     assert outcome.ok, outcome
     assert any("LDAPS" in step for step in steps(outcome, "connect")), outcome
+
+
+@pytest.fixture(scope="module")
+def strict_dc(samba_dc):
+    """A second DC that wants TLS for simple binds (Samba's default; AD's 'LDAP server signing requirements')."""
+    with SambaDC(samba_dc.template, options=["ldap server require strong auth = yes"]) as dc:
+        yield dc
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_dc_that_requires_tls_refuses_plain_binds_and_says_what_to_do(strict_dc, tmp_path):
+    """A plain simple BIND gets result 8 (ldap-error, the trace says to use TLS); StartTLS on 389 with the domain CA logs in."""
+    plain = InProcessLDAP(strict_dc, tmp_path / "plain", dc_options(strict_dc, UPN))
+    starttls = InProcessLDAP(
+        strict_dc,
+        tmp_path / "starttls",
+        dc_options(strict_dc, UPN + f"secure_connection = starttls\ntls_trusted_certificates = {strict_dc.ca_certificate}"),
+    )
+    try:
+        refused = await plain.login("alice@ad.example.com", PASSWORDS["alice"])
+        assert refused.reason == "ldap-error", refused
+        assert "stronger authentication required (8; use secure_connection = yes or starttls)" in refused.failure.explanation
+        accepted = await starttls.login("alice@ad.example.com", PASSWORDS["alice"])
+        assert accepted.ok, accepted
+        assert any("StartTLS" in step for step in steps(accepted, "connect")), accepted
+    finally:
+        plain.close()
+        starttls.close()
 
 
 # -- a real sftpauth: FTP with AD\user, SFTP with UPNs, and sftpauth test-login ------------------------------

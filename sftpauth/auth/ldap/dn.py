@@ -24,6 +24,7 @@ SUBTREE = pureldap.LDAP_SCOPE_wholeSubtree
 BASE = pureldap.LDAP_SCOPE_baseObject
 # RFC 4511 referral: the base is held by another server (another domain of an AD forest). Never chased.
 REFERRAL = 10
+STRONGER_AUTH_REQUIRED = 8
 REFERRAL_ADVICE = "not followed; for a forest, point address at a global catalog (port 3268, LDAPS 3269)"
 # Active Directory sends at most MaxValRange (1,500) values of an attribute at once, as NAME;range=LOW-HIGH.
 _RANGED = re.compile(r"^(?P<name>[^;]+);range=(?P<low>[0-9]+)-(?P<high>[0-9]+|\*)$", re.IGNORECASE)
@@ -254,6 +255,8 @@ def describe(result: LDAPResult) -> str:
         ldap.INVALID_CREDENTIALS: "invalid credentials (49)",
         ldap.NO_SUCH_OBJECT: "no such object (32)",
         ldap.INSUFFICIENT_ACCESS: "insufficient access (50)",
+        # AD with LDAP signing required, Samba's default: simple binds only over TLS
+        STRONGER_AUTH_REQUIRED: "stronger authentication required (8; use secure_connection = yes or starttls)",
         ldap.UNWILLING_TO_PERFORM: "unwilling to perform (53)",
         REFERRAL: "referral (10)",
     }
