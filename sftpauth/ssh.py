@@ -532,21 +532,16 @@ def _close_quietly(fileObj: JailedFile) -> None:
 
 
 class _QuietLogger(Logger):
-    """conch logs every SFTP packet at info level: keep warnings and errors only."""
+    """For conch's classes: keep warnings and errors only.
+
+    conch logs every SFTP packet, key exchange algorithms, "trying auth" with
+    the raw username, and each channel open and close, at debug and info
+    level, for every login. The audit log has the logins and sessions;
+    sftpauth's own lines (module loggers) are not affected.
+    """
 
     def emit(self, level: LogLevel, format: Optional[str] = None, **kwargs: Any) -> None:
         if level in (LogLevel.debug, LogLevel.info):
-            return
-        super().emit(level, format, **kwargs)
-
-
-class _NoDebugLogger(Logger):
-    """conch's debug lines (key exchange algorithms, "trying auth" with the raw
-    username, channel requests) are protocol internals written for every
-    login: only info and above reach the server log."""
-
-    def emit(self, level: LogLevel, format: Optional[str] = None, **kwargs: Any) -> None:
-        if level is LogLevel.debug:
             return
         super().emit(level, format, **kwargs)
 
@@ -671,7 +666,7 @@ class SFTPSubsystem(FileTransferServer):
 class SFTPSessionChannel(session.SSHSession):
     """A ``session`` channel that only ever runs the ``sftp`` subsystem."""
 
-    _log = _NoDebugLogger()
+    _log = _QuietLogger()
 
     def requestReceived(self, requestType: bytes, data: bytes) -> int:
         if requestType == b"subsystem":
@@ -788,7 +783,7 @@ class UserAuthServer(userauth.SSHUserAuthServer):
     accept (:data:`METHODS_BY_CREDENTIALS`).
     """
 
-    _log = _NoDebugLogger()
+    _log = _QuietLogger()
 
     loginTimeout = LOGIN_GRACE_SECONDS
     attemptsBeforeDisconnect = 2**31  # conch's per-service count is replaced by LoginState (per connection)
@@ -991,7 +986,7 @@ METHODS_BY_CREDENTIALS = {ILoginRequest: (b"password", b"keyboard-interactive")}
 class SFTPConnection(connection.SSHConnection):
     """``ssh-connection`` that refuses every channel type but ``session`` up front."""
 
-    _log = _NoDebugLogger()
+    _log = _QuietLogger()
 
     def ssh_CHANNEL_OPEN(self, packet: bytes) -> None:
         channel_type, rest = getNS(packet)
@@ -1017,7 +1012,7 @@ class SFTPConnection(connection.SSHConnection):
 class SFTPServerTransport(transport.SSHServerTransport, TimeoutMixin):
     """The SSH transport with a login deadline and ``idle_connection_timeout``."""
 
-    _log = _NoDebugLogger()
+    _log = _QuietLogger()
 
     ourVersionString = VERSION_STRING
     _graceCall = None
