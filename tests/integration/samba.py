@@ -10,7 +10,8 @@ real, so the AD tests run against it.
   straight into the new ``sam.ldb``. The result is cached (by default under
   ``~/.cache/sftpauth-tests``, keyed by Samba's version, the LDIF and the
   provisioning options, and made again after a week so no password nears
-  its maximum age); every start copies it.
+  its maximum age; templates unused for a day are deleted); every start
+  copies it.
 * :class:`SambaDC` copies the template, writes its own ``smb.conf``
   (LDAP only, simple binds over plain LDAP allowed, a TLS certificate from
   :class:`.tls_certs.TestPKI` for LDAPS; every folder, the pid file
@@ -78,8 +79,10 @@ PROVISION_OPTIONS = (
     "--option=bind interfaces only = yes",
 )
 TEMPLATE_MAX_AGE = 7 * 24 * 3600
+UNUSED_TEMPLATE_AGE = 24 * 3600  # other templates (older test data, older Samba) unused this long are deleted
 SYSTEM_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
 _READY = "READY"
+_USED = "USED"
 _QUOTED_PASSWORD = re.compile(r'^unicodePwd: "(.*)"$', re.MULTILINE)
 
 
@@ -168,8 +171,10 @@ def provisioned_template(cache: Optional[Path] = None) -> Path:
     cache = Path(cache or default_cache())
     cache.mkdir(parents=True, exist_ok=True)
     target = cache / f"samba-ad-{template_key(tools)}"
+    _remove_unused_templates(cache, keep=target)
     ready = target / _READY
     if ready.exists() and time.time() - ready.stat().st_mtime < TEMPLATE_MAX_AGE:
+        (target / _USED).touch()
         return target
     work = Path(tempfile.mkdtemp(prefix=".provisioning-", dir=cache))
     try:
@@ -179,6 +184,7 @@ def provisioned_template(cache: Optional[Path] = None) -> Path:
         ldif.write_text(ad_ldif(LDIF.read_text(encoding="utf-8")), encoding="utf-8")
         _run([tools["ldbadd"], "-H", str(folder / "private" / "sam.ldb"), str(ldif)], f"ldbadd {LDIF.name}")
         (folder / _READY).touch()
+        (folder / _USED).touch()
         if target.exists():
             shutil.rmtree(target, ignore_errors=True)  # outdated
         try:
@@ -189,6 +195,13 @@ def provisioned_template(cache: Optional[Path] = None) -> Path:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return target
+
+
+def _remove_unused_templates(cache: Path, keep: Path) -> None:
+    for folder in cache.glob("samba-ad-*"):
+        marker = folder / _USED if (folder / _USED).exists() else folder / _READY
+        if folder != keep and marker.exists() and time.time() - marker.stat().st_mtime > UNUSED_TEMPLATE_AGE:
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 # -- the network namespace -----------------------------------------------------------------

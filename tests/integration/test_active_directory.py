@@ -51,6 +51,7 @@ PASSWORDS = {
     "dave": "Dave-Pass-1",
     "eve": "Eve-Pass-1",
     "mia": "Mia-Pass-1",
+    "lou": "Lou-Pass-1",
 }
 
 UPN = f"""
@@ -174,6 +175,23 @@ async def test_error_49_sub_codes_become_audit_reasons(ad, username, password, r
     (bind,) = steps(outcome, "bind")
     assert f"data {code}" in bind
     assert password not in str(outcome.event)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_locked_out_account_is_account_locked_even_with_the_right_password(ad, samba_dc):
+    """With lockoutThreshold = 3, lou's three wrong passwords lock him out: then even his own password is account-locked (775)."""
+    site = ad(UPN)
+    threshold = "dn: {base}\nchangetype: modify\nreplace: lockoutThreshold\nlockoutThreshold: {count}\n"
+    samba_dc.modify(threshold.format(base=DOMAIN_DN, count=3))
+    try:
+        wrong = [await site.login("lou@ad.example.com", f"wrong-{number}") for number in range(3)]
+        assert [outcome.reason for outcome in wrong] == ["invalid-password"] * 3
+        locked = await site.login("lou@ad.example.com", PASSWORDS["lou"])
+    finally:
+        samba_dc.modify(threshold.format(base=DOMAIN_DN, count=0))
+    assert locked.reason == "account-locked", locked
+    assert locked.event["reason"] == "account-locked"
+    assert "data 775" in steps(locked, "bind")[0]
 
 
 @pytest_twisted.ensureDeferred
