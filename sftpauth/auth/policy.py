@@ -201,17 +201,23 @@ class SecurityPolicy:
                 raise LoginFailed(
                     "banned", f"{address} is banned by [security-policies/{self.id}] for {math.ceil(left)} more seconds"
                 )
-        username = request.username
+        denied = self.denied_username(request.username, request.manager)
+        if denied is not None:
+            raise denied
+
+    def denied_username(self, username: str, manager: bool) -> Optional[LoginFailed]:
+        """The refusal when ``username`` matches deny_usernames (deny_administrators for the Web Manager)."""
         if not username or len(username) > MAX_MATCHED_USERNAME:
-            return  # the chain's input check refuses it
-        if request.manager:
+            return None  # the chain's input check refuses it
+        if manager:
             option, reason, expressions = "deny_administrators", "denied-administrator", self.settings.deny_administrators
         else:
             option, reason, expressions = "deny_usernames", "denied-username", self.settings.deny_usernames
         forms = _username_forms(username)
         for expression in expressions:
             if expression.first_match(forms) is not None:
-                raise LoginFailed(reason, f"the username matches {expression.text!r} of {option} in [security-policies/{self.id}]")
+                return LoginFailed(reason, f"the username matches {expression.text!r} of {option} in [security-policies/{self.id}]")
+        return None
 
     async def record(self, request: LoginRequest, outcome: str, reason: str = "") -> None:
         """Count a login's outcome for its source address; never raises.

@@ -327,6 +327,15 @@ class ManagerApp:
         session = call.session
         if session is not None and session.source == "header" and session.username == claim.username:
             return None
+        # The proxy vouches for who the user is, not for whether sftpauth lets them in.
+        policy = self.runtime.policy_for(settings)
+        denied = policy.denied_username(claim.username, manager=True) if policy is not None else None
+        if denied is not None:
+            if session is not None:
+                self.sessions.close(session, "replaced")
+                call.session = None
+            self._audit_preauth_refusal(call, denied.reason, denied.explanation)
+            return self._error(call.path.startswith("/api/"), 403, "Not allowed", "This account may not use the Web Manager.")
         if session is not None:
             self.sessions.close(session, "replaced")
         roles, can_act = effective_roles(self.configuration, (settings.header_authentication_role,))

@@ -21,6 +21,7 @@ from twisted.web.server import Site
 
 from sftpauth.audit import AuditLog
 from sftpauth.auth.chain import AuthenticationChain
+from sftpauth.auth.policy import SecurityPolicies
 from sftpauth.auth.methods import build_methods
 from sftpauth.config.loader import parse_configuration
 from sftpauth.manager.events import AuditHistory
@@ -136,6 +137,7 @@ class ManagerHarness:
         if methods:
             built.update(methods)
         self.chain = AuthenticationChain(self.configuration, built, self.audit, run_now)
+        state = build_state("memory", self.clock)
         self.runtime = Runtime(
             configuration=self.configuration,
             reactor=self.clock,
@@ -144,8 +146,9 @@ class ManagerHarness:
             audit=self.audit,
             run_in_thread=run_now,
             data_folder=str(self.folder / "data"),
-            state=build_state("memory", self.clock),
+            state=state,
             ldap_pools={},
+            policies=SecurityPolicies(self.configuration, state.bans, self.audit, self.clock),
         )
         self.settings = self.configuration.services["manager"]
         self.sessions = SessionStore(self.clock, self.settings.session_idle_timeout, self.audit, "manager")

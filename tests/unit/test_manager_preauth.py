@@ -21,8 +21,8 @@ def manager(tmp_path, make_hash):
     """A Web Manager trusting 10.0.0.0/24 and ::1 for pre-authentication (role auditors)."""
     made = []
 
-    def make(options: str = TRUSTING) -> ManagerHarness:
-        harness = ManagerHarness(tmp_path / f"m{len(made)}", make_hash, manager_options=options)
+    def make(options: str = TRUSTING, extra: str = "") -> ManagerHarness:
+        harness = ManagerHarness(tmp_path / f"m{len(made)}", make_hash, manager_options=options, extra=extra)
         made.append(harness)
         return harness
 
@@ -146,3 +146,18 @@ def test_decode_value_refuses_bad_values(raw):
     """Bad base64, non-UTF-8, control characters and oversized values are refused."""
     with pytest.raises(preauth.InvalidPreAuthentication):
         preauth.decode_value(raw, "preauth-username")
+
+
+def test_deny_administrators_applies_to_pre_authenticated_usernames(manager):
+    """The proxy says who the user is; deny_administrators still decides whether they get in."""
+    m = manager(extra="\n[security-policies/DEFAULT-SECURITY-POLICY]\ndeny_administrators = root, svc-*\n")
+    page = m.get("/", peer="10.0.0.2", headers={"preauth-username": "svc-backup"})
+    assert page.status == 403
+    assert page.cookie("__Host-sftpauth-session") is None
+    event = m.events()[-1]
+    assert (event["username"], event["outcome"], event["reason"]) == ("svc-backup", "failure", "denied-administrator")
+    assert m.events("session-start") == []
+    # Other names still pass, and a session of an allowed name ends when the proxy switches to a denied one.
+    assert m.get("/api/v1/session", peer="10.0.0.2", headers={"preauth-username": "jdoe"}).json()["username"] == "jdoe"
+    assert m.get("/api/v1/session", peer="10.0.0.2", headers={"preauth-username": "root"}).status == 403
+    assert m.get("/api/v1/session", peer="10.0.0.2").status == 401
