@@ -298,6 +298,7 @@ class SambaDC:
     dns_domain = DNS_DOMAIN
     base_dn = BASE_DN
     admin = f"Administrator@{DNS_DOMAIN}"
+    admin_dn = f"CN=Administrator,CN=Users,{BASE_DN}"
     admin_password = ADMIN_PASSWORD
     port = 389
     ldaps_port = 636

@@ -499,3 +499,32 @@ def test_test_login_explains_an_accepted_nested_member(site):
     assert f"(member:1.2.840.113556.1.4.1941:={BOB_DN})" in result.stdout
     assert f"home folder: {site.srv / 'homes' / 'bob'}" in result.stdout
     assert "groups:      writers (primary: writers)" in result.stdout
+
+
+def test_verify_ldap_accepts_a_dc_that_refuses_anonymous_searches(samba_dc, tmp_path):
+    """verify-ldap passes on AD: without a service account the refused anonymous search is only information; with one, and over LDAPS, every check is ok."""
+    common = f"type = ldap\nbind_dn_type = direct-username\nbind_dn = {FTP_USERS}\nusername_attribute = userPrincipalName\n"
+    config = tmp_path / "sftpauth.ini"
+    config.write_text(
+        f"""\
+[server]
+authentications = ad-user, ad-service
+
+[authentications/ad-user]
+{common}address = {samba_dc.host}
+
+[authentications/ad-service]
+{common}address = {samba_dc.host}:{samba_dc.ldaps_port}
+secure_connection = yes
+tls_trusted_certificates = {samba_dc.ca_certificate}
+service_account_dn = {samba_dc.admin_dn}
+service_account_password = {samba_dc.admin_password}
+""",
+        encoding="utf-8",
+    )
+    result = subprocess.run([SFTPAUTH, "verify-ldap", str(config)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "the directory refuses anonymous searches" in result.stdout
+    assert f"under {FTP_USERS}: entries with userPrincipalName" in result.stdout
+    assert f"trusted, name {samba_dc.host} matches" in result.stdout
+    assert "result: every check passed on 2 server(s) of 2 LDAP method(s)" in result.stdout

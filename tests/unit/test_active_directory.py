@@ -169,3 +169,37 @@ async def test_a_referral_answer_for_a_base_is_not_found_there():
         await find_entry(ReferringConnection(), lookup, "sAMAccountName", "bob")
     assert caught.value.reason == "unknown-user"
     assert any("not followed" in detail and "3268" in detail for _, detail in lookup.steps)
+
+
+class AnonymousRefused:
+    """AD to an anonymous client: the root DSE is readable, every other search needs a BIND."""
+
+    async def search(self, base, scope, filter_object, attributes, size_limit=0):
+        if base == "":
+            return LDAPResult(ldap.SUCCESS, ""), [Entry("", {"namingcontexts": ("DC=ad,DC=example,DC=com",)})]
+        return LDAPResult(1, "00002020: Operation unavailable without authentication"), []
+
+
+@pytest.mark.parametrize("bind_dn_type, status", [("direct-username", "info"), ("parent", "info"), ("search", "FAIL")])
+@pytest_twisted.ensureDeferred
+async def test_verify_ldap_on_a_directory_that_refuses_anonymous_searches(tmp_path, bind_dn_type, status):
+    """Refused anonymous searches fail verify-ldap only for bind_dn_type = search, whose logins do search anonymously."""
+    from sftpauth.auth.ldap.verify import _directory_checks
+    from sftpauth.config.loader import parse_configuration
+
+    text = f"""
+[server]
+authentications = ad
+
+[authentications/ad]
+type = ldap
+address = dc1.ad.example.com
+bind_dn_type = {bind_dn_type}
+bind_dn = OU=FTP Users,DC=ad,DC=example,DC=com
+username_attribute = sAMAccountName
+"""
+    configuration = parse_configuration(text, str(tmp_path / "sftpauth.ini"), str(tmp_path), {})
+    checks = await _directory_checks(configuration.authentications["ad"], AnonymousRefused(), ServerAddress("dc1", 389))
+    (search,) = [check for check in checks if check.step == "search"]
+    assert search.status == status
+    assert "operations error (1)" in search.detail

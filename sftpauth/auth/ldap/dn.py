@@ -25,6 +25,7 @@ BASE = pureldap.LDAP_SCOPE_baseObject
 # RFC 4511 referral: the base is held by another server (another domain of an AD forest). Never chased.
 REFERRAL = 10
 STRONGER_AUTH_REQUIRED = 8
+OPERATIONS_ERROR = 1  # AD: "00002020: Operation unavailable without authentication"
 REFERRAL_ADVICE = "not followed; for a forest, point address at a global catalog (port 3268, LDAPS 3269)"
 # Active Directory sends at most MaxValRange (1,500) values of an attribute at once, as NAME;range=LOW-HIGH.
 _RANGED = re.compile(r"^(?P<name>[^;]+);range=(?P<low>[0-9]+)-(?P<high>[0-9]+|\*)$", re.IGNORECASE)
@@ -252,6 +253,7 @@ STRATEGIES = {
 
 def describe(result: LDAPResult) -> str:
     names = {
+        OPERATIONS_ERROR: "operations error (1)",
         ldap.INVALID_CREDENTIALS: "invalid credentials (49)",
         ldap.NO_SUCH_OBJECT: "no such object (32)",
         ldap.INSUFFICIENT_ACCESS: "insufficient access (50)",

@@ -19,7 +19,7 @@ from twisted.internet import defer
 
 from sftpauth.auth.ldap import client as ldap
 from sftpauth.auth.ldap.client import ConnectProgress, Connector, LDAPConnection, LDAPUnavailable, ServerAddress
-from sftpauth.auth.ldap.dn import describe
+from sftpauth.auth.ldap.dn import OPERATIONS_ERROR, describe
 from sftpauth.auth.ldap.tls import DISABLED, SYSTEM, TLSPolicy, TLSReport
 from sftpauth.config.models import LDAPAuthenticationSettings
 
@@ -29,6 +29,9 @@ WARN = "warn"
 INFO = "info"
 
 _NAMING_CONTEXTS = "namingContexts"
+# An anonymous search refused for want of a BIND: AD answers operationsError "00002020: Operation
+# unavailable without authentication"; others insufficientAccess.
+_ANONYMOUS_REFUSED = (OPERATIONS_ERROR, ldap.INSUFFICIENT_ACCESS)
 
 
 @attrs.frozen
@@ -250,6 +253,18 @@ async def _directory_checks(
                     WARN,
                     f"under {base_text}: no entry with {attribute}",
                     "check username_attribute, or whether the service account may read these entries",
+                )
+            )
+        elif not settings.service_account_dn and settings.bind_dn_type != "search" and result.code in _ANONYMOUS_REFUSED:
+            # Logins of this bind_dn_type read entries as the user who logs in, never anonymously.
+            checks.append(
+                Check(
+                    server,
+                    "search",
+                    INFO,
+                    f"under {base_text}: the directory refuses anonymous searches ({describe(result)})",
+                    f"not a problem: bind_dn_type = {settings.bind_dn_type} searches as the user who logs in; "
+                    "set service_account_dn to have verify-ldap check the base DNs",
                 )
             )
         else:
