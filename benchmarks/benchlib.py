@@ -85,7 +85,7 @@ def start_slapd(users: int) -> SlapdServer:
 # --------------------------------------------------------------------------
 
 def sftpauth_config(folder: Path, slapd: SlapdServer, bind_type: str, ftp_port: int, sftp_port: int,
-                    idle_timeout: int = 300) -> str:
+                    idle_timeout: int = 300, workers: int = 1) -> str:
     if bind_type == "search":
         method = f"""bind_dn_type = search
 bind_dn = {PEOPLE}
@@ -101,6 +101,7 @@ bind_dn =
 authentications = DIRECTORY
 audit_log = {folder}/audit.jsonl
 data_folder = {folder}/data
+workers = {workers}
 
 [services/ftp]
 type = ftp
@@ -143,12 +144,30 @@ def raise_nofile(wanted: int = 65536) -> tuple[int, int]:
     return resource.getrlimit(resource.RLIMIT_NOFILE)
 
 
-def start_sftpauth(folder: Path, slapd: SlapdServer, bind_type: str, idle_timeout: int = 300):
+def start_sftpauth(folder: Path, slapd: SlapdServer, bind_type: str, idle_timeout: int = 300, workers: int = 1):
     ftp_port, sftp_port = free_port(), free_port()
-    server = SftpauthServer(folder, sftpauth_config(folder, slapd, bind_type, ftp_port, sftp_port, idle_timeout),
+    server = SftpauthServer(folder, sftpauth_config(folder, slapd, bind_type, ftp_port, sftp_port, idle_timeout,
+                                                    workers),
                             ports=(ftp_port, sftp_port))
     server.start(timeout=60)
+    if workers > 1:  # the parent's sockets accept at once; wait until every worker serves them
+        deadline = time.monotonic() + 60
+        while server.log_text().count(") is ready") < workers:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"sftpauth workers not ready within 60 s\n{server.log_tail()}")
+            time.sleep(0.1)
     return server, ftp_port, sftp_port
+
+
+def tree_cpu_seconds(pid: int, children=()) -> float:
+    """utime + stime of ``pid`` and of ``children`` (sftpauth's workers: ``SftpauthServer.worker_pids()``)."""
+    total = 0.0
+    for member in (pid, *children):
+        try:
+            total += cpu_seconds(member)
+        except OSError:
+            continue
+    return total
 
 
 def cpu_seconds(pid: int) -> float:

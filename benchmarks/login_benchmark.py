@@ -23,8 +23,12 @@ takes its share of the CPU: the numbers are for comparison between
 versions of sftpauth on one machine, not absolute.
 
     .venv/bin/python benchmarks/login_benchmark.py [--users 1000] [--logins 200] [--seconds 30]
-        [--bind-type parent search] [--json benchmarks/results/login.json]
+        [--bind-type parent search] [--workers 1 2] [--json benchmarks/results/login.json]
         [--png benchmarks/results/login.png]
+
+``--workers 1 2`` runs the ftp and sftp cells once per ``[server] workers``
+value (a fresh sftpauth each; the CPU column then counts the parent and its
+workers) and prints each value's logins/s against workers = 1.
 """
 
 from __future__ import annotations
@@ -119,21 +123,24 @@ def _thread_cell(cell: Cell, concurrency: int, login, sources: bool) -> None:
             future.result()
 
 
-def measure(kind: str, bind_type: str, concurrency: int, args, start_index: int, login, pids: dict) -> dict:
+def measure(kind: str, bind_type: str, concurrency: int, args, start_index: int, login, pids: dict,
+            workers: int = 1, server=None) -> dict:
     cell = Cell(args.logins, args.seconds, args.users, start_index)
-    cpu_before = {name: lib.cpu_seconds(pid) for name, pid in pids.items()}
+    children = {name: server.worker_pids() if name == "sftpauth" and server else () for name in pids}
+    cpu_before = {name: lib.tree_cpu_seconds(pid, children[name]) for name, pid in pids.items()}
     started = time.monotonic()
     if kind == "sftp":
         _thread_cell(cell, concurrency, login, args.sources == "many")
     else:
         asyncio.run(_async_cell(cell, concurrency, login, args.sources == "many"))
     wall = time.monotonic() - started
-    cpu = {name: lib.cpu_seconds(pid) - cpu_before[name] for name, pid in pids.items()}
+    cpu = {name: lib.tree_cpu_seconds(pid, children[name]) - cpu_before[name] for name, pid in pids.items()}
     done = len(cell.latencies) + cell.failures
     ms = [value * 1000 for value in cell.latencies]
     result = {
         "bind_type": bind_type,
         "kind": kind,
+        "workers": workers,
         "concurrency": concurrency,
         "attempts": done,
         "ok": len(cell.latencies),
@@ -153,14 +160,26 @@ def measure(kind: str, bind_type: str, concurrency: int, args, start_index: int,
 
 def print_row(row: dict) -> None:
     sftpauth_cpu = row.get("sftpauth_cpu_ms_per_login", "")
-    print(f"{row['bind_type']:<7} {row['kind']:<5} {row['concurrency']:>4} {row['ok']:>5} {row['failures']:>4} "
+    print(f"{row['bind_type']:<7} {row['kind']:<5} {row.get('workers', 1):>2} {row['concurrency']:>4} {row['ok']:>5} "
+          f"{row['failures']:>4} "
           f"{row['logins_per_s']:>8.1f} {row['p50_ms']:>8.1f} {row['p95_ms']:>8.1f} {row['p99_ms']:>8.1f} "
           f"{sftpauth_cpu!s:>9} {row['slapd_cpu_ms_per_login']!s:>8}", flush=True)
 
 
-HEADER = (f"{'bind':<7} {'kind':<5} {'conc':>4} {'ok':>5} {'fail':>4} {'login/s':>8} {'p50 ms':>8} "
+HEADER = (f"{'bind':<7} {'kind':<5} {'w':>2} {'conc':>4} {'ok':>5} {'fail':>4} {'login/s':>8} {'p50 ms':>8} "
           f"{'p95 ms':>8} {'p99 ms':>8} {'cpu/twd':>9} {'cpu/sl':>8}\n"
-          "(cpu/twd, cpu/sl: ms of CPU per login of the sftpauth process and of slapd)")
+          "(w: [server] workers; cpu/twd, cpu/sl: ms of CPU per login of the sftpauth processes and of slapd)")
+
+
+def print_worker_ratios(rows: list[dict]) -> None:
+    """For each ftp/sftp cell measured with several worker counts: logins/s against workers = 1."""
+    single = {(row["bind_type"], row["kind"], row["concurrency"]): row for row in rows if row.get("workers", 1) == 1}
+    for row in rows:
+        base = single.get((row["bind_type"], row["kind"], row["concurrency"]))
+        if row.get("workers", 1) > 1 and base is not None and base["logins_per_s"]:
+            print(f"{row['bind_type']:<7} {row['kind']:<5} concurrency {row['concurrency']:>3}: "
+                  f"workers={row['workers']} / workers=1 = {row['logins_per_s'] / base['logins_per_s']:.2f} "
+                  f"({row['logins_per_s']:.1f} / {base['logins_per_s']:.1f} logins/s)", flush=True)
 
 
 def draw(rows: list[dict], path: Path, peers: dict) -> None:
@@ -177,10 +196,10 @@ def draw(rows: list[dict], path: Path, peers: dict) -> None:
     markers = {"parent": "o", "search": "s"}
     series: dict[tuple[str, str], list[dict]] = {}
     for row in rows:
-        series.setdefault((row["kind"], row["bind_type"]), []).append(row)
-    for (kind, bind_type), points in sorted(series.items()):
+        series.setdefault((row["kind"], row["bind_type"], row.get("workers", 1)), []).append(row)
+    for (kind, bind_type, workers), points in sorted(series.items()):
         points.sort(key=lambda row: row["concurrency"])
-        label = f"{'LDAP floor' if kind == 'floor' else kind.upper()} ({bind_type})"
+        label = f"{'LDAP floor' if kind == 'floor' else kind.upper()} ({bind_type}{f', {workers} workers' if workers > 1 else ''})"
         xs = [row["concurrency"] for row in points]
         rate_axis.plot(xs, [row["logins_per_s"] for row in points], styles[kind], marker=markers.get(bind_type, "x"),
                        label=label)
@@ -219,6 +238,9 @@ def main() -> None:
                              "users are; one: all from 127.0.0.1, where sftpauth runs at most 2 logins of one "
                              "address at once and refuses past 32 waiting (too-many-logins)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder (logs)")
+    parser.add_argument("--workers", nargs="+", type=int, default=[1],
+                        help="[server] workers values to run the ftp and sftp cells with (e.g. 1 2); the ratio "
+                             "of each to workers = 1 is printed at the end")
     args = parser.parse_args()
     floor_levels = [int(value) for value in args.floor_concurrency.split(",")]
     levels = [int(value) for value in args.concurrency.split(",")]
@@ -231,8 +253,9 @@ def main() -> None:
     print(HEADER, flush=True)
     next_index = 0
     try:
-        for bind_type in args.bind_type:
-            server, ftp_port, sftp_port = lib.start_sftpauth(folder / bind_type, slapd, bind_type)
+        for bind_type, workers in ((b, w) for b in args.bind_type for w in args.workers):
+            server, ftp_port, sftp_port = lib.start_sftpauth(folder / f"{bind_type}-{workers}", slapd, bind_type,
+                                                             workers=workers)
             try:
                 pids = {"sftpauth": server.process.pid, "slapd": slapd.process.pid}
                 logins = {
@@ -241,13 +264,17 @@ def main() -> None:
                     "ftp": lambda index, source: lib.ftp_login(HOST, ftp_port, index, source),
                     "sftp": lambda index, source: lib.sftp_login(HOST, sftp_port, index, source),
                 }
-                # warm up: host keys, first home folders, imports in the server
-                asyncio.run(lib.ftp_login(HOST, ftp_port, 0))
-                lib.sftp_login(HOST, sftp_port, 0)
+                # warm up: host keys, first home folders, imports in the server (in every worker)
+                for _ in range(2 * workers):
+                    asyncio.run(lib.ftp_login(HOST, ftp_port, 0))
+                    lib.sftp_login(HOST, sftp_port, 0)
                 for kind in args.kinds:
+                    if kind == "floor" and workers != args.workers[0]:
+                        continue  # the floor does not depend on sftpauth
                     for concurrency in (floor_levels if kind == "floor" else levels):
                         cell_pids = {"slapd": pids["slapd"]} if kind == "floor" else pids
-                        row = measure(kind, bind_type, concurrency, args, next_index, logins[kind], cell_pids)
+                        row = measure(kind, bind_type, concurrency, args, next_index, logins[kind], cell_pids,
+                                      workers, server)
                         next_index += row["attempts"]
                         rows.append(row)
                         print_row(row)
@@ -268,9 +295,10 @@ def main() -> None:
         "machine": {"cpus": lib.os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
         "settings": {"users": args.users, "logins_per_cell": args.logins, "seconds_per_cell": args.seconds,
                      "sources": args.sources,
-                     "bind_types": args.bind_type},
+                     "bind_types": args.bind_type, "workers": args.workers},
         "cells": rows,
     }
+    print_worker_ratios(rows)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     print(f"wrote {args.json}")

@@ -24,7 +24,7 @@ from sftpauth.state import BanStarted, ChannelBanStore, SharedState, StateChanne
 
 _log = Logger()
 
-MAX_AUDIT_BYTES = 60_000  # an AMP value holds at most 65,535 bytes
+MAX_AUDIT_BYTES = 60_000  # an AMP value (one batch of entries) holds at most 65,535 bytes
 
 
 class Ready(amp.Command):
@@ -35,9 +35,13 @@ class Ready(amp.Command):
 
 
 class Audit(amp.Command):
-    """Worker -> parent: one audit entry, as JSON (ASCII: lone surrogates of client bytes survive the trip)."""
+    """Worker -> parent: audit entries, each as JSON (ASCII: lone surrogates of client bytes survive the trip).
 
-    arguments = [(b"entry", amp.Unicode())]
+    A batch: what a worker records in one turn of its reactor goes in one
+    message, so a busy worker sends a few messages, not one per event.
+    """
+
+    arguments = [(b"entries", amp.ListOf(amp.Unicode()))]
     requiresAnswer = False
 
 
@@ -68,8 +72,9 @@ class ParentSide(StateServer, _QuietAMP):
         return {}
 
     @Audit.responder
-    def _audit_entry(self, entry: str) -> dict:
-        self._audit.publish(json.loads(entry))
+    def _audit_entries(self, entries: list[str]) -> dict:
+        for entry in entries:
+            self._audit.publish(json.loads(entry))
         return {}
 
     def announce_ban(self, scope: str, address: str, seconds: float) -> None:
@@ -102,12 +107,19 @@ class WorkerSide(StateClient, _QuietAMP):
 
 
 class WorkerAuditLog(AuditLog):
-    """A worker's audit log: each entry gets ``worker`` (the index) and goes to the parent, which writes it."""
+    """A worker's audit log: each entry gets ``worker`` (the index) and goes to the parent, which writes it.
 
-    def __init__(self, index: int, channel: StateChannel):
+    Entries are sent at the end of the reactor turn that recorded them
+    (:meth:`flush`), in order, batched.
+    """
+
+    def __init__(self, index: int, channel: StateChannel, clock):
         super().__init__("")
         self.index = index
         self._channel = channel
+        self._clock = clock
+        self._pending: list[str] = []
+        self._flush_call = None
 
     def record(self, event: str, **fields) -> dict:
         fields["worker"] = self.index
@@ -115,15 +127,38 @@ class WorkerAuditLog(AuditLog):
 
     def publish(self, entry: dict) -> dict:
         line = json.dumps(entry, ensure_ascii=True)
-        protocol = self._channel.protocol
-        if protocol is None or len(line) > MAX_AUDIT_BYTES:
+        if len(line) > MAX_AUDIT_BYTES - 2:
             # Not lost: the line reaches the parent's log through this worker's output.
-            _log.warn("audit (not sent to the parent process: {why}) {line}", why="no channel" if protocol is None else "too long", line=line)
+            _log.warn("audit (too long to send to the parent process) {line}", line=line)
         else:
-            protocol.callRemote(Audit, entry=line)
+            self._pending.append(line)
+            if self._flush_call is None:
+                self._flush_call = self._clock.callLater(0, self.flush)
         for listener in self.listeners:
             listener(entry)
         return entry
+
+    def flush(self) -> None:
+        """Send what is pending now (also called before the channel closes)."""
+        call, self._flush_call = self._flush_call, None
+        if call is not None and call.active():
+            call.cancel()
+        pending, self._pending = self._pending, []
+        protocol = self._channel.protocol
+        if protocol is None:
+            for line in pending:
+                _log.warn("audit (not sent: the parent process is gone) {line}", line=line)
+            return
+        batch: list[str] = []
+        size = 0
+        for line in pending:
+            if batch and size + len(line) + 2 > MAX_AUDIT_BYTES:
+                protocol.callRemote(Audit, entries=batch)
+                batch, size = [], 0
+            batch.append(line)
+            size += len(line) + 2
+        if batch:
+            protocol.callRemote(Audit, entries=batch)
 
 
 class OneProtocolFactory(Factory):

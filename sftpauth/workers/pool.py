@@ -101,24 +101,37 @@ class WorkerProcess(ProcessProtocol):
     def childDataReceived(self, fd: int, data: bytes) -> None:
         lines = (self._partial.get(fd, b"") + data).split(b"\n")
         self._partial[fd] = lines.pop()[-MAX_LINE:]
-        for line in lines:
-            self._relay(fd, line)
+        self._relay(fd, lines)
 
-    def _relay(self, fd: int, raw: bytes) -> None:
-        text = raw[:MAX_LINE].decode("utf-8", "replace").rstrip("\r")
-        if not text:
-            return
-        level = LogLevel.warn  # stderr: what Python printed before the worker's logging started
-        if fd == 1:
-            name, separator, rest = text.partition("\t")
-            if separator and name in _LEVELS:
-                level, text = _LEVELS[name], rest
-        _log.emit(level, "worker {worker}: {line}", worker=self.index, line=text)
+    def _relay(self, fd: int, lines: list[bytes]) -> None:
+        """Each line as ``worker N: ...``; one log event per run of lines of one level.
+
+        A busy worker's lines then cost the parent a few log events per read
+        rather than one each (formatting an event is most of the cost); in
+        the log file a run's later lines follow its first, indented.
+        """
+        run: list[str] = []
+        run_level = None
+        for raw in lines:
+            text = raw[:MAX_LINE].decode("utf-8", "replace").rstrip("\r")
+            if not text:
+                continue
+            level = LogLevel.warn  # stderr: what Python printed before the worker's logging started
+            if fd == 1:
+                name, separator, rest = text.partition("\t")
+                if separator and name in _LEVELS:
+                    level, text = _LEVELS[name], rest
+            if run and level is not run_level:
+                _log.emit(run_level, "{lines}", lines="\n".join(run))
+                run = []
+            run_level = level
+            run.append(f"worker {self.index}: {text}")
+        if run:
+            _log.emit(run_level, "{lines}", lines="\n".join(run))
 
     def processEnded(self, reason: Failure) -> None:
         for fd, rest in self._partial.items():
-            if rest:
-                self._relay(fd, rest)
+            self._relay(fd, [rest])
         self._partial = {1: b"", 2: b""}
         self.exit_reason = reason
         self._process_over = True

@@ -70,7 +70,8 @@ class Worker:
         self._stopping = False
         channel = StateChannel(reactor)
         state = channel_state(channel, reactor, workers) if configuration.server.state == "memory" else None
-        self.runtime = tap.build_runtime(configuration, reactor, state=state, audit=WorkerAuditLog(index, channel))
+        self.audit = WorkerAuditLog(index, channel, reactor)
+        self.runtime = tap.build_runtime(configuration, reactor, state=state, audit=self.audit)
         bans = self.runtime.state.bans
         self.channel = WorkerSide(channel, bans if isinstance(bans, ChannelBanStore) else None, self._parent_gone)
         self._on_channel_closed: Optional[defer.Deferred] = None
@@ -103,6 +104,7 @@ class Worker:
         stopped = defer.maybeDeferred(self.top.stopService)
 
         def close_channel(result):
+            self.audit.flush()
             transport = self.channel.transport
             if transport is None or not transport.connected:
                 return result

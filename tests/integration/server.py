@@ -75,6 +75,21 @@ class SftpauthServer:
         finally:
             self.process.stdout.close()
 
+    def worker_pids(self) -> set[int]:
+        """The live child processes of twistd: its workers when ``[server] workers`` > 1."""
+        found = set()
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry}/stat", encoding="ascii", errors="replace") as stat:
+                    state, parent = stat.read().rsplit(")", 1)[1].split()[:2]
+            except OSError:
+                continue
+            if self.process is not None and int(parent) == self.process.pid and state != "Z":
+                found.add(int(entry))
+        return found
+
     def log_text(self) -> str:
         """The whole twistd log, oldest first, including the files twistd rotated away at 1 MB."""
         rotated = sorted(

@@ -37,22 +37,6 @@ SECRET = "KRSXG5CTMVRXEZLUKRSXG5CTMVRXEZLU"
 ADMIN_PASSWORD = "workers-admin-pass"
 
 
-def children(pid: int) -> set[int]:
-    """The live child processes of ``pid``."""
-    found = set()
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", encoding="ascii", errors="replace") as stat:
-                fields = stat.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid and fields[0] != "Z":
-            found.add(int(entry))
-    return found
-
-
 def alive(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as stat:
@@ -187,15 +171,11 @@ class Site:
         self.server = SftpauthServer(self.folder, config, ports=tuple(self.ports.values()))
         self.manager = SimpleNamespace(port=self.ports["web"], certificate=self.folder / "data" / "manager" / "certificate.pem")
 
-    @property
-    def pid(self) -> int:
-        return self.server.process.pid
-
     def workers(self, count: int = 2, timeout: float = 15.0) -> set[int]:
         """The worker pids once ``count`` of them have said they are ready."""
         deadline = time.monotonic() + timeout
         while True:
-            pids = children(self.pid)
+            pids = self.server.worker_pids()
             ready = {pid for pid in pids if f"(pid {pid}) is ready" in self.server.log_text()}
             if len(ready) >= count:
                 return ready
@@ -377,7 +357,7 @@ def test_sighup_reaches_every_worker(site):
             break
         assert time.monotonic() < deadline, site.server.log_tail()
         time.sleep(0.1)
-    assert children(site.pid) == before
+    assert site.server.worker_pids() == before
 
 
 def test_a_killed_worker_is_started_again(site):
@@ -387,7 +367,7 @@ def test_a_killed_worker_is_started_again(site):
     os.kill(victim, signal.SIGKILL)
     deadline = time.monotonic() + 15
     while True:
-        now = children(site.pid)
+        now = site.server.worker_pids()
         if victim not in now and len(now) == 2 and all(f"(pid {pid}) is ready" in site.server.log_text() for pid in now):
             break
         assert time.monotonic() < deadline, site.server.log_tail()
@@ -416,8 +396,7 @@ def test_sigterm_stops_every_worker_and_exits_0(tmp_path):
         ports=(port,),
     )
     with serving(server):
-        site = SimpleNamespace(server=server, pid=server.process.pid)
-        workers = Site.workers(site)
+        workers = Site.workers(SimpleNamespace(server=server))
         assert len(workers) == 2
     assert server.process.returncode == 0
     assert not [pid for pid in workers if alive(pid)]

@@ -115,7 +115,7 @@ class Parent:
         """A worker's state and audit log, connected to this parent through an in-memory AMP pair."""
         channel = StateChannel(self.clock)
         state = channel_state(channel, self.clock, 2)
-        audit = WorkerAuditLog(index, channel)
+        audit = WorkerAuditLog(index, channel, self.clock)
         side = ParentSide(self.state, self.audit, self._ready, self._lost)
         self.sides.append(side)
         worker_side = WorkerSide(channel, state.bans, lambda: None)
@@ -279,11 +279,29 @@ def test_worker_audit_events_carry_the_worker_and_are_written_by_the_parent(cloc
     worker = parent.connect_worker(2)
     recorded = worker.audit.record("authentication", service="sftp", username="al\udcffice", outcome="success")
     worker.pump.flush()
+    assert parent.seen == []  # sent at the end of the reactor turn
+    clock.advance(0)
+    worker.pump.flush()
     [line] = (tmp_path / "audit.jsonl").read_text(encoding="utf-8").splitlines()
     written = json.loads(line)
     assert written == parent.seen[0]
     assert written["worker"] == 2 and written["time"] == recorded["time"] and written["event"] == "authentication"
     assert "al\\udcffice" in line  # an undecodable byte is written as the single process writes it
+
+
+def test_events_of_one_reactor_turn_go_in_one_message_in_order(clock, tmp_path):
+    """A busy worker batches: many events recorded in one turn reach the parent in order, split under the AMP limit."""
+    parent = Parent(clock, tmp_path)
+    worker = parent.connect_worker(1)
+    sent = []
+    original = worker.channel.protocol.callRemote
+    worker.channel.protocol.callRemote = lambda command, **kw: (sent.append(len(kw["entries"])), original(command, **kw))[1]
+    for number in range(300):
+        worker.audit.record("session-end", service="ftp", detail="x" * 300, number=number)
+    clock.advance(0)
+    worker.pump.flush()
+    assert 1 < len(sent) < 10 and sum(sent) == 300
+    assert [event["number"] for event in parent.seen] == list(range(300))
 
 
 def test_worker_audit_without_a_channel_goes_to_the_log(clock):
@@ -293,10 +311,15 @@ def test_worker_audit_without_a_channel_goes_to_the_log(clock):
     logged = []
     globalLogPublisher.addObserver(logged.append)
     try:
-        WorkerAuditLog(1, StateChannel(clock)).record("session-end", service="ftp")
+        audit = WorkerAuditLog(1, StateChannel(clock), clock)
+        audit.record("session-end", service="ftp")
+        audit.flush()
+        audit.record("session-end", groups=["x" * 1000] * 70)  # lists are not shortened
     finally:
         globalLogPublisher.removeObserver(logged.append)
-    assert any("not sent to the parent process" in event.get("log_format", "") for event in logged)
+    formats = [event.get("log_format", "") for event in logged]
+    assert any("the parent process is gone" in text for text in formats)
+    assert any("too long to send" in text for text in formats)
 
 
 def test_ready_and_lost_reach_the_parent(clock):
