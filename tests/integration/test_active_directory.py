@@ -155,6 +155,17 @@ async def test_username_suffix_turns_a_plain_name_into_the_upn(ad):
     assert steps(outcome, "bind") == ["BIND as 'alice@ad.example.com': success"]
 
 
+@pytest_twisted.ensureDeferred
+async def test_with_username_suffix_a_full_upn_is_bound_as_typed(ad):
+    """With userPrincipalName and username_suffix, 'alice' and 'Alice@AD.example.com' are one account; a typed UPN gets no second suffix."""
+    site = ad(UPN + "username_suffix = @ad.example.com")
+    bare = await site.login("alice", PASSWORDS["alice"])
+    typed = await site.login("Alice@AD.example.com", PASSWORDS["alice"])
+    assert bare.ok and typed.ok, (bare, typed)
+    assert bare.account.username == typed.account.username == "alice@ad.example.com"
+    assert steps(typed, "bind") == ["BIND as 'Alice@AD.example.com': success"]
+
+
 @pytest.mark.parametrize(
     "username, password, reason, code",
     [

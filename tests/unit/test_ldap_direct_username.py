@@ -273,6 +273,19 @@ async def test_down_level_name_is_bound_as_typed_and_searched_by_its_user_part(d
     assert account.home_folder == str(tmp_path / "homes" / "john")
 
 
+@pytest.mark.parametrize("typed", [UPN, "AD\\john"])
+@pytest_twisted.ensureDeferred
+async def test_a_name_that_already_names_its_domain_gets_no_suffix(directory, tmp_path, typed):
+    """username_suffix is appended to bare names only: a UPN or DOMAIN\\user with it too could never bind."""
+    directory.accept[typed] = PASSWORD
+    method = method_for(directory, DIRECT_UPN.replace("{home}", str(tmp_path / "ad")), tmp_path)
+    try:
+        await method.authenticate(request(typed))
+    except LoginFailed:
+        pass  # sAMAccountName=john@ad.example.com is not found: only the BIND name matters here
+    assert directory.binds == [typed]
+
+
 @pytest_twisted.ensureDeferred
 async def test_userprincipalname_search_uses_the_full_upn(directory, tmp_path):
     """With username_attribute = userPrincipalName the search uses the full bind name, suffix included."""

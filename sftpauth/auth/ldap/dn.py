@@ -193,7 +193,10 @@ class DirectUsernameStrategy:
 
     async def authenticate(self, connection: LDAPConnection, lookup: Lookup) -> Entry:
         settings = lookup.settings
-        bind_name = lookup.username + settings.username_suffix
+        bind_name = lookup.username
+        if "@" not in bind_name and "\\" not in bind_name:
+            # A UPN or DOMAIN\user already names its domain; with the suffix too it could never bind.
+            bind_name += settings.username_suffix
         result = await connection.bind(bind_name, lookup.password)
         lookup.trace("bind", f"BIND as {shown(bind_name)}: {'success' if result.ok else describe(result)}")
         if not result.ok:
