@@ -220,11 +220,14 @@ async def test_a_user_outside_the_ou_is_refused(ad):
 
 @pytest_twisted.ensureDeferred
 async def test_search_filter_on_member_of(ad):
-    """search_filter = (memberOf=CN=FTP Readers,...) lets alice in and refuses bob with filter-mismatch."""
+    """search_filter = (memberOf=CN=FTP Readers,...) lets alice in and refuses bob; AD's in-chain rule in it matches nested members."""
     site = ad(UPN.replace(FTP_USERS, DOMAIN_DN) + f"search_filter = (memberOf={FTP_READERS})")
     assert (await site.login("alice@ad.example.com", PASSWORDS["alice"])).ok
     bob = await site.login("bob@ad.example.com", PASSWORDS["bob"])
     assert bob.reason == "filter-mismatch", bob
+    nested = ad(UPN + f"search_filter = (memberOf:1.2.840.113556.1.4.1941:={FTP_WRITERS})")
+    assert (await nested.login("bob@ad.example.com", PASSWORDS["bob"])).ok  # a member through two groups
+    assert (await nested.login("alice@ad.example.com", PASSWORDS["alice"])).reason == "filter-mismatch"
 
 
 # -- groups ---------------------------------------------------------------------------------
