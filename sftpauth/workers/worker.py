@@ -21,11 +21,13 @@ import os
 import signal
 import socket
 import sys
+import threading
 from typing import Optional
 
 from twisted.application.service import MultiService
 from twisted.internet import defer
 from twisted.logger import LogLevel, Logger, eventAsText, globalLogBeginner
+from twisted.python.threadable import isInIOThread
 
 from sftpauth import tap
 from sftpauth.config.errors import ConfigError
@@ -48,17 +50,42 @@ def parse_arguments(argv: Optional[list[str]] = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def log_to_stdout(stream=None) -> None:
-    """One ``LEVEL<TAB>text`` line per line of each event (tracebacks included); the parent adds the time."""
-    out = stream or sys.stdout
+class LineWriter:
+    """The worker's log observer: one ``LEVEL<TAB>text`` line per line of each event; the parent adds the time.
 
-    def observer(event: dict) -> None:
+    Lines are written once per reactor turn, not once per event: a busy
+    worker then wakes its parent a few times per turn rather than once per
+    log line. Events of other threads schedule the write through the
+    reactor; :meth:`flush` writes what is left at exit.
+    """
+
+    def __init__(self, stream, reactor):
+        self._stream = stream
+        self._reactor = reactor
+        self._lock = threading.Lock()
+        self._pending: list[str] = []
+        self._scheduled = False
+
+    def __call__(self, event: dict) -> None:
         text = eventAsText(event, includeTimestamp=False, includeSystem=True)
-        level = event.get("log_level", LogLevel.info)
-        out.write("".join(f"{level.name}\t{line}\n" for line in text.splitlines()))
-        out.flush()
+        level = event.get("log_level", LogLevel.info).name
+        with self._lock:
+            self._pending.extend(f"{level}\t{line}\n" for line in text.splitlines())
+            if self._scheduled:
+                return
+            self._scheduled = True
+        if isInIOThread():
+            self._reactor.callLater(0, self.flush)
+        else:
+            self._reactor.callFromThread(self.flush)
 
-    globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
+    def flush(self) -> None:
+        with self._lock:
+            pending, self._pending = self._pending, []
+            self._scheduled = False
+        if pending:
+            self._stream.write("".join(pending))
+            self._stream.flush()
 
 
 class Worker:
@@ -129,19 +156,25 @@ def main(argv: Optional[list[str]] = None) -> int:
     arguments = parse_arguments(argv)
     text = sys.stdin.read()
     sys.stdin.close()
-    log_to_stdout()
     from twisted.internet import reactor
+
+    output = LineWriter(sys.stdout, reactor)
+    globalLogBeginner.beginLoggingTo([output], redirectStandardIO=False)
 
     try:
         configuration = parse_configuration(text, arguments.config, os.path.dirname(os.path.abspath(arguments.config)), os.environ)
         worker = Worker(configuration, arguments.index, arguments.workers, json.loads(arguments.sockets), reactor)
     except ConfigError as error:
         _log.error("worker {worker} cannot start:\n{error}", worker=arguments.index, error=str(error))
+        output.flush()
         return 1
     worker.connect(CHANNEL_FD)
     signal.signal(signal.SIGTERM, lambda number, frame: reactor.callFromThread(worker.stop))
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # FTPS services add their certificate reload to it
     reactor.callWhenRunning(worker.start)
-    reactor.run(installSignalHandlers=False)
+    try:
+        reactor.run(installSignalHandlers=False)
+    finally:
+        output.flush()
     return 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import textwrap
+from types import SimpleNamespace
 
 import pytest
 from twisted.internet import defer, task
@@ -429,3 +430,22 @@ def test_a_shared_socket_binds_in_privileged_start_and_reports_a_taken_port(tmp_
     shared.startService()
     shared.stopService()
     assert shared.socket is None
+
+
+def test_worker_log_lines_are_written_once_per_reactor_turn():
+    """Each line of each event becomes LEVEL<TAB>text; the events of one turn are written (and flushed) together."""
+    import io
+
+    from twisted.logger import LogLevel
+
+    from sftpauth.workers.worker import LineWriter
+
+    scheduled = []
+    reactor = SimpleNamespace(callLater=lambda delay, f: scheduled.append(f), callFromThread=scheduled.append)
+    stream = io.StringIO()
+    writer = LineWriter(stream, reactor)
+    writer({"log_level": LogLevel.info, "log_format": "one {x}", "x": 1, "log_namespace": "a", "log_time": 0})
+    writer({"log_level": LogLevel.warn, "log_format": "two\nlines", "log_namespace": "b", "log_time": 0})
+    assert len(scheduled) == 1 and stream.getvalue() == ""
+    scheduled.pop()()
+    assert stream.getvalue() == "info\t[a#info] one 1\nwarn\t[b#warn] two\nwarn\tlines\n"
