@@ -133,13 +133,19 @@ class JailedFilesystem:
         """Whether a path is a folder; needs no permission (CWD, realpath)."""
         return self._call(None, client_path, cwd, os.path.isdir)
 
-    def list_directory(self, client_path, cwd: str = "/") -> defer.Deferred:
-        """``[(name, stat_result)]`` of a folder; entries leading outside are hidden."""
-        return self._call(Permission.LIST, client_path, cwd, self._list)
+    def list_directory(self, client_path, cwd: str = "/", folder_only: bool = False) -> defer.Deferred:
+        """``[(name, stat_result)]`` of a folder; entries leading outside are hidden.
 
-    def _list(self, real: str) -> list[tuple[str, os.stat_result]]:
+        A file is listed as itself (FTP ``LIST file``), or refused with
+        NotADirectoryError when ``folder_only`` (SFTP ``opendir``).
+        """
+        return self._call(Permission.LIST, client_path, cwd, self._list, folder_only)
+
+    def _list(self, real: str, folder_only: bool = False) -> list[tuple[str, os.stat_result]]:
         if not os.path.isdir(real):
             result = os.stat(real)
+            if folder_only:
+                raise NotADirectoryError(errno.ENOTDIR, "not a folder")
             return [(os.path.basename(real), result)]
         entries = []
         with os.scandir(real) as iterator:

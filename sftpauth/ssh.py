@@ -472,15 +472,8 @@ class JailedSFTPServer:
         return self._changed(self.filesystem.remove_directory(path), "remove folder", path)
 
     def openDirectory(self, path: bytes) -> defer.Deferred:
-        # list_directory() answers a file with itself (for FTP LIST); SFTP wants "not a folder".
-        d = self.filesystem.stat(path)
-
-        def listed(result: os.stat_result) -> defer.Deferred:
-            if not stat_module.S_ISDIR(result.st_mode):
-                raise NotADirectoryError(errno.ENOTDIR, "not a folder")
-            return self.filesystem.list_directory(path)
-
-        d.addCallback(listed)
+        # One trip to a thread: a file is "not a folder" here (FTP LIST lists it as itself).
+        d = self.filesystem.list_directory(path, folder_only=True)
         d.addCallback(self._listing)
         return d.addErrback(sftp_error)
 
