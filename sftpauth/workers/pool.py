@@ -204,6 +204,9 @@ class WorkerPool(MultiService):
     def startService(self) -> None:
         super().startService()
         self._stopping = False
+        if not self.sockets:
+            _log.info("workers = {count}, but no FTP, FTPS or SFTP service is enabled: no worker process is started", count=self.count)
+            return
         _log.info(
             "starting {count} worker processes for {services}; the Web Manager, the embedded directory{state} "
             "stay in this process (pid {pid})",

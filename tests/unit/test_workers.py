@@ -449,3 +449,15 @@ def test_worker_log_lines_are_written_once_per_reactor_turn():
     assert len(scheduled) == 1 and stream.getvalue() == ""
     scheduled.pop()()
     assert stream.getvalue() == "info\t[a#info] one 1\nwarn\t[b#warn] two\nwarn\tlines\n"
+
+
+def test_no_worker_is_started_without_a_service_for_them(tmp_path):
+    """workers = 2 with only a Web Manager: the pool starts no process (the reactor here cannot spawn any)."""
+    config = tmp_path / "sftpauth.ini"
+    config.write_text(f"[server]\ndata_folder = {tmp_path}/data\nworkers = 2\n[services/web]\ntype = manager\nport = 0\n")
+    options = Options()
+    options.parseOptions(["--config", str(config)])
+    [pool] = [service for service in makeService(options, _Reactor()) if isinstance(service, WorkerPool)]
+    pool.startService()
+    assert pool.workers == {}
+    pool.stopService()
