@@ -33,6 +33,7 @@ from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 
 import sftpauth
+from sftpauth import ftp, ssh
 from sftpauth.config.models import ServiceSettings
 from sftpauth.listening import bind_shared_socket
 from sftpauth.runtime import Runtime
@@ -89,7 +90,6 @@ class WorkerProcess(ProcessProtocol):
         self._partial = {1: b"", 2: b""}
         self._process_over = False
         self._channel_over = False
-        self.exit_reason: Optional[Failure] = None
 
     # -- the process ----------------------------------------------------------------
 
@@ -133,7 +133,6 @@ class WorkerProcess(ProcessProtocol):
         for fd, rest in self._partial.items():
             self._relay(fd, [rest])
         self._partial = {1: b"", 2: b""}
-        self.exit_reason = reason
         self._process_over = True
         self.pool.worker_exited(self, reason)
         self._maybe_ended()
@@ -189,8 +188,6 @@ class WorkerPool(MultiService):
         sftpauth at start as without workers, and generated host keys are
         written once, before two workers could race to create them.
         """
-        from sftpauth import ftp, ssh
-
         if settings.type in ("ssh", "sftp"):
             ssh.load_host_keys(settings, self.configuration.path, self.runtime.data_folder)
         else:
@@ -211,7 +208,7 @@ class WorkerPool(MultiService):
             "starting {count} worker processes for {services}; the Web Manager, the embedded directory{state} "
             "stay in this process (pid {pid})",
             count=self.count,
-            services=", ".join(shared.settings.id for shared in self.sockets) or "no service",
+            services=", ".join(shared.settings.id for shared in self.sockets),
             state=" and the shared state" if isinstance(self.runtime.state.bans, MemoryBanStore) else "",
             pid=os.getpid(),
         )

@@ -94,6 +94,7 @@ class Worker:
     def __init__(self, configuration, index: int, workers: int, sockets: dict, reactor):
         self.reactor = reactor
         self.index = index
+        self.exit_status = 0
         self._stopping = False
         channel = StateChannel(reactor)
         state = channel_state(channel, reactor, workers) if configuration.server.state == "memory" else None
@@ -115,9 +116,15 @@ class Worker:
         os.close(fd)
 
     def start(self) -> None:
-        self.top.privilegedStartService()
-        self.top.startService()
         self.reactor.addSystemEventTrigger("before", "shutdown", self._shutdown)
+        try:
+            self.top.privilegedStartService()
+            self.top.startService()
+        except Exception:
+            _log.failure("worker {worker}: its services cannot start", worker=self.index)
+            self.exit_status = 1
+            self.stop()
+            return
         self.channel.callRemote(Ready)
 
     def stop(self) -> None:
@@ -177,4 +184,4 @@ def main(argv: Optional[list[str]] = None) -> int:
         reactor.run(installSignalHandlers=False)
     finally:
         output.flush()
-    return 0
+    return worker.exit_status
