@@ -1043,7 +1043,10 @@ class SFTPServerTransport(transport.SSHServerTransport, TimeoutMixin):
             self.sendDisconnect(transport.DISCONNECT_NO_MORE_AUTH_METHODS_AVAILABLE, b"login took too long")
 
     def receiveError(self, reasonCode: int, description: bytes) -> None:
-        # A client saying goodbye (or giving up) is not a server error.
+        # A client saying goodbye (or giving up) is not a server error. The
+        # ordinary goodbye is in the audit log (session-end): not logged.
+        if reasonCode == transport.DISCONNECT_BY_APPLICATION:
+            return
         _log.info(
             "client disconnected: code {code}, {description}",
             code=reasonCode,

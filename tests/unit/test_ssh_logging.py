@@ -1,0 +1,36 @@
+"""What the SSH service writes to the server log per connection: problems, not routine."""
+
+from __future__ import annotations
+
+from twisted.conch.ssh import transport
+from twisted.logger import globalLogPublisher
+
+from sftpauth.ssh import SFTPServerTransport
+
+
+def logged(action) -> list[str]:
+    seen: list[str] = []
+
+    def observer(event):
+        if event.get("log_namespace", "").startswith(("sftpauth", "twisted.conch")):
+            seen.append(event.get("log_format", ""))
+
+    globalLogPublisher.addObserver(observer)
+    try:
+        action()
+    finally:
+        globalLogPublisher.removeObserver(observer)
+    return seen
+
+
+def test_an_ordinary_goodbye_is_not_logged_but_other_disconnects_are():
+    server = SFTPServerTransport()
+    assert logged(lambda: server.receiveError(transport.DISCONNECT_BY_APPLICATION, b"disconnected by user")) == []
+    lines = logged(lambda: server.receiveError(transport.DISCONNECT_PROTOCOL_ERROR, b"bad packet"))
+    assert lines == ["client disconnected: code {code}, {description}"]
+
+
+def test_conch_debug_and_info_lines_are_dropped_but_warnings_kept():
+    server = SFTPServerTransport()
+    assert logged(lambda: (server._log.debug("kex alg={alg}", alg="x"), server._log.info("NEW KEYS"))) == []
+    assert logged(lambda: server._log.warn("something odd")) == ["something odd"]
