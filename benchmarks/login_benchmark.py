@@ -38,6 +38,7 @@ import asyncio
 import itertools
 import json
 import platform
+import resource
 import shutil
 import statistics
 import tempfile
@@ -128,6 +129,7 @@ def measure(kind: str, bind_type: str, concurrency: int, args, start_index: int,
     cell = Cell(args.logins, args.seconds, args.users, start_index)
     children = {name: server.worker_pids() if name == "sftpauth" and server else () for name in pids}
     cpu_before = {name: lib.tree_cpu_seconds(pid, children[name]) for name, pid in pids.items()}
+    client_before = _own_cpu_seconds()
     started = time.monotonic()
     if kind == "sftp":
         _thread_cell(cell, concurrency, login, args.sources == "many")
@@ -135,6 +137,8 @@ def measure(kind: str, bind_type: str, concurrency: int, args, start_index: int,
         asyncio.run(_async_cell(cell, concurrency, login, args.sources == "many"))
     wall = time.monotonic() - started
     cpu = {name: lib.tree_cpu_seconds(pid, children[name]) - cpu_before[name] for name, pid in pids.items()}
+    # The load generator itself (this process: its asyncio loop or paramiko threads) shares the cores.
+    cpu["client"] = _own_cpu_seconds() - client_before
     done = len(cell.latencies) + cell.failures
     ms = [value * 1000 for value in cell.latencies]
     result = {
@@ -158,17 +162,23 @@ def measure(kind: str, bind_type: str, concurrency: int, args, start_index: int,
     return result
 
 
+def _own_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def print_row(row: dict) -> None:
     sftpauth_cpu = row.get("sftpauth_cpu_ms_per_login", "")
     print(f"{row['bind_type']:<7} {row['kind']:<5} {row.get('workers', 1):>2} {row['concurrency']:>4} {row['ok']:>5} "
           f"{row['failures']:>4} "
           f"{row['logins_per_s']:>8.1f} {row['p50_ms']:>8.1f} {row['p95_ms']:>8.1f} {row['p99_ms']:>8.1f} "
-          f"{sftpauth_cpu!s:>9} {row['slapd_cpu_ms_per_login']!s:>8}", flush=True)
+          f"{sftpauth_cpu!s:>9} {row['slapd_cpu_ms_per_login']!s:>8} {row.get('client_cpu_ms_per_login', '')!s:>8}", flush=True)
 
 
 HEADER = (f"{'bind':<7} {'kind':<5} {'w':>2} {'conc':>4} {'ok':>5} {'fail':>4} {'login/s':>8} {'p50 ms':>8} "
-          f"{'p95 ms':>8} {'p99 ms':>8} {'cpu/twd':>9} {'cpu/sl':>8}\n"
-          "(w: [server] workers; cpu/twd, cpu/sl: ms of CPU per login of the sftpauth processes and of slapd)")
+          f"{'p95 ms':>8} {'p99 ms':>8} {'cpu/twd':>9} {'cpu/sl':>8} {'cpu/cli':>8}\n"
+          "(w: [server] workers; cpu/twd, cpu/sl, cpu/cli: ms of CPU per login of the sftpauth processes,\n"
+          " of slapd and of this load generator, which shares the same cores)")
 
 
 def print_worker_ratios(rows: list[dict]) -> None:
@@ -302,8 +312,10 @@ def main() -> None:
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     print(f"wrote {args.json}")
-    draw(rows, args.png, {"ProFTPD FTP @32 (issue 7)": (255, "tab:red"),
-                          "ProFTPD SFTP @32 (issue 7)": (110, "tab:purple")})
+    draw(rows, args.png, PEERS)
+
+
+PEERS = {"ProFTPD FTP @32 (issue 7)": (255, "tab:red"), "ProFTPD SFTP @32 (issue 7)": (110, "tab:purple")}
 
 
 if __name__ == "__main__":
