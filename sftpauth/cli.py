@@ -57,12 +57,48 @@ def summary(configuration: Configuration) -> str:
 def check_config_command(args: argparse.Namespace) -> int:
     try:
         configuration = load_configuration(args.file)
+        check_files(configuration)
     except ConfigError as error:
         print(f"{args.file}: {len(error.problems)} error(s)", file=sys.stderr)
         print(str(error), file=sys.stderr)
         return 1
     print(summary(configuration))
     return 0
+
+
+def check_files(configuration: Configuration) -> None:
+    """Read the files the services would read at start-up; one ConfigError with every problem.
+
+    Certificates (FTPS, a Web Manager's own), configured SSH host keys and
+    embedded-directory LDIF files, with the loaders the services use, so
+    check-config finds what start-up would. Nothing is generated: services
+    that would generate a key or certificate are not checked here.
+    """
+    from sftpauth import directory, ftp, ssh
+    from sftpauth.config import models
+    from sftpauth.manager import tls as manager_tls
+
+    path = configuration.path
+    checks = []
+    for settings in configuration.services.values():
+        if not settings.enabled:
+            continue
+        if isinstance(settings, models.FTPServiceSettings):
+            checks.append(lambda settings=settings: ftp.load_tls(settings, path))
+        elif isinstance(settings, models.SSHServiceSettings) and settings.ssh_server_keys:
+            checks.append(lambda settings=settings: ssh.load_host_keys(settings, path, configuration.server.data_folder))
+        elif isinstance(settings, models.ManagerServiceSettings) and settings.ssl_certificate:
+            checks.append(lambda settings=settings: manager_tls.load_certificate(settings, path, configuration.server.data_folder))
+        elif isinstance(settings, models.DirectoryServiceSettings):
+            checks.append(lambda settings=settings: directory.load_directory(settings, path))
+    problems = []
+    for check in checks:
+        try:
+            check()
+        except ConfigError as error:
+            problems.extend(error.problems)
+    if problems:
+        raise ConfigError(configuration.locate(problems))
 
 
 def _start_embedded_directories(configuration: Configuration, runtime) -> list:

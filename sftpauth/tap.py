@@ -179,8 +179,10 @@ def makeService(options: Options, reactor=None) -> MultiService:
         return _make_service(options, reactor)
     except ConfigError as error:
         # Problems found while building services (host keys, LDIF, audit log)
-        # get the same treatment as bad options: a message and exit status 1.
-        sys.stderr.write(f"sftpauth: cannot start:\n{error}\n")
+        # get the same treatment as bad options: a message and exit status 1,
+        # with the line of the option in the file.
+        located = ConfigError(options["configuration"].locate(error.problems))
+        sys.stderr.write(f"sftpauth: cannot start:\n{located}\n")
         raise SystemExit(1)
 
 

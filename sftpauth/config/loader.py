@@ -228,7 +228,9 @@ def parse_configuration(
     configuration = _build(problems, validator, server_values, sections)
     if problems.errors:
         raise ConfigError(problems.errors)
-    return attrs.evolve(configuration, path=path, warnings=tuple(problems.warnings))
+    lines = {(section, None): line for section, line in source.sections.items()}
+    lines.update(source.options)
+    return attrs.evolve(configuration, path=path, warnings=tuple(problems.warnings), lines=lines)
 
 
 def _check_section(

@@ -7,10 +7,11 @@ two places only: its spec line (type, default) and its field here.
 from __future__ import annotations
 
 import ipaddress
-from typing import Any, Mapping, Optional
+from typing import Any, Iterable, Mapping, Optional
 
 import attrs
 
+from sftpauth.config.errors import ConfigProblem
 from sftpauth.permissions import Permission
 
 DEFAULT_AUTHENTICATION = "DEFAULT-AUTHENTICATION"
@@ -230,6 +231,18 @@ class Configuration:
     roles: Mapping[str, "RoleSettings"] = attrs.Factory(dict)
     administrators: Mapping[str, "AdministratorSettings"] = attrs.Factory(dict)
     security_policies: Mapping[str, "SecurityPolicySettings"] = attrs.Factory(dict)
+    # The line of each (section, option) and each (section, None) in the file.
+    lines: Mapping[tuple, int] = attrs.field(factory=dict, repr=False, eq=False)
+
+    def locate(self, problems: Iterable[ConfigProblem]) -> tuple[ConfigProblem, ...]:
+        """Problems found after loading (services reading their files), with the line of their option."""
+        located = []
+        for problem in problems:
+            if problem.line is None and problem.path == self.path and problem.section is not None:
+                line = self.lines.get((problem.section, problem.option)) or self.lines.get((problem.section, None))
+                problem = attrs.evolve(problem, line=line)
+            located.append(problem)
+        return tuple(located)
 
     def authentications_for(self, service: ServiceSettings) -> tuple[str, ...]:
         """The ordered method IDs a service uses (its own list wins).

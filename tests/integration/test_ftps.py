@@ -634,6 +634,8 @@ ssl_certificate = {path}
     finally:
         server.stop()
     assert status == 1, output
-    assert f"{server.config_path} [services/secure] ssl_certificate:" in output
+    written = server.config_path.read_text(encoding="utf-8").splitlines()
+    line = next(number for number, text in enumerate(written, start=1) if text.startswith("ssl_certificate"))
+    assert f"{server.config_path}:{line} [services/secure] ssl_certificate:" in output
     assert {"missing": "cannot read", "expired": "expired on", "ftpsi-without-certificate": "required for type = ftpsi"}[kind] in output
     assert "Traceback" not in output

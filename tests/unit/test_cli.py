@@ -159,3 +159,39 @@ def test_check_config_of_a_missing_file(tmp_path, capsys):
     assert status == 1
     assert out == ""
     assert f"{missing}: cannot read the file" in err
+
+
+def test_check_config_reads_certificates_keys_and_ldif_as_start_up_would(tmp_path, capsys):
+    """Files named by options are read too: each unusable one is an error with file, line, section and option."""
+    not_pem = tmp_path / "not-a-certificate.pem"
+    not_pem.write_text("hello\n", encoding="utf-8")
+    config_path = tmp_path / "files.ini"
+    config_path.write_text(
+        f"""[server]
+data_folder = {tmp_path}/data
+
+[services/ftps]
+type = ftp
+port = 2121
+ssl_certificate = {not_pem}
+
+[services/sftp]
+type = ssh
+port = 2222
+ssh_server_keys = {tmp_path}/missing_key
+
+[services/directory]
+type = ldap-directory
+port = 3389
+ldif = {not_pem}
+""",
+        encoding="utf-8",
+    )
+    status = main(["check-config", str(config_path)])
+    out, err = capsys.readouterr()
+    assert status == 1 and out == ""
+    assert err.splitlines()[0] == f"{config_path}: 3 error(s)"
+    assert f"{config_path}:7 [services/ftps] ssl_certificate: {not_pem} holds no PEM certificate" in err
+    assert f"{config_path}:12 [services/sftp] ssh_server_keys:" in err
+    assert f"{config_path}:17 [services/directory] ldif:" in err
+    assert not (tmp_path / "data").exists()  # nothing generated
