@@ -251,8 +251,9 @@ async def test_a_black_hole_costs_one_timeout_then_is_skipped_and_comes_back(sla
             account, trace, _ = await login(method, username)
             assert not isinstance(account, LoginFailed), trace.steps
             assert attempts_on(trace, hole.port) == []
-            [skip] = skips_of(trace, hole.port)
-            assert f"127.0.0.1:{hole.port} is down" in skip
+            # One skip per connection the login takes (search logins BIND on a second kept connection).
+            skips = skips_of(trace, hole.port)
+            assert 1 <= len(skips) <= 2 and all(f"127.0.0.1:{hole.port} is down" in skip for skip in skips), skips
 
         hole.close()
         restarted = SlapdServer(port=hole.port).start()

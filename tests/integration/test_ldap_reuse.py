@@ -109,7 +109,8 @@ async def test_a_kept_connection_never_searches_as_the_previous_user(hidden_slap
 
 @pytest_twisted.ensureDeferred
 async def test_logins_share_kept_connections_and_stop_unbinds_them(slapd, tmp_path, monkeypatch):
-    """60 sequential logins use one connection, 8 at a time at most 8; stopping the pool UNBINDs and closes them."""
+    """60 sequential search logins use two connections (searches as the service account, user BINDs),
+    8 at a time at most 16; stopping the pool UNBINDs and closes them."""
     spy = LDAPClientSpy(monkeypatch)
     site = InProcessLDAP(
         slapd,
@@ -125,12 +126,15 @@ async def test_logins_share_kept_connections_and_stop_unbinds_them(slapd, tmp_pa
             assert outcome.ok, outcome
             if number:
                 assert reused(outcome), outcome.steps()
-        assert spy.connected == 1
+                # The searching connection is still bound as the service account: no service BIND.
+                assert any("already bound as service account" in step for step in outcome.steps()), outcome.steps()
+                assert not any("BIND as service account" in step for step in outcome.steps()), outcome.steps()
+        assert spy.connected == 2
         logins = [defer.ensureDeferred(site.authenticate("alice", PASSWORDS["alice"])) for _ in range(8)]
         outcomes = await defer.gatherResults(logins)
         assert all(outcome.ok for outcome in outcomes), outcomes
-        assert 1 <= spy.connected <= 8
-        assert 1 <= pool.idle_connections() <= 8
+        assert 2 <= spy.connected <= 16
+        assert 2 <= pool.idle_connections() <= 16
         assert spy.open == pool.idle_connections()
     finally:
         pool.stop()

@@ -256,3 +256,26 @@ def test_stop_unbinds_and_closes_kept_connections():
     assert clock.getDelayedCalls() == []
     pool.release(run(pool.connect()))  # after stop nothing is kept
     assert pool.idle_connections() == 0
+
+
+def test_searches_take_the_connection_bound_as_the_service_account_and_binds_take_another():
+    """Two lanes: a kept connection bound as the service account serves searches; user BINDs get the others."""
+    pool, connector, _ = make_pool()
+    service, user = run(pool.connect()), run(pool.connect())
+    run(service.bind(SERVICE, "service-pass"))
+    run(user.bind(ALICE, "alice-pass"))
+    pool.release(service)
+    pool.release(user)  # the newest
+    assert run(pool.connect(for_searches=True)) is service
+    pool.release(service)
+    assert run(pool.connect()) is user
+    # With only the other kind kept, either takes it rather than opening a connection.
+    assert run(pool.connect()) is service
+    assert len(connector.opened) == 2
+
+
+def test_only_a_started_pool_with_room_keeps_connections():
+    """What the method asks before it splits a search login over two connections."""
+    assert make_pool()[0].keeps_connections
+    assert not make_pool(started=False)[0].keeps_connections
+    assert not make_pool(keep=0)[0].keeps_connections

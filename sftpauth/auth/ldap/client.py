@@ -33,6 +33,12 @@ closed after :data:`IDLE_SECONDS`, when the server goes down, and when the
 pool stops. A kept connection that turns out to have been closed by the
 server meanwhile does not mark the server down: the pool drops the others
 kept for that server and the login is run again on a new connection.
+
+With ``bind_dn_type = search`` and a service account, a login of the
+running server uses two kept connections: one still bound as the service
+account for the searches (no BIND needed), and another for the user's
+BIND. A login then costs a search and a BIND instead of two BINDs and a
+search; the identity rule above is unchanged.
 """
 
 from __future__ import annotations
@@ -618,8 +624,18 @@ class LDAPServerPool:
 
     # -- logins ---------------------------------------------------------------
 
-    async def connect(self, trace=None, method_id: str = "") -> LDAPConnection:
-        """A connection to the first usable server; LDAPUnavailable when there is none."""
+    @property
+    def keeps_connections(self) -> bool:
+        """Whether released connections are kept for the next logins (the running server)."""
+        return self._probing and self.keep > 0
+
+    async def connect(self, trace=None, method_id: str = "", for_searches: bool = False) -> LDAPConnection:
+        """A connection to the first usable server; LDAPUnavailable when there is none.
+
+        ``for_searches``: a kept connection still bound as the service account
+        is preferred (its searches need no BIND); otherwise one that is not,
+        so those stay available for searches.
+        """
 
         def note(action: str, detail: str) -> None:
             if trace is not None:
@@ -634,7 +650,7 @@ class LDAPServerPool:
                 note("skip", f"{address} is {state.describe(now)}")
                 problems.append(f"{server.last_error} (down for {_duration(now - (server.since or now))})")
                 continue
-            kept = self._take_idle(address)
+            kept = self._take_idle(address, for_searches)
             if kept is not None:
                 note("connect", f"reusing a connection to {address} (login {kept.uses + 1} on it)")
                 return kept
@@ -677,16 +693,21 @@ class LDAPServerPool:
     def idle_connections(self) -> int:
         return sum(len(idle) for idle in self._idle.values())
 
-    def _take_idle(self, address: ServerAddress) -> Optional[LDAPConnection]:
+    def _take_idle(self, address: ServerAddress, for_searches: bool = False) -> Optional[LDAPConnection]:
         idle = self._idle[address]
         oldest_allowed = self._now() - IDLE_SECONDS
-        while idle:
-            connection = idle.pop()  # the newest: the others age out when fewer are needed
-            if connection.reusable and connection.idle_since >= oldest_allowed:
-                connection.lend(self.shared_identity, self._kept_connection_failed)
-                return connection
+        for connection in [c for c in idle if not c.reusable or c.idle_since < oldest_allowed]:
+            idle.remove(connection)
             connection.close()
-        return None
+        if not idle:
+            return None
+        # The newest of the wanted kind (the others age out when fewer are needed), else the newest.
+        service = bool(self.shared_identity)
+        wanted = [c for c in idle if (service and c.bound_as == self.shared_identity) == for_searches]
+        connection = wanted[-1] if wanted else idle[-1]
+        idle.remove(connection)
+        connection.lend(self.shared_identity, self._kept_connection_failed)
+        return connection
 
     def _kept_connection_failed(self, address: ServerAddress, error: LDAPUnavailable) -> None:
         """A kept connection failed: the server may only have closed idle connections.

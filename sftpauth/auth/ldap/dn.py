@@ -10,7 +10,7 @@ always one escaped attribute value (RFC 4514), never DN syntax.
 from __future__ import annotations
 
 import re
-from typing import Optional, Sequence
+from typing import Awaitable, Callable, Optional, Sequence
 
 from ldaptor.protocols import pureldap
 from ldaptor.protocols.ldap import distinguishedname
@@ -120,6 +120,9 @@ class Lookup:
         self.filter = filter_object
         self.attributes = tuple(attributes)
         self.method_id = method_id
+        # Set by the method when the user's BIND goes to another kept connection
+        # than the searches (client.py, connection reuse); None: the same one.
+        self.user_bind: Optional[Callable[[str, str], Awaitable[LDAPResult]]] = None
 
     def trace(self, action: str, detail: str) -> None:
         self.request.trace.add(self.method_id, action, detail)
@@ -233,7 +236,8 @@ class SearchStrategy:
     async def authenticate(self, connection: LDAPConnection, lookup: Lookup) -> Entry:
         await bind_service_account(connection, lookup)
         entry = await find_entry(connection, lookup, lookup.settings.username_attribute, lookup.username)
-        result = await connection.bind(entry.dn, lookup.password)
+        # The searching connection stays bound as the service account when the user's BIND can go elsewhere.
+        result = await (lookup.user_bind or connection.bind)(entry.dn, lookup.password)
         lookup.trace("bind", f"BIND as {entry.dn}: {'success' if result.ok else describe(result)}")
         if result.ok:
             return entry

@@ -76,12 +76,22 @@ class LDAPMethod:
         credentials = await self.extensions.update_credentials(request)
         lookup = Lookup(settings, request, search_filter, self._attributes, self.id)
         lookup.username, lookup.password = credentials.username, credentials.password
+        # search with a service account on the running server: the searches keep a connection
+        # bound as the service account and the user's BIND borrows another (client.py).
+        two_connections = bool(
+            settings.bind_dn_type == "search" and settings.service_account_dn and getattr(self.pool, "keeps_connections", False)
+        )
+        if two_connections:
+            lookup.user_bind = lambda dn, password: self._bind_on_another_connection(request, dn, password)
         # A server lost in the middle of the login (not an LDAP answer): the whole
         # login once more on the next server, unless an extension already used
         # a single-use TOTP code.
         for attempt in (1, 2):
             try:
-                connection = await self.pool.connect(request.trace, self.id)
+                if two_connections:
+                    connection = await self.pool.connect(request.trace, self.id, for_searches=True)
+                else:
+                    connection = await self.pool.connect(request.trace, self.id)
             except LDAPUnavailable as error:
                 raise LoginFailed("service-unavailable", f"no LDAP server answered: {error}") from None
             code_used = False
@@ -107,6 +117,13 @@ class LDAPMethod:
         }
         request.trace.add(self.id, "entry", f"{entry.dn}: " + "; ".join(f"{k}={list(v)}" for k, v in used.items()))
         return self._account(request, entry, member_of)
+
+    async def _bind_on_another_connection(self, request: LoginRequest, dn: str, password: str):
+        connection = await self.pool.connect(request.trace, self.id)
+        try:
+            return await connection.bind(dn, password)
+        finally:
+            self.pool.release(connection)
 
     def _account(self, request: LoginRequest, entry, member_of: tuple[str, ...] = ()) -> Account:
         settings = self.settings
