@@ -279,3 +279,23 @@ def test_only_a_started_pool_with_room_keeps_connections():
     assert make_pool()[0].keeps_connections
     assert not make_pool(started=False)[0].keeps_connections
     assert not make_pool(keep=0)[0].keeps_connections
+
+
+def test_answers_are_decoded_in_any_split_without_encoding_them_again(monkeypatch):
+    """Two answers in one read, one answer over several reads; an answer is never re-encoded to be tested."""
+    from ldaptor.protocols import pureber
+
+    from sftpauth.auth.ldap.client import _LDAPProtocol
+
+    handled = []
+    client = _LDAPProtocol()
+    client.handle = handled.append
+    bind = pureldap.LDAPMessage(pureldap.LDAPBindResponse(resultCode=0), id=1).toWire()
+    done = pureldap.LDAPMessage(pureldap.LDAPSearchResultDone(resultCode=0), id=2).toWire()
+    monkeypatch.setattr(pureber.BERBase, "__len__", lambda self: pytest.fail("an answer was encoded again"))
+    client.dataReceived(bind + done[:3])
+    assert [message.id for message in handled] == [1]
+    for byte in done[3:]:
+        client.dataReceived(bytes([byte]))
+    assert [message.id for message in handled] == [1, 2]
+    assert client.buffer == b""

@@ -48,7 +48,7 @@ import time
 from typing import Callable, Optional, Sequence
 
 import attrs
-from ldaptor.protocols import pureldap
+from ldaptor.protocols import pureber, pureldap
 from ldaptor.protocols.ldap.ldapclient import LDAPClient
 from twisted.internet import defer, error as net_error
 from twisted.internet.abstract import isIPAddress, isIPv6Address
@@ -147,7 +147,7 @@ class _LDAPProtocol(LDAPClient):
 
     def dataReceived(self, data: bytes) -> None:
         try:
-            super().dataReceived(data)
+            self._decode(data)
         except Exception as error:  # garbage from the server must not become a traceback
             self.protocol_error = f"{type(error).__name__}: {error}"[:80]
             self.buffer = b""
@@ -156,6 +156,26 @@ class _LDAPProtocol(LDAPClient):
                 peer=str(self.transport.getPeer()), error=self.protocol_error,
             )
             self.transport.abortConnection()
+
+    def _decode(self, data: bytes) -> None:
+        """ldaptor's LDAPClient.dataReceived loop, with ``is None`` for "no complete message yet".
+
+        ldaptor tests ``if not message``: an LDAPMessage is a sequence whose
+        length is that of its encoding, so every answer was encoded again
+        just to be found non-empty (about 4% of sftpauth's CPU per FTP login).
+        """
+        self.buffer += data
+        while True:
+            try:
+                message, used = pureber.berDecodeObject(self.berdecoder, self.buffer)
+            except pureber.BERExceptionInsufficientData:
+                return
+            self.buffer = self.buffer[used:]
+            if message is None:
+                if not used:
+                    return
+                continue  # a message with a tag ldaptor does not know: skipped, as ldaptor does
+            self.handle(message)
 
     def expect_handshake(self) -> defer.Deferred:
         self._handshake = defer.Deferred()
