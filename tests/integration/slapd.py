@@ -284,12 +284,16 @@ class SlapdServer:
                  port: int | None = None,
                  tls_certificate: os.PathLike | str | None = None,
                  tls_key: os.PathLike | str | None = None,
-                 overlays: Sequence[str] = ("memberof",)):
+                 overlays: Sequence[str] = ("memberof",),
+                 acl: str = ""):
         """``port`` fixes the ldap:// port (default: a free one, e.g. to
         restart a server where a test expects it).  With ``tls_certificate``
         and ``tls_key`` (PEM files) slapd also serves StartTLS on ldap:// and
-        LDAPS on ``ldaps_url`` (``ldaps://127.0.0.1:<ldaps_port>``)."""
+        LDAPS on ``ldaps_url`` (``ldaps://127.0.0.1:<ldaps_port>``).  ``acl``
+        (slapd.conf ``access to`` rules) comes before the default rules, so
+        it wins where it applies."""
         self.admin_password = admin_password
+        self.acl = acl
         # overlays=() gives a directory without memberOf (groups by search only)
         self.overlays = tuple(overlays)
         self.fixed_port = port
@@ -407,6 +411,7 @@ class SlapdServer:
             ] if "memberof" in self.overlays else []),
             "",
             # rootdn bypasses these; "users" = any authenticated (bound) DN
+            *([self.acl] if self.acl else []),
             "access to attrs=userPassword",
             "    by self write",
             "    by anonymous auth",

@@ -11,7 +11,6 @@ and closes every kept connection.
 from __future__ import annotations
 
 import os
-import subprocess
 
 import pytest
 import pytest_twisted
@@ -21,7 +20,7 @@ from sftpauth.auth.ldap.client import UP
 
 from .conftest import DIRECTORY_LDIF
 from .ldap_helpers import ALICE_DN, BASE, PASSWORDS, InProcessLDAP, LDAPClientSpy, connections_left
-from .slapd import SlapdServer, find_ldap_tool
+from .slapd import SlapdServer
 
 pytestmark = pytest.mark.slapd
 
@@ -50,35 +49,15 @@ username_attribute = uid
 """
 
 
-class HiddenSlapd(SlapdServer):
-    """The fixture's directory plus ou=hidden, which anonymous searches cannot see."""
-
-    def _config(self, schema_dir, modules) -> str:
-        text = super()._config(schema_dir, modules)
-        marker = "access to attrs=userPassword"
-        if marker not in text:  # pragma: no cover - slapd.py changed its ACL layout
-            raise AssertionError("slapd.py no longer writes the userPassword ACL this module inserts before")
-        return text.replace(marker, HIDDEN_ACL + "\n" + marker, 1)
-
-
 @pytest.fixture(scope="module")
 def hidden_slapd():
-    server = HiddenSlapd().start()
+    server = SlapdServer(acl=HIDDEN_ACL).start()  # the fixture's directory plus ou=hidden
     try:
         server.add_ldif_file(DIRECTORY_LDIF)
         server.add_ldif(HIDDEN_LDIF)
         yield server
     finally:
         server.stop()
-
-
-def search_as(slapd, bind_dn: str, password: str, uid: str) -> list[str]:
-    """The DNs ldapsearch finds for ``uid`` under the base, bound as ``bind_dn`` (anonymous when empty)."""
-    command = [find_ldap_tool("ldapsearch"), "-x", "-LLL", "-H", slapd.url, "-b", BASE, f"(uid={uid})", "1.1"]
-    if bind_dn:
-        command += ["-D", bind_dn, "-w", password]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=10, check=True)
-    return [line[4:] for line in result.stdout.splitlines() if line.startswith("dn: ")]
 
 
 def reused(outcome) -> bool:
@@ -89,8 +68,9 @@ def reused(outcome) -> bool:
 async def test_a_kept_connection_never_searches_as_the_previous_user(hidden_slapd, tmp_path):
     """alice's login leaves its connection bound as alice; hank's login on it searches anonymously, so finds nobody."""
     # The directory makes a leak visible: bound as alice, hank is found; anonymously he is not.
-    assert search_as(hidden_slapd, ALICE_DN, PASSWORDS["alice"], "hank") == [HANK_DN]
-    assert search_as(hidden_slapd, "", "", "hank") == []
+    found = hidden_slapd.search(BASE, "(uid=hank)", attrs=("1.1",), bind_dn=ALICE_DN, password=PASSWORDS["alice"])
+    assert [dn for dn, _ in found] == [HANK_DN]
+    assert hidden_slapd.search(BASE, "(uid=hank)", attrs=("1.1",), bind_dn="") == []
     site = InProcessLDAP(hidden_slapd, tmp_path, ANONYMOUS_SEARCH)
     site.method.pool.start()
     try:

@@ -99,21 +99,10 @@ def directory_ldif() -> str:
     return "\n".join(parts)
 
 
-class TOTPSlapd(SlapdServer):
-    """The fixture's slapd plus the recommended ACL on totpSharedSecret."""
-
-    def _config(self, schema_dir, modules) -> str:
-        text = super()._config(schema_dir, modules)
-        marker = "access to attrs=userPassword"
-        if marker not in text:  # pragma: no cover - slapd.py changed its ACL layout
-            raise AssertionError("slapd.py no longer writes the userPassword ACL this module inserts before")
-        return text.replace(marker, TOTP_ACL + "\n" + marker, 1)
-
-
 @pytest.fixture(scope="module")
 def slapd_totp():
     """A private slapd: the base entry, a service account, the TOTP users and the hiding ACL."""
-    server = TOTPSlapd()
+    server = SlapdServer(acl=TOTP_ACL)  # the fixture's slapd plus the recommended ACL
     try:
         server.start()
     except SlapdNotFound as error:
