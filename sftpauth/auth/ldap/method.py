@@ -46,6 +46,9 @@ class LDAPMethod:
         # The extension (TOTP) of extension_entry_point; its state (used codes) is shared by every service.
         self.extensions = LDAPExtensions.from_settings(settings, reactor, state or build_state("memory", reactor))
         self._attributes = self._attributes_to_read()
+        # search with a service account: on the running server its searches keep a connection
+        # bound as the service account and the user's BIND borrows another (client.py).
+        self._binds_elsewhere = bool(settings.bind_dn_type == "search" and settings.service_account_dn)
 
     def _attributes_to_read(self) -> tuple[str, ...]:
         settings = self.settings
@@ -76,11 +79,7 @@ class LDAPMethod:
         credentials = await self.extensions.update_credentials(request)
         lookup = Lookup(settings, request, search_filter, self._attributes, self.id)
         lookup.username, lookup.password = credentials.username, credentials.password
-        # search with a service account on the running server: the searches keep a connection
-        # bound as the service account and the user's BIND borrows another (client.py).
-        two_connections = bool(
-            settings.bind_dn_type == "search" and settings.service_account_dn and getattr(self.pool, "keeps_connections", False)
-        )
+        two_connections = self._binds_elsewhere and getattr(self.pool, "keeps_connections", False)
         if two_connections:
             lookup.user_bind = lambda dn, password: self._bind_on_another_connection(request, dn, password)
         # A server lost in the middle of the login (not an LDAP answer): the whole
