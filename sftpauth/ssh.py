@@ -539,6 +539,11 @@ class _QuietLogger(Logger):
         super().emit(level, format, **kwargs)
 
 
+# conch's session module logs 'Asking for subsystem "sftp"' with its module
+# logger, at info, once per login: quiet it as the classes' loggers are.
+session.log = _QuietLogger(namespace=session.log.namespace)
+
+
 class SFTPSubsystem(FileTransferServer):
     """conch's SFTP protocol with our server, bounded resources and no fd leak."""
 

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from twisted.conch.ssh import transport
+from twisted.conch.ssh.common import NS
 from twisted.logger import globalLogPublisher
 
-from sftpauth.ssh import SFTPServerTransport
+from sftpauth.ssh import SFTPServerTransport, SFTPSessionChannel
 
 
 def logged(action) -> list[str]:
@@ -34,3 +35,16 @@ def test_conch_debug_and_info_lines_are_dropped_but_warnings_kept():
     server = SFTPServerTransport()
     assert logged(lambda: (server._log.debug("kex alg={alg}", alg="x"), server._log.info("NEW KEYS"))) == []
     assert logged(lambda: server._log.warn("something odd")) == ["something odd"]
+
+
+def test_the_sftp_subsystem_request_of_every_login_is_not_logged():
+    class Avatar:
+        sftpEnabled = True
+
+        def lookupSubsystem(self, name, data):
+            return None  # conch logs this failure as an error: warnings and errors are kept
+
+    channel = SFTPSessionChannel(avatar=Avatar())
+    lines = logged(lambda: channel.request_subsystem(NS(b"sftp")))
+    assert 'Asking for subsystem "{subsystem}"' not in lines
+    assert lines == ["Failed to get subsystem {subsystem}"]
