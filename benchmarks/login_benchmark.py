@@ -14,7 +14,9 @@ Cells (each bounded by ``--logins`` and ``--seconds``):
   the user, read the entry (base search), UNBIND; concurrency 1, 8, 32;
 * ftp: connect, USER, PASS, PWD, QUIT (asyncio client); 1, 8, 32, 128;
 * sftp: connect, key exchange, password, SFTP subsystem, list the home
-  folder, close (paramiko in threads, TCP_NODELAY); 1, 8, 32, 128.
+  folder, close (threads, TCP_NODELAY; ``--sftp-client libssh2`` (default:
+  ssh2-python, about 1 ms of client CPU per login) or ``paramiko`` (5-7
+  ms, which on 2 shared cores bounds what sftpauth can show)); 1, 8, 32, 128.
 
 For each: logins/s, latency p50/p95/p99, failures, and the CPU time of the
 sftpauth (twistd) process and of slapd per login (/proc/PID/stat utime +
@@ -137,7 +139,7 @@ def measure(kind: str, bind_type: str, concurrency: int, args, start_index: int,
         asyncio.run(_async_cell(cell, concurrency, login, args.sources == "many"))
     wall = time.monotonic() - started
     cpu = {name: lib.tree_cpu_seconds(pid, children[name]) - cpu_before[name] for name, pid in pids.items()}
-    # The load generator itself (this process: its asyncio loop or paramiko threads) shares the cores.
+    # The load generator itself (this process: its asyncio loop or SFTP client threads) shares the cores.
     cpu["client"] = _own_cpu_seconds() - client_before
     done = len(cell.latencies) + cell.failures
     ms = [value * 1000 for value in cell.latencies]
@@ -247,6 +249,9 @@ def main() -> None:
                         help="many (default): each concurrent client from its own 127.0.x.y address, as many "
                              "users are; one: all from 127.0.0.1, where sftpauth runs at most 2 logins of one "
                              "address at once and refuses past 32 waiting (too-many-logins)")
+    parser.add_argument("--sftp-client", choices=sorted(lib.SFTP_CLIENTS), default="libssh2",
+                        help="the SFTP load generator: libssh2 (default, ssh2-python: about 1 ms of CPU per "
+                             "login) or paramiko (5-7 ms, as much as sftpauth itself)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder (logs)")
     parser.add_argument("--workers", nargs="+", type=int, default=[1],
                         help="[server] workers values to run the ftp and sftp cells with (e.g. 1 2); the ratio "
@@ -256,6 +261,7 @@ def main() -> None:
     levels = [int(value) for value in args.concurrency.split(",")]
     lib.raise_nofile()
 
+    sftp_login = lib.SFTP_CLIENTS[args.sftp_client]
     rows: list[dict] = []
     folder = Path(tempfile.mkdtemp(prefix="sftpauth-bench-"))
     slapd = lib.start_slapd(args.users)
@@ -272,12 +278,12 @@ def main() -> None:
                     "floor": lambda index, source, b=bind_type: lib.floor_login(
                         HOST, slapd.port, index, b, admin, source),
                     "ftp": lambda index, source: lib.ftp_login(HOST, ftp_port, index, source),
-                    "sftp": lambda index, source: lib.sftp_login(HOST, sftp_port, index, source),
+                    "sftp": lambda index, source: sftp_login(HOST, sftp_port, index, source),
                 }
                 # warm up: host keys, first home folders, imports in the server (in every worker)
                 for _ in range(2 * workers):
                     asyncio.run(lib.ftp_login(HOST, ftp_port, 0))
-                    lib.sftp_login(HOST, sftp_port, 0)
+                    sftp_login(HOST, sftp_port, 0)
                 for kind in args.kinds:
                     if kind == "floor" and workers != args.workers[0]:
                         continue  # the floor does not depend on sftpauth
@@ -304,7 +310,7 @@ def main() -> None:
         "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "machine": {"cpus": lib.os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
         "settings": {"users": args.users, "logins_per_cell": args.logins, "seconds_per_cell": args.seconds,
-                     "sources": args.sources,
+                     "sources": args.sources, "sftp_client": args.sftp_client,
                      "bind_types": args.bind_type, "workers": args.workers},
         "cells": rows,
     }
