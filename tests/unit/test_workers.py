@@ -28,7 +28,7 @@ from sftpauth.state import (
     StateChannel,
     channel_state,
 )
-from sftpauth.workers.channel import ParentSide, WorkerAuditLog, WorkerSide
+from sftpauth.workers.channel import AUDIT_BATCH_SECONDS, ParentSide, WorkerAuditLog, WorkerSide
 from sftpauth.tap import Options, makeService
 from sftpauth.workers.pool import MAX_RESTART_DELAY, SharedListeningSocket, WorkerPool, describe_exit, restart_delay
 
@@ -280,18 +280,23 @@ def test_worker_audit_events_carry_the_worker_and_are_written_by_the_parent(cloc
     worker = parent.connect_worker(2)
     recorded = worker.audit.record("authentication", service="sftp", username="al\udcffice", outcome="success")
     worker.pump.flush()
-    assert parent.seen == []  # sent at the end of the reactor turn
-    clock.advance(0)
+    assert parent.seen == []  # batched: sent AUDIT_BATCH_SECONDS later
+    clock.advance(AUDIT_BATCH_SECONDS / 2)
+    worker.audit.record("session-start", service="sftp")
     worker.pump.flush()
-    [line] = (tmp_path / "audit.jsonl").read_text(encoding="utf-8").splitlines()
+    assert parent.seen == []
+    clock.advance(AUDIT_BATCH_SECONDS / 2)
+    worker.pump.flush()
+    assert [event["event"] for event in parent.seen] == ["authentication", "session-start"]
+    line = (tmp_path / "audit.jsonl").read_text(encoding="utf-8").splitlines()[0]
     written = json.loads(line)
     assert written == parent.seen[0]
     assert written["worker"] == 2 and written["time"] == recorded["time"] and written["event"] == "authentication"
     assert "al\\udcffice" in line  # an undecodable byte is written as the single process writes it
 
 
-def test_events_of_one_reactor_turn_go_in_one_message_in_order(clock, tmp_path):
-    """A busy worker batches: many events recorded in one turn reach the parent in order, split under the AMP limit."""
+def test_events_of_one_batch_go_in_few_messages_in_order(clock, tmp_path):
+    """A busy worker batches: many events recorded together reach the parent in order, split under the AMP limit."""
     parent = Parent(clock, tmp_path)
     worker = parent.connect_worker(1)
     sent = []
@@ -299,7 +304,7 @@ def test_events_of_one_reactor_turn_go_in_one_message_in_order(clock, tmp_path):
     worker.channel.protocol.callRemote = lambda command, **kw: (sent.append(len(kw["entries"])), original(command, **kw))[1]
     for number in range(300):
         worker.audit.record("session-end", service="ftp", detail="x" * 300, number=number)
-    clock.advance(0)
+    clock.advance(AUDIT_BATCH_SECONDS)
     worker.pump.flush()
     assert 1 < len(sent) < 10 and sum(sent) == 300
     assert [event["number"] for event in parent.seen] == list(range(300))
