@@ -165,6 +165,14 @@ def server_state_lines(runtime, method_ids) -> list[str]:
     return lines
 
 
+def _manager_service(configuration):
+    """The first enabled Web Manager service, or None."""
+    for settings in configuration.services.values():
+        if settings.type == "manager" and settings.enabled:
+            return settings
+    return None
+
+
 def test_login_command(args: argparse.Namespace) -> int:
     from twisted.internet import defer, task
 
@@ -183,6 +191,16 @@ def test_login_command(args: argparse.Namespace) -> int:
         known = ", ".join(configuration.authentications)
         print(f"sftpauth: no authentication method {args.authentication!r}; defined: {known}", file=sys.stderr)
         return 1
+    # A Web Manager login goes through the Web Manager's own chain (its own
+    # authentications, or DEFAULT-AUTHENTICATION then [server]'s): the first
+    # enabled manager service's, as its login page would.
+    manager = _manager_service(configuration) if args.manager else None
+    if manager is not None:
+        service_id, method_ids = manager.id, configuration.authentications_for(manager)
+    else:
+        service_id, method_ids = "test-login", configuration.server.authentications
+    if args.authentication:
+        method_ids = (args.authentication,)
     password = _read_password(args.password_stdin)
     outcome = {"code": 1}
 
@@ -193,14 +211,16 @@ def test_login_command(args: argparse.Namespace) -> int:
         request = LoginRequest(
             username=args.username,
             password=password,
-            service_id="test-login",
+            service_id=service_id,
             protocol="cli",
             peer="",
             manager=args.manager,
             trace=trace,
         )
-        chain = args.authentication or ", ".join(configuration.server.authentications)
-        print(f"test-login {shown(args.username)} ({'Web Manager' if args.manager else 'file transfer'}) through: {chain}")
+        kind = "file transfer"
+        if args.manager:
+            kind = f"Web Manager {manager.id}" if manager is not None else "Web Manager (no manager service: [server] chain)"
+        print(f"test-login {shown(args.username)} ({kind}) through: {', '.join(method_ids)}")
         try:
             account = await runtime.chain.login(request, only_method=args.authentication)
         except LoginFailed as failure:
@@ -211,7 +231,7 @@ def test_login_command(args: argparse.Namespace) -> int:
             print("\n".join(result_lines(account, None, args.manager)))
             outcome["code"] = 0
         finally:
-            for line in server_state_lines(runtime, args.authentication or configuration.server.authentications):
+            for line in server_state_lines(runtime, method_ids):
                 print(line)
             for port in ports:
                 await port.stopListening()
@@ -310,7 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
     login.add_argument("file")
     login.add_argument("username")
     login.add_argument("--authentication", metavar="ID", help="only this authentication method")
-    login.add_argument("--manager", action="store_true", help="a Web Manager login (manager_search_filter)")
+    login.add_argument("--manager", action="store_true", help="a Web Manager login, through the first manager service's chain (manager_search_filter, administrators)")
     login.add_argument("--password-stdin", action="store_true", help="read the password from standard input")
     login.set_defaults(run=test_login_command)
 

@@ -195,3 +195,52 @@ ldif = {not_pem}
     assert f"{config_path}:12 [services/sftp] ssh_server_keys:" in err
     assert f"{config_path}:17 [services/directory] ldif:" in err
     assert not (tmp_path / "data").exists()  # nothing generated
+
+
+def test_login_manager_uses_the_web_managers_own_chain(tmp_path):
+    """test-login --manager tries what the Web Manager's login page tries: DEFAULT-AUTHENTICATION, then [server]'s."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from sftpauth.auth.passwords import hash_password
+    from tests.integration.server import free_port
+
+    config_path = tmp_path / "server.ini"
+    config_path.write_text(
+        f"""\
+[server]
+authentications = directory
+
+[authentications/directory]
+type = ldap
+address = 127.0.0.1
+port = {free_port()}
+bind_dn_type = parent
+bind_dn = ou=people,dc=example,dc=com
+
+[administrators/admin]
+password = {hash_password("admin-secret-1")}
+
+[services/web]
+type = manager
+address = 127.0.0.1
+port = {free_port()}
+""",
+        encoding="utf-8",
+    )
+
+    def test_login(*options):
+        return subprocess.run(
+            [str(Path(sys.executable).with_name("sftpauth")), "test-login", str(config_path), "admin", "--password-stdin", *options],
+            input="admin-secret-1\n", capture_output=True, text=True, timeout=60,
+        )
+
+    manager = test_login("--manager")
+    assert manager.returncode == 0, manager.stdout + manager.stderr
+    assert "(Web Manager web) through: DEFAULT-AUTHENTICATION, directory" in manager.stdout
+    # A file-transfer login of the same name goes through [server]'s chain only, and fails there.
+    transfer = test_login()
+    assert transfer.returncode == 1, transfer.stdout + transfer.stderr
+    assert "(file transfer) through: directory" in transfer.stdout
+    assert "admin-secret-1" not in manager.stdout + transfer.stdout
