@@ -13,6 +13,7 @@ or secret. When it closes, the worker knows its parent is gone and stops.
 from __future__ import annotations
 
 import json
+from collections import Counter
 from typing import Callable, Optional
 
 from twisted.internet.protocol import Factory
@@ -66,6 +67,9 @@ class ParentSide(StateServer, _QuietAMP):
         self._audit = audit
         self._on_ready = on_ready
         self._on_lost = on_lost
+        # The worker's sessions that started and have not ended, by what names
+        # them in the audit log: ended by end_open_sessions if the worker dies.
+        self.open_sessions: Counter[tuple] = Counter()
 
     @Ready.responder
     def _ready(self) -> dict:
@@ -74,9 +78,36 @@ class ParentSide(StateServer, _QuietAMP):
 
     @Audit.responder
     def _audit_entries(self, entries: list[str]) -> dict:
-        for entry in entries:
-            self._audit.publish(json.loads(entry))
+        for line in entries:
+            entry = json.loads(line)
+            event = entry.get("event")
+            if event == "session-start":
+                self.open_sessions[_session_key(entry)] += 1
+            elif event == "session-end":
+                key = _session_key(entry)
+                if self.open_sessions[key] <= 1:
+                    del self.open_sessions[key]
+                else:
+                    self.open_sessions[key] -= 1
+            self._audit.publish(entry)
         return {}
+
+    def end_open_sessions(self, worker: int, how: str) -> int:
+        """Write ``session-end`` (reason ``worker-exited``) for each session the worker left open; how many.
+
+        Called once the worker's process and channel are both gone, so every
+        ``session-end`` it did send has been counted.
+        """
+        ended = 0
+        for (service, protocol, peer, username), count in sorted(self.open_sessions.items()):
+            for _ in range(count):
+                self._audit.record(
+                    "session-end", service=service, protocol=protocol, peer=peer, username=username,
+                    worker=worker, reason="worker-exited", detail=f"worker {worker} {how}",
+                )
+                ended += 1
+        self.open_sessions.clear()
+        return ended
 
     def announce_ban(self, scope: str, address: str, seconds: float) -> None:
         """Tell the worker of a ban (it then refuses the address without asking)."""
@@ -86,6 +117,10 @@ class ParentSide(StateServer, _QuietAMP):
     def connectionLost(self, reason) -> None:
         _QuietAMP.connectionLost(self, reason)
         self._on_lost()
+
+
+def _session_key(entry: dict) -> tuple:
+    return tuple(str(entry.get(name) or "") for name in ("service", "protocol", "peer", "username"))
 
 
 class WorkerSide(StateClient, _QuietAMP):

@@ -90,6 +90,7 @@ class WorkerProcess(ProcessProtocol):
         self._partial = {1: b"", 2: b""}
         self._process_over = False
         self._channel_over = False
+        self._how = "exited"
 
     # -- the process ----------------------------------------------------------------
 
@@ -134,6 +135,7 @@ class WorkerProcess(ProcessProtocol):
             self._relay(fd, [rest])
         self._partial = {1: b"", 2: b""}
         self._process_over = True
+        self._how = describe_exit(reason)
         self.pool.worker_exited(self, reason)
         self._maybe_ended()
 
@@ -156,6 +158,12 @@ class WorkerProcess(ProcessProtocol):
 
     def _maybe_ended(self) -> None:
         if self._process_over and self._channel_over and not self.ended.called:
+            if self.channel is not None:
+                # A worker that stops ends its sessions itself; one that dies cannot.
+                ended = self.channel.end_open_sessions(self.index, self._how)
+                if ended:
+                    _log.warn("worker {worker} {how} with {count} sessions open: their session-end events are written "
+                              "for it (reason worker-exited)", worker=self.index, how=self._how, count=ended)
             self.ended.callback(self)
 
 

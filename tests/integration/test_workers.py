@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ftplib
 import os
+import re
 import signal
 import socket
 import textwrap
@@ -232,6 +233,13 @@ def site(tmp_path_factory, slapd) -> Iterator[Site]:
         yield site
 
 
+def worker_index(site: Site, pid: int) -> int:
+    """The index (audit ``worker``) of the worker with this pid, from the parent's log."""
+    found = re.search(rf"worker (\d+) started \(pid {pid}\)", site.server.log_text())
+    assert found, site.server.log_tail()
+    return int(found.group(1))
+
+
 def audited_worker(site: Site, username: str, outcome: str = "success", service: str = "ftp") -> int:
     event = site.event(
         lambda e: e["event"] == "authentication" and e["username"] == username and e["outcome"] == outcome and e["service"] == service
@@ -361,9 +369,21 @@ def test_sighup_reaches_every_worker(site):
 
 
 def test_a_killed_worker_is_started_again(site):
-    """SIGKILL of a worker: the parent logs it and starts a new one, which serves logins."""
+    """SIGKILL of a worker: the parent logs it, ends the sessions it held in the audit log, starts a new one."""
     before = site.workers()
     victim = min(before)
+    held = site.ftp_on_each_worker("ftp")[victim]  # a session open on the victim when it dies
+    index = worker_index(site, victim)
+
+    def started_there(event):
+        return event["event"] == "session-start" and event["username"] == "alice" and event["worker"] == index
+
+    earlier = len(site.events(started_there))
+    held.login("alice", "alice-pass")
+    deadline = time.monotonic() + 10
+    while len(site.events(started_there)) == earlier:  # the parent has this session's start
+        assert time.monotonic() < deadline, site.server.log_tail()
+        time.sleep(0.05)
     os.kill(victim, signal.SIGKILL)
     deadline = time.monotonic() + 15
     while True:
@@ -373,6 +393,10 @@ def test_a_killed_worker_is_started_again(site):
         assert time.monotonic() < deadline, site.server.log_tail()
         time.sleep(0.1)
     assert f"(pid {victim}) was killed by signal 9" in site.server.log_text()
+    ended = site.event(lambda e: e["event"] == "session-end" and e.get("reason") == "worker-exited")
+    assert ended["username"] == "alice" and ended["service"] == "ftp"
+    assert ended["detail"].endswith("was killed by signal 9")
+    held.close()
     for client in site.ftp_on_each_worker("ftp").values():  # the new worker among them
         client.login("alice", "alice-pass")
         client.quit()

@@ -310,6 +310,24 @@ def test_events_of_one_batch_go_in_few_messages_in_order(clock, tmp_path):
     assert [event["number"] for event in parent.seen] == list(range(300))
 
 
+def test_sessions_a_dead_worker_left_open_are_ended_by_the_parent(clock, tmp_path):
+    """The parent counts each worker's session-start and session-end; what is still open when it dies is ended for it."""
+    parent = Parent(clock, tmp_path)
+    worker = parent.connect_worker(2)
+    for username in ("alice", "alice", "bob", "carol"):
+        worker.audit.record("session-start", service="ftp", protocol="ftp", peer="127.0.0.9", username=username)
+    worker.audit.record("session-end", service="ftp", protocol="ftp", peer="127.0.0.9", username="alice")
+    worker.audit.record("session-end", service="ftp", protocol="ftp", peer="127.0.0.9", username="carol")
+    clock.advance(AUDIT_BATCH_SECONDS)
+    worker.pump.flush()
+    assert parent.sides[0].end_open_sessions(2, "was killed by signal 9") == 2
+    ended = [event for event in parent.seen if event.get("reason") == "worker-exited"]
+    assert [(event["event"], event["username"], event["worker"]) for event in ended] == [
+        ("session-end", "alice", 2), ("session-end", "bob", 2)]
+    assert all(event["detail"] == "worker 2 was killed by signal 9" and event["service"] == "ftp" for event in ended)
+    assert parent.sides[0].end_open_sessions(2, "exited with status 0") == 0  # each is ended once
+
+
 def test_worker_audit_without_a_channel_goes_to_the_log(clock):
     """With the parent gone an event is not lost silently: it is logged (and reaches the parent's log)."""
     from twisted.logger import globalLogPublisher
