@@ -269,35 +269,45 @@ def main() -> None:
     print(HEADER, flush=True)
     next_index = 0
     try:
-        for bind_type, workers in ((b, w) for b in args.bind_type for w in args.workers):
-            server, ftp_port, sftp_port = lib.start_sftpauth(folder / f"{bind_type}-{workers}", slapd, bind_type,
-                                                             workers=workers)
+        for bind_type in args.bind_type:
+            # One sftpauth per workers value, all started before the first cell: each cell is then
+            # measured with every workers value in turn, so a ratio compares cells a few seconds apart
+            # (this machine's speed drifts by a quarter within the hour).
+            servers = {}
             try:
-                pids = {"sftpauth": server.process.pid, "slapd": slapd.process.pid}
-                logins = {
-                    "floor": lambda index, source, b=bind_type: lib.floor_login(
-                        HOST, slapd.port, index, b, admin, source),
-                    "ftp": lambda index, source: lib.ftp_login(HOST, ftp_port, index, source),
-                    "sftp": lambda index, source: sftp_login(HOST, sftp_port, index, source),
-                }
-                # warm up: host keys, first home folders, imports in the server (in every worker)
-                for _ in range(2 * workers):
-                    asyncio.run(lib.ftp_login(HOST, ftp_port, 0))
-                    sftp_login(HOST, sftp_port, 0)
+                for workers in args.workers:
+                    server, ftp_port, sftp_port = lib.start_sftpauth(folder / f"{bind_type}-{workers}", slapd,
+                                                                     bind_type, workers=workers)
+                    servers[workers] = server
+                    # warm up: host keys, first home folders, imports in the server (in every worker)
+                    for _ in range(2 * workers):
+                        asyncio.run(lib.ftp_login(HOST, ftp_port, 0))
+                        sftp_login(HOST, sftp_port, 0)
                 for kind in args.kinds:
-                    if kind == "floor" and workers != args.workers[0]:
-                        continue  # the floor does not depend on sftpauth
                     for concurrency in (floor_levels if kind == "floor" else levels):
-                        cell_pids = {"slapd": pids["slapd"]} if kind == "floor" else pids
-                        row = measure(kind, bind_type, concurrency, args, next_index, logins[kind], cell_pids,
-                                      workers, server)
-                        next_index += row["attempts"]
-                        rows.append(row)
-                        print_row(row)
-                        if row["errors"]:
-                            print(f"        errors: {row['errors']}", flush=True)
+                        for workers, server in servers.items():
+                            if kind == "floor" and workers != args.workers[0]:
+                                continue  # the floor does not depend on sftpauth
+                            ftp_port, sftp_port = server.ports
+                            logins = {
+                                "floor": lambda index, source, b=bind_type: lib.floor_login(
+                                    HOST, slapd.port, index, b, admin, source),
+                                "ftp": lambda index, source, port=ftp_port: lib.ftp_login(HOST, port, index, source),
+                                "sftp": lambda index, source, port=sftp_port: sftp_login(HOST, port, index, source),
+                            }
+                            pids = {"slapd": slapd.process.pid}
+                            if kind != "floor":
+                                pids["sftpauth"] = server.process.pid
+                            row = measure(kind, bind_type, concurrency, args, next_index, logins[kind], pids,
+                                          workers, server)
+                            next_index += row["attempts"]
+                            rows.append(row)
+                            print_row(row)
+                            if row["errors"]:
+                                print(f"        errors: {row['errors']}", flush=True)
             finally:
-                server.stop()
+                for server in servers.values():
+                    server.stop()
     finally:
         slapd.stop()
         if not args.keep:
