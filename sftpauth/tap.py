@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import signal
 import sys
@@ -9,6 +10,7 @@ from typing import Iterator, Optional
 
 from twisted.application.service import MultiService, Service
 from twisted.cred.portal import Portal
+from twisted.internet.error import CannotListenError
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python import usage
@@ -186,6 +188,51 @@ def makeService(options: Options, reactor=None) -> MultiService:
         raise SystemExit(1)
 
 
+_LISTEN_HINTS = {
+    errno.EADDRINUSE: "another program, or another sftpauth, already listens there",
+    errno.EACCES: "ports below 1024 need root or the CAP_NET_BIND_SERVICE capability",
+    errno.EADDRNOTAVAIL: "no network interface of this machine has that address",
+}
+
+
+def cannot_listen_problem(configuration: Configuration, error: CannotListenError) -> ConfigProblem:
+    """What a port that cannot be opened says: the service's ``port`` option, with its line."""
+    cause = error.socketError
+    reason = getattr(cause, "strerror", None) or str(cause)
+    hint = _LISTEN_HINTS.get(getattr(cause, "errno", None))
+    message = f"cannot listen on {error.interface or '*'}:{error.port}: {reason}" + (f" ({hint})" if hint else "")
+    section = None
+    for settings in configuration.services.values():
+        if settings.enabled and settings.port == error.port and settings.address in (error.interface, "", "0.0.0.0", "::"):
+            section = f"services/{settings.id}"
+            break
+    problem = ConfigProblem(configuration.path, None, section, "port" if section else None, message)
+    return configuration.locate([problem])[0]
+
+
+class ServerServices(MultiService):
+    """The process's top service: a port that cannot be opened stops sftpauth with a one-line error.
+
+    The error names the file, the line, the service's section and its
+    ``port`` option (as a bad option does), instead of twistd's traceback.
+    Every listening socket (FTP, SFTP, Web Manager, the demo directory, and
+    with workers the parent's shared sockets) is opened in
+    ``privilegedStartService``.
+    """
+
+    def __init__(self, configuration: Configuration):
+        super().__init__()
+        self.configuration = configuration
+
+    def privilegedStartService(self) -> None:
+        try:
+            super().privilegedStartService()
+        except CannotListenError as error:
+            problem = cannot_listen_problem(self.configuration, error)
+            _log.critical("sftpauth: cannot start: {problem}", problem=str(problem))
+            raise SystemExit(1) from None
+
+
 def _make_service(options: Options, reactor=None) -> MultiService:
     if reactor is None:
         from twisted.internet import reactor
@@ -195,7 +242,7 @@ def _make_service(options: Options, reactor=None) -> MultiService:
     for warning in configuration.warnings:
         _log.warn("configuration: {warning}", warning=str(warning))
     runtime = build_runtime(configuration, reactor)
-    top = MultiService()
+    top = ServerServices(configuration)
     _AuditCloser(runtime.audit).setServiceParent(top)
     add_runtime_services(runtime, top)
     pool = None

@@ -1,0 +1,56 @@
+"""Starting the real ``twistd -n sftpauth`` when a service's port cannot be opened."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+
+from tests.integration.server import SftpauthServer, free_port
+
+SERVICES = {
+    "ftp": "type = ftp",
+    "sftp": "type = sftp",
+    "manager": "type = manager",
+    "ftp-with-workers": "type = ftp",
+}
+
+
+@pytest.mark.parametrize("kind", sorted(SERVICES))
+def test_a_port_in_use_stops_start_up_naming_file_line_section_and_option(tmp_path, kind):
+    """Exit status 1 and one line: file:line [services/ID] port: cannot listen ... (Address already in use), no traceback."""
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    workers = "workers = 2" if kind == "ftp-with-workers" else ""
+    config = f"""\
+[server]
+data_folder = {tmp_path}/data
+{workers}
+
+[services/other]
+type = ftp
+address = 127.0.0.1
+port = {free_port()}
+
+[services/busy]
+{SERVICES[kind]}
+address = 127.0.0.1
+port = {port}
+"""
+    server = SftpauthServer(tmp_path / "run", config)
+    try:
+        server.start()
+        status = server.process.wait(30)
+    finally:
+        server.stop()
+        taken.close()
+    log = server.log_text()
+    assert status == 1, log
+    line = config.splitlines().index(f"port = {port}") + 1
+    assert (
+        f"sftpauth: cannot start: {server.config_path}:{line} [services/busy] port: "
+        f"cannot listen on 127.0.0.1:{port}: Address already in use" in log
+    ), log
+    assert "Traceback" not in log
