@@ -253,7 +253,8 @@ def test_ftp_and_sftp_logins_are_served_by_both_workers(site):
         client.login("alice", "alice-pass")
         assert client.pwd() == "/"
         client.quit()
-    site.event(lambda e: e["event"] == "session-end" and e["service"] == "ftp" and e["worker"] == 2)
+    for index in (1, 2):  # each worker sends its events in its own batches: wait for both
+        site.event(lambda e, index=index: e["event"] == "session-end" and e["service"] == "ftp" and e["worker"] == index)
     events = site.events(lambda e: e["event"] == "authentication" and e["service"] == "ftp" and e["outcome"] == "success")
     assert {event["worker"] for event in events} == {1, 2}
     workers = site.workers()
@@ -275,7 +276,8 @@ def test_ftp_and_sftp_logins_are_served_by_both_workers(site):
         if served == workers:
             break
     assert served == workers
-    site.event(lambda e: e["event"] == "session-end" and e["service"] == "sftp" and e["worker"] == 2)
+    for index in (1, 2):
+        site.event(lambda e, index=index: e["event"] == "session-end" and e["service"] == "sftp" and e["worker"] == index)
     sftp_workers = {e["worker"] for e in site.events(lambda e: e["event"] == "session-start" and e["service"] == "sftp")}
     assert sftp_workers == {1, 2}
 
