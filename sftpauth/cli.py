@@ -15,7 +15,10 @@ from sftpauth.config.models import Configuration
 
 def _read_password(from_stdin: bool, prompt: str = "Password: ", confirm: bool = False) -> str:
     if from_stdin or not sys.stdin.isatty():
-        return sys.stdin.readline().rstrip("\r\n")
+        line = sys.stdin.readline()
+        if not line:  # end of input, not even an empty line: nothing was given
+            raise SystemExit("sftpauth: no password on standard input (pipe it in, or run the command in a terminal)")
+        return line.rstrip("\r\n")
     password = getpass.getpass(prompt)
     if confirm and getpass.getpass("Again: ") != password:
         raise SystemExit("sftpauth: the passwords differ")
@@ -115,7 +118,9 @@ def _start_embedded_directories(configuration: Configuration, runtime) -> list:
             try:
                 ports.append(runtime.reactor.listenTCP(settings.port, factory, interface=settings.address))
             except CannotListenError:
-                pass  # the running sftpauth serves it
+                continue  # the running sftpauth serves it
+            print(f"(no running sftpauth serves [services/{settings.id}] on {settings.address}:{settings.port}: "
+                  "this command serves that embedded directory itself while it runs)")
     return ports
 
 

@@ -50,9 +50,9 @@ def test_hash_password_output_is_accepted_by_the_configuration(monkeypatch, caps
     assert configuration.accounts["alice"].password == stored
 
 
-@pytest.mark.parametrize("text", ["", "\n", " \n", "\t\n", "  \t \n"], ids=repr)
+@pytest.mark.parametrize("text", ["\n", " \n", "\t\n", "  \t \n"], ids=repr)
 def test_hash_password_refuses_a_blank_password(monkeypatch, capsys, text):
-    """An empty or blank password exits 1 with a message and prints no hash."""
+    """An empty or blank password exits 1 with a message and prints no hash (no input at all: see below)."""
     status = run_with_stdin(monkeypatch, text, ["hash-password", "--password-stdin"])
     out, err = capsys.readouterr()
     assert status == 1
@@ -244,3 +244,37 @@ port = {free_port()}
     assert transfer.returncode == 1, transfer.stdout + transfer.stderr
     assert "(file transfer) through: directory" in transfer.stdout
     assert "admin-secret-1" not in manager.stdout + transfer.stdout
+
+
+@pytest.mark.parametrize("argv", [["hash-password"], ["hash-password", "--password-stdin"]])
+def test_no_password_at_all_on_standard_input_is_an_error_not_an_empty_password(monkeypatch, capsys, argv):
+    """Run without a terminal and with nothing piped in, a command says so (exit 1) instead of using an empty password."""
+    with pytest.raises(SystemExit) as stopped:
+        run_with_stdin(monkeypatch, "", argv)
+    assert str(stopped.value.code).startswith("sftpauth: no password on standard input")  # printed, exit status 1
+    assert capsys.readouterr().out == ""
+
+
+def test_login_on_the_demo_serves_its_embedded_directory_and_says_so(tmp_path):
+    """With no running sftpauth, test-login serves the file's ldap-directory itself, says so, and explains carol."""
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tests.integration.server import free_port
+
+    demo = Path(__file__).resolve().parents[2] / "etc" / "demo"
+    port = free_port()
+    text = (demo / "sftpauth.ini").read_text(encoding="utf-8")
+    text = text.replace("10389", str(port)).replace("/tmp/sftpauth-demo", str(tmp_path))
+    (tmp_path / "sftpauth.ini").write_text(text, encoding="utf-8")
+    shutil.copy(demo / "directory.ldif", tmp_path / "directory.ldif")
+    result = subprocess.run(
+        [str(Path(sys.executable).with_name("sftpauth")), "test-login", str(tmp_path / "sftpauth.ini"), "carol", "--password-stdin"],
+        input="carol-demo\n", capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert f"(no running sftpauth serves [services/demo-directory] on 127.0.0.1:{port}: " in result.stdout
+    assert "filter-mismatch" in result.stdout
+    assert "carol-demo" not in result.stdout
