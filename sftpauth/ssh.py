@@ -669,11 +669,11 @@ class SFTPSessionChannel(session.SSHSession):
     def requestReceived(self, requestType: bytes, data: bytes) -> int:
         if requestType == b"subsystem":
             return self.request_subsystem(data)
-        _log.emit(
-            LogLevel.debug if requestType in ROUTINE_REQUESTS else LogLevel.info,
-            "refused a {request!r} request on an SFTP-only session",
-            request=requestType.decode("ascii", "backslashreplace"),
-        )
+        if requestType not in ROUTINE_REQUESTS:  # OpenSSH's env LANG...: every login, not worth a line
+            _log.info(
+                "refused a {request!r} request on an SFTP-only session",
+                request=requestType.decode("ascii", "backslashreplace"),
+            )
         return 0
 
     def request_subsystem(self, data: bytes) -> int:
@@ -713,11 +713,11 @@ class SFTPUser(ConchUser):
             self._subsystems.remove(sftp)
 
     def gotGlobalRequest(self, requestType: bytes, data: bytes) -> int:
-        _log.emit(
-            LogLevel.debug if requestType in ROUTINE_REQUESTS else LogLevel.info,
-            "refused the global request {request!r} (port forwarding is not available)",
-            request=requestType.decode("ascii", "backslashreplace"),
-        )
+        if requestType not in ROUTINE_REQUESTS:
+            _log.info(
+                "refused the global request {request!r} (port forwarding is not available)",
+                request=requestType.decode("ascii", "backslashreplace"),
+            )
         return 0
 
     def logout(self) -> None:

@@ -123,6 +123,8 @@ class ManagerMetrics:
         event = entry.get("event")
         service = str(entry.get("service") or "none")
         if event == "authentication":
+            if entry.get("protocol") == "test-login":
+                service = "test-login"  # a Web Manager's test login, also one in manager mode
             outcome = "success" if entry.get("outcome") == "success" else "failure"
             self.login_attempts.labels(service=service, method=str(entry.get("method") or "none"), outcome=outcome).inc()
             self._count_minute(self._reactor.seconds(), outcome == "success")

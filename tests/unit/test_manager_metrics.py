@@ -87,6 +87,19 @@ def test_login_attempts_by_service_method_and_outcome():
     assert "_created" not in text
 
 
+def test_test_logins_count_under_test_login_also_in_manager_mode():
+    """A Web Manager test login is audited under the manager's service in manager mode; it counts as test-login."""
+    runtime = FakeRuntime()
+    metrics = ManagerMetrics(runtime)
+    runtime.audit.record("authentication", service="web", protocol="test-login", method="ldap", outcome="success")
+    runtime.audit.record("authentication", service="test-login", protocol="test-login", method="ldap", outcome="failure")
+    runtime.audit.record("authentication", service="web", protocol="manager", method="ldap", outcome="success")
+    text = metrics.render().decode()
+    assert sample(text, 'sftpauth_login_attempts_total{method="ldap",outcome="success",service="test-login"}') == 1
+    assert sample(text, 'sftpauth_login_attempts_total{method="ldap",outcome="failure",service="test-login"}') == 1
+    assert sample(text, 'sftpauth_login_attempts_total{method="ldap",outcome="success",service="web"}') == 1
+
+
 def test_open_sessions_follow_session_events():
     """session-start and session-end move the open-sessions gauge of their service, never below 0."""
     runtime = FakeRuntime()

@@ -48,3 +48,13 @@ def test_the_sftp_subsystem_request_of_every_login_is_not_logged():
     lines = logged(lambda: channel.request_subsystem(NS(b"sftp")))
     assert 'Asking for subsystem "{subsystem}"' not in lines
     assert lines == ["Failed to get subsystem {subsystem}"]
+
+
+def test_routine_requests_of_every_openssh_login_are_refused_without_a_log_line():
+    """OpenSSH sends env LANG (and keepalives) on every login: refused quietly; a shell request is still logged."""
+    channel = SFTPSessionChannel(avatar=None)
+    answers = []
+    lines = logged(lambda: answers.append(channel.requestReceived(b"env", NS(b"LANG") + NS(b"C.UTF-8"))))
+    assert answers == [0] and lines == []
+    lines = logged(lambda: answers.append(channel.requestReceived(b"shell", b"")))
+    assert answers == [0, 0] and lines == ["refused a {request!r} request on an SFTP-only session"]
