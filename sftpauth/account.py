@@ -30,6 +30,14 @@ class Account:
     # thread when it checks the folder (the jail's root; no file I/O on the reactor).
     home_root: str = ""
 
+    @property
+    def listing_owner(self) -> tuple[str, str]:
+        """The owner and group that FTP and SFTP listings show for every file: the user and the primary group.
+
+        Files are owned by the server's own system user; the account is virtual.
+        """
+        return self.username, (self.groups[0] if self.groups else self.username)
+
 
 def home_folder_from_group(group: GroupSettings, username: str) -> str:
     """The primary group's ``home_folder_path`` with ``${USER}`` appended if absent."""

@@ -18,6 +18,9 @@ What sftpauth changes in Twisted's FTP protocol, and why:
 * a passive data connection is only accepted from the control connection's
   address and ``PORT``/``EPRT`` only to it (no FXP bounce or data theft);
 * transfers are always binary, also after ``TYPE A`` (as vsftpd does);
+* ``LIST`` shows the account and its primary group as every file's owner
+  and group, as SFTP listings do (the files belong to the server's own
+  system user; no name lookup per listing);
 * the session's logout runs when the connection ends (Twisted looks for
   ``shell.logout`` and so never calls the portal's logout).
 
@@ -90,12 +93,6 @@ from sftpauth.permissions import PermissionDenied
 from sftpauth.realm import SessionInfo
 from sftpauth.runtime import Runtime
 from sftpauth.tls import CertificateProblem, ReloadOnSIGHUP, ServerTLS, can_check_session_reuse, session_reused
-
-try:
-    import grp
-    import pwd
-except ImportError:  # pragma: no cover - Windows
-    grp = pwd = None  # type: ignore[assignment]
 
 _log = Logger()
 
@@ -195,28 +192,11 @@ def virtual_name(segments: Sequence[str]) -> str:
     return "/" + "/".join(names)
 
 
-@functools.lru_cache(maxsize=512)
-def _owner_name(uid: int) -> str:
-    try:
-        name = pwd.getpwuid(uid).pw_name if pwd else str(uid)
-    except KeyError:
-        return str(uid)
-    return name if name.isascii() else str(uid)
-
-
-@functools.lru_cache(maxsize=512)
-def _group_name(gid: int) -> str:
-    try:
-        name = grp.getgrgid(gid).gr_name if grp else str(gid)
-    except KeyError:
-        return str(gid)
-    return name if name.isascii() else str(gid)
-
-
-def stat_values(result: os.stat_result, keys: Iterable[str]) -> list[Any]:
+def stat_values(result: os.stat_result, keys: Iterable[str], owner: str = "ftp", group: str = "ftp") -> list[Any]:
     """The values of ``keys`` (Twisted's IFTPShell.list keys) for one stat result.
 
-    ``owner`` and ``group`` look names up (NSS may be LDAP): call in a thread.
+    ``owner`` and ``group`` are the session's (``Account.listing_owner``), as
+    SFTP listings show them: the files belong to the server's system user.
     """
     values: list[Any] = []
     for key in keys:
@@ -231,24 +211,21 @@ def stat_values(result: os.stat_result, keys: Iterable[str]) -> list[Any]:
         elif key == "modified":
             values.append(result.st_mtime)
         elif key == "owner":
-            values.append(_owner_name(result.st_uid))
+            values.append(owner)
         elif key == "group":
-            values.append(_group_name(result.st_gid))
+            values.append(group)
         else:
             raise ValueError(f"unknown stat key {key!r}")
     return values
-
-
-def _needs_thread(keys: Iterable[str]) -> bool:
-    return "owner" in keys or "group" in keys
 
 
 @implementer(ftp.IFTPShell)
 class JailedFTPShell:
     """IFTPShell of one session: Twisted's segment lists on a JailedFilesystem."""
 
-    def __init__(self, filesystem: JailedFilesystem):
+    def __init__(self, filesystem: JailedFilesystem, owner: tuple[str, str] = ("ftp", "ftp")):
         self.filesystem = filesystem
+        self.owner, self.group = owner  # what listings show (Account.listing_owner)
 
     def _call(self, segments: Sequence[str], operation: Callable[[str], defer.Deferred]) -> defer.Deferred:
         try:
@@ -289,22 +266,15 @@ class JailedFTPShell:
         keys = tuple(keys)
 
         def values(result: os.stat_result):
-            if _needs_thread(keys):
-                return self.filesystem.run(stat_values, result, keys)
-            return stat_values(result, keys)
+            return stat_values(result, keys, self.owner, self.group)
 
         return self._call(path, lambda virtual: self.filesystem.stat(virtual).addCallback(values))
 
     def list(self, path, keys=()):
         keys = tuple(keys)
 
-        def entries(listing: list[tuple[str, os.stat_result]]):
-            def build() -> list[tuple[str, list[Any]]]:
-                return [(name, stat_values(result, keys)) for name, result in listing]
-
-            if _needs_thread(keys):
-                return self.filesystem.run(build)
-            return build()
+        def entries(listing: list[tuple[str, os.stat_result]]) -> list[tuple[str, list[Any]]]:
+            return [(name, stat_values(result, keys, self.owner, self.group)) for name, result in listing]
 
         return self._call(path, lambda virtual: self.filesystem.list_directory(virtual).addCallback(entries))
 

@@ -63,7 +63,7 @@ class SessionRealm:
             if interface is IFTPShell:
                 from sftpauth.ftp import JailedFTPShell
 
-                return IFTPShell, JailedFTPShell(filesystem), logout
+                return IFTPShell, JailedFTPShell(filesystem, account.listing_owner), logout
             if interface is IConchUser:
                 from sftpauth.ssh import SFTPUser
 

@@ -479,8 +479,7 @@ class JailedSFTPServer:
 
     def _listing(self, entries: list[tuple[str, os.stat_result]]) -> DirectoryListing:
         account: Account = self.avatar.account
-        owner = account.username
-        group = account.groups[0] if account.groups else owner
+        owner, group = account.listing_owner
         now = time.time()
         return DirectoryListing(
             (_name_bytes(name), _name_bytes(long_name(name, result, owner, group, now)), _attributes(result))

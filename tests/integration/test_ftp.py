@@ -308,6 +308,8 @@ def test_list_and_nlst_show_the_folder(ftp_server):
     by_name = {line.split()[-1]: line for line in lines}
     assert by_name["a.txt"].startswith("-rw")
     assert by_name["a.txt"].split()[4] == "5"
+    # the account and its primary group, as SFTP shows them (not the system owner); LIST columns are 8 wide
+    assert by_name["a.txt"].split()[2:4] == ["alice", "DEFAULT_"]
     assert by_name["sub"].startswith("d")
     assert sorted(client.nlst("listed")) == ["a.txt", "sub"]
     client.cwd("listed")

@@ -178,8 +178,16 @@ def test_stat_values(shell, home, result_of):
     )
     assert (size, directory, links, modified) == (5, False, 1, 2000)
     assert permissions.shorthand() == "rw-r-----"
-    assert isinstance(owner, str) and isinstance(group, str)
+    assert (owner, group) == ("ftp", "ftp")  # a shell made without an account's names
     assert result_of(shell.stat([], ("directory",))) == [True]
+
+
+def test_listings_show_the_account_and_its_primary_group_as_owner(home, run_in_thread, result_of):
+    """As SFTP listings do: the files belong to the server's system user, the account is virtual."""
+    (home / "f.bin").write_bytes(b"1")
+    shell = JailedFTPShell(JailedFilesystem(str(home), FULL_CONTROL, run_in_thread), ("alice", "demo-users"))
+    assert result_of(shell.stat(["f.bin"], ("owner", "group"))) == ["alice", "demo-users"]
+    assert result_of(shell.list([], ("owner", "group"))) == [("f.bin", ["alice", "demo-users"])]
 
 
 def test_list_hides_links_outside_and_shows_links_inside(shell, home, result_of):
