@@ -472,6 +472,15 @@ def _check_manager(problems: _Problems, configuration: models.Configuration) -> 
             )
         if not service.header_authentication and service.trusted_proxies:
             problems.warn(section, "trusted_proxies", "ignored: header_authentication = no")
+        if service.header_authentication and service.proxy_protocol:
+            # With a PROXY header the peer is the address the header claims, so
+            # trusted_proxies would be checked against what any client can write.
+            problems.error(
+                section,
+                "header_authentication",
+                "cannot be used with proxy_protocol = yes: the peer checked against trusted_proxies would be the "
+                "address the PROXY header claims, which a client reaching the port can choose",
+            )
         if not service.metrics_require_login:
             problems.warn(
                 section,

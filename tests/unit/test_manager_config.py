@@ -92,6 +92,15 @@ def test_bad_trusted_proxy_is_an_error_with_its_line():
     assert problem.startswith("/etc/sftpauth/s.ini:4 [services/web] trusted_proxies:") and "10.0.0.5" in problem
 
 
+def test_header_authentication_is_refused_behind_the_proxy_protocol():
+    """The PROXY header's claimed address would be what trusted_proxies is checked against: refused, on its line."""
+    (problem,) = errors(
+        "[services/web]\ntype = manager\nport = 8443\nproxy_protocol = yes\n"
+        "header_authentication = yes\ntrusted_proxies = 10.0.0.1\n"
+    )
+    assert problem.startswith("/etc/sftpauth/s.ini:5 [services/web] header_authentication: cannot be used with proxy_protocol")
+
+
 def test_header_authentication_needs_trusted_proxies():
     """header_authentication = yes without trusted_proxies is refused."""
     (problem,) = errors("[services/web]\ntype = manager\nport = 8443\nheader_authentication = yes\n")
