@@ -10,6 +10,7 @@ fixes a file in one pass.
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import os
 import re
 from typing import Any, Iterable, Mapping, Optional
@@ -382,6 +383,15 @@ def _construct(problems: _Problems, section: str, model: type, values: dict[str,
         return None
 
 
+def _is_loopback(address: str) -> bool:
+    if address == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return False
+
+
 def _cross_check(problems: _Problems, configuration: models.Configuration) -> None:
     """References between sections: every ID named must exist."""
     methods = configuration.authentications
@@ -406,6 +416,13 @@ def _cross_check(problems: _Problems, configuration: models.Configuration) -> No
                 section,
                 "security_policy",
                 _unknown_id("security policy", service.security_policy, configuration.security_policies),
+            )
+        if service.type == "ldap-directory" and not _is_loopback(service.address):
+            problems.error(
+                section,
+                "address",
+                f"{service.address} is not a loopback address: the embedded demo directory answers anonymous "
+                "searches with every userPassword, so it listens on 127.0.0.1, ::1 or localhost only",
             )
         if service.enabled and service.port:
             for (address, port), other in bound.items():

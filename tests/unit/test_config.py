@@ -865,3 +865,16 @@ def test_load_configuration_uses_the_process_environment(tmp_path, monkeypatch, 
     config_path = tmp_path / "server.ini"
     config_path.write_text("[accounts/alice]\npassword = env:SFTPAUTH_TEST_HASH\n", encoding="utf-8")
     assert load_configuration(str(config_path)).accounts["alice"].password == password_hash
+
+
+@pytest.mark.parametrize("address, refused", [("0.0.0.0", True), ("192.0.2.7", True), ("::", True),
+                                               ("127.0.0.1", False), ("127.1.2.3", False), ("::1", False),
+                                               ("localhost", False)])
+def test_the_embedded_directory_listens_on_loopback_only(address, refused):
+    """It answers anonymous searches with every userPassword: anything but loopback is an error on its line."""
+    text = f"[services/demo-ldap]\ntype = ldap-directory\naddress = {address}\nport = 10389\nldif = d.ldif\n"
+    if refused:
+        problem = only_problem(text)
+        assert (problem.line, problem.option) == (3, "address") and "not a loopback address" in problem.message
+    else:
+        assert parse(text).services["demo-ldap"].address == address
