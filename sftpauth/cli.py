@@ -58,12 +58,15 @@ def summary(configuration: Configuration) -> str:
 
 
 def check_config_command(args: argparse.Namespace) -> int:
+    configuration = None
     try:
         configuration = load_configuration(args.file)
         check_files(configuration)
     except ConfigError as error:
         print(f"{args.file}: {len(error.problems)} error(s)", file=sys.stderr)
-        print(str(error), file=sys.stderr)
+        print(str(error), file=sys.stderr)  # the errors, then the warnings of the same file
+        for warning in configuration.warnings if configuration is not None else ():
+            print(f"warning: {warning}", file=sys.stderr)
         return 1
     print(summary(configuration))
     return 0

@@ -30,9 +30,12 @@ class ConfigProblem:
 class ConfigError(Exception):
     """The configuration cannot be used; carries every problem found."""
 
-    def __init__(self, problems: Iterable[ConfigProblem]):
+    def __init__(self, problems: Iterable[ConfigProblem], warnings: Iterable[ConfigProblem] = ()):
         self.problems = tuple(problems)
+        # What would also have been warned about: shown after the errors, so
+        # fixing the errors does not reveal a second list.
+        self.warnings = tuple(warnings)
         super().__init__(str(self))
 
     def __str__(self) -> str:
-        return "\n".join(str(p) for p in self.problems)
+        return "\n".join([str(p) for p in self.problems] + [f"warning: {w}" for w in self.warnings])

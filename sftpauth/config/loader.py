@@ -228,7 +228,7 @@ def parse_configuration(
         server_values = _check_section(problems, validator, "server", "server", {}) or {}
     configuration = _build(problems, validator, server_values, sections)
     if problems.errors:
-        raise ConfigError(problems.errors)
+        raise ConfigError(problems.errors, problems.warnings)
     lines = {(section, None): line for section, line in source.sections.items()}
     lines.update(source.options)
     return attrs.evolve(configuration, path=path, warnings=tuple(problems.warnings), lines=lines)

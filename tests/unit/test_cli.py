@@ -151,6 +151,17 @@ def test_check_config_lists_every_error_of_a_bad_file(tmp_path, capsys):
     assert "PlainTextSecret99" not in err
 
 
+def test_check_config_shows_the_warnings_of_a_file_with_errors(tmp_path, capsys):
+    """Options accepted with a warning are named beside the errors, not only once the errors are fixed."""
+    config_path = tmp_path / "bad.ini"
+    config_path.write_text("[server]\ndescription = old SFTPPlus text\n\n[groups/g]\nenabled = sometimes\n", encoding="utf-8")
+    assert main(["check-config", str(config_path)]) == 1
+    err = capsys.readouterr().err
+    assert err.splitlines()[0] == f"{config_path}: 1 error(s)"
+    assert f"{config_path}:5 [groups/g] enabled:" in err
+    assert f"warning: {config_path}:2 [server] description:" in err
+
+
 def test_check_config_of_a_missing_file(tmp_path, capsys):
     """check-config of a file that does not exist exits 1 with a message, not a traceback."""
     missing = tmp_path / "missing.ini"
