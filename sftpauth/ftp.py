@@ -192,7 +192,7 @@ def virtual_name(segments: Sequence[str]) -> str:
     return "/" + "/".join(names)
 
 
-def stat_values(result: os.stat_result, keys: Iterable[str], owner: str = "ftp", group: str = "ftp") -> list[Any]:
+def stat_values(result: os.stat_result, keys: Iterable[str], owner: str, group: str) -> list[Any]:
     """The values of ``keys`` (Twisted's IFTPShell.list keys) for one stat result.
 
     ``owner`` and ``group`` are the session's (``Account.listing_owner``), as
