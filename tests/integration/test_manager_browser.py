@@ -119,6 +119,12 @@ class Pages:
             expected_conditions.presence_of_element_located((By.CSS_SELECTOR, selector))
         )
 
+    def wait_for_url(self, part: str) -> None:
+        from selenium.webdriver.support import expected_conditions
+        from selenium.webdriver.support.ui import WebDriverWait
+
+        WebDriverWait(self.driver, WAIT).until(expected_conditions.url_contains(part))
+
     def fill(self, selector: str, text: str) -> None:
         field = self.find(selector)
         field.clear()
@@ -192,6 +198,7 @@ def test_local_administrator_works_through_every_page(pages, manager):
     pages.open("/events")
     pages.fill("#filter-username", "carol")
     pages.find("#events-filter button[type=submit]").click()
+    pages.wait_for_url("username=carol")  # the filtered page, not the one the click left
     pages.wait_for("#events")
     rows = [row.text for row in pages.all("#events tr.event")]
     assert rows and all("carol" in row for row in rows)
