@@ -288,4 +288,6 @@ def test_login_on_the_demo_serves_its_embedded_directory_and_says_so(tmp_path):
     assert result.returncode == 1, result.stdout + result.stderr
     assert f"(no running sftpauth serves [services/demo-directory] on 127.0.0.1:{port}: " in result.stdout
     assert "filter-mismatch" in result.stdout
+    # how her entry was found: the step before the refusal
+    assert "search (uid=carol) under ou=Sales,ou=people,dc=demo,dc=example, without the filter: 1 entry" in result.stdout
     assert "carol-demo" not in result.stdout

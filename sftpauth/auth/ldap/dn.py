@@ -288,6 +288,10 @@ async def bind_service_account(connection: LDAPConnection, lookup: Lookup) -> No
         raise LoginFailed("service-account-failed", f"the service account BIND failed: {describe(result)}")
 
 
+def count_entries(entries) -> str:
+    return f"{len(entries)} entr{'y' if len(entries) == 1 else 'ies'}"
+
+
 async def find_entry(connection: LDAPConnection, lookup: Lookup, attribute: str, value: str) -> Entry:
     """Subtree search of each base for ``(&(attribute=value)filter)``: first base with a match wins."""
     by_name = equals(attribute, value)
@@ -295,7 +299,7 @@ async def find_entry(connection: LDAPConnection, lookup: Lookup, attribute: str,
         base_text = dn_text(base)
         search_filter = both(by_name, lookup.filter)
         result, entries = await connection.search(base_text, SUBTREE, search_filter, lookup.attributes, size_limit=2)
-        lookup.trace("search", f"search {as_text(search_filter)} under {base_text}: {len(entries)} entr{'y' if len(entries) == 1 else 'ies'}")
+        lookup.trace("search", f"search {as_text(search_filter)} under {base_text}: {count_entries(entries)}")
         trace_referrals(lookup, "search", result)
         if len(entries) > 1:
             raise LoginFailed("ambiguous-user", f"{len(entries)} entries match under {base_text}")
@@ -308,6 +312,7 @@ async def find_entry(connection: LDAPConnection, lookup: Lookup, attribute: str,
         # Tell "no such user" from "not allowed by the filter" for the audit log.
         for base in lookup.settings.bind_dn:
             _, entries = await connection.search(dn_text(base), SUBTREE, by_name, (), size_limit=1)
+            lookup.trace("search", f"search {as_text(by_name)} under {dn_text(base)}, without the filter: {count_entries(entries)}")
             if entries:
                 raise LoginFailed("filter-mismatch", f"{entries[0].dn} does not match {as_text(lookup.filter)}")
     raise LoginFailed("unknown-user", f"no entry with {attribute}={value!r} under any base DN")
@@ -316,13 +321,14 @@ async def find_entry(connection: LDAPConnection, lookup: Lookup, attribute: str,
 async def read_entry(connection: LDAPConnection, lookup: Lookup, dn: str) -> Entry:
     """Read the bound user's own entry, which must match the filter."""
     result, entries = await connection.search(dn, BASE, lookup.filter or MATCH_ALL, lookup.attributes)
-    lookup.trace("search", f"read {dn} with filter {as_text(lookup.filter)}: {len(entries)} entr{'y' if len(entries) == 1 else 'ies'}")
+    lookup.trace("search", f"read {dn} with filter {as_text(lookup.filter)}: {count_entries(entries)}")
     if entries:
         return await complete_ranged_values(connection, entries[0], lookup)
     if not result.ok and result.code != ldap.NO_SUCH_OBJECT:
         raise LoginFailed("ldap-error", f"reading {dn}: {describe(result)}")
     if lookup.filter is not None:
         _, unfiltered = await connection.search(dn, BASE, MATCH_ALL, ())
+        lookup.trace("search", f"read {dn} without the filter: {count_entries(unfiltered)}")
         if unfiltered:
             raise LoginFailed("filter-mismatch", f"{dn} does not match {as_text(lookup.filter)}")
     raise LoginFailed("entry-unreadable", f"the account cannot read its own entry {dn}")
