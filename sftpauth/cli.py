@@ -49,7 +49,7 @@ def summary(configuration: Configuration) -> str:
     for method_id, method in configuration.authentications.items():
         lines.append(f"  authentication {method_id}: {method.type}{'' if method.enabled else ' (disabled)'}")
     lines.append(
-        f"  groups: {len(configuration.groups)}, accounts: {len(configuration.accounts)}, "
+        f"  groups: {len(configuration.groups)} ({', '.join(configuration.groups)}), accounts: {len(configuration.accounts)}, "
         f"administrators: {len(configuration.administrators)}"
     )
     for warning in configuration.warnings:

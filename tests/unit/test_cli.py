@@ -111,7 +111,7 @@ def test_check_config_summarises_a_good_file(tmp_path, capsys):
     assert "service ftp: ftp on 127.0.0.1:2121 (enabled; authentications: DEFAULT-AUTHENTICATION)" in out
     assert "service sftp: ssh on 127.0.0.1:2222 (disabled; authentications: local)" in out
     assert "authentication local: application" in out
-    assert "groups: 2, accounts: 0" in out
+    assert "groups: 2 (staff, DEFAULT_GROUP), accounts: 0" in out  # DEFAULT_GROUP always exists
     assert f"warning: {config_path}:2 [server] description:" in out
 
 
