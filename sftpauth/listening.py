@@ -155,6 +155,12 @@ class ConnectionGuard(ProtocolWrapper):
         factory.open_connections += 1
         self._counted = True
         factory.registerProtocol(self)
+        if factory.proxy_protocol and not factory.settings.is_proxy_source(self.transport.getPeer().host):
+            # Only the configured proxies may say who the client is (bans, source filter, audit).
+            self.state = self.REFUSED
+            factory.log_problem("the peer is not in proxy_protocol_sources", self.transport.getPeer())
+            self.transport.abortConnection()
+            return
         if factory.proxy_protocol:
             self.state = self.HEADER
             self._header = ProxyHeaderReader()
@@ -302,6 +308,7 @@ class ConnectionGuardFactory(WrappingFactory):
         self.reactor = reactor
         self.limit = settings.maximum_concurrent_connections
         self.service_id = settings.id
+        self.settings = settings
         self.proxy_protocol = settings.proxy_protocol
         self.policy = policy  # sftpauth.auth.policy.SecurityPolicy or None
         self.refusal_line = REFUSAL_LINES.get(settings.type, b"")

@@ -417,6 +417,8 @@ def _cross_check(problems: _Problems, configuration: models.Configuration) -> No
                 "security_policy",
                 _unknown_id("security policy", service.security_policy, configuration.security_policies),
             )
+        if service.proxy_protocol_sources and not service.proxy_protocol:
+            problems.warn(section, "proxy_protocol_sources", "ignored: proxy_protocol = no")
         if service.type == "ldap-directory" and not _is_loopback(service.address):
             problems.error(
                 section,

@@ -20,6 +20,17 @@ DEFAULT_SECURITY_POLICY = "DEFAULT-SECURITY-POLICY"
 DEFAULT_ROLE = "DEFAULT-ROLE"
 
 
+def address_in(address: str, networks: Iterable[Any]) -> bool:
+    """Whether the IP ``address`` (IPv4-mapped IPv6 counts as IPv4) is in one of ``networks``."""
+    try:
+        peer = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    if getattr(peer, "ipv4_mapped", None) is not None:
+        peer = peer.ipv4_mapped
+    return any(peer in network for network in networks if network.version == peer.version)
+
+
 @attrs.frozen
 class ServerSettings:
     name: str
@@ -46,6 +57,11 @@ class ServiceSettings:
     maximum_concurrent_connections: int
     # ext: connections start with an HAProxy PROXY header (sftpauth.listening)
     proxy_protocol: bool = attrs.field(default=False, kw_only=True)
+    # ext: the ipaddress networks of the proxies allowed to send it; () = any peer
+    proxy_protocol_sources: tuple[Any, ...] = attrs.field(default=(), kw_only=True)
+
+    def is_proxy_source(self, address: str) -> bool:
+        return not self.proxy_protocol_sources or address_in(address, self.proxy_protocol_sources)
 
     @property
     def title(self) -> str:
@@ -89,13 +105,7 @@ class ManagerServiceSettings(ServiceSettings):
     session_idle_timeout: int
 
     def is_trusted_proxy(self, address: str) -> bool:
-        try:
-            peer = ipaddress.ip_address(address)
-        except ValueError:
-            return False
-        if getattr(peer, "ipv4_mapped", None) is not None:
-            peer = peer.ipv4_mapped
-        return any(peer in network for network in self.trusted_proxies if network.version == peer.version)
+        return address_in(address, self.trusted_proxies)
 
 
 @attrs.frozen

@@ -53,6 +53,8 @@ passive_port_range = {first}-{first + 9}
 type = ssh
 port = {self.ports["sftp"]}
 proxy_protocol = yes
+# HAProxy connects from 127.0.0.1; anyone else is refused before the header is read
+proxy_protocol_sources = 127.0.0.1
 
 [services/ftp-plain]
 type = ftp
@@ -181,6 +183,25 @@ def test_spoofed_header_from_a_direct_client_is_refused_when_malformed(site):
     with socket.create_connection(("127.0.0.1", site.ports["sftp"]), timeout=TIMEOUT) as connection:
         connection.sendall(b"PROXY TCP4 not-an-address 127.0.0.1 1 22\r\nSSH-2.0-x\r\n")
         assert read_until_closed(connection) == b""
+
+
+def test_a_well_formed_header_from_a_peer_outside_proxy_protocol_sources_is_refused(site):
+    """A direct client (127.0.0.77) claiming to be 203.0.113.5 with a valid header is closed; the proxy still works."""
+    received = b""
+    try:
+        with socket.create_connection(("127.0.0.1", site.ports["sftp"]), timeout=TIMEOUT, source_address=("127.0.0.77", 0)) as connection:
+            try:
+                connection.sendall(b"PROXY TCP4 203.0.113.5 127.0.0.1 1 22\r\nSSH-2.0-x\r\n")
+            except (ConnectionResetError, BrokenPipeError):
+                pass  # closed at once, possibly before these bytes went out
+            received = read_until_closed(connection)
+    except ConnectionResetError:
+        pass  # reset so fast that connect() itself saw it
+    # Not even the server's SSH version string, which an accepted header would get at once.
+    assert received == b""
+    assert all(event.get("peer") != "203.0.113.5" for event in site.server.audit_events())
+    # (The log line may be folded into an earlier one of this service: one per 10 s.)
+    assert isinstance(sftp_listing(site.proxied("sftp"), "alice", "alice-pass", source="127.0.0.36"), list)
 
 
 def test_proxy_header_without_the_option_is_a_protocol_error(site):

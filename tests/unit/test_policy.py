@@ -468,8 +468,11 @@ class FixedPolicy:
         return defer.succeed(self.answer)
 
 
-def service_settings(kind="ftp", proxy=False, limit=10000):
-    conf = configuration(f"\n[services/guarded]\ntype = {kind}\nport = 2525\nproxy_protocol = {'yes' if proxy else 'no'}\nmaximum_concurrent_connections = {limit}\n")
+def service_settings(kind="ftp", proxy=False, limit=10000, sources=""):
+    conf = configuration(
+        f"\n[services/guarded]\ntype = {kind}\nport = 2525\nproxy_protocol = {'yes' if proxy else 'no'}\n"
+        f"maximum_concurrent_connections = {limit}\nproxy_protocol_sources = {sources}\n"
+    )
     return conf.services["guarded"]
 
 
@@ -541,6 +544,28 @@ def test_proxy_v1_header_gives_the_client_address_to_policy_and_protocol(clock):
     protocol = services.built[0]
     assert protocol.peer.host == "198.51.100.44" and protocol.received == b"USER bob\r\n"
     assert guard.getHost().host == "10.0.0.1"
+
+
+def test_proxy_protocol_sources_refuse_a_header_from_any_other_peer(clock):
+    """Only the listed proxies may claim a client address: another peer is closed before its header is read."""
+    policy = FixedPolicy(None)
+    services = EchoFactory()
+    factory = ConnectionGuardFactory(services, service_settings(proxy=True, sources="10.0.0.0/24, 2001:db8::1"), clock, policy)
+    guard, transport = connect(factory, peer=("203.0.113.9", 40000))  # a client reaching the port directly
+    assert transport.disconnecting and transport.value() == b""
+    guard.dataReceived(b"PROXY TCP4 10.0.0.7 10.9.9.9 5555 21\r\nUSER bob\r\n")
+    assert policy.asked == [] and not services.built[0].started
+    guard.connectionLost(None)
+    assert factory.open_connections == 0
+    proxied, transport = connect(factory, peer=("10.0.0.5", 40001))  # the proxy
+    proxied.dataReceived(b"PROXY TCP4 198.51.100.44 10.9.9.9 5555 21\r\nUSER bob\r\n")
+    assert not transport.disconnecting and policy.asked == ["198.51.100.44"]
+    assert services.built[-1].received == b"USER bob\r\n"
+
+
+def test_proxy_protocol_sources_without_proxy_protocol_is_a_warning():
+    conf = configuration("\n[services/plain]\ntype = ftp\nport = 2526\nproxy_protocol_sources = 10.0.0.1\n")
+    assert [(w.option, w.message) for w in conf.warnings] == [("proxy_protocol_sources", "ignored: proxy_protocol = no")]
 
 
 def test_proxy_v2_header_split_byte_by_byte(clock):
