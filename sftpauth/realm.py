@@ -37,10 +37,11 @@ class SessionRealm:
 
     def requestAvatar(self, avatarId: Account, mind: SessionInfo, *interfaces):
         account = avatarId
-        if account.home_root:
-            filesystem = JailedFilesystem(account.home_root, account.permissions, self._run_in_thread, resolved=True)
-        else:
-            filesystem = JailedFilesystem(account.home_folder, account.permissions, self._run_in_thread)
+        # home_root: the folder the chain already resolved in a thread (empty when it did not check it).
+        filesystem = JailedFilesystem(
+            account.home_root or account.home_folder, account.permissions, self._run_in_thread,
+            resolved=bool(account.home_root),
+        )
         self._audit.record(
             "session-start",
             service=mind.service_id,
