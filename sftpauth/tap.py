@@ -203,7 +203,7 @@ def cannot_listen_problem(configuration: Configuration, error: CannotListenError
     message = f"cannot listen on {error.interface or '*'}:{error.port}: {reason}" + (f" ({hint})" if hint else "")
     section = None
     for settings in configuration.services.values():
-        if settings.enabled and settings.port == error.port and settings.address in (error.interface, "", "0.0.0.0", "::"):
+        if settings.enabled and (settings.address, settings.port) == (error.interface, error.port):
             section = f"services/{settings.id}"
             break
     problem = ConfigProblem(configuration.path, None, section, "port" if section else None, message)
