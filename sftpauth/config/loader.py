@@ -13,6 +13,7 @@ import difflib
 import ipaddress
 import os
 import re
+from collections import Counter
 from typing import Any, Iterable, Mapping, Optional
 
 import attrs
@@ -337,6 +338,10 @@ def _build(
         built = _construct(problems, f"roles/{role_id}", models.RoleSettings, values, id=role_id)
         if built is not None:
             roles[role_id] = built
+    for method_id, method in authentications.items():
+        if isinstance(method, models.LDAPAuthenticationSettings) and method.roles_mapping is not None:
+            # roles_mapping = A, B, C: role IDs or a rule, told apart once the roles are known
+            authentications[method_id] = attrs.evolve(method, roles_mapping=method.roles_mapping.with_role_lists(roles))
 
     administrators: dict[str, models.AdministratorSettings] = {}
     for administrator_id, values in sections["administrators"].items():
@@ -540,9 +545,11 @@ def _check_groups_and_roles(
     ):
         if mapping is None:
             continue
+        listed_on = Counter(mapping.fallback_indexes)  # a line with several IDs, "A, B", may be a broken rule
         for target, index in mapping.targets_with_indexes():
             if target not in known:
-                problems.error(section, option, _unknown_id(what, target, known), index)
+                hint = f" (a rule is 'ATTRIBUTE, EXPRESSION, {what.upper()}-ID')" if listed_on[index] > 1 else ""
+                problems.error(section, option, _unknown_id(what, target, known) + hint, index)
     if method.group_search_filter is not None and not method.group_search_base:
         problems.error(section, "group_search_base", "required when group_search_filter is set: the base DN of the groups")
     if method.nested_groups and not method.group_search_base:

@@ -315,6 +315,65 @@ def test_roles_mapping_needs_defined_roles():
     ]
 
 
+ROLE_SECTIONS = "\n[roles/auditors]\npermissions = configuration, read\n[roles/operators]\n[roles/ops]\n"
+
+
+@pytest.mark.parametrize(
+    "line",
+    ["auditors, operators", "auditors, operators, ops", "auditors,operators,ops,DEFAULT-ROLE"],
+)
+def test_roles_mapping_takes_role_ids_on_one_line(line):
+    """SPEC: roles_mapping is "role ID(s), or rules": ``A, B`` (and ``A, B, C`` of defined roles) are role IDs."""
+    mapping = configuration(f"roles_mapping = {line}\n", ROLE_SECTIONS).authentications["directory"].roles_mapping
+    assert mapping.fallback == tuple(item.strip() for item in line.split(","))
+    assert mapping.rules == ()
+
+
+def test_manager_login_gets_every_role_listed_on_one_line():
+    """Through the LDAP method: a manager login gets each role of the one-line list."""
+    extra = ROLE_SECTIONS
+    method = method_for("manager_search_filter = (objectClass=*)\nroles_mapping = auditors, ops\n", extra, bob_directory())
+    account = run(method.authenticate(LoginRequest("bob", "bob-pass", "manager", "manager", "", manager=True)))
+    assert account.roles == ("auditors", "ops")
+
+
+def test_three_items_that_are_not_all_roles_stay_a_rule():
+    """``memberOf, *admins*, operators`` is a rule even though operators is a role."""
+    mapping = configuration("roles_mapping = memberOf, *admins*, operators\n", ROLE_SECTIONS).authentications[
+        "directory"
+    ].roles_mapping
+    assert mapping.fallback == ()
+    assert [(rule.attribute, rule.targets) for rule in mapping.rules] == [("memberOf", ("operators",))]
+
+
+def test_role_ids_on_one_line_then_rules():
+    """Role IDs on the first line are the fallback; the rules below still apply first."""
+    mapping = configuration(
+        "roles_mapping =\n    auditors, ops\n    memberOf, sya*, operators\n", ROLE_SECTIONS
+    ).authentications["directory"].roles_mapping
+    assert mapping.fallback == ("auditors", "ops")
+    assert mapping.resolve(lambda name: ("syadmin",)).targets == ("operators",)
+    assert mapping.resolve(lambda name: ()).targets == ("auditors", "ops")
+
+
+def test_two_items_naming_an_unknown_role_hint_at_the_rule_form():
+    """``memberOf, admins`` (a rule missing its role) is refused, and the error shows the rule form."""
+    found = problems("roles_mapping = memberOf, auditors\n", ROLE_SECTIONS)
+    assert [(p.option, p.message) for p in found] == [
+        (
+            "roles_mapping",
+            "unknown role 'memberOf'; defined: DEFAULT-ROLE, auditors, operators, ops"
+            " (a rule is 'ATTRIBUTE, EXPRESSION, ROLE-ID')",
+        )
+    ]
+
+
+def test_group_mapping_keeps_one_fallback_id_per_line():
+    """group_mapping is unchanged: ``a, b`` is a broken rule, not two groups."""
+    with pytest.raises(MappingError):
+        GroupMapping.parse("staff, admins", "group")
+
+
 def test_roles_sections_and_default_role():
     """[roles/ID] permissions: empty or all is full control, configuration/read is read-only; DEFAULT-ROLE is implicit."""
     loaded = configuration(

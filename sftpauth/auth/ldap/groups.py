@@ -133,16 +133,35 @@ class GroupMapping:
         rules: list[MappingRule] = []
         lines = [line.strip() for line in text.splitlines() if line.strip()]
         for index, line in enumerate(lines):
-            if "," not in line:
+            # roles_mapping = A, B: role IDs on one line (too few items for a rule). Three or more
+            # items read as a rule here; with_role_lists() reads them as IDs once the roles are known.
+            listed = _id_list(line) if kind == "role" else None
+            if "," not in line or (listed is not None and len(listed) < 3):
                 if rules:
                     raise MappingError(
                         f"{line!r}: a bare {kind} ID (the fallback) is only allowed before the first rule", index
                     )
-                fallback.append(_identifier(line, kind, index))
-                fallback_indexes.append(index)
+                for word in listed or [line]:
+                    fallback.append(_identifier(word, kind, index))
+                    fallback_indexes.append(index)
                 continue
             rules.append(_parse_rule(line, kind, index))
         return cls(kind, tuple(fallback), tuple(fallback_indexes), tuple(rules))
+
+    def with_role_lists(self, known: Iterable[str]) -> "GroupMapping":
+        """Leading rule lines whose every item is a defined role ID read as role IDs instead.
+
+        ``roles_mapping = ADMIN, AUDIT, OPS`` parses as the rule "attribute
+        ADMIN matches AUDIT gives OPS"; when all three are ``[roles/ID]``
+        sections, the administrator meant three roles.
+        """
+        known = set(known)
+        fallback, indexes, rules = list(self.fallback), list(self.fallback_indexes), list(self.rules)
+        while rules and (listed := _id_list(rules[0].text)) is not None and known.issuperset(listed):
+            fallback.extend(listed)
+            indexes.extend([rules[0].index] * len(listed))
+            rules.pop(0)
+        return attrs.evolve(self, fallback=tuple(fallback), fallback_indexes=tuple(indexes), rules=tuple(rules))
 
     @property
     def empty(self) -> bool:
@@ -187,6 +206,14 @@ def _shown(values: Sequence[str]) -> str:
     shown = ", ".join(repr(value) for value in values[:_SHOWN_VALUES])
     more = f" and {len(values) - _SHOWN_VALUES} more" if len(values) > _SHOWN_VALUES else ""
     return f"values {shown}{more}"
+
+
+def _id_list(line: str) -> Optional[list[str]]:
+    """The comma-separated items of a line when each could be an ID (no expression syntax), else None."""
+    items = [item.strip() for item in line.split(",")]
+    if not all(items) or any(char in line for char in _IDENTIFIER_FORBIDDEN):
+        return None
+    return items
 
 
 def _identifier(text: str, kind: str, index: int) -> str:
