@@ -38,6 +38,7 @@ class _SourceMap:
 
     sections: dict[str, int] = attrs.Factory(dict)
     options: dict[tuple[Optional[str], str], int] = attrs.Factory(dict)
+    # values read here, not by configobj: multi-line ones, and one-line ones unless quoted
     continued: dict[tuple[str, str], str] = attrs.Factory(dict)
     # the line of each item of a multi-line value (first line included when it holds one)
     item_lines: dict[tuple[str, str], list[int]] = attrs.Factory(dict)
@@ -69,10 +70,17 @@ def _preprocess(text: str) -> tuple[list[str], _SourceMap]:
     duplicates = 0
 
     def finish_option() -> None:
-        if option is not None and section is not None and continuation:
+        if option is None or section is None:
+            return
+        if continuation:
             value = "\n".join(([first_value] if first_value else []) + continuation)
             source.continued[(section, option)] = value
             source.item_lines[(section, option)] = ([option_line] if first_value else []) + continuation_lines
+            output[option_index] = f"{option} = {_CONTINUED}"
+        elif first_value[:1] not in ("'", '"'):
+            # One-line values are read here too: configobj ends a value at any '#', so a
+            # password "pa#ss" would silently be "pa". Only " #" starts a comment (docs).
+            source.continued[(section, option)] = first_value
             output[option_index] = f"{option} = {_CONTINUED}"
 
     for number, raw in enumerate(text.splitlines(), start=1):
@@ -115,7 +123,9 @@ def _preprocess(text: str) -> tuple[list[str], _SourceMap]:
                     output.append("")
                     continue
                 option = name
-                first_value = _INLINE_COMMENT.sub("", match.group("value")).strip()
+                value = match.group("value").strip()
+                # A quoted value is left to configobj (it removes the quotes; '#' inside is kept).
+                first_value = value if value[:1] in ("'", '"') else _INLINE_COMMENT.sub("", value).strip()
                 option_index = len(output)
                 option_line = number
                 source.options.setdefault(key, number)

@@ -241,6 +241,33 @@ def test_inline_comment_on_a_continuation_line_is_dropped():
     assert configuration.server.authentications == ("A", "B", "C")
 
 
+@pytest.mark.parametrize(
+    "line, expected",
+    [
+        ("service_account_password = pa#ss;word", "pa#ss;word"),
+        ("service_account_password = pa#ss  # the comment", "pa#ss"),
+        ('service_account_password = "quoted # kept"', "quoted # kept"),
+    ],
+)
+def test_hash_inside_a_one_line_value_is_kept(line, expected):
+    """Only " #" starts a comment: a one-line value keeps a '#' (configobj alone cut "pa#ss" to "pa")."""
+    configuration = parse(
+        f"""
+        [authentications/directory]
+        type = ldap
+        address = 127.0.0.1
+        bind_dn_type = search
+        bind_dn = dc=example,dc=com
+        service_account_dn = cn=reader,dc=example,dc=com
+        {line}
+        search_filter = (description=#x)
+        """
+    )
+    method = configuration.authentications["directory"]
+    assert method.service_account_password == expected
+    assert method.search_filter is not None
+
+
 def test_continuation_lines_of_permissions():
     """Permissions given one per line become the same set as a comma list."""
     configuration = parse(
