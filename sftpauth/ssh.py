@@ -904,8 +904,8 @@ class UserAuthServer(userauth.SSHUserAuthServer):
         return conversation.result
 
     def _prompt(self, text: str) -> None:
-        if text and not text[-1].isspace():
-            text += " "
+        # Sent as configured (SPEC: the prompt is keyboard_interactive_message); clients
+        # show it before the input, and a trailing space can be given in quotes.
         payload = NS(b"") + NS(b"") + NS(b"") + struct.pack(">L", 1) + NS(text.encode("utf-8")) + b"\x00"
         self.transport.sendPacket(userauth.MSG_USERAUTH_INFO_REQUEST, payload)
 

@@ -165,9 +165,9 @@ def test_password_and_keyboard_interactive_are_offered(site):
 def test_paramiko_answers_the_password_then_the_verification_code(site):
     """A TOTP account gets "Password:" then "Verification code:" (both hidden) and then an SFTP session."""
     transport, rounds = interactive_login(
-        site.port, "tina", {"Password: ": "tina-pass", "Verification code: ": code("tina")}
+        site.port, "tina", {"Password:": "tina-pass", "Verification code:": code("tina")}
     )
-    assert rounds == [[("Password: ", False)], [("Verification code: ", False)]]
+    assert rounds == [[("Password:", False)], [("Verification code:", False)]]
     assert transport is not None and transport.is_authenticated()
     sftp = paramiko.SFTPClient.from_transport(transport)
     sftp.get_channel().settimeout(TIMEOUT)
@@ -183,11 +183,11 @@ def test_paramiko_answers_the_password_then_the_verification_code(site):
 def test_a_wrong_password_still_gets_the_code_prompt(site):
     """Whether the password is right is not revealed before the code is typed: both prompts come, then failure."""
     transport, rounds = interactive_login(
-        site.port, "rex", {"Password: ": "not-rex-pass", "Verification code: ": code("rex")}
+        site.port, "rex", {"Password:": "not-rex-pass", "Verification code:": code("rex")}
     )
     assert transport is None
     assert [len(prompts) for prompts in rounds[:2]] == [1, 1]
-    assert rounds[1] == [("Verification code: ", False)]
+    assert rounds[1] == [("Verification code:", False)]
     assert site.audit("rex")[-1]["outcome"] == "failure"
     assert not site.audit("rex")[-1]["reason"].startswith("totp-")  # the LDAP BIND failed first
 
@@ -195,25 +195,25 @@ def test_a_wrong_password_still_gets_the_code_prompt(site):
 def test_a_wrong_code_fails_like_a_wrong_password(site):
     """A right password with a wrong code is refused; the audit log, not the client, says the code was wrong."""
     transport, rounds = interactive_login(
-        site.port, "sara", {"Password: ": "sara-pass", "Verification code: ": wrong_code("sara")}
+        site.port, "sara", {"Password:": "sara-pass", "Verification code:": wrong_code("sara")}
     )
     assert transport is None
-    assert rounds[1] == [("Verification code: ", False)]
+    assert rounds[1] == [("Verification code:", False)]
     assert site.audit("sara")[-1]["reason"] == "totp-wrong-code"
 
 
 def test_a_local_account_gets_only_the_password_prompt(site):
     """An account of the local method (no TOTP) gets one prompt and logs in with its password."""
-    transport, rounds = interactive_login(site.port, "alice", {"Password: ": LOCAL_PASSWORD})
-    assert rounds == [[("Password: ", False)]]
+    transport, rounds = interactive_login(site.port, "alice", {"Password:": LOCAL_PASSWORD})
+    assert rounds == [[("Password:", False)]]
     assert transport is not None and transport.is_authenticated()
     transport.close()
 
 
 def test_keyboard_interactive_message_is_the_first_prompt(site):
     """keyboard_interactive_message of the service is the text of the password prompt."""
-    transport, rounds = interactive_login(site.custom_port, "alice", {"Directory password: ": LOCAL_PASSWORD})
-    assert rounds == [[("Directory password: ", False)]]
+    transport, rounds = interactive_login(site.custom_port, "alice", {"Directory password:": LOCAL_PASSWORD})
+    assert rounds == [[("Directory password:", False)]]
     assert transport is not None and transport.is_authenticated()
     transport.close()
 
@@ -254,9 +254,9 @@ def test_openssh_sftp_types_password_and_code_at_two_prompts(site, tmp_path):
     )
     with contextlib.ExitStack() as cleanup:
         cleanup.callback(child.close, force=True)
-        child.expect_exact("Password: ")
+        child.expect_exact("Password:")
         child.sendline("tom-pass")
-        child.expect_exact("Verification code: ")
+        child.expect_exact("Verification code:")
         child.sendline(code("tom"))
         child.expect_exact("sftp> ")
         child.sendline("put up.txt")

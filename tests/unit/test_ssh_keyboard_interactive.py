@@ -132,10 +132,10 @@ def test_two_prompts_and_one_check_of_password_plus_code():
     harness = Harness()
     harness.keyboard_interactive(b"tina")
     [(kind, payload)] = harness.take()
-    assert kind == INFO_REQUEST and prompts_of(payload) == [("Password: ", False)]
+    assert kind == INFO_REQUEST and prompts_of(payload) == [("Password:", False)]
     harness.answer(b"tina-pass")
     [(kind, payload)] = harness.take()
-    assert kind == INFO_REQUEST and prompts_of(payload) == [("Verification code: ", False)]
+    assert kind == INFO_REQUEST and prompts_of(payload) == [("Verification code:", False)]
     assert harness.chain.checked == []  # nothing said about the password before the code
     harness.answer(b"123 456")
     assert harness.chain.checked == [("tina", "tina-pass123456")]
@@ -147,7 +147,7 @@ def test_a_user_without_second_factor_gets_one_prompt_with_the_configured_messag
     harness = Harness(message="Directory password:")
     harness.keyboard_interactive(b"alice")
     [(kind, payload)] = harness.take()
-    assert prompts_of(payload) == [("Directory password: ", False)]
+    assert prompts_of(payload) == [("Directory password:", False)]
     harness.answer(b"alice-pass")
     assert harness.chain.checked == [("alice", "alice-pass")]
     assert [kind for kind, payload in harness.take()] == [SUCCESS]
@@ -166,6 +166,15 @@ def test_a_wrong_answer_fails_after_the_delay_and_counts():
     [(kind, payload)] = harness.take()
     assert kind == FAILURE and getNS(payload)[0] == b"password,keyboard-interactive"
     assert harness.transport.loginState.failures == 1
+
+
+def test_the_prompt_is_the_message_exactly_as_configured():
+    """SPEC: the prompt is keyboard_interactive_message; nothing is added (a space only when configured)."""
+    for message in ("Password:", "Code please "):
+        harness = Harness(message=message)
+        harness.keyboard_interactive(b"alice")
+        [(kind, payload)] = harness.take()
+        assert prompts_of(payload) == [(message, False)]
 
 
 def test_a_new_request_abandons_the_pending_prompt():
