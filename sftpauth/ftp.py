@@ -105,6 +105,7 @@ AUTH_MECHANISMS = ("TLS", "TLS-C", "SSL")  # SSL: what older clients (curl first
 # sessions inside the handshake. TLS 1.2 with Twisted's ECDHE + AEAD suites.
 FTPS_MAXIMUM_VERSION = TLSVersion.TLSv1_2
 DATA_HANDSHAKE_TIMEOUT = 30  # seconds for the TLS handshake of a protected data connection
+CLOSE_GRACE_SECONDS = 10  # a closed control connection is cut off if the client does not close it by then
 
 
 # -- replies ---------------------------------------------------------------------------
@@ -779,6 +780,7 @@ class SftpauthFTP(ftp.FTP):
     tls_options: Optional[IOpenSSLServerConnectionCreator] = None
     _pbsz = False
     _protection = "C"  # PROT: "C" clear or "P" private data connections
+    _close_deadline = None  # the abort of a connection being closed (_close_connection)
 
     # -- connection ---------------------------------------------------------------
 
@@ -790,9 +792,40 @@ class SftpauthFTP(ftp.FTP):
 
     def connectionLost(self, reason) -> None:
         self._lost = True
+        call, self._close_deadline = self._close_deadline, None
+        if call is not None and call.active():
+            call.cancel()
         self._abort_data_connection()
         super().connectionLost(reason)
         self._end_session()
+
+    def _close_connection(self) -> None:
+        """Close once the replies are sent, and make sure the socket does go away.
+
+        A TLS close waits for the client's close_notify, which is read only
+        while reading is on: commands are read one at a time (reading is
+        paused during each), so after QUIT or a closing 421 reading is turned
+        back on, with what arrives discarded (:meth:`dataReceived`). A client
+        that never closes is cut off after :data:`CLOSE_GRACE_SECONDS`.
+        Without this, lftp and curl left an FTPS session open after 221.
+        """
+        if self._close_deadline is not None or self.transport is None:
+            return
+        self.disconnected = True
+        self.setTimeout(None)
+        transport = self.transport
+        transport.resumeProducing()  # first: a transport that is disconnecting does not resume
+        transport.loseConnection()
+        self._close_deadline = self.factory.reactor.callLater(CLOSE_GRACE_SECONDS, transport.abortConnection)
+
+    def dataReceived(self, data) -> None:
+        if self.disconnected:
+            return  # after QUIT or a closing reply nothing is a command any more
+        super().dataReceived(data)
+
+    def ftp_QUIT(self):
+        self.reply(ftp.GOODBYE_MSG)
+        self._close_connection()
 
     def _end_session(self) -> None:
         logout, self._logout = self._logout, None
@@ -805,11 +838,11 @@ class SftpauthFTP(ftp.FTP):
     def timeoutConnection(self) -> None:
         self.sendLine(f"421 No activity for {self.timeOut} seconds, closing the connection.")
         self._abort_data_connection()
-        self.transport.loseConnection()
+        self._close_connection()
 
     def lineLengthExceeded(self, line: bytes) -> None:
         self.sendLine(f"500 Command line too long (at most {self.MAX_LENGTH} bytes).")
-        self.transport.loseConnection()
+        self._close_connection()
 
     def sendLine(self, line) -> None:
         if self.transport is None:
@@ -995,7 +1028,7 @@ class SftpauthFTP(ftp.FTP):
                 count=len(injected),
             )
             self.sendLine("421 Data sent after AUTH TLS before its reply: closing the connection.")
-            self.transport.loseConnection()
+            self._close_connection()
             return None
         self.sendLine("234 AUTH TLS successful: start the TLS handshake.")
         options = self.factory.tls.new_session()

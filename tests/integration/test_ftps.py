@@ -639,3 +639,50 @@ ssl_certificate = {path}
     assert f"{server.config_path}:{line} [services/secure] ssl_certificate:" in output
     assert {"missing": "cannot read", "expired": "expired on", "ftpsi-without-certificate": "required for type = ftpsi"}[kind] in output
     assert "Traceback" not in output
+
+
+# -- closing: a session ends when the client quits ----------------------------------------
+
+
+def _open_sessions(site: FTPSSite, service: str) -> int:
+    events = [event for event in site.server.audit_events() if event.get("service") == service]
+    return sum(1 for e in events if e["event"] == "session-start") - sum(1 for e in events if e["event"] == "session-end")
+
+
+def _wait_for_no_open_session(site: FTPSSite, service: str, seconds: float = 8.0) -> int:
+    deadline = time.monotonic() + seconds
+    while (open_now := _open_sessions(site, service)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return open_now
+
+
+@pytest.mark.parametrize("client", ["lftp", "curl-explicit", "curl-implicit"])
+def test_tls_sessions_end_when_the_client_quits(site, tmp_path, client):
+    """After QUIT over TLS the server reads the client's close and ends the session (it used to stay open forever)."""
+    service = "ftpsi" if client == "curl-implicit" else "ftps"
+    assert _wait_for_no_open_session(site, service) == 0  # earlier tests' sessions have ended
+    if client == "lftp":
+        result = run_lftp(site, "ls", tmp_path)
+    elif client == "curl-explicit":
+        result = run_curl(site, "--ssl-reqd", f"ftp://127.0.0.1:{site.explicit_port}/")
+    else:
+        result = run_curl(site, f"ftps://127.0.0.1:{site.implicit_port}/")
+    assert result.returncode == 0, result.stderr
+    # well within CLOSE_GRACE_SECONDS: the client's own close is what ends it
+    assert _wait_for_no_open_session(site, service, seconds=5.0) == 0
+
+
+def test_a_tls_client_that_never_closes_after_quit_is_cut_off(site):
+    """A client that sends QUIT, then neither closes nor answers the TLS close, is disconnected by the server."""
+    assert _wait_for_no_open_session(site, "ftps") == 0
+    raw = RawControl(port=site.explicit_port)
+    try:
+        raw.start_tls(site.context())
+        assert raw.command(b"USER alice").startswith(b"331")
+        assert raw.command(f"PASS {PASSWORD}".encode()).startswith(b"230")
+        assert raw.command(b"QUIT").startswith(b"221")
+        # This side keeps its socket open and reads nothing more: the server ends it on its own
+        # (sftpauth.ftp.CLOSE_GRACE_SECONDS).
+        assert _wait_for_no_open_session(site, "ftps", seconds=20.0) == 0
+    finally:
+        raw.close()
