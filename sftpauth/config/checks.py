@@ -65,10 +65,14 @@ def text(value: str) -> str:
 
 
 def choice(value: str, *allowed: str) -> str:
+    """One of ``allowed``, in any case (``Yes``, ``LDAP``), given back as the configspec spells it."""
     word = _unquote(value)
-    if word not in allowed:
-        raise VdtValueError(f"{word!r} is not allowed; expected one of: {', '.join(allowed)}")
-    return word
+    for option in allowed:
+        if word.lower() == option.lower():
+            return option
+    if len(allowed) == 1:
+        raise VdtValueError(f"{word!r} is not supported; the only value is {allowed[0]}")
+    raise VdtValueError(f"{word!r} is not allowed; expected one of: {', '.join(allowed)}")
 
 
 def number(value: str, min: Optional[str] = None, max: Optional[str] = None) -> int:

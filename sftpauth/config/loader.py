@@ -90,6 +90,16 @@ def _preprocess(text: str) -> tuple[list[str], _SourceMap]:
             continue
         if raw[0] in " \t" and option is not None:
             item = _INLINE_COMMENT.sub("", stripped).strip()
+            indented = _indented_option(item)
+            if indented is not None and section is not None:
+                # Read as a line of the value above, it would be silently lost (a search_filter
+                # under bind_dn let every account in): refuse it instead.
+                source.problems.append(
+                    (number, section, indented, f"this option is indented, so it would be read as a line of "
+                     f"{option}'s value; options must start at the beginning of the line")
+                )
+                output.append("")
+                continue
             if item:
                 continuation.append(item)
                 continuation_lines.append(number)
@@ -134,6 +144,22 @@ def _preprocess(text: str) -> tuple[list[str], _SourceMap]:
     return output, source
 
 
+def _indented_option(item: str) -> Optional[str]:
+    """The option an indented line names (``search_filter = ...``), or None for a value line.
+
+    Only names of the configspec count, and only with spaces around ``=`` or
+    an ``_`` in the name, so a base DN line (``ou=IT,dc=example``) is a value.
+    """
+    match = _OPTION_LINE.match(item)
+    if match is None:
+        return None
+    name = match.group("name")
+    spaced = item[len(name)].isspace()  # "name = value", not "name=value"
+    if name in _OPTION_NAMES and ("_" in name or spaced):
+        return name
+    return None
+
+
 class _Problems:
     def __init__(self, path: str, source: _SourceMap):
         self.path = path
@@ -168,6 +194,7 @@ def _load_spec() -> Mapping[str, Mapping[str, str]]:
 
 
 _SPEC = _load_spec()
+_OPTION_NAMES = frozenset(name for section in _SPEC.values() for name in section)
 
 
 def load_configuration(path: str, environ: Optional[Mapping[str, str]] = None) -> models.Configuration:

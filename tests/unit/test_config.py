@@ -905,3 +905,58 @@ def test_the_embedded_directory_listens_on_loopback_only(address, refused):
         assert (problem.line, problem.option) == (3, "address") and "not a loopback address" in problem.message
     else:
         assert parse(text).services["demo-ldap"].address == address
+
+
+def test_choices_are_read_in_any_case():
+    """``Yes``, ``No``, ``LDAP`` are accepted like yes/no options (SFTPPlus files are not all lower case)."""
+    configuration = parse(
+        """
+        [authentications/directory]
+        type = LDAP
+        address = 127.0.0.1
+        bind_dn = dc=example,dc=com
+        secure_connection = No
+        bind_dn_type = Parent
+
+        [groups/staff]
+        lock_in_home_folder = Yes
+        """
+    )
+    method = configuration.authentications["directory"]
+    assert (method.type, method.secure_connection, method.bind_dn_type) == ("ldap", "no", "parent")
+
+
+def test_lock_in_home_folder_no_says_it_is_not_supported():
+    """Sessions are always locked in their home folder: 'no' is refused with that reason."""
+    problem = only_problem("[groups/staff]\nlock_in_home_folder = no\n")
+    assert (problem.section, problem.option) == ("groups/staff", "lock_in_home_folder")
+    assert "'no' is not supported; the only value is yes" in problem.message
+
+
+def test_an_indented_option_is_an_error_not_a_line_of_the_value_above():
+    """``    search_filter = ...`` under bind_dn would have been a base DN line, and the filter lost."""
+    found = problems_of(
+        "[authentications/directory]\n"  # 1
+        "type = ldap\n"  # 2
+        "address = 127.0.0.1\n"  # 3
+        "bind_dn =\n"  # 4
+        "    ou=people,dc=example,dc=com\n"  # 5
+        "    search_filter = (memberOf=cn=ftp,dc=example,dc=com)\n"  # 6
+    )
+    assert [(p.line, p.section, p.option) for p in found] == [(6, "authentications/directory", "search_filter")]
+    assert "indented" in found[0].message and "bind_dn" in found[0].message
+
+
+def test_base_dn_lines_with_equal_signs_are_values():
+    """DN lines (``ou=a,dc=b``) and rules stay value lines."""
+    configuration = parse(
+        """
+        [authentications/directory]
+        type = ldap
+        address = 127.0.0.1
+        bind_dn =
+            ou=people,dc=example,dc=com
+            name=x,dc=example,dc=com
+        """
+    )
+    assert len(configuration.authentications["directory"].bind_dn) == 2
