@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import getpass
+import os
+import signal
 import sys
 from typing import Optional, Sequence
 
 from sftpauth import __version__
-from sftpauth.config.errors import ConfigError
+from sftpauth.config.errors import ConfigError, ConfigProblem
 from sftpauth.config.loader import load_configuration
 from sftpauth.config.models import Configuration
 
@@ -97,6 +99,7 @@ def check_files(configuration: Configuration) -> None:
             checks.append(lambda settings=settings: manager_tls.load_certificate(settings, path, configuration.server.data_folder))
         elif isinstance(settings, models.DirectoryServiceSettings):
             checks.append(lambda settings=settings: directory.load_directory(settings, path))
+    checks.append(lambda: _check_audit_log(configuration))
     problems = []
     for check in checks:
         try:
@@ -105,6 +108,28 @@ def check_files(configuration: Configuration) -> None:
             problems.extend(error.problems)
     if problems:
         raise ConfigError(configuration.locate(problems))
+
+
+def _check_audit_log(configuration: Configuration) -> None:
+    """The audit log can be opened for appending, as start-up will (nothing is created here)."""
+    path = configuration.server.audit_log
+    if not path:
+        return
+    existing = os.path.dirname(os.path.abspath(path))  # start-up creates missing folders under it
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if os.path.isdir(path):
+        problem = "it is a folder"
+    elif os.path.exists(path):
+        problem = "" if os.access(path, os.W_OK) else "this user may not write to it"
+    elif not os.path.isdir(existing):
+        problem = f"{existing} is not a folder"
+    else:
+        problem = "" if os.access(existing, os.W_OK | os.X_OK) else f"this user may not create files in {existing}"
+    if problem:
+        raise ConfigError(
+            [ConfigProblem(configuration.path, None, "server", "audit_log", f"cannot open the audit log {path}: {problem}")]
+        )
 
 
 def _start_embedded_directories(configuration: Configuration, runtime) -> list:
@@ -213,7 +238,11 @@ def test_login_command(args: argparse.Namespace) -> int:
     outcome = {"code": 1}
 
     async def run(reactor) -> None:
-        runtime = build_runtime(configuration, reactor)
+        try:
+            runtime = build_runtime(configuration, reactor)
+        except ConfigError as error:  # e.g. an audit log that cannot be opened
+            print(str(ConfigError(configuration.locate(error.problems))), file=sys.stderr)
+            return
         ports = _start_embedded_directories(configuration, runtime)
         trace = Trace()
         request = LoginRequest(
@@ -369,6 +398,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    # Output piped into a reader that stops early (| head) ends the command quietly, as
+    # other Unix tools do, instead of a BrokenPipeError traceback from inside the reactor.
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     args = build_parser().parse_args(argv)
     return args.run(args)
 

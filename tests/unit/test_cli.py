@@ -291,3 +291,47 @@ def test_login_on_the_demo_serves_its_embedded_directory_and_says_so(tmp_path):
     # how her entry was found: the step before the refusal
     assert "search (uid=carol) under ou=Sales,ou=people,dc=demo,dc=example, without the filter: 1 entry" in result.stdout
     assert "carol-demo" not in result.stdout
+
+
+def test_check_config_and_test_login_report_an_audit_log_that_cannot_be_opened(tmp_path, capsys):
+    """An audit log under a file is an error of check-config (as of start-up), and test-login says so plainly."""
+    config_path = tmp_path / "server.ini"
+    (tmp_path / "a-file").write_text("not a folder", encoding="utf-8")
+    missing = tmp_path / "a-file" / "logs" / "audit.jsonl"
+    config_path.write_text(GOOD.replace("description = our server", f"audit_log = {missing}"), encoding="utf-8")
+    assert main(["check-config", str(config_path)]) == 1
+    err = capsys.readouterr().err
+    assert f"{config_path}:2 [server] audit_log: cannot open the audit log {missing}: {tmp_path / 'a-file'} is not a folder" in err
+
+    # A missing folder is created by start-up, so it is no error.
+    config_path.write_text(GOOD.replace("description = our server", f"audit_log = {tmp_path}/new/audit.jsonl"), encoding="utf-8")
+    assert main(["check-config", str(config_path)]) == 0
+    assert not (tmp_path / "new").exists()  # check-config creates nothing
+    capsys.readouterr()
+    config_path.write_text(GOOD.replace("description = our server", f"audit_log = {missing}"), encoding="utf-8")
+
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    result = subprocess.run(
+        [str(Path(sys.executable).with_name("sftpauth")), "test-login", str(config_path), "alice", "--password-stdin"],
+        input="secret\n", capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 1
+    assert f"{config_path}:2 [server] audit_log: cannot open the audit log" in result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
+
+
+def test_output_into_a_closed_pipe_ends_quietly(tmp_path):
+    """``sftpauth check-config FILE | head -1``: no BrokenPipeError traceback on stderr."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    config_path = tmp_path / "server.ini"
+    config_path.write_text(GOOD, encoding="utf-8")
+    # "true" has exited long before sftpauth (a Python start-up later) writes: the pipe is closed.
+    command = f"'{Path(sys.executable).with_name('sftpauth')}' check-config '{config_path}' | true"
+    result = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=60)
+    assert "BrokenPipe" not in result.stderr and "Traceback" not in result.stderr, result.stderr
