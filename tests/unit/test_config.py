@@ -806,6 +806,11 @@ def test_known_sftpplus_options_are_warnings_not_errors():
         type = ssh
         port = 22
         ssh_cipher_list = aes256-ctr
+        [services/manager]
+        type = manager
+        port = 8443
+        ssl_cipher_list = HIGH
+        ssl_allowed_methods = tlsv1.2
         """
     )
     located = sorted((w.line, w.section, w.option) for w in configuration.warnings)
@@ -813,6 +818,8 @@ def test_known_sftpplus_options_are_warnings_not_errors():
         (3, "server", "description"),
         (7, "services/ftp", "ssl_cipher_list"),
         (11, "services/ssh", "ssh_cipher_list"),
+        (15, "services/manager", "ssl_cipher_list"),
+        (16, "services/manager", "ssl_allowed_methods"),
     ]
     for warning in configuration.warnings:
         assert "not implemented by sftpauth" in warning.message
