@@ -293,6 +293,22 @@ def test_bad_expression_on_the_option_line_names_that_line():
     assert len(found) == 1 and found[0].line == 9 and "not a valid regular expression" in found[0].message
 
 
+def test_a_bare_dn_expression_keeps_its_commas():
+    """SPEC: an exact value is a glob without wildcards; a DN written bare is one expression, then the IDs."""
+    mapping = GroupMapping.parse("memberOf, cn=ftp-users,ou=groups,dc=demo,dc=example, staff, admins")
+    [rule] = mapping.rules
+    assert rule.expression.text == "cn=ftp-users,ou=groups,dc=demo,dc=example"
+    assert rule.targets == ("staff", "admins")
+    assert mapping.resolve(lambda name: ("CN=ftp-users,OU=groups,DC=demo,DC=example",)).targets == ("staff", "admins")
+    assert mapping.resolve(lambda name: ("cn=ftp-users,ou=other,dc=demo,dc=example",)).targets == ()
+
+
+def test_a_bare_dn_without_an_id_is_still_an_error():
+    with pytest.raises(MappingError) as caught:
+        GroupMapping.parse("memberOf, cn=ftp-users,ou=groups,dc=demo")
+    assert "GROUP-ID" in str(caught.value)
+
+
 def test_bare_id_after_a_rule_is_an_error():
     """The fallback is only allowed before the first rule."""
     with pytest.raises(MappingError) as caught:

@@ -48,6 +48,7 @@ PLACEHOLDERS = ("username", "dn")
 _SENTINEL = "sftpauthPlaceholder{}7f3c"
 _ATTRIBUTE = re.compile(r"^(?:[A-Za-z][A-Za-z0-9-]*|[0-9]+(?:\.[0-9]+)+)$")
 _IDENTIFIER_FORBIDDEN = ("/", "|")
+_RDN = re.compile(r"^(?:[A-Za-z][A-Za-z0-9-]*|[0-9]+(?:\.[0-9]+)+)=")  # "cn=...": one RDN of a DN
 _TYPED_EXPRESSION = re.compile(r"^\s*([A-Za-z]/.*/[A-Za-z]*)\s*(?:,(.*))?$", re.DOTALL)
 _SHOWN_VALUES = 5
 
@@ -236,6 +237,13 @@ def _parse_rule(line: str, kind: str, index: int) -> MappingRule:
     else:
         expression_text, _, ids_text = rest.partition(",")
         expression_text = expression_text.strip()
+        if _RDN.match(expression_text):
+            # An exact DN written bare (cn=ftp,ou=groups,dc=example): its other RDNs are part
+            # of the expression, not IDs; the IDs start at the first item that is no RDN.
+            items = ids_text.split(",")
+            while items and _RDN.match(items[0].strip()):
+                expression_text += "," + items.pop(0).strip()
+            ids_text = ",".join(items)
     targets = [item.strip() for item in ids_text.split(",")]
     if not expression_text or not ids_text.strip():
         hint = "a glob with a comma is written g/.../; a fallback is one ID per line"
