@@ -184,6 +184,10 @@ class _Problems:
         """``item``: which line of a one-per-line value is wrong (its own line is reported)."""
         self.errors.append(self._make(section, option, message, item))
 
+    def has_error(self, section: str, option: Optional[str] = None) -> bool:
+        """Whether an error was already found in ``section`` (at ``option``): later checks then say nothing more."""
+        return any(p.section == section and (option is None or p.option == option) for p in self.errors)
+
     def warn(self, section: Optional[str], option: Optional[str], message: str) -> None:
         self.warnings.append(self._make(section, option, message))
 
@@ -438,7 +442,8 @@ def _cross_check(problems: _Problems, configuration: models.Configuration) -> No
     """References between sections: every ID named must exist."""
     methods = configuration.authentications
     for method_id in configuration.server.authentications:
-        if method_id not in methods:
+        # A method whose section has an error of its own (type = ldapp) is not "unknown".
+        if method_id not in methods and not problems.has_error(f"authentications/{method_id}"):
             problems.error("server", "authentications", _unknown_id("authentication method", method_id, methods))
     if not configuration.server.authentications:
         problems.error("server", "authentications", "at least one authentication method is required")
@@ -451,7 +456,7 @@ def _cross_check(problems: _Problems, configuration: models.Configuration) -> No
     for service_id, service in configuration.services.items():
         section = f"services/{service_id}"
         for method_id in service.authentications:
-            if method_id not in methods:
+            if method_id not in methods and not problems.has_error(f"authentications/{method_id}"):
                 problems.error(section, "authentications", _unknown_id("authentication method", method_id, methods))
         if service.security_policy not in configuration.security_policies:
             problems.error(
@@ -565,7 +570,11 @@ def _check_ldap_method(
     for group_id in method.base_groups:
         if group_id not in configuration.groups:
             problems.error(section, "base_groups", _unknown_id("group", group_id, configuration.groups))
-    if method.service_account_dn and not method.service_account_password:
+    if (
+        method.service_account_dn
+        and not method.service_account_password
+        and not problems.has_error(section, "service_account_password")  # e.g. env:NAME not set
+    ):
         problems.error(section, "service_account_password", "required when service_account_dn is set")
     _check_groups_and_roles(problems, configuration, section, method)
     _check_extension(problems, section, method)

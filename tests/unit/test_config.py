@@ -967,3 +967,23 @@ def test_base_dn_lines_with_equal_signs_are_values():
         """
     )
     assert len(configuration.authentications["directory"].bind_dn) == 2
+
+
+def test_an_error_in_a_method_is_not_repeated_as_an_unknown_method_or_a_missing_password():
+    """type = ldapp and a missing env: secret give one error each, not a cascade in other sections."""
+    found = problems_of(
+        "[server]\n"  # 1
+        "authentications = directory\n"  # 2
+        "[authentications/directory]\n"  # 3
+        "type = ldapp\n"  # 4
+        "[authentications/other]\n"  # 5
+        "type = ldap\n"  # 6
+        "address = 127.0.0.1\n"  # 7
+        "bind_dn = dc=example,dc=com\n"  # 8
+        "service_account_dn = cn=reader,dc=example,dc=com\n"  # 9
+        "service_account_password = env:SFTPAUTH_TEST_NOT_SET\n"  # 10
+    )
+    assert [(p.line, p.section, p.option) for p in found] == [
+        (4, "authentications/directory", "type"),
+        (10, "authentications/other", "service_account_password"),
+    ]
