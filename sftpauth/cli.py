@@ -47,9 +47,11 @@ def summary(configuration: Configuration) -> str:
         state = "enabled" if service.enabled else "disabled"
         if service.type != "ldap-directory":
             state += f"; authentications: {', '.join(configuration.authentications_for(service))}"
-        lines.append(f"  service {service_id}: {service.type} on {service.address}:{service.port} ({state})")
+        lines.append(f"  service {service_id}: {_service_kind(service)} on {service.address}:{service.port} ({state})")
     for method_id, method in configuration.authentications.items():
-        lines.append(f"  authentication {method_id}: {method.type}{'' if method.enabled else ' (disabled)'}")
+        extension = getattr(method, "extension_entry_point", None)
+        shown_type = f"{method.type} (extension {extension})" if extension else method.type
+        lines.append(f"  authentication {method_id}: {shown_type}{'' if method.enabled else ' (disabled)'}")
     lines.append(
         f"  groups: {len(configuration.groups)} ({', '.join(configuration.groups)}), accounts: {len(configuration.accounts)}, "
         f"administrators: {len(configuration.administrators)}"
@@ -57,6 +59,15 @@ def summary(configuration: Configuration) -> str:
     for warning in configuration.warnings:
         lines.append(f"warning: {warning}")
     return "\n".join(lines)
+
+
+def _service_kind(service) -> str:
+    """The type, and for FTP whether it speaks FTPS (which the type alone does not say)."""
+    if service.type == "ftp" and getattr(service, "ssl_certificate", ""):
+        return "ftp (explicit FTPS)" if service.ftps_explicit_enabled else "ftp (no AUTH TLS: ftps_explicit_enabled = no)"
+    if service.type == "ftpsi":
+        return "ftpsi (implicit FTPS)"
+    return service.type
 
 
 def check_config_command(args: argparse.Namespace) -> int:

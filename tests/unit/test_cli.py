@@ -335,3 +335,42 @@ def test_output_into_a_closed_pipe_ends_quietly(tmp_path):
     command = f"'{Path(sys.executable).with_name('sftpauth')}' check-config '{config_path}' | true"
     result = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=60)
     assert "BrokenPipe" not in result.stderr and "Traceback" not in result.stderr, result.stderr
+
+
+def test_check_config_summary_says_which_services_speak_ftps_and_which_methods_have_an_extension():
+    """The summary names explicit and implicit FTPS and the TOTP extension (the type alone did not)."""
+    from sftpauth.cli import summary
+    from sftpauth.config.loader import parse_configuration
+
+    configuration = parse_configuration(
+        """
+[services/ftps]
+type = ftp
+port = 2121
+ssl_certificate = /etc/ssl/server.pem
+
+[services/ftpsi]
+type = ftpsi
+port = 9990
+ssl_certificate = /etc/ssl/server.pem
+
+[services/plain]
+type = ftp
+port = 2122
+
+[authentications/directory]
+type = ldap
+address = 127.0.0.1
+bind_dn = dc=example,dc=com
+extension_entry_point = python:sftpauth.ldap.totp.AugmentedTOTP
+extension_configuration = {"mfa_attribute": "totpSharedSecret"}
+""",
+        "/etc/sftpauth/server.ini",
+        "/etc/sftpauth",
+        {},
+    )
+    text = summary(configuration)
+    assert "service ftps: ftp (explicit FTPS) on 127.0.0.1:2121" in text
+    assert "service ftpsi: ftpsi (implicit FTPS) on 127.0.0.1:9990" in text
+    assert "service plain: ftp on 127.0.0.1:2122" in text
+    assert "authentication directory: ldap (extension python:sftpauth.ldap.totp.AugmentedTOTP)" in text
