@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 import getpass
+import io
 import os
-import signal
 import sys
 from typing import Optional, Sequence
 
@@ -408,12 +408,52 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _PipeSafeOutput(io.TextIOBase):
+    """Standard output that goes quiet when its reader is gone (``| head``), as other Unix tools do.
+
+    Without it a BrokenPipeError traceback came out of the reactor. SIGPIPE
+    stays ignored: a closed LDAP connection must stay an error, not kill us.
+    """
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except BrokenPipeError:
+            _discard_output(self._stream)
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            _discard_output(self._stream)
+
+
+def _discard_output(stream) -> None:
+    """Send what is left for ``stream`` to /dev/null (its pipe has no reader any more)."""
+    try:
+        descriptor = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(descriptor, stream.fileno())
+        os.close(descriptor)
+    except (OSError, ValueError, io.UnsupportedOperation):
+        pass
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    # Output piped into a reader that stops early (| head) ends the command quietly, as
-    # other Unix tools do, instead of a BrokenPipeError traceback from inside the reactor.
-    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     args = build_parser().parse_args(argv)
-    return args.run(args)
+    stdout = sys.stdout
+    sys.stdout = _PipeSafeOutput(stdout)
+    try:
+        return args.run(args)
+    finally:
+        sys.stdout = stdout
+        try:
+            stdout.flush()
+        except BrokenPipeError:
+            _discard_output(stdout)
 
 
 if __name__ == "__main__":
