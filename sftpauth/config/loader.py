@@ -28,7 +28,7 @@ SPEC_PATH = os.path.join(os.path.dirname(__file__), "configspec.ini")
 SECTION_KINDS = ("services", "authentications", "groups", "accounts", "roles", "administrators", "security-policies")
 _OPTION_LINE = re.compile(r"^(?P<name>[^=\[\s][^=]*?)\s*=(?P<value>.*)$")
 _INLINE_COMMENT = re.compile(r"\s+#.*$")
-_CONTINUED = "__sftpauth_continued_value__"
+_READ_HERE = "__sftpauth_value_read_by_preprocess__"
 _DUPLICATE = "__sftpauth_duplicate_section__"
 
 
@@ -39,7 +39,7 @@ class _SourceMap:
     sections: dict[str, int] = attrs.Factory(dict)
     options: dict[tuple[Optional[str], str], int] = attrs.Factory(dict)
     # values read here, not by configobj: multi-line ones, and one-line ones unless quoted
-    continued: dict[tuple[str, str], str] = attrs.Factory(dict)
+    values: dict[tuple[str, str], str] = attrs.Factory(dict)
     # the line of each item of a multi-line value (first line included when it holds one)
     item_lines: dict[tuple[str, str], list[int]] = attrs.Factory(dict)
     # (line, section, option, message) found before configobj runs
@@ -50,11 +50,13 @@ _SECTION_LINE = re.compile(r"^\[+\s*([^\]]*?)\s*\]+")
 
 
 def _preprocess(text: str) -> tuple[list[str], _SourceMap]:
-    """Fold SFTPPlus continuation lines into one value, keeping line numbers.
+    """Read option values, folding SFTPPlus continuation lines into one value, keeping line numbers.
 
     An indented, non-comment line after an option is part of that option's
-    value: each such line is one item (a base DN, a mapping rule...). The
-    lines handed to configobj keep their count so its errors line up.
+    value: each such line is one item (a base DN, a mapping rule...). Values
+    are read here rather than by configobj, which ends a value at any '#';
+    only quoted ones are left to it. The lines handed to configobj keep
+    their count so its errors line up.
     Repeated sections and options are reported here, with the line of their
     first use, and hidden from configobj so they do not mask other errors.
     """
@@ -74,14 +76,15 @@ def _preprocess(text: str) -> tuple[list[str], _SourceMap]:
             return
         if continuation:
             value = "\n".join(([first_value] if first_value else []) + continuation)
-            source.continued[(section, option)] = value
             source.item_lines[(section, option)] = ([option_line] if first_value else []) + continuation_lines
-            output[option_index] = f"{option} = {_CONTINUED}"
-        elif first_value[:1] not in ("'", '"'):
+        elif _quoted(first_value):
+            return  # configobj removes the quotes ('#' inside is kept)
+        else:
             # One-line values are read here too: configobj ends a value at any '#', so a
             # password "pa#ss" would silently be "pa". Only " #" starts a comment (docs).
-            source.continued[(section, option)] = first_value
-            output[option_index] = f"{option} = {_CONTINUED}"
+            value = first_value
+        source.values[(section, option)] = value
+        output[option_index] = f"{option} = {_READ_HERE}"
 
     for number, raw in enumerate(text.splitlines(), start=1):
         stripped = raw.strip()
@@ -134,14 +137,18 @@ def _preprocess(text: str) -> tuple[list[str], _SourceMap]:
                     continue
                 option = name
                 value = match.group("value").strip()
-                # A quoted value is left to configobj (it removes the quotes; '#' inside is kept).
-                first_value = value if value[:1] in ("'", '"') else _INLINE_COMMENT.sub("", value).strip()
+                first_value = value if _quoted(value) else _INLINE_COMMENT.sub("", value).strip()
                 option_index = len(output)
                 option_line = number
                 source.options.setdefault(key, number)
         output.append(raw)
     finish_option()
     return output, source
+
+
+def _quoted(value: str) -> bool:
+    """A value in quotes: left to configobj, which removes them."""
+    return value[:1] in ("'", '"')
 
 
 def _indented_option(item: str) -> Optional[str]:
@@ -247,7 +254,7 @@ def parse_configuration(
         for sub in section.sections:
             problems.error(name, None, f"nested section [[{sub}]] is not allowed")
         values = {
-            key: source.continued.get((name, key), value) if value == _CONTINUED else value
+            key: source.values.get((name, key), value) if value == _READ_HERE else value
             for key, value in section.items()
             if key in section.scalars
         }
