@@ -173,7 +173,8 @@ def permissions(value: str) -> frozenset[Permission]:
         raise VdtValueError(str(error)) from None
 
 
-_ATTRIBUTE = re.compile(r"^(?:[A-Za-z][A-Za-z0-9-]*|[0-9]+(?:\.[0-9]+)+)$")
+ATTRIBUTE_NAME = r"(?:[A-Za-z][A-Za-z0-9-]*|[0-9]+(?:\.[0-9]+)+)"  # an LDAP attribute name or OID (also groups.py)
+_ATTRIBUTE = re.compile(rf"^{ATTRIBUTE_NAME}$")
 
 
 def attribute(value: str) -> str:

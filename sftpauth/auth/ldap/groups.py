@@ -35,6 +35,7 @@ from sftpauth.auth.errors import LoginFailed
 from sftpauth.auth.ldap.client import Entry, LDAPConnection
 from sftpauth.auth.ldap.dn import BASE, SUBTREE, Lookup, bind_service_account, describe, parse_dn, trace_referrals
 from sftpauth.auth.ldap.filters import MATCH_ALL, as_text
+from sftpauth.config.checks import ATTRIBUTE_NAME
 from sftpauth.config.models import DEFAULT_GROUP, DEFAULT_ROLE, Configuration, LDAPAuthenticationSettings
 from sftpauth.matching import InvalidExpression, MatchingExpression, compile_expression
 
@@ -46,9 +47,9 @@ IN_CHAIN_RULE = "1.2.840.113556.1.4.1941"
 ACTIVE_DIRECTORY_CAPABILITY = "1.2.840.113556.1.4.800"
 PLACEHOLDERS = ("username", "dn")
 _SENTINEL = "sftpauthPlaceholder{}7f3c"
-_ATTRIBUTE = re.compile(r"^(?:[A-Za-z][A-Za-z0-9-]*|[0-9]+(?:\.[0-9]+)+)$")
+_ATTRIBUTE = re.compile(rf"^{ATTRIBUTE_NAME}$")
+_RDN = re.compile(rf"^{ATTRIBUTE_NAME}=")  # "cn=...": one RDN of a DN
 _IDENTIFIER_FORBIDDEN = ("/", "|")
-_RDN = re.compile(r"^(?:[A-Za-z][A-Za-z0-9-]*|[0-9]+(?:\.[0-9]+)+)=")  # "cn=...": one RDN of a DN
 _TYPED_EXPRESSION = re.compile(r"^\s*([A-Za-z]/.*/[A-Za-z]*)\s*(?:,(.*))?$", re.DOTALL)
 _SHOWN_VALUES = 5
 
