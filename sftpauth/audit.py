@@ -24,6 +24,23 @@ def shorten(value: str) -> str:
     return value[:MAX_FIELD] + f"...[{len(value)} characters]"
 
 
+def path_problem(path: str) -> str:
+    """Why :class:`AuditLog` could not open ``path`` for appending, or "" (nothing is created here).
+
+    Missing folders are no problem: the log creates them.
+    """
+    existing = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if os.path.isdir(path):
+        return "it is a folder"
+    if os.path.exists(path):
+        return "" if os.access(path, os.W_OK) else "this user may not write to it"
+    if not os.path.isdir(existing):
+        return f"{existing} is not a folder"
+    return "" if os.access(existing, os.W_OK | os.X_OK) else f"this user may not create files in {existing}"
+
+
 class AuditLog:
     def __init__(
         self,
@@ -38,7 +55,7 @@ class AuditLog:
         self.echo = not path if echo is None else echo
         self._lock = threading.Lock()
         self._file = None
-        if path:
+        if path:  # what path_problem() checks without creating anything
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
             self._file = open(path, "a", encoding="utf-8", buffering=1)
         self.listeners: list[Callable[[dict], None]] = []

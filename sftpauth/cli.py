@@ -122,21 +122,11 @@ def check_files(configuration: Configuration) -> None:
 
 
 def _check_audit_log(configuration: Configuration) -> None:
-    """The audit log can be opened for appending, as start-up will (nothing is created here)."""
+    """The audit log can be opened for appending, as start-up will."""
+    from sftpauth.audit import path_problem
+
     path = configuration.server.audit_log
-    if not path:
-        return
-    existing = os.path.dirname(os.path.abspath(path))  # start-up creates missing folders under it
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
-    if os.path.isdir(path):
-        problem = "it is a folder"
-    elif os.path.exists(path):
-        problem = "" if os.access(path, os.W_OK) else "this user may not write to it"
-    elif not os.path.isdir(existing):
-        problem = f"{existing} is not a folder"
-    else:
-        problem = "" if os.access(existing, os.W_OK | os.X_OK) else f"this user may not create files in {existing}"
+    problem = path_problem(path) if path else ""
     if problem:
         raise ConfigError(
             [ConfigProblem(configuration.path, None, "server", "audit_log", f"cannot open the audit log {path}: {problem}")]
