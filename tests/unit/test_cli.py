@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import io
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -10,6 +13,14 @@ from sftpauth import __version__
 from sftpauth.auth.passwords import is_supported_hash, verify_password
 from sftpauth.cli import main
 from sftpauth.config.loader import parse_configuration
+
+
+SFTPAUTH = str(Path(sys.executable).with_name("sftpauth"))  # the installed command
+
+
+def run_sftpauth(*arguments: str, stdin: str = "") -> subprocess.CompletedProcess:
+    """``sftpauth`` in its own process (test-login runs a reactor of its own)."""
+    return subprocess.run([SFTPAUTH, *arguments], input=stdin, capture_output=True, text=True, timeout=60)
 
 
 def run_with_stdin(monkeypatch, text: str, argv) -> int:
@@ -210,10 +221,6 @@ ldif = {not_pem}
 
 def test_login_manager_uses_the_web_managers_own_chain(tmp_path):
     """test-login --manager tries what the Web Manager's login page tries: DEFAULT-AUTHENTICATION, then [server]'s."""
-    import subprocess
-    import sys
-    from pathlib import Path
-
     from sftpauth.auth.passwords import hash_password
     from tests.integration.server import free_port
 
@@ -242,10 +249,7 @@ port = {free_port()}
     )
 
     def test_login(*options):
-        return subprocess.run(
-            [str(Path(sys.executable).with_name("sftpauth")), "test-login", str(config_path), "admin", "--password-stdin", *options],
-            input="admin-secret-1\n", capture_output=True, text=True, timeout=60,
-        )
+        return run_sftpauth("test-login", str(config_path), "admin", "--password-stdin", *options, stdin="admin-secret-1\n")
 
     manager = test_login("--manager")
     assert manager.returncode == 0, manager.stdout + manager.stderr
@@ -269,10 +273,6 @@ def test_no_password_at_all_on_standard_input_is_an_error_not_an_empty_password(
 def test_login_on_the_demo_serves_its_embedded_directory_and_says_so(tmp_path):
     """With no running sftpauth, test-login serves the file's ldap-directory itself, says so, and explains carol."""
     import shutil
-    import subprocess
-    import sys
-    from pathlib import Path
-
     from tests.integration.server import free_port
 
     demo = Path(__file__).resolve().parents[2] / "etc" / "demo"
@@ -281,10 +281,7 @@ def test_login_on_the_demo_serves_its_embedded_directory_and_says_so(tmp_path):
     text = text.replace("10389", str(port)).replace("/tmp/sftpauth-demo", str(tmp_path))
     (tmp_path / "sftpauth.ini").write_text(text, encoding="utf-8")
     shutil.copy(demo / "directory.ldif", tmp_path / "directory.ldif")
-    result = subprocess.run(
-        [str(Path(sys.executable).with_name("sftpauth")), "test-login", str(tmp_path / "sftpauth.ini"), "carol", "--password-stdin"],
-        input="carol-demo\n", capture_output=True, text=True, timeout=60,
-    )
+    result = run_sftpauth("test-login", str(tmp_path / "sftpauth.ini"), "carol", "--password-stdin", stdin="carol-demo\n")
     assert result.returncode == 1, result.stdout + result.stderr
     assert f"(no running sftpauth serves [services/demo-directory] on 127.0.0.1:{port}: " in result.stdout
     assert "filter-mismatch" in result.stdout
@@ -310,14 +307,7 @@ def test_check_config_and_test_login_report_an_audit_log_that_cannot_be_opened(t
     capsys.readouterr()
     config_path.write_text(GOOD.replace("description = our server", f"audit_log = {missing}"), encoding="utf-8")
 
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    result = subprocess.run(
-        [str(Path(sys.executable).with_name("sftpauth")), "test-login", str(config_path), "alice", "--password-stdin"],
-        input="secret\n", capture_output=True, text=True, timeout=60,
-    )
+    result = run_sftpauth("test-login", str(config_path), "alice", "--password-stdin", stdin="secret\n")
     assert result.returncode == 1
     assert f"{config_path}:2 [server] audit_log: cannot open the audit log" in result.stderr
     assert "Traceback" not in result.stdout + result.stderr
@@ -325,14 +315,10 @@ def test_check_config_and_test_login_report_an_audit_log_that_cannot_be_opened(t
 
 def test_output_into_a_closed_pipe_ends_quietly(tmp_path):
     """``sftpauth check-config FILE | head -1``: no BrokenPipeError traceback on stderr."""
-    import subprocess
-    import sys
-    from pathlib import Path
-
     config_path = tmp_path / "server.ini"
     config_path.write_text(GOOD, encoding="utf-8")
     # "true" has exited long before sftpauth (a Python start-up later) writes: the pipe is closed.
-    command = f"'{Path(sys.executable).with_name('sftpauth')}' check-config '{config_path}' | true"
+    command = f"'{SFTPAUTH}' check-config '{config_path}' | true"
     result = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=60)
     assert "BrokenPipe" not in result.stderr and "Traceback" not in result.stderr, result.stderr
 
