@@ -303,7 +303,11 @@ def totp_new_command(args: argparse.Namespace) -> int:
     print(ldif_line(args.attribute, uri))
     if args.digits != 6:
         print()
-        print(f'The LDAP method needs "digits": {args.digits} in extension_configuration.')
+        print(
+            f"The LDAP method reads the {args.digits} digits from the URI before the BIND when it has a "
+            f'service_account_dn (or bind_dn_type = search); otherwise set "digits": {args.digits} '
+            "in extension_configuration."
+        )
     return 0
 
 

@@ -45,6 +45,9 @@ SECRETS = {
     "olga": "N5WGOYLTMVRXEZLUOJ2W4ZLSMFWGY2LO",
 }
 EIGHT_DIGITS = "MVUWO2DUMRUWO2LUONZWK3DFONZWK4TF"
+# ezra's URI asks for SHA256, 8 digits and 60 s steps.
+EZRA = "MV5HEYLTNBQTEYLMM5XXE2LUNBWTK2RW"
+EZRA_URI_OPTIONS = "&algorithm=SHA256&digits=8&period=60"
 INVALID_URI = "otpauth://totp/Srv:ivan?secret=NOT-BASE32!!&issuer=Srv"
 # Reasons the clients must never be able to tell apart.
 FTP_FAILURE = "530 Login failed."
@@ -96,6 +99,7 @@ def directory_ldif() -> str:
     parts.append(entry("nora", None))
     parts.append(entry("ivan", INVALID_URI))
     parts.append(entry("eve", uri_of("eve", EIGHT_DIGITS, "&digits=8")))
+    parts.append(entry("ezra", uri_of("ezra", EZRA, EZRA_URI_OPTIONS)))
     return "\n".join(parts)
 
 
@@ -265,6 +269,20 @@ def test_search_type_reads_the_secret_as_the_service_account(site):
     assert site.audit("sara", "")["method"] == "search-directory"
 
 
+def test_eight_digit_uri_over_sftp_with_bind_dn_type_parent(site):
+    """SPEC: the URI says how many digits. parent reads it as the service account before the BIND."""
+    assert site.sftp_listing("eve", "eve-pass" + pyotp.TOTP(EIGHT_DIGITS, digits=8).now()) == []
+    assert site.audit("eve", "")["method"] == "directory"
+
+
+def test_sha256_eight_digit_sixty_second_uri_with_bind_dn_type_search(site):
+    """search finds the URI with the entry; its algorithm, digits and period are honoured."""
+    ezra = pyotp.parse_uri(uri_of("ezra", EZRA, EZRA_URI_OPTIONS))
+    assert (ezra.digits, ezra.interval) == (8, 60)
+    site.ftp("ezra", "ezra-pass" + ezra.now(), port=site.search_port).quit()
+    assert site.audit("ezra", "")["method"] == "search-directory"
+
+
 # -- replay ---------------------------------------------------------------------------------------
 
 
@@ -327,7 +345,8 @@ def refusals(site) -> list[tuple[str, str, str, int]]:
         ("tina", "tina-pass", "totp-wrong-code", site.ftp_port),  # the code was forgotten
         ("nora", "nora-pass" + code("tina"), "totp-missing-secret", site.ftp_port),
         ("ivan", "ivan-pass" + code("tina"), "totp-invalid-secret", site.ftp_port),
-        ("eve", "eve-pass" + pyotp.TOTP(EIGHT_DIGITS, digits=8).now()[-6:], "totp-invalid-secret", site.ftp_port),
+        # Only six of the eight digits the URI asks for: refused before eve's BIND.
+        ("eve", "eve-pass" + pyotp.TOTP(EIGHT_DIGITS, digits=8).now()[-6:], "totp-wrong-code", site.ftp_port),
         ("olga", "olga-pass" + code("olga"), "totp-missing-secret", site.plain_port),
     ]
 

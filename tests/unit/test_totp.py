@@ -227,14 +227,82 @@ def test_sha256_eight_digits_and_sixty_seconds_are_honoured(clock, directory, st
 
 
 def test_uri_with_other_digits_than_configured_is_invalid_secret(directory, state):
-    """The split uses the configured digits; an 8-digit URI with the default 6 is totp-invalid-secret."""
+    """A configured "digits" is used for every account: an 8-digit URI with "digits": 6 is totp-invalid-secret."""
     uri = f"otpauth://totp/Srv:alice?secret={SECRET}&digits=8"
     directory.set(ALICE_DN, "totpSharedSecret", uri)
-    method = make_method(directory, configuration(), state)
+    method = make_method(directory, configuration(extension='{"mfa_attribute": "totpSharedSecret", "digits": 6}'), state)
     with pytest.raises(LoginFailed) as failure:
         login(method, PASSWORD + code_at(STEP, uri)[:6])
     assert failure.value.reason == "totp-invalid-secret"
     assert '"digits": 8' in failure.value.explanation
+
+
+EIGHT = f"otpauth://totp/Srv:alice?secret={SECRET}&algorithm=SHA256&digits=8&period=60"
+
+
+def eight_digit_code(clock) -> str:
+    return pyotp.parse_uri(EIGHT).generate_otp(int(clock.seconds() // 60))
+
+
+def uri_reads(directory) -> list[int]:
+    """Positions in directory.operations of the service account's reads of the secret."""
+    return [
+        index
+        for index, op in enumerate(directory.operations)
+        if op[0] == "search" and "totpSharedSecret" in op[2] and op[3] == SERVICE_DN.lower()
+    ]
+
+
+@pytest.mark.parametrize("options", ["", "bind_dn_type = search\n"])
+def test_without_configured_digits_the_uri_says_how_many(clock, directory, state, options):
+    """SPEC: N from the URI. The secret is read as the service account before alice's BIND, which gets the password."""
+    directory.set(ALICE_DN, "totpSharedSecret", EIGHT)
+    method = make_method(directory, configuration(options=options), state)
+    trace = Trace()
+    assert login(method, PASSWORD + eight_digit_code(clock), trace=trace).dn == ALICE_DN
+    assert directory.passwords[ALICE_DN.lower()] == PASSWORD
+    assert uri_reads(directory)[0] < directory.operations.index(("bind", ALICE_DN))
+    details = [step.detail for step in trace.steps]
+    assert f"the last 8 characters are the TOTP code; the rest is the password (the otpauth URI of {ALICE_DN} asks for 8 digits)" in details
+    assert "otpauth URI (SHA256, 8 digits, 60 s period)" in "\n".join(details)
+
+
+def test_a_six_digit_code_for_an_eight_digit_uri_is_refused_before_the_bind(clock, directory, state):
+    """The URI asks for 8 digits and the password does not end with 8: totp-wrong-code, and alice is never bound."""
+    directory.set(ALICE_DN, "totpSharedSecret", EIGHT)
+    method = make_method(directory, configuration(), state)
+    with pytest.raises(LoginFailed) as failure:
+        login(method, PASSWORD + eight_digit_code(clock)[-6:])
+    assert failure.value.reason == "totp-wrong-code"
+    assert "does not end with a 8-digit TOTP code" in failure.value.explanation
+    assert ("bind", ALICE_DN) not in directory.operations
+
+
+def test_six_digit_uris_still_work_without_configured_digits(directory, state):
+    """The common case: no digits in the URI (6), no "digits" configured, one early read."""
+    method = make_method(directory, configuration(), state)
+    assert login(method, PASSWORD + code_at(STEP)).dn == ALICE_DN
+    assert uri_reads(directory)[0] < directory.operations.index(("bind", ALICE_DN))
+
+
+def test_configured_digits_skip_the_read_before_the_bind(directory, state):
+    """With "digits": 6 the split is known at once: the secret is read only after alice's BIND."""
+    method = make_method(directory, configuration(extension='{"mfa_attribute": "totpSharedSecret", "digits": 6}'), state)
+    assert login(method, PASSWORD + code_at(STEP)).dn == ALICE_DN
+    assert uri_reads(directory) and uri_reads(directory)[0] > directory.operations.index(("bind", ALICE_DN))
+
+
+def test_without_service_account_the_split_is_six_and_another_uri_says_what_to_do(clock, directory, state):
+    """No service account (parent): the URI is read only after the BIND, so 6 digits; an 8-digit URI is refused."""
+    directory.hidden_from_owner = set()
+    directory.set(ALICE_DN, "totpSharedSecret", EIGHT)
+    method = make_method(directory, configuration(service_account=False), state)
+    trace = Trace()
+    with pytest.raises(LoginFailed) as failure:
+        login(method, PASSWORD + eight_digit_code(clock)[:6], trace=trace)
+    assert failure.value.reason == "totp-invalid-secret"
+    assert "service_account_dn" in failure.value.explanation and '"digits": 8' in failure.value.explanation
+    assert "no service account to read the entry before the BIND" in [step.detail for step in trace.steps]
 
 
 # -- reasons ---------------------------------------------------------------------------
@@ -275,7 +343,9 @@ def test_wrong_password_with_right_code_is_invalid_password_and_burns_nothing(di
     method = make_method(directory, configuration(), state)
     code = code_at(STEP)
     assert reason_of(method, "not-alice-pass" + code) == "invalid-password"
-    assert not any(op[0] == "search" and "totpSharedSecret" in op[2] and op[1] == ALICE_DN for op in directory.operations)
+    # The URI may be read before the BIND (for its digits), never after a refused one.
+    refused_bind = directory.operations.index(("bind", ALICE_DN))
+    assert all(read < refused_bind for read in uri_reads(directory))
     assert login(method, PASSWORD + code).dn == ALICE_DN
 
 

@@ -123,6 +123,10 @@ class Lookup:
         # Set by the method when the user's BIND goes to another kept connection
         # than the searches (client.py, connection reuse); None: the same one.
         self.user_bind: Optional[Callable[[str, str], Awaitable[LDAPResult]]] = None
+        # Set by the method when an extension must see the entry before the BIND
+        # (TOTP digits from the URI): called with the DN and, for search, the entry
+        # found; it may change ``password``.
+        self.before_bind: Optional[Callable[[LDAPConnection, str, Optional[Entry]], Awaitable[None]]] = None
 
     def trace(self, action: str, detail: str) -> None:
         self.request.trace.add(self.method_id, action, detail)
@@ -137,6 +141,8 @@ class BindStrategy:
     async def authenticate(self, connection: LDAPConnection, lookup: Lookup) -> Entry:
         reason = ("unknown-user", "no base DN is configured")
         for dn in self.candidate_dns(lookup):
+            if lookup.before_bind is not None:
+                await lookup.before_bind(connection, dn, None)
             result = await connection.bind(dn, lookup.password)
             if result.ok:
                 lookup.trace("bind", f"BIND as {dn}: success")
@@ -236,6 +242,8 @@ class SearchStrategy:
     async def authenticate(self, connection: LDAPConnection, lookup: Lookup) -> Entry:
         await bind_service_account(connection, lookup)
         entry = await find_entry(connection, lookup, lookup.settings.username_attribute, lookup.username)
+        if lookup.before_bind is not None:
+            await lookup.before_bind(connection, entry.dn, entry)
         # The searching connection stays bound as the service account when the user's BIND can go elsewhere.
         result = await (lookup.user_bind or connection.bind)(entry.dn, lookup.password)
         lookup.trace("bind", f"BIND as {entry.dn}: {'success' if result.ok else describe(result)}")

@@ -10,6 +10,12 @@ An extension takes part in every login of one LDAP method, at three points
    They are treated as secret: never traced, never logged. With a
    ``service_account_dn`` they are read as the service account, so users
    need no right to read them (they should have none).
+   An extension that needs the user's entry to decide what the BIND sends
+   (TOTP: the URI says how many digits the code has) sets
+   ``credentials.read_entry_first`` and has an optional
+   ``updateCredentialsFromEntry(credentials, entry)``, called before the
+   BIND with the entry as the service account sees it, when sftpauth can
+   read it then (``bind_dn_type = search``, or a service account).
 3. ``augmentEntry(entry, credentials, client)``: after a successful BIND,
    with the entry read. Returns a Deferred firing with the entry (the same
    or an augmented one) or failing with :class:`LoginFailed` to reject.
@@ -167,6 +173,8 @@ class LDAPCredentials:
     clock: IReactorTime  # seconds() is the time of day
     state: SharedState  # state.replay: the TOTP replay store shared by every service
     data: dict[str, Any] = attrs.field(factory=dict, repr=False)  # the extensions' own, never logged
+    # Set by an extension that wants updateCredentialsFromEntry called before the BIND.
+    read_entry_first: bool = False
 
     def trace(self, action: str, detail: str) -> None:
         """A step for ``sftpauth test-login``: never a password, code or secret."""
@@ -239,6 +247,32 @@ class LDAPExtensions:
             entry = await defer.maybeDeferred(extension.augmentEntry, entry, credentials, connection)
         return entry
 
+    async def entry_before_bind(
+        self, connection: LDAPConnection, lookup: Lookup, credentials: LDAPCredentials, dn: str, entry: Optional[Entry]
+    ) -> None:
+        """Before the BIND as ``dn``: let extensions see the entry (``entry``, or read now) and set ``lookup.password``.
+
+        ``entry`` is the service account's search result (``search``); for the
+        other DN types it is read here as the service account, when there is one.
+        """
+        if not credentials.read_entry_first:
+            return
+        if entry is None:
+            if not self._settings.service_account_dn:
+                lookup.trace("search", "no service account to read the entry before the BIND")
+                return
+            await bind_service_account(connection, lookup)
+            entry = await self._service_account_view(connection, lookup, dn)
+            if entry is None:
+                return
+        for extension in self._extensions:
+            hook = getattr(extension, "updateCredentialsFromEntry", None)
+            if hook is not None:
+                updated = await defer.maybeDeferred(hook, credentials, entry)
+                if updated is not None:
+                    credentials = updated
+        lookup.password = credentials.password
+
     async def _read_as_service_account(self, connection: LDAPConnection, lookup: Lookup, entry: Entry) -> Entry:
         """Replace the user's view of the extension attributes by the service account's.
 
@@ -250,15 +284,21 @@ class LDAPExtensions:
         if not self.extra_attributes or not settings.service_account_dn or settings.bind_dn_type == "search":
             return entry
         await bind_service_account(connection, lookup)
-        result, found = await connection.search(entry.dn, BASE, MATCH_ALL, self.extra_attributes)
+        found = await self._service_account_view(connection, lookup, entry.dn)
+        attributes = {name: values for name, values in entry.attributes.items() if name not in self._hidden}
+        if found is not None:
+            attributes.update((name, values) for name, values in found.attributes.items() if name in self._hidden)
+        return Entry(entry.dn, attributes)
+
+    async def _service_account_view(self, connection: LDAPConnection, lookup: Lookup, dn: str) -> Optional[Entry]:
+        """The extension attributes of ``dn`` read on ``connection`` (bound as the service account); None: not visible."""
+        result, found = await connection.search(dn, BASE, MATCH_ALL, self.extra_attributes)
         names = ", ".join(self.extra_attributes)
         if not found:
             why = describe(result) if not result.ok else "the entry is not visible"
-            lookup.trace("search", f"read {names} of {entry.dn} as the service account: {why}")
-        attributes = {name: values for name, values in entry.attributes.items() if name not in self._hidden}
-        if found:
-            visible = {name: values for name, values in found[0].attributes.items() if name in self._hidden}
-            attributes.update(visible)
-            present = ", ".join(name for name in self.extra_attributes if name.lower() in visible) or "none"
-            lookup.trace("search", f"read {names} of {entry.dn} as the service account: present: {present}")
-        return Entry(entry.dn, attributes)
+            lookup.trace("search", f"read {names} of {dn} as the service account: {why}")
+            return None
+        visible = {name for name in found[0].attributes if name in self._hidden}
+        present = ", ".join(name for name in self.extra_attributes if name.lower() in visible) or "none"
+        lookup.trace("search", f"read {names} of {dn} as the service account: present: {present}")
+        return found[0]

@@ -79,6 +79,10 @@ class LDAPMethod:
         credentials = await self.extensions.update_credentials(request)
         lookup = Lookup(settings, request, search_filter, self._attributes, self.id)
         lookup.username, lookup.password = credentials.username, credentials.password
+        if credentials.read_entry_first:
+            lookup.before_bind = lambda connection, dn, entry: self.extensions.entry_before_bind(
+                connection, lookup, credentials, dn, entry
+            )
         two_connections = self._binds_elsewhere and getattr(self.pool, "keeps_connections", False)
         if two_connections:
             lookup.user_bind = lambda dn, password: self._bind_on_another_connection(request, dn, password)

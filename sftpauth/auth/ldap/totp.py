@@ -1,17 +1,22 @@
 """TOTP appended to the password: ``python:sftpauth.ldap.totp.AugmentedTOTP``.
 
 The user types password and code as one string (``SecretPass123456``). The
-last ``digits`` characters (6 unless ``extension_configuration`` says
-``"digits": 8``) are the code; the rest is the password sent to the BIND.
+last N characters are the code; the rest is the password sent to the BIND.
 Only after the BIND succeeded is the code checked against the otpauth URI in
 ``mfa_attribute`` (RFC 6238 with the URI's algorithm, digits and period, one
 step of drift each way), so a wrong password and a wrong code take the same
 path up to the BIND and nobody learns which factor was wrong.
 
-The split happens before the entry (and so the URI) is read: the BIND needs
-the password without the code. So the number of digits is configured, and a
-URI that asks for another number rejects the login (``totp-invalid-secret``)
-instead of guessing.
+N is the URI's ``digits`` (SPEC: "N from the URI, default 6"). The split must
+happen before the BIND, so the URI is read before it where that is possible:
+``bind_dn_type = search`` finds the entry, secret included, with the service
+account; ``parent``, ``relative`` and ``absolute`` read the candidate DN as
+the service account just before its BIND (only when a service account is
+configured). Otherwise (``direct-username``, or no service account) the
+default 6 is used, and a URI that asks for another number rejects the login
+(``totp-invalid-secret``) instead of guessing. ``"digits": N`` in
+``extension_configuration`` fixes N for every account and skips the early
+read.
 
 A code that let somebody in is claimed in the shared replay store, keyed on
 method, entry DN, time step and code, until it can no longer be valid; a
@@ -42,6 +47,7 @@ ALLOWED_DIGITS = (6, 7, 8)
 DRIFTS = (0, -1, 1)  # steps tried, the current one first
 URI_PREFIX = "otpauth://totp/"
 _CODE = "totp-code"
+_TYPED = "totp-typed"  # password and code as typed, while N is not known yet
 _ALGORITHMS = ("SHA1", "SHA256", "SHA512")
 _KEYS = ("digits", "mfa_attribute")
 
@@ -99,6 +105,18 @@ def step_drift(drift: int) -> str:
     return f"{drift:+d}" if drift else "0"
 
 
+def _split(credentials: LDAPCredentials, typed: str, digits: int, why: str) -> None:
+    """The last ``digits`` characters of ``typed`` become the code, the rest the BIND password."""
+    if len(typed) < digits + 1:
+        raise LoginFailed("totp-wrong-code", f"the password is too short to end with a {digits}-digit TOTP code{why}")
+    code = typed[-digits:]
+    if not re.fullmatch(r"[0-9]+", code):
+        raise LoginFailed("totp-wrong-code", f"the password does not end with a {digits}-digit TOTP code{why}")
+    credentials.password = typed[:-digits]
+    credentials.data[_CODE] = code
+    credentials.trace("totp", f"the last {digits} characters are the TOTP code; the rest is the password{why}")
+
+
 def replay_key(method_id: str, dn: str, step: int, code: str) -> str:
     """The replay store's key: bounded in size and free of the DN's and code's text."""
     try:
@@ -127,31 +145,42 @@ class AugmentedTOTP:
             checks.attribute(attribute.strip())
         except ValidateError as error:
             raise ValueError(f'"mfa_attribute": {error}') from None
-        digits = configuration.get("digits", DEFAULT_DIGITS)
-        if isinstance(digits, bool) or digits not in ALLOWED_DIGITS:
+        digits = configuration.get("digits")
+        if digits is not None and (isinstance(digits, bool) or digits not in ALLOWED_DIGITS):
             raise ValueError(f'"digits": {digits!r} is not allowed; allowed: 6, 7, 8 (the digits of the users\' otpauth URIs)')
         self.mfa_attribute = attribute.strip()
-        self.digits = int(digits)
+        # None: each account's URI says (default 6); a number: the same for every account.
+        self.digits = None if digits is None else int(digits)
 
     def secondFactorDigits(self) -> int:
-        """Optional hook: SSH keyboard-interactive asks for a code of this many digits."""
-        return self.digits
+        """Optional hook: SSH keyboard-interactive asks for a code (of this many digits, unless the URI says)."""
+        return self.digits or DEFAULT_DIGITS
 
     def getExtraAttributes(self) -> tuple[str, ...]:
         return (self.mfa_attribute,)
 
     def updateCredentials(self, credentials: LDAPCredentials) -> LDAPCredentials:
-        """Split the code off the password, before any LDAP traffic."""
-        digits = self.digits
+        """Split the code off the password, before any LDAP traffic (6 digits until a URI says otherwise)."""
         password = credentials.password
-        if len(password) < digits + 1:
-            raise LoginFailed("totp-wrong-code", f"the password is too short to end with a {digits}-digit TOTP code")
-        code = password[-digits:]
-        if not re.fullmatch(r"[0-9]+", code):
-            raise LoginFailed("totp-wrong-code", f"the password does not end with a {digits}-digit TOTP code")
-        credentials.password = password[:-digits]
-        credentials.data[_CODE] = code
-        credentials.trace("totp", f"the last {digits} characters are the TOTP code; the rest is the password")
+        _split(credentials, password, self.digits or DEFAULT_DIGITS, "")
+        if self.digits is None:
+            credentials.data[_TYPED] = password
+            credentials.read_entry_first = True
+        return credentials
+
+    def updateCredentialsFromEntry(self, credentials: LDAPCredentials, entry: Entry) -> LDAPCredentials:
+        """Optional hook, before the user's BIND: split again with the digits of the entry's URI."""
+        typed = credentials.data.get(_TYPED)
+        if typed is None:
+            return credentials
+        values = [value for value in entry.get(self.mfa_attribute) if value.strip()]
+        try:
+            otp = parse_totp_uri(values[0]) if len(values) == 1 else None
+        except InvalidTOTPURI:
+            otp = None  # refused after the BIND, with the reason (augmentEntry)
+        if otp is None or otp.digits == len(credentials.data[_CODE]):
+            return credentials
+        _split(credentials, typed, otp.digits, f" (the otpauth URI of {entry.dn} asks for {otp.digits} digits)")
         return credentials
 
     def augmentEntry(self, entry: Entry, credentials: LDAPCredentials, client) -> defer.Deferred:
@@ -173,11 +202,18 @@ class AugmentedTOTP:
             otp = parse_totp_uri(values[0])
         except InvalidTOTPURI as error:
             raise LoginFailed("totp-invalid-secret", f"{attribute} of {entry.dn}: {error}") from None
-        if otp.digits != self.digits:
+        if otp.digits != len(code):
+            if self.digits is not None:
+                why = f'set "digits": {otp.digits} for every user or none'
+            else:
+                why = (
+                    "sftpauth could not read the URI before the BIND, which needs a service_account_dn and "
+                    f'bind_dn_type search, parent, relative or absolute; or set "digits": {otp.digits} for every user'
+                )
             raise LoginFailed(
                 "totp-invalid-secret",
-                f"{attribute} of {entry.dn} asks for {otp.digits}-digit codes but the extension splits "
-                f'{self.digits} digits off the password (set "digits": {otp.digits} for every user or none)',
+                f"{attribute} of {entry.dn} asks for {otp.digits}-digit codes but the last {len(code)} characters "
+                f"of the password were taken as the code ({why})",
             )
         credentials.trace("totp", f"{attribute}: otpauth URI ({describe_totp(otp)})")
         now = credentials.clock.seconds()
