@@ -31,6 +31,14 @@ class InvalidPath(Exception):
     """A client path that can never be valid (NUL, too long, not UTF-8)."""
 
 
+class OffsetPastEnd(ValueError):
+    """A restart offset (FTP ``REST``) beyond the end of the file."""
+
+    def __init__(self, offset: int, size: int):
+        self.offset, self.size = offset, size
+        super().__init__(f"the offset {offset} is past the end of the file ({size} bytes)")
+
+
 class OutsideJail(Exception):
     """A path whose real location is outside the home folder."""
 
@@ -72,6 +80,15 @@ def resolve(root: str, client_path: Union[str, bytes], cwd: str = "/") -> str:
     if real != root and not real.startswith(root.rstrip(os.sep) + os.sep):
         raise OutsideJail(virtual)
     return real
+
+
+def _seek(file, offset: int) -> None:
+    """Position an open file at ``offset``, which may be its end but not past it (closed then)."""
+    size = os.fstat(file.fileno()).st_size
+    if offset > size:
+        file.close()
+        raise OffsetPastEnd(offset, size)
+    file.seek(offset)
 
 
 def is_inside(root: str, path: str) -> bool:
@@ -162,23 +179,35 @@ class JailedFilesystem:
         entries.sort(key=lambda item: item[0])
         return entries
 
-    def open_for_reading(self, client_path, cwd: str = "/") -> defer.Deferred:
-        return self._call(Permission.READ, client_path, cwd, self._open_read)
+    def open_for_reading(self, client_path, cwd: str = "/", offset: int = 0) -> defer.Deferred:
+        """The file, positioned at ``offset`` (a resumed download); OffsetPastEnd beyond its end."""
+        return self._call(Permission.READ, client_path, cwd, self._open_read, offset)
 
     @staticmethod
-    def _open_read(real: str):
+    def _open_read(real: str, offset: int):
         if os.path.isdir(real):
             raise IsADirectoryError(errno.EISDIR, "is a folder", real)
-        return open(real, "rb")
+        file = open(real, "rb")
+        if offset:
+            _seek(file, offset)
+        return file
 
-    def open_for_writing(self, client_path, cwd: str = "/", append: bool = False) -> defer.Deferred:
-        return self._call(Permission.WRITE, client_path, cwd, self._open_write, append)
+    def open_for_writing(
+        self, client_path, cwd: str = "/", append: bool = False, offset: int = 0
+    ) -> defer.Deferred:
+        """A new or emptied file; ``append``: written at its end; ``offset``: kept up to it, written from it (a resumed upload)."""
+        return self._call(Permission.WRITE, client_path, cwd, self._open_write, append, offset)
 
     @staticmethod
-    def _open_write(real: str, append: bool):
+    def _open_write(real: str, append: bool, offset: int):
         if os.path.isdir(real):
             raise IsADirectoryError(errno.EISDIR, "is a folder", real)
-        return open(real, "ab" if append else "wb")
+        if not offset:
+            return open(real, "ab" if append else "wb")
+        file = open(real, "r+b")  # an upload resumed at offset: the file must exist
+        _seek(file, offset)
+        file.truncate()
+        return file
 
     def open_file(self, client_path, flags: int, mode: int = 0o644, cwd: str = "/") -> defer.Deferred:
         """``os.open`` with SFTP-style flags; WRITE for any write flag, READ otherwise."""

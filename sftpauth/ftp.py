@@ -18,6 +18,10 @@ What sftpauth changes in Twisted's FTP protocol, and why:
 * a passive data connection is only accepted from the control connection's
   address and ``PORT``/``EPRT`` only to it (no FXP bounce or data theft);
 * transfers are always binary, also after ``TYPE A`` (as vsftpd does);
+* ``REST n`` (RFC 3659, ``REST STREAM``) resumes the next ``RETR`` at byte
+  n, or the next ``STOR`` (the file keeps its first n bytes and is written
+  from there); any other command in between cancels it, and an offset past
+  the end of the file is 554;
 * ``LIST`` shows the account and its primary group as every file's owner
   and group, as SFTP listings do (the files belong to the server's own
   system user; no name lookup per listing);
@@ -87,7 +91,7 @@ from zope.interface import implementer
 from sftpauth.auth.credentials import LoginRequest
 from sftpauth.config.errors import ConfigError, ConfigProblem
 from sftpauth.config.models import FTPServiceSettings
-from sftpauth.filesystem import InvalidPath, JailedFilesystem, OutsideJail
+from sftpauth.filesystem import InvalidPath, JailedFilesystem, OffsetPastEnd, OutsideJail
 from sftpauth.listening import listening_service
 from sftpauth.permissions import PermissionDenied
 from sftpauth.realm import SessionInfo
@@ -148,6 +152,8 @@ def ftp_error(failure: Failure, virtual: str) -> ftp.FTPCmdError:
         return ftp.PermissionDeniedError(virtual)
     if isinstance(error, (OutsideJail, FileNotFoundError)):
         return ftp.FileNotFoundError(virtual)
+    if isinstance(error, OffsetPastEnd):
+        return FTPReplyError(554, f"Requested action not taken: invalid REST parameter ({error}).")
     if isinstance(error, InvalidPath):
         return FTPReplyError(553, f"File name not allowed: {error}.")
     if isinstance(error, IsADirectoryError):
@@ -283,15 +289,15 @@ class JailedFTPShell:
         """Not in IFTPShell: MFMT (needs allow-write, as SFTP's setstat does)."""
         return self._call(path, lambda virtual: self.filesystem.set_times(virtual, modified, modified))
 
-    def openForReading(self, path):
+    def openForReading(self, path, offset: int = 0):
         def opened(file) -> "FileDownload":
             return FileDownload(self.filesystem, file)
 
-        return self._call(path, lambda virtual: self.filesystem.open_for_reading(virtual).addCallback(opened))
+        return self._call(path, lambda virtual: self.filesystem.open_for_reading(virtual, offset=offset).addCallback(opened))
 
-    def openForWriting(self, path, append: bool = False):
+    def openForWriting(self, path, append: bool = False, offset: int = 0):
         def open_(virtual: str) -> defer.Deferred:
-            return self.filesystem.open_for_writing(virtual, append=append).addCallback(
+            return self.filesystem.open_for_writing(virtual, append=append, offset=offset).addCallback(
                 lambda file: FileUpload(self.filesystem, file, virtual)
             )
 
@@ -768,7 +774,7 @@ class SftpauthFTP(ftp.FTP):
 
     _encoding = "utf-8"
     PUBLIC_COMMANDS = ["FEAT", "QUIT", "OPTS", "NOOP", "AUTH", "PBSZ", "PROT", "CCC"]
-    FEATURES = ["EPRT", "EPSV", "MDTM", "MFMT", "PASV", "SIZE", "TYPE A;I", "UTF8"]
+    FEATURES = ["EPRT", "EPSV", "MDTM", "MFMT", "PASV", "REST STREAM", "SIZE", "TYPE A;I", "UTF8"]
     MAX_LENGTH = 16384  # longer command lines are refused and the connection closed
 
     factory: "FTPServiceFactory"
@@ -781,6 +787,7 @@ class SftpauthFTP(ftp.FTP):
     _pbsz = False
     _protection = "C"  # PROT: "C" clear or "P" private data connections
     _close_deadline = None  # the abort of a connection being closed (_close_connection)
+    _restart = 0  # REST: the offset of the next RETR or STOR
 
     # -- connection ---------------------------------------------------------------
 
@@ -895,6 +902,8 @@ class SftpauthFTP(ftp.FTP):
 
     def processCommand(self, cmd: str, *params: str):
         cmd = cmd.upper()
+        if cmd not in ("REST", "RETR", "STOR"):
+            self._restart = 0  # RFC 3659: REST applies to the transfer command right after it
         if self.state == self.RENAMING and cmd != "RNTO" and cmd not in self.PUBLIC_COMMANDS:
             self.state = self.AUTHED
             self.__dict__.pop("_fromName", None)
@@ -1423,7 +1432,16 @@ class SftpauthFTP(ftp.FTP):
 
     # -- transfers ----------------------------------------------------------------
 
+    def ftp_REST(self, marker):
+        marker = marker.strip()
+        if not (marker.isascii() and marker.isdigit()) or len(marker) > 19:
+            self._restart = 0
+            return defer.fail(FTPReplyError(501, "REST takes a byte offset (a whole number)."))
+        self._restart = int(marker)
+        return Reply(f"350 Restarting at {self._restart}. Send RETR or STOR to resume the transfer.")
+
     def ftp_RETR(self, path):
+        offset, self._restart = self._restart, 0
         dtp = self._data_channel()
         segments = self._segments(path)
 
@@ -1437,16 +1455,17 @@ class SftpauthFTP(ftp.FTP):
 
             return self._when_secured(file, dtp).addCallbacks(send, refused)
 
-        deferred = self.shell.openForReading(segments).addCallback(opened)
+        deferred = self.shell.openForReading(segments, offset).addCallback(opened)
         return deferred.addBoth(self._transfer_done)
 
     def ftp_STOR(self, path):
-        return self._receive(path, append=False)
+        offset, self._restart = self._restart, 0
+        return self._receive(path, append=False, offset=offset)
 
     def ftp_APPE(self, path):
         return self._receive(path, append=True)
 
-    def _receive(self, path: str, append: bool):
+    def _receive(self, path: str, append: bool, offset: int = 0):
         dtp = self._data_channel()
         segments = self._segments(path)
 
@@ -1465,7 +1484,7 @@ class SftpauthFTP(ftp.FTP):
             receiving = file.receive().addCallback(start).addBoth(close)
             return receiving.addCallbacks(lambda ignored: (ftp.TXFR_COMPLETE_OK,), self._transfer_failed)
 
-        deferred = self.shell.openForWriting(segments, append=append).addCallback(opened)
+        deferred = self.shell.openForWriting(segments, append=append, offset=offset).addCallback(opened)
         return deferred.addBoth(self._transfer_done)
 
 

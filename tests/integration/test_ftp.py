@@ -246,6 +246,53 @@ def test_appe_appends_to_a_file(ftp_server):
     client.quit()
 
 
+def test_rest_resumes_a_download_at_the_offset(ftp_server):
+    """REST n then RETR sends the file from byte n (FEAT says REST STREAM)."""
+    data = random.Random(11).randbytes(200_000)
+    client = ftp_server.client()
+    assert " REST STREAM" in client.sendcmd("FEAT").splitlines()
+    upload(client, "resume-down.bin", data)
+    out = io.BytesIO()
+    client.retrbinary("RETR resume-down.bin", out.write, rest=123_456)
+    assert out.getvalue() == data[123_456:]
+    out = io.BytesIO()
+    client.retrbinary("RETR resume-down.bin", out.write, rest=len(data))  # the end: nothing left to send
+    assert out.getvalue() == b""
+    client.quit()
+
+
+def test_rest_resumes_an_upload_keeping_the_first_bytes(ftp_server):
+    """REST n then STOR keeps the file's first n bytes and writes the rest from n (what was after n is replaced)."""
+    data = random.Random(12).randbytes(150_000)
+    client = ftp_server.client()
+    upload(client, "resume-up.bin", data[:100_000] + b"x" * 5_000)  # an interrupted upload with junk at its end
+    reply = client.storbinary("STOR resume-up.bin", io.BytesIO(data[100_000:]), rest=100_000)
+    assert reply.startswith("226")
+    assert (ftp_server.home("alice") / "resume-up.bin").read_bytes() == data
+    client.quit()
+
+
+def test_rest_past_the_end_or_not_a_number_is_refused_and_rest_is_forgotten(ftp_server):
+    """An offset past the end is 554, a bad one 501; another command between REST and RETR cancels it."""
+    client = ftp_server.client()
+    upload(client, "short.txt", b"0123456789")
+    with pytest.raises(ftplib.error_perm, match="^554"):
+        client.retrbinary("RETR short.txt", io.BytesIO().write, rest=11)
+    with pytest.raises(ftplib.error_perm, match="^554"):
+        client.storbinary("STOR short.txt", io.BytesIO(b"more"), rest=11)
+    assert (ftp_server.home("alice") / "short.txt").read_bytes() == b"0123456789"  # nothing lost
+    with pytest.raises(ftplib.error_perm, match="^501"):
+        client.sendcmd("REST -5")
+    with pytest.raises(ftplib.error_perm, match="^501"):
+        client.sendcmd("REST five")
+    with pytest.raises(ftplib.error_perm, match="^550"):
+        client.storbinary("STOR missing.txt", io.BytesIO(b"x"), rest=1)  # nothing to resume
+    assert client.sendcmd("REST 4").startswith("350")
+    client.sendcmd("NOOP")
+    assert download(client, "short.txt") == b"0123456789"  # NOOP cancelled the REST
+    client.quit()
+
+
 def test_an_upload_cut_off_by_a_reset_is_not_a_success(ftp_server):
     """When the data connection of a STOR is reset, the reply is 426, not 226, and the session goes on."""
     raw = RawControl(ftp_server.port)
@@ -724,6 +771,21 @@ def test_lftp_uploads_lists_and_downloads(ftp_server, lftp, tmp_path):
     assert b"lftp-up.bin" in result.stdout
     assert (tmp_path / "lftp-down.bin").read_bytes() == data
     assert (ftp_server.home("alice") / "lftp-dir" / "lftp-up.bin").read_bytes() == data
+
+
+def test_lftp_continues_interrupted_transfers(ftp_server, lftp, tmp_path):
+    """lftp's get -c and put -c resume from what is already there (REST), and the results are whole."""
+    data = random.Random(8).randbytes(400_000)
+    (ftp_server.home("alice") / "lftp-resume-down.bin").write_bytes(data)
+    (tmp_path / "lftp-resume-down.bin").write_bytes(data[:150_000])  # a download cut off half way
+    (tmp_path / "lftp-resume-up.bin").write_bytes(data)
+    (ftp_server.home("alice") / "lftp-resume-up.bin").write_bytes(data[:250_000])  # an upload cut off
+    result = run_lftp(lftp, ftp_server, "debug 5; get -c lftp-resume-down.bin; put -c lftp-resume-up.bin", tmp_path)
+    log = result.stderr.decode(errors="replace")
+    assert result.returncode == 0, log
+    assert (tmp_path / "lftp-resume-down.bin").read_bytes() == data
+    assert (ftp_server.home("alice") / "lftp-resume-up.bin").read_bytes() == data
+    assert "350 Restarting at 150000" in log and "350 Restarting at 250000" in log, log  # resumed, not sent in full
 
 
 def test_lftp_with_a_wrong_password_fails(ftp_server, lftp, tmp_path):

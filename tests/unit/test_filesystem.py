@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from sftpauth.filesystem import InvalidPath, JailedFilesystem, OutsideJail, resolve, virtual_path
+from sftpauth.filesystem import InvalidPath, JailedFilesystem, OffsetPastEnd, OutsideJail, resolve, virtual_path
 from sftpauth.permissions import FULL_CONTROL, Permission, PermissionDenied
 
 # -- virtual_path --------------------------------------------------------------------
@@ -262,6 +262,35 @@ def test_open_file_write_lands_inside(make_fs, root, result_of):
         os.close(fd)
     with open(os.path.join(root, "new.txt"), "rb") as written:
         assert written.read() == b"data"
+
+
+def test_offsets_resume_reads_and_writes(make_fs, root, result_of):
+    """open_for_reading(offset) starts there; open_for_writing(offset) keeps the bytes before it and drops the rest."""
+    fs = make_fs()
+    with open(os.path.join(root, "resume.bin"), "wb") as file:
+        file.write(b"0123456789")
+    with result_of(fs.open_for_reading("/resume.bin", offset=4)) as file:
+        assert file.read() == b"456789"
+    with result_of(fs.open_for_reading("/resume.bin", offset=10)) as file:
+        assert file.read() == b""
+    with result_of(fs.open_for_writing("/resume.bin", offset=6)) as file:
+        file.write(b"ab")
+    with open(os.path.join(root, "resume.bin"), "rb") as file:
+        assert file.read() == b"012345ab"
+
+
+def test_offsets_past_the_end_or_on_a_missing_file_are_refused(make_fs, root, result_of):
+    """Past the end: OffsetPastEnd and the file unchanged; resuming an upload needs the file."""
+    fs = make_fs()
+    with pytest.raises(OffsetPastEnd, match="offset 2 is past the end of the file .1 bytes."):
+        result_of(fs.open_for_reading("/a.txt", offset=2))
+    with pytest.raises(OffsetPastEnd):
+        result_of(fs.open_for_writing("/a.txt", offset=2))
+    with open(os.path.join(root, "a.txt"), "rb") as file:
+        assert file.read() == b"a"
+    with pytest.raises(FileNotFoundError):
+        result_of(fs.open_for_writing("/not-there.bin", offset=1))
+    assert not os.path.exists(os.path.join(root, "not-there.bin"))
 
 
 def test_reading_through_an_outside_symlink_is_refused(make_fs, result_of):
