@@ -18,6 +18,9 @@ What sftpauth changes in Twisted's FTP protocol, and why:
 * a passive data connection is only accepted from the control connection's
   address and ``PORT``/``EPRT`` only to it (no FXP bounce or data theft);
 * transfers are always binary, also after ``TYPE A`` (as vsftpd does);
+* ``MLSD`` and ``MLST`` (RFC 3659) give machine-readable listings: type,
+  size, exact UTC modification time, and ``perm`` from the primary group's
+  permissions (so a client knows what it may do before it tries);
 * ``REST n`` (RFC 3659, ``REST STREAM``) resumes the next ``RETR`` at byte
   n, or the next ``STOR`` (the file keeps its first n bytes and is written
   from there); any other command in between cancels it, and an offset past
@@ -93,7 +96,7 @@ from sftpauth.config.errors import ConfigError, ConfigProblem
 from sftpauth.config.models import FTPServiceSettings
 from sftpauth.filesystem import InvalidPath, JailedFilesystem, OffsetPastEnd, OutsideJail
 from sftpauth.listening import listening_service
-from sftpauth.permissions import PermissionDenied
+from sftpauth.permissions import Permission, PermissionDenied
 from sftpauth.realm import SessionInfo
 from sftpauth.runtime import Runtime
 from sftpauth.tls import CertificateProblem, ReloadOnSIGHUP, ServerTLS, can_check_session_reuse, session_reused
@@ -226,6 +229,32 @@ def stat_values(result: os.stat_result, keys: Iterable[str], owner: str, group: 
     return values
 
 
+MLST_FACTS = ("type", "size", "modify", "perm")  # offered, in this order (FEAT, OPTS MLST)
+# RFC 3659 7.5.5 "perm" letters and the permission each needs.
+_FILE_PERMS = (
+    ("a", Permission.WRITE), ("d", Permission.DELETE_FILE), ("f", Permission.RENAME),
+    ("r", Permission.READ), ("w", Permission.WRITE),
+)
+_FOLDER_PERMS = (
+    ("c", Permission.WRITE), ("d", Permission.DELETE_FOLDER), ("e", None), ("f", Permission.RENAME),
+    ("l", Permission.LIST), ("m", Permission.CREATE_FOLDER), ("p", Permission.DELETE_FILE),
+)
+
+
+def mlsx_facts(result: os.stat_result, permissions: frozenset, facts: Sequence[str] = MLST_FACTS) -> str:
+    """The RFC 3659 facts of one entry (``type=file;size=3;...;``), those of ``facts`` only."""
+    folder = stat_module.S_ISDIR(result.st_mode)
+    values = {
+        "type": "dir" if folder else "file",
+        "size": None if folder else str(result.st_size),
+        "modify": time.strftime("%Y%m%d%H%M%S", time.gmtime(result.st_mtime)),
+        "perm": "".join(
+            letter for letter, needed in (_FOLDER_PERMS if folder else _FILE_PERMS) if needed is None or needed in permissions
+        ),
+    }
+    return "".join(f"{name}={values[name]};" for name in facts if values[name] is not None)
+
+
 @implementer(ftp.IFTPShell)
 class JailedFTPShell:
     """IFTPShell of one session: Twisted's segment lists on a JailedFilesystem."""
@@ -282,6 +311,22 @@ class JailedFTPShell:
 
         def entries(listing: list[tuple[str, os.stat_result]]) -> list[tuple[str, list[Any]]]:
             return [(name, stat_values(result, keys, self.owner, self.group)) for name, result in listing]
+
+        return self._call(path, lambda virtual: self.filesystem.list_directory(virtual).addCallback(entries))
+
+    def facts(self, path, facts: Sequence[str] = MLST_FACTS):
+        """Not in IFTPShell: MLST's facts of one path."""
+        permissions = self.filesystem.permissions
+        return self._call(
+            path, lambda virtual: self.filesystem.stat(virtual).addCallback(mlsx_facts, permissions, facts)
+        )
+
+    def list_facts(self, path, facts: Sequence[str] = MLST_FACTS):
+        """Not in IFTPShell: MLSD's (name, facts) of each entry of a folder."""
+        permissions = self.filesystem.permissions
+
+        def entries(listing: list[tuple[str, os.stat_result]]) -> list[tuple[str, str]]:
+            return [(name, mlsx_facts(result, permissions, facts)) for name, result in listing]
 
         return self._call(path, lambda virtual: self.filesystem.list_directory(virtual).addCallback(entries))
 
@@ -775,6 +820,7 @@ class SftpauthFTP(ftp.FTP):
     _encoding = "utf-8"
     PUBLIC_COMMANDS = ["FEAT", "QUIT", "OPTS", "NOOP", "AUTH", "PBSZ", "PROT", "CCC"]
     FEATURES = ["EPRT", "EPSV", "MDTM", "MFMT", "PASV", "REST STREAM", "SIZE", "TYPE A;I", "UTF8"]
+    _mlst_facts = MLST_FACTS  # OPTS MLST chooses among them
     MAX_LENGTH = 16384  # longer command lines are refused and the connection closed
 
     factory: "FTPServiceFactory"
@@ -1009,6 +1055,7 @@ class SftpauthFTP(ftp.FTP):
 
     def ftp_FEAT(self):
         features = list(self.FEATURES)
+        features.append("MLST " + "".join(f"{name}{'*' if name in self._mlst_facts else ''};" for name in MLST_FACTS))
         if self._explicit_tls():
             features.append("AUTH TLS")
         if self._explicit_tls() or self.tls_options is not None:
@@ -1102,6 +1149,10 @@ class SftpauthFTP(ftp.FTP):
         words = option.upper().split()
         if words and words[0] == "UTF8" and len(words) <= 2:
             return Reply("200 Always in UTF8 mode.")
+        if words and words[0] == "MLST" and len(words) <= 2:
+            asked = words[1].lower().split(";") if len(words) == 2 else []
+            self._mlst_facts = tuple(name for name in MLST_FACTS if name in asked)  # unknown facts are ignored
+            return Reply("200 MLST OPTS " + "".join(f"{name};" for name in self._mlst_facts))
         return defer.fail(FTPReplyError(501, "Option not understood."))
 
     # -- data connections ---------------------------------------------------------
@@ -1429,6 +1480,29 @@ class SftpauthFTP(ftp.FTP):
 
         deferred = self.shell.list(segments).addCallback(self._when_secured, dtp).addCallback(send)
         return deferred.addBoth(self._transfer_done)
+
+    def ftp_MLSD(self, path=""):
+        dtp = self._data_channel()
+        segments = self._segments(path)
+
+        def send(entries):
+            for name, facts in entries:
+                dtp.sendLine(facts.encode("ascii") + b" " + _wire_name(name))
+            return (ftp.TXFR_COMPLETE_OK,)
+
+        deferred = self.shell.list_facts(segments, self._mlst_facts).addCallback(self._when_secured, dtp)
+        return deferred.addCallback(send).addBoth(self._transfer_done)
+
+    def ftp_MLST(self, path=""):
+        segments = self._segments(path)
+
+        def answer(facts: str):
+            shown = virtual_name(segments)
+            self.sendLine(f"250-Listing {shown}")
+            self.sendLine(f" {facts} {shown}")
+            return Reply("250 End")
+
+        return self.shell.facts(segments, self._mlst_facts).addCallback(answer)
 
     # -- transfers ----------------------------------------------------------------
 

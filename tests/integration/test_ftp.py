@@ -366,6 +366,29 @@ def test_list_and_nlst_show_the_folder(ftp_server):
     client.quit()
 
 
+def test_mlsd_and_mlst_give_exact_facts(ftp_server):
+    """MLSD lists type, size, UTC modify time to the second and perm; MLST answers for one path on the control line."""
+    client = ftp_server.client()
+    client.mkd("mlsx")
+    upload(client, "mlsx/data.bin", b"x" * 1234)
+    client.mkd("mlsx/inner")
+    os.utime(ftp_server.home("alice") / "mlsx" / "data.bin", (0, 1_700_000_123))
+    assert " MLST type*;size*;modify*;perm*;" in client.sendcmd("FEAT").splitlines()
+    entries = dict(client.mlsd("mlsx"))
+    assert entries == {
+        "data.bin": {"type": "file", "size": "1234", "modify": "20231114221523", "perm": "adfrw"},
+        "inner": {"type": "dir", "modify": entries["inner"]["modify"], "perm": "cdeflmp"},
+    }
+    reply = client.sendcmd("MLST mlsx/data.bin").splitlines()
+    assert reply == ["250-Listing /mlsx/data.bin", " type=file;size=1234;modify=20231114221523;perm=adfrw; /mlsx/data.bin", "250 End"]
+    with pytest.raises(ftplib.error_perm, match="^550"):
+        client.sendcmd("MLST mlsx/missing")
+    # OPTS MLST chooses the facts (ftplib sends it for facts=...); unknown names are ignored.
+    chosen = dict(client.mlsd("mlsx", facts=["size", "type", "colour"]))
+    assert chosen == {"data.bin": {"type": "file", "size": "1234"}, "inner": {"type": "dir"}}
+    client.quit()
+
+
 def test_rename_moves_a_file(ftp_server):
     """RNFR/RNTO renames a file; the old name is gone."""
     client = ftp_server.client()
@@ -470,6 +493,16 @@ def test_read_only_account_can_read_and_list(ftp_server):
     client = ftp_server.client("reader", "reader-pass")
     assert download(client, "notice.txt") == b"read me"
     assert "notice.txt" in client.nlst()
+    client.quit()
+
+
+def test_mlsd_perm_shows_what_a_read_only_account_may_do(ftp_server):
+    """perm follows the group's permissions: reading and listing only."""
+    (ftp_server.home("reader") / "shown.txt").write_bytes(b"r")
+    (ftp_server.home("reader") / "shown-folder").mkdir(exist_ok=True)
+    client = ftp_server.client("reader", "reader-pass")
+    perms = {name: facts["perm"] for name, facts in client.mlsd()}
+    assert perms["shown.txt"] == "r" and perms["shown-folder"] == "el"
     client.quit()
 
 
@@ -786,6 +819,23 @@ def test_lftp_continues_interrupted_transfers(ftp_server, lftp, tmp_path):
     assert (tmp_path / "lftp-resume-down.bin").read_bytes() == data
     assert (ftp_server.home("alice") / "lftp-resume-up.bin").read_bytes() == data
     assert "350 Restarting at 150000" in log and "350 Restarting at 250000" in log, log  # resumed, not sent in full
+
+
+def test_lftp_mirror_uses_mlsd_and_keeps_exact_times(ftp_server, lftp, tmp_path):
+    """lftp's mirror reads the folder with MLSD and gives the copies the server's modification times."""
+    folder = ftp_server.home("alice") / "mirrored"
+    (folder / "sub").mkdir(parents=True, exist_ok=True)
+    (folder / "one.txt").write_bytes(b"one")
+    (folder / "sub" / "two.txt").write_bytes(b"two")
+    os.utime(folder / "one.txt", (0, 1_600_000_007))
+    os.utime(folder / "sub" / "two.txt", (0, 1_500_000_009))
+    result = run_lftp(lftp, ftp_server, "debug 5; mirror mirrored local-copy", tmp_path)
+    log = result.stderr.decode(errors="replace")
+    assert result.returncode == 0, log
+    assert "MLSD" in log, log
+    assert (tmp_path / "local-copy" / "sub" / "two.txt").read_bytes() == b"two"
+    assert os.stat(tmp_path / "local-copy" / "one.txt").st_mtime == 1_600_000_007
+    assert os.stat(tmp_path / "local-copy" / "sub" / "two.txt").st_mtime == 1_500_000_009
 
 
 def test_lftp_with_a_wrong_password_fails(ftp_server, lftp, tmp_path):

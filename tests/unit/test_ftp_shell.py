@@ -21,7 +21,7 @@ from zope.interface.verify import verifyObject
 from sftpauth.auth.credentials import LoginRequest
 from sftpauth.config.models import FTPServiceSettings
 from sftpauth.filesystem import JailedFilesystem
-from sftpauth.ftp import FileDownload, FileUpload, FTPReplyError, FTPServiceFactory, JailedFTPShell
+from sftpauth.ftp import FileDownload, FileUpload, FTPReplyError, FTPServiceFactory, JailedFTPShell, mlsx_facts
 from sftpauth.permissions import FULL_CONTROL, Permission
 from sftpauth.realm import SessionInfo
 
@@ -575,3 +575,15 @@ def test_size_needs_read_or_list(home, run_in_thread):
     assert results == [[3]]
     writer = JailedFTPShell(JailedFilesystem(str(home), frozenset({Permission.WRITE}), run_in_thread))
     assert isinstance(failure_of(writer.stat(["f.txt"], ("size",))).value, twisted_ftp.PermissionDeniedError)
+
+
+def test_mlsx_facts_follow_the_permissions_and_the_chosen_facts():
+    """RFC 3659 facts: files and folders get the perm letters their group's permissions allow."""
+    file_stat = os.stat_result((0o100644, 0, 0, 1, 0, 0, 42, 0, 1_700_000_123, 0))
+    folder_stat = os.stat_result((0o040755, 0, 0, 2, 0, 0, 4096, 0, 1_700_000_123, 0))
+    assert mlsx_facts(file_stat, FULL_CONTROL) == "type=file;size=42;modify=20231114221523;perm=adfrw;"
+    assert mlsx_facts(folder_stat, FULL_CONTROL) == "type=dir;modify=20231114221523;perm=cdeflmp;"
+    read_only = frozenset({Permission.READ, Permission.LIST})
+    assert mlsx_facts(file_stat, read_only, ("perm",)) == "perm=r;"
+    assert mlsx_facts(folder_stat, read_only, ("type", "perm")) == "type=dir;perm=el;"
+    assert mlsx_facts(folder_stat, frozenset(), ("size",)) == ""
