@@ -17,6 +17,20 @@ _log = Logger()
 MAX_FIELD = 256
 
 
+def readable(value: str) -> str:
+    """``value`` as valid Unicode: bytes a client sent that are not UTF-8 (lone surrogates) become ``\\xff`` text.
+
+    Every reader of the audit log (the Web Manager, Redis, a JSON tool)
+    then gets text it can encode, and the administrator sees the bytes.
+    """
+    if value.isascii() or not any("\ud800" <= char <= "\udfff" for char in value):
+        return value
+    try:
+        return value.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # surrogates that are not escaped bytes
+        return value.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def shorten(value: str) -> str:
     """Keep audit lines bounded when a client sends a huge username."""
     if len(value) <= MAX_FIELD:
@@ -62,7 +76,7 @@ class AuditLog:
 
     def record(self, event: str, **fields: Any) -> dict:
         entry = {"time": self._now().isoformat(timespec="milliseconds"), "event": event}
-        entry.update({key: shorten(value) if isinstance(value, str) else value for key, value in fields.items()})
+        entry.update({key: shorten(readable(value)) if isinstance(value, str) else value for key, value in fields.items()})
         return self.publish(entry)
 
     def publish(self, entry: dict) -> dict:

@@ -15,7 +15,7 @@ from typing import Callable, Optional
 
 from twisted.internet import defer
 
-from sftpauth.audit import AuditLog
+from sftpauth.audit import AuditLog, readable
 
 TAIL_BYTES = 4 * 1024 * 1024
 MEMORY_EVENTS = 5000
@@ -45,7 +45,8 @@ def read_tail(path: str, max_bytes: int = TAIL_BYTES) -> list[dict]:
         except ValueError:
             continue
         if isinstance(entry, dict):
-            events.append(entry)
+            # A file written before audit.readable existed may hold escaped lone surrogates.
+            events.append({key: readable(value) if isinstance(value, str) else value for key, value in entry.items()})
     return events
 
 

@@ -731,6 +731,7 @@ def test_non_utf8_username_fails_the_login_only(ftp_server):
         lambda e: e["event"] == "authentication" and e["username"].startswith("al") and e["username"] != "alice"
     )
     assert event["reason"] == "invalid-username"
+    assert event["username"] == "al\\xffice"  # the byte as text: every reader of the audit log can show it
 
 
 def test_a_100_kb_username_is_refused_and_the_service_survives(ftp_server):

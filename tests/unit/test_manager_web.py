@@ -353,6 +353,22 @@ def test_api_events_filter_by_username_and_outcome(manager):
     assert page.text.count('<tr class="event">') == 1
 
 
+def test_events_show_usernames_that_were_not_utf8(manager):
+    """An FTP client's undecodable username (lone surrogates) is audited as \\xff text; the pages still answer.
+
+    Also for an audit file written before that, which holds the surrogates as JSON escapes.
+    """
+    m = manager()
+    m.audit.record("authentication", username="b\udcff\udcfeob", outcome="failure", reason="invalid-username")
+    with open(m.configuration.server.audit_log, "a", encoding="utf-8") as audit_file:
+        audit_file.write('{"event": "authentication", "username": "old\\udcff", "outcome": "failure"}\n')
+    m.login()
+    events = m.get("/api/v1/events?outcome=failure").json()["events"]
+    assert [event["username"] for event in events] == ["old\\xff", "b\\xff\\xfeob"]
+    page = m.get("/events")
+    assert page.status == 200 and "b\\xff\\xfeob" in page.text
+
+
 def test_events_without_an_audit_file_come_from_memory(manager):
     """With no [server] audit_log the events page shows what happened since start-up."""
     m = manager(audit_file=False)
