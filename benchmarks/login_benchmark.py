@@ -248,7 +248,7 @@ def main() -> None:
     parser.add_argument("--sources", choices=["many", "one"], default="many",
                         help="many (default): each concurrent client from its own 127.0.x.y address, as many "
                              "users are; one: all from 127.0.0.1, where sftpauth runs at most 2 logins of one "
-                             "address at once and refuses past 32 waiting (too-many-logins)")
+                             "address at once and queues the others (up to 1,000)")
     parser.add_argument("--sftp-client", choices=sorted(lib.SFTP_CLIENTS), default="libssh2",
                         help="the SFTP load generator: libssh2 (default, ssh2-python: about 1 ms of CPU per "
                              "login) or paramiko (5-7 ms, as much as sftpauth itself)")

@@ -60,13 +60,19 @@ from sftpauth.state import BanStore, FailureCount
 _log = Logger()
 
 # Failures that say nothing about the client: they never count towards a ban.
-NOT_COUNTED = frozenset({"banned", "source-filtered", "service-unavailable", "internal-error", "home-folder-missing"})
+# too-many-logins: a login refused before it ran says nothing about its credentials (a batch host
+# opening a hundred sessions at once must not ban itself).
+NOT_COUNTED = frozenset(
+    {"banned", "source-filtered", "service-unavailable", "internal-error", "home-folder-missing", "too-many-logins"}
+)
 REFUSAL_AUDIT_INTERVAL = 60.0  # seconds between two audited refusals of one address on one service
 # Fairness: logins of one source address that run at once in this process, and that may wait for
 # their turn; a flood from one address then holds at most this many threads (password hashing,
-# LDAP binds) and other addresses do not queue behind it.
+# LDAP binds) and other addresses do not queue behind it. A waiting login costs a Deferred beside
+# the connection it already holds, so the queue is long: a batch host or a NAT gateway opening a
+# few hundred sessions at once is served in turn, not refused.
 MAX_LOGINS_IN_PROGRESS = 2
-MAX_LOGINS_WAITING = 32
+MAX_LOGINS_WAITING = 1000
 _MAX_REFUSALS_TRACKED = 10_000
 MAX_MATCHED_USERNAME = 256  # longer usernames are refused by the chain's input check anyway
 MAX_BAN_END_TIMERS = 100_000  # pending ban-ended events per policy; past it, ends are not audited
@@ -299,7 +305,7 @@ class LoginSlots:
 
     Per process, whatever the service or policy: it protects this process's
     threads and CPU. One more waiting login is refused (``too-many-logins``,
-    counted towards a ban like any failure).
+    not counted towards a ban: it never ran).
     """
 
     def __init__(self, in_progress: int = MAX_LOGINS_IN_PROGRESS, waiting: int = MAX_LOGINS_WAITING):

@@ -12,7 +12,9 @@ from hypothesis import strategies as st
 from twisted.internet import address, defer, task
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
 
+from sftpauth.account import Account
 from sftpauth.audit import AuditLog
 from sftpauth.auth.chain import AuthenticationChain
 from sftpauth.auth.credentials import LoginRequest
@@ -26,6 +28,7 @@ from sftpauth.listening import (
     InvalidHeader,
     ProxyHeaderReader,
 )
+from sftpauth.permissions import FULL_CONTROL
 from sftpauth.state import (
     MemoryBanStore,
     RedisConnection,
@@ -685,8 +688,8 @@ def test_login_slots_let_two_logins_of_an_address_run_and_queue_the_rest(result_
     assert result_of(slots.acquire(""))() is None  # no address (test-login): never limited
 
 
-def test_chain_runs_at_most_two_logins_of_one_address_at_once(policies, recorder, run_in_thread, clock):
-    """A flood of parallel logins from one address reaches the methods two at a time."""
+def waiting_chain(policies, recorder, run_in_thread):
+    """A chain whose one method answers when the test fires the Deferreds in ``running``."""
     running = []
 
     class SlowMethod:
@@ -698,6 +701,12 @@ def test_chain_runs_at_most_two_logins_of_one_address_at_once(policies, recorder
             return answer
 
     chain = AuthenticationChain(configuration(POLICIES), {"DEFAULT-AUTHENTICATION": SlowMethod()}, recorder.audit, run_in_thread, policies=policies)
+    return chain, running
+
+
+def test_chain_runs_at_most_two_logins_of_one_address_at_once(policies, recorder, run_in_thread, clock):
+    """A flood of parallel logins from one address reaches the methods two at a time."""
+    chain, running = waiting_chain(policies, recorder, run_in_thread)
     reasons = []
     flood = [chain.requestAvatarId(request()) for _ in range(6)]
     other = chain.requestAvatarId(request(peer="198.51.100.99"))
@@ -804,3 +813,17 @@ def test_guard_sets_tcp_nodelay_on_every_accepted_connection(clock):
     factory = ConnectionGuardFactory(EchoFactory(), service_settings(), clock, None)
     factory.buildProtocol(transport.getPeer()).makeConnection(transport)
     assert transport.nodelay is True
+
+
+def test_a_burst_of_good_logins_from_one_address_is_served_in_turn(policies, recorder, run_in_thread, tmp_path):
+    """A batch host opening 100 sessions at once: all of them log in, two at a time, and nobody is refused."""
+    chain, running = waiting_chain(policies, recorder, run_in_thread)
+    outcomes = []
+    for _ in range(100):
+        chain.requestAvatarId(request()).addBoth(outcomes.append)
+    account = Account(username="alice", method_id="DEFAULT-AUTHENTICATION", home_folder=str(tmp_path), permissions=FULL_CONTROL, groups=("g",))
+    while any(not answer.called for answer in running):
+        assert sum(not answer.called for answer in running) <= 2
+        next(answer for answer in running if not answer.called).callback(account)
+    assert len(outcomes) == 100
+    assert [outcome for outcome in outcomes if isinstance(outcome, Failure)] == []
