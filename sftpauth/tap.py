@@ -38,12 +38,28 @@ class Options(usage.Options):
     def postOptions(self) -> None:
         if not self["config"]:
             raise usage.UsageError("--config FILE is required")
+        _no_default_pidfile(getattr(self, "parent", None), sys.argv)
         try:
             self["configuration"] = load_configuration(self["config"])
         except ConfigError as error:
             # A clear message and exit status 1, never a traceback.
             sys.stderr.write(f"sftpauth: cannot start, the configuration has errors:\n{error}\n")
             raise SystemExit(1)
+
+
+def _no_default_pidfile(twistd_options, argv: list[str]) -> None:
+    """In the foreground (``-n``), write no ``twistd.pid`` in the current folder unless ``--pidfile`` asks.
+
+    twistd's default would stop a second server started from the same folder
+    ("Another twistd server is running") and leave files behind; systemd,
+    containers and test suites track the process themselves. A daemon keeps
+    the default: it is how one stops it.
+    """
+    if twistd_options is None or not twistd_options.get("nodaemon"):
+        return
+    if any(arg == "--pidfile" or arg.startswith("--pidfile=") for arg in argv):
+        return
+    twistd_options["pidfile"] = ""
 
 
 def build_runtime(

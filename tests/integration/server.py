@@ -26,8 +26,13 @@ def free_port() -> int:
 class SftpauthServer:
     """A running sftpauth process; ``config`` is written to ``folder/sftpauth.ini``."""
 
-    def __init__(self, folder: Path, config: str, ports: tuple[int, ...] = ()):
+    def __init__(
+        self, folder: Path, config: str, ports: tuple[int, ...] = (), twistd_options: tuple[str, ...] = ("--pidfile=",),
+        cwd: Optional[Path] = None,
+    ):
         self.folder = Path(folder)
+        self.twistd_options = twistd_options
+        self.cwd = Path(cwd) if cwd is not None else self.folder
         self.folder.mkdir(parents=True, exist_ok=True)
         self.config_path = self.folder / "sftpauth.ini"
         self.config_path.write_text(config, encoding="utf-8")
@@ -40,8 +45,8 @@ class SftpauthServer:
         # twistd finds the plugin through sys.path, whatever kind of install this is.
         environment["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPOSITORY), environment.get("PYTHONPATH")]))
         self.process = subprocess.Popen(
-            [TWISTD, "-n", "--pidfile=", "--logfile", str(self.log_path), "sftpauth", "--config", str(self.config_path)],
-            cwd=self.folder,
+            [TWISTD, "-n", *self.twistd_options, "--logfile", str(self.log_path), "sftpauth", "--config", str(self.config_path)],
+            cwd=self.cwd,
             env=environment,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,

@@ -54,3 +54,36 @@ port = {port}
         f"cannot listen on 127.0.0.1:{port}: Address already in use" in log
     ), log
     assert "Traceback" not in log
+
+
+def test_two_servers_started_from_one_folder_both_run_and_leave_no_pid_file(tmp_path):
+    """twistd -n sftpauth --config FILE (SPEC's command) writes no twistd.pid, so a second server in that folder starts too."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    servers = []
+    for name in ("one", "two"):
+        port = free_port()
+        config = f"[server]\ndata_folder = {tmp_path}/{name}-data\n\n[services/ftp]\ntype = ftp\nport = {port}\n"
+        servers.append(SftpauthServer(tmp_path / name, config, ports=(port,), twistd_options=(), cwd=shared))
+    try:
+        for server in servers:
+            server.start()
+        assert all(server.process.poll() is None for server in servers)
+        assert list(shared.iterdir()) == []
+    finally:
+        statuses = [server.stop() for server in servers]
+    assert statuses == [0, 0], [server.log_tail() for server in servers]
+
+
+def test_an_explicit_pidfile_is_still_written(tmp_path):
+    """--pidfile FILE keeps twistd's pid file where it is asked for."""
+    port = free_port()
+    pidfile = tmp_path / "sftpauth.pid"
+    config = f"[server]\ndata_folder = {tmp_path}/data\n\n[services/ftp]\ntype = ftp\nport = {port}\n"
+    server = SftpauthServer(tmp_path / "run", config, ports=(port,), twistd_options=(f"--pidfile={pidfile}",))
+    try:
+        server.start()
+        assert pidfile.read_text().strip() == str(server.process.pid)
+    finally:
+        assert server.stop() == 0
+    assert not pidfile.exists()
