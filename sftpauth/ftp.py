@@ -18,6 +18,10 @@ What sftpauth changes in Twisted's FTP protocol, and why:
 * a passive data connection is only accepted from the control connection's
   address and ``PORT``/``EPRT`` only to it (no FXP bounce or data theft);
 * transfers are always binary, also after ``TYPE A`` (as vsftpd does);
+* after ``PASV``/``EPSV`` the next commands are answered at once; only the
+  transfer command waits for the client's data connection (425 after the
+  data timeout). Twisted's PASV waited for it, stalling e.g. ``TYPE I`` and
+  then answering an unsolicited 425 that put every later reply one late;
 * ``MLSD`` and ``MLST`` (RFC 3659) give machine-readable listings: type,
   size, exact UTC modification time, and ``perm`` from the primary group's
   permissions (so a client knows what it may do before it tries);
@@ -1171,7 +1175,6 @@ class SftpauthFTP(ftp.FTP):
                 raise ftp.PASVIPv6NotImplementedError()
             port = self._listen_passive(local)
             self.reply(ftp.ENTERING_PASV_MODE, ftp.encodeHostPort(str(announced), port))
-            return self._data_connected()
 
         return self._passive_address(local).addCallback(announce)
 
@@ -1210,7 +1213,6 @@ class SftpauthFTP(ftp.FTP):
                 raise ftp.UnsupportedNetworkProtocolError(str(family))
         port = self._listen_passive(local)
         self.reply(ftp.ENTERING_EPSV_MODE, port)
-        return self._data_connected()
 
     def _new_data_factory(self) -> tuple[_DataChannelFactory, Any]:
         """The data channel factory and what to listen or connect with (TLS around it for PROT P)."""
@@ -1241,17 +1243,17 @@ class SftpauthFTP(ftp.FTP):
         factory.setTimeout(self.dtpTimeout)
         self.dtpFactory = factory
         self.dtpPort = port
+
+        def not_connected(failure: Failure) -> None:
+            # The client never came within dtpTimeout: close the port quietly; the
+            # transfer command, if one is waiting, answers 425 (_with_data_channel).
+            if not failure.check(ftp.PortConnectionError):
+                _log.failure("FTP passive data connection", failure)
+            if self.dtpFactory is factory:
+                self._close_data_channel()
+
+        factory.deferred.addErrback(not_connected)
         return port.getHost().port
-
-    def _data_connected(self) -> defer.Deferred:
-        """Fires when the client opened the data connection (or 425)."""
-
-        def failed(failure: Failure):
-            failure.trap(ftp.PortConnectionError)
-            self._close_data_channel()
-            raise FTPReplyError(425, "Can't open data connection.")
-
-        return self.dtpFactory.deferred.addCallbacks(lambda ignored: None, failed)
 
     def ftp_PORT(self, address):
         if self._epsvAll:
@@ -1299,12 +1301,29 @@ class SftpauthFTP(ftp.FTP):
 
         return factory.deferred.addCallbacks(lambda ignored: ftp.ENTERING_PORT_MODE, failed)
 
-    def _data_channel(self):
-        """The connected data channel for a transfer, or 425."""
+    def _with_data_channel(self, transfer: Callable[[Any], Any]) -> defer.Deferred:
+        """``transfer(dtp)`` on the connected data channel, or 425.
+
+        After PASV/EPSV the client may send other commands before it connects
+        (those are answered at once); the transfer command waits for the
+        connection, up to the data timeout.
+        """
         dtp = self.dtpInstance
-        if dtp is None or not dtp.isConnected:
-            raise FTPReplyError(425, "Use PORT, EPRT, PASV or EPSV first.")
-        return dtp
+        if dtp is not None and dtp.isConnected:
+            return defer.maybeDeferred(transfer, dtp)
+        factory = self.dtpFactory
+        if factory is None or factory.deferred.called:
+            return defer.fail(FTPReplyError(425, "Use PORT, EPRT, PASV or EPSV first."))
+        connected = defer.Deferred()
+        factory.deferred.addBoth(lambda ignored: connected.callback(None))
+
+        def ready(ignored):
+            dtp = self.dtpInstance
+            if dtp is None or not dtp.isConnected:
+                raise FTPReplyError(425, "Can't open data connection.")
+            return transfer(dtp)
+
+        return connected.addCallback(ready)
 
     def _close_data_channel(self) -> None:
         """Forget the data channel; close its listening port; let sent data flush."""
@@ -1456,42 +1475,44 @@ class SftpauthFTP(ftp.FTP):
         return self._segments(path), None
 
     def ftp_LIST(self, path=""):
-        dtp = self._data_channel()
-        segments, glob = self._listing_target(path)
+        def transfer(dtp):
+            segments, glob = self._listing_target(path)
 
-        def send(entries):
-            for name, values in entries:
-                if glob is None or fnmatch.fnmatchcase(name, glob):
-                    dtp.sendListResponse(_wire_name(name), values)
-            return (ftp.TXFR_COMPLETE_OK,)
+            def send(entries):
+                for name, values in entries:
+                    if glob is None or fnmatch.fnmatchcase(name, glob):
+                        dtp.sendListResponse(_wire_name(name), values)
+                return (ftp.TXFR_COMPLETE_OK,)
 
-        deferred = self.shell.list(segments, LIST_KEYS).addCallback(self._when_secured, dtp).addCallback(send)
-        return deferred.addBoth(self._transfer_done)
+            return self.shell.list(segments, LIST_KEYS).addCallback(self._when_secured, dtp).addCallback(send)
+
+        return self._with_data_channel(transfer).addBoth(self._transfer_done)
 
     def ftp_NLST(self, path=""):
-        dtp = self._data_channel()
-        segments, glob = self._listing_target(path)
+        def transfer(dtp):
+            segments, glob = self._listing_target(path)
 
-        def send(entries):
-            for name, ignored in entries:
-                if glob is None or fnmatch.fnmatchcase(name, glob):
-                    dtp.sendLine(_wire_name(name))
-            return (ftp.TXFR_COMPLETE_OK,)
+            def send(entries):
+                for name, ignored in entries:
+                    if glob is None or fnmatch.fnmatchcase(name, glob):
+                        dtp.sendLine(_wire_name(name))
+                return (ftp.TXFR_COMPLETE_OK,)
 
-        deferred = self.shell.list(segments).addCallback(self._when_secured, dtp).addCallback(send)
-        return deferred.addBoth(self._transfer_done)
+            return self.shell.list(segments).addCallback(self._when_secured, dtp).addCallback(send)
+
+        return self._with_data_channel(transfer).addBoth(self._transfer_done)
 
     def ftp_MLSD(self, path=""):
-        dtp = self._data_channel()
-        segments = self._segments(path)
+        def transfer(dtp):
+            def send(entries):
+                for name, facts in entries:
+                    dtp.sendLine(facts.encode("ascii") + b" " + _wire_name(name))
+                return (ftp.TXFR_COMPLETE_OK,)
 
-        def send(entries):
-            for name, facts in entries:
-                dtp.sendLine(facts.encode("ascii") + b" " + _wire_name(name))
-            return (ftp.TXFR_COMPLETE_OK,)
+            listing = self.shell.list_facts(self._segments(path), self._mlst_facts)
+            return listing.addCallback(self._when_secured, dtp).addCallback(send)
 
-        deferred = self.shell.list_facts(segments, self._mlst_facts).addCallback(self._when_secured, dtp)
-        return deferred.addCallback(send).addBoth(self._transfer_done)
+        return self._with_data_channel(transfer).addBoth(self._transfer_done)
 
     def ftp_MLST(self, path=""):
         segments = self._segments(path)
@@ -1516,21 +1537,21 @@ class SftpauthFTP(ftp.FTP):
 
     def ftp_RETR(self, path):
         offset, self._restart = self._restart, 0
-        dtp = self._data_channel()
-        segments = self._segments(path)
 
-        def opened(file):
-            def send(ignored):
-                sending = file.send(_ProgressConsumer(dtp, self.resetTimeout))
-                return sending.addCallbacks(lambda ignored: (ftp.TXFR_COMPLETE_OK,), self._transfer_failed)
+        def transfer(dtp):
+            def opened(file):
+                def send(ignored):
+                    sending = file.send(_ProgressConsumer(dtp, self.resetTimeout))
+                    return sending.addCallbacks(lambda ignored: (ftp.TXFR_COMPLETE_OK,), self._transfer_failed)
 
-            def refused(failure: Failure):
-                return file.discard().addBoth(lambda ignored: failure)
+                def refused(failure: Failure):
+                    return file.discard().addBoth(lambda ignored: failure)
 
-            return self._when_secured(file, dtp).addCallbacks(send, refused)
+                return self._when_secured(file, dtp).addCallbacks(send, refused)
 
-        deferred = self.shell.openForReading(segments, offset).addCallback(opened)
-        return deferred.addBoth(self._transfer_done)
+            return self.shell.openForReading(self._segments(path), offset).addCallback(opened)
+
+        return self._with_data_channel(transfer).addBoth(self._transfer_done)
 
     def ftp_STOR(self, path):
         offset, self._restart = self._restart, 0
@@ -1540,26 +1561,26 @@ class SftpauthFTP(ftp.FTP):
         return self._receive(path, append=True)
 
     def _receive(self, path: str, append: bool, offset: int = 0):
-        dtp = self._data_channel()
-        segments = self._segments(path)
+        def transfer(dtp):
+            def opened(file):
+                def start(consumer):
+                    return self._when_secured(consumer, dtp).addCallback(
+                        lambda consumer: dtp.registerConsumer(_ProgressConsumer(consumer, self.resetTimeout))
+                    )
 
-        def opened(file):
-            def start(consumer):
-                return self._when_secured(consumer, dtp).addCallback(
-                    lambda consumer: dtp.registerConsumer(_ProgressConsumer(consumer, self.resetTimeout))
-                )
+                def close(result):
+                    closing = file.close()
+                    if isinstance(result, Failure):
+                        closing.addBoth(lambda ignored: result)  # the first error is the one to report
+                    return closing
 
-            def close(result):
-                closing = file.close()
-                if isinstance(result, Failure):
-                    closing.addBoth(lambda ignored: result)  # the first error is the one to report
-                return closing
+                receiving = file.receive().addCallback(start).addBoth(close)
+                return receiving.addCallbacks(lambda ignored: (ftp.TXFR_COMPLETE_OK,), self._transfer_failed)
 
-            receiving = file.receive().addCallback(start).addBoth(close)
-            return receiving.addCallbacks(lambda ignored: (ftp.TXFR_COMPLETE_OK,), self._transfer_failed)
+            opening = self.shell.openForWriting(self._segments(path), append=append, offset=offset)
+            return opening.addCallback(opened)
 
-        deferred = self.shell.openForWriting(segments, append=append, offset=offset).addCallback(opened)
-        return deferred.addBoth(self._transfer_done)
+        return self._with_data_channel(transfer).addBoth(self._transfer_done)
 
 
 class FTPServiceFactory(ftp.FTPFactory):

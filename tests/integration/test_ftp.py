@@ -680,6 +680,35 @@ def test_symlink_inside_the_home_folder_works(ftp_server):
 # -- bad input ----------------------------------------------------------------------------
 
 
+def test_commands_between_pasv_and_the_data_connection_are_answered_in_order(ftp_server):
+    """After PASV the client may send TYPE and NOOP before connecting: each is answered at once, in order.
+
+    Before, the server waited for the data connection (up to its 10 s
+    timeout) and then sent an unsolicited 425, so every later reply was one
+    command late.
+    """
+    raw = RawControl(ftp_server.port)
+    raw.command(b"USER alice")
+    assert raw.command(b"PASS alice-pass").startswith(b"230")
+    (ftp_server.home("alice") / "pasv-order.txt").write_bytes(b"in order")
+    host, port = ftplib.parse227(raw.command(b"PASV").decode())
+    raw.sock.settimeout(3)  # the old behaviour answered only after 10 s
+    assert raw.command(b"TYPE I").startswith(b"200")
+    assert raw.command(b"NOOP").startswith(b"200")
+    raw.sock.settimeout(TIMEOUT)
+    raw.send(b"RETR pasv-order.txt\r\n")  # sent before connecting: the transfer waits for the connection
+    data = socket.create_connection((host, port), timeout=TIMEOUT)
+    assert raw.reply()[:3] in (b"125", b"150")
+    received = b""
+    while chunk := data.recv(65536):
+        received += chunk
+    data.close()
+    assert received == b"in order"
+    assert raw.reply().startswith(b"226")
+    assert raw.command(b"NOOP").startswith(b"200")
+    raw.close()
+
+
 def test_malformed_commands_get_errors_and_the_connection_goes_on(ftp_server):
     """Unknown, malformed and argument-less commands get 5xx replies; the session keeps working."""
     raw = RawControl(ftp_server.port)

@@ -545,14 +545,32 @@ def test_pasv_defaults_to_the_address_the_client_connected_to():
     assert transport.value().startswith(b"227 Entering Passive Mode (10,0,0,5,")
 
 
-def test_unanswered_pasv_times_out_with_425():
-    """A passive port nobody connects to is closed after the data timeout with 425."""
+def test_unanswered_pasv_is_closed_quietly_and_the_transfer_gets_425():
+    """A passive port nobody connects to is closed after the data timeout, with no unsolicited reply; LIST then is 425."""
     protocol, transport, reactor = _logged_in(_settings())
     protocol.dataReceived(b"PASV\r\n")
     reactor.advance(0)
     transport.clear()
+    protocol.dataReceived(b"NOOP\r\n")  # answered at once, before any data connection
+    assert transport.value().startswith(b"200 ")
+    transport.clear()
     reactor.advance(protocol.dtpTimeout + 1)
+    assert transport.value() == b""
+    assert protocol.dtpFactory is None and protocol.dtpPort is None
+    protocol.dataReceived(b"LIST\r\n")
     assert transport.value().startswith(b"425 ")
+
+
+def test_a_transfer_sent_before_the_passive_connection_waits_for_it_then_gets_425_on_timeout():
+    """RETR right after PASV waits for the client's data connection; if none comes, 425 when the data timeout ends."""
+    protocol, transport, reactor = _logged_in(_settings())
+    protocol.dataReceived(b"PASV\r\n")
+    reactor.advance(0)
+    transport.clear()
+    protocol.dataReceived(b"RETR file.txt\r\n")
+    assert transport.value() == b""
+    reactor.advance(protocol.dtpTimeout + 1)
+    assert transport.value().startswith(b"425 Can't open data connection.")
     assert protocol.dtpFactory is None and protocol.dtpPort is None
 
 
