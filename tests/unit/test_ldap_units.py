@@ -464,3 +464,22 @@ def test_address_list_with_ports_and_ipv6():
     ).authentications["ldap"]
     assert method.address == (("ldap1.example.com", 1389), ("127.0.0.1", None), ("::1", 636))
     assert method.port == 10389
+
+
+def test_verify_hint_for_a_certificate_without_subject_alt_name():
+    """A CN-only certificate matches no address (service-identity reads subjectAltName): the hint says so, not "()"."""
+    import datetime
+
+    from sftpauth.auth.ldap.client import LDAPUnavailable, ServerAddress
+    from sftpauth.auth.ldap.tls import CertificateSummary, TLSReport
+    from sftpauth.auth.ldap.verify import _tls_hint
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+    summary = CertificateSummary("CN=ldap.example.com", "CN=CA", now, now + datetime.timedelta(days=30), ())
+    report = TLSReport("ldap.example.com", True, summary)
+    error = LDAPUnavailable("certificate name mismatch", kind="tls-name-mismatch")
+    hint = _tls_hint(error, report, None, ServerAddress("ldap.example.com", 636))
+    assert hint == (
+        "certificate name mismatch: the certificate has no subjectAltName (subject CN=ldap.example.com), "
+        "so no address can match it: reissue it with subjectAltName ldap.example.com"
+    )

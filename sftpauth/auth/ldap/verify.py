@@ -172,6 +172,12 @@ def _certificate_checks(server: str, report: TLSReport, tls: TLSPolicy) -> list[
 def _tls_hint(error: LDAPUnavailable, report: TLSReport, tls: TLSPolicy, address: ServerAddress) -> str:
     certificate = report.certificate
     if error.kind == "tls-name-mismatch":
+        if certificate is not None and not certificate.names:
+            # service-identity checks subjectAltName only: a CN-only certificate matches no name at all.
+            return (
+                f"certificate name mismatch: the certificate has no subjectAltName (subject {certificate.subject}), "
+                f"so no address can match it: reissue it with subjectAltName {address.host}"
+            )
         names = ", ".join(certificate.names) if certificate else "other names"
         return (
             f"certificate name mismatch: write in address a name the certificate has ({names}), "
