@@ -1013,6 +1013,9 @@ class SFTPServerTransport(transport.SSHServerTransport, TimeoutMixin):
 
     ourVersionString = VERSION_STRING
     _graceCall = None
+    # No compression: conch's "zlib" starts before authentication and inflates without a
+    # size limit on the reactor thread, so 1 MB from anyone became 1 GB (a zlib bomb).
+    supportedCompressions = [b"none"]
 
     def callLater(self, period: float, function: Callable[[], Any]) -> Any:  # TimeoutMixin's clock
         return self.factory.reactor.callLater(period, function)

@@ -843,3 +843,16 @@ def test_server_log_has_no_unhandled_errors(site):
     assert "Traceback" not in log
     assert "Unhandled" not in log
     assert site.server.process.poll() is None
+
+
+def test_ssh_compression_is_not_offered(site):
+    """No zlib (it would start before login and inflate without limit: a decompression bomb); a zlib-only client is refused."""
+    transport = paramiko.Transport(("127.0.0.1", site.port))
+    transport.get_security_options().compression = ("zlib",)
+    try:
+        with pytest.raises(paramiko.SSHException, match="compression"):
+            transport.start_client(timeout=20)
+    finally:
+        transport.close()
+    with ssh_transport(site.port, "alice", PASSWORDS["alice"]) as working:
+        assert working.remote_compression == "none"
