@@ -81,9 +81,9 @@ class AuditLog:
 
     def publish(self, entry: dict) -> dict:
         """Write a finished entry and tell the listeners (with workers, the parent publishes theirs: sftpauth.workers)."""
-        line = json.dumps(entry, ensure_ascii=False, sort_keys=False)
-        # Undecodable client bytes arrive as lone surrogates; a UTF-8 file cannot hold them.
-        line = line.encode("utf-8", "backslashreplace").decode("utf-8")
+        # record() already made the fields readable; an entry published as is (a worker's,
+        # through the parent) gets the same treatment: a UTF-8 file cannot hold lone surrogates.
+        line = readable(json.dumps(entry, ensure_ascii=False, sort_keys=False))
         with self._lock:
             if self._file is not None:
                 self._file.write(line + "\n")
