@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ftplib
 import os
+import random
 import re
 import signal
 import socket
@@ -224,12 +225,19 @@ class Site:
 
 
 def free_port_pair() -> int:
-    """A port p with p and p + 1 free now."""
-    for _ in range(50):
-        port = free_port()
-        with socket.socket() as probe:
+    """A port p with p and p + 1 free now, below the kernel's ephemeral range.
+
+    Ports from free_port() are ephemeral ones: any client socket of a later
+    test may then take p + 1 as its local port, and the passive range of two
+    ports had none free (seen once in CI).
+    """
+    first_ephemeral = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    for _ in range(200):
+        port = random.randrange(20000, first_ephemeral - 1)
+        with socket.socket() as low, socket.socket() as high:
             try:
-                probe.bind(("127.0.0.1", port + 1))
+                low.bind(("127.0.0.1", port))
+                high.bind(("127.0.0.1", port + 1))
                 return port
             except OSError:
                 continue
