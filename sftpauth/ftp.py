@@ -32,6 +32,9 @@ What sftpauth changes in Twisted's FTP protocol, and why:
 * ``LIST`` shows the account and its primary group as every file's owner
   and group, as SFTP listings do (the files belong to the server's own
   system user; no name lookup per listing);
+* listings are formatted in the thread pool (Twisted formats each line on
+  the reactor: 200,000 entries stopped every session for seconds), and
+  control characters in names are sent as ``?`` (no forged lines);
 * the session's logout runs when the connection ends (Twisted looks for
   ``shell.logout`` and so never calls the portal's logout).
 
@@ -75,7 +78,9 @@ import fnmatch
 import functools
 import inspect
 import ipaddress
+import io
 import os
+import re
 import stat as stat_module
 import time
 from typing import Any, Callable, Iterable, Optional, Sequence
@@ -90,6 +95,7 @@ from twisted.internet.interfaces import IHandshakeListener, IOpenSSLServerConnec
 from twisted.internet.ssl import TLSVersion
 from twisted.logger import Logger
 from twisted.protocols import ftp
+from twisted.protocols.basic import FileSender
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import filepath
 from twisted.python.failure import Failure
@@ -259,6 +265,41 @@ def mlsx_facts(result: os.stat_result, permissions: frozenset, facts: Sequence[s
     return "".join(f"{name}={values[name]};" for name in facts if values[name] is not None)
 
 
+_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
+_CONTROL_CHARACTERS = re.compile("[\x00-\x1f\x7f]")
+_LineFormat = Callable[[str, os.stat_result], bytes]  # one listing entry's line, without CRLF
+
+
+def listing_name(name: str) -> bytes:
+    """A name as listings send it: control characters as ``?`` (as ``ls -q`` shows them).
+
+    A name holding a line break (made over SFTP, or on the disk) would
+    otherwise forge listing lines, and an escape sequence would reach the
+    client's terminal.
+    """
+    return _wire_name(_CONTROL_CHARACTERS.sub("?", name))
+
+
+def list_line(name: str, result: os.stat_result, owner: str, group: str, this_year: int) -> bytes:
+    """One ``LIST`` line as Twisted wrote it: ``ls -l`` in UTC, the year instead of the time for other years."""
+    moment = time.gmtime(result.st_mtime)
+    day = f"{_MONTHS[moment.tm_mon - 1]} {moment.tm_mday:02d}"
+    when = f"{day} {moment.tm_hour:02d}:{moment.tm_min:02d}" if moment.tm_year == this_year else f"{day} {moment.tm_year:5d}"
+    kind = "d" if stat_module.S_ISDIR(result.st_mode) else "-"
+    mode = stat_module.filemode(stat_module.S_IMODE(result.st_mode))[1:]
+    text = f"{kind}{mode}{result.st_nlink:4d} {owner[:8]:<9} {group[:8]:<9} {result.st_size:15d} {when:>12} "
+    return text.encode("utf-8", "replace") + listing_name(name)
+
+
+def render_listing(
+    entries: Iterable[tuple[str, os.stat_result]], line: _LineFormat, glob: Optional[str]
+) -> bytes:
+    """The lines of the entries whose name matches ``glob`` (all without one), CRLF after each."""
+    return b"".join(
+        line(name, result) + b"\r\n" for name, result in entries if glob is None or fnmatch.fnmatchcase(name, glob)
+    )
+
+
 @implementer(ftp.IFTPShell)
 class JailedFTPShell:
     """IFTPShell of one session: Twisted's segment lists on a JailedFilesystem."""
@@ -325,14 +366,18 @@ class JailedFTPShell:
             path, lambda virtual: self.filesystem.stat(virtual).addCallback(mlsx_facts, permissions, facts)
         )
 
-    def list_facts(self, path, facts: Sequence[str] = MLST_FACTS):
-        """Not in IFTPShell: MLSD's (name, facts) of each entry of a folder."""
-        permissions = self.filesystem.permissions
+    def listing(self, path, line: _LineFormat, glob: Optional[str] = None) -> defer.Deferred:
+        """Not in IFTPShell: a folder's listing as the bytes its data connection carries.
 
-        def entries(listing: list[tuple[str, os.stat_result]]) -> list[tuple[str, str]]:
-            return [(name, mlsx_facts(result, permissions, facts)) for name, result in listing]
+        ``line(name, stat_result)`` formats one entry. The folder is read and
+        every line formatted in the thread pool: a folder of 200,000 entries
+        formatted on the reactor stopped every other session for seconds.
+        """
 
-        return self._call(path, lambda virtual: self.filesystem.list_directory(virtual).addCallback(entries))
+        def render(entries: list[tuple[str, os.stat_result]]) -> defer.Deferred:
+            return self.filesystem.run(render_listing, entries, line, glob)
+
+        return self._call(path, lambda virtual: self.filesystem.list_directory(virtual).addCallback(render))
 
     def setModificationTime(self, path, modified: float):
         """Not in IFTPShell: MFMT (needs allow-write, as SFTP's setstat does)."""
@@ -1474,45 +1519,37 @@ class SftpauthFTP(ftp.FTP):
             return self._segments(folder or slash), last
         return self._segments(path), None
 
-    def ftp_LIST(self, path=""):
+    def _send_listing(self, folder: list[str], lines: Callable[[], _LineFormat], glob: Optional[str] = None):
+        """Send a folder's listing through the data connection; ``lines()`` gives the line format."""
+
         def transfer(dtp):
-            segments, glob = self._listing_target(path)
+            def send(data: bytes):
+                sending = FileSender().beginFileTransfer(io.BytesIO(data), _ProgressConsumer(dtp, self.resetTimeout))
+                return sending.addCallbacks(lambda ignored: (ftp.TXFR_COMPLETE_OK,), self._transfer_failed)
 
-            def send(entries):
-                for name, values in entries:
-                    if glob is None or fnmatch.fnmatchcase(name, glob):
-                        dtp.sendListResponse(_wire_name(name), values)
-                return (ftp.TXFR_COMPLETE_OK,)
-
-            return self.shell.list(segments, LIST_KEYS).addCallback(self._when_secured, dtp).addCallback(send)
-
-        return self._with_data_channel(transfer).addBoth(self._transfer_done)
-
-    def ftp_NLST(self, path=""):
-        def transfer(dtp):
-            segments, glob = self._listing_target(path)
-
-            def send(entries):
-                for name, ignored in entries:
-                    if glob is None or fnmatch.fnmatchcase(name, glob):
-                        dtp.sendLine(_wire_name(name))
-                return (ftp.TXFR_COMPLETE_OK,)
-
-            return self.shell.list(segments).addCallback(self._when_secured, dtp).addCallback(send)
-
-        return self._with_data_channel(transfer).addBoth(self._transfer_done)
-
-    def ftp_MLSD(self, path=""):
-        def transfer(dtp):
-            def send(entries):
-                for name, facts in entries:
-                    dtp.sendLine(facts.encode("ascii") + b" " + _wire_name(name))
-                return (ftp.TXFR_COMPLETE_OK,)
-
-            listing = self.shell.list_facts(self._segments(path), self._mlst_facts)
+            listing = self.shell.listing(folder, lines(), glob)
             return listing.addCallback(self._when_secured, dtp).addCallback(send)
 
         return self._with_data_channel(transfer).addBoth(self._transfer_done)
+
+    def ftp_LIST(self, path=""):
+        def lines() -> _LineFormat:
+            owner, group, this_year = self.shell.owner, self.shell.group, time.gmtime().tm_year
+            return lambda name, result: list_line(name, result, owner, group, this_year)
+
+        folder, glob = self._listing_target(path)
+        return self._send_listing(folder, lines, glob)
+
+    def ftp_NLST(self, path=""):
+        folder, glob = self._listing_target(path)
+        return self._send_listing(folder, lambda: lambda name, result: listing_name(name), glob)
+
+    def ftp_MLSD(self, path=""):
+        def lines() -> _LineFormat:
+            permissions, facts = self.shell.filesystem.permissions, self._mlst_facts
+            return lambda name, result: mlsx_facts(result, permissions, facts).encode("ascii") + b" " + listing_name(name)
+
+        return self._send_listing(self._segments(path), lines)
 
     def ftp_MLST(self, path=""):
         segments = self._segments(path)

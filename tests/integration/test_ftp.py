@@ -389,6 +389,26 @@ def test_mlsd_and_mlst_give_exact_facts(ftp_server):
     client.quit()
 
 
+def test_a_large_folder_lists_completely_and_names_cannot_forge_lines(ftp_server):
+    """20,000 entries come through LIST, NLST and MLSD whole; control characters in a name are sent as '?'."""
+    folder = ftp_server.home("alice") / "big"
+    folder.mkdir(exist_ok=True)
+    for index in range(20_000):
+        (folder / f"file_{index:05d}_with_a_longish_name.txt").touch()
+    (folder / "evil\n-rw-r--r-- 1 root root 9 Jan 01 00:00 PAYROLL\x1b[31m").touch()
+    client = ftp_server.client()
+    lines = listing(client, "big")
+    assert len(lines) == 20_001
+    assert not any(line.startswith("-rw-r--r-- 1 root") for line in lines)
+    shown = "evil?-rw-r--r-- 1 root root 9 Jan 01 00:00 PAYROLL?[31m"
+    assert [line for line in lines if "PAYROLL" in line][0].endswith(" " + shown)
+    names = client.nlst("big")
+    assert len(names) == 20_001 and names[:2] == [shown, "file_00000_with_a_longish_name.txt"]
+    facts = dict(client.mlsd("big"))
+    assert len(facts) == 20_001 and facts["file_19999_with_a_longish_name.txt"]["type"] == "file"
+    client.quit()
+
+
 def test_rename_moves_a_file(ftp_server):
     """RNFR/RNTO renames a file; the old name is gone."""
     client = ftp_server.client()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import time
 import types
 
 import pytest
@@ -14,6 +15,7 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.interfaces import IConsumer, IPushProducer
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.protocols import ftp as twisted_ftp
+from twisted.python import filepath
 from twisted.python.failure import Failure
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
@@ -21,7 +23,9 @@ from zope.interface.verify import verifyObject
 from sftpauth.auth.credentials import LoginRequest
 from sftpauth.config.models import FTPServiceSettings
 from sftpauth.filesystem import JailedFilesystem
-from sftpauth.ftp import FileDownload, FileUpload, FTPReplyError, FTPServiceFactory, JailedFTPShell, mlsx_facts
+from sftpauth.ftp import (
+    FileDownload, FileUpload, FTPReplyError, FTPServiceFactory, JailedFTPShell, list_line, listing_name, mlsx_facts,
+)
 from sftpauth.permissions import FULL_CONTROL, Permission
 from sftpauth.realm import SessionInfo
 
@@ -605,3 +609,55 @@ def test_mlsx_facts_follow_the_permissions_and_the_chosen_facts():
     assert mlsx_facts(file_stat, read_only, ("perm",)) == "perm=r;"
     assert mlsx_facts(folder_stat, read_only, ("type", "perm")) == "type=dir;perm=el;"
     assert mlsx_facts(folder_stat, frozenset(), ("size",)) == ""
+
+
+@pytest.mark.parametrize(
+    "mode, modified",
+    [(0o100644, 1_700_000_123), (0o040755, 86_400 * 3), (0o100600, None)],
+)
+def test_list_lines_are_twisted_s_ls_format(mode, modified):
+    """LIST lines are byte for byte what Twisted's DTP wrote, also for this year's files (time, not year)."""
+    modified = time.time() - 3600 if modified is None else modified
+    result = os.stat_result((mode, 0, 0, 3, 0, 0, 1234, 0, modified, 0))
+    expected = twisted_ftp.DTP()._formatOneListResponse(
+        b"name.txt", 1234, bool(mode & 0o040000), filepath.Permissions(mode & 0o777), 3, modified, "alice", "demo-users"
+    )
+    assert list_line("name.txt", result, "alice", "demo-users", time.gmtime().tm_year) == expected
+
+
+def test_listings_show_control_characters_as_question_marks():
+    """A name with a line break or an escape cannot forge a listing line or reach the client's terminal."""
+    assert listing_name("evil\r\n-rw-r--r-- 1 root root 9 Jan 01 00:00 PAYROLL\x1b[31m\x7f") == (
+        b"evil??-rw-r--r-- 1 root root 9 Jan 01 00:00 PAYROLL?[31m?"
+    )
+    assert listing_name("caf\u00e9 r\u00e9sum\u00e9.txt") == "caf\u00e9 r\u00e9sum\u00e9.txt".encode()
+
+
+def test_listing_lines_are_made_in_the_thread_pool(home):
+    """Reading the folder and formatting every line both happen in the thread pool, never on the reactor."""
+    for index in range(5):
+        (home / f"f{index}.txt").write_bytes(b"x" * index)
+    threads = ManualThreads()
+    shell = JailedFTPShell(JailedFilesystem(str(home), FULL_CONTROL, threads))
+    in_thread = []
+
+    def line(name, result):
+        in_thread.append(bool(threads.running))
+        return name.encode()
+
+    running = threads.run_one
+
+    def run_one():
+        threads.running = True
+        try:
+            running()
+        finally:
+            threads.running = False
+
+    threads.running, threads.run_one = False, run_one
+    results = []
+    shell.listing([], line, "f[1-3]*").addCallback(results.append)
+    while threads.pending:
+        threads.run_one()
+    assert results == [b"f1.txt\r\nf2.txt\r\nf3.txt\r\n"]
+    assert in_thread == [True] * 3  # only the names the glob matches are formatted
