@@ -18,6 +18,13 @@ What sftpauth changes in Twisted's FTP protocol, and why:
 * a passive data connection is only accepted from the control connection's
   address and ``PORT``/``EPRT`` only to it (no FXP bounce or data theft);
 * transfers are always binary, also after ``TYPE A`` (as vsftpd does);
+* commands are read while one runs (a transfer, a login) and answered in
+  order after it, except ``ABOR`` (cuts the data connection: 426 for the
+  transfer, then 226) and ``QUIT`` (221 and the end of the session), which
+  act at once; Twisted stopped reading during a transfer, so ``ABOR`` of a
+  stalled download waited for the idle timeout;
+* a connection that does not log in within :data:`LOGIN_GRACE_SECONDS` is
+  closed, whatever commands it sends (Twisted only has the idle timeout);
 * after ``PASV``/``EPSV`` the next commands are answered at once; only the
   transfer command waits for the client's data connection (425 after the
   data timeout). Twisted's PASV waited for it, stalling e.g. ``TYPE I`` and
@@ -73,6 +80,7 @@ FTPS (RFC 4217), with ``ssl_certificate``:
 from __future__ import annotations
 
 import calendar
+import collections
 import errno
 import fnmatch
 import functools
@@ -123,6 +131,8 @@ AUTH_MECHANISMS = ("TLS", "TLS-C", "SSL")  # SSL: what older clients (curl first
 FTPS_MAXIMUM_VERSION = TLSVersion.TLSv1_2
 DATA_HANDSHAKE_TIMEOUT = 30  # seconds for the TLS handshake of a protected data connection
 CLOSE_GRACE_SECONDS = 10  # a closed control connection is cut off if the client does not close it by then
+MAX_QUEUED_COMMANDS = 32  # commands read while one runs; past that, reading pauses
+LOGIN_GRACE_SECONDS = 120  # from connect to a successful login, as on SSH (OpenSSH's LoginGraceTime)
 
 
 # -- replies ---------------------------------------------------------------------------
@@ -817,11 +827,15 @@ class _DataChannelFactory(ftp.DTPFactory):
             self.delayedCall.cancel()
 
     def timeoutFactory(self) -> None:
+        self.give_up(defer.TimeoutError("no data connection in time"))
+
+    def give_up(self, reason: Optional[Exception] = None) -> None:
+        """Stop waiting for the data connection: the transfer waiting for it answers 425."""
         if self._state is not self._IN_PROGRESS:
             return
         self._state = self._FAILED
-        deferred, self.deferred = self.deferred, None
-        deferred.errback(ftp.PortConnectionError(defer.TimeoutError("no data connection in time")))
+        self.cancelTimeout()
+        self.deferred.errback(ftp.PortConnectionError(reason or RuntimeError("ABOR")))
 
 
 class _ProtectedDataFactory(TLSMemoryBIOFactory):
@@ -883,17 +897,22 @@ class SftpauthFTP(ftp.FTP):
     _protection = "C"  # PROT: "C" clear or "P" private data connections
     _close_deadline = None  # the abort of a connection being closed (_close_connection)
     _restart = 0  # REST: the offset of the next RETR or STOR
+    _running: Optional[defer.Deferred] = None  # the command being answered
+    _login_deadline = None  # closes a connection that has not logged in within LOGIN_GRACE_SECONDS
 
     # -- connection ---------------------------------------------------------------
 
     def connectionMade(self) -> None:
         self.workingDirectory = []
+        self._queued: collections.deque[str] = collections.deque()  # commands read while one runs
+        self._login_deadline = self.factory.reactor.callLater(LOGIN_GRACE_SECONDS, self._login_too_slow)
         if self.tls_options is not None:  # implicit FTPS: every channel protected from the start
             self._protection = "P"
         super().connectionMade()
 
     def connectionLost(self, reason) -> None:
         self._lost = True
+        self._cancel_login_deadline()
         call, self._close_deadline = self._close_deadline, None
         if call is not None and call.active():
             call.cancel()
@@ -925,6 +944,18 @@ class SftpauthFTP(ftp.FTP):
             return  # after QUIT or a closing reply nothing is a command any more
         super().dataReceived(data)
 
+    def _login_too_slow(self) -> None:
+        """An unauthenticated connection holds a descriptor: it gets as long as on SSH, not the idle timeout."""
+        self._login_deadline = None
+        if self.state != self.AUTHED:
+            self.sendLine(f"421 No login within {LOGIN_GRACE_SECONDS} seconds, closing the connection.")
+            self._close_connection()
+
+    def _cancel_login_deadline(self) -> None:
+        call, self._login_deadline = self._login_deadline, None
+        if call is not None and call.active():
+            call.cancel()
+
     def ftp_QUIT(self):
         self.reply(ftp.GOODBYE_MSG)
         self._close_connection()
@@ -947,8 +978,8 @@ class SftpauthFTP(ftp.FTP):
         self._close_connection()
 
     def sendLine(self, line) -> None:
-        if self.transport is None:
-            return  # the command finished after the client left
+        if self.transport is None or self.disconnected:
+            return  # the command finished after the client left, or after QUIT or a closing 421
         if isinstance(line, str):
             line = line.encode("utf-8", "replace")
         self.transport.write(line + self.delimiter)
@@ -960,16 +991,54 @@ class SftpauthFTP(ftp.FTP):
 
     def lineReceived(self, line: bytes) -> None:
         self.resetTimeout()
-        self.pauseProducing()  # one command at a time, in order
         # Clients send ABOR behind Telnet "interrupt" and "synch" bytes (IAC IP IAC DM).
         text = line.lstrip(_TELNET_BYTES).decode("utf-8", "surrogateescape")
+        if self._running is None:
+            self._run(text)
+            return
+        # A command is running (a transfer, a login): RFC 959 lets ABOR and
+        # QUIT through at once; the rest wait their turn, in order.
+        command = text.partition(" ")[0].upper()
+        if command == "QUIT":
+            self._queued.clear()
+            self._abort_data_connection()
+            self.ftp_QUIT()  # the running command's answer is not sent any more
+            return
+        if command == "ABOR":
+            self._queued.appendleft(text)  # answered right after the aborted command's 426
+            self._abort_transfer()
+        else:
+            self._queued.append(text)
+        if len(self._queued) >= MAX_QUEUED_COMMANDS:
+            self.pauseProducing()
+
+    def _run(self, text: str) -> None:
+        """Run one command; reading goes on once it is under way (:meth:`_under_way`)."""
+        # Paused first: AUTH TLS must see the bytes sent behind it (clearLineBuffer).
+        self.pauseProducing()
         command, space, argument = text.partition(" ")
         arguments = (argument,) if space else ()
         deferred = defer.maybeDeferred(self.processCommand, command, *arguments)
         deferred.addCallbacks(self._send_result, self._send_failure, errbackArgs=(command,))
         deferred.addErrback(lambda failure: _log.failure("cannot answer an FTP command", failure))
+        self._running = deferred
         # LineReceiver must not resume inside lineReceived.
-        self.factory.reactor.callLater(0, deferred.addBoth, self._command_done)
+        self.factory.reactor.callLater(0, self._under_way, deferred)
+
+    def _under_way(self, deferred: defer.Deferred) -> None:
+        deferred.addBoth(self._command_done)
+        if deferred is self._running and not self.disconnected and self.transport is not None:
+            if len(self._queued) < MAX_QUEUED_COMMANDS:
+                self.resumeProducing()  # so that ABOR and QUIT are read during a transfer
+
+    def _command_done(self, ignored) -> None:
+        self._running = None
+        if self.disconnected or self.transport is None:
+            return
+        if self._queued:
+            self._run(self._queued.popleft())
+        else:
+            self.resumeProducing()
 
     def _send_result(self, result) -> None:
         if result is None:
@@ -990,10 +1059,6 @@ class SftpauthFTP(ftp.FTP):
             return
         _log.failure("FTP command {command} failed unexpectedly", failure, command=command[:16].upper())
         self.sendLine("451 Requested action aborted: local error in processing.")
-
-    def _command_done(self, ignored) -> None:
-        if not self.disconnected and self.transport is not None:
-            self.resumeProducing()
 
     def processCommand(self, cmd: str, *params: str):
         cmd = cmd.upper()
@@ -1072,6 +1137,7 @@ class SftpauthFTP(ftp.FTP):
                 return None
             self.shell = avatar
             self._logout = logout
+            self._cancel_login_deadline()
             self.workingDirectory = []
             self.state = self.AUTHED
             return ftp.USR_LOGGED_IN_PROCEED
@@ -1123,7 +1189,9 @@ class SftpauthFTP(ftp.FTP):
             return defer.fail(FTPReplyError(504, "AUTH TLS is the only security mechanism."))
         if self.state == self.AUTHED:
             return defer.fail(FTPReplyError(503, "AUTH TLS must come before USER and PASS."))
-        injected = self.clearLineBuffer()
+        queued = "".join(line + "\r\n" for line in self._queued).encode("utf-8", "surrogateescape")
+        self._queued.clear()
+        injected = queued + self.clearLineBuffer()
         if injected:
             # Commands sent in clear behind AUTH would otherwise run as if encrypted.
             _log.warn(
@@ -1394,6 +1462,13 @@ class SftpauthFTP(ftp.FTP):
         if dtp is not None and dtp.isConnected and dtp.transport is not None:
             dtp.transport.abortConnection()
 
+    def _abort_transfer(self) -> None:
+        """ABOR during a transfer: cut the data connection (the transfer answers 426), or stop waiting for it (425)."""
+        self._abort_data_connection()
+        factory = self.dtpFactory
+        if factory is not None:
+            factory.give_up()
+
     def _when_secured(self, result, dtp):
         """Answer 150, then wait until the data connection may carry data (its TLS handshake passed); ``result``."""
         self.reply(ftp.DATA_CNX_ALREADY_OPEN_START_XFR)
@@ -1525,6 +1600,8 @@ class SftpauthFTP(ftp.FTP):
         def transfer(dtp):
             def send(data: bytes):
                 sending = FileSender().beginFileTransfer(io.BytesIO(data), _ProgressConsumer(dtp, self.resetTimeout))
+                # FileSender fails only when the data connection stops it (closed, ABOR).
+                sending.addErrback(lambda failure: _raise(internet_error.ConnectionLost("the data connection was closed")))
                 return sending.addCallbacks(lambda ignored: (ftp.TXFR_COMPLETE_OK,), self._transfer_failed)
 
             listing = self.shell.listing(folder, lines(), glob)

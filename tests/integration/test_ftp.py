@@ -490,6 +490,74 @@ def test_abor_behind_telnet_interrupt_bytes_is_understood(ftp_server):
     raw.close()
 
 
+def _stalled_download(ftp_server, name: str) -> tuple[RawControl, socket.socket]:
+    """A RETR of a 32 MB file whose data connection the client does not read: the server's sending stalls."""
+    path = ftp_server.home("alice") / name
+    if not path.exists():
+        path.write_bytes(os.urandom(1 << 20) * 32)
+    raw = RawControl(ftp_server.port)
+    raw.command(b"USER alice")
+    assert raw.command(b"PASS alice-pass").startswith(b"230")
+    host, port = ftplib.parse227(raw.command(b"PASV").decode())
+    data = socket.socket()
+    data.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    data.settimeout(TIMEOUT)
+    data.connect((host, port))
+    assert raw.command(f"RETR {name}".encode())[:1] == b"1"  # 125 or 150: the transfer started
+    time.sleep(0.5)  # the buffers fill up; the transfer is now waiting for the client
+    return raw, data
+
+
+def test_abor_during_a_stalled_download_aborts_it_at_once(ftp_server):
+    """ABOR sent while a transfer runs is read at once: the transfer answers 426, then ABOR 226.
+
+    Before, commands were read only after the running one ended, so ABOR
+    waited for the idle timeout (300 s) when the client stopped reading.
+    """
+    raw, data = _stalled_download(ftp_server, "abor-stalled.bin")
+    raw.send(b"\xff\xf4\xff\xf2ABOR\r\n")
+    assert raw.reply().startswith(b"426")
+    assert raw.reply().startswith(b"226")
+    received = 0
+    try:
+        while chunk := data.recv(1 << 16):  # the data connection was cut, well before the end of the file
+            received += len(chunk)
+    except ConnectionResetError:
+        pass
+    assert received < 32 << 20
+    assert raw.command(b"NOOP").startswith(b"200")  # the session goes on
+    raw.close()
+    data.close()
+
+
+def test_quit_during_a_stalled_download_ends_the_session(ftp_server):
+    """QUIT during a transfer is answered 221 and the session ends, without waiting for the transfer."""
+    raw, data = _stalled_download(ftp_server, "quit-stalled.bin")
+    assert raw.command(b"QUIT").startswith(b"221")
+    assert raw.sock.recv(100) == b""
+    raw.close()
+    data.close()
+
+
+def test_commands_sent_during_a_transfer_are_answered_after_it_in_order(ftp_server):
+    """A command pipelined behind RETR waits for the transfer's 226 and is answered after it."""
+    (ftp_server.home("alice") / "pipelined.bin").write_bytes(b"p" * 300_000)
+    raw = RawControl(ftp_server.port)
+    raw.command(b"USER alice")
+    assert raw.command(b"PASS alice-pass").startswith(b"230")
+    host, port = ftplib.parse227(raw.command(b"PASV").decode())
+    data = socket.create_connection((host, port), timeout=TIMEOUT)
+    raw.send(b"RETR pipelined.bin\r\nNOOP\r\nPWD\r\n")
+    received = b""
+    while chunk := data.recv(1 << 16):
+        received += chunk
+    assert received == b"p" * 300_000
+    replies = [raw.reply()[:3] for _ in range(4)]
+    assert replies[0] in (b"125", b"150") and replies[1:] == [b"226", b"200", b"257"]
+    raw.close()
+    data.close()
+
+
 def test_utf8_file_names_round_trip(ftp_server):
     """Names with é and 日本 are stored as UTF-8 on disk and listed and read back unchanged."""
     client = ftp_server.client()

@@ -24,7 +24,8 @@ from sftpauth.auth.credentials import LoginRequest
 from sftpauth.config.models import FTPServiceSettings
 from sftpauth.filesystem import JailedFilesystem
 from sftpauth.ftp import (
-    FileDownload, FileUpload, FTPReplyError, FTPServiceFactory, JailedFTPShell, list_line, listing_name, mlsx_facts,
+    LOGIN_GRACE_SECONDS, FileDownload, FileUpload, FTPReplyError, FTPServiceFactory, JailedFTPShell, list_line, listing_name,
+    mlsx_facts,
 )
 from sftpauth.permissions import FULL_CONTROL, Permission
 from sftpauth.realm import SessionInfo
@@ -492,11 +493,37 @@ def test_commands_with_wrong_arguments_get_501(connection):
 
 def test_idle_connection_gets_421(connection):
     """After idle_connection_timeout seconds without a command the server says 421 and closes."""
+    connection.send(b"USER alice")
+    connection.send(b"PASS pw")
+    connection.portal.accept()
+    connection.reactor.advance(0)
+    assert connection.transport.value().startswith(b"230 ")
     connection.reactor.advance(299)
     assert not connection.transport.disconnecting
     connection.reactor.advance(2)
     assert connection.transport.value().splitlines()[-1].startswith(b"421 ")
     assert connection.transport.disconnecting
+
+
+def test_a_connection_that_does_not_log_in_is_closed_after_the_login_grace(connection):
+    """Commands do not keep an unauthenticated connection open: 421 after LOGIN_GRACE_SECONDS, as on SSH."""
+    for ignored in range(11):
+        connection.reactor.advance(10)
+        assert connection.send(b"NOOP")[0].startswith(b"200 ")
+    assert not connection.transport.disconnecting
+    connection.reactor.advance(LOGIN_GRACE_SECONDS - 110)
+    assert connection.transport.value().splitlines()[-1].startswith(b"421 No login within 120 seconds")
+    assert connection.transport.disconnecting
+
+
+def test_a_logged_in_connection_has_no_login_deadline(connection):
+    """The login deadline ends with the login: only the idle timeout applies then."""
+    connection.send(b"USER alice")
+    connection.send(b"PASS pw")
+    connection.portal.accept()
+    connection.reactor.advance(LOGIN_GRACE_SECONDS + 1)
+    assert not connection.transport.disconnecting
+    assert connection.send(b"NOOP")[0].startswith(b"200 ")
 
 
 def test_over_long_line_gets_500_and_is_closed(connection):
