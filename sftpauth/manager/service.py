@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from io import BytesIO
+from typing import Optional
+
 from twisted.application.internet import TimerService
 from twisted.application.service import MultiService
 from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
-from twisted.web.server import Site
+from twisted.web.http import HTTPChannel
+from twisted.web.server import Request, Site
 
 from sftpauth.config.models import ManagerServiceSettings
 from sftpauth.listening import listening_service
@@ -15,17 +19,91 @@ from sftpauth.manager.events import AuditHistory, read_tail
 from sftpauth.manager.metrics import ManagerMetrics
 from sftpauth.manager.sessions import SessionStore
 from sftpauth.manager.tls import load_certificate
-from sftpauth.manager.web import ManagerApp, ManagerResource
+from sftpauth.manager.web import MAX_BODY, ManagerApp, ManagerResource
 from sftpauth.runtime import Runtime
 
 _log = Logger()
 SWEEP_INTERVAL = 30
+TOO_LARGE = b"413 Content Too Large"
+
+
+class ManagerChannel(HTTPChannel):
+    """twisted.web's HTTP/1.1 parser, but a request over a limit is answered at once and nothing more of it is read.
+
+    twisted.web spools any body to a temporary file before the resource can
+    see its size, and on a line over ``MAX_LENGTH`` (16 KiB) only closes,
+    which over TLS waits for the idle timeout. Here a declared body over
+    MAX_BODY gets 413 before a byte of it is read, a chunked one as it passes
+    the limit (:class:`ManagerRequest`), an over-long line 414 or 431.
+    """
+
+    def refuse(self, status: bytes) -> None:
+        """Answer ``status`` (``TOO_LARGE``) and close; a client that keeps its side open is cut off after ``abortTimeout``."""
+        if self.transport.disconnecting:
+            return
+        peer = getattr(self.transport.getPeer(), "host", "")
+        _log.warn("Web Manager refused a request from {peer}: {status}", peer=peer, status=status.decode("ascii"))
+        self.transport.write(b"HTTP/1.1 %s\r\nConnection: close\r\nContent-Length: 0\r\n\r\n" % status)
+        self.loseConnection()
+        self.setTimeout(None)
+        self._abortingCall = self.callLater(self.abortTimeout, self.forceAbortClient)
+
+    def dataReceived(self, data: bytes) -> None:
+        # Over TLS, bytes go on arriving after loseConnection (until the client's close_notify):
+        # read none of them, so a refused body is not parsed and does not keep the connection alive.
+        if not self.transport.disconnecting:
+            super().dataReceived(data)
+
+    def headerReceived(self, line: bytes) -> bool:
+        name, _, value = line.partition(b":")
+        value = value.strip(b" \t")
+        # twisted.web's int() raises, out of dataReceived, on a number of over 4,300 digits: a length
+        # of more than 18 digits is never one this channel accepts, so it is refused before that.
+        if name.strip().lower() == b"content-length" and value.isdigit() and len(value) > 18:
+            self.refuse(TOO_LARGE)
+            return False
+        return super().headerReceived(line)
+
+    def allHeadersReceived(self) -> None:
+        if self.length is not None and self.length > MAX_BODY:
+            self.refuse(TOO_LARGE)
+        else:
+            super().allHeadersReceived()
+
+    def allContentReceived(self) -> None:
+        # A chunked body refused half-way may end in the same read: its request is never handled.
+        if not self.transport.disconnecting:
+            super().allContentReceived()
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        # No request object yet: the request line itself is too long.
+        self.refuse(b"431 Request Header Fields Too Large" if self.requests else b"414 URI Too Long")
+
+
+class ManagerRequest(Request):
+    """A request whose body is counted as it arrives and kept in memory: it never exceeds MAX_BODY."""
+
+    body_size = 0
+
+    def gotLength(self, length: Optional[int]) -> None:
+        # ManagerChannel has refused any longer declared length, and chunked bodies are counted below.
+        self.content = BytesIO()
+
+    def handleContentChunk(self, data: bytes) -> None:
+        self.body_size += len(data)
+        if self.body_size > MAX_BODY:
+            self.channel.refuse(TOO_LARGE)
+        else:
+            self.content.write(data)
 
 
 class ManagerSite(Site):
     """The twisted.web site; access lines go to the twistd log (no passwords: they are never in URLs)."""
 
     noisy = False
+    displayTracebacks = False
+    protocol = ManagerChannel
+    requestFactory = ManagerRequest
 
 
 class ManagerService(MultiService):
@@ -49,7 +127,6 @@ class ManagerService(MultiService):
             certificate_fingerprint=self.certificate.fingerprint,
         )
         site = ManagerSite(ManagerResource(self.app), timeout=settings.idle_connection_timeout or None, reactor=runtime.reactor)
-        site.displayTracebacks = False
         tls = TLSMemoryBIOFactory(self.certificate.options, False, site)
         listening_service(runtime.reactor, settings, tls, runtime.policy_for(settings)).setServiceParent(self)
         sweep = TimerService(SWEEP_INTERVAL, self.sessions.expire_idle)

@@ -155,6 +155,44 @@ def test_logout_ends_the_api_session(client):
     assert client.get_json("/api/v1/session")[0] == 401
 
 
+def raw_exchange(manager, data: bytes, timeout: float = 5.0) -> tuple[bytes, bool]:
+    """Send raw bytes over TLS; what the server answered within ``timeout``, and whether it then closed."""
+    context = ssl.create_default_context(cafile=str(manager.certificate))
+    with socket.create_connection(("127.0.0.1", manager.port), timeout=timeout) as raw:
+        with context.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+            tls.sendall(data)
+            answer = b""
+            try:
+                while chunk := tls.recv(65536):
+                    answer += chunk
+            except (TimeoutError, ConnectionError, ssl.SSLError):
+                return answer, False
+            return answer, True
+
+
+LOGIN_HEAD = b"POST /api/v1/login HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+
+
+@pytest.mark.parametrize(
+    "data, status",
+    [
+        # A declared 100 MB body: refused after the headers, before a byte of it is sent.
+        (LOGIN_HEAD + b"Content-Length: 100000000\r\n\r\n", b"413"),
+        (LOGIN_HEAD + b"Content-Length: " + b"9" * 5000 + b"\r\n\r\n", b"413"),  # a number int() refuses
+        # 80 KiB of chunks and no last chunk: refused as it passes 64 KiB.
+        (LOGIN_HEAD + b"Transfer-Encoding: chunked\r\n\r\n" + (b"4000\r\n" + b" " * 0x4000 + b"\r\n") * 5, b"413"),
+        (b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Long: " + b"a" * 17000 + b"\r\n\r\n", b"431"),
+        (b"GET /" + b"a" * 70000 + b" HTTP/1.1\r\n\r\n", b"414"),
+    ],
+)
+def test_over_the_limits_is_answered_and_closed_at_once(manager, client, data, status):
+    """Oversized bodies and lines get their status within seconds and a close; the manager goes on serving."""
+    answer, closed = raw_exchange(manager, data)
+    assert answer.startswith(b"HTTP/1.1 " + status + b" "), answer[:200]
+    assert closed
+    assert client.get_json("/health")[0] == 200
+
+
 def test_server_log_has_no_errors_and_no_passwords(manager):
     """After every request above, the twistd log has no traceback and no password."""
     log = manager.server.log_text()

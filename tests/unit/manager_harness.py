@@ -1,7 +1,8 @@
 """A Web Manager in memory for unit tests: the real Site and resource over a StringTransport.
 
-Requests are raw HTTP bytes fed to twisted.web's real HTTPChannel, so
-cookies, headers and status lines are exactly what a browser would get.
+Requests are raw HTTP bytes fed to the manager's real Site and HTTP
+channel, so cookies, headers, status lines and the HTTP-level limits are
+exactly what a browser would get.
 Time is a MemoryReactorClock; password hashing runs synchronously.
 """
 
@@ -17,7 +18,6 @@ from typing import Optional
 from twisted.internet import defer
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.testing import MemoryReactorClock, StringTransport
-from twisted.web.server import Site
 
 from sftpauth.audit import AuditLog
 from sftpauth.auth.chain import AuthenticationChain
@@ -26,6 +26,7 @@ from sftpauth.auth.methods import build_methods
 from sftpauth.config.loader import parse_configuration
 from sftpauth.manager.events import AuditHistory
 from sftpauth.manager.metrics import ManagerMetrics
+from sftpauth.manager.service import ManagerSite
 from sftpauth.manager.sessions import SessionStore
 from sftpauth.manager.web import ManagerApp, ManagerResource
 from sftpauth.runtime import Runtime
@@ -162,7 +163,7 @@ class ManagerHarness:
             service_states=lambda: {"manager": "running"},
             verify=verify,
         )
-        self.site = Site(ManagerResource(self.app), reactor=self.clock)
+        self.site = ManagerSite(ManagerResource(self.app), reactor=self.clock)
         self.cookies: dict[str, str] = {}
 
     def close(self) -> None:
@@ -180,10 +181,7 @@ class ManagerHarness:
         use_cookies: bool = True,
         content_type: str = "",
     ) -> HTTPResult:
-        address = (IPv6Address if ":" in peer else IPv4Address)("TCP", peer, 40000)
-        protocol = self.site.buildProtocol(address)
-        transport = StringTransport(peerAddress=address, hostAddress=IPv4Address("TCP", "127.0.0.1", 10443))
-        protocol.makeConnection(transport)
+        protocol, transport = self.connect(peer)
         lines = [f"{method} {path} HTTP/1.1", "Host: manager.example", "Connection: close"]
         if use_cookies and self.cookies:
             lines.append("Cookie: " + "; ".join(f"{name}={value}" for name, value in self.cookies.items()))
@@ -206,6 +204,14 @@ class ManagerHarness:
                         self.cookies.pop(name, None)
         protocol.connectionLost(None)
         return result
+
+    def connect(self, peer: str = "127.0.0.1"):
+        """A new HTTP connection: feed raw bytes to ``protocol.dataReceived``, read ``transport.value()``."""
+        address = (IPv6Address if ":" in peer else IPv4Address)("TCP", peer, 40000)
+        protocol = self.site.buildProtocol(address)
+        transport = StringTransport(peerAddress=address, hostAddress=IPv4Address("TCP", "127.0.0.1", 10443))
+        protocol.makeConnection(transport)
+        return protocol, transport
 
     def get(self, path: str, **options) -> HTTPResult:
         return self.request("GET", path, **options)

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import tempfile
+
 import pytest
 
 from sftpauth.account import Account
 from sftpauth.auth.errors import LoginFailed, UnknownUser
 from sftpauth.auth.ldap.verify import Check, MethodReport
 
-from manager_harness import ManagerHarness
+from manager_harness import HTTPResult, ManagerHarness
 
 LDAP_METHOD = """
 [authentications/ldap]
@@ -455,6 +457,84 @@ def test_oversized_and_malformed_bodies_are_refused(manager):
     assert m.request("POST", "/login", b"a=" + b"x" * 70000, content_type="application/x-www-form-urlencoded").status == 413
     assert m.request("POST", "/login", b"a=\xff\xfe", content_type="application/x-www-form-urlencoded").status == 400
     assert m.request("POST", "/api/v1/login", b"[1]", content_type="application/json").status == 400
+
+
+@pytest.fixture
+def spooled(monkeypatch):
+    """Every temporary file twisted.web makes for a request body while the test runs."""
+    made = []
+    real = tempfile.TemporaryFile
+
+    def recording(*args, **kwargs):
+        made.append(real(*args, **kwargs))
+        return made[-1]
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", recording)
+    return made
+
+
+LOGIN_HEAD = b"POST /api/v1/login HTTP/1.1\r\nHost: m\r\nContent-Type: application/json\r\n"
+
+
+def test_declared_body_over_the_limit_is_refused_before_it_is_read(manager, spooled):
+    """A Content-Length over 64 KiB gets 413 and a close right after the headers; the body is never read or stored."""
+    m = manager()
+    protocol, transport = m.connect()
+    protocol.dataReceived(LOGIN_HEAD + b"Content-Length: 1000000000\r\n\r\n")
+    assert HTTPResult(transport.value()).status == 413
+    assert transport.disconnecting
+    answered = transport.value()
+    protocol.dataReceived(b'{"username": "admin", "password": "admin-pass"}' + b" " * 100000)
+    assert transport.value() == answered  # nothing more is parsed, the request never reaches the manager
+    assert spooled == [] and protocol.requests[-1].content is None
+    assert m.events() == []
+    m.clock.advance(protocol.abortTimeout)
+    assert transport.disconnected  # a client that does not close its side is cut off
+    protocol, transport = m.connect()
+    protocol.dataReceived(LOGIN_HEAD + b"Content-Length: " + b"9" * 5000 + b"\r\n\r\n")  # too long for int()
+    assert HTTPResult(transport.value()).status == 413
+
+
+def test_chunked_body_is_counted_as_it_arrives(manager, spooled):
+    """A chunked body is refused (413, close) as soon as it passes 64 KiB; a small one is handled, in memory."""
+    m = manager()
+    protocol, transport = m.connect()
+    chunk = b"4000\r\n" + b" " * 0x4000 + b"\r\n"
+    protocol.dataReceived(LOGIN_HEAD + b"Transfer-Encoding: chunked\r\n\r\n" + chunk * 4)
+    assert transport.value() == b""  # 64 KiB exactly is still allowed
+    protocol.dataReceived(chunk)
+    assert HTTPResult(transport.value()).status == 413
+    assert transport.disconnecting
+    assert protocol.requests[-1].content.tell() <= 64 * 1024
+    protocol.dataReceived(chunk * 10 + b"0\r\n\r\n")
+    assert transport.value().count(b"HTTP/1.1 ") == 1
+    # Everything in one read, the final chunk too: still one 413, and the login is never attempted.
+    protocol, transport = m.connect()
+    protocol.dataReceived(LOGIN_HEAD + b"Transfer-Encoding: chunked\r\n\r\n" + chunk * 5 + b"0\r\n\r\n")
+    assert transport.value().count(b"HTTP/1.1 ") == 1 and HTTPResult(transport.value()).status == 413
+    assert m.events() == []
+    protocol, transport = m.connect()
+    body = b'{"username": "admin", "password": "wrong"}'
+    protocol.dataReceived(LOGIN_HEAD + b"Transfer-Encoding: chunked\r\n\r\n%x\r\n%s\r\n0\r\n\r\n" % (len(body), body))
+    assert HTTPResult(transport.value()).status == 401
+    assert spooled == []
+
+
+@pytest.mark.parametrize(
+    "raw, status",
+    [
+        (b"GET /health HTTP/1.1\r\nHost: m\r\nX-Long: " + b"a" * 17000 + b"\r\n\r\n", 431),
+        (b"GET /health HTTP/1.1\r\nHost: m\r\nX-Long: " + b"a" * 17000, 431),  # no line end yet
+        (b"GET /" + b"a" * 17000 + b" HTTP/1.1\r\n\r\n", 414),
+    ],
+)
+def test_line_over_16_kib_is_answered_at_once(manager, raw, status):
+    """A header line (431) or request line (414) over 16 KiB is answered and closed at once, not left to time out."""
+    m = manager()
+    protocol, transport = m.connect()
+    protocol.dataReceived(raw)
+    assert HTTPResult(transport.value()).status == status
+    assert transport.disconnecting
 
 
 def test_ldap_administrator_with_totp_types_password_and_code(manager):
