@@ -229,12 +229,14 @@ class ManagerApp:
         return await getattr(self, route.handler)(call)
 
     def _call(self, request, path: str, route: Route, match: re.Match) -> Call:
-        query = {
-            key: values[0]
-            for key, values in urllib.parse.parse_qs(
+        """The request's query, body and path parameters, parsed; BadRequest for anything a client got wrong."""
+        try:
+            parsed_query = urllib.parse.parse_qs(
                 request.uri.partition(b"?")[2].decode("utf-8", "replace"), keep_blank_values=True, max_num_fields=50
-            ).items()
-        }
+            )
+        except ValueError:
+            raise BadRequest("the query has too many parameters") from None
+        query = {key: values[0] for key, values in parsed_query.items()}
         form: dict[str, str] = {}
         body_json = None
         if request.method == b"POST":
@@ -250,7 +252,9 @@ class ManagerApp:
             if content_type == b"application/json":
                 try:
                     body_json = json.loads(text) if text.strip() else {}
-                except ValueError:
+                    # JSON escapes can make lone surrogates (\udc80), which no answer could echo as UTF-8.
+                    json.dumps(body_json, ensure_ascii=False).encode("utf-8")
+                except (ValueError, RecursionError):  # RecursionError: nested too deep
                     raise BadRequest("the request body is not JSON") from None
                 if not isinstance(body_json, dict):
                     raise BadRequest("the request body must be a JSON object")
@@ -260,7 +264,10 @@ class ManagerApp:
                 except (ValueError, UnicodeDecodeError):
                     raise BadRequest("the form is malformed") from None
                 form = {key: values[0] for key, values in parsed.items()}
-        params = {name: urllib.parse.unquote(value, errors="strict") for name, value in match.groupdict().items()}
+        try:
+            params = {name: urllib.parse.unquote(value, errors="strict") for name, value in match.groupdict().items()}
+        except UnicodeDecodeError:
+            raise BadRequest("the path is not UTF-8 (percent-encoded)") from None
         return Call(request, _peer(request), path, query, form, body_json, params)
 
     def _check_csrf(self, call: Call, route: Route) -> Optional[Response]:

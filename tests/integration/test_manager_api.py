@@ -193,6 +193,19 @@ def test_over_the_limits_is_answered_and_closed_at_once(manager, client, data, s
     assert client.get_json("/health")[0] == 200
 
 
+def test_undecodable_client_input_is_a_400(manager, client):
+    """A %ff path and JSON nested 10,000 deep are 400s, not 500s with a traceback in the log."""
+    assert client.request("GET", "/static/%ff.css")[0] == 400
+    client.login("admin", ADMIN_PASSWORD)
+    assert client.post_json("/api/v1/authentications/%ff/verify_connection", {})[0] == 400
+    deep = b"[" * 10000 + b"]" * 10000
+    status, _, data = client.request("POST", "/api/v1/login", deep, {"Content-Type": "application/json"})
+    assert status == 400 and b"not JSON" in data
+    assert client.get_json("/health")[0] == 200
+    log = manager.server.log_text()
+    assert "#critical" not in log and "Traceback" not in log
+
+
 def test_server_log_has_no_errors_and_no_passwords(manager):
     """After every request above, the twistd log has no traceback and no password."""
     log = manager.server.log_text()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import tempfile
 
 import pytest
+from twisted.logger import LogLevel, globalLogPublisher
 
 from sftpauth.account import Account
 from sftpauth.auth.errors import LoginFailed, UnknownUser
@@ -473,6 +474,20 @@ def spooled(monkeypatch):
     return made
 
 
+@pytest.fixture
+def critical_log():
+    """The formats of log events at level critical or carrying a traceback, while the test runs."""
+    seen: list[str] = []
+
+    def observer(event):
+        if event.get("log_level") == LogLevel.critical or "log_failure" in event:
+            seen.append(event.get("log_format", ""))
+
+    globalLogPublisher.addObserver(observer)
+    yield seen
+    globalLogPublisher.removeObserver(observer)
+
+
 LOGIN_HEAD = b"POST /api/v1/login HTTP/1.1\r\nHost: m\r\nContent-Type: application/json\r\n"
 
 
@@ -535,6 +550,25 @@ def test_line_over_16_kib_is_answered_at_once(manager, raw, status):
     protocol.dataReceived(raw)
     assert HTTPResult(transport.value()).status == status
     assert transport.disconnecting
+
+
+def test_client_input_that_cannot_be_decoded_is_a_400_without_traceback(manager, critical_log):
+    """Bad percent-encoding, deeply nested JSON, lone surrogates and too many query fields are 400s, never 500s."""
+    m = manager()
+    assert m.get("/static/%ff.css").status == 400
+    assert m.get("/login?" + "&".join(f"a{number}=1" for number in range(60))).status == 400
+    deep = m.request("POST", "/api/v1/login", b"[" * 10000 + b"]" * 10000, content_type="application/json")
+    assert deep.status == 400 and "not JSON" in deep.json()["error"]
+    m.login()
+    token = {"X-CSRF-Token": m.csrf_token()}
+    path = m.post_json("/api/v1/authentications/%ff/verify_connection", {}, headers=token)
+    assert path.status == 400 and "UTF-8" in path.json()["error"]
+    assert m.post_form("/authentications/%ff/verify_connection", {"csrf_token": token["X-CSRF-Token"]}).status == 400
+    surrogate = m.request(
+        "POST", "/api/v1/test_login", b'{"username": "\\udc80", "password": "x"}', headers=token, content_type="application/json"
+    )
+    assert surrogate.status == 400
+    assert critical_log == []
 
 
 def test_ldap_administrator_with_totp_types_password_and_code(manager):
