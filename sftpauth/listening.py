@@ -33,6 +33,7 @@ protocol starts, avoids both.
 from __future__ import annotations
 
 import ipaddress
+import resource
 import socket
 from typing import Any, Mapping, Optional
 
@@ -338,6 +339,28 @@ class ConnectionGuardFactory(WrappingFactory):
 # In a worker process (sftpauth.workers): service ID -> (file descriptor, address family) of the
 # listening socket the parent bound for that service. One per process, set before the services are built.
 _INHERITED_SOCKETS: dict[str, tuple[int, int]] = {}
+
+
+def raise_open_file_limit(limits: Any = resource) -> tuple[int, int]:
+    """Raise the process's soft limit on open files to its hard limit; (before, after).
+
+    Every connection holds a descriptor, a transfer or an open SFTP file one
+    more. A service started from a shell or by systemd gets a soft limit of
+    1,024, which about 1,000 idle connections reach, and then every service
+    stops accepting. The hard limit is what the administrator allows
+    (systemd's ``LimitNOFILE``); nginx (``worker_rlimit_nofile``) raises it
+    the same way. Twisted's default reactor (epoll) has no limit of its own.
+    """
+    soft, hard = limits.getrlimit(limits.RLIMIT_NOFILE)
+    wanted = hard if hard != limits.RLIM_INFINITY else max(soft, 1 << 20)
+    if soft != limits.RLIM_INFINITY and soft < wanted:
+        try:
+            limits.setrlimit(limits.RLIMIT_NOFILE, (wanted, hard))
+        except (OSError, ValueError) as error:
+            _log.warn("open files: cannot raise the limit from {soft} to {wanted}: {error}", soft=soft, wanted=wanted, error=error)
+            return soft, soft
+        return soft, wanted
+    return soft, soft
 
 
 def adopt_inherited_sockets(sockets: Mapping[str, tuple[int, int]]) -> None:

@@ -23,6 +23,7 @@ from sftpauth.auth.methods import build_methods, ldap_pools
 from sftpauth.config.errors import ConfigError, ConfigProblem
 from sftpauth.config.loader import load_configuration
 from sftpauth.config.models import Configuration, ServiceSettings
+from sftpauth.listening import raise_open_file_limit
 from sftpauth.realm import SessionRealm
 from sftpauth.runtime import Runtime
 from sftpauth.state import SharedState, build_state
@@ -257,6 +258,8 @@ def _make_service(options: Options, reactor=None) -> MultiService:
     configuration: Configuration = options["configuration"]
     for warning in configuration.warnings:
         _log.warn("configuration: {warning}", warning=str(warning))
+    before, after = raise_open_file_limit()
+    _log.info("open files: at most {after}" + (" (raised from {before})" if after != before else ""), before=before, after=after)
     runtime = build_runtime(configuration, reactor)
     top = ServerServices(configuration)
     _AuditCloser(runtime.audit).setServiceParent(top)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -28,7 +29,7 @@ class SftpauthServer:
 
     def __init__(
         self, folder: Path, config: str, ports: tuple[int, ...] = (), twistd_options: tuple[str, ...] = ("--pidfile=",),
-        cwd: Optional[Path] = None,
+        cwd: Optional[Path] = None, open_files: Optional[int] = None,
     ):
         self.folder = Path(folder)
         self.twistd_options = twistd_options
@@ -38,6 +39,7 @@ class SftpauthServer:
         self.config_path.write_text(config, encoding="utf-8")
         self.log_path = self.folder / "twistd.log"
         self.ports = ports
+        self.open_files = open_files  # the soft limit on open files the process starts with (hard: unchanged)
         self.process: Optional[subprocess.Popen] = None
 
     def start(self, timeout: float = 20.0) -> "SftpauthServer":
@@ -48,6 +50,7 @@ class SftpauthServer:
             [TWISTD, "-n", *self.twistd_options, "--logfile", str(self.log_path), "sftpauth", "--config", str(self.config_path)],
             cwd=self.cwd,
             env=environment,
+            preexec_fn=None if self.open_files is None else self._lower_open_files,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
         )
@@ -66,6 +69,10 @@ class SftpauthServer:
             except OSError:
                 time.sleep(0.05)
         return self
+
+    def _lower_open_files(self) -> None:
+        hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+        resource.setrlimit(resource.RLIMIT_NOFILE, (self.open_files, hard))
 
     def stop(self, timeout: float = 15.0) -> int:
         if self.process is None or self.process.poll() is not None:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import resource
 import socket
+from pathlib import Path
 
 import pytest
 
@@ -87,3 +89,19 @@ def test_an_explicit_pidfile_is_still_written(tmp_path):
     finally:
         assert server.stop() == 0
     assert not pidfile.exists()
+
+
+def test_the_soft_limit_on_open_files_is_raised_to_the_hard_limit(tmp_path):
+    """Started with the common soft limit of 1,024 open files, the server raises it to the hard limit (and says so)."""
+    port = free_port()
+    config = f"[server]\ndata_folder = {tmp_path}/data\n\n[services/ftp]\ntype = ftp\nport = {port}\n"
+    server = SftpauthServer(tmp_path / "run", config, ports=(port,), open_files=1024)
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    try:
+        server.start()
+        limits = Path(f"/proc/{server.process.pid}/limits").read_text()
+        (line,) = [line for line in limits.splitlines() if line.startswith("Max open files")]
+        assert line.split()[3:5] == [str(hard), str(hard)]
+    finally:
+        assert server.stop() == 0
+    assert f"open files: at most {hard} (raised from 1024)" in server.log_tail()

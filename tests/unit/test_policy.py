@@ -27,6 +27,7 @@ from sftpauth.listening import (
     ConnectionGuardFactory,
     InvalidHeader,
     ProxyHeaderReader,
+    raise_open_file_limit,
 )
 from sftpauth.permissions import FULL_CONTROL
 from sftpauth.state import (
@@ -827,3 +828,41 @@ def test_a_burst_of_good_logins_from_one_address_is_served_in_turn(policies, rec
         next(answer for answer in running if not answer.called).callback(account)
     assert len(outcomes) == 100
     assert [outcome for outcome in outcomes if isinstance(outcome, Failure)] == []
+
+
+class _FakeLimits:
+    """The few names of the resource module that raise_open_file_limit uses."""
+
+    RLIMIT_NOFILE = 7
+    RLIM_INFINITY = -1
+
+    def __init__(self, soft: int, hard: int, refuse: bool = False):
+        self.limit = (soft, hard)
+        self.refuse = refuse
+
+    def getrlimit(self, which):
+        assert which == self.RLIMIT_NOFILE
+        return self.limit
+
+    def setrlimit(self, which, limit):
+        if self.refuse:
+            raise ValueError("not allowed")
+        self.limit = limit
+
+
+@pytest.mark.parametrize(
+    "soft, hard, expected",
+    [(1024, 524288, (1024, 524288)), (524288, 524288, (524288, 524288)), (1024, -1, (1024, 1 << 20))],
+)
+def test_the_soft_open_file_limit_is_raised_to_the_hard_one(soft, hard, expected):
+    """1,024 open files are about 1,000 idle connections: the soft limit goes up to what the hard limit allows."""
+    limits = _FakeLimits(soft, hard)
+    assert raise_open_file_limit(limits) == expected
+    assert limits.limit == (expected[1], hard)
+
+
+def test_a_refused_raise_keeps_the_limit():
+    """A system that refuses the raise leaves the limit as it was, and start-up goes on."""
+    limits = _FakeLimits(1024, 4096, refuse=True)
+    assert raise_open_file_limit(limits) == (1024, 1024)
+    assert limits.limit == (1024, 4096)
