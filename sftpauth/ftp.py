@@ -12,7 +12,8 @@ What sftpauth changes in Twisted's FTP protocol, and why:
   a command: they reach the chain as lone surrogates (the login fails as
   invalid-username) and a path holding them gets 553;
 * every error answer is an FTP reply without a traceback; a failed login is
-  always ``530 Login failed.`` (the reason is in the audit log);
+  always ``530 Login failed.`` (the reason is in the audit log), sent after
+  :data:`FAILED_LOGIN_DELAY`, as SSH does;
 * ``..`` stops at ``/`` (as on SFTP), so ``CWD ../..`` stays at ``/``;
 * file data is read and written in the thread pool, never on the reactor;
 * a passive data connection is only accepted from the control connection's
@@ -98,7 +99,7 @@ from twisted.application.service import IService, MultiService
 from twisted.cred.error import UnauthorizedLogin, UnhandledCredentials
 from twisted.internet import defer
 from twisted.internet import error as internet_error
-from twisted.internet import interfaces
+from twisted.internet import interfaces, task
 from twisted.internet.interfaces import IHandshakeListener, IOpenSSLServerConnectionCreator
 from twisted.internet.ssl import TLSVersion
 from twisted.logger import Logger
@@ -133,6 +134,7 @@ DATA_HANDSHAKE_TIMEOUT = 30  # seconds for the TLS handshake of a protected data
 CLOSE_GRACE_SECONDS = 10  # a closed control connection is cut off if the client does not close it by then
 MAX_QUEUED_COMMANDS = 32  # commands read while one runs; past that, reading pauses
 LOGIN_GRACE_SECONDS = 120  # from connect to a successful login, as on SSH (OpenSSH's LoginGraceTime)
+FAILED_LOGIN_DELAY = 1.0  # seconds before a failed login's 530
 
 
 # -- replies ---------------------------------------------------------------------------
@@ -1146,7 +1148,8 @@ class SftpauthFTP(ftp.FTP):
             self.state = self.UNAUTH
             if not failure.check(UnauthorizedLogin, UnhandledCredentials):
                 _log.failure("FTP login raised an unexpected error", failure)
-            raise login_failed()
+            # As SSH (conch's passwordDelay) and vsftpd's delay_failed_login: a guesser gets one try a second per connection.
+            return task.deferLater(self.factory.reactor, FAILED_LOGIN_DELAY, _raise, login_failed())
 
         deferred = self.portal.login(request, mind, ftp.IFTPShell)
         deferred.addCallback(logged_in)

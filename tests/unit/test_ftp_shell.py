@@ -24,7 +24,7 @@ from sftpauth.auth.credentials import LoginRequest
 from sftpauth.config.models import FTPServiceSettings
 from sftpauth.filesystem import JailedFilesystem
 from sftpauth.ftp import (
-    LOGIN_GRACE_SECONDS, FileDownload, FileUpload, FTPReplyError, FTPServiceFactory, JailedFTPShell, list_line, listing_name,
+    FAILED_LOGIN_DELAY, LOGIN_GRACE_SECONDS, FileDownload, FileUpload, FTPReplyError, FTPServiceFactory, JailedFTPShell, list_line, listing_name,
     mlsx_facts,
 )
 from sftpauth.permissions import FULL_CONTROL, Permission
@@ -442,8 +442,20 @@ def test_any_login_failure_is_a_plain_530(connection, error):
     connection.send(b"PASS wrong")
     connection.transport.clear()
     connection.portal.logins[0][3].errback(error)
+    connection.reactor.advance(FAILED_LOGIN_DELAY - 0.01)
+    assert connection.transport.value() == b""  # a guesser waits, as on SSH
+    connection.reactor.advance(0.01)
     assert connection.transport.value() == b"530 Login failed.\r\n"
     assert connection.send(b"USER alice") == [b"331 Password required."]
+
+
+def test_quit_during_the_failed_login_delay_is_answered_at_once(connection):
+    """The delay holds the 530, not the connection: QUIT sent meanwhile gets 221 and the connection closes."""
+    connection.send(b"USER alice")
+    connection.send(b"PASS wrong")
+    connection.portal.logins[0][3].errback(UnauthorizedLogin("invalid-password"))
+    assert connection.send(b"QUIT") == [b"221 Goodbye."]
+    assert connection.transport.disconnecting
 
 
 def test_non_utf8_username_reaches_the_chain_as_surrogates(connection):
