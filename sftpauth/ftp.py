@@ -995,7 +995,7 @@ class SftpauthFTP(ftp.FTP):
         self.resetTimeout()
         # Clients send ABOR behind Telnet "interrupt" and "synch" bytes (IAC IP IAC DM).
         text = line.lstrip(_TELNET_BYTES).decode("utf-8", "surrogateescape")
-        if self._running is None:
+        if self._running is None and not self._queued:
             self._run(text)
             return
         # A command is running (a transfer, a login): RFC 959 lets ABOR and
@@ -1015,31 +1015,21 @@ class SftpauthFTP(ftp.FTP):
             self.pauseProducing()
 
     def _run(self, text: str) -> None:
-        """Run one command; reading goes on once it is under way (:meth:`_under_way`)."""
-        # Paused first: AUTH TLS must see the bytes sent behind it (clearLineBuffer).
-        self.pauseProducing()
+        """Answer one command; one that has to wait (a login, a transfer) holds the next ones back."""
         command, space, argument = text.partition(" ")
         arguments = (argument,) if space else ()
         deferred = defer.maybeDeferred(self.processCommand, command, *arguments)
         deferred.addCallbacks(self._send_result, self._send_failure, errbackArgs=(command,))
         deferred.addErrback(lambda failure: _log.failure("cannot answer an FTP command", failure))
-        self._running = deferred
-        # LineReceiver must not resume inside lineReceived.
-        self.factory.reactor.callLater(0, self._under_way, deferred)
-
-    def _under_way(self, deferred: defer.Deferred) -> None:
-        deferred.addBoth(self._command_done)
-        if deferred is self._running and not self.disconnected and self.transport is not None:
-            if len(self._queued) < MAX_QUEUED_COMMANDS:
-                self.resumeProducing()  # so that ABOR and QUIT are read during a transfer
+        if not deferred.called:
+            self._running = deferred
+            deferred.addBoth(self._command_done)
 
     def _command_done(self, ignored) -> None:
         self._running = None
-        if self.disconnected or self.transport is None:
-            return
-        if self._queued:
+        while self._running is None and self._queued and not self.disconnected and self.transport is not None:
             self._run(self._queued.popleft())
-        else:
+        if self._running is None and self.paused and not self.disconnected and self.transport is not None:
             self.resumeProducing()
 
     def _send_result(self, result) -> None:
