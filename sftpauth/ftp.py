@@ -343,7 +343,16 @@ class JailedFTPShell:
             target = virtual_name(toPath)
         except InvalidPath:
             return defer.fail(ftp_error(Failure(), "/"))
-        return self._call(fromPath, lambda source: self.filesystem.rename(source, target))
+
+        def target_error(failure: Failure):
+            """What is wrong with the target names the target, not the source."""
+            if failure.check(FileExistsError):
+                raise ftp.FileExistsError(target)
+            if failure.check(OSError) and failure.value.errno == errno.EINVAL:
+                raise FTPReplyError(550, f"{target}: a folder cannot be moved into itself.")
+            return failure
+
+        return self._call(fromPath, lambda source: self.filesystem.rename(source, target).addErrback(target_error))
 
     def access(self, path):
         def check(virtual: str) -> defer.Deferred:
@@ -887,6 +896,7 @@ class SftpauthFTP(ftp.FTP):
     FEATURES = ["EPRT", "EPSV", "MDTM", "MFMT", "PASV", "REST STREAM", "SIZE", "TYPE A;I", "UTF8"]
     _mlst_facts = MLST_FACTS  # OPTS MLST chooses among them
     MAX_LENGTH = 16384  # longer command lines are refused and the connection closed
+    delimiter = b"\n"  # a line may end in CRLF (RFC 959) or a bare LF (printf, nc, many scripts); replies end in CRLF
 
     factory: "FTPServiceFactory"
     workingDirectory: list[str]
@@ -984,7 +994,7 @@ class SftpauthFTP(ftp.FTP):
             return  # the command finished after the client left, or after QUIT or a closing 421
         if isinstance(line, str):
             line = line.encode("utf-8", "replace")
-        self.transport.write(line + self.delimiter)
+        self.transport.write(line + b"\r\n")
 
     def _peer(self) -> str:
         return _plain_address(self.transport.getPeer().host)
@@ -993,6 +1003,8 @@ class SftpauthFTP(ftp.FTP):
 
     def lineReceived(self, line: bytes) -> None:
         self.resetTimeout()
+        if line.endswith(b"\r"):
+            line = line[:-1]
         # Clients send ABOR behind Telnet "interrupt" and "synch" bytes (IAC IP IAC DM).
         text = line.lstrip(_TELNET_BYTES).decode("utf-8", "surrogateescape")
         if self._running is None and not self._queued:

@@ -155,6 +155,16 @@ def test_rename(shell, home, result_of):
     assert (home / "b.txt").read_bytes() == b"a" and not (home / "a.txt").exists()
 
 
+def test_rename_errors_about_the_target_name_the_target(shell, home):
+    """RNTO onto a folder, or of a folder into itself, names the target in the 550, not the source."""
+    (home / "a.txt").write_bytes(b"a")
+    (home / "d1").mkdir()
+    taken = failure_of(shell.rename(["a.txt"], ["d1"]))
+    assert taken.check(twisted_ftp.FileExistsError) and taken.value.response() == "550 /d1: File exists"
+    into_itself = failure_of(shell.rename(["d1"], ["d1", "inner"]))
+    assert into_itself.value.response() == "550 /d1/inner: a folder cannot be moved into itself."
+
+
 def test_access_needs_an_existing_folder_inside(shell, home, result_of):
     """access (CWD) succeeds for folders only; files, missing names and escaping links fail."""
     (home / "dir").mkdir()
@@ -536,6 +546,18 @@ def test_a_logged_in_connection_has_no_login_deadline(connection):
     connection.reactor.advance(LOGIN_GRACE_SECONDS + 1)
     assert not connection.transport.disconnecting
     assert connection.send(b"NOOP")[0].startswith(b"200 ")
+
+
+def test_lines_may_end_in_a_bare_lf_and_replies_end_in_crlf(connection):
+    """Scripts (printf, nc) end commands with LF only: they are answered as CRLF lines are, with CRLF replies."""
+    connection.transport.clear()
+    connection.protocol.dataReceived(b"NOOP\nUSER alice\r\nSTOR a\rb\n")
+    assert connection.transport.value().split(b"\r\n") == [
+        b"200 Command OK",
+        b"331 Password required.",
+        b"503 Incorrect sequence of commands: PASS required after USER",
+        b"",
+    ]
 
 
 def test_over_long_line_gets_500_and_is_closed(connection):
