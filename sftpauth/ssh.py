@@ -99,6 +99,19 @@ MAX_SESSION_CHANNELS = 10  # like OpenSSH MaxSessions
 MAX_OPEN_HANDLES = 256  # files and folders open at once in one SFTP session
 MAX_SFTP_PACKET = 256 * 1024 + 1024  # OpenSSH sftp-server's limit (plus headers)
 MAX_READ_LENGTH = 256 * 1024
+# Algorithms offered (the first that both sides know wins): no SHA-1, CBC,
+# 3DES or MD5. conch has neither AES-GCM, chacha20-poly1305 nor encrypt-then-MAC.
+KEY_EXCHANGES = (
+    b"mlkem768x25519-sha256",
+    b"curve25519-sha256",
+    b"curve25519-sha256@libssh.org",
+    b"ecdh-sha2-nistp256",
+    b"ecdh-sha2-nistp384",
+    b"ecdh-sha2-nistp521",
+)
+CIPHERS = [b"aes256-ctr", b"aes192-ctr", b"aes128-ctr"]
+MACS = [b"hmac-sha2-512", b"hmac-sha2-256"]
+WEAK_HOST_KEY_SIGNATURES = frozenset({b"ssh-rsa", b"ssh-dss"})  # SHA-1 signatures
 FILE_MODE = 0o644
 VERSION_STRING = b"SSH-2.0-sftpauth"
 GENERATED_KEYS_FOLDER = "ssh"
@@ -1016,6 +1029,8 @@ class SFTPServerTransport(transport.SSHServerTransport, TimeoutMixin):
     # No compression: conch's "zlib" starts before authentication and inflates without a
     # size limit on the reactor thread, so 1 MB from anyone became 1 GB (a zlib bomb).
     supportedCompressions = [b"none"]
+    supportedCiphers = CIPHERS
+    supportedMACs = MACS
 
     def callLater(self, period: float, function: Callable[[], Any]) -> Any:  # TimeoutMixin's clock
         return self.factory.reactor.callLater(period, function)
@@ -1094,11 +1109,14 @@ class SFTPFactory(factory.SSHFactory):
     def buildProtocol(self, addr: Any) -> SFTPServerTransport:
         built = protocol.Factory.buildProtocol(self, addr)
         built.supportedPublicKeys = [
-            algorithm for key in self.privateKeys.values() for algorithm in key.supportedSignatureAlgorithms()
+            algorithm
+            for key in self.privateKeys.values()
+            for algorithm in key.supportedSignatureAlgorithms()
+            if algorithm not in WEAK_HOST_KEY_SIGNATURES
         ]
-        built.supportedKeyExchanges = [
-            kex for kex in built.supportedKeyExchanges if not kex.startswith(b"diffie-hellman-group-exchange-")
-        ]
+        # conch's own order (post-quantum hybrid first), without SHA-1 and
+        # without group exchange (no moduli file: self.primes is None).
+        built.supportedKeyExchanges = [kex for kex in built.supportedKeyExchanges if kex in KEY_EXCHANGES]
         return built
 
     def getService(self, serverTransport: SFTPServerTransport, service: bytes):

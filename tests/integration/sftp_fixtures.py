@@ -165,15 +165,17 @@ def open_fds(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
-def run_openssh_sftp(port: int, username: str, password: str, batch: str, folder: Path, timeout: float = 60):
-    """Run OpenSSH ``sftp -b`` through sshpass; returns the CompletedProcess."""
+def run_openssh_sftp(
+    port: int, username: str, password: str, batch: str, folder: Path, timeout: float = 60, options: tuple[str, ...] = ()
+):
+    """Run OpenSSH ``sftp -b`` through sshpass (``options``: more ``-o`` settings); returns the CompletedProcess."""
     batch_file = folder / "batch.txt"
     batch_file.write_text(batch, encoding="utf-8")
     return subprocess.run(
         [
             "sshpass", "-p", password,
             "sftp", "-oBatchMode=no", "-oStrictHostKeyChecking=no", "-oUserKnownHostsFile=/dev/null",
-            "-oPreferredAuthentications=password", "-oPubkeyAuthentication=no",
+            "-oPreferredAuthentications=password", "-oPubkeyAuthentication=no", *options,
             "-P", str(port), "-b", str(batch_file), f"{username}@127.0.0.1",
         ],
         cwd=folder,

@@ -630,6 +630,60 @@ def test_client_leaving_mid_handshake_does_not_hurt_the_service(site):
     assert "Traceback" not in site.server.log_tail(200)
 
 
+# -- SSH algorithms ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "option, refused",
+    [
+        ("-oKexAlgorithms=diffie-hellman-group14-sha1", "key exchange method"),
+        ("-oKexAlgorithms=diffie-hellman-group1-sha1", "key exchange method"),
+        ("-oHostKeyAlgorithms=ssh-rsa", "host key type"),
+        ("-oCiphers=aes128-cbc,aes256-cbc,3des-cbc", "cipher"),
+        ("-oMACs=hmac-sha1,hmac-md5", "MAC"),
+    ],
+)
+def test_weak_ssh_algorithms_are_refused(site, tmp_path, option, refused):
+    """An OpenSSH client that allows only SHA-1 key exchange or signatures, CBC or 3DES, or SHA-1/MD5 MACs cannot connect."""
+    require_tools("sshpass", "sftp")
+    result = run_openssh_sftp(site.port, "alice", PASSWORDS["alice"], "pwd\n", tmp_path, options=(option,))
+    assert result.returncode != 0
+    assert f"no matching {refused}" in result.stderr.decode(errors="replace")
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        ("-oKexAlgorithms=curve25519-sha256", "-oHostKeyAlgorithms=ssh-ed25519", "-oCiphers=aes256-ctr", "-oMACs=hmac-sha2-512"),
+        ("-oKexAlgorithms=ecdh-sha2-nistp256", "-oHostKeyAlgorithms=rsa-sha2-256", "-oCiphers=aes128-ctr", "-oMACs=hmac-sha2-256"),
+        ("-oHostKeyAlgorithms=rsa-sha2-512",),
+    ],
+)
+def test_modern_ssh_algorithms_connect(site, tmp_path, options):
+    """OpenSSH sftp connects with each modern key exchange, host key signature, cipher and MAC kept."""
+    require_tools("sshpass", "sftp")
+    result = run_openssh_sftp(site.port, "alice", PASSWORDS["alice"], "pwd\n", tmp_path, options=options)
+    assert result.returncode == 0, result.stderr.decode(errors="replace")
+    assert "Remote working directory: /" in result.stdout.decode(errors="replace")
+
+
+def test_libssh2_logs_in_and_lists(site):
+    """libssh2 (ssh2-python, the benchmarks' client) negotiates with the trimmed algorithms, logs in and lists."""
+    ssh2_session = pytest.importorskip("ssh2.session")
+    (site.home("alice") / "for-libssh2.txt").write_bytes(b"x")
+    with socket.create_connection(("127.0.0.1", site.port), timeout=10) as sock:
+        session = ssh2_session.Session()
+        session.handshake(sock)
+        session.userauth_password("alice", PASSWORDS["alice"])
+        sftp = session.sftp_init()
+        listing = sftp.opendir(".")
+        names = [name for _, name, _ in listing.readdir()]
+        listing.close()
+        session.disconnect()
+        listing = sftp = session = None
+    assert b"for-libssh2.txt" in names
+
+
 # -- host keys, idle timeout, sftp = no ----------------------------------------------
 
 
