@@ -31,6 +31,10 @@ class InvalidPath(Exception):
     """A client path that can never be valid (NUL, too long, not UTF-8)."""
 
 
+class InvalidName(InvalidPath):
+    """A name that may exist on disk but must not be created (control characters)."""
+
+
 class OffsetPastEnd(ValueError):
     """A restart offset (FTP ``REST``) beyond the end of the file."""
 
@@ -67,6 +71,25 @@ def virtual_path(client_path: Union[str, bytes], cwd: str = "/") -> str:
         if len(segment.encode("utf-8", "surrogatepass")) > MAX_SEGMENT_BYTES:
             raise InvalidPath(f"a name is longer than {MAX_SEGMENT_BYTES} bytes")
     return joined
+
+
+def _control_character_name(char: str) -> str:
+    if char in "\r\n":
+        return "a line break"
+    return f"a control character (U+{ord(char):04X})"
+
+
+def check_new_name(path: str) -> None:
+    """Refuse to create a name (the last segment of ``path``) with a C0 control character or DEL.
+
+    Such names forge lines in FTP listings and put escape sequences on
+    other users' terminals. Existing names are not checked: files put there
+    by other means stay listable, readable and deletable.
+    """
+    name = path.rstrip("/").rsplit("/", 1)[-1]
+    for char in name:
+        if char < " " or char == "\x7f":
+            raise InvalidName(f"the name contains {_control_character_name(char)}")
 
 
 def resolve(root: str, client_path: Union[str, bytes], cwd: str = "/") -> str:

@@ -83,7 +83,14 @@ from sftpauth.auth.chain import SecondFactor
 from sftpauth.auth.credentials import ILoginRequest, LoginRequest
 from sftpauth.config.errors import ConfigError, ConfigProblem
 from sftpauth.config.models import SSHServiceSettings
-from sftpauth.filesystem import InvalidPath, JailedFilesystem, OutsideJail, virtual_path
+from sftpauth.filesystem import (
+    InvalidName,
+    InvalidPath,
+    JailedFilesystem,
+    OutsideJail,
+    check_new_name,
+    virtual_path,
+)
 from sftpauth.private_files import write_private_file
 from sftpauth.listening import listening_service
 from sftpauth.permissions import Permission, PermissionDenied
@@ -245,6 +252,8 @@ def sftp_error(failure: Failure) -> Failure:
         code, message = FX_NO_SUCH_FILE, "no such file or folder"
     elif isinstance(error, PermissionDenied):
         code, message = FX_PERMISSION_DENIED, f"permission denied: {error.permission.value} is not granted"
+    elif isinstance(error, InvalidName):
+        code, message = FX_BAD_MESSAGE, f"file name not allowed: {error}"
     elif isinstance(error, InvalidPath):
         code, message = FX_BAD_MESSAGE, str(error)
     elif isinstance(error, FileNotFoundError):
@@ -461,11 +470,24 @@ class JailedSFTPServer:
         os_flags = open_flags(flags)
         writable = bool(flags & FXF_WRITE)
         readable = bool(flags & FXF_READ) or not writable
+        refused_name: Optional[InvalidName] = None
         try:
             path = virtual_path(filename)
+            if flags & FXF_CREAT:
+                try:
+                    check_new_name(path)
+                except InvalidName as error:
+                    if flags & FXF_EXCL:
+                        raise
+                    # An existing file of that name may be opened; none is created.
+                    refused_name = error
+                    os_flags &= ~os.O_CREAT
         except Exception:
-            return defer.fail(sftp_error(Failure()))
+            d = defer.fail(sftp_error(Failure()))
+            return self._changed(d, "open for writing", filename) if writable else d
         d = self.filesystem.open_file(path, os_flags, FILE_MODE)
+        if refused_name is not None:
+            d.addErrback(_refuse_missing, refused_name)
         d.addCallback(lambda fd: JailedFile(self.filesystem, fd, path, readable, writable))
         if writable:
             return self._changed(d, "open for writing", path)
@@ -475,11 +497,22 @@ class JailedSFTPServer:
         return self._changed(self.filesystem.remove_file(filename), "remove", filename)
 
     def renameFile(self, oldpath: bytes, newpath: bytes) -> defer.Deferred:
-        d = self.filesystem.rename(oldpath, newpath, overwrite=False)
+        try:
+            check_new_name(virtual_path(newpath))
+        except Exception:
+            d = defer.fail()
+        else:
+            d = self.filesystem.rename(oldpath, newpath, overwrite=False)
         return self._changed(d, "rename", oldpath + b" -> " + newpath)
 
     def makeDirectory(self, path: bytes, attrs: dict) -> defer.Deferred:
-        return self._changed(self.filesystem.make_directory(path), "make folder", path)
+        try:
+            check_new_name(virtual_path(path))
+        except Exception:
+            d = defer.fail()
+        else:
+            d = self.filesystem.make_directory(path)
+        return self._changed(d, "make folder", path)
 
     def removeDirectory(self, path: bytes) -> defer.Deferred:
         return self._changed(self.filesystem.remove_directory(path), "remove folder", path)
@@ -529,6 +562,13 @@ class JailedSFTPServer:
 
     def extendedRequest(self, extendedName: bytes, extendedData: bytes) -> None:
         raise SFTPError(FX_OP_UNSUPPORTED, "extended requests are not supported")
+
+
+def _refuse_missing(failure: Failure, refused: InvalidName) -> Failure:
+    """A create refused for its name: the file did not exist, so say why it was not made."""
+    if failure.check(FileNotFoundError):
+        return Failure(refused)
+    return failure
 
 
 def _close_quietly(fileObj: JailedFile) -> None:

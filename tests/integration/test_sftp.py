@@ -630,6 +630,37 @@ def test_client_leaving_mid_handshake_does_not_hurt_the_service(site):
     assert "Traceback" not in site.server.log_tail(200)
 
 
+# -- names ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["line\nfeed", "forged\n-rw-r--r--   1 root root 9 Jan 01 00:00 PAYROLL.xlsx", "esc\x1b]0;title\x07", "cr\r", "del\x7f"])
+def test_names_with_control_characters_are_refused(site, alice, name):
+    """Upload, mkdir and rename to a name with a C0 control character or DEL fail with "file name not allowed"; nothing is created."""
+    home = site.home("alice")
+    source = unique("source")
+    (home / source).write_bytes(b"x")
+    before = sorted(os.listdir(home))
+    for attempt in (
+        lambda: alice.putfo(io.BytesIO(b"data"), name),
+        lambda: alice.mkdir(name),
+        lambda: alice.rename(source, name),
+    ):
+        with pytest.raises(IOError) as refused:
+            attempt()
+        assert "file name not allowed: the name contains" in str(refused.value)
+    assert sorted(os.listdir(home)) == before
+
+
+def test_existing_names_with_control_characters_stay_usable(site, alice):
+    """A file made on the server with a line feed in its name is listed, downloaded and deleted over SFTP."""
+    name = unique("made") + "\nelsewhere"
+    (site.home("alice") / name).write_bytes(b"content")
+    assert name in alice.listdir("/")
+    assert alice.open(name).read() == b"content"
+    alice.remove(name)
+    assert not (site.home("alice") / name).exists()
+
+
 # -- SSH algorithms ------------------------------------------------------------------
 
 

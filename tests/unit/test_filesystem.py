@@ -6,7 +6,16 @@ import os
 
 import pytest
 
-from sftpauth.filesystem import InvalidPath, JailedFilesystem, OffsetPastEnd, OutsideJail, resolve, virtual_path
+from sftpauth.filesystem import (
+    InvalidName,
+    InvalidPath,
+    JailedFilesystem,
+    OffsetPastEnd,
+    OutsideJail,
+    check_new_name,
+    resolve,
+    virtual_path,
+)
 from sftpauth.permissions import FULL_CONTROL, Permission, PermissionDenied
 
 # -- virtual_path --------------------------------------------------------------------
@@ -70,6 +79,32 @@ def test_virtual_path_refuses_impossible_names(client_path):
     """NUL bytes, over-long names or paths and undecodable bytes are InvalidPath."""
     with pytest.raises(InvalidPath):
         virtual_path(client_path)
+
+
+@pytest.mark.parametrize(
+    "path, reason",
+    [
+        ("/a\nb", "a line break"),
+        ("/a\rb", "a line break"),
+        ("/x\x1b[31mred", "a control character (U+001B)"),
+        ("/bell\x07", "a control character (U+0007)"),
+        ("/tab\there", "a control character (U+0009)"),
+        ("/del\x7f", "a control character (U+007F)"),
+        ("/folder/\x01start", "a control character (U+0001)"),
+    ],
+)
+def test_new_names_with_control_characters_are_refused(path, reason):
+    """A name to be created with a C0 control character or DEL is refused, saying which character."""
+    with pytest.raises(InvalidName) as refused:
+        check_new_name(path)
+    assert str(refused.value) == f"the name contains {reason}"
+    assert isinstance(refused.value, InvalidPath)  # FTP already answers those with 553
+
+
+@pytest.mark.parametrize("path", ["/plain.txt", "/caf\u00e9 \u6587\u4ef6 \u2713.txt", "/a\nb/inside", "/sp ace/", "/~tilde"])
+def test_new_names_without_control_characters_are_accepted(path):
+    """Only the name being created counts: its parent folders may have any name that already exists."""
+    check_new_name(path)
 
 
 def test_virtual_path_accepts_the_longest_allowed_name():

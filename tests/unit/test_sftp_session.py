@@ -1,0 +1,244 @@
+"""One SSH connection's SFTP sessions in memory: what reaches the wire for each request.
+
+The harness drives conch's real connection service (channel open, the
+``sftp`` subsystem request, channel data, window adjusts, close) with the
+packets a client would send, and runs the "thread pool" by hand, so each
+test sees exactly which file work was started and what reached the wire.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from typing import Any, Callable
+
+import pytest
+from twisted.conch.ssh import connection
+from twisted.conch.ssh.common import NS, getNS
+from twisted.internet import defer
+
+from sftpauth import ssh
+from sftpauth.account import Account
+from sftpauth.filesystem import JailedFilesystem
+from sftpauth.permissions import FULL_CONTROL
+
+FXP_INIT, FXP_VERSION, FXP_OPEN, FXP_CLOSE, FXP_READ = 1, 2, 3, 4, 5
+FXP_OPENDIR, FXP_READDIR, FXP_REMOVE, FXP_MKDIR, FXP_RENAME = 11, 12, 13, 14, 18
+FXP_STATUS, FXP_HANDLE, FXP_DATA, FXP_NAME = 101, 102, 103, 104
+FX_EOF, FX_FAILURE, FX_BAD_MESSAGE = 1, 4, 5
+FXF_READ, FXF_WRITE, FXF_CREAT, FXF_TRUNC = 0x01, 0x02, 0x08, 0x10
+CLIENT_WINDOW = 2 * 1024 * 1024
+CLIENT_MAX_PACKET = 32768
+
+
+class ManualThreads:
+    """A ``run_in_thread`` whose jobs run only when the test says so."""
+
+    def __init__(self) -> None:
+        self.jobs: list[tuple[Callable[..., Any], tuple, defer.Deferred]] = []
+        self.started: list[Callable[..., Any]] = []
+        self.inside = False
+
+    def __call__(self, function: Callable[..., Any], *args: Any) -> defer.Deferred:
+        d: defer.Deferred = defer.Deferred()
+        self.jobs.append((function, args, d))
+        return d
+
+    def run_one(self) -> None:
+        function, args, d = self.jobs.pop(0)
+        self.started.append(function)
+        self.inside = True
+        try:
+            result = function(*args)
+        except BaseException:
+            self.inside = False
+            d.errback()
+        else:
+            self.inside = False
+            d.callback(result)
+
+    def run_all(self, limit: int = 100_000) -> None:
+        while self.jobs and limit:
+            self.run_one()
+            limit -= 1
+
+
+class FakeSSHTransport:
+    """The SSH transport under the connection service: records the packets sent to the client."""
+
+    def __init__(self, avatar: ssh.SFTPUser):
+        self.avatar = avatar
+        self.packets: list[tuple[int, bytes]] = []
+
+    def sendPacket(self, kind: int, payload: bytes) -> None:
+        self.packets.append((kind, payload))
+
+
+class Client:
+    """The client side of one connection: sends channel packets, reads the SFTP answers."""
+
+    def __init__(self, home: str):
+        account = Account(
+            username="alice", method_id="local", home_folder=home,
+            permissions=FULL_CONTROL,
+            groups=("users",),
+        )
+        self.threads = ManualThreads()
+        self.avatar = ssh.SFTPUser(account, JailedFilesystem(home, account.permissions, self.threads))
+        self.ssh = FakeSSHTransport(self.avatar)
+        self.connection = ssh.SFTPConnection()
+        self.connection.transport = self.ssh
+        self.connection.serviceStarted()
+        self.received: dict[int, bytes] = {}  # local channel -> SFTP bytes received
+
+    def open_sftp(self, window: int = CLIENT_WINDOW) -> int:
+        """Open a session channel with the sftp subsystem and do INIT; returns the channel number."""
+        number = self.connection.localChannelID
+        self.connection.ssh_CHANNEL_OPEN(NS(b"session") + struct.pack(">3L", 100 + number, window, CLIENT_MAX_PACKET))
+        self.connection.ssh_CHANNEL_REQUEST(struct.pack(">L", number) + NS(b"subsystem") + b"\x00" + NS(b"sftp"))
+        self.received[number] = b""
+        self.send(number, sftp_packet(FXP_INIT, struct.pack("!L", 3)))
+        assert self.answers(number)[0][0] == FXP_VERSION
+        return number
+
+    def channel(self, number: int) -> ssh.SFTPSessionChannel:
+        return self.connection.channels[number]
+
+    def window_left(self, number: int) -> int:
+        return self.channel(number).localWindowLeft
+
+    def send(self, number: int, data: bytes) -> None:
+        """Channel data, as a client honouring the server's window sends it."""
+        for start in range(0, len(data), CLIENT_MAX_PACKET):
+            chunk = data[start : start + CLIENT_MAX_PACKET]
+            assert len(chunk) <= self.window_left(number), "the client would have to wait for the window"
+            self.connection.ssh_CHANNEL_DATA(struct.pack(">L", number) + NS(chunk))
+
+    def send_while_window(self, number: int, packets: list[bytes]) -> int:
+        """Send requests until the server's window is used up; returns how many were sent."""
+        for count, packet in enumerate(packets):
+            if len(packet) > self.window_left(number):
+                return count
+            self.connection.ssh_CHANNEL_DATA(struct.pack(">L", number) + NS(packet))
+        return len(packets)
+
+    def read_window(self, number: int, size: int) -> None:
+        """The client read ``size`` bytes and opens its window again."""
+        self.connection.ssh_CHANNEL_WINDOW_ADJUST(struct.pack(">2L", number, size))
+
+    def close_channel(self, number: int) -> None:
+        self.connection.ssh_CHANNEL_CLOSE(struct.pack(">L", number))
+
+    def collect(self) -> int:
+        """Move the channel data sent so far into ``received``; returns how many bytes that was."""
+        count = 0
+        for kind, payload in self.ssh.packets:
+            if kind == connection.MSG_CHANNEL_DATA:
+                remote = struct.unpack(">L", payload[:4])[0]
+                data = getNS(payload[4:])[0]
+                self.received[remote - 100] += data
+                count += len(data)
+        self.ssh.packets = [(kind, payload) for kind, payload in self.ssh.packets if kind != connection.MSG_CHANNEL_DATA]
+        return count
+
+    def answers(self, number: int) -> list[tuple[int, bytes]]:
+        """The complete SFTP answers received on a channel since the last call."""
+        self.collect()
+        data, found = self.received[number], []
+        while len(data) >= 5:
+            length, kind = struct.unpack("!LB", data[:5])
+            if len(data) < 4 + length:
+                break
+            found.append((kind, data[5 : 4 + length]))
+            data = data[4 + length :]
+        self.received[number] = data
+        return found
+
+    def request(self, number: int, kind: int, payload: bytes) -> tuple[int, bytes]:
+        """One request and its answer (the thread jobs it needs are run)."""
+        self.send(number, sftp_packet(kind, payload))
+        self.threads.run_all()
+        answers = self.answers(number)
+        assert len(answers) == 1, answers
+        return answers[0]
+
+    def open(self, number: int, name: bytes, flags: int = FXF_READ, request_id: int = 1) -> tuple[int, bytes]:
+        kind, body = self.request(number, FXP_OPEN, struct.pack("!L", request_id) + NS(name) + struct.pack("!LL", flags, 0))
+        return kind, (getNS(body[4:])[0] if kind == FXP_HANDLE else body)
+
+    def sent_kinds(self) -> list[int]:
+        return [kind for kind, _ in self.ssh.packets]
+
+
+def sftp_packet(kind: int, payload: bytes) -> bytes:
+    return struct.pack("!LB", len(payload) + 1, kind) + payload
+
+
+def read_request(request_id: int, handle: bytes, offset: int, length: int) -> bytes:
+    return sftp_packet(FXP_READ, struct.pack("!L", request_id) + NS(handle) + struct.pack("!QL", offset, length))
+
+
+def status_of(body: bytes) -> tuple[int, str]:
+    code = struct.unpack("!L", body[4:8])[0]
+    return code, getNS(body[8:])[0].decode()
+
+
+@pytest.fixture
+def home(tmp_path):
+    folder = tmp_path / "alice"
+    folder.mkdir()
+    (folder / "big.bin").write_bytes(os.urandom(4 * 1024 * 1024))
+    return str(folder)
+
+
+# -- names ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", [b"line\nfeed", b"carriage\rreturn", b"esc\x1b[31mred", b"bell\x07", b"tab\there", b"del\x7f"])
+def test_names_with_control_characters_cannot_be_created(home, name):
+    """open with create, mkdir and rename to a name with a C0 control character or DEL are refused with a clear message."""
+    client = Client(home)
+    number = client.open_sftp()
+    before = sorted(os.listdir(home))
+    answers = [
+        client.open(number, name, FXF_WRITE | FXF_CREAT | FXF_TRUNC),
+        client.request(number, FXP_MKDIR, struct.pack("!L", 2) + NS(name) + struct.pack("!L", 0)),
+        client.request(number, FXP_RENAME, struct.pack("!L", 3) + NS(b"big.bin") + NS(name)),
+    ]
+    for kind, body in answers:
+        assert kind == FXP_STATUS
+        code, message = status_of(body)
+        assert code == FX_BAD_MESSAGE
+        assert message.startswith("file name not allowed: the name contains ")
+    assert sorted(os.listdir(home)) == before
+
+
+def test_existing_names_with_control_characters_stay_usable(home):
+    """A file put there by other means with LF in its name can be listed, read, rewritten and removed."""
+    name = "made\nelsewhere"
+    with open(os.path.join(home, name), "wb") as file:
+        file.write(b"content")
+    client = Client(home)
+    number = client.open_sftp()
+    kind, handle = client.open(number, name.encode())
+    assert kind == FXP_HANDLE
+    kind, body = client.request(number, FXP_READ, struct.pack("!L", 2) + NS(handle) + struct.pack("!QL", 0, 100))
+    assert kind == FXP_DATA and getNS(body[4:])[0] == b"content"
+    kind, _ = client.open(number, name.encode(), FXF_WRITE | FXF_CREAT | FXF_TRUNC, request_id=3)
+    assert kind == FXP_HANDLE
+    kind, body = client.request(number, FXP_OPENDIR, struct.pack("!L", 4) + NS(b"/"))
+    kind, body = client.request(number, FXP_READDIR, struct.pack("!L", 5) + NS(getNS(body[4:])[0]))
+    assert kind == FXP_NAME and NS(name.encode()) in body
+    kind, body = client.request(number, FXP_REMOVE, struct.pack("!L", 6) + NS(name.encode()))
+    assert kind == FXP_STATUS and status_of(body)[0] == 0
+    assert not os.path.exists(os.path.join(home, name))
+
+
+def test_exclusive_create_of_a_name_with_control_characters_is_refused(home):
+    """O_EXCL means "create": refused for such a name even when a file of that name exists."""
+    with open(os.path.join(home, "x\ny"), "wb"):
+        pass
+    client = Client(home)
+    number = client.open_sftp()
+    kind, body = client.open(number, b"x\ny", FXF_WRITE | FXF_CREAT | 0x20)
+    assert kind == FXP_STATUS and status_of(body)[0] == FX_BAD_MESSAGE
