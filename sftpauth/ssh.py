@@ -70,9 +70,12 @@ from twisted.conch.ssh.filetransfer import (
     FXF_TRUNC,
     FXF_WRITE,
     FXP_INIT,
+    FXP_READ,
+    FXP_VERSION,
     SFTPError,
 )
 from twisted.internet import defer, protocol
+from twisted.internet.interfaces import IConsumer, IPushProducer
 from twisted.logger import Logger, LogLevel
 from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
@@ -106,6 +109,12 @@ MAX_SESSION_CHANNELS = 10  # like OpenSSH MaxSessions
 MAX_OPEN_HANDLES = 256  # files and folders open at once in one SFTP session
 MAX_SFTP_PACKET = 256 * 1024 + 1024  # OpenSSH sftp-server's limit (plus headers)
 MAX_READ_LENGTH = 256 * 1024
+# Flow control of one SFTP session (see SFTPSubsystem): requests being worked
+# on, the reply bytes they may produce, and the unsent bytes of the channel.
+MAX_PENDING_REQUESTS = 64  # OpenSSH sftp pipelines 64 requests
+MAX_PENDING_REPLY_BYTES = 2 * 1024 * 1024  # 64 reads of 32 KB
+OUTPUT_HIGH_WATER = 1024 * 1024  # unsent reply bytes: stop taking requests...
+OUTPUT_LOW_WATER = 256 * 1024  # ...until the client has read down to this
 # Algorithms offered (the first that both sides know wins): no SHA-1, CBC,
 # 3DES or MD5. conch has neither AES-GCM, chacha20-poly1305 nor encrypt-then-MAC.
 KEY_EXCHANGES = (
@@ -353,7 +362,9 @@ class JailedFile:
 
     Operations on one file run one at a time (a :class:`DeferredLock`), so
     ``close`` never releases the descriptor while a read or write still uses
-    it: a reused fd number can never serve another session's file.
+    it: a reused fd number can never serve another session's file. When the
+    session ends (:meth:`abandon`), operations still waiting for the lock
+    are dropped instead of run for nobody.
     """
 
     def __init__(self, filesystem: JailedFilesystem, fd: int, path: str, readable: bool, writable: bool):
@@ -363,6 +374,7 @@ class JailedFile:
         self._readable = readable
         self._writable = writable
         self._lock = defer.DeferredLock()
+        self._abandoned = False
 
     @property
     def closed(self) -> bool:
@@ -372,7 +384,12 @@ class JailedFile:
         if self._fd is None:
             return defer.fail(SFTPError(FX_FAILURE, "the file is closed"))
         fd = self._fd
-        return self._lock.run(self._filesystem.run, function, fd, *args).addErrback(sftp_error)
+        return self._lock.run(self._runUnlessAbandoned, function, fd, *args).addErrback(sftp_error)
+
+    def _runUnlessAbandoned(self, function: Callable[..., Any], *args: Any) -> defer.Deferred:
+        if self._abandoned:
+            return defer.fail(SFTPError(FX_FAILURE, "the session has ended"))
+        return self._filesystem.run(function, *args)
 
     def readChunk(self, offset: int, length: int) -> defer.Deferred:
         if not self._readable:
@@ -403,6 +420,11 @@ class JailedFile:
             return defer.succeed(None)
         fd, self._fd = self._fd, None
         return self._lock.run(self._filesystem.run, os.close, fd).addErrback(sftp_error)
+
+    def abandon(self) -> defer.Deferred:
+        """Close for a session that has ended: reads and writes not started yet are dropped."""
+        self._abandoned = True
+        return self.close()
 
 
 def _times_to_set(attrs: dict) -> Optional[tuple[int, int]]:
@@ -532,6 +554,7 @@ class JailedSFTPServer:
             for name, result in entries
         )
 
+
     def getAttrs(self, path: bytes, followLinks: bool) -> defer.Deferred:
         # Symbolic links inside the home folder are always shown as their target.
         return self.filesystem.stat(path).addCallback(_attributes).addErrback(sftp_error)
@@ -572,8 +595,8 @@ def _refuse_missing(failure: Failure, refused: InvalidName) -> Failure:
 
 
 def _close_quietly(fileObj: JailedFile) -> None:
-    """Close a file nobody waits for; a failure is logged, not left unhandled."""
-    fileObj.close().addErrback(lambda failure: _log.failure("closing an abandoned file", failure=failure))
+    """Close a file nobody waits for (the session ended): pending operations are dropped."""
+    fileObj.abandon().addErrback(lambda failure: _log.failure("closing an abandoned file", failure=failure))
 
 
 class _QuietLogger(Logger):
@@ -596,8 +619,20 @@ class _QuietLogger(Logger):
 session.log = _QuietLogger(namespace=session.log.namespace)
 
 
+@implementer(IPushProducer)
 class SFTPSubsystem(FileTransferServer):
-    """conch's SFTP protocol with our server, bounded resources and no fd leak."""
+    """conch's SFTP protocol with our server, bounded resources and no fd leak.
+
+    Flow control, as OpenSSH's sftp-server takes a new request only while
+    its output queue is short: at most :data:`MAX_PENDING_REQUESTS` requests
+    (and :data:`MAX_PENDING_REPLY_BYTES` of replies they may produce) are
+    worked on at once, and none while the channel holds more than
+    :data:`OUTPUT_HIGH_WATER` unsent bytes (the channel pauses this producer).
+    Later requests stay unread and the channel stops opening its window, so
+    a client that pipelines reads and never collects the answers makes the
+    server wait, not work; it can have no more than a window of requests
+    queued. When the session ends, what is queued is dropped.
+    """
 
     _log = _QuietLogger()
 
@@ -608,45 +643,136 @@ class SFTPSubsystem(FileTransferServer):
         self.client = JailedSFTPServer(avatar)
         self.openFiles: dict[bytes, JailedFile] = {}
         self.openDirs: dict[bytes, list] = {}
+        self.buf = bytearray()  # requests received, not yet dispatched
+        self._pending: dict[bytes, list[int]] = {}  # request id -> reply bytes reserved, per request
+        self._pendingCount = 0
+        self._pendingBytes = 0
+        self._repliesPaused = False
+        self._readingPaused = False
+        self._dispatching = False
+
+    def connectionMade(self) -> None:
+        channel = self._channel()
+        if channel is not None:
+            channel.registerProducer(self, True)
+
+    def _channel(self) -> Optional["SFTPSessionChannel"]:
+        # The transport is conch's SSHSessionProcessProtocol; its session is the channel.
+        channel = getattr(self.transport, "session", None)
+        return channel if isinstance(channel, SFTPSessionChannel) else None
 
     def dataReceived(self, data: bytes) -> None:
-        """conch's packet loop, except that every request gets an answer.
+        if not self.connected:
+            return
+        self.buf += data
+        self._dispatchRequests()
+
+    def _admitting(self) -> bool:
+        return (
+            not self._repliesPaused
+            and self._pendingCount < MAX_PENDING_REQUESTS
+            and self._pendingBytes < MAX_PENDING_REPLY_BYTES
+        )
+
+    def _dispatchRequests(self) -> None:
+        """conch's packet loop, within the limits, and every request gets an answer.
 
         conch logs a malformed or unknown request and never replies, so the
         client waits forever; here it gets "bad message" or "unsupported".
         An oversized or nonsensical length closes the session, as OpenSSH's
         sftp-server does.
         """
-        if not self.connected:
-            return
-        self.buf += data
-        while self.connected and len(self.buf) >= 9:
-            length, kind = struct.unpack("!LB", self.buf[:5])
-            if length > MAX_SFTP_PACKET or length < 5:
-                self._protocolError(f"a request of {length} bytes")
-                return
-            if len(self.buf) < 4 + length:
-                return
-            packet, self.buf = self.buf[5 : 4 + length], self.buf[4 + length :]
-            requestId = packet[:4]
-            name = self.packetTypes.get(kind)
-            handler = getattr(self, f"packet_{name}", None) if name else None
-            if handler is None:
-                self._sendStatus(requestId, FX_OP_UNSUPPORTED, b"unsupported request")
-                continue
-            try:
-                handler(packet)
-            except Exception as error:
-                _log.warn(
-                    "sftp {username}: malformed {kind} request ({error})",
-                    username=self.avatar.account.username,
-                    kind=name,
-                    error=f"{type(error).__name__}: {error}"[:200],
-                )
-                if kind == FXP_INIT:
-                    self._protocolError("a malformed INIT")
+        if self._dispatching:
+            return  # a reply sent while dispatching: the loop below goes on
+        self._dispatching = True
+        offset = 0
+        try:
+            while self.connected and self._admitting() and len(self.buf) - offset >= 9:
+                length, kind = struct.unpack_from("!LB", self.buf, offset)
+                if length > MAX_SFTP_PACKET or length < 5:
+                    self._protocolError(f"a request of {length} bytes")
                     return
-                self._sendStatus(requestId, FX_BAD_MESSAGE, b"malformed request")
+                if len(self.buf) - offset < 4 + length:
+                    break
+                packet = bytes(self.buf[offset + 5 : offset + 4 + length])
+                offset += 4 + length
+                self._dispatch(kind, packet)
+        finally:
+            del self.buf[:offset]
+            self._dispatching = False
+        self._updateReading()
+
+    def _dispatch(self, kind: int, packet: bytes) -> None:
+        requestId = packet[:4]
+        if kind != FXP_INIT:  # INIT has no request id; its VERSION answer is not counted
+            self._reserve(requestId, _reply_bytes(kind, packet))
+        name = self.packetTypes.get(kind)
+        handler = getattr(self, f"packet_{name}", None) if name else None
+        if handler is None:
+            self._sendStatus(requestId, FX_OP_UNSUPPORTED, b"unsupported request")
+            return
+        try:
+            handler(packet)
+        except Exception as error:
+            _log.warn(
+                "sftp {username}: malformed {kind} request ({error})",
+                username=self.avatar.account.username,
+                kind=name,
+                error=f"{type(error).__name__}: {error}"[:200],
+            )
+            if kind == FXP_INIT:
+                self._protocolError("a malformed INIT")
+                return
+            self._sendStatus(requestId, FX_BAD_MESSAGE, b"malformed request")
+
+    def _reserve(self, requestId: bytes, replyBytes: int) -> None:
+        self._pending.setdefault(requestId, []).append(replyBytes)
+        self._pendingCount += 1
+        self._pendingBytes += replyBytes
+
+    def _release(self, requestId: bytes) -> None:
+        reserved = self._pending.get(requestId)
+        if not reserved:
+            return
+        replyBytes = reserved.pop(0)
+        if not reserved:
+            del self._pending[requestId]
+        self._pendingCount -= 1
+        self._pendingBytes -= replyBytes
+
+    def sendPacket(self, kind: int, data: bytes) -> None:
+        """Answer a request, unless the session is over; the answer frees the request's share of the limits."""
+        if not self.connected:
+            return  # a read that finished after the client left: nobody to send it to
+        if kind != FXP_VERSION:
+            self._release(data[:4])
+        FileTransferBase.sendPacket(self, kind, data)
+        self._dispatchRequests()
+
+    def _updateReading(self) -> None:
+        """Let the channel take more requests from the client only while this session takes them."""
+        pause = self.connected and not self._admitting()
+        channel = self._channel()
+        if channel is None or pause == self._readingPaused:
+            return
+        self._readingPaused = pause
+        if pause:
+            channel.pauseProducing()
+        else:
+            channel.resumeProducing()
+
+    # IPushProducer: the channel pauses the replies while the client does not read them.
+
+    def pauseProducing(self) -> None:
+        self._repliesPaused = True
+        self._updateReading()
+
+    def resumeProducing(self) -> None:
+        self._repliesPaused = False
+        self._dispatchRequests()
+
+    def stopProducing(self) -> None:
+        self.buf.clear()
 
     def _protocolError(self, what: str) -> None:
         _log.warn(
@@ -654,7 +780,7 @@ class SFTPSubsystem(FileTransferServer):
             username=self.avatar.account.username,
             what=what,
         )
-        self.buf = b""
+        self.buf.clear()
         self.transport.loseConnection()
 
     def _handles(self) -> int:
@@ -706,17 +832,130 @@ class SFTPSubsystem(FileTransferServer):
 
     def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
         FileTransferBase.connectionLost(self, reason)
+        self.buf.clear()  # requests not dispatched yet are never run
+        channel = self._channel()
+        if channel is not None:
+            channel.unregisterProducer()
         self.closeHandles()
         self.avatar.subsystemEnded(self)
+
+
+def _reply_bytes(kind: int, packet: bytes) -> int:
+    """How many bytes the answer to a request may have: a READ's length, else small."""
+    if kind == FXP_READ:
+        try:
+            (handleLength,) = struct.unpack_from("!L", packet, 4)
+            (length,) = struct.unpack_from("!L", packet, 8 + handleLength + 8)
+        except struct.error:
+            return 0  # malformed: answered with "bad message"
+        return 13 + min(length, MAX_READ_LENGTH)
+    return 0
 
 
 # -- SSH session and avatar ----------------------------------------------------------
 
 
+@implementer(IConsumer, IPushProducer)
 class SFTPSessionChannel(session.SSHSession):
-    """A ``session`` channel that only ever runs the ``sftp`` subsystem."""
+    """A ``session`` channel that only ever runs the ``sftp`` subsystem.
+
+    Its output is buffered in a bytearray (conch's ``buf += data`` on bytes
+    copies the whole backlog for every reply: quadratic), dropped once the
+    channel is closed, and it pauses its producer (the SFTP session) while
+    more than :data:`OUTPUT_HIGH_WATER` bytes wait for the client's window.
+    As a producer of the client's data, it can pause reading: the local
+    window is then not opened again, so the client has to wait.
+    """
 
     _log = _QuietLogger()
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._unsent = bytearray()
+        self._producer: Optional[IPushProducer] = None
+        self._producerPaused = False
+        self.readingPaused = False
+
+    # -- output --------------------------------------------------------------------
+
+    def write(self, data: bytes) -> None:
+        if self.localClosed or self.remoteClosed:
+            return  # the client will never read it
+        self._unsent += data
+        self._flush()
+        if len(self._unsent) > OUTPUT_HIGH_WATER and self._producer is not None and not self._producerPaused:
+            self._producerPaused = True
+            self._producer.pauseProducing()
+
+    def _flush(self) -> None:
+        """Send what the client's window allows, in packets of its maximum size."""
+        size = min(len(self._unsent), self.remoteWindowLeft)
+        if size > 0:
+            step = max(self.remoteMaxPacket, 1)
+            with memoryview(self._unsent) as view:
+                for offset in range(0, size, step):
+                    self.conn.sendData(self, bytes(view[offset : min(offset + step, size)]))
+            del self._unsent[:size]  # bytearray: dropping the front is cheap
+            self.remoteWindowLeft -= size
+        if self._unsent and self.areWriting:
+            self.areWriting = 0
+            self.stopWriting()
+        if self.closing and not self._unsent and not self.extBuf:
+            self.conn.sendClose(self)
+
+    def addWindowBytes(self, data: int) -> None:
+        self.remoteWindowLeft += data
+        if not self.areWriting and not self.closing:
+            self.areWriting = True
+            self.startWriting()
+        self._flush()
+        if self.extBuf:
+            pending, self.extBuf = self.extBuf, []
+            for dataType, extended in pending:
+                self.writeExtended(dataType, extended)
+        if self._producerPaused and len(self._unsent) <= OUTPUT_LOW_WATER and self._producer is not None:
+            self._producerPaused = False
+            self._producer.resumeProducing()
+
+    def registerProducer(self, producer: IPushProducer, streaming: bool) -> None:
+        self._producer = producer
+        self._producerPaused = False
+
+    def unregisterProducer(self) -> None:
+        self._producer = None
+        self._producerPaused = False
+
+    def loseConnection(self) -> None:
+        if self.client and self.client.transport:
+            self.client.transport.loseConnection()
+        self.closing = 1
+        if not self._unsent and not self.extBuf:
+            self.conn.sendClose(self)
+
+    def closeReceived(self) -> None:
+        # The client closed the channel: what it has not read, it never will.
+        del self._unsent[:]
+        self.loseConnection()
+
+    def closed(self) -> None:
+        del self._unsent[:]
+        super().closed()
+
+    # -- input ---------------------------------------------------------------------
+
+    def pauseProducing(self) -> None:
+        """Take no more data: the local window stays as the client used it (see SFTPConnection.adjustWindow)."""
+        self.readingPaused = True
+
+    def resumeProducing(self) -> None:
+        self.readingPaused = False
+        if not self.localClosed and self.localWindowLeft < self.localWindowSize // 2:
+            self.conn.adjustWindow(self, self.localWindowSize - self.localWindowLeft)
+
+    def stopProducing(self) -> None:
+        self.loseConnection()
+
+    # -- requests ------------------------------------------------------------------
 
     def requestReceived(self, requestType: bytes, data: bytes) -> int:
         if requestType == b"subsystem":
@@ -1052,6 +1291,13 @@ class SFTPConnection(connection.SSHConnection):
             self._refuse(sender, connection.OPEN_RESOURCE_SHORTAGE, b"too many sessions on one connection")
             return
         super().ssh_CHANNEL_OPEN(packet)
+
+    def adjustWindow(self, channel: Any, bytesToAdd: int) -> None:
+        # A channel whose SFTP session takes no more requests for now keeps its
+        # window closed: the client waits instead of queueing requests.
+        if getattr(channel, "readingPaused", False):
+            return
+        super().adjustWindow(channel, bytesToAdd)
 
     def _refuse(self, sender: int, reason: int, text: bytes) -> None:
         self.transport.sendPacket(

@@ -630,6 +630,62 @@ def test_client_leaving_mid_handshake_does_not_hurt_the_service(site):
     assert "Traceback" not in site.server.log_tail(200)
 
 
+# -- limits under hostile use --------------------------------------------------------
+
+
+def _bytes_read_by(pid: int) -> int:
+    """Bytes the process read with read()/pread() so far (its files and sockets)."""
+    with open(f"/proc/{pid}/io") as io:
+        return next(int(line.split()[1]) for line in io if line.startswith("rchar:"))
+
+
+def _raw_sftp_session(transport):
+    """A session channel with the sftp subsystem, INIT done: for requests no client library would send."""
+    channel = transport.open_session()
+    channel.settimeout(10)
+    channel.invoke_subsystem("sftp")
+    channel.sendall(_sftp_packet(1, struct.pack("!L", 3)))
+    assert _read_sftp_packet(channel)[0] == 2
+    return channel
+
+
+def test_pipelined_reads_nobody_collects_are_not_served_for_nobody(site):
+    """Thousands of pipelined 256 KB reads whose answers are never read: the server stops taking the requests, reads a bounded amount, drops the rest when the client leaves, and other logins go on."""
+    pid = site.server.process.pid
+    if not os.path.exists(f"/proc/{pid}/io"):
+        pytest.skip("needs /proc/PID/io to count the bytes the server reads")
+    name = unique("pipelined") + ".bin"
+    (site.home("alice") / name).write_bytes(os.urandom(4 * 1024 * 1024))
+    wanted = 8000
+    with ssh_transport(site.port, "alice", PASSWORDS["alice"]) as transport:
+        channel = _raw_sftp_session(transport)
+        channel.sendall(_sftp_packet(3, struct.pack("!L", 1) + _ns(name.encode()) + struct.pack("!LL", 1, 0)))
+        kind, payload = _read_sftp_packet(channel)
+        assert kind == 102  # HANDLE
+        handle = payload[8:]
+        before = _bytes_read_by(pid)
+        channel.settimeout(3)  # paramiko's send waits this long for the server to open its window
+        sent = 0
+        try:
+            for index in range(wanted):
+                offset = (index * 262144) % (4 * 1024 * 1024)
+                channel.sendall(_sftp_packet(5, struct.pack("!L", 10 + index) + _ns(handle) + struct.pack("!QL", offset, 262144)))
+                sent += 1
+        except socket.timeout:
+            pass
+        assert sent < wanted  # the server stopped reading: the client has to wait
+    with sftp_session(site.port, "alice") as other:  # another login and listing still work
+        assert name in other.listdir("/")
+    time.sleep(1)
+    # Every READ served costs 256 KB of file reading; the bound is a few dozen, not `sent`.
+    assert _bytes_read_by(pid) - before < 64 * 1024 * 1024
+    assert site.server.process.poll() is None
+
+
+def _ns(data: bytes) -> bytes:
+    return struct.pack("!L", len(data)) + data
+
+
 # -- names ---------------------------------------------------------------------------
 
 

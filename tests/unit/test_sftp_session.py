@@ -1,4 +1,4 @@
-"""One SSH connection's SFTP sessions in memory: what reaches the wire for each request.
+"""One SSH connection's SFTP sessions in memory: flow control and names.
 
 The harness drives conch's real connection service (channel open, the
 ``sftp`` subsystem request, channel data, window adjusts, close) with the
@@ -183,12 +183,145 @@ def status_of(body: bytes) -> tuple[int, str]:
     return code, getNS(body[8:])[0].decode()
 
 
+def counted_preads(monkeypatch) -> list[int]:
+    """Record the length of every ``os.pread`` (each read that really touched the file)."""
+    lengths: list[int] = []
+    real = os.pread
+
+    def pread(fd: int, length: int, offset: int) -> bytes:
+        lengths.append(length)
+        return real(fd, length, offset)
+
+    monkeypatch.setattr(os, "pread", pread)
+    return lengths
+
+
 @pytest.fixture
 def home(tmp_path):
     folder = tmp_path / "alice"
     folder.mkdir()
     (folder / "big.bin").write_bytes(os.urandom(4 * 1024 * 1024))
     return str(folder)
+
+
+# -- flow control --------------------------------------------------------------------
+
+
+def test_pipelined_reads_nobody_collects_stop_the_session_and_close_the_window(home, monkeypatch):
+    """A client that pipelines reads and never opens its window gets a few answered, then the server stops reading its requests."""
+    preads = counted_preads(monkeypatch)
+    client = Client(home)
+    number = client.open_sftp(window=64 * 1024)  # the client's window: it reads nothing after 64 KB
+    _, handle = client.open(number, b"big.bin")
+    requests = [read_request(10 + index, handle, (index * 262144) % (4 * 1024 * 1024), 262144) for index in range(4000)]
+    sent = client.send_while_window(number, requests)
+    assert sent < len(requests)  # the server's window closed: the client has to wait
+    client.threads.run_all()
+    sent += client.send_while_window(number, requests[sent:])
+    client.threads.run_all()
+    # It worked on a bounded number of reads, and its window stayed closed on the rest.
+    assert sent < len(requests)
+    assert client.window_left(number) < len(requests[sent])
+    assert 0 < len(preads) * 262144 <= ssh.OUTPUT_HIGH_WATER + ssh.MAX_PENDING_REPLY_BYTES + 262144
+
+
+def test_a_slow_client_gets_every_answer_in_order_once_it_reads(home):
+    """Flow control only delays: a client that reads slowly gets all its reads answered, in order, byte-exact."""
+    client = Client(home)
+    number = client.open_sftp(window=100_000)
+    _, handle = client.open(number, b"big.bin")
+    expected = open(os.path.join(home, "big.bin"), "rb").read()
+    requests = [read_request(index, handle, index * 32768, 32768) for index in range(128)]
+    pending = list(requests)
+    data = b""
+    while len(data) < len(expected):
+        sent = client.send_while_window(number, pending)
+        pending = pending[sent:]
+        client.threads.run_all()
+        received = client.collect()
+        for kind, body in client.answers(number):
+            assert kind == FXP_DATA
+            data += getNS(body[4:])[0]
+        assert received, "no progress"
+        client.read_window(number, received)
+    assert data == expected
+
+
+def test_reads_waiting_when_the_client_leaves_are_dropped_and_nothing_is_sent(home, monkeypatch):
+    """Reads queued behind a running one are never run once the channel closes, and nothing more goes to the client."""
+    preads = counted_preads(monkeypatch)
+    client = Client(home)
+    number = client.open_sftp()
+    _, handle = client.open(number, b"big.bin")
+    client.send(number, b"".join(read_request(10 + index, handle, index * 32768, 32768) for index in range(40)))
+    assert len(client.threads.jobs) == 1  # one read at a time per file; the others wait for it
+    client.close_channel(number)
+    client.ssh.packets.clear()
+    client.threads.run_all()
+    assert len(preads) <= 1
+    assert connection.MSG_CHANNEL_DATA not in client.sent_kinds()
+    assert os.close in client.threads.started  # the file itself was closed
+
+
+def test_output_of_a_closed_channel_is_dropped_and_the_close_is_answered(home):
+    """A client that closes its channel with answers still unread gets the close at once; the backlog is freed."""
+    client = Client(home)
+    number = client.open_sftp(window=1024)
+    _, handle = client.open(number, b"big.bin")
+    client.send(number, b"".join(read_request(10 + index, handle, index * 32768, 32768) for index in range(8)))
+    client.threads.run_all()
+    client.ssh.packets.clear()
+    client.close_channel(number)
+    assert connection.MSG_CHANNEL_CLOSE in client.sent_kinds()
+    assert number not in client.connection.channels
+
+
+def test_channel_output_is_split_to_the_window_and_the_maximum_packet():
+    """Answers go out in packets no larger than the client's maximum, never beyond its window, in order."""
+    sent: list[bytes] = []
+
+    class Connection:
+        def sendData(self, channel, data):
+            sent.append(data)
+
+        def sendClose(self, channel):
+            pass
+
+    channel = ssh.SFTPSessionChannel(remoteWindow=100_000, remoteMaxPacket=32768, conn=Connection())
+    payload = os.urandom(300_000)
+    channel.write(payload[:150_000])
+    channel.write(payload[150_000:])
+    assert sum(map(len, sent)) == 100_000 and max(map(len, sent)) <= 32768
+    channel.addWindowBytes(150_000)
+    channel.addWindowBytes(50_000)
+    assert b"".join(sent) == payload and max(map(len, sent)) <= 32768
+
+
+def test_channel_pauses_its_producer_while_the_client_does_not_read():
+    """Above the high-water mark the SFTP session is paused; it resumes once the client read down to the low-water mark."""
+    calls: list[str] = []
+
+    class Producer:
+        def pauseProducing(self):
+            calls.append("pause")
+
+        def resumeProducing(self):
+            calls.append("resume")
+
+    class Connection:
+        def sendData(self, channel, data):
+            pass
+
+    channel = ssh.SFTPSessionChannel(remoteWindow=0, remoteMaxPacket=32768, conn=Connection())
+    channel.registerProducer(Producer(), True)
+    channel.write(b"x" * ssh.OUTPUT_HIGH_WATER)
+    assert calls == []
+    channel.write(b"x")
+    assert calls == ["pause"]
+    channel.addWindowBytes(ssh.OUTPUT_HIGH_WATER - ssh.OUTPUT_LOW_WATER)
+    assert calls == ["pause"]
+    channel.addWindowBytes(1)
+    assert calls == ["pause", "resume"]
 
 
 # -- names ---------------------------------------------------------------------------
