@@ -106,7 +106,7 @@ MAX_PASSWORD_ATTEMPTS = 6  # failed password logins on one connection, then disc
 LOGIN_GRACE_SECONDS = 120  # from TCP connect to a successful login
 MAX_QUEUED_AUTH_REQUESTS = 8  # requests sent while one is being checked
 MAX_SESSION_CHANNELS = 10  # like OpenSSH MaxSessions
-MAX_OPEN_HANDLES = 256  # files and folders open at once in one SFTP session
+MAX_OPEN_HANDLES = 256  # files and folders open at once on one connection, all its SFTP sessions together
 MAX_SFTP_PACKET = 256 * 1024 + 1024  # OpenSSH sftp-server's limit (plus headers)
 MAX_READ_LENGTH = 256 * 1024
 # Flow control of one SFTP session (see SFTPSubsystem): requests being worked
@@ -504,10 +504,11 @@ class JailedSFTPServer:
                     # An existing file of that name may be opened; none is created.
                     refused_name = error
                     os_flags &= ~os.O_CREAT
+            self.avatar.reserveHandle()
         except Exception:
             d = defer.fail(sftp_error(Failure()))
             return self._changed(d, "open for writing", filename) if writable else d
-        d = self.filesystem.open_file(path, os_flags, FILE_MODE)
+        d = self.filesystem.open_file(path, os_flags, FILE_MODE).addBoth(self.avatar.releaseHandle)
         if refused_name is not None:
             d.addErrback(_refuse_missing, refused_name)
         d.addCallback(lambda fd: JailedFile(self.filesystem, fd, path, readable, writable))
@@ -541,7 +542,11 @@ class JailedSFTPServer:
 
     def openDirectory(self, path: bytes) -> defer.Deferred:
         # One trip to a thread: a file is "not a folder" here (FTP LIST lists it as itself).
-        d = self.filesystem.list_directory(path, folder_only=True)
+        try:
+            self.avatar.reserveHandle()
+        except SFTPError:
+            return defer.fail()
+        d = self.filesystem.list_directory(path, folder_only=True).addBoth(self.avatar.releaseHandle)
         d.addCallback(self._listing)
         return d.addErrback(sftp_error)
 
@@ -783,7 +788,8 @@ class SFTPSubsystem(FileTransferServer):
         self.buf.clear()
         self.transport.loseConnection()
 
-    def _handles(self) -> int:
+    def handleCount(self) -> int:
+        """Files and folders this session has open."""
         return len(self.openFiles) + len(self.openDirs)
 
     def _cbOpenFile(self, fileObj: JailedFile, requestId: bytes) -> None:
@@ -791,7 +797,7 @@ class SFTPSubsystem(FileTransferServer):
             # The session ended while the file was being opened.
             _close_quietly(fileObj)
             return
-        if self._handles() >= MAX_OPEN_HANDLES:
+        if self.avatar.openHandles() >= MAX_OPEN_HANDLES:
             _close_quietly(fileObj)
             raise SFTPError(FX_FAILURE, f"too many open files (at most {MAX_OPEN_HANDLES})")
         super()._cbOpenFile(fileObj, requestId)
@@ -799,7 +805,7 @@ class SFTPSubsystem(FileTransferServer):
     def _cbOpenDirectory(self, dirObj: DirectoryListing, requestId: bytes) -> None:
         if not self.connected:
             return
-        if self._handles() >= MAX_OPEN_HANDLES:
+        if self.avatar.openHandles() >= MAX_OPEN_HANDLES:
             raise SFTPError(FX_FAILURE, f"too many open files (at most {MAX_OPEN_HANDLES})")
         super()._cbOpenDirectory(dirObj, requestId)
 
@@ -991,6 +997,26 @@ class SFTPUser(ConchUser):
         self.sftpEnabled = sftpEnabled
         self.channelLookup[b"session"] = SFTPSessionChannel
         self._subsystems: list[SFTPSubsystem] = []
+        self._opening = 0  # files and folders being opened
+
+    def openHandles(self) -> int:
+        """Files and folders open (or being opened) in all SFTP sessions of this connection."""
+        return self._opening + sum(sftp.handleCount() for sftp in self._subsystems)
+
+    def reserveHandle(self) -> None:
+        """Count a file or folder about to be opened; refused past :data:`MAX_OPEN_HANDLES` per connection.
+
+        Per connection, not per session: a client may open several sessions
+        (channels), and each handle is a file descriptor of the server.
+        """
+        if self.openHandles() >= MAX_OPEN_HANDLES:
+            raise SFTPError(FX_FAILURE, f"too many open files (at most {MAX_OPEN_HANDLES})")
+        self._opening += 1
+
+    def releaseHandle(self, result: Any) -> Any:
+        """The open reserved by :meth:`reserveHandle` is over (a handle now, or failed); passes ``result`` on."""
+        self._opening -= 1
+        return result
 
     def lookupSubsystem(self, subsystem: bytes, data: bytes) -> Optional[SFTPSubsystem]:
         if subsystem != b"sftp" or not self.sftpEnabled:

@@ -686,6 +686,27 @@ def _ns(data: bytes) -> bytes:
     return struct.pack("!L", len(data)) + data
 
 
+def test_open_handles_are_limited_per_connection_not_per_session(site, tmp_path):
+    """Files open in all SFTP sessions of one connection count together: 256, then "too many open files"."""
+    name = unique("handles") + ".txt"
+    (site.home("alice") / name).write_bytes(b"x")
+    with ssh_transport(site.port, "alice", PASSWORDS["alice"]) as transport:
+        sessions = [paramiko.SFTPClient.from_transport(transport) for _ in range(3)]
+        opened, refusals = [], []
+        for session in sessions:
+            for _ in range(100):
+                try:
+                    opened.append(session.open(name))
+                except IOError as error:
+                    refusals.append(str(error))
+        assert len(opened) == 256
+        assert refusals and set(refusals) == {"too many open files (at most 256)"}
+        opened.pop(0).close()
+        sessions[2].open(name).close()  # a closed handle is free again, for any session
+        for session in sessions:
+            session.close()
+
+
 # -- names ---------------------------------------------------------------------------
 
 

@@ -1,4 +1,4 @@
-"""One SSH connection's SFTP sessions in memory: flow control and names.
+"""One SSH connection's SFTP sessions in memory: flow control, handle limit, names.
 
 The harness drives conch's real connection service (channel open, the
 ``sftp`` subsystem request, channel data, window adjusts, close) with the
@@ -322,6 +322,40 @@ def test_channel_pauses_its_producer_while_the_client_does_not_read():
     assert calls == ["pause"]
     channel.addWindowBytes(1)
     assert calls == ["pause", "resume"]
+
+
+# -- handles -------------------------------------------------------------------------
+
+
+def test_open_handles_are_limited_per_connection_across_sessions(home, monkeypatch):
+    """Files and folders open in all sessions of a connection count together against MAX_OPEN_HANDLES."""
+    monkeypatch.setattr(ssh, "MAX_OPEN_HANDLES", 5)
+    client = Client(home)
+    first, second = client.open_sftp(), client.open_sftp()
+    handles = [client.open(first, b"big.bin", request_id=index)[1] for index in range(3)]
+    folder = client.request(second, FXP_OPENDIR, struct.pack("!L", 7) + NS(b"/"))
+    assert folder[0] == FXP_HANDLE
+    assert client.open(second, b"big.bin")[0] == FXP_HANDLE
+    kind, body = client.open(second, b"big.bin")
+    assert kind == FXP_STATUS and status_of(body) == (FX_FAILURE, "too many open files (at most 5)")
+    kind, body = client.request(second, FXP_OPENDIR, struct.pack("!L", 8) + NS(b"/"))
+    assert kind == FXP_STATUS and status_of(body)[1] == "too many open files (at most 5)"
+    assert client.request(first, FXP_CLOSE, struct.pack("!L", 9) + NS(handles[0]))[0] == FXP_STATUS
+    assert client.open(second, b"big.bin")[0] == FXP_HANDLE
+
+
+def test_handles_of_a_closed_session_no_longer_count(home, monkeypatch):
+    """When one session of the connection ends, its handles are closed and free for the others."""
+    monkeypatch.setattr(ssh, "MAX_OPEN_HANDLES", 2)
+    client = Client(home)
+    first, second = client.open_sftp(), client.open_sftp()
+    client.open(first, b"big.bin")
+    client.open(first, b"big.bin")
+    assert client.open(second, b"big.bin")[0] == FXP_STATUS
+    client.close_channel(first)
+    client.threads.run_all()
+    assert client.avatar.openHandles() == 0
+    assert client.open(second, b"big.bin")[0] == FXP_HANDLE
 
 
 # -- names ---------------------------------------------------------------------------
