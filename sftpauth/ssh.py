@@ -42,7 +42,7 @@ import os
 import stat as stat_module
 import struct
 import time
-from typing import Any, Callable, Iterable, Iterator, Optional
+from typing import Any, Callable, Optional
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
@@ -54,6 +54,9 @@ from twisted.cred.error import UnauthorizedLogin
 from twisted.conch.ssh import connection, factory, keys, session, transport, userauth
 from twisted.conch.ssh.common import NS, getNS
 from twisted.conch.ssh.filetransfer import (
+    FILEXFER_ATTR_ACMODTIME,
+    FILEXFER_ATTR_PERMISSIONS,
+    FILEXFER_ATTR_SIZE,
     FileTransferBase,
     FileTransferServer,
     FX_BAD_MESSAGE,
@@ -69,8 +72,11 @@ from twisted.conch.ssh.filetransfer import (
     FXF_READ,
     FXF_TRUNC,
     FXF_WRITE,
+    FXP_HANDLE,
     FXP_INIT,
+    FXP_NAME,
     FXP_READ,
+    FXP_READDIR,
     FXP_VERSION,
     SFTPError,
 )
@@ -115,6 +121,8 @@ MAX_PENDING_REQUESTS = 64  # OpenSSH sftp pipelines 64 requests
 MAX_PENDING_REPLY_BYTES = 2 * 1024 * 1024  # 64 reads of 32 KB
 OUTPUT_HIGH_WATER = 1024 * 1024  # unsent reply bytes: stop taking requests...
 OUTPUT_LOW_WATER = 256 * 1024  # ...until the client has read down to this
+READDIR_BATCH_ENTRIES = 250  # entries in one READDIR answer (as conch)...
+READDIR_BATCH_BYTES = 64 * 1024  # ...and about this many bytes at most
 # Algorithms offered (the first that both sides know wins): no SHA-1, CBC,
 # 3DES or MD5. conch has neither AES-GCM, chacha20-poly1305 nor encrypt-then-MAC.
 KEY_EXCHANGES = (
@@ -303,6 +311,18 @@ def _attributes(result: os.stat_result) -> dict[str, int]:
     }
 
 
+def pack_attributes(attrs: dict[str, int]) -> bytes:
+    """The wire form of :func:`_attributes` (what conch's ``_packAttributes`` makes of it)."""
+    return struct.pack(
+        "!LQLLL",
+        FILEXFER_ATTR_SIZE | FILEXFER_ATTR_PERMISSIONS | FILEXFER_ATTR_ACMODTIME,
+        attrs["size"],
+        attrs["permissions"],
+        attrs["atime"],
+        attrs["mtime"],
+    )
+
+
 def long_name(name: str, result: os.stat_result, owner: str, group: str, now: Optional[float] = None) -> str:
     """An ``ls -l`` line, as SFTP v3 clients show it."""
     now = time.time() if now is None else now
@@ -441,19 +461,51 @@ def _times_to_set(attrs: dict) -> Optional[tuple[int, int]]:
 
 
 class DirectoryListing:
-    """What ``openDirectory`` returns: an iterator of ``(name, longname, attrs)``."""
+    """What ``openDirectory`` returns: a folder's entries, answered in batches.
 
-    def __init__(self, entries: Iterable[tuple[bytes, bytes, dict]]):
-        self._entries: Iterator[tuple[bytes, bytes, dict]] = iter(list(entries))
+    Each batch (``ls -l`` lines, attributes, the packed ``FXP_NAME`` body) is
+    made in a thread, one batch at a time: a folder of 200,000 entries costs
+    the reactor one small step per READDIR, never seconds for all of them.
+    """
 
-    def __iter__(self) -> "DirectoryListing":
-        return self
+    def __init__(
+        self,
+        filesystem: JailedFilesystem,
+        entries: list[tuple[str, os.stat_result]],
+        owner: str,
+        group: str,
+        now: float,
+    ):
+        self._filesystem = filesystem
+        self._entries = entries
+        self._position = 0
+        self._owner, self._group, self._now = owner, group, now
+        self._lock = defer.DeferredLock()
 
-    def __next__(self) -> tuple[bytes, bytes, dict]:
-        return next(self._entries)
+    def nextBatch(self) -> defer.Deferred:
+        """The body of the next ``FXP_NAME`` answer (count, then entries); EOFError after the last."""
+        return self._lock.run(self._filesystem.run, self._batch)
+
+    def _batch(self) -> bytes:
+        # In a thread; the lock keeps batches in order. close() may empty the list meanwhile.
+        entries, start = self._entries, self._position
+        if start >= len(entries):
+            raise EOFError()
+        parts: list[bytes] = []
+        size = 0
+        end = start
+        while end < len(entries) and end - start < READDIR_BATCH_ENTRIES and size < READDIR_BATCH_BYTES:
+            name, result = entries[end]
+            line = long_name(name, result, self._owner, self._group, self._now)
+            part = NS(_name_bytes(name)) + NS(_name_bytes(line)) + pack_attributes(_attributes(result))
+            parts.append(part)
+            size += len(part)
+            end += 1
+        self._position = end
+        return struct.pack("!L", end - start) + b"".join(parts)
 
     def close(self) -> None:
-        self._entries = iter(())
+        self._entries = []
 
 
 @implementer(ISFTPServer)
@@ -551,14 +603,8 @@ class JailedSFTPServer:
         return d.addErrback(sftp_error)
 
     def _listing(self, entries: list[tuple[str, os.stat_result]]) -> DirectoryListing:
-        account: Account = self.avatar.account
-        owner, group = account.listing_owner
-        now = time.time()
-        return DirectoryListing(
-            (_name_bytes(name), _name_bytes(long_name(name, result, owner, group, now)), _attributes(result))
-            for name, result in entries
-        )
-
+        owner, group = self.avatar.account.listing_owner
+        return DirectoryListing(self.filesystem, entries, owner, group, time.time())
 
     def getAttrs(self, path: bytes, followLinks: bool) -> defer.Deferred:
         # Symbolic links inside the home folder are always shown as their target.
@@ -807,7 +853,22 @@ class SFTPSubsystem(FileTransferServer):
             return
         if self.avatar.openHandles() >= MAX_OPEN_HANDLES:
             raise SFTPError(FX_FAILURE, f"too many open files (at most {MAX_OPEN_HANDLES})")
-        super()._cbOpenDirectory(dirObj, requestId)
+        handle = str(hash(dirObj)).encode("ascii")
+        self.openDirs[handle] = [dirObj, None]
+        self.sendPacket(FXP_HANDLE, requestId + NS(handle))
+
+    def packet_READDIR(self, data: bytes) -> None:
+        """The next batch of the listing, made in a thread (see :class:`DirectoryListing`)."""
+        requestId = data[:4]
+        handle, rest = getNS(data[4:])
+        if rest:
+            raise ValueError("extra data after the handle")
+        if handle not in self.openDirs:
+            self._sendStatus(requestId, FX_FAILURE, b"invalid handle")
+            return
+        d = self.openDirs[handle][0].nextBatch()
+        d.addCallback(lambda body: self.sendPacket(FXP_NAME, requestId + body))
+        d.addErrback(self._ebStatus, requestId, b"scan directory failed")
 
     def _cbClose(self, result: Any, handle: bytes, requestId: bytes, isDir: int = 0) -> None:
         # The session may have ended (and closed everything) while this close ran.
@@ -847,7 +908,7 @@ class SFTPSubsystem(FileTransferServer):
 
 
 def _reply_bytes(kind: int, packet: bytes) -> int:
-    """How many bytes the answer to a request may have: a READ's length, else small."""
+    """How many bytes the answer to a request may have: a READ's length, a READDIR batch, else small."""
     if kind == FXP_READ:
         try:
             (handleLength,) = struct.unpack_from("!L", packet, 4)
@@ -855,6 +916,8 @@ def _reply_bytes(kind: int, packet: bytes) -> int:
         except struct.error:
             return 0  # malformed: answered with "bad message"
         return 13 + min(length, MAX_READ_LENGTH)
+    if kind == FXP_READDIR:
+        return READDIR_BATCH_BYTES
     return 0
 
 

@@ -686,7 +686,7 @@ def _ns(data: bytes) -> bytes:
     return struct.pack("!L", len(data)) + data
 
 
-def test_open_handles_are_limited_per_connection_not_per_session(site, tmp_path):
+def test_open_handles_are_limited_per_connection_not_per_session(site):
     """Files open in all SFTP sessions of one connection count together: 256, then "too many open files"."""
     name = unique("handles") + ".txt"
     (site.home("alice") / name).write_bytes(b"x")
@@ -705,6 +705,23 @@ def test_open_handles_are_limited_per_connection_not_per_session(site, tmp_path)
         sessions[2].open(name).close()  # a closed handle is free again, for any session
         for session in sessions:
             session.close()
+
+
+def test_big_folder_listing_is_complete_and_exact(site, alice):
+    """A folder of 3,000 files is listed whole, sorted, each entry with its ls -l line and attributes."""
+    from sftpauth.ssh import long_name
+
+    folder = site.home("alice") / unique("big-listing")
+    folder.mkdir()
+    names = [f"file_{index:05d}_with_a_longish_name.txt" for index in range(3000)]
+    for index, name in enumerate(names):
+        (folder / name).write_bytes(b"x" * (index % 7))
+    entries = alice.listdir_attr(folder.name)
+    assert [entry.filename for entry in entries] == names
+    for entry in entries:
+        result = os.stat(folder / entry.filename)
+        assert entry.longname == long_name(entry.filename, result, "alice", "DEFAULT_GROUP")
+        assert (entry.st_size, entry.st_mode, entry.st_mtime) == (result.st_size, result.st_mode, int(result.st_mtime))
 
 
 # -- names ---------------------------------------------------------------------------

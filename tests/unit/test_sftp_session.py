@@ -1,4 +1,4 @@
-"""One SSH connection's SFTP sessions in memory: flow control, handle limit, names.
+"""One SSH connection's SFTP sessions in memory: flow control, handle limit, listings, names.
 
 The harness drives conch's real connection service (channel open, the
 ``sftp`` subsystem request, channel data, window adjusts, close) with the
@@ -15,6 +15,7 @@ from typing import Any, Callable
 import pytest
 from twisted.conch.ssh import connection
 from twisted.conch.ssh.common import NS, getNS
+from twisted.conch.ssh.filetransfer import FileTransferBase
 from twisted.internet import defer
 
 from sftpauth import ssh
@@ -356,6 +357,64 @@ def test_handles_of_a_closed_session_no_longer_count(home, monkeypatch):
     client.threads.run_all()
     assert client.avatar.openHandles() == 0
     assert client.open(second, b"big.bin")[0] == FXP_HANDLE
+
+
+# -- listings ------------------------------------------------------------------------
+
+
+def conch_listing_body(entries: list[tuple[bytes, bytes, dict]]) -> bytes:
+    packer = FileTransferBase()
+    return struct.pack("!L", len(entries)) + b"".join(
+        NS(name) + NS(longname) + packer._packAttributes(attrs) for name, longname, attrs in entries
+    )
+
+
+def test_readdir_is_formatted_in_the_thread_and_answered_in_batches(home, monkeypatch):
+    """Every ls -l line is made in a thread job, batches hold at most 250 entries, and the entries are conch's encoding of each file."""
+    folder = os.path.join(home, "many")
+    os.mkdir(folder)
+    names = [f"file_{index:04d}_with_a_longish_name.txt" for index in range(600)]
+    for name in names:
+        with open(os.path.join(folder, name), "w") as file:
+            file.write(name)
+    client = Client(home)
+    real_long_name = ssh.long_name
+    outside = []
+
+    def long_name(*args, **kwargs):
+        if not client.threads.inside:
+            outside.append(args[0])
+        return real_long_name(*args, **kwargs)
+
+    monkeypatch.setattr(ssh, "long_name", long_name)
+    number = client.open_sftp()
+    kind, body = client.request(number, FXP_OPENDIR, struct.pack("!L", 1) + NS(b"many"))
+    assert kind == FXP_HANDLE
+    handle = getNS(body[4:])[0]
+    batches = []
+    while True:
+        kind, body = client.request(number, FXP_READDIR, struct.pack("!L", 2) + NS(handle))
+        if kind == FXP_STATUS:
+            assert status_of(body)[0] == FX_EOF
+            break
+        assert kind == FXP_NAME
+        batches.append(body[4:])
+    assert outside == []
+    counts = [struct.unpack("!L", batch[:4])[0] for batch in batches]
+    assert sum(counts) == 600 and max(counts) <= 250
+    owner, group = client.avatar.account.listing_owner
+    expected = []
+    for name in sorted(names):
+        result = os.stat(os.path.join(folder, name))
+        line = real_long_name(name, result, owner, group)
+        expected.append((name.encode(), line.encode(), ssh._attributes(result)))
+    assert b"".join(batch[4:] for batch in batches) == conch_listing_body(expected)[4:]
+
+
+def test_pack_attributes_is_conchs_encoding():
+    """The attributes packed in the thread are byte for byte what conch packs for stat answers."""
+    attrs = ssh._attributes(os.stat(__file__))
+    assert ssh.pack_attributes(attrs) == FileTransferBase()._packAttributes(attrs)
 
 
 # -- names ---------------------------------------------------------------------------
