@@ -798,11 +798,12 @@ class SFTPSubsystem(FileTransferServer):
         if kind != FXP_VERSION:
             self._release(data[:4])
         FileTransferBase.sendPacket(self, kind, data)
-        self._dispatchRequests()
+        if self.buf or self._readingPaused:  # a freed place: requests may be waiting for it
+            self._dispatchRequests()
 
     def _updateReading(self) -> None:
-        """Let the channel take more requests from the client only while this session takes them."""
-        pause = self.connected and not self._admitting()
+        """Close the channel's window while requests wait here that this session cannot take yet."""
+        pause = self.connected and bool(self.buf) and not self._admitting()
         channel = self._channel()
         if channel is None or pause == self._readingPaused:
             return
@@ -915,7 +916,7 @@ def _reply_bytes(kind: int, packet: bytes) -> int:
             (length,) = struct.unpack_from("!L", packet, 8 + handleLength + 8)
         except struct.error:
             return 0  # malformed: answered with "bad message"
-        return 13 + min(length, MAX_READ_LENGTH)
+        return min(length, MAX_READ_LENGTH)
     if kind == FXP_READDIR:
         return READDIR_BATCH_BYTES
     return 0
@@ -950,22 +951,32 @@ class SFTPSessionChannel(session.SSHSession):
     def write(self, data: bytes) -> None:
         if self.localClosed or self.remoteClosed:
             return  # the client will never read it
-        self._unsent += data
+        if self._unsent:
+            self._unsent += data
+        else:  # the usual case: straight from the answer, only the rest is copied
+            self._unsent += memoryview(data)[self._sendWithinWindow(data) :]
         self._flush()
         if len(self._unsent) > OUTPUT_HIGH_WATER and self._producer is not None and not self._producerPaused:
             self._producerPaused = True
             self._producer.pauseProducing()
 
+    def _sendWithinWindow(self, data: Any) -> int:
+        """Send the start of ``data`` that the client's window allows, in packets of its maximum size."""
+        size = min(len(data), self.remoteWindowLeft)
+        if size <= 0:
+            return 0
+        step = max(self.remoteMaxPacket, 1)
+        with memoryview(data) as view:
+            for offset in range(0, size, step):
+                self.conn.sendData(self, bytes(view[offset : min(offset + step, size)]))
+        self.remoteWindowLeft -= size
+        return size
+
     def _flush(self) -> None:
-        """Send what the client's window allows, in packets of its maximum size."""
-        size = min(len(self._unsent), self.remoteWindowLeft)
-        if size > 0:
-            step = max(self.remoteMaxPacket, 1)
-            with memoryview(self._unsent) as view:
-                for offset in range(0, size, step):
-                    self.conn.sendData(self, bytes(view[offset : min(offset + step, size)]))
-            del self._unsent[:size]  # bytearray: dropping the front is cheap
-            self.remoteWindowLeft -= size
+        """Send what the window allows of the backlog; stop or close as conch's channel does."""
+        sent = self._sendWithinWindow(self._unsent)
+        if sent:
+            del self._unsent[:sent]  # bytearray: dropping the front is cheap
         if self._unsent and self.areWriting:
             self.areWriting = 0
             self.stopWriting()
