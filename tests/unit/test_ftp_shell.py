@@ -148,6 +148,22 @@ def test_invalid_names_are_553(shell):
     assert failure_of(shell.rename(["a"], ["b\udcff"])).value.response().startswith("553 ")
 
 
+def test_new_names_with_control_characters_are_553_and_existing_ones_stay_usable(shell, home, result_of):
+    """MKD, STOR and RNTO refuse to create a name with an escape or another control character, as SFTP does."""
+    (home / "a.txt").write_bytes(b"a")
+    (home / "old\x1bname").write_bytes(b"made by other means")
+    for attempt in (
+        shell.makeDirectory(["x\x1b[31m"]),
+        shell.openForWriting(["bell\x07.txt"]),
+        shell.rename(["a.txt"], ["tab\tname"]),
+    ):
+        assert failure_of(attempt).value.response().startswith("553 File name not allowed: the name contains")
+    assert sorted(os.listdir(home)) == ["a.txt", "old\x1bname"]
+    assert result_of(shell.stat(["old\x1bname"], ("size",))) == [19]
+    result_of(shell.removeFile(["old\x1bname"]))
+    assert os.listdir(home) == ["a.txt"]
+
+
 def test_rename(shell, home, result_of):
     """rename moves a file inside the home folder."""
     (home / "a.txt").write_bytes(b"a")
