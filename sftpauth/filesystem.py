@@ -17,7 +17,7 @@ import errno
 import os
 import posixpath
 import stat as stat_module
-from typing import Any, Callable, Union
+from typing import Any, Callable, Optional, Union
 
 from twisted.internet import defer
 
@@ -173,13 +173,26 @@ class JailedFilesystem:
         """Whether a path is a folder; needs no permission (CWD, realpath)."""
         return self._call(None, client_path, cwd, os.path.isdir)
 
-    def list_directory(self, client_path, cwd: str = "/", folder_only: bool = False) -> defer.Deferred:
-        """``[(name, stat_result)]`` of a folder; entries leading outside are hidden.
+    def list_directory(
+        self,
+        client_path,
+        cwd: str = "/",
+        folder_only: bool = False,
+        then: Optional[Callable[[list[tuple[str, os.stat_result]]], Any]] = None,
+    ) -> defer.Deferred:
+        """``[(name, stat_result)]`` of a folder, or ``then(entries)``; entries leading outside are hidden.
 
         A file is listed as itself (FTP ``LIST file``), or refused with
-        NotADirectoryError when ``folder_only`` (SFTP ``opendir``).
+        NotADirectoryError when ``folder_only`` (SFTP ``opendir``). ``then``
+        runs in the same thread trip: the protocols format their listings
+        there, in one trip instead of two.
         """
-        return self._call(Permission.LIST, client_path, cwd, self._list, folder_only)
+
+        def listing(real: str):
+            entries = self._list(real, folder_only)
+            return entries if then is None else then(entries)
+
+        return self._call(Permission.LIST, client_path, cwd, listing)
 
     def _list(self, real: str, folder_only: bool = False) -> list[tuple[str, os.stat_result]]:
         if not os.path.isdir(real):

@@ -398,10 +398,10 @@ class JailedFTPShell:
         formatted on the reactor stopped every other session for seconds.
         """
 
-        def render(entries: list[tuple[str, os.stat_result]]) -> defer.Deferred:
-            return self.filesystem.run(render_listing, entries, line, glob)
+        def render(entries: list[tuple[str, os.stat_result]]) -> bytes:
+            return render_listing(entries, line, glob)
 
-        return self._call(path, lambda virtual: self.filesystem.list_directory(virtual).addCallback(render))
+        return self._call(path, lambda virtual: self.filesystem.list_directory(virtual, then=render))
 
     def setModificationTime(self, path, modified: float):
         """Not in IFTPShell: MFMT (needs allow-write, as SFTP's setstat does)."""

@@ -481,9 +481,21 @@ class DirectoryListing:
         self._position = 0
         self._owner, self._group, self._now = owner, group, now
         self._lock = defer.DeferredLock()
+        self._ready: Optional[bytes] = None  # the first batch, made with the listing (prepared)
+
+    def prepared(self) -> "DirectoryListing":
+        """Make the first batch now (in the thread that read the folder); most folders fit in it."""
+        if self._entries:
+            self._ready = self._batch()
+        return self
 
     def nextBatch(self) -> defer.Deferred:
         """The body of the next ``FXP_NAME`` answer (count, then entries); EOFError after the last."""
+        if self._ready is not None:
+            ready, self._ready = self._ready, None
+            return defer.succeed(ready)
+        if not self._lock.locked and self._position >= len(self._entries):
+            return defer.fail(EOFError())  # no batch in flight could still come before it
         return self._lock.run(self._filesystem.run, self._batch)
 
     def _batch(self) -> bytes:
@@ -506,6 +518,7 @@ class DirectoryListing:
 
     def close(self) -> None:
         self._entries = []
+        self._ready = None
 
 
 @implementer(ISFTPServer)
@@ -598,13 +611,15 @@ class JailedSFTPServer:
             self.avatar.reserveHandle()
         except SFTPError:
             return defer.fail()
-        d = self.filesystem.list_directory(path, folder_only=True).addBoth(self.avatar.releaseHandle)
-        d.addCallback(self._listing)
-        return d.addErrback(sftp_error)
-
-    def _listing(self, entries: list[tuple[str, os.stat_result]]) -> DirectoryListing:
         owner, group = self.avatar.account.listing_owner
-        return DirectoryListing(self.filesystem, entries, owner, group, time.time())
+        now = time.time()
+
+        def listing(entries: list[tuple[str, os.stat_result]]) -> DirectoryListing:
+            # In the listing's thread trip: the first READDIR is answered without another.
+            return DirectoryListing(self.filesystem, entries, owner, group, now).prepared()
+
+        d = self.filesystem.list_directory(path, folder_only=True, then=listing).addBoth(self.avatar.releaseHandle)
+        return d.addErrback(sftp_error)
 
     def getAttrs(self, path: bytes, followLinks: bool) -> defer.Deferred:
         # Symbolic links inside the home folder are always shown as their target.

@@ -411,6 +411,25 @@ def test_readdir_is_formatted_in_the_thread_and_answered_in_batches(home, monkey
     assert b"".join(batch[4:] for batch in batches) == conch_listing_body(expected)[4:]
 
 
+def test_a_small_folder_is_listed_in_one_thread_trip(home):
+    """opendir reads the folder and makes the first batch in one thread job; its READDIRs and EOF need none."""
+    folder = os.path.join(home, "few")
+    os.mkdir(folder)
+    for name in ("a.txt", "b.txt", "c.txt"):
+        open(os.path.join(folder, name), "w").close()
+    client = Client(home)
+    number = client.open_sftp()
+    client.threads.started.clear()
+    kind, body = client.request(number, FXP_OPENDIR, struct.pack("!L", 1) + NS(b"few"))
+    assert kind == FXP_HANDLE and len(client.threads.started) == 1
+    handle = getNS(body[4:])[0]
+    kind, body = client.request(number, FXP_READDIR, struct.pack("!L", 2) + NS(handle))
+    assert kind == FXP_NAME and struct.unpack("!L", body[4:8])[0] == 3
+    kind, body = client.request(number, FXP_READDIR, struct.pack("!L", 3) + NS(handle))
+    assert kind == FXP_STATUS and status_of(body)[0] == FX_EOF
+    assert len(client.threads.started) == 1
+
+
 def test_pack_attributes_is_conchs_encoding():
     """The attributes packed in the thread are byte for byte what conch packs for stat answers."""
     attrs = ssh._attributes(os.stat(__file__))
