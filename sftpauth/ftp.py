@@ -122,7 +122,6 @@ from sftpauth.tls import CertificateProblem, ReloadOnSIGHUP, ServerTLS, can_chec
 
 _log = Logger()
 
-LIST_KEYS = ("size", "directory", "permissions", "hardlinks", "modified", "owner", "group")
 AUTH_MECHANISMS = ("TLS", "TLS-C", "SSL")  # SSL: what older clients (curl first) ask for
 # TLS 1.2 at most on FTPS: a TLS 1.3 server sends session tickets *after* each
 # handshake, also on data connections, and clients that never read an upload's
