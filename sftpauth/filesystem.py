@@ -200,20 +200,30 @@ class JailedFilesystem:
             if folder_only:
                 raise NotADirectoryError(errno.ENOTDIR, "not a folder")
             return [(os.path.basename(real), result)]
-        entries = []
         with os.scandir(real) as iterator:
-            for entry in iterator:
-                try:
-                    if entry.is_symlink():
-                        if not is_inside(self.root, entry.path):
-                            continue
-                        entries.append((entry.name, os.stat(entry.path)))
-                    else:
-                        entries.append((entry.name, entry.stat(follow_symlinks=False)))
-                except OSError:
-                    continue  # vanished or dangling: not listed
+            entries = [listed for listed in map(self._listed, iterator) if listed is not None]
         entries.sort(key=lambda item: item[0])
         return entries
+
+    def _listed(self, entry: os.DirEntry) -> Optional[tuple[str, os.stat_result]]:
+        """``(name, stat_result)`` of a folder entry, None when it is not listed (leads outside, vanished, dangling)."""
+        try:
+            if entry.is_symlink():
+                if not is_inside(self.root, entry.path):
+                    return None
+                return entry.name, os.stat(entry.path)
+            return entry.name, entry.stat(follow_symlinks=False)
+        except OSError:
+            return None
+
+    def open_folder(self, client_path, cwd: str = "/", then: Optional[Callable[["FolderReader"], Any]] = None) -> defer.Deferred:
+        """A :class:`FolderReader` of a folder (NotADirectoryError for a file), or ``then(reader)`` in the same thread trip."""
+
+        def open_(real: str):
+            reader = FolderReader(self, os.scandir(real))  # NotADirectoryError for a file
+            return reader if then is None else then(reader)
+
+        return self._call(Permission.LIST, client_path, cwd, open_)
 
     def open_for_reading(self, client_path, cwd: str = "/", offset: int = 0) -> defer.Deferred:
         """The file, positioned at ``offset`` (a resumed download); OffsetPastEnd beyond its end."""
@@ -316,6 +326,40 @@ class JailedFilesystem:
     def run(self, function: Callable[..., Any], *args: Any) -> defer.Deferred:
         """Run other blocking file work (reads, writes of an open file) in the thread pool."""
         return self._run_in_thread(function, *args)
+
+
+class FolderReader:
+    """A folder's entries read a batch at a time: memory for one batch, not for the whole folder.
+
+    SFTP's READDIR reads with it, so a folder of 200,000 entries opened 256
+    times does not hold 200,000 entries 256 times. The entries come in the
+    folder's own order, as OpenSSH's sftp-server sends them (clients sort).
+    It holds the folder open (one descriptor) until the end or
+    :meth:`close`. Blocking: call :meth:`read` and :meth:`close` in the thread
+    pool, one at a time.
+    """
+
+    def __init__(self, filesystem: JailedFilesystem, iterator: Any):
+        self._filesystem = filesystem
+        self._iterator = iterator
+        self.finished = False
+
+    def read(self, count: int) -> list[tuple[str, os.stat_result]]:
+        """Up to ``count`` listed entries; fewer only at the end, after which the folder is closed."""
+        entries: list[tuple[str, os.stat_result]] = []
+        while not self.finished and len(entries) < count:
+            entry = next(self._iterator, None)
+            if entry is None:
+                self.close()
+            else:
+                listed = self._filesystem._listed(entry)
+                if listed is not None:
+                    entries.append(listed)
+        return entries
+
+    def close(self) -> None:
+        self.finished = True
+        self._iterator.close()
 
 
 def file_type_letter(mode: int) -> str:

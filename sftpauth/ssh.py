@@ -93,6 +93,7 @@ from sftpauth.auth.credentials import ILoginRequest, LoginRequest
 from sftpauth.config.errors import ConfigError, ConfigProblem
 from sftpauth.config.models import SSHServiceSettings
 from sftpauth.filesystem import (
+    FolderReader,
     InvalidName,
     InvalidPath,
     JailedFilesystem,
@@ -461,32 +462,30 @@ def _times_to_set(attrs: dict) -> Optional[tuple[int, int]]:
 
 
 class DirectoryListing:
-    """What ``openDirectory`` returns: a folder's entries, answered in batches.
+    """What ``openDirectory`` returns: a folder read and answered a batch at a time.
 
-    Each batch (``ls -l`` lines, attributes, the packed ``FXP_NAME`` body) is
-    made in a thread, one batch at a time: a folder of 200,000 entries costs
-    the reactor one small step per READDIR, never seconds for all of them.
+    Each batch is read from the folder (:class:`FolderReader`) and made (``ls
+    -l`` lines, attributes, the packed ``FXP_NAME`` body) in a thread, one
+    batch at a time: a folder of 200,000 entries costs the reactor one small
+    step per READDIR, and memory for one batch, however many times it is
+    open. The first batch is made in opendir's own thread trip, so a small
+    folder needs no other.
     """
 
-    def __init__(
-        self,
-        filesystem: JailedFilesystem,
-        entries: list[tuple[str, os.stat_result]],
-        owner: str,
-        group: str,
-        now: float,
-    ):
+    def __init__(self, filesystem: JailedFilesystem, reader: FolderReader, owner: str, group: str, now: float):
         self._filesystem = filesystem
-        self._entries = entries
-        self._position = 0
+        self._reader = reader
+        self._left: list[tuple[str, os.stat_result]] = []  # read, not sent yet (a batch has a size limit)
         self._owner, self._group, self._now = owner, group, now
         self._lock = defer.DeferredLock()
         self._ready: Optional[bytes] = None  # the first batch, made with the listing (prepared)
 
     def prepared(self) -> "DirectoryListing":
-        """Make the first batch now (in the thread that read the folder); most folders fit in it."""
-        if self._entries:
+        """Make the first batch now, in the thread that opened the folder."""
+        try:
             self._ready = self._batch()
+        except EOFError:
+            pass
         return self
 
     def nextBatch(self) -> defer.Deferred:
@@ -494,31 +493,37 @@ class DirectoryListing:
         if self._ready is not None:
             ready, self._ready = self._ready, None
             return defer.succeed(ready)
-        if not self._lock.locked and self._position >= len(self._entries):
+        if not self._lock.locked and self._reader.finished and not self._left:
             return defer.fail(EOFError())  # no batch in flight could still come before it
         return self._lock.run(self._filesystem.run, self._batch)
 
     def _batch(self) -> bytes:
-        # In a thread; the lock keeps batches in order. close() may empty the list meanwhile.
-        entries, start = self._entries, self._position
-        if start >= len(entries):
-            raise EOFError()
+        # In a thread, one at a time (the lock): reads the folder on.
         parts: list[bytes] = []
         size = 0
-        end = start
-        while end < len(entries) and end - start < READDIR_BATCH_ENTRIES and size < READDIR_BATCH_BYTES:
-            name, result = entries[end]
+        while len(parts) < READDIR_BATCH_ENTRIES and size < READDIR_BATCH_BYTES:
+            if not self._left:
+                self._left = self._reader.read(READDIR_BATCH_ENTRIES - len(parts))
+                if not self._left:
+                    break
+                self._left.reverse()  # taken from the end, in the folder's order
+            name, result = self._left.pop()
             line = long_name(name, result, self._owner, self._group, self._now)
             part = NS(_name_bytes(name)) + NS(_name_bytes(line)) + pack_attributes(_attributes(result))
             parts.append(part)
             size += len(part)
-            end += 1
-        self._position = end
-        return struct.pack("!L", end - start) + b"".join(parts)
+        if not parts:
+            raise EOFError()
+        return struct.pack("!L", len(parts)) + b"".join(parts)
 
-    def close(self) -> None:
-        self._entries = []
+    def close(self) -> defer.Deferred:
+        """Close the folder, after the batch being made (if any)."""
         self._ready = None
+        return self._lock.run(self._filesystem.run, self._close)
+
+    def _close(self) -> None:
+        self._left = []
+        self._reader.close()
 
 
 @implementer(ISFTPServer)
@@ -614,11 +619,11 @@ class JailedSFTPServer:
         owner, group = self.avatar.account.listing_owner
         now = time.time()
 
-        def listing(entries: list[tuple[str, os.stat_result]]) -> DirectoryListing:
-            # In the listing's thread trip: the first READDIR is answered without another.
-            return DirectoryListing(self.filesystem, entries, owner, group, now).prepared()
+        def listing(reader: FolderReader) -> DirectoryListing:
+            # In opendir's thread trip: the first READDIR is answered without another.
+            return DirectoryListing(self.filesystem, reader, owner, group, now).prepared()
 
-        d = self.filesystem.list_directory(path, folder_only=True, then=listing).addBoth(self.avatar.releaseHandle)
+        d = self.filesystem.open_folder(path, then=listing).addBoth(self.avatar.releaseHandle)
         return d.addErrback(sftp_error)
 
     def getAttrs(self, path: bytes, followLinks: bool) -> defer.Deferred:
@@ -663,6 +668,11 @@ def _refuse_missing(failure: Failure, refused: InvalidName) -> Failure:
 def _close_quietly(fileObj: JailedFile) -> None:
     """Close a file nobody waits for (the session ended): pending operations are dropped."""
     fileObj.abandon().addErrback(lambda failure: _log.failure("closing an abandoned file", failure=failure))
+
+
+def _close_folder_quietly(dirObj: DirectoryListing) -> None:
+    """Close a folder nobody waits for; a failure is logged, not left unhandled."""
+    dirObj.close().addErrback(lambda failure: _log.failure("closing an abandoned folder", failure=failure))
 
 
 class _QuietLogger(Logger):
@@ -866,8 +876,10 @@ class SFTPSubsystem(FileTransferServer):
 
     def _cbOpenDirectory(self, dirObj: DirectoryListing, requestId: bytes) -> None:
         if not self.connected:
+            _close_folder_quietly(dirObj)  # the session ended while the folder was being opened
             return
         if self.avatar.openHandles() >= MAX_OPEN_HANDLES:
+            _close_folder_quietly(dirObj)
             raise SFTPError(FX_FAILURE, f"too many open files (at most {MAX_OPEN_HANDLES})")
         handle = str(hash(dirObj)).encode("ascii")
         self.openDirs[handle] = [dirObj, None]
@@ -911,7 +923,7 @@ class SFTPSubsystem(FileTransferServer):
             _close_quietly(fileObj)
         directories, self.openDirs = list(self.openDirs.values()), {}
         for dirObj, _ in directories:
-            dirObj.close()
+            _close_folder_quietly(dirObj)
 
     def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
         FileTransferBase.connectionLost(self, reason)

@@ -20,13 +20,13 @@ from twisted.internet import defer
 
 from sftpauth import ssh
 from sftpauth.account import Account
-from sftpauth.filesystem import JailedFilesystem
+from sftpauth.filesystem import FolderReader, JailedFilesystem
 from sftpauth.permissions import FULL_CONTROL
 
 FXP_INIT, FXP_VERSION, FXP_OPEN, FXP_CLOSE, FXP_READ = 1, 2, 3, 4, 5
 FXP_OPENDIR, FXP_READDIR, FXP_REMOVE, FXP_MKDIR, FXP_RENAME = 11, 12, 13, 14, 18
 FXP_STATUS, FXP_HANDLE, FXP_DATA, FXP_NAME = 101, 102, 103, 104
-FX_EOF, FX_FAILURE, FX_BAD_MESSAGE = 1, 4, 5
+FX_OK, FX_EOF, FX_FAILURE, FX_BAD_MESSAGE = 0, 1, 4, 5
 FXF_READ, FXF_WRITE, FXF_CREAT, FXF_TRUNC = 0x01, 0x02, 0x08, 0x10
 CLIENT_WINDOW = 2 * 1024 * 1024
 CLIENT_MAX_PACKET = 32768
@@ -370,7 +370,7 @@ def conch_listing_body(entries: list[tuple[bytes, bytes, dict]]) -> bytes:
 
 
 def test_readdir_is_formatted_in_the_thread_and_answered_in_batches(home, monkeypatch):
-    """Every ls -l line is made in a thread job, batches hold at most 250 entries, and the entries are conch's encoding of each file."""
+    """Every ls -l line is made in a thread job, batches hold at most 250 entries, and each entry is conch's encoding of its file."""
     folder = os.path.join(home, "many")
     os.mkdir(folder)
     names = [f"file_{index:04d}_with_a_longish_name.txt" for index in range(600)]
@@ -403,12 +403,53 @@ def test_readdir_is_formatted_in_the_thread_and_answered_in_batches(home, monkey
     counts = [struct.unpack("!L", batch[:4])[0] for batch in batches]
     assert sum(counts) == 600 and max(counts) <= 250
     owner, group = client.avatar.account.listing_owner
-    expected = []
-    for name in sorted(names):
+    expected = {}
+    for name in names:
         result = os.stat(os.path.join(folder, name))
         line = real_long_name(name, result, owner, group)
-        expected.append((name.encode(), line.encode(), ssh._attributes(result)))
-    assert b"".join(batch[4:] for batch in batches) == conch_listing_body(expected)[4:]
+        expected[name] = conch_listing_body([(name.encode(), line.encode(), ssh._attributes(result))])[4:]
+    received = []  # (name, the entry's bytes): in the folder's own order, as OpenSSH's sftp-server sends them
+    for batch, count in zip(batches, counts):
+        rest = batch[4:]
+        for _ in range(count):
+            name, after_name = getNS(rest)
+            after_line = getNS(after_name)[1]
+            size = len(rest) - len(after_line) + ATTRIBUTES_SIZE
+            received.append((name.decode(), rest[:size]))
+            rest = rest[size:]
+        assert rest == b""
+    assert len(received) == 600 and dict(received) == expected
+
+
+ATTRIBUTES_SIZE = 4 + 8 + 4 + 4 + 4  # flags, size, permissions, atime, mtime
+
+
+def test_a_folder_is_read_a_batch_at_a_time(home, monkeypatch):
+    """An open listing holds one batch, not the whole folder: READDIR reads the folder on as it answers."""
+    folder = os.path.join(home, "many")
+    os.mkdir(folder)
+    for index in range(600):
+        open(os.path.join(folder, f"f{index:04d}"), "w").close()
+    reads = []
+    real_read = FolderReader.read
+
+    def read(self, count):
+        entries = real_read(self, count)
+        reads.append(len(entries))
+        return entries
+
+    monkeypatch.setattr(FolderReader, "read", read)
+    client = Client(home)
+    number = client.open_sftp()
+    kind, body = client.request(number, FXP_OPENDIR, struct.pack("!L", 1) + NS(b"many"))
+    assert kind == FXP_HANDLE and reads == [250]  # the first batch only
+    handle = getNS(body[4:])[0]
+    client.request(number, FXP_READDIR, struct.pack("!L", 2) + NS(handle))
+    client.request(number, FXP_READDIR, struct.pack("!L", 3) + NS(handle))
+    assert reads == [250, 250]
+    kind, body = client.request(number, FXP_CLOSE, struct.pack("!L", 4) + NS(handle))
+    assert kind == FXP_STATUS and status_of(body)[0] == FX_OK
+    assert reads == [250, 250]  # closed without reading the rest
 
 
 def test_a_small_folder_is_listed_in_one_thread_trip(home):
