@@ -1043,8 +1043,8 @@ class SftpauthFTP(ftp.FTP):
         self._running = None
         while self._running is None and self._queued and not self.disconnected and self.transport is not None:
             self._run(self._queued.popleft())
-        if self._running is None and self.paused and not self.disconnected and self.transport is not None:
-            self.resumeProducing()
+        if self.paused and len(self._queued) < MAX_QUEUED_COMMANDS and not self.disconnected and self.transport is not None:
+            self.resumeProducing()  # also while a queued transfer runs: its ABOR must be read
 
     def _send_result(self, result) -> None:
         if result is None:

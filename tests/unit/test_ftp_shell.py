@@ -24,7 +24,7 @@ from sftpauth.auth.credentials import LoginRequest
 from sftpauth.config.models import FTPServiceSettings
 from sftpauth.filesystem import JailedFilesystem
 from sftpauth.ftp import (
-    FAILED_LOGIN_DELAY, LOGIN_GRACE_SECONDS, FileDownload, FileUpload, FTPReplyError, FTPServiceFactory, JailedFTPShell, list_line, listing_name,
+    FAILED_LOGIN_DELAY, LOGIN_GRACE_SECONDS, MAX_QUEUED_COMMANDS, FileDownload, FileUpload, FTPReplyError, FTPServiceFactory, JailedFTPShell, list_line, listing_name,
     mlsx_facts,
 )
 from sftpauth.permissions import FULL_CONTROL, Permission
@@ -562,6 +562,27 @@ def test_a_logged_in_connection_has_no_login_deadline(connection):
     connection.reactor.advance(LOGIN_GRACE_SECONDS + 1)
     assert not connection.transport.disconnecting
     assert connection.send(b"NOOP")[0].startswith(b"200 ")
+
+
+def test_commands_sent_during_a_login_are_queued_in_order_and_bounded(connection):
+    """While PASS is checked, later commands wait in order; at MAX_QUEUED_COMMANDS reading pauses.
+
+    Reading resumes as soon as the queue is below the bound, also while a
+    queued transfer is still running, so that its ABOR is read.
+    """
+    connection.send(b"USER alice")
+    connection.send(b"PASS pw")
+    connection.transport.clear()
+    noops = MAX_QUEUED_COMMANDS - 2
+    connection.protocol.dataReceived(b"PASV\r\nRETR f.txt\r\n" + b"NOOP\r\n" * noops)
+    assert connection.transport.value() == b""
+    assert connection.transport.producerState == "paused"
+    connection.portal.accept()
+    replies = connection.transport.value().split(b"\r\n")
+    assert replies[0].startswith(b"230 ") and replies[1].startswith(b"227 ") and replies[2:] == [b""]
+    assert connection.transport.producerState == "producing"  # RETR waits for its data connection
+    answers = connection.send(b"ABOR")
+    assert answers == [b"425 Can't open data connection.", b"226 Abort successful"] + [b"200 Command OK"] * noops
 
 
 def test_lines_may_end_in_a_bare_lf_and_replies_end_in_crlf(connection):
