@@ -145,10 +145,12 @@ class JailedFilesystem:
     def resolve(self, client_path: Union[str, bytes], cwd: str = "/") -> str:
         return resolve(self.root, client_path, cwd)
 
-    def _call(self, permission, client_path, cwd: str, function, *args) -> defer.Deferred:
-        """Check permission, then resolve and run ``function(real_path, *args)`` in a thread."""
+    def _call(self, permission, client_path, cwd: str, function, *args, creates: bool = False) -> defer.Deferred:
+        """Check permission (and the name of what ``creates`` makes), then resolve and run ``function(real_path, *args)`` in a thread."""
         try:
             virtual = virtual_path(client_path, cwd)
+            if creates:
+                check_new_name(virtual)
             if permission is not None:
                 self.require(permission, virtual)
         except Exception:
@@ -242,7 +244,7 @@ class JailedFilesystem:
         self, client_path, cwd: str = "/", append: bool = False, offset: int = 0
     ) -> defer.Deferred:
         """A new or emptied file; ``append``: written at its end; ``offset``: kept up to it, written from it (a resumed upload)."""
-        return self._call(Permission.WRITE, client_path, cwd, self._open_write, append, offset)
+        return self._call(Permission.WRITE, client_path, cwd, self._open_write, append, offset, creates=True)
 
     @staticmethod
     def _open_write(real: str, append: bool, offset: int):
@@ -256,11 +258,23 @@ class JailedFilesystem:
         return file
 
     def open_file(self, client_path, flags: int, mode: int = 0o644, cwd: str = "/") -> defer.Deferred:
-        """``os.open`` with SFTP-style flags; WRITE for any write flag, READ otherwise."""
-        writing = flags & (os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_TRUNC)
-        reading = not (flags & os.O_WRONLY)
+        """``os.open`` with SFTP-style flags; WRITE for any write flag, READ otherwise.
+
+        ``O_CREAT`` of a name :func:`check_new_name` refuses opens an existing
+        file of that name and creates none (``O_EXCL``: refused outright).
+        """
+        refused: Optional[InvalidName] = None
         try:
             virtual = virtual_path(client_path, cwd)
+            if flags & os.O_CREAT:
+                try:
+                    check_new_name(virtual)
+                except InvalidName as error:
+                    if flags & os.O_EXCL:
+                        raise
+                    refused, flags = error, flags & ~os.O_CREAT
+            writing = flags & (os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_TRUNC)
+            reading = not (flags & os.O_WRONLY)
             if writing:
                 self.require(Permission.WRITE, virtual)
             if reading:
@@ -272,12 +286,17 @@ class JailedFilesystem:
             real = self.resolve(virtual)
             if os.path.isdir(real):
                 raise IsADirectoryError(errno.EISDIR, "is a folder", virtual)
-            return os.open(real, flags | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0), mode & 0o777)
+            try:
+                return os.open(real, flags | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0), mode & 0o777)
+            except FileNotFoundError:
+                if refused is not None:
+                    raise refused from None  # it did not exist: say why it was not made
+                raise
 
         return self._run_in_thread(work)
 
     def make_directory(self, client_path, cwd: str = "/") -> defer.Deferred:
-        return self._call(Permission.CREATE_FOLDER, client_path, cwd, os.mkdir, 0o755)
+        return self._call(Permission.CREATE_FOLDER, client_path, cwd, os.mkdir, 0o755, creates=True)
 
     def remove_directory(self, client_path, cwd: str = "/") -> defer.Deferred:
         return self._call(Permission.DELETE_FOLDER, client_path, cwd, self._rmdir)
@@ -300,6 +319,7 @@ class JailedFilesystem:
         try:
             source = virtual_path(from_path, cwd)
             target = virtual_path(to_path, cwd)
+            check_new_name(target)
             self.require(Permission.RENAME, source)
         except Exception:
             return defer.fail()

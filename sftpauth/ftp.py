@@ -113,7 +113,7 @@ from zope.interface import implementer
 from sftpauth.auth.credentials import LoginRequest
 from sftpauth.config.errors import ConfigError, ConfigProblem
 from sftpauth.config.models import FTPServiceSettings
-from sftpauth.filesystem import InvalidPath, JailedFilesystem, OffsetPastEnd, OutsideJail, check_new_name
+from sftpauth.filesystem import InvalidPath, JailedFilesystem, OffsetPastEnd, OutsideJail
 from sftpauth.listening import listening_service
 from sftpauth.permissions import Permission, PermissionDenied
 from sftpauth.realm import SessionInfo
@@ -319,11 +319,9 @@ class JailedFTPShell:
         self.filesystem = filesystem
         self.owner, self.group = owner  # what listings show (Account.listing_owner)
 
-    def _call(self, segments: Sequence[str], operation: Callable[[str], defer.Deferred], creates: bool = False) -> defer.Deferred:
+    def _call(self, segments: Sequence[str], operation: Callable[[str], defer.Deferred]) -> defer.Deferred:
         try:
             virtual = virtual_name(segments)
-            if creates:
-                check_new_name(virtual)  # the same rule as SFTP: no control characters in new names
         except InvalidPath:
             return defer.fail(ftp_error(Failure(), "/"))
         deferred = defer.maybeDeferred(operation, virtual)
@@ -331,7 +329,7 @@ class JailedFTPShell:
         return deferred
 
     def makeDirectory(self, path):
-        return self._call(path, self.filesystem.make_directory, creates=True)
+        return self._call(path, self.filesystem.make_directory)
 
     def removeDirectory(self, path):
         return self._call(path, self.filesystem.remove_directory)
@@ -342,7 +340,6 @@ class JailedFTPShell:
     def rename(self, fromPath, toPath):
         try:
             target = virtual_name(toPath)
-            check_new_name(target)
         except InvalidPath:
             return defer.fail(ftp_error(Failure(), "/"))
 
@@ -418,7 +415,7 @@ class JailedFTPShell:
                 lambda file: FileUpload(self.filesystem, file, virtual)
             )
 
-        return self._call(path, open_, creates=True)
+        return self._call(path, open_)
 
 
 def _raise(error: BaseException):

@@ -98,7 +98,6 @@ from sftpauth.filesystem import (
     InvalidPath,
     JailedFilesystem,
     OutsideJail,
-    check_new_name,
     virtual_path,
 )
 from sftpauth.private_files import write_private_file
@@ -562,25 +561,14 @@ class JailedSFTPServer:
         os_flags = open_flags(flags)
         writable = bool(flags & FXF_WRITE)
         readable = bool(flags & FXF_READ) or not writable
-        refused_name: Optional[InvalidName] = None
         try:
             path = virtual_path(filename)
-            if flags & FXF_CREAT:
-                try:
-                    check_new_name(path)
-                except InvalidName as error:
-                    if flags & FXF_EXCL:
-                        raise
-                    # An existing file of that name may be opened; none is created.
-                    refused_name = error
-                    os_flags &= ~os.O_CREAT
             self.avatar.reserveHandle()
         except Exception:
             d = defer.fail(sftp_error(Failure()))
             return self._changed(d, "open for writing", filename) if writable else d
+        # The jail refuses a new name with control characters (an existing file may be opened).
         d = self.filesystem.open_file(path, os_flags, FILE_MODE).addBoth(self.avatar.releaseHandle)
-        if refused_name is not None:
-            d.addErrback(_refuse_missing, refused_name)
         d.addCallback(lambda fd: JailedFile(self.filesystem, fd, path, readable, writable))
         if writable:
             return self._changed(d, "open for writing", path)
@@ -590,22 +578,11 @@ class JailedSFTPServer:
         return self._changed(self.filesystem.remove_file(filename), "remove", filename)
 
     def renameFile(self, oldpath: bytes, newpath: bytes) -> defer.Deferred:
-        try:
-            check_new_name(virtual_path(newpath))
-        except Exception:
-            d = defer.fail()
-        else:
-            d = self.filesystem.rename(oldpath, newpath, overwrite=False)
+        d = self.filesystem.rename(oldpath, newpath, overwrite=False)
         return self._changed(d, "rename", oldpath + b" -> " + newpath)
 
     def makeDirectory(self, path: bytes, attrs: dict) -> defer.Deferred:
-        try:
-            check_new_name(virtual_path(path))
-        except Exception:
-            d = defer.fail()
-        else:
-            d = self.filesystem.make_directory(path)
-        return self._changed(d, "make folder", path)
+        return self._changed(self.filesystem.make_directory(path), "make folder", path)
 
     def removeDirectory(self, path: bytes) -> defer.Deferred:
         return self._changed(self.filesystem.remove_directory(path), "remove folder", path)
@@ -656,13 +633,6 @@ class JailedSFTPServer:
 
     def extendedRequest(self, extendedName: bytes, extendedData: bytes) -> None:
         raise SFTPError(FX_OP_UNSUPPORTED, "extended requests are not supported")
-
-
-def _refuse_missing(failure: Failure, refused: InvalidName) -> Failure:
-    """A create refused for its name: the file did not exist, so say why it was not made."""
-    if failure.check(FileNotFoundError):
-        return Failure(refused)
-    return failure
 
 
 def _close_quietly(fileObj: JailedFile) -> None:
