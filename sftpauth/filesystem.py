@@ -16,6 +16,7 @@ from __future__ import annotations
 import errno
 import os
 import posixpath
+import re
 import stat as stat_module
 from typing import Any, Callable, Optional, Union
 
@@ -73,6 +74,10 @@ def virtual_path(client_path: Union[str, bytes], cwd: str = "/") -> str:
     return joined
 
 
+CONTROL_CHARACTERS = re.compile("[\x00-\x1f\x7f]")  # C0 controls and DEL: never in new names, "?" in FTP listings
+MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")  # ls -l, in any locale
+
+
 def _control_character_name(char: str) -> str:
     if char in "\r\n":
         return "a line break"
@@ -86,10 +91,9 @@ def check_new_name(path: str) -> None:
     other users' terminals. Existing names are not checked: files put there
     by other means stay listable, readable and deletable.
     """
-    name = path.rstrip("/").rsplit("/", 1)[-1]
-    for char in name:
-        if char < " " or char == "\x7f":
-            raise InvalidName(f"the name contains {_control_character_name(char)}")
+    found = CONTROL_CHARACTERS.search(path.rstrip("/").rsplit("/", 1)[-1])
+    if found:
+        raise InvalidName(f"the name contains {_control_character_name(found.group())}")
 
 
 def resolve(root: str, client_path: Union[str, bytes], cwd: str = "/") -> str:

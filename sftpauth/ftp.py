@@ -89,7 +89,6 @@ import inspect
 import ipaddress
 import io
 import os
-import re
 import stat as stat_module
 import time
 from typing import Any, Callable, Iterable, Optional, Sequence
@@ -113,8 +112,8 @@ from zope.interface import implementer
 from sftpauth.auth.credentials import LoginRequest
 from sftpauth.config.errors import ConfigError, ConfigProblem
 from sftpauth.config.models import FTPServiceSettings
-from sftpauth.filesystem import InvalidPath, JailedFilesystem, OffsetPastEnd, OutsideJail
-from sftpauth.listening import listening_service
+from sftpauth.filesystem import CONTROL_CHARACTERS, MONTHS, InvalidPath, JailedFilesystem, OffsetPastEnd, OutsideJail
+from sftpauth.listening import LOGIN_GRACE_SECONDS, listening_service
 from sftpauth.permissions import Permission, PermissionDenied
 from sftpauth.realm import SessionInfo
 from sftpauth.runtime import Runtime
@@ -132,7 +131,6 @@ FTPS_MAXIMUM_VERSION = TLSVersion.TLSv1_2
 DATA_HANDSHAKE_TIMEOUT = 30  # seconds for the TLS handshake of a protected data connection
 CLOSE_GRACE_SECONDS = 10  # a closed control connection is cut off if the client does not close it by then
 MAX_QUEUED_COMMANDS = 32  # commands read while one runs; past that, reading pauses
-LOGIN_GRACE_SECONDS = 120  # from connect to a successful login, as on SSH (OpenSSH's LoginGraceTime)
 FAILED_LOGIN_DELAY = 1.0  # seconds before a failed login's 530
 
 
@@ -276,8 +274,6 @@ def mlsx_facts(result: os.stat_result, permissions: frozenset, facts: Sequence[s
     return "".join(f"{name}={values[name]};" for name in facts if values[name] is not None)
 
 
-_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
-_CONTROL_CHARACTERS = re.compile("[\x00-\x1f\x7f]")
 _LineFormat = Callable[[str, os.stat_result], bytes]  # one listing entry's line, without CRLF
 
 
@@ -288,13 +284,13 @@ def listing_name(name: str) -> bytes:
     otherwise forge listing lines, and an escape sequence would reach the
     client's terminal.
     """
-    return _wire_name(_CONTROL_CHARACTERS.sub("?", name))
+    return _wire_name(CONTROL_CHARACTERS.sub("?", name))
 
 
 def list_line(name: str, result: os.stat_result, owner: str, group: str, this_year: int) -> bytes:
     """One ``LIST`` line as Twisted wrote it: ``ls -l`` in UTC, the year instead of the time for other years."""
     moment = time.gmtime(result.st_mtime)
-    day = f"{_MONTHS[moment.tm_mon - 1]} {moment.tm_mday:02d}"
+    day = f"{MONTHS[moment.tm_mon - 1]} {moment.tm_mday:02d}"
     when = f"{day} {moment.tm_hour:02d}:{moment.tm_min:02d}" if moment.tm_year == this_year else f"{day} {moment.tm_year:5d}"
     kind = "d" if stat_module.S_ISDIR(result.st_mode) else "-"
     mode = stat_module.filemode(stat_module.S_IMODE(result.st_mode))[1:]

@@ -55,6 +55,7 @@ from sftpauth.config.models import ServiceSettings
 
 _log = Logger()
 
+LOGIN_GRACE_SECONDS = 120  # from connect to a successful login, FTP and SSH alike (OpenSSH's LoginGraceTime)
 LISTEN_BACKLOG = 50  # Twisted's listenTCP default, what a single process listens with
 PROXY_HEADER_TIMEOUT = 10.0  # seconds for the PROXY header to arrive
 MAX_EARLY_BYTES = 65536  # bytes a client may send while the policy decides

@@ -93,6 +93,7 @@ from sftpauth.auth.credentials import ILoginRequest, LoginRequest
 from sftpauth.config.errors import ConfigError, ConfigProblem
 from sftpauth.config.models import SSHServiceSettings
 from sftpauth.filesystem import (
+    MONTHS,
     FolderReader,
     InvalidName,
     InvalidPath,
@@ -101,7 +102,7 @@ from sftpauth.filesystem import (
     virtual_path,
 )
 from sftpauth.private_files import write_private_file
-from sftpauth.listening import listening_service
+from sftpauth.listening import LOGIN_GRACE_SECONDS, listening_service
 from sftpauth.permissions import Permission, PermissionDenied
 from sftpauth.realm import SessionInfo
 from sftpauth.runtime import Runtime
@@ -109,7 +110,6 @@ from sftpauth.runtime import Runtime
 _log = Logger()
 
 MAX_PASSWORD_ATTEMPTS = 6  # failed password logins on one connection, then disconnect
-LOGIN_GRACE_SECONDS = 120  # from TCP connect to a successful login
 MAX_QUEUED_AUTH_REQUESTS = 8  # requests sent while one is being checked
 MAX_SESSION_CHANNELS = 10  # like OpenSSH MaxSessions
 MAX_OPEN_HANDLES = 256  # files and folders open at once on one connection, all its SFTP sessions together
@@ -143,7 +143,6 @@ GENERATED_KEYS_FOLDER = "ssh"
 MALFORMED_INPUT_ERRORS = (struct.error, IndexError, KeyError, ValueError, conch_error.ConchError)
 # Refused without an info line: OpenSSH clients send them all the time.
 ROUTINE_REQUESTS = frozenset({b"env", b"keepalive@openssh.com", b"no-more-sessions@openssh.com"})
-_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
 
 
 # -- host keys -----------------------------------------------------------------------
@@ -327,7 +326,7 @@ def long_name(name: str, result: os.stat_result, owner: str, group: str, now: Op
     """An ``ls -l`` line, as SFTP v3 clients show it."""
     now = time.time() if now is None else now
     moment = time.localtime(result.st_mtime)
-    day = f"{_MONTHS[moment.tm_mon - 1]} {moment.tm_mday:2d}"
+    day = f"{MONTHS[moment.tm_mon - 1]} {moment.tm_mday:2d}"
     if abs(now - result.st_mtime) < 180 * 24 * 3600:
         when = f"{day} {moment.tm_hour:02d}:{moment.tm_min:02d}"
     else:
