@@ -183,29 +183,24 @@ class JailedFilesystem:
         self,
         client_path,
         cwd: str = "/",
-        folder_only: bool = False,
         then: Optional[Callable[[list[tuple[str, os.stat_result]]], Any]] = None,
     ) -> defer.Deferred:
         """``[(name, stat_result)]`` of a folder, or ``then(entries)``; entries leading outside are hidden.
 
-        A file is listed as itself (FTP ``LIST file``), or refused with
-        NotADirectoryError when ``folder_only`` (SFTP ``opendir``). ``then``
-        runs in the same thread trip: the protocols format their listings
-        there, in one trip instead of two.
+        A file is listed as itself (FTP ``LIST file``; SFTP ``opendir`` uses
+        :meth:`open_folder`, which refuses it). ``then`` runs in the same
+        thread trip: FTP formats its listings there, in one trip, not two.
         """
 
         def listing(real: str):
-            entries = self._list(real, folder_only)
+            entries = self._list(real)
             return entries if then is None else then(entries)
 
         return self._call(Permission.LIST, client_path, cwd, listing)
 
-    def _list(self, real: str, folder_only: bool = False) -> list[tuple[str, os.stat_result]]:
+    def _list(self, real: str) -> list[tuple[str, os.stat_result]]:
         if not os.path.isdir(real):
-            result = os.stat(real)
-            if folder_only:
-                raise NotADirectoryError(errno.ENOTDIR, "not a folder")
-            return [(os.path.basename(real), result)]
+            return [(os.path.basename(real), os.stat(real))]
         with os.scandir(real) as iterator:
             entries = [listed for listed in map(self._listed, iterator) if listed is not None]
         entries.sort(key=lambda item: item[0])

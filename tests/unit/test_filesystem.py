@@ -383,11 +383,13 @@ def test_list_directory_of_a_file_lists_the_file(make_fs, result_of):
     assert stat_result.st_size == len("report")
 
 
-def test_list_directory_folder_only_refuses_a_file(make_fs, result_of):
-    """SFTP opendir of a file is "not a folder", found in the same thread trip as the listing."""
+def test_open_folder_refuses_a_file(make_fs, result_of):
+    """SFTP opendir of a file is "not a folder", found in the same thread trip as the folder is opened."""
     with pytest.raises(NotADirectoryError):
-        result_of(make_fs().list_directory("/docs/report.txt", folder_only=True))
-    assert [name for name, _ in result_of(make_fs().list_directory("/docs", folder_only=True))] == ["deep", "report.txt", "up"]
+        result_of(make_fs().open_folder("/docs/report.txt"))
+    reader = result_of(make_fs().open_folder("/docs"))
+    assert sorted(name for name, _ in reader.read(10)) == ["deep", "report.txt", "up"]  # the folder's own order
+    assert reader.finished
 
 
 def test_list_directory_of_an_outside_symlink_is_refused(make_fs, result_of):
