@@ -55,6 +55,15 @@ def path_problem(path: str) -> str:
     return "" if os.access(existing, os.W_OK | os.X_OK) else f"this user may not create files in {existing}"
 
 
+def encode(entry: dict) -> str:
+    """An entry as its line of the audit file: JSON, UTF-8 text, never a newline.
+
+    record() already made the fields readable; an entry encoded as is gets the
+    same treatment: a UTF-8 file cannot hold lone surrogates.
+    """
+    return readable(json.dumps(entry, ensure_ascii=False, sort_keys=False))
+
+
 class AuditLog:
     def __init__(
         self,
@@ -80,18 +89,26 @@ class AuditLog:
         return self.publish(entry)
 
     def publish(self, entry: dict) -> dict:
-        """Write a finished entry and tell the listeners (with workers, the parent publishes theirs: sftpauth.workers)."""
-        # record() already made the fields readable; an entry published as is (a worker's,
-        # through the parent) gets the same treatment: a UTF-8 file cannot hold lone surrogates.
-        line = readable(json.dumps(entry, ensure_ascii=False, sort_keys=False))
+        """Write a finished entry and tell the listeners."""
+        self.publish_lines([(entry, encode(entry))])
+        return entry
+
+    def publish_lines(self, entries: list[tuple[dict, str]]) -> None:
+        """Write entries already encoded by :func:`encode`, in one write, then tell the listeners.
+
+        With workers, the parent publishes each worker's batch so: the lines
+        come as the worker encoded them, and are written without a second
+        encoding (sftpauth.workers).
+        """
+        text = "".join(line + "\n" for _, line in entries)
         with self._lock:
             if self._file is not None:
-                self._file.write(line + "\n")
-        if self.echo:
-            _log.info("audit {line}", line=line)
-        for listener in self.listeners:
-            listener(entry)
-        return entry
+                self._file.write(text)
+        for entry, line in entries:
+            if self.echo:
+                _log.info("audit {line}", line=line)
+            for listener in self.listeners:
+                listener(entry)
 
     def close(self) -> None:
         if self._file is not None:

@@ -28,7 +28,7 @@ from sftpauth.state import (
     StateChannel,
     channel_state,
 )
-from sftpauth.workers.channel import AUDIT_BATCH_SECONDS, ParentSide, WorkerAuditLog, WorkerSide
+from sftpauth.workers.channel import AUDIT_BATCH_SECONDS, MAX_AUDIT_BYTES, ParentSide, WorkerAuditLog, WorkerSide
 from sftpauth.tap import Options, makeService
 from sftpauth.workers.pool import MAX_RESTART_DELAY, SharedListeningSocket, WorkerPool, describe_exit, restart_delay
 
@@ -296,19 +296,28 @@ def test_worker_audit_events_carry_the_worker_and_are_written_by_the_parent(cloc
     assert written["username"] == "al\\xffice"
 
 
-def test_events_of_one_batch_go_in_few_messages_in_order(clock, tmp_path):
-    """A busy worker batches: many events recorded together reach the parent in order, split under the AMP limit."""
+@pytest.mark.parametrize("character", ["x", "\u00e9", "\u20ac"])  # 1, 2 and 3 bytes in UTF-8
+def test_events_of_one_batch_go_in_few_messages_in_order(clock, tmp_path, character):
+    """A busy worker batches: many events recorded together reach the parent in order, split under the AMP limit.
+
+    The limit is in bytes: lines of non-ASCII text are counted as UTF-8 (as
+    characters, a batch of them would exceed AMP's 65,535 bytes and be lost).
+    """
     parent = Parent(clock, tmp_path)
     worker = parent.connect_worker(1)
     sent = []
     original = worker.channel.protocol.callRemote
-    worker.channel.protocol.callRemote = lambda command, **kw: (sent.append(len(kw["entries"])), original(command, **kw))[1]
+    worker.channel.protocol.callRemote = lambda command, **kw: (sent.append(kw["entries"]), original(command, **kw))[1]
     for number in range(300):
-        worker.audit.record("session-end", service="ftp", detail="x" * 300, number=number)
+        worker.audit.record("session-end", service="ftp", detail=character * 200, number=number)
     clock.advance(AUDIT_BATCH_SECONDS)
     worker.pump.flush()
-    assert 1 < len(sent) < 10 and sum(sent) == 300
+    assert 1 < len(sent) < 20 and sum(len(batch) for batch in sent) == 300
+    assert all(sum(len(line.encode("utf-8")) + 2 for line in batch) <= MAX_AUDIT_BYTES for batch in sent)
     assert [event["number"] for event in parent.seen] == list(range(300))
+    lines = (tmp_path / "audit.jsonl").read_text(encoding="utf-8").splitlines()
+    assert [json.loads(line)["number"] for line in lines] == list(range(300))
+    assert character * 200 in lines[0]  # UTF-8 text, as the single process writes it, not \u escapes
 
 
 def test_sessions_a_dead_worker_left_open_are_ended_by_the_parent(clock, tmp_path):
