@@ -126,9 +126,10 @@ def _thread_cell(cell: Cell, concurrency: int, login, sources: bool) -> None:
             future.result()
 
 
-def measure(kind: str, bind_type: str, concurrency: int, args, start_index: int, login, pids: dict,
-            workers: int = 1, server=None) -> dict:
-    cell = Cell(args.logins, args.seconds, args.users, start_index)
+def measure(kind: str, concurrency: int, args, logins: int, seconds: float, start_index: int, login, pids: dict,
+            server=None) -> dict:
+    """Run one part of a cell (``logins`` logins or ``seconds``); what :func:`summarize` adds up."""
+    cell = Cell(logins, seconds, args.users, start_index)
     children = {name: server.worker_pids() if name == "sftpauth" and server else () for name in pids}
     cpu_before = {name: lib.tree_cpu_seconds(pid, children[name]) for name, pid in pids.items()}
     client_before = _own_cpu_seconds()
@@ -141,25 +142,41 @@ def measure(kind: str, bind_type: str, concurrency: int, args, start_index: int,
     cpu = {name: lib.tree_cpu_seconds(pid, children[name]) - cpu_before[name] for name, pid in pids.items()}
     # The load generator itself (this process: its asyncio loop or SFTP client threads) shares the cores.
     cpu["client"] = _own_cpu_seconds() - client_before
-    done = len(cell.latencies) + cell.failures
-    ms = [value * 1000 for value in cell.latencies]
+    return {"latencies": cell.latencies, "failures": cell.failures, "errors": cell.errors, "wall": wall, "cpu": cpu}
+
+
+def summarize(bind_type: str, kind: str, workers: int, concurrency: int, parts: list[dict]) -> dict:
+    """One row of the table from the parts (rounds) of a cell: their logins over their summed wall time."""
+    latencies = [value for part in parts for value in part["latencies"]]
+    failures = sum(part["failures"] for part in parts)
+    errors: dict[str, int] = {}
+    for part in parts:
+        for key, count in part["errors"].items():
+            errors[key] = errors.get(key, 0) + count
+    wall = sum(part["wall"] for part in parts)
+    done = len(latencies) + failures
+    ms = [value * 1000 for value in latencies]
     result = {
         "bind_type": bind_type,
         "kind": kind,
         "workers": workers,
         "concurrency": concurrency,
         "attempts": done,
-        "ok": len(cell.latencies),
-        "failures": cell.failures,
-        "errors": cell.errors,
+        "ok": len(latencies),
+        "failures": failures,
+        "errors": errors,
         "seconds": round(wall, 3),
-        "logins_per_s": round(len(cell.latencies) / wall, 1) if wall else 0.0,
+        "logins_per_s": round(len(latencies) / wall, 1) if wall else 0.0,
         "p50_ms": round(percentile(ms, 0.50), 2),
         "p95_ms": round(percentile(ms, 0.95), 2),
         "p99_ms": round(percentile(ms, 0.99), 2),
         "mean_ms": round(statistics.fmean(ms), 2) if ms else float("nan"),
     }
-    for name, seconds in cpu.items():
+    if len(parts) > 1:
+        result["rounds_logins_per_s"] = [round(len(part["latencies"]) / part["wall"], 1) if part["wall"] else 0.0
+                                         for part in parts]
+    for name in parts[0]["cpu"]:
+        seconds = sum(part["cpu"][name] for part in parts)
         result[f"{name}_cpu_ms_per_login"] = round(seconds * 1000 / done, 2) if done else float("nan")
     return result
 
@@ -184,14 +201,19 @@ HEADER = (f"{'bind':<7} {'kind':<5} {'w':>2} {'conc':>4} {'ok':>5} {'fail':>4} {
 
 
 def print_worker_ratios(rows: list[dict]) -> None:
-    """For each ftp/sftp cell measured with several worker counts: logins/s against workers = 1."""
+    """For each ftp/sftp cell measured with several worker counts: logins/s against workers = 1 (and per round)."""
     single = {(row["bind_type"], row["kind"], row["concurrency"]): row for row in rows if row.get("workers", 1) == 1}
     for row in rows:
         base = single.get((row["bind_type"], row["kind"], row["concurrency"]))
         if row.get("workers", 1) > 1 and base is not None and base["logins_per_s"]:
+            rounds = ""
+            if row.get("rounds_logins_per_s") and base.get("rounds_logins_per_s"):
+                ratios = [mine / theirs for mine, theirs in zip(row["rounds_logins_per_s"], base["rounds_logins_per_s"])
+                          if theirs]
+                rounds = "; rounds " + " ".join(f"{ratio:.2f}" for ratio in ratios)
             print(f"{row['bind_type']:<7} {row['kind']:<5} concurrency {row['concurrency']:>3}: "
                   f"workers={row['workers']} / workers=1 = {row['logins_per_s'] / base['logins_per_s']:.2f} "
-                  f"({row['logins_per_s']:.1f} / {base['logins_per_s']:.1f} logins/s)", flush=True)
+                  f"({row['logins_per_s']:.1f} / {base['logins_per_s']:.1f} logins/s{rounds})", flush=True)
 
 
 def draw(rows: list[dict], path: Path, peers: dict) -> None:
@@ -256,7 +278,15 @@ def main() -> None:
     parser.add_argument("--workers", nargs="+", type=int, default=[1],
                         help="[server] workers values to run the ftp and sftp cells with (e.g. 1 2); the ratio "
                              "of each to workers = 1 is printed at the end")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="split each cell into this many rounds (of --logins / N logins and --seconds / N "
+                             "seconds), taking the workers values in turn each round (ABBA order): ratios "
+                             "then compare servers measured over the same minutes")
     args = parser.parse_args()
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
+    part_logins = max(1, args.logins // args.rounds)
+    part_seconds = args.seconds / args.rounds
     floor_levels = [int(value) for value in args.floor_concurrency.split(",")]
     levels = [int(value) for value in args.concurrency.split(",")]
     lib.raise_nofile()
@@ -285,22 +315,33 @@ def main() -> None:
                         sftp_login(HOST, sftp_port, 0)
                 for kind in args.kinds:
                     for concurrency in (floor_levels if kind == "floor" else levels):
-                        for workers, server in servers.items():
-                            if kind == "floor" and workers != args.workers[0]:
-                                continue  # the floor does not depend on sftpauth
-                            ftp_port, sftp_port = server.ports
-                            logins = {
-                                "floor": lambda index, source, b=bind_type: lib.floor_login(
-                                    HOST, slapd.port, index, b, admin, source),
-                                "ftp": lambda index, source, port=ftp_port: lib.ftp_login(HOST, port, index, source),
-                                "sftp": lambda index, source, port=sftp_port: sftp_login(HOST, port, index, source),
-                            }
-                            pids = {"slapd": slapd.process.pid}
-                            if kind != "floor":
-                                pids["sftpauth"] = server.process.pid
-                            row = measure(kind, bind_type, concurrency, args, next_index, logins[kind], pids,
-                                          workers, server)
-                            next_index += row["attempts"]
+                        # The floor does not depend on sftpauth: measured once.
+                        measured = {workers: server for workers, server in servers.items()
+                                    if kind != "floor" or workers == args.workers[0]}
+                        parts: dict[int, list[dict]] = {workers: [] for workers in measured}
+                        for turn in range(args.rounds):
+                            # ABBA...: odd rounds take the workers values in reverse order, so a steady
+                            # drift of the machine's speed weighs on each value alike.
+                            order = list(measured.items())
+                            for workers, server in (order if turn % 2 == 0 else order[::-1]):
+                                ftp_port, sftp_port = server.ports
+                                logins = {
+                                    "floor": lambda index, source, b=bind_type: lib.floor_login(
+                                        HOST, slapd.port, index, b, admin, source),
+                                    "ftp": lambda index, source, port=ftp_port: lib.ftp_login(HOST, port, index,
+                                                                                             source),
+                                    "sftp": lambda index, source, port=sftp_port: sftp_login(HOST, port, index,
+                                                                                            source),
+                                }
+                                pids = {"slapd": slapd.process.pid}
+                                if kind != "floor":
+                                    pids["sftpauth"] = server.process.pid
+                                part = measure(kind, concurrency, args, part_logins, part_seconds, next_index,
+                                               logins[kind], pids, server)
+                                next_index += len(part["latencies"]) + part["failures"]
+                                parts[workers].append(part)
+                        for workers in measured:
+                            row = summarize(bind_type, kind, workers, concurrency, parts[workers])
                             rows.append(row)
                             print_row(row)
                             if row["errors"]:
@@ -321,7 +362,7 @@ def main() -> None:
         "machine": {"cpus": lib.os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
         "settings": {"users": args.users, "logins_per_cell": args.logins, "seconds_per_cell": args.seconds,
                      "sources": args.sources, "sftp_client": args.sftp_client,
-                     "bind_types": args.bind_type, "workers": args.workers},
+                     "bind_types": args.bind_type, "workers": args.workers, "rounds": args.rounds},
         "cells": rows,
     }
     print_worker_ratios(rows)
