@@ -3,17 +3,18 @@
 Figures on a shared 2-core machine are noisy, so README.rst reports the
 median of each cell over several runs, made with::
 
-    for run in 1 2 3; do
-        .venv/bin/python benchmarks/login_benchmark.py --logins 500 --seconds 20 --workers 1 2 \\
+    for run in 1 2 3 4 5; do
+        .venv/bin/python benchmarks/login_benchmark.py --logins 500 --seconds 20 --workers 1 2 --rounds 2 \\
             --json /tmp/login-$run.json --png /tmp/login-$run.png
     done
-    .venv/bin/python benchmarks/median_of_runs.py /tmp/login-1.json /tmp/login-2.json /tmp/login-3.json
+    .venv/bin/python benchmarks/median_of_runs.py /tmp/login-*.json
 
 Each numeric field of a cell (bind type, kind, workers, concurrency) is the
 median of that field over the runs; failures are summed. The workers
 ratios are given twice: of the median cells, and the median of each run's
-own ratio with the range (a run measures the two cells seconds apart, so
-its ratio does not suffer from the machine's drift between runs).
+own ratio with the range (a run measures the two cells over the same
+minutes, in rounds, so its ratio does not suffer from the machine's drift
+between runs).
 """
 
 from __future__ import annotations
