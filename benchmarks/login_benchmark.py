@@ -30,7 +30,9 @@ versions of sftpauth on one machine, not absolute.
 
 ``--workers 1 2`` runs the ftp and sftp cells once per ``[server] workers``
 value (a fresh sftpauth each; the CPU column then counts the parent and its
-workers) and prints each value's logins/s against workers = 1.
+workers) and prints each value's logins/s against workers = 1. ``--rounds N``
+splits each cell into N rounds that take the workers values in turn (ABBA),
+so that the servers compared are measured over the same minutes.
 """
 
 from __future__ import annotations
