@@ -634,14 +634,9 @@ class JailedSFTPServer:
         raise SFTPError(FX_OP_UNSUPPORTED, "extended requests are not supported")
 
 
-def _close_quietly(fileObj: JailedFile) -> None:
-    """Close a file nobody waits for (the session ended): pending operations are dropped."""
-    fileObj.abandon().addErrback(lambda failure: _log.failure("closing an abandoned file", failure=failure))
-
-
-def _close_folder_quietly(dirObj: DirectoryListing) -> None:
-    """Close a folder nobody waits for; a failure is logged, not left unhandled."""
-    dirObj.close().addErrback(lambda failure: _log.failure("closing an abandoned folder", failure=failure))
+def _close_quietly(closing: defer.Deferred, what: str) -> None:
+    """Let a file or folder nobody waits for close (``file.abandon()`` drops its pending operations); a failure is logged, not left unhandled."""
+    closing.addErrback(lambda failure: _log.failure(f"closing an abandoned {what}", failure=failure))
 
 
 class _QuietLogger(Logger):
@@ -833,23 +828,27 @@ class SFTPSubsystem(FileTransferServer):
         """Files and folders this session has open."""
         return len(self.openFiles) + len(self.openDirs)
 
-    def _cbOpenFile(self, fileObj: JailedFile, requestId: bytes) -> None:
+    def _admit(self, close: Callable[[], defer.Deferred], what: str) -> bool:
+        """Whether a file or folder just opened gets a handle; if not, ``close()`` it quietly.
+
+        Not when the session ended while it was being opened (False), nor
+        beyond MAX_OPEN_HANDLES for the connection (SFTPError to the client).
+        """
         if not self.connected:
-            # The session ended while the file was being opened.
-            _close_quietly(fileObj)
-            return
+            _close_quietly(close(), what)
+            return False
         if self.avatar.openHandles() >= MAX_OPEN_HANDLES:
-            _close_quietly(fileObj)
+            _close_quietly(close(), what)
             raise SFTPError(FX_FAILURE, f"too many open files (at most {MAX_OPEN_HANDLES})")
-        super()._cbOpenFile(fileObj, requestId)
+        return True
+
+    def _cbOpenFile(self, fileObj: JailedFile, requestId: bytes) -> None:
+        if self._admit(fileObj.abandon, "file"):
+            super()._cbOpenFile(fileObj, requestId)
 
     def _cbOpenDirectory(self, dirObj: DirectoryListing, requestId: bytes) -> None:
-        if not self.connected:
-            _close_folder_quietly(dirObj)  # the session ended while the folder was being opened
+        if not self._admit(dirObj.close, "folder"):
             return
-        if self.avatar.openHandles() >= MAX_OPEN_HANDLES:
-            _close_folder_quietly(dirObj)
-            raise SFTPError(FX_FAILURE, f"too many open files (at most {MAX_OPEN_HANDLES})")
         handle = str(hash(dirObj)).encode("ascii")
         self.openDirs[handle] = [dirObj, None]
         self.sendPacket(FXP_HANDLE, requestId + NS(handle))
@@ -889,10 +888,10 @@ class SFTPSubsystem(FileTransferServer):
         """Close every file and folder still open (the session is over)."""
         files, self.openFiles = list(self.openFiles.values()), {}
         for fileObj in files:
-            _close_quietly(fileObj)
+            _close_quietly(fileObj.abandon(), "file")
         directories, self.openDirs = list(self.openDirs.values()), {}
         for dirObj, _ in directories:
-            _close_folder_quietly(dirObj)
+            _close_quietly(dirObj.close(), "folder")
 
     def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
         FileTransferBase.connectionLost(self, reason)
