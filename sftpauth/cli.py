@@ -42,7 +42,11 @@ def summary(configuration: Configuration) -> str:
     lines = [f"{configuration.path}: valid"]
     lines.append(f"  authentication chain: {', '.join(configuration.server.authentications)}")
     if configuration.server.workers > 1:
-        lines.append(f"  workers: {configuration.server.workers} processes share the FTP/FTPS/SFTP sockets")
+        from sftpauth.workers.pool import worker_cpus
+
+        cpus = worker_cpus(configuration.server.worker_cpu_affinity)
+        where = f", each kept on one of CPUs {','.join(map(str, cpus))}" if cpus else ""
+        lines.append(f"  workers: {configuration.server.workers} processes share the FTP/FTPS/SFTP sockets{where}")
     for service_id, service in configuration.services.items():
         state = "enabled" if service.enabled else "disabled"
         if service.type != "ldap-directory":

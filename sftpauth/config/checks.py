@@ -101,12 +101,17 @@ def port(value: str) -> int:
 MAX_WORKERS = 256
 
 
-def available_cores() -> int:
-    """The cores this process may run on (its CPU affinity, so a container's cpuset counts)."""
+def allowed_cpus() -> tuple[int, ...]:
+    """The CPUs this process may run on (its CPU affinity, so a container's cpuset counts); () if unknown."""
     try:
-        return len(os.sched_getaffinity(0)) or 1
+        return tuple(sorted(os.sched_getaffinity(0)))
     except (AttributeError, OSError):  # pragma: no cover - not Linux
-        return os.cpu_count() or 1
+        return ()
+
+
+def available_cores() -> int:
+    """How many cores this process may run on."""
+    return len(allowed_cpus()) or os.cpu_count() or 1
 
 
 def worker_count(value: str) -> int:

@@ -39,6 +39,8 @@ class ServerSettings:
     data_folder: str
     state: str
     workers: int
+    # ext: "auto": each worker process kept on one core (sftpauth.workers.pool); "no": left to the kernel
+    worker_cpu_affinity: str = "auto"
 
 
 @attrs.frozen

@@ -34,6 +34,7 @@ from twisted.python.failure import Failure
 
 import sftpauth
 from sftpauth import ftp, ssh
+from sftpauth.config.checks import allowed_cpus
 from sftpauth.config.models import ServiceSettings
 from sftpauth.listening import bind_shared_socket
 from sftpauth.runtime import Runtime
@@ -176,6 +177,7 @@ class WorkerPool(MultiService):
         self.reactor = runtime.reactor
         self.configuration = runtime.configuration
         self.count = self.configuration.server.workers
+        self.cpus = worker_cpus(self.configuration.server.worker_cpu_affinity)
         self.executable = executable
         with open(self.configuration.path, encoding="utf-8") as config_file:
             self.configuration_text = config_file.read()
@@ -266,6 +268,9 @@ class WorkerPool(MultiService):
             "--workers", str(self.count),
             "--sockets", json.dumps(sockets),
         ]
+        cpu = cpu_for_worker(index, self.cpus)
+        if cpu is not None:
+            arguments += ["--cpu", str(cpu)]
         environment = dict(os.environ)
         # The worker imports the same sftpauth as this process, whatever kind of install this is.
         package_root = os.path.dirname(os.path.dirname(os.path.abspath(sftpauth.__file__)))
@@ -280,7 +285,8 @@ class WorkerPool(MultiService):
         finally:
             parent_end.close()
         self.workers[index] = worker
-        _log.info("worker {worker} started (pid {pid})", worker=index, pid=worker.pid)
+        _log.info("worker {worker} started (pid {pid}){where}", worker=index, pid=worker.pid,
+                  where="" if cpu is None else f" on CPU {cpu}")
         if isinstance(self.runtime.state.bans, MemoryBanStore):
             for scope, address, seconds in self.runtime.state.bans.live_bans():
                 worker.channel.announce_ban(scope, address, seconds)
@@ -317,6 +323,24 @@ class WorkerPool(MultiService):
         for worker in self.workers.values():
             if worker.channel is not None:
                 worker.channel.announce_ban(scope, address, seconds)
+
+
+def worker_cpus(affinity: str, allowed: Optional[tuple[int, ...]] = None) -> tuple[int, ...]:
+    """The CPUs the workers are spread over (``[server] worker_cpu_affinity``); () to leave them to the kernel.
+
+    ``allowed``: the CPUs this process may run on (its affinity: a
+    container's cpuset or ``taskset``), read when None. With one CPU there
+    is nothing to choose.
+    """
+    if affinity != "auto":
+        return ()
+    cpus = tuple(sorted(allowed_cpus() if allowed is None else allowed))
+    return cpus if len(cpus) > 1 else ()
+
+
+def cpu_for_worker(index: int, cpus: tuple[int, ...]) -> Optional[int]:
+    """Worker ``index`` (from 1) runs on the index-th CPU, round robin; None: anywhere."""
+    return cpus[(index - 1) % len(cpus)] if cpus else None
 
 
 def restart_delay(quick_exits: int) -> float:

@@ -11,6 +11,7 @@ the same from the server's side.
 from __future__ import annotations
 
 import ftplib
+import io
 import os
 import random
 import re
@@ -260,6 +261,17 @@ def worker_index(site: Site, pid: int) -> int:
     return int(found.group(1))
 
 
+def expected_cpus(index: int) -> set[int]:
+    """Worker ``index``'s CPUs with worker_cpu_affinity = auto: the index-th of those this machine lets us use."""
+    allowed = sorted(os.sched_getaffinity(0))
+    return {allowed[(index - 1) % len(allowed)]} if len(allowed) > 1 else set(allowed)
+
+
+def thread_cpus(pid: int) -> dict[int, set[int]]:
+    """The CPU affinity of each thread of a process, by thread id."""
+    return {int(tid): os.sched_getaffinity(int(tid)) for tid in os.listdir(f"/proc/{pid}/task")}
+
+
 def audited_worker(site: Site, username: str, outcome: str = "success", service: str = "ftp") -> int:
     event = site.event(
         lambda e: e["event"] == "authentication" and e["username"] == username and e["outcome"] == outcome and e["service"] == service
@@ -390,6 +402,23 @@ def test_sighup_reaches_every_worker(site):
     assert site.server.worker_pids() == before
 
 
+def test_each_worker_keeps_to_its_own_cpu_with_its_threads(site):
+    """worker_cpu_affinity = auto (the default): worker N runs on the Nth allowed CPU, its thread pool too."""
+    for client in site.ftp_on_each_worker("ftp").values():
+        client.login("alice", "alice-pass")  # home folder work runs in the worker's thread pool
+        client.storbinary("STOR affinity.txt", io.BytesIO(b"x"))
+        client.delete("affinity.txt")
+        client.quit()
+    for pid in site.workers():
+        index = worker_index(site, pid)
+        threads = thread_cpus(pid)
+        assert len(threads) > 1, "the worker has no thread pool yet"
+        assert set(map(frozenset, threads.values())) == {frozenset(expected_cpus(index))}, (index, threads)
+        if len(os.sched_getaffinity(0)) > 1:
+            assert f"worker {index} started (pid {pid}) on CPU {min(expected_cpus(index))}" in site.server.log_text()
+    assert os.sched_getaffinity(site.server.process.pid) == os.sched_getaffinity(0)  # the parent is not pinned
+
+
 def test_a_killed_worker_is_started_again(site):
     """SIGKILL of a worker: the parent logs it, ends the sessions it held in the audit log, starts a new one."""
     before = site.workers()
@@ -425,6 +454,7 @@ def test_a_killed_worker_is_started_again(site):
     # The new worker serves logins. (Not "both serve": an idle restarted worker, the last to wait on
     # the shared socket, is the one the kernel wakes first, so it may take every connection for a while.)
     (new_pid,) = now - before
+    assert os.sched_getaffinity(new_pid) == expected_cpus(index)  # the same CPU as the worker it replaces
     client = site.ftp_on_worker("ftp", new_pid)
     client.login("alice", "alice-pass")
     assert client.pwd() == "/"

@@ -9,6 +9,7 @@ from types import SimpleNamespace
 import pytest
 from twisted.internet import defer, task
 from twisted.internet.testing import MemoryReactorClock
+from twisted.logger import LogLevel, capturedLogs, formatEvent
 from twisted.test import iosim
 
 from sftpauth.audit import AuditLog
@@ -30,7 +31,16 @@ from sftpauth.state import (
 )
 from sftpauth.workers.channel import AUDIT_BATCH_SECONDS, MAX_AUDIT_BYTES, ParentSide, WorkerAuditLog, WorkerSide
 from sftpauth.tap import Options, makeService
-from sftpauth.workers.pool import MAX_RESTART_DELAY, SharedListeningSocket, WorkerPool, describe_exit, restart_delay
+from sftpauth.workers.pool import (
+    MAX_RESTART_DELAY,
+    SharedListeningSocket,
+    WorkerPool,
+    cpu_for_worker,
+    describe_exit,
+    restart_delay,
+    worker_cpus,
+)
+from sftpauth.workers.worker import keep_to_cpu
 
 BASE = "/etc/sftpauth"
 
@@ -92,6 +102,62 @@ def test_check_config_accepts_two_and_auto_and_refuses_zero(tmp_path, capsys):
     config.write_text(server_section("0"))
     assert main(["check-config", str(config)]) == 1
     assert f"{config}:2 [server] workers: 0 is out of range" in capsys.readouterr().err
+
+
+def test_check_config_says_which_cpus_the_workers_keep_to(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(checks.os, "sched_getaffinity", lambda pid: {2, 3})
+    config = tmp_path / "sftpauth.ini"
+    config.write_text(server_section("2"))
+    assert main(["check-config", str(config)]) == 0
+    assert "workers: 2 processes share the FTP/FTPS/SFTP sockets, each kept on one of CPUs 2,3\n" in capsys.readouterr().out
+    config.write_text(server_section("2") + "worker_cpu_affinity = no\n")
+    assert main(["check-config", str(config)]) == 0
+    assert "workers: 2 processes share the FTP/FTPS/SFTP sockets\n" in capsys.readouterr().out
+
+
+def test_worker_cpu_affinity_is_auto_unless_no_and_names_a_bad_value():
+    """Workers keep to one core each unless worker_cpu_affinity = no; another word is an error with its line."""
+    assert load("[server]\n").server.worker_cpu_affinity == "auto"
+    assert load("[server]\nworkers = 2\nworker_cpu_affinity = no\n").server.worker_cpu_affinity == "no"
+    with pytest.raises(ConfigError) as caught:
+        load("[server]\nworkers = 2\nworker_cpu_affinity = sometimes\n")
+    [problem] = caught.value.problems
+    assert (problem.path, problem.line, problem.section, problem.option) == (
+        f"{BASE}/sftpauth.ini", 3, "server", "worker_cpu_affinity")
+
+
+@pytest.mark.parametrize(
+    ("affinity", "allowed", "expected"),
+    [
+        ("auto", (5, 1, 3), (1, 3, 5)),  # the CPUs this process may use (a cpuset), in order
+        ("auto", (2,), ()),  # one CPU: nothing to choose, the workers are not pinned
+        ("no", (0, 1), ()),
+    ],
+)
+def test_worker_cpus_are_the_allowed_ones_when_auto(affinity, allowed, expected):
+    assert worker_cpus(affinity, allowed) == expected
+
+
+def test_workers_are_spread_over_the_cpus_round_robin():
+    """Worker N keeps to the Nth CPU; with more workers than CPUs they share them in turn."""
+    assert [cpu_for_worker(index, (1, 3)) for index in range(1, 6)] == [1, 3, 1, 3, 1]
+    assert cpu_for_worker(1, ()) is None
+
+
+def test_a_worker_keeps_to_its_cpu_or_logs_why_it_cannot():
+    """The whole process (pid 0: itself) is put on the CPU; a refusal is a warning, not a stop."""
+    calls = []
+    assert keep_to_cpu(1, 2, lambda pid, cpus: calls.append((pid, cpus))) is True
+    assert calls == [(0, {1})]
+
+    def refuse(pid, cpus):
+        raise OSError(22, "Invalid argument")
+
+    with capturedLogs() as events:
+        assert keep_to_cpu(7, 2, refuse) is False
+    [event] = events
+    assert event["log_level"] is LogLevel.warn
+    assert formatEvent(event) == "worker 2: cannot keep to CPU 7 ([Errno 22] Invalid argument); it runs on any CPU"
 
 
 # -- the parent channel: claims and bans across workers ------------------------------------------
@@ -494,3 +560,43 @@ def test_no_worker_is_started_without_a_service_for_them(tmp_path):
     pool.startService()
     assert pool.workers == {}
     pool.stopService()
+
+
+class _SpawningReactor(MemoryReactorClock):
+    """Records the processes the pool would start."""
+
+    def __init__(self):
+        super().__init__()
+        self.spawned: list[list[str]] = []
+
+    def spawnProcess(self, protocol, executable, args, env=None, childFDs=None):
+        self.spawned.append(list(args))
+
+    def suggestThreadPoolSize(self, size):
+        pass
+
+    def getThreadPool(self):
+        return None
+
+
+@pytest.mark.parametrize(("affinity", "expected"), [("auto", [["--cpu", "4"], ["--cpu", "6"], ["--cpu", "4"]]),
+                                                    ("no", [[], [], []])])
+def test_the_pool_tells_each_worker_its_cpu(tmp_path, monkeypatch, affinity, expected):
+    """With auto each worker is started with its CPU of the parent's allowed ones (round robin); with no, none."""
+    monkeypatch.setattr(checks.os, "sched_getaffinity", lambda pid: {6, 4})
+    config = tmp_path / "sftpauth.ini"
+    config.write_text(f"[server]\ndata_folder = {tmp_path}/data\nworkers = 3\nworker_cpu_affinity = {affinity}\n"
+                      "[services/ftp]\ntype = ftp\nport = 0\n")
+    options = Options()
+    options.parseOptions(["--config", str(config)])
+    reactor = _SpawningReactor()
+    top = makeService(options, reactor)
+    [pool] = [service for service in top if isinstance(service, WorkerPool)]
+    top.privilegedStartService()  # binds the shared socket
+    try:
+        for index in (1, 2, 3):
+            pool.spawn(index)
+    finally:
+        for shared in pool.sockets:
+            shared.stopService()
+    assert [args[args.index("--sockets") + 2:] for args in reactor.spawned] == expected
