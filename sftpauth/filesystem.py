@@ -1,4 +1,4 @@
-"""The jail: every client path of FTP and SFTP goes through :func:`resolve`.
+"""The jail: every client path of FTP and SFTP goes through :func:`resolve` (or :func:`resolve_entry`).
 
 A session sees its home folder as ``/``. ``..`` stops at ``/``, absolute
 names are taken inside the home folder, and the real path (symlinks
@@ -109,6 +109,26 @@ def resolve(root: str, client_path: Union[str, bytes], cwd: str = "/") -> str:
     return real
 
 
+def resolve_entry(root: str, client_path: Union[str, bytes], cwd: str = "/") -> str:
+    """The real path of the entry ``client_path`` names, itself: a symlink, not what it points to.
+
+    Its folder is resolved as :func:`resolve` does (symlinks followed, never
+    outside ``root``); its last name is kept. Removing or renaming a link
+    then acts on the link, as ``unlink`` and ``rename`` do (and OpenSSH's
+    sftp-server): deleting a link to a shared file must not delete the file.
+    A link that leads outside stays what the jail makes it everywhere else,
+    unusable (OutsideJail); one that leads nowhere can go. ``/`` is ``root``.
+    """
+    virtual = virtual_path(client_path, cwd)
+    folder, name = posixpath.split(virtual)
+    if not name:
+        return root
+    entry = os.path.join(resolve(root, folder), name)
+    if os.path.islink(entry) and not is_inside(root, entry):
+        raise OutsideJail(virtual)
+    return entry
+
+
 def _seek(file, offset: int) -> None:
     """Position an open file at ``offset``, which may be its end but not past it (closed then)."""
     size = os.fstat(file.fileno()).st_size
@@ -149,8 +169,12 @@ class JailedFilesystem:
     def resolve(self, client_path: Union[str, bytes], cwd: str = "/") -> str:
         return resolve(self.root, client_path, cwd)
 
-    def _call(self, permission, client_path, cwd: str, function, *args, creates: bool = False) -> defer.Deferred:
-        """Check permission (and the name of what ``creates`` makes), then resolve and run ``function(real_path, *args)`` in a thread."""
+    def _call(self, permission, client_path, cwd: str, function, *args, creates: bool = False,
+              entry: bool = False) -> defer.Deferred:
+        """Check permission (and the name of what ``creates`` makes), then resolve and run ``function(real_path, *args)`` in a thread.
+
+        ``entry``: the path's last name is not followed (:func:`resolve_entry`): removing acts on a link itself.
+        """
         try:
             virtual = virtual_path(client_path, cwd)
             if creates:
@@ -159,9 +183,10 @@ class JailedFilesystem:
                 self.require(permission, virtual)
         except Exception:
             return defer.fail()
+        resolver = resolve_entry if entry else resolve
 
         def work():
-            return function(self.resolve(virtual), *args)
+            return function(resolver(self.root, virtual), *args)
 
         return self._run_in_thread(work)
 
@@ -298,7 +323,8 @@ class JailedFilesystem:
         return self._call(Permission.CREATE_FOLDER, client_path, cwd, os.mkdir, 0o755, creates=True)
 
     def remove_directory(self, client_path, cwd: str = "/") -> defer.Deferred:
-        return self._call(Permission.DELETE_FOLDER, client_path, cwd, self._rmdir)
+        """Remove an empty folder; a symlink to a folder is not one (NotADirectoryError: DELE removes the link)."""
+        return self._call(Permission.DELETE_FOLDER, client_path, cwd, self._rmdir, entry=True)
 
     def _rmdir(self, real: str) -> None:
         if real == self.root:
@@ -306,11 +332,12 @@ class JailedFilesystem:
         os.rmdir(real)
 
     def remove_file(self, client_path, cwd: str = "/") -> defer.Deferred:
-        return self._call(Permission.DELETE_FILE, client_path, cwd, self._remove)
+        """Remove a file, or a symlink itself (whatever it points to, even a folder or nothing)."""
+        return self._call(Permission.DELETE_FILE, client_path, cwd, self._remove, entry=True)
 
     @staticmethod
     def _remove(real: str) -> None:
-        if os.path.isdir(real):
+        if stat_module.S_ISDIR(os.lstat(real).st_mode):
             raise IsADirectoryError(errno.EISDIR, "is a folder", real)
         os.remove(real)
 
@@ -324,15 +351,16 @@ class JailedFilesystem:
             return defer.fail()
 
         def work():
-            real_source = self.resolve(source)
-            real_target = self.resolve(target)
+            # A symlink named as the source or the target is renamed or replaced itself, not what it points to.
+            real_source = resolve_entry(self.root, source)
+            real_target = resolve_entry(self.root, target)
             if real_source == self.root:
                 raise PermissionError(errno.EACCES, "the home folder cannot be renamed", "/")
             if os.path.lexists(real_target):
                 if not overwrite:
                     raise FileExistsError(errno.EEXIST, "the target exists", target)
                 # Replacing a file destroys it: that needs the right to delete it.
-                if os.path.isdir(real_target):
+                if stat_module.S_ISDIR(os.lstat(real_target).st_mode):
                     raise FileExistsError(errno.EEXIST, "the target is a folder", target)
                 self.require(Permission.DELETE_FILE, target)
             os.rename(real_source, real_target)

@@ -765,6 +765,24 @@ def test_symlink_inside_the_home_folder_works(ftp_server):
     client.quit()
 
 
+def test_dele_and_rename_of_a_symlink_act_on_the_link_not_the_file(ftp_server):
+    """DELE of a link to a file in the home deletes the link, RNFR/RNTO renames the link; the file stays."""
+    home = ftp_server.home("alice")
+    (home / "linked.txt").write_bytes(b"linked")
+    for name in ("doomed-link", "moving-link", "moved-link"):
+        if os.path.lexists(home / name):
+            os.remove(home / name)
+    os.symlink(home / "linked.txt", home / "doomed-link")
+    os.symlink("linked.txt", home / "moving-link")
+    client = ftp_server.client()
+    assert client.delete("doomed-link").startswith("250")
+    assert client.rename("moving-link", "moved-link").startswith("250")
+    client.quit()
+    assert not os.path.lexists(home / "doomed-link") and not os.path.lexists(home / "moving-link")
+    assert os.readlink(home / "moved-link") == "linked.txt"
+    assert (home / "linked.txt").read_bytes() == b"linked"
+
+
 # -- bad input ----------------------------------------------------------------------------
 
 

@@ -449,6 +449,20 @@ def test_symlink_inside_the_home_folder_works(site, alice):
     assert alice.open(f"{link}/inside.txt").read() == b"inside"
 
 
+def test_remove_and_rename_of_a_symlink_act_on_the_link_not_the_file(site, alice):
+    """SFTP remove of a link to a file deletes the link, rename renames the link; the file keeps its content."""
+    home = site.home("alice")
+    target, doomed, moving, moved = unique("linked.txt"), unique("doomed-link"), unique("moving-link"), unique("moved")
+    (home / target).write_bytes(b"linked")
+    os.symlink(home / target, home / doomed)
+    os.symlink(target, home / moving)
+    alice.remove(doomed)
+    alice.rename(moving, moved)
+    assert not os.path.lexists(home / doomed) and not os.path.lexists(home / moving)
+    assert os.readlink(home / moved) == target
+    assert (home / target).read_bytes() == b"linked"
+
+
 def test_symlink_creation_is_refused(site, alice):
     """The SFTP symlink request is permission denied and nothing is created."""
     name = unique("made-link")

@@ -351,6 +351,8 @@ def test_writing_through_an_outside_symlink_is_refused(make_fs, tmp_path, result
         result_of(fs.rename("/a.txt", "/hop1/planted.txt"))
     with pytest.raises(OutsideJail):
         result_of(fs.remove_file("docs/deep/leak.txt"))
+    with pytest.raises(OutsideJail):
+        result_of(fs.remove_file("hop1/secret.txt"))  # a folder of the path leads outside
     assert sorted(os.listdir(tmp_path / "outside")) == ["secret.txt"]
 
 
@@ -410,19 +412,83 @@ def test_home_folder_cannot_be_removed(tmp_path, run_in_thread, result_of, path)
 
 
 def test_home_folder_cannot_be_removed_through_a_symlink(make_fs, root, result_of):
-    """A symlink inside that points at the home folder cannot be used to remove it."""
-    with pytest.raises(PermissionError):
+    """A symlink inside that points at the home folder cannot be used to remove it: a link is no folder."""
+    with pytest.raises(NotADirectoryError):
         result_of(make_fs().remove_directory("docs/up"))
-    assert os.path.isdir(root)
+    assert os.path.isdir(root) and os.path.islink(os.path.join(root, "docs", "up"))
 
 
-@pytest.mark.parametrize("path", ["/", ".", "/..", "docs/..", "docs/up"])
+@pytest.mark.parametrize("path", ["/", ".", "/..", "docs/.."])
 def test_home_folder_cannot_be_renamed(make_fs, root, result_of, path):
     """rename of the session root (however named) is refused."""
     with pytest.raises(PermissionError):
         result_of(make_fs().rename(path, "/moved"))
     assert os.path.isdir(root)
     assert not os.path.exists(os.path.join(root, "moved"))
+
+
+def test_renaming_a_link_to_the_home_renames_the_link(make_fs, root, result_of):
+    """docs/up -> .. is renamed itself, as rename(2) does; the home folder and its files stay where they are."""
+    result_of(make_fs().rename("docs/up", "/docs/parent"))
+    assert os.readlink(os.path.join(root, "docs", "parent")) == ".."
+    assert not os.path.lexists(os.path.join(root, "docs", "up"))
+    assert os.path.isfile(os.path.join(root, "a.txt"))
+
+
+def test_deleting_a_link_deletes_the_link_not_the_file(make_fs, root, result_of):
+    """DELE / SFTP remove of a symlink to a file inside the home removes the link; the file keeps its content."""
+    result_of(make_fs().remove_file("absolute-inside-link"))
+    assert not os.path.lexists(os.path.join(root, "absolute-inside-link"))
+    with open(os.path.join(root, "docs", "report.txt"), encoding="utf-8") as report:
+        assert report.read() == "report"
+
+
+def test_deleting_a_link_to_a_folder_removes_only_the_link(make_fs, root, result_of):
+    """DELE of inside-link -> docs: the link goes, docs and its files stay (RMD of the link is "not a folder")."""
+    with pytest.raises(NotADirectoryError):
+        result_of(make_fs().remove_directory("inside-link"))
+    result_of(make_fs().remove_file("inside-link"))
+    assert not os.path.lexists(os.path.join(root, "inside-link"))
+    assert os.path.isfile(os.path.join(root, "docs", "report.txt"))
+
+
+@pytest.mark.parametrize("link", ["link", "hop2", "docs/far-up"])
+def test_links_leading_outside_cannot_be_deleted_or_renamed(make_fs, root, result_of, link):
+    """The jail hides them from listings and refuses them everywhere: removing or renaming them too."""
+    with pytest.raises(OutsideJail):
+        result_of(make_fs().remove_file(link))
+    with pytest.raises(OutsideJail):
+        result_of(make_fs().rename(link, "/moved"))
+    assert os.path.islink(os.path.join(root, link)) and not os.path.lexists(os.path.join(root, "moved"))
+
+
+def test_a_dangling_link_can_be_deleted(make_fs, root, result_of):
+    os.symlink("gone.txt", os.path.join(root, "dangling"))
+    result_of(make_fs().remove_file("dangling"))
+    assert not os.path.lexists(os.path.join(root, "dangling"))
+
+
+def test_renaming_a_link_moves_the_link_and_keeps_its_file(make_fs, root, result_of):
+    """RNFR/RNTO of a link to a file: the link gets the new name; the file is neither moved nor changed."""
+    result_of(make_fs().rename("absolute-inside-link", "/empty/shortcut"))
+    assert os.path.islink(os.path.join(root, "empty", "shortcut"))
+    assert os.path.isfile(os.path.join(root, "docs", "report.txt"))
+
+
+def test_renaming_onto_a_link_replaces_the_link_not_its_file(make_fs, root, result_of):
+    """A rename whose target is a link to a file replaces the link; the file it pointed to keeps its content."""
+    result_of(make_fs().rename("a.txt", "absolute-inside-link"))
+    with open(os.path.join(root, "absolute-inside-link"), encoding="utf-8") as moved:
+        assert moved.read() == "a"
+    assert not os.path.islink(os.path.join(root, "absolute-inside-link"))
+    with open(os.path.join(root, "docs", "report.txt"), encoding="utf-8") as report:
+        assert report.read() == "report"
+
+
+def test_a_link_in_a_linked_folder_is_renamed_where_it_really_is(make_fs, root, result_of):
+    """The folders of the path are followed (inside-link -> docs), only its last name is not."""
+    result_of(make_fs().rename("inside-link/up", "inside-link/up-again"))
+    assert os.readlink(os.path.join(root, "docs", "up-again")) == ".."
 
 
 def test_rename_without_overwrite_keeps_the_target(make_fs, root, result_of):
