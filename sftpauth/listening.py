@@ -16,7 +16,8 @@ service's protocol (FTP, SSH, HTTPS) sees a byte of it or sends one:
    connection starting with a PROXY header is a protocol error: it is
    closed, and the log says that the service does not expect one;
 3. the service's security policy (:mod:`sftpauth.auth.policy`):
-   ``source_ip_filter``, then bans. With Redis the ban check is a round trip:
+   ``source_ip_filter``, then bans, then ``maximum_connections_per_address``
+   (the connection is counted against its address until it closes). With Redis the ban check is a round trip:
    the connection is accepted, reading is paused, and the protocol starts
    once the policy answered (bans this node already knows are answered at
    once, without Redis). A refused connection gets a short, constant line
@@ -132,6 +133,7 @@ class ConnectionGuard(ProtocolWrapper):
         self._header: Optional[ProxyHeaderReader] = None
         self._header_timer: Any = None
         self._first_bytes = True  # a PROXY header where none is expected is refused
+        self._held = ""  # the address the policy counts this connection against (maximum_connections_per_address)
 
     def makeConnection(self, transport) -> None:
         directlyProvides(self, providedBy(transport))
@@ -228,6 +230,12 @@ class ConnectionGuard(ProtocolWrapper):
     def _decided(self, refusal: Optional[str]) -> None:
         if self.state != self.CHECKING:
             return  # the client left meanwhile
+        if refusal is None and self.factory.policy is not None:
+            held = self.factory.policy.hold_connection(self.factory.service_id, self.getPeer().host)
+            if held is None:
+                refusal = "too-many-connections"
+            else:
+                self._held = held
         if refusal is not None:
             self.state = self.REFUSED
             if self.factory.refusal_line:
@@ -294,6 +302,9 @@ class ConnectionGuard(ProtocolWrapper):
             self._counted = False
             self.factory.open_connections -= 1
             self.factory.unregisterProtocol(self)
+        if self._held:
+            self.factory.policy.release_connection(self._held)
+            self._held = ""
         if opened:
             self.wrappedProtocol.connectionLost(reason)
         self.wrappedProtocol = None

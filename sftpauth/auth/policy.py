@@ -115,6 +115,7 @@ class SecurityPolicy:
         self._clock = clock
         self._ban_timers: dict[str, Any] = {}
         self._refusals: dict[tuple[str, str, str], list[float]] = {}  # (service, address, reason) -> [last audit, repeats]
+        self._held: dict[str, int] = {}  # address -> open connections, with maximum_connections_per_address
 
     @property
     def id(self) -> str:
@@ -168,6 +169,32 @@ class SecurityPolicy:
             return None
 
         return self.ban_left(address).addCallback(decided)
+
+    def hold_connection(self, service_id: str, host: str) -> Optional[str]:
+        """Count an admitted connection of ``host`` against ``maximum_connections_per_address``.
+
+        Returns the address to :meth:`release_connection` when the
+        connection closes; "" when nothing was counted (no limit, or not an
+        IP connection); None when the address already holds the maximum: the
+        connection is refused, audited as ``too-many-connections``. Counted
+        in this process only, as ``maximum_concurrent_connections``.
+        """
+        limit = self.settings.maximum_connections_per_address
+        address = normalise_address(host) if limit else ""
+        if not address:
+            return ""
+        held = self._held.get(address, 0)
+        if held >= limit:
+            self._connection_refused(service_id, address, "too-many-connections")
+            return None
+        self._held[address] = held + 1
+        return address
+
+    def release_connection(self, address: str) -> None:
+        """A connection :meth:`hold_connection` counted has closed."""
+        held = self._held.pop(address, 0) - 1
+        if held > 0:
+            self._held[address] = held
 
     def _connection_refused(self, service_id: str, address: str, reason: str) -> None:
         now = self._clock.seconds()

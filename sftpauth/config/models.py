@@ -229,6 +229,8 @@ class SecurityPolicySettings:
     deny_usernames: tuple[Any, ...]  # sftpauth.matching.MatchingExpression objects
     deny_administrators: tuple[Any, ...]
     source_ip_filter: tuple[Any, ...]  # ipaddress networks; empty: every address
+    # ext: open connections of one address at once, per process; 0: no limit
+    maximum_connections_per_address: int = 0
 
 
 @attrs.frozen

@@ -82,7 +82,7 @@ class CountingLDAP:
 class Site:
     def __init__(self, folder: Path, ldap: CountingLDAP):
         self.folder = folder
-        names = ("ftp", "sftp", "filtered", "short", "never")
+        names = ("ftp", "sftp", "filtered", "short", "never", "capped-ftp", "capped-sftp")
         self.ports = {name: free_port() for name in names}
         config = f"""
 [server]
@@ -111,6 +111,19 @@ security_policy = short-bans
 type = ftp
 port = {self.ports["never"]}
 security_policy = never-ban
+
+[services/ftp-capped]
+type = ftp
+port = {self.ports["capped-ftp"]}
+security_policy = capped
+
+[services/sftp-capped]
+type = ssh
+port = {self.ports["capped-sftp"]}
+security_policy = capped
+
+[security-policies/capped]
+maximum_connections_per_address = 2
 
 [security-policies/DEFAULT-SECURITY-POLICY]
 source_ip_ban_after_count = 3
@@ -234,6 +247,27 @@ def test_a_ban_ends_after_its_interval_and_the_end_is_audited(site):
     ftp_login(site.ports["ftp"], "alice", "alice-pass", source).quit()
     site.audit(lambda e: e["event"] == "ban-ended" and e["peer"] == source, timeout=5)
     ftp_login(site.ports["short"], "alice", "alice-pass", source).quit()
+
+
+def test_an_address_over_its_maximum_of_connections_is_refused_until_one_closes(site):
+    """maximum_connections_per_address = 2 over FTP and SFTP together: the third is refused and audited."""
+    source = "127.0.0.60"
+    held_ftp = ftp_client(site.ports["capped-ftp"], source)
+    held_ssh = socket.create_connection(("127.0.0.1", site.ports["capped-sftp"]), timeout=10, source_address=(source, 0))
+    try:
+        assert held_ssh.recv(64).startswith(b"SSH-2.0-")
+        assert greeting(site.ports["capped-ftp"], source) == FTP_REFUSAL
+        assert greeting(site.ports["capped-sftp"], source) == SSH_REFUSAL
+        site.audit(lambda e: e["event"] == "connection" and e["peer"] == source and e["reason"] == "too-many-connections")
+        ftp_login(site.ports["capped-ftp"], "alice", "alice-pass", "127.0.0.61").quit()  # another address
+        assert greeting(site.ports["ftp"], source).startswith(b"220 ")  # a service of another policy
+    finally:
+        held_ftp.close()
+    deadline = time.monotonic() + 5
+    while (answer := greeting(site.ports["capped-ftp"], source)) == FTP_REFUSAL and time.monotonic() < deadline:
+        time.sleep(0.05)  # until the server has seen the close
+    assert answer.startswith(b"220 ")
+    held_ssh.close()
 
 
 def test_zero_never_bans(site):

@@ -471,6 +471,12 @@ class FixedPolicy:
             return self.answer
         return defer.succeed(self.answer)
 
+    def hold_connection(self, service_id, host):
+        return ""  # no maximum_connections_per_address
+
+    def release_connection(self, address):
+        raise AssertionError("nothing was held")
+
 
 def service_settings(kind="ftp", proxy=False, limit=10000, sources=""):
     conf = configuration(
@@ -535,6 +541,68 @@ def test_guard_enforces_the_connection_limit(clock):
     first.connectionLost(None)
     _, third = connect(factory)
     assert not third.disconnecting and factory.open_connections == 1
+
+
+CAPPED = """
+[services/other]
+type = ftp
+port = 2323
+
+[security-policies/DEFAULT-SECURITY-POLICY]
+maximum_connections_per_address = 2
+"""
+
+
+def capped_policy(clock, recorder, extra=CAPPED):
+    return SecurityPolicies(configuration(extra), MemoryBanStore(clock), recorder.audit, clock).for_service("ftp")
+
+
+def test_an_address_holds_at_most_the_maximum_of_connections_across_the_policys_services(clock, recorder):
+    """Two connections of one address (on two services of the policy) are held; a third is refused and audited."""
+    policy = capped_policy(clock, recorder)
+    assert policy.hold_connection("ftp", "198.51.100.7") == "198.51.100.7"
+    assert policy.hold_connection("other", "::ffff:198.51.100.7") == "198.51.100.7"  # the same address
+    assert policy.hold_connection("ftp", "198.51.100.7") is None
+    assert policy.hold_connection("ftp", "198.51.100.8") == "198.51.100.8"  # another address has its own count
+    [refused] = recorder.of("connection")
+    assert (refused["peer"], refused["reason"], refused["outcome"], refused["service"]) == (
+        "198.51.100.7", "too-many-connections", "refused", "ftp")
+    policy.release_connection("198.51.100.7")
+    assert policy.hold_connection("ftp", "198.51.100.7") == "198.51.100.7"
+
+
+def test_no_maximum_of_connections_counts_nothing(clock, recorder):
+    """maximum_connections_per_address = 0 (the default), or a connection without an IP address: never refused."""
+    policy = capped_policy(clock, recorder, extra="")
+    assert policy.settings.maximum_connections_per_address == 0
+    assert all(policy.hold_connection("ftp", "198.51.100.7") == "" for _ in range(100))
+    assert capped_policy(clock, recorder).hold_connection("ftp", "/run/sock") == ""
+    assert recorder.of("connection") == []
+
+
+def test_guard_refuses_an_address_over_its_maximum_and_frees_the_place_when_one_closes(clock, recorder):
+    """The third connection of one address gets the constant refusal line and never starts the protocol."""
+    services = EchoFactory()
+    factory = ConnectionGuardFactory(services, service_settings("ftp"), clock, capped_policy(clock, recorder))
+    first, _ = connect(factory)
+    connect(factory)
+    third, refused = connect(factory)
+    assert refused.value() == b"421 Connection refused.\r\n" and refused.disconnecting
+    third.connectionLost(None)
+    assert [protocol.started for protocol in services.built] == [True, True, False]
+    first.connectionLost(None)
+    _, fourth = connect(factory)
+    assert fourth.value() == b"banner\r\n" and not fourth.disconnecting
+
+
+def test_the_maximum_counts_the_proxy_headers_client_not_the_proxy(clock, recorder):
+    """Behind proxy_protocol, two clients of one proxy each have their own count."""
+    factory = ConnectionGuardFactory(EchoFactory(), service_settings(proxy=True), clock, capped_policy(clock, recorder))
+    for client in ("198.51.100.1", "198.51.100.1", "198.51.100.2", "198.51.100.2", "198.51.100.1"):
+        guard, transport = connect(factory, peer=("10.0.0.5", 40000))
+        guard.dataReceived(f"PROXY TCP4 {client} 10.9.9.9 5555 21\r\n".encode())
+    assert transport.value() == b"421 Connection refused.\r\n"  # the third of 198.51.100.1
+    assert [event["peer"] for event in recorder.of("connection")] == ["198.51.100.1"]
 
 
 def test_proxy_v1_header_gives_the_client_address_to_policy_and_protocol(clock):
