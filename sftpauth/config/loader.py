@@ -364,6 +364,9 @@ def _build(
         built = _construct(problems, f"groups/{group_id}", models.GroupSettings, values, id=group_id)
         if built is not None:
             groups[group_id] = built
+            if not built.permissions:  # "permissions =" reads as no permission, not as the default
+                problems.warn(f"groups/{group_id}", "permissions", "no permission is granted: accounts with this "
+                              "primary group can log in but not list, read or write anything")
 
     services: dict[str, models.ServiceSettings] = {}
     for service_id, values in sections["services"].items():

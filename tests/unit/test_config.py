@@ -683,6 +683,22 @@ def test_missing_password_is_a_warning_not_an_error():
     assert "cannot log in" in warning.message
 
 
+@pytest.mark.parametrize("value", ["", "deny-full-control", "allow-read, deny-full-control"])
+def test_a_group_without_any_permission_is_a_warning(value):
+    """permissions = (empty) grants nothing, unlike a missing option (full control): check-config says so."""
+    configuration = parse(
+        f"""
+        [groups/readers]
+        home_folder_path = /srv
+        permissions = {value}
+        """
+    )
+    (warning,) = configuration.warnings
+    assert (warning.line, warning.section, warning.option) == (4, "groups/readers", "permissions")
+    assert "no permission is granted" in warning.message
+    assert configuration.groups["readers"].permissions == frozenset()
+
+
 def test_disabled_services_may_share_a_port():
     """Only enabled services bind, so a disabled one may reuse another's address and port."""
     configuration = parse(
