@@ -1052,6 +1052,11 @@ class SFTPSessionChannel(session.SSHSession):
                 "refused the {name!r} subsystem", name=name.decode("ascii", "backslashreplace")
             )
             return 0
+        if self.client is not None:
+            # One subsystem per session channel (RFC 4254 6.5): the client's mistake, not an error of ours,
+            # which conch would log at error level.
+            _log.info("refused a second subsystem request on one session channel")
+            return 0
         return super().request_subsystem(data)
 
 

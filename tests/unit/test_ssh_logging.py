@@ -50,6 +50,28 @@ def test_the_sftp_subsystem_request_of_every_login_is_not_logged():
     assert lines == ["Failed to get subsystem {subsystem}"]
 
 
+def test_a_second_subsystem_on_one_channel_is_refused_with_an_info_line_not_an_error():
+    """RFC 4254 allows one subsystem per session channel; a client asking twice is told no, logged as info."""
+
+    class Avatar:
+        sftpEnabled = True
+
+        def lookupSubsystem(self, name, data):
+            raise AssertionError("not looked up a second time")
+
+    channel = SFTPSessionChannel(avatar=Avatar())
+    channel.client = object()  # the first subsystem runs
+    events = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        assert channel.request_subsystem(NS(b"sftp")) == 0
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    mine = [event for event in events if event.get("log_namespace", "").startswith(("sftpauth", "twisted.conch"))]
+    assert [(event["log_format"], event["log_level"].name) for event in mine] == [
+        ("refused a second subsystem request on one session channel", "info")]
+
+
 def test_routine_requests_of_every_openssh_login_are_refused_without_a_log_line():
     """OpenSSH sends env LANG (and keepalives) on every login: refused quietly; a shell request is still logged."""
     channel = SFTPSessionChannel(avatar=None)
