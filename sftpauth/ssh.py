@@ -112,6 +112,10 @@ _log = Logger()
 MAX_PASSWORD_ATTEMPTS = 6  # failed password logins on one connection, then disconnect
 MAX_QUEUED_AUTH_REQUESTS = 8  # requests sent while one is being checked
 MAX_SESSION_CHANNELS = 10  # like OpenSSH MaxSessions
+# A channel's data goes out in packets of at most the size the client announces: one announcing a few
+# bytes would make every reply cost a packet (MAC, cipher call, header) per few bytes. Real clients
+# announce 16 KiB (PuTTY, WinSCP, FileZilla) or 32 KiB (OpenSSH, libssh2, paramiko, Go).
+MIN_CLIENT_MAX_PACKET = 1024
 MAX_OPEN_HANDLES = 256  # files and folders open at once on one connection, all its SFTP sessions together
 MAX_SFTP_PACKET = 256 * 1024 + 1024  # OpenSSH sftp-server's limit (plus headers)
 MAX_READ_LENGTH = 256 * 1024
@@ -1389,6 +1393,10 @@ class SFTPConnection(connection.SSHConnection):
             return
         if len(self.channels) >= MAX_SESSION_CHANNELS:
             self._refuse(sender, connection.OPEN_RESOURCE_SHORTAGE, b"too many sessions on one connection")
+            return
+        if len(rest) >= 12 and struct.unpack(">L", rest[8:12])[0] < MIN_CLIENT_MAX_PACKET:
+            _log.info("refused a session channel whose maximum packet size is under {minimum} bytes", minimum=MIN_CLIENT_MAX_PACKET)
+            self._refuse(sender, connection.OPEN_ADMINISTRATIVELY_PROHIBITED, b"maximum packet size too small")
             return
         super().ssh_CHANNEL_OPEN(packet)
 

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from twisted.conch.ssh import transport
+import struct
+
+import pytest
+from twisted.conch.ssh import connection, transport
 from twisted.conch.ssh.common import NS
 from twisted.logger import globalLogPublisher
 
-from sftpauth.ssh import SFTPServerTransport, SFTPSessionChannel
+from sftpauth.ssh import MIN_CLIENT_MAX_PACKET, SFTPConnection, SFTPServerTransport, SFTPSessionChannel, SFTPUser
 
 
 def logged(action) -> list[str]:
@@ -70,6 +73,36 @@ def test_a_second_subsystem_on_one_channel_is_refused_with_an_info_line_not_an_e
     mine = [event for event in events if event.get("log_namespace", "").startswith(("sftpauth", "twisted.conch"))]
     assert [(event["log_format"], event["log_level"].name) for event in mine] == [
         ("refused a second subsystem request on one session channel", "info")]
+
+
+class _Sent:
+    """An SSH transport that keeps the packets sent, with an avatar offering session channels."""
+
+    def __init__(self):
+        self.packets = []
+        self.avatar = SFTPUser.__new__(SFTPUser)
+        self.avatar.channelLookup = {b"session": SFTPSessionChannel}
+
+    def sendPacket(self, kind, payload):
+        self.packets.append((kind, payload))
+
+
+@pytest.mark.parametrize(("max_packet", "refused"), [(1, True), (MIN_CLIENT_MAX_PACKET - 1, True), (MIN_CLIENT_MAX_PACKET, False),
+                                                     (32768, False)])
+def test_a_session_channel_announcing_a_tiny_maximum_packet_is_refused(monkeypatch, max_packet, refused):
+    """Under MIN_CLIENT_MAX_PACKET bytes per packet every reply would cost a packet per few bytes: refused."""
+    conn = SFTPConnection()
+    conn.transport = _Sent()
+    opened = []
+    monkeypatch.setattr(connection.SSHConnection, "ssh_CHANNEL_OPEN", lambda self, packet: opened.append(packet))
+    conn.ssh_CHANNEL_OPEN(NS(b"session") + struct.pack(">3L", 7, 2 ** 20, max_packet))
+    if refused:
+        [(kind, payload)] = conn.transport.packets
+        assert kind == connection.MSG_CHANNEL_OPEN_FAILURE
+        assert struct.unpack(">2L", payload[:8]) == (7, connection.OPEN_ADMINISTRATIVELY_PROHIBITED)
+        assert opened == []
+    else:
+        assert conn.transport.packets == [] and len(opened) == 1
 
 
 def test_routine_requests_of_every_openssh_login_are_refused_without_a_log_line():
