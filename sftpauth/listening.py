@@ -17,12 +17,13 @@ service's protocol (FTP, SSH, HTTPS) sees a byte of it or sends one:
    closed, and the log says that the service does not expect one;
 3. the service's security policy (:mod:`sftpauth.auth.policy`):
    ``source_ip_filter``, then bans, then ``maximum_connections_per_address``
-   (the connection is counted against its address until it closes). With Redis the ban check is a round trip:
-   the connection is accepted, reading is paused, and the protocol starts
-   once the policy answered (bans this node already knows are answered at
-   once, without Redis). A refused connection gets a short, constant line
-   (FTP ``421 Connection refused.``, SSH ``Connection refused.``; nothing on
-   TLS-first services) and is closed; the policy audits it.
+   (the connection counts against its address until it closes). With Redis
+   the ban check is a round trip: the connection is accepted, reading is
+   paused, and the protocol starts once the policy answered (bans this node
+   already knows are answered at once, without Redis). A refused connection
+   gets a short, constant line (FTP ``421 Connection refused.``, SSH
+   ``Connection refused.``; nothing on TLS-first services) and is closed;
+   the policy audits it.
 
 Twisted's own ``proxyEndpoint`` wrapper starts the wrapped protocol before
 the header has arrived (the FTP banner goes out, and a refusal could only
