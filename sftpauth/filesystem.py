@@ -368,11 +368,28 @@ class JailedFilesystem:
         return self._run_in_thread(work)
 
     def set_times(self, client_path, atime: float, mtime: float, cwd: str = "/") -> defer.Deferred:
-        return self._call(Permission.WRITE, client_path, cwd, lambda real: os.utime(real, (atime, mtime)))
+        return self.set_attributes(client_path, times=(atime, mtime), cwd=cwd)
+
+    def set_attributes(self, client_path, size: Optional[int] = None, times: Optional[tuple[float, float]] = None,
+                       cwd: str = "/") -> defer.Deferred:
+        """Change a file's size (truncate or extend), then its (atime, mtime); needs allow-write."""
+        return self._call(Permission.WRITE, client_path, cwd, change_attributes, size, times)
+
+    def statvfs(self, client_path, cwd: str = "/") -> defer.Deferred:
+        """``os.statvfs`` of the file system holding a path (SFTP ``df``); allowed as :meth:`stat` is."""
+        return self._call((Permission.LIST, Permission.READ), client_path, cwd, os.statvfs)
 
     def run(self, function: Callable[..., Any], *args: Any) -> defer.Deferred:
         """Run other blocking file work (reads, writes of an open file) in the thread pool."""
         return self._run_in_thread(function, *args)
+
+
+def change_attributes(target: Union[str, int], size: Optional[int], times: Optional[tuple[float, float]]) -> None:
+    """Truncate (or extend) a file given by path or descriptor, then set its times: the size change moves mtime."""
+    if size is not None:
+        (os.ftruncate if isinstance(target, int) else os.truncate)(target, size)
+    if times is not None:
+        os.utime(target, times)
 
 
 class FolderReader:

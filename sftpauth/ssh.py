@@ -12,17 +12,25 @@ agent forwarding are refused with a protocol-level failure.
 
 Choices made where the SPEC is silent:
 
-- ``setstat``/``fsetstat`` apply access and modification times only (with
-  the ``allow-write`` permission). Permission bits and ownership are
-  accepted and ignored (files are created 0644, folders 0755, minus the
-  process umask): clients such as ``sftp put -p`` keep working and no
-  client can make world-writable files. A size change (truncate) is refused
-  with "operation unsupported" rather than silently ignored.
+- ``setstat``/``fsetstat`` change the size (truncate) and the access and
+  modification times (with the ``allow-write`` permission; ``fsetstat`` of a
+  size only on a handle opened for writing). OpenSSH's ``scp`` overwrites a
+  file by writing it and then truncating it to what it wrote. Permission
+  bits and ownership are accepted and ignored (files are created 0644,
+  folders 0755, minus the process umask): clients such as ``sftp put -p``
+  keep working and no client can make world-writable files.
+- OpenSSH's extensions ``posix-rename``, ``statvfs``, ``fstatvfs``,
+  ``fsync`` and ``limits`` (see :data:`SFTP_EXTENSIONS`); ``hardlink`` is
+  not offered (as symbolic links are not made).
+- When the client ends the session (EOF), the channel sends ``exit-status``
+  0 before it closes, as sshd does when sftp-server exits; ``scp`` and
+  ``ssh -s`` take their exit code from it.
 - Symbolic links are never created or read through SFTP (permission
   denied). A link planted on disk that stays inside the home folder is
   shown as what it points to; one that leads outside is hidden from
   listings and answers "no such file".
-- ``rename`` never replaces an existing target (SFTP v3 semantics).
+- ``rename`` never replaces an existing target (SFTP v3 semantics);
+  ``posix-rename@openssh.com`` does, as FTP's ``RNTO``.
 - ``realpath`` is lexical: the answer is always the session's own view
   (``/`` is the home folder), never a path on the server's disk.
 - Host keys: ``ssh_server_keys``, or Ed25519 + RSA-3072 keys generated once
@@ -61,7 +69,6 @@ from twisted.conch.ssh.filetransfer import (
     FileTransferServer,
     FX_BAD_MESSAGE,
     FX_FAILURE,
-    FX_FILE_ALREADY_EXISTS,
     FX_NO_SUCH_FILE,
     FX_OK,
     FX_OP_UNSUPPORTED,
@@ -72,6 +79,7 @@ from twisted.conch.ssh.filetransfer import (
     FXF_READ,
     FXF_TRUNC,
     FXF_WRITE,
+    FXP_EXTENDED_REPLY,
     FXP_HANDLE,
     FXP_INIT,
     FXP_NAME,
@@ -99,6 +107,7 @@ from sftpauth.filesystem import (
     InvalidPath,
     JailedFilesystem,
     OutsideJail,
+    change_attributes,
     virtual_path,
 )
 from sftpauth.private_files import write_private_file
@@ -118,7 +127,10 @@ MAX_SESSION_CHANNELS = 10  # like OpenSSH MaxSessions
 MIN_CLIENT_MAX_PACKET = 1024
 MAX_OPEN_HANDLES = 256  # files and folders open at once on one connection, all its SFTP sessions together
 MAX_SFTP_PACKET = 256 * 1024 + 1024  # OpenSSH sftp-server's limit (plus headers)
-MAX_READ_LENGTH = 256 * 1024
+# OpenSSH's sftp refuses any answer over 256 KiB ("message too long"): a READ answer's headers must fit too.
+MAX_CLIENT_MESSAGE = 256 * 1024
+MAX_READ_LENGTH = MAX_CLIENT_MESSAGE - 1024  # as OpenSSH's sftp-server
+MAX_WRITE_LENGTH = MAX_CLIENT_MESSAGE - 1024  # what limits@openssh.com announces (bigger WRITEs are taken)
 # Flow control of one SFTP session (see SFTPSubsystem): requests being worked
 # on, the reply bytes they may produce, and the unsent bytes of the channel.
 MAX_PENDING_REQUESTS = 64  # OpenSSH sftp pipelines 64 requests
@@ -127,6 +139,14 @@ OUTPUT_HIGH_WATER = 1024 * 1024  # unsent reply bytes: stop taking requests...
 OUTPUT_LOW_WATER = 256 * 1024  # ...until the client has read down to this
 READDIR_BATCH_ENTRIES = 250  # entries in one READDIR answer (as conch)...
 READDIR_BATCH_BYTES = 64 * 1024  # ...and about this many bytes at most
+# OpenSSH's extensions, announced in VERSION (name: version); SFTPSubsystem.packet_EXTENDED answers them.
+SFTP_EXTENSIONS = {
+    b"posix-rename@openssh.com": b"1",  # rename that replaces the target (sftp's rename, FTP's RNTO)
+    b"statvfs@openssh.com": b"2",  # sftp's df
+    b"fstatvfs@openssh.com": b"2",
+    b"fsync@openssh.com": b"1",
+    b"limits@openssh.com": b"1",  # the sizes below, so clients size their reads and writes to them
+}
 # Algorithms offered (the first that both sides know wins): no SHA-1, CBC,
 # 3DES or MD5. conch has neither AES-GCM, chacha20-poly1305 nor encrypt-then-MAC.
 KEY_EXCHANGES = (
@@ -279,7 +299,8 @@ def sftp_error(failure: Failure) -> Failure:
     elif isinstance(error, FileNotFoundError):
         code, message = FX_NO_SUCH_FILE, "no such file or folder"
     elif isinstance(error, FileExistsError):
-        code, message = FX_FILE_ALREADY_EXISTS, "the file or folder already exists"
+        # SFTP v3 has no FILE_ALREADY_EXISTS (OpenSSH's sftp prints "Unknown status"): a failure, as sftp-server says.
+        code, message = FX_FAILURE, "the file or folder already exists"
     elif isinstance(error, PermissionError):
         code, message = FX_PERMISSION_DENIED, "permission denied"
     elif isinstance(error, IsADirectoryError):
@@ -428,15 +449,23 @@ class JailedFile:
         return self._run(os.fstat).addCallback(_attributes)
 
     def setAttrs(self, attrs: dict) -> defer.Deferred:
+        size, times = _attributes_to_set(attrs)
+        if size is None and times is None:
+            return defer.succeed(None)
         try:
-            times = _times_to_set(attrs)
-            if times is not None:
-                self._filesystem.require(Permission.WRITE, self.path)
+            self._filesystem.require(Permission.WRITE, self.path)
+            if size is not None and not self._writable:
+                raise SFTPError(FX_PERMISSION_DENIED, "the file was not opened for writing")
         except Exception:
             return defer.fail(sftp_error(Failure()))
-        if times is None:
-            return defer.succeed(None)
-        return self._run(lambda fd: os.utime(fd, times))
+        return self._run(change_attributes, size, times)
+
+    def sync(self) -> defer.Deferred:
+        """``fsync@openssh.com``: what was written is on disk when this answers."""
+        return self._run(os.fsync)
+
+    def statvfs(self) -> defer.Deferred:
+        return self._run(os.fstatvfs)
 
     def close(self) -> defer.Deferred:
         if self._fd is None:
@@ -450,17 +479,33 @@ class JailedFile:
         return self.close()
 
 
-def _times_to_set(attrs: dict) -> Optional[tuple[int, int]]:
-    """The (atime, mtime) to apply; raise for what cannot be done.
+def _attributes_to_set(attrs: dict) -> tuple[Optional[int], Optional[tuple[int, int]]]:
+    """The size and the (atime, mtime) to apply, each None when not asked for.
 
     Permission bits, uid/gid and extended attributes are ignored (see the
-    module docstring); a size change is refused.
+    module docstring).
     """
-    if "size" in attrs:
-        raise SFTPError(FX_OP_UNSUPPORTED, "changing the size of a file is not supported")
-    if "atime" in attrs and "mtime" in attrs:
-        return (attrs["atime"], attrs["mtime"])
-    return None
+    times = (attrs["atime"], attrs["mtime"]) if "atime" in attrs and "mtime" in attrs else None
+    return attrs.get("size"), times
+
+
+def statvfs_reply(result: os.statvfs_result) -> bytes:
+    """The ``statvfs@openssh.com`` answer: eleven uint64, as OpenSSH's sftp-server sends them."""
+    flags = (1 if result.f_flag & os.ST_RDONLY else 0) | (2 if result.f_flag & os.ST_NOSUID else 0)
+    return struct.pack(
+        "!11Q",
+        result.f_bsize,
+        result.f_frsize,
+        result.f_blocks,
+        result.f_bfree,
+        result.f_bavail,
+        result.f_files,
+        result.f_ffree,
+        result.f_favail,
+        result.f_fsid & 0xFFFFFFFFFFFFFFFF,
+        flags,
+        result.f_namemax,
+    )
 
 
 class DirectoryListing:
@@ -558,7 +603,7 @@ class JailedSFTPServer:
         return d.addErrback(sftp_error).addCallbacks(done, refused)
 
     def gotVersion(self, otherVersion: int, extData: dict) -> dict:
-        return {}  # no extensions: clients fall back to the plain v3 requests
+        return dict(SFTP_EXTENSIONS)
 
     def openFile(self, filename: bytes, flags: int, attrs: dict) -> defer.Deferred:
         os_flags = open_flags(flags)
@@ -580,8 +625,9 @@ class JailedSFTPServer:
     def removeFile(self, filename: bytes) -> defer.Deferred:
         return self._changed(self.filesystem.remove_file(filename), "remove", filename)
 
-    def renameFile(self, oldpath: bytes, newpath: bytes) -> defer.Deferred:
-        d = self.filesystem.rename(oldpath, newpath, overwrite=False)
+    def renameFile(self, oldpath: bytes, newpath: bytes, overwrite: bool = False) -> defer.Deferred:
+        """SFTP v3 ``rename`` never replaces a file; ``posix-rename@openssh.com`` does (``overwrite``)."""
+        d = self.filesystem.rename(oldpath, newpath, overwrite=overwrite)
         return self._changed(d, "rename", oldpath + b" -> " + newpath)
 
     def makeDirectory(self, path: bytes, attrs: dict) -> defer.Deferred:
@@ -611,16 +657,21 @@ class JailedSFTPServer:
         return self.filesystem.stat(path).addCallback(_attributes).addErrback(sftp_error)
 
     def setAttrs(self, path: bytes, attrs: dict) -> defer.Deferred:
+        size, times = _attributes_to_set(attrs)
         try:
-            times = _times_to_set(attrs)
             self.filesystem.require(Permission.WRITE, virtual_path(path))
         except Exception:
             return defer.fail(sftp_error(Failure()))
-        if times is None:
+        if size is None and times is None:
             d = self.filesystem.stat(path).addCallback(lambda _: None)  # "no such file" still answers
         else:
-            d = self.filesystem.set_times(path, *times)
+            d = self.filesystem.set_attributes(path, size, times)
+        if size is not None:
+            return self._changed(d, "truncate", path)
         return d.addErrback(sftp_error)
+
+    def statvfs(self, path: bytes) -> defer.Deferred:
+        return self.filesystem.statvfs(path).addErrback(sftp_error)
 
     def readLink(self, path: bytes) -> None:
         raise SFTPError(FX_PERMISSION_DENIED, "symbolic links are not available")
@@ -635,6 +686,7 @@ class JailedSFTPServer:
             raise SFTPError(FX_BAD_MESSAGE, _ascii(str(error))) from None
 
     def extendedRequest(self, extendedName: bytes, extendedData: bytes) -> None:
+        # SFTPSubsystem.packet_EXTENDED answers the extensions of SFTP_EXTENSIONS itself.
         raise SFTPError(FX_OP_UNSUPPORTED, "extended requests are not supported")
 
 
@@ -769,6 +821,48 @@ class SFTPSubsystem(FileTransferServer):
                 return
             self._sendStatus(requestId, FX_BAD_MESSAGE, b"malformed request")
 
+    def packet_EXTENDED(self, data: bytes) -> None:
+        """OpenSSH's extensions (:data:`SFTP_EXTENSIONS`); any other name is "unsupported".
+
+        A malformed request raises here: :meth:`_dispatch` answers "bad message".
+        """
+        requestId = data[:4]
+        name, rest = getNS(data[4:])
+        if name == b"posix-rename@openssh.com":
+            oldPath, rest = getNS(rest)
+            newPath, rest = getNS(rest)
+            _no_more(rest)
+            d = self.client.renameFile(oldPath, newPath, overwrite=True)
+            self._answerStatus(d, requestId, b"rename succeeded")
+        elif name == b"statvfs@openssh.com":
+            path, rest = getNS(rest)
+            _no_more(rest)
+            self._answerExtended(self.client.statvfs(path).addCallback(statvfs_reply), requestId)
+        elif name in (b"fstatvfs@openssh.com", b"fsync@openssh.com"):
+            handle, rest = getNS(rest)
+            _no_more(rest)
+            fileObj = self.openFiles.get(handle)
+            if fileObj is None:
+                self._sendStatus(requestId, FX_FAILURE, b"invalid handle")
+            elif name == b"fsync@openssh.com":
+                self._answerStatus(fileObj.sync(), requestId, b"fsync succeeded")
+            else:
+                self._answerExtended(fileObj.statvfs().addCallback(statvfs_reply), requestId)
+        elif name == b"limits@openssh.com":
+            _no_more(rest)
+            limits = struct.pack("!4Q", MAX_CLIENT_MESSAGE, MAX_READ_LENGTH, MAX_WRITE_LENGTH, MAX_OPEN_HANDLES)
+            self.sendPacket(FXP_EXTENDED_REPLY, requestId + limits)
+        else:
+            self._sendStatus(requestId, FX_OP_UNSUPPORTED, b"unsupported extension")
+
+    def _answerStatus(self, d: defer.Deferred, requestId: bytes, message: bytes) -> None:
+        d.addCallback(self._cbStatus, requestId, message)
+        d.addErrback(self._ebStatus, requestId)
+
+    def _answerExtended(self, d: defer.Deferred, requestId: bytes) -> None:
+        d.addCallback(lambda body: self.sendPacket(FXP_EXTENDED_REPLY, requestId + body))
+        d.addErrback(self._ebStatus, requestId)
+
     def _reserve(self, requestId: bytes, replyBytes: int) -> None:
         self._pending.setdefault(requestId, []).append(replyBytes)
         self._pendingCount += 1
@@ -826,6 +920,9 @@ class SFTPSubsystem(FileTransferServer):
             what=what,
         )
         self.buf.clear()
+        channel = self._channel()
+        if channel is not None:
+            channel.exitStatus = 1
         self.transport.loseConnection()
 
     def handleCount(self) -> int:
@@ -907,6 +1004,11 @@ class SFTPSubsystem(FileTransferServer):
         self.avatar.subsystemEnded(self)
 
 
+def _no_more(rest: bytes) -> None:
+    if rest:
+        raise ValueError("extra data at the end of the request")
+
+
 def _reply_bytes(kind: int, packet: bytes) -> int:
     """How many bytes the answer to a request may have: a READ's length, a READDIR batch, else small."""
     if kind == FXP_READ:
@@ -934,12 +1036,17 @@ class SFTPSessionChannel(session.SSHSession):
     more than :data:`OUTPUT_HIGH_WATER` bytes wait for the client's window.
     As a producer of the client's data, it can pause reading: the local
     window is then not opened again, so the client has to wait.
+
+    When the subsystem ends, the channel sends ``exit-status`` (0, or 1
+    after a protocol error) and EOF before its close, as sshd does when
+    sftp-server exits: OpenSSH's ``scp`` and ``ssh -s`` exit with it.
     """
 
     _log = _QuietLogger()
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
+        self.exitStatus = 0
         self._unsent = bytearray()
         self._producer: Optional[IPushProducer] = None
         self._producerPaused = False
@@ -980,7 +1087,7 @@ class SFTPSessionChannel(session.SSHSession):
             self.areWriting = 0
             self.stopWriting()
         if self.closing and not self._unsent and not self.extBuf:
-            self.conn.sendClose(self)
+            self._sendClose()
 
     def addWindowBytes(self, data: int) -> None:
         self.remoteWindowLeft += data
@@ -1009,11 +1116,24 @@ class SFTPSessionChannel(session.SSHSession):
             self.client.transport.loseConnection()
         self.closing = 1
         if not self._unsent and not self.extBuf:
-            self.conn.sendClose(self)
+            self._sendClose()
+
+    def _sendClose(self) -> None:
+        """Close, after what was sent; a subsystem that ran says how it ended first (unless the client has closed)."""
+        if self.client is not None and not self.localClosed and not self.remoteClosed:
+            self.conn.sendRequest(self, b"exit-status", struct.pack("!L", self.exitStatus))
+            self.conn.sendEOF(self)
+        self.conn.sendClose(self)
+
+    def eofReceived(self) -> None:
+        # The client sent its last request (conch would close at once, dropping answers not sent yet).
+        self.loseConnection()
 
     def closeReceived(self) -> None:
-        # The client closed the channel: what it has not read, it never will.
+        # The client closed the channel: what it has not read, it never will, nor an exit status
+        # (conch marks the channel remotely closed only after this returns).
         del self._unsent[:]
+        self.remoteClosed = True
         self.loseConnection()
 
     def closed(self) -> None:

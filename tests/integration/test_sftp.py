@@ -137,8 +137,6 @@ def test_rename_does_not_replace_an_existing_file(site, alice):
     (site.home("alice") / second).write_bytes(b"2")
     with pytest.raises(IOError):
         alice.rename(first, second)
-    with pytest.raises(IOError):
-        alice.posix_rename(first, second)  # an extension the server does not offer
     assert (site.home("alice") / first).read_bytes() == b"1"
     assert (site.home("alice") / second).read_bytes() == b"2"
 
@@ -151,6 +149,21 @@ def test_remove(site, alice):
     assert not (site.home("alice") / name).exists()
     with pytest.raises(FileNotFoundError):
         alice.remove(name)
+
+
+def test_posix_rename_replaces_an_existing_file(site, alice):
+    """posix-rename@openssh.com (OpenSSH sftp's rename) replaces the target, as FTP's RNTO; never a folder."""
+    home = site.home("alice")
+    source, target = unique("posix-source"), unique("posix-target")
+    (home / source).write_bytes(b"new")
+    (home / target).write_bytes(b"old")
+    alice.posix_rename(source, target)
+    assert (home / target).read_bytes() == b"new" and not (home / source).exists()
+    (home / source).write_bytes(b"again")
+    alice.mkdir(target + "-folder")
+    with pytest.raises(IOError):
+        alice.posix_rename(source, target + "-folder")
+    assert (home / source).read_bytes() == b"again"
 
 
 def test_mkdir_and_rmdir(site, alice):
@@ -192,9 +205,26 @@ def test_setstat_sets_times_and_ignores_permission_bits(site, alice):
     assert path.stat().st_mtime == 1_500_000_100
     alice.chmod(name, 0o777)
     assert stat.S_IMODE(path.stat().st_mode) == 0o644
-    with pytest.raises(IOError):
-        alice.truncate(name, 0)
-    assert path.read_bytes() == b"x"
+
+
+def test_setstat_and_fsetstat_change_the_size(site, alice):
+    """truncate by path and by handle (as OpenSSH's scp ends an overwrite); a folder is not a file."""
+    name = unique("truncate")
+    path = site.home("alice") / name
+    path.write_bytes(b"0123456789")
+    alice.truncate(name, 4)
+    assert path.read_bytes() == b"0123"
+    with alice.open(name, "r+") as handle:
+        handle.write(b"ab")
+        handle.truncate(2)
+    assert path.read_bytes() == b"ab"
+    with alice.open(name, "r") as handle:  # a handle opened for reading cannot change the file
+        with pytest.raises(PermissionError):
+            handle.truncate(0)
+    assert path.read_bytes() == b"ab"
+    alice.mkdir(name + "-folder")
+    with pytest.raises(IOError, match="is a folder"):
+        alice.truncate(name + "-folder", 0)
 
 
 def test_append_and_exclusive_create(site, alice):
@@ -267,6 +297,10 @@ def test_read_only_account_cannot_change_anything(site):
             rita.rmdir("keep-folder")
         with pytest.raises(PermissionError):
             rita.utime("keep.txt", (1, 1))
+        with pytest.raises(PermissionError):
+            rita.truncate("keep.txt", 0)
+        with pytest.raises(PermissionError):
+            rita.posix_rename("keep.txt", "moved.txt")
     assert sorted(os.listdir(home)) == before
     assert (home / "keep.txt").read_bytes() == b"keep"
 
@@ -619,6 +653,73 @@ def test_malformed_and_unknown_requests_are_answered(site):
         channel.sendall(_sftp_packet(16, struct.pack("!L", 9) + struct.pack("!L", 1) + b"."))  # REALPATH .
         kind, payload = _read_sftp_packet(channel)
         assert kind == 104 and payload.endswith(b"/" + struct.pack("!L", 0) + struct.pack("!L", 0))  # NAME "/"
+
+
+def _version_extensions(payload: bytes) -> dict[bytes, bytes]:
+    extensions, rest = {}, payload[4:]
+    while rest:
+        (length,) = struct.unpack_from("!L", rest)
+        name, rest = rest[4 : 4 + length], rest[4 + length :]
+        (length,) = struct.unpack_from("!L", rest)
+        extensions[name], rest = rest[4 : 4 + length], rest[4 + length :]
+    return extensions
+
+
+def _extended(channel, request_id: int, name: bytes, data: bytes = b"") -> tuple[int, bytes]:
+    channel.sendall(_sftp_packet(200, struct.pack("!L", request_id) + _ns(name) + data))
+    kind, payload = _read_sftp_packet(channel)
+    assert payload[:4] == struct.pack("!L", request_id)
+    return kind, payload[4:]
+
+
+def test_openssh_extensions_are_announced_and_answered(site):
+    """VERSION announces OpenSSH's extensions; limits, statvfs, fstatvfs and fsync answer as sftp-server does."""
+    name = unique("extensions") + ".txt"
+    (site.home("alice") / name).write_bytes(b"x" * 10)
+    with ssh_transport(site.port, "alice", PASSWORDS["alice"]) as transport:
+        channel = transport.open_session()
+        channel.settimeout(10)
+        channel.invoke_subsystem("sftp")
+        channel.sendall(_sftp_packet(1, struct.pack("!L", 3)))
+        kind, payload = _read_sftp_packet(channel)
+        assert kind == 2 and payload[:4] == struct.pack("!L", 3)
+        assert _version_extensions(payload) == {
+            b"posix-rename@openssh.com": b"1",
+            b"statvfs@openssh.com": b"2",
+            b"fstatvfs@openssh.com": b"2",
+            b"fsync@openssh.com": b"1",
+            b"limits@openssh.com": b"1",
+        }
+        kind, body = _extended(channel, 1, b"limits@openssh.com")
+        assert kind == 201  # EXTENDED_REPLY: packet, read, write, open handles
+        assert struct.unpack("!4Q", body) == (262144, 261120, 261120, 256)
+        kind, body = _extended(channel, 2, b"statvfs@openssh.com", _ns(b"/"))
+        assert kind == 201 and len(body) == 88
+        values = struct.unpack("!11Q", body)
+        disk = os.statvfs(site.home("alice"))
+        assert values[:3] == (disk.f_bsize, disk.f_frsize, disk.f_blocks) and values[10] == disk.f_namemax
+        kind, body = _extended(channel, 3, b"statvfs@openssh.com", _ns(b"/../../etc/no-such"))
+        assert (kind, body[:4]) == (101, struct.pack("!L", 2))  # STATUS, FX_NO_SUCH_FILE
+        channel.sendall(_sftp_packet(3, struct.pack("!L", 4) + _ns(name.encode()) + struct.pack("!LL", 2 | 1, 0)))
+        kind, payload = _read_sftp_packet(channel)
+        assert kind == 102  # HANDLE (opened for writing)
+        handle = payload[8:]
+        kind, body = _extended(channel, 5, b"fstatvfs@openssh.com", _ns(handle))
+        assert kind == 201 and struct.unpack("!11Q", body)[2] == disk.f_blocks
+        kind, body = _extended(channel, 6, b"fsync@openssh.com", _ns(handle))
+        assert (kind, body[:4]) == (101, struct.pack("!L", 0))  # STATUS, FX_OK
+        kind, body = _extended(channel, 7, b"fsync@openssh.com", _ns(b"no-such-handle"))
+        assert (kind, body[:4]) == (101, struct.pack("!L", 4))  # FX_FAILURE: invalid handle
+        kind, body = _extended(channel, 8, b"hardlink@openssh.com", _ns(name.encode()) + _ns(b"linked"))
+        assert (kind, body[:4]) == (101, struct.pack("!L", 8))  # FX_OP_UNSUPPORTED
+        kind, body = _extended(channel, 9, b"posix-rename@openssh.com", _ns(name.encode()))  # the new name is missing
+        assert (kind, body[:4]) == (101, struct.pack("!L", 5))  # FX_BAD_MESSAGE
+        (site.home("alice") / (name + "-folder")).mkdir()
+        channel.sendall(_sftp_packet(14, struct.pack("!L", 10) + _ns(name.encode() + b"-folder") + struct.pack("!L", 0)))
+        kind, payload = _read_sftp_packet(channel)
+        # SFTP v3 has no FILE_ALREADY_EXISTS (11): OpenSSH's sftp would print "Unknown status".
+        assert (kind, payload[:8]) == (101, struct.pack("!LL", 10, 4))
+    assert not (site.home("alice") / "linked").exists()
 
 
 def test_client_leaving_mid_handshake_does_not_hurt_the_service(site):
@@ -1006,6 +1107,66 @@ def test_openssh_sftp_put_ls_get_rename_rm(site, tmp_path):
     assert "Remote working directory: /\n" in output
     home = site.home("alice")
     assert not (home / f"{name}.txt").exists() and not (home / f"{name}-renamed.txt").exists()
+
+
+def _openssh(program: str, port: int, *arguments: str, stdin=None):
+    """OpenSSH ``ssh`` or ``scp`` as alice, with her password through sshpass."""
+    port_option = "-P" if program == "scp" else "-p"
+    return subprocess.run(
+        [
+            "sshpass", "-p", PASSWORDS["alice"],
+            program, "-oBatchMode=no", "-oStrictHostKeyChecking=no", "-oUserKnownHostsFile=/dev/null",
+            "-oPreferredAuthentications=password", "-oPubkeyAuthentication=no", port_option, str(port), *arguments,
+        ],
+        stdin=subprocess.DEVNULL if stdin is None else stdin,
+        capture_output=True,
+        timeout=60,
+    )
+
+
+def test_openssh_scp_overwrites_a_bigger_file_and_exits_0(site, tmp_path):
+    """scp (over SFTP) writes a file, truncates it to what it wrote and exits with the session's exit status 0."""
+    require_tools("sshpass", "scp")
+    name = unique("scp") + ".txt"
+    target = site.home("alice") / name
+    target.write_bytes(b"old content, much longer than the new one\n" * 1000)
+    local = tmp_path / "short.txt"
+    local.write_bytes(b"short content\n")
+    result = _openssh("scp", site.port, "-s", str(local), f"alice@127.0.0.1:{name}")
+    assert result.returncode == 0, result.stderr.decode(errors="replace")
+    assert target.read_bytes() == b"short content\n"
+    result = _openssh("scp", site.port, "-s", f"alice@127.0.0.1:{name}", str(tmp_path / "back.txt"))
+    assert result.returncode == 0, result.stderr.decode(errors="replace")
+    assert (tmp_path / "back.txt").read_bytes() == b"short content\n"
+
+
+def test_openssh_ssh_sftp_subsystem_exits_0(site, tmp_path):
+    """``ssh -s ... sftp`` whose input ends gets exit status 0, as from sshd (not ssh's 255 for "no status")."""
+    require_tools("sshpass", "ssh")
+    result = _openssh("ssh", site.port, "-s", "alice@127.0.0.1", "sftp")
+    assert result.returncode == 0, result.stderr.decode(errors="replace")
+
+
+def test_openssh_sftp_df_rename_over_and_big_reads(site, tmp_path):
+    """OpenSSH sftp: df (statvfs), rename onto an existing file (posix-rename) and get with 256 KiB reads (-B)."""
+    require_tools("sshpass", "sftp")
+    home = site.home("alice")
+    name = unique("openssh-ext")
+    big = os.urandom(3 * 1024 * 1024 + 17)
+    (home / f"{name}.bin").write_bytes(big)
+    (home / f"{name}-a.txt").write_bytes(b"a")
+    (home / f"{name}-b.txt").write_bytes(b"b")
+    batch = (
+        "df\n"
+        f"rename {name}-a.txt {name}-b.txt\n"
+        f"get {name}.bin {tmp_path}/big.bin\n"
+    )
+    result = run_openssh_sftp(site.port, "alice", PASSWORDS["alice"], batch, tmp_path, options=("-B", "262144"))
+    output = result.stdout.decode(errors="replace") + result.stderr.decode(errors="replace")
+    assert result.returncode == 0, output
+    assert re.search(r"Size\s+Used\s+Avail", output), output
+    assert (home / f"{name}-b.txt").read_bytes() == b"a" and not (home / f"{name}-a.txt").exists()
+    assert (tmp_path / "big.bin").read_bytes() == big
 
 
 def test_openssh_sftp_wrong_password_fails(site, tmp_path):

@@ -227,6 +227,7 @@ OPERATIONS = {
     "append": (Permission.WRITE, lambda fs: fs.open_for_writing("/a.txt", append=True), None),
     "open-write": (Permission.WRITE, lambda fs: fs.open_file("/new.txt", os.O_WRONLY | os.O_CREAT), "new.txt"),
     "set-times": (Permission.WRITE, lambda fs: fs.set_times("/a.txt", 1000.0, 1000.0), None),
+    "truncate": (Permission.WRITE, lambda fs: fs.set_attributes("/a.txt", size=0), None),
     "create-folder": (Permission.CREATE_FOLDER, lambda fs: fs.make_directory("/newdir"), "newdir"),
     "rename": (Permission.RENAME, lambda fs: fs.rename("/a.txt", "/b.txt"), "b.txt"),
     "delete-file": (Permission.DELETE_FILE, lambda fs: fs.remove_file("/a.txt"), "-a.txt"),
@@ -559,3 +560,12 @@ def test_stat_needs_list_or_read(make_fs, result_of):
         result_of(make_fs(FULL_CONTROL - {Permission.LIST, Permission.READ}).stat("/a.txt"))
     for permission in (Permission.LIST, Permission.READ):
         assert result_of(make_fs({permission}).stat("/a.txt")).st_size > 0
+
+
+def test_set_attributes_truncates_before_setting_the_times(make_fs, root, result_of):
+    """A size change moves mtime: the times asked for in the same request are applied after it."""
+    fs = make_fs(FULL_CONTROL)
+    result_of(fs.set_attributes("/a.txt", size=2, times=(1000.0, 2000.0)))
+    path = os.path.join(root, "a.txt")
+    assert os.path.getsize(path) == 2
+    assert os.stat(path).st_mtime == 2000.0
