@@ -29,11 +29,11 @@ MAX_PATH_BYTES = 4096
 
 
 class InvalidPath(Exception):
-    """A client path that can never be valid (NUL, too long, not UTF-8)."""
+    """A client path that can never be valid (NUL, too long, surrogates that are no byte's escape)."""
 
 
 class InvalidName(InvalidPath):
-    """A name that may exist on disk but must not be created (control characters)."""
+    """A name that may exist on disk but must not be created (control characters, not UTF-8)."""
 
 
 class OffsetPastEnd(ValueError):
@@ -52,16 +52,30 @@ class OutsideJail(Exception):
         super().__init__(f"{virtual_path}: no such file or folder")
 
 
+NOT_UTF8 = re.compile("[\udc80-\udcff]")  # surrogate escapes: bytes that were not UTF-8
+NOT_A_BYTE = re.compile("[\ud800-\udc7f\udd00-\udfff]")  # other surrogates: no name on disk has them
+
+
+def disk_bytes(name: str) -> bytes:
+    """The bytes of a name on disk (surrogate escapes back to the bytes they stand for)."""
+    return name.encode("utf-8", "surrogateescape")
+
+
 def virtual_path(client_path: Union[str, bytes], cwd: str = "/") -> str:
-    """Normalise a client path to an absolute path inside the session's ``/``."""
+    """Normalise a client path to an absolute path inside the session's ``/``.
+
+    Bytes that are not UTF-8 become surrogate escapes, as ``os.scandir``
+    gives the names on disk that are not UTF-8: a name the listing showed
+    names the same file when it comes back. New names must be UTF-8
+    (:func:`check_new_name`).
+    """
     if isinstance(client_path, bytes):
-        try:
-            client_path = client_path.decode("utf-8")
-        except UnicodeDecodeError:
-            raise InvalidPath("the path is not valid UTF-8") from None
+        client_path = client_path.decode("utf-8", "surrogateescape")
     if "\0" in client_path:
         raise InvalidPath("the path contains a NUL byte")
-    encoded_length = len(client_path.encode("utf-8", "surrogatepass"))
+    if NOT_A_BYTE.search(client_path):
+        raise InvalidPath("the path is not valid UTF-8")
+    encoded_length = len(disk_bytes(client_path))
     if encoded_length > MAX_PATH_BYTES:
         raise InvalidPath(f"the path is longer than {MAX_PATH_BYTES} bytes")
     client_path = client_path.replace("\\", "/") if os.sep == "\\" else client_path
@@ -69,7 +83,7 @@ def virtual_path(client_path: Union[str, bytes], cwd: str = "/") -> str:
     # normpath keeps a leading "//" and never climbs above "/"
     joined = "/" + joined.lstrip("/")
     for segment in joined.split("/"):
-        if len(segment.encode("utf-8", "surrogatepass")) > MAX_SEGMENT_BYTES:
+        if len(disk_bytes(segment)) > MAX_SEGMENT_BYTES:
             raise InvalidPath(f"a name is longer than {MAX_SEGMENT_BYTES} bytes")
     return joined
 
@@ -85,13 +99,17 @@ def _control_character_name(char: str) -> str:
 
 
 def check_new_name(path: str) -> None:
-    """Refuse to create a name (the last segment of ``path``) with a C0 control character or DEL.
+    """Refuse to create a name (the last segment of ``path``) with a C0 control character or DEL, or not UTF-8.
 
     Such names forge lines in FTP listings and put escape sequences on
-    other users' terminals. Existing names are not checked: files put there
-    by other means stay listable, readable and deletable.
+    other users' terminals, or show as garbage to every other client.
+    Existing names are not checked: files put there by other means stay
+    listable, readable, deletable and can be renamed to a good name.
     """
-    found = CONTROL_CHARACTERS.search(path.rstrip("/").rsplit("/", 1)[-1])
+    name = path.rstrip("/").rsplit("/", 1)[-1]
+    if NOT_UTF8.search(name):
+        raise InvalidName("the name is not valid UTF-8")
+    found = CONTROL_CHARACTERS.search(name)
     if found:
         raise InvalidName(f"the name contains {_control_character_name(found.group())}")
 

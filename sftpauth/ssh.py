@@ -108,6 +108,7 @@ from sftpauth.filesystem import (
     JailedFilesystem,
     OutsideJail,
     change_attributes,
+    disk_bytes,
     virtual_path,
 )
 from sftpauth.private_files import write_private_file
@@ -365,11 +366,6 @@ def _printable(text: str) -> str:
     return "".join(char if char.isprintable() else repr(char)[1:-1] for char in text[:1024])
 
 
-def _name_bytes(name: str) -> bytes:
-    # Names on disk that are not UTF-8 come from os.scandir as surrogate escapes.
-    return name.encode("utf-8", "surrogateescape")
-
-
 # -- SFTP ----------------------------------------------------------------------------
 
 
@@ -556,7 +552,7 @@ class DirectoryListing:
                 self._left.reverse()  # taken from the end, in the folder's order
             name, result = self._left.pop()
             line = long_name(name, result, self._owner, self._group, self._now)
-            part = NS(_name_bytes(name)) + NS(_name_bytes(line)) + pack_attributes(_attributes(result))
+            part = NS(disk_bytes(name)) + NS(disk_bytes(line)) + pack_attributes(_attributes(result))
             parts.append(part)
             size += len(part)
         if not parts:
@@ -681,7 +677,7 @@ class JailedSFTPServer:
 
     def realPath(self, path: bytes) -> bytes:
         try:
-            return virtual_path(path).encode("utf-8")
+            return disk_bytes(virtual_path(path))
         except InvalidPath as error:
             raise SFTPError(FX_BAD_MESSAGE, _ascii(str(error))) from None
 

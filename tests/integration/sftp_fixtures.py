@@ -170,7 +170,7 @@ def run_openssh_sftp(
 ):
     """Run OpenSSH ``sftp -b`` through sshpass (``options``: more ``-o`` settings); returns the CompletedProcess."""
     batch_file = folder / "batch.txt"
-    batch_file.write_text(batch, encoding="utf-8")
+    batch_file.write_bytes(batch.encode("utf-8", "surrogateescape"))  # names that are not UTF-8 as bytes
     return subprocess.run(
         [
             "sshpass", "-p", password,

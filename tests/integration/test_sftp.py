@@ -875,6 +875,31 @@ def test_existing_names_with_control_characters_stay_usable(site, alice):
     assert not (site.home("alice") / name).exists()
 
 
+def test_existing_names_that_are_not_utf8_stay_usable(site, tmp_path):
+    """A file made on the server with a Latin-1 name is listed, downloaded, renamed and deleted by OpenSSH sftp; a new such name is refused."""
+    require_tools("sshpass", "sftp")
+    home = os.fsencode(site.home("alice"))
+    stem = unique("latin1").encode()
+    (Path(os.fsdecode(os.path.join(home, stem + b"-caf\xe9.txt")))).write_bytes(b"old file")
+    (Path(os.fsdecode(os.path.join(home, stem + b"-d\xe9j\xe0.txt")))).write_bytes(b"to delete")
+    local = tmp_path / "upload.txt"
+    local.write_bytes(b"new")
+    batch = (
+        b"ls -1\n"
+        b"get " + stem + b"-caf\xe9.txt " + os.fsencode(tmp_path) + b"/got.txt\n"
+        b"rename " + stem + b"-caf\xe9.txt " + stem + b"-caf\xc3\xa9.txt\n"
+        b"rm " + stem + b"-d\xe9j\xe0.txt\n"
+        b"-put " + os.fsencode(local) + b" " + stem + b"-new\xff.txt\n"
+    )
+    result = run_openssh_sftp(site.port, "alice", PASSWORDS["alice"], batch.decode("utf-8", "surrogateescape"), tmp_path)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output.decode(errors="replace")
+    assert stem + b"-caf\\351.txt" in result.stdout  # listed with its own bytes (sftp prints them in octal)
+    assert (tmp_path / "got.txt").read_bytes() == b"old file"
+    assert sorted(name for name in os.listdir(home) if name.startswith(stem)) == [stem + b"-caf\xc3\xa9.txt"]
+    assert b"-new\\377.txt\": Bad message" in result.stderr  # the new name was refused, nothing made
+
+
 # -- SSH algorithms ------------------------------------------------------------------
 
 

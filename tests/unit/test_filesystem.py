@@ -13,6 +13,7 @@ from sftpauth.filesystem import (
     OffsetPastEnd,
     OutsideJail,
     check_new_name,
+    disk_bytes,
     resolve,
     virtual_path,
 )
@@ -57,9 +58,8 @@ def test_virtual_path_clamps_at_the_session_root(client_path, cwd, expected):
         "\u00e9" * 128,  # 256 bytes in UTF-8
         "a/" * 2100,  # 4200 bytes
         "/" + "b" * 4096,
-        b"\xff\xfe",
-        b"caf\xe9",  # Latin-1, not UTF-8
-        b"\xc3",  # truncated UTF-8
+        "caf\ud800",  # a surrogate that stands for no byte
+        "/" + "\xe9" * 128 + "/" + "\udce9" * 128,  # 256 escapes: 256 bytes on disk
     ],
     ids=[
         "NUL",
@@ -70,13 +70,12 @@ def test_virtual_path_clamps_at_the_session_root(client_path, cwd, expected):
         "256-byte-multibyte-name",
         "path-over-4096",
         "path-4097",
-        "invalid-utf8",
-        "latin1",
-        "truncated-utf8",
+        "lone-surrogate",
+        "256-byte-latin1-name",
     ],
 )
 def test_virtual_path_refuses_impossible_names(client_path):
-    """NUL bytes, over-long names or paths and undecodable bytes are InvalidPath."""
+    """NUL bytes, over-long names or paths (counted in bytes on disk) and surrogates standing for no byte are InvalidPath."""
     with pytest.raises(InvalidPath):
         virtual_path(client_path)
 
@@ -105,6 +104,22 @@ def test_new_names_with_control_characters_are_refused(path, reason):
 def test_new_names_without_control_characters_are_accepted(path):
     """Only the name being created counts: its parent folders may have any name that already exists."""
     check_new_name(path)
+
+
+@pytest.mark.parametrize("raw", [b"\xff\xfe", b"caf\xe9.txt", b"\xc3", b"\xe9t\xe9/x\xe9"])
+def test_bytes_that_are_not_utf8_name_the_file_on_disk(raw):
+    """Non-UTF-8 bytes become surrogate escapes (as os.scandir gives such names): the same bytes on disk."""
+    path = virtual_path(raw)
+    assert disk_bytes(path) == b"/" + raw
+    assert virtual_path(raw.decode("utf-8", "surrogateescape")) == path  # as a listing gives it back
+    with pytest.raises(InvalidName) as refused:
+        check_new_name(path)
+    assert str(refused.value) == "the name is not valid UTF-8"
+
+
+def test_a_good_name_in_a_folder_that_is_not_utf8_may_be_created():
+    """Only the new name must be UTF-8: files may be put in an existing folder with a Latin-1 name."""
+    check_new_name(virtual_path(b"caf\xe9/new.txt"))
 
 
 def test_virtual_path_accepts_the_longest_allowed_name():
@@ -185,7 +200,7 @@ def test_symlinks_staying_inside_resolve(root, client_path, expected):
 def test_resolve_refuses_invalid_paths(root):
     """resolve applies the same input checks as virtual_path."""
     with pytest.raises(InvalidPath):
-        resolve(root, b"\xff")
+        resolve(root, "\udb00")
     with pytest.raises(InvalidPath):
         resolve(root, "a\0/../b")
 
@@ -358,16 +373,35 @@ def test_writing_through_an_outside_symlink_is_refused(make_fs, tmp_path, result
 
 
 def test_invalid_paths_fail_the_operation(make_fs, result_of):
-    """An operation on a NUL or non-UTF-8 path fails with InvalidPath."""
+    """An operation on a NUL path, an impossible one or a new name that is not UTF-8 fails with InvalidPath."""
     fs = make_fs()
     with pytest.raises(InvalidPath):
         result_of(fs.open_for_reading("a\0.txt"))
     with pytest.raises(InvalidPath):
-        result_of(fs.list_directory(b"\xff"))
+        result_of(fs.list_directory("\ud800"))
     with pytest.raises(InvalidPath):
         result_of(fs.rename("/a.txt", "x" * 300))
-    with pytest.raises(InvalidPath):
-        result_of(fs.open_file(b"\xfe", os.O_RDONLY))
+    with pytest.raises(InvalidName):
+        result_of(fs.open_file(b"\xfe", os.O_WRONLY | os.O_CREAT))
+    with pytest.raises(InvalidName):
+        result_of(fs.rename("/a.txt", b"caf\xe9"))
+
+
+def test_existing_names_that_are_not_utf8_stay_usable(make_fs, root, result_of):
+    """A file put there with a Latin-1 name is read, renamed to a good name and deleted."""
+    latin1 = os.path.join(os.fsencode(root), b"caf\xe9.txt")
+    with open(latin1, "wb") as made:
+        made.write(b"old")
+    fs = make_fs(FULL_CONTROL)
+    listed = [name for name, _ in result_of(fs.list_directory("/"))]
+    assert "caf\udce9.txt" in listed
+    assert result_of(fs.stat(b"/caf\xe9.txt")).st_size == 3
+    result_of(fs.rename(b"/caf\xe9.txt", "/caf\u00e9.txt"))
+    assert os.path.exists(os.path.join(root, "caf\u00e9.txt")) and not os.path.exists(latin1)
+    with open(latin1, "wb") as made:
+        made.write(b"again")
+    result_of(fs.remove_file("/caf\udce9.txt"))
+    assert not os.path.exists(latin1)
 
 
 def test_list_directory_hides_entries_leading_outside(make_fs, result_of):
