@@ -366,6 +366,10 @@ def make_validator(base_folder: str, environ: Mapping[str, str]) -> Validator:
                     return secret_file.read().rstrip("\r\n")
             except OSError as error:
                 raise VdtValueError(f"cannot read secret file {file_path!r}: {error.strerror}") from None
+            except UnicodeDecodeError as error:
+                raise VdtValueError(
+                    f"secret file {file_path!r} is not UTF-8 text (byte {error.start + 1}); save it as UTF-8"
+                ) from None
         return word
 
     def unsupported(value: str) -> Unsupported:
@@ -407,7 +411,29 @@ def make_validator(base_folder: str, environ: Mapping[str, str]) -> Validator:
         "worker_count": worker_count,
         "expression_list": expression_list,
     }
+    for name in ONE_LINE_CHECKS:
+        functions[name] = _one_line(functions[name])
     return Validator(functions)
+
+
+# Checks of options that take one value: an indented line under them would be joined to the value with a
+# line break (a banner sent as two lines broke FTP; a password hash with a line after it never matched).
+ONE_LINE_CHECKS = (
+    "yesno", "text", "choice", "number", "port", "port_range", "host", "id", "path", "secret", "attribute",
+    "dn", "home_folder_rule", "entry_point", "tls_trust", "shared_state", "worker_count",
+)
+
+
+def _one_line(check: Callable) -> Callable:
+    def checked(value, *args, **kwargs):
+        if isinstance(value, str) and "\n" in value:
+            raise VdtValueError(
+                "takes one value on one line, but an indented line below it continues the value; "
+                "remove the indentation (or the line)"
+            )
+        return check(value, *args, **kwargs)
+
+    return checked
 
 
 def tls_trust(value: str, resolve_path: Callable[[str], str]) -> str:

@@ -208,6 +208,32 @@ _SPEC = _load_spec()
 _OPTION_NAMES = frozenset(name for section in _SPEC.values() for name in section)
 
 
+# configobj's words for what it cannot read, as what to do about it.
+_PARSE_ERRORS = {
+    "Parse error in value": "the quotes of the value do not match: a value that starts with a quote must end "
+    "with the same quote (quote the whole value, or none of it)",
+    "Parse error in multiline value": 'the triple-quoted value never ends: close it with the same three quotes',
+    "Section too nested": "a section line is [kind/ID], with single brackets",
+    "Cannot compute the section depth": "a section line is [kind/ID], with single brackets",
+}
+
+
+def _place_of_line(text: str, line: Optional[int]) -> tuple[Optional[str], Optional[str]]:
+    """The [section] a line is in and the option it sets, as far as the text shows (for configobj's errors)."""
+    if not line:
+        return None, None
+    section_name = option_name = None
+    for number, raw in enumerate(text.splitlines()[:line], start=1):
+        stripped = raw.strip()
+        header = _SECTION_LINE.match(stripped)
+        if header and not raw[0].isspace():
+            section_name, option_name = header.group(1), None
+        elif number == line or not raw[:1].isspace():
+            match = _OPTION_LINE.match(stripped)
+            option_name = match.group("name").strip().strip("'\"") if match else None
+    return section_name, option_name
+
+
 def load_configuration(path: str, environ: Optional[Mapping[str, str]] = None) -> models.Configuration:
     """Load and validate ``path``; raise :class:`ConfigError` listing every problem."""
     display_path = os.fspath(path)
@@ -226,6 +252,8 @@ def load_configuration(path: str, environ: Optional[Mapping[str, str]] = None) -
 def parse_configuration(
     text: str, path: str, base_folder: str, environ: Mapping[str, str]
 ) -> models.Configuration:
+    if text.startswith("\ufeff"):
+        text = text[1:]  # the byte-order mark Windows editors put before UTF-8 text
     lines, source = _preprocess(text)
     problems = _Problems(path, source)
     for line, section_name, option_name, message in source.problems:
@@ -239,7 +267,10 @@ def parse_configuration(
                 # configobj quotes the line, which may hold a secret: never echo it.
                 message = "this line is neither a [section] nor 'option = value'"
             message = re.sub(r"\s*at line \d+\.?$", "", message)
-            problems.errors.append(ConfigProblem(path, getattr(item, "line_number", None), None, None, message))
+            message = _PARSE_ERRORS.get(message, message)
+            line = getattr(item, "line_number", None)
+            section_name, option_name = _place_of_line(text, line)
+            problems.errors.append(ConfigProblem(path, line, section_name, option_name, message))
         raise ConfigError(problems.errors)
 
     validator = make_validator(base_folder, environ)

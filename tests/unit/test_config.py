@@ -1003,3 +1003,56 @@ def test_an_error_in_a_method_is_not_repeated_as_an_unknown_method_or_a_missing_
         (4, "authentications/directory", "type"),
         (10, "authentications/other", "service_account_password"),
     ]
+
+
+# -- what an editor or a slip of the keyboard puts in a file ------------------------
+
+
+def test_a_utf8_byte_order_mark_is_accepted():
+    """Windows editors put a BOM before UTF-8 text: the first [section] is still a section."""
+    configuration = parse_configuration("\ufeff[server]\nname = From Notepad\n", PATH, BASE, {})
+    assert configuration.server.name == "From Notepad"
+
+
+def test_a_secret_file_that_is_not_utf8_is_a_problem_on_its_line(tmp_path):
+    """file: naming a binary or Latin-1 file is the option's error, not a traceback."""
+    (tmp_path / "binary.pw").write_bytes(b"secret\xff\n")
+    problems = problems_of("[server]\nname = x\n[accounts/bob]\npassword = file:binary.pw\n", base_folder=str(tmp_path))
+    (problem,) = [problem for problem in problems if problem.option == "password"]
+    assert (problem.line, problem.section) == (4, "accounts/bob")
+    assert "is not UTF-8 text (byte 7)" in problem.message
+
+
+@pytest.mark.parametrize(
+    "text, section, option",
+    [
+        ("[services/ftp]\ntype = ftp\nport = 2121\nbanner = Welcome\n    to the server\n", "services/ftp", "banner"),
+        ("[authentications/A]\ntype = ldap\naddress = h\nbind_dn = dc=x\n"
+         "service_account_password = one\n  two\n", "authentications/A", "service_account_password"),
+        ("[server]\nname = one\n  two\n", "server", "name"),
+        ("[services/ftp]\ntype = ftp\nport = 2121\n  2122\n", "services/ftp", "port"),
+    ],
+    ids=["banner", "password", "text", "port"],
+)
+def test_an_indented_line_under_a_one_value_option_is_an_error(text, section, option):
+    """Joined to the value with a line break, it would send a two-line FTP banner or a password nobody types."""
+    problem = only_problem(text)
+    assert (problem.section, problem.option, problem.line) == (section, option, text.count("\n") - 1)
+    assert "takes one value on one line" in problem.message
+
+
+@pytest.mark.parametrize(
+    "text, line, section, option, message",
+    [
+        ('[server]\nname = x\n\n[services/f]\ntype = ftp\nbanner = "unterminated\nport = 2121\n',
+         6, "services/f", "banner", "the quotes of the value do not match"),
+        ('[server]\nname = """never closed\n', 2, "server", "name", "the triple-quoted value never ends"),
+        ("[server]\nname = x\n[services/f]]\ntype = ftp\n", 3, "services/f", None, "single brackets"),
+    ],
+    ids=["quote", "triple-quote", "brackets"],
+)
+def test_what_configobj_cannot_read_is_placed_and_explained(text, line, section, option, message):
+    """configobj's own errors get the section, the option and what to do, like every other problem."""
+    problem = only_problem(text)
+    assert (problem.line, problem.section, problem.option) == (line, section, option)
+    assert message in problem.message
