@@ -180,17 +180,19 @@ def service_factories():
 
 
 def _stop_cleanly_on_sigterm(reactor) -> None:
-    """SIGTERM is how a service manager stops sftpauth: shut down and exit 0.
+    """SIGTERM (a service manager) and SIGINT (Ctrl-C) shut down cleanly and exit 0.
 
-    Twisted's own handler makes twistd re-raise the signal after the clean
-    shutdown, so the process would end "killed by SIGTERM" (status -15).
+    Twisted's own handlers make twistd re-raise the signal after the clean
+    shutdown, so the process would end "killed by SIGTERM" (status -15), or
+    by SIGINT (130 in a shell), as README.rst says it does not.
     """
 
     def stop(number, frame) -> None:
-        _log.info("Received SIGTERM, shutting down.")
+        _log.info("Received {name}, shutting down.", name=signal.Signals(number).name)
         reactor.callFromThread(reactor.stop)
 
     signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
 
 
 def makeService(options: Options, reactor=None) -> MultiService:

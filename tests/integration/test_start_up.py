@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import resource
+import signal
 import socket
 from pathlib import Path
 
@@ -105,3 +106,17 @@ def test_the_soft_limit_on_open_files_is_raised_to_the_hard_limit(tmp_path):
     finally:
         assert server.stop() == 0
     assert f"open files: at most {hard} (raised from 1024)" in server.log_tail()
+
+
+def test_sigint_stops_cleanly_with_exit_status_0(tmp_path):
+    """Ctrl-C (SIGINT) shuts down as SIGTERM does and exits 0, not "killed by SIGINT" (README.rst)."""
+    port = free_port()
+    config = f"[server]\ndata_folder = {tmp_path}/data\n\n[services/ftp]\ntype = ftp\nport = {port}\n"
+    server = SftpauthServer(tmp_path / "run", config, ports=(port,))
+    server.start()
+    try:
+        server.process.send_signal(signal.SIGINT)
+        assert server.process.wait(15) == 0
+    finally:
+        server.stop()
+    assert "Received SIGINT, shutting down." in server.log_tail()
