@@ -137,8 +137,12 @@ class Call:
         return self.form.get(name, "")
 
     def flag(self, name: str) -> bool:
+        """A checkbox of a form, or a JSON boolean (absent is false; ``"yes"`` or ``1`` is a 400, not false)."""
         if self.body_json is not None:
-            return self.body_json.get(name) is True
+            value = self.body_json.get(name, False)
+            if not isinstance(value, bool):
+                raise BadRequest(f'"{name}" must be true or false')
+            return value
         return self.form.get(name, "") in ("on", "yes", "1", "true")
 
 

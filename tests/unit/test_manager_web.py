@@ -323,6 +323,19 @@ def test_api_login_session_and_test_login(manager):
     assert "ftp-pass" not in outcome.text
 
 
+@pytest.mark.parametrize("value", ["yes", 1, "true", None])
+def test_api_test_login_manager_must_be_a_boolean(manager, value):
+    """"manager": "yes" or 1 is a 400, not silently a file-transfer test (docs/manager.rst: a boolean)."""
+    m = manager()
+    token = m.post_json("/api/v1/login", {"username": "admin", "password": "admin-pass"}).json()["csrf_token"]
+    outcome = m.post_json(
+        "/api/v1/test_login", {"username": "ftpuser", "password": "ftp-pass", "manager": value},
+        headers={"X-CSRF-Token": token},
+    )
+    assert outcome.status == 400
+    assert outcome.json() == {"error": '"manager" must be true or false'}
+
+
 def test_api_login_needs_json(manager):
     """POST /api/v1/login as a form (what a cross-site page can send) is refused with 415."""
     m = manager()
