@@ -147,7 +147,8 @@ def host(value: str) -> str:
         return str(ipaddress.ip_address(candidate))
     except ValueError:
         pass
-    if not _HOSTNAME.match(candidate):
+    if not _HOSTNAME.match(candidate) or re.fullmatch(r"[\d.]+", candidate):
+        # All digits and dots is meant as an IPv4 address (999.1.1.1, 10.0.0): no DNS name looks like that.
         raise VdtValueError(f"{word!r} is not an IP address or host name")
     return candidate
 
@@ -349,6 +350,13 @@ def make_validator(base_folder: str, environ: Mapping[str, str]) -> Validator:
         # Home folder templates such as /srv/ftp/${USER} keep their marker.
         return os.path.normpath(os.path.join(base_folder, word))
 
+    def folder(value: str) -> str:
+        """A path that must be a folder if it exists (it is made at start otherwise)."""
+        result = path(value)
+        if result and os.path.exists(result) and not os.path.isdir(result):
+            raise VdtValueError(f"{result!r} is a file, not a folder")
+        return result
+
     def path_list(value: str) -> tuple[str, ...]:
         return tuple(path(item) for item in split_list(value))
 
@@ -390,6 +398,7 @@ def make_validator(base_folder: str, environ: Mapping[str, str]) -> Validator:
         "permissions": permissions,
         "path": path,
         "path_list": path_list,
+        "folder": folder,
         "secret": secret,
         "unsupported": unsupported,
         "attribute": attribute,
@@ -419,7 +428,7 @@ def make_validator(base_folder: str, environ: Mapping[str, str]) -> Validator:
 # Checks of options that take one value: an indented line under them would be joined to the value with a
 # line break (a banner sent as two lines broke FTP; a password hash with a line after it never matched).
 ONE_LINE_CHECKS = (
-    "yesno", "text", "choice", "number", "port", "port_range", "host", "id", "path", "secret", "attribute",
+    "yesno", "text", "choice", "number", "port", "port_range", "host", "id", "path", "folder", "secret", "attribute",
     "dn", "home_folder_rule", "entry_point", "tls_trust", "shared_state", "worker_count",
 )
 

@@ -1056,3 +1056,19 @@ def test_what_configobj_cannot_read_is_placed_and_explained(text, line, section,
     problem = only_problem(text)
     assert (problem.line, problem.section, problem.option) == (line, section, option)
     assert message in problem.message
+
+
+def test_a_data_folder_that_is_a_file_is_an_error(tmp_path):
+    """check-config said "valid" and the start failed on the generated host keys."""
+    (tmp_path / "hostname").write_text("x\n")
+    problem = only_problem(f"[server]\ndata_folder = {tmp_path}/hostname\n")
+    assert (problem.section, problem.option, problem.line) == ("server", "data_folder", 2)
+    assert "is a file, not a folder" in problem.message
+
+
+@pytest.mark.parametrize("address", ["999.1.1.1", "10.0.0", "1.2.3.4.5"])
+def test_an_address_of_digits_and_dots_must_be_ipv4(address):
+    """Read as a host name it passed check-config and failed at start with a DNS error."""
+    problem = only_problem(f"[services/ftp]\ntype = ftp\nport = 2121\naddress = {address}\n")
+    assert (problem.option, problem.line) == ("address", 4)
+    assert "is not an IP address or host name" in problem.message
