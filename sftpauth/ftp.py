@@ -24,6 +24,10 @@ What sftpauth changes in Twisted's FTP protocol, and why:
   transfer, then 226) and ``QUIT`` (221 and the end of the session), which
   act at once; Twisted stopped reading during a transfer, so ``ABOR`` of a
   stalled download waited for the idle timeout;
+* TCP urgent data stays in the command stream (``SO_OOBINLINE`` on the
+  control socket): ``ftplib.FTP.abort()`` sends ABOR's LF as urgent data,
+  which the kernel otherwise removes, so the line never ended; Telnet
+  commands before a command (``IAC IP IAC DM``) are skipped;
 * a connection that does not log in within :data:`LOGIN_GRACE_SECONDS` is
   closed, whatever commands it sends (Twisted only has the idle timeout);
 * after ``PASV``/``EPSV`` the next commands are answered at once; only the
@@ -89,6 +93,7 @@ import inspect
 import ipaddress
 import io
 import os
+import socket
 import stat as stat_module
 import time
 from typing import Any, Callable, Iterable, Optional, Sequence
@@ -655,7 +660,48 @@ def _strip_list_options(path: str) -> str:
     return path
 
 
-_TELNET_BYTES = bytes(range(0xF0, 0x100))
+_TELNET_COMMAND_BYTES = range(0xF0, 0x100)  # SE ... IAC (RFC 854)
+_TELNET_IAC = 0xFF
+_TELNET_OPTION_VERBS = range(0xFB, 0xFF)  # WILL, WONT, DO, DONT: an option byte follows
+
+
+def strip_telnet_commands(line: bytes) -> bytes:
+    """``line`` without the Telnet commands before the FTP command (RFC 854).
+
+    RFC 959 clients send ABOR behind ``IAC IP IAC DM`` (interrupt, synch),
+    with a byte of it as TCP urgent data; a Telnet client negotiates options
+    (``IAC DO option``). A lone ``IAC`` or command byte, the rest of the
+    sequence lost on the way (a proxy dropping urgent data), goes too: no FTP
+    command starts with a byte from 0xF0 up.
+    """
+    start = 0
+    while start < len(line) and line[start] in _TELNET_COMMAND_BYTES:
+        verb = line[start + 1 : start + 2]
+        start += 3 if line[start] == _TELNET_IAC and verb and verb[0] in _TELNET_OPTION_VERBS else 1
+    return line[start:]
+
+
+def keep_urgent_data_inline(transport) -> bool:
+    """Set SO_OOBINLINE on the socket under ``transport`` (through TLS and wrappers); whether it was found.
+
+    Python's ``ftplib.FTP.abort()`` sends ``ABOR`` CRLF with MSG_OOB: its
+    last byte (LF) is TCP urgent data, which the kernel otherwise takes out of
+    the stream, so the line never ended and the next command was glued to
+    it. Inline, urgent bytes are ordinary bytes of the command line.
+    """
+    for _ in range(8):  # the TCP connection, the connection guard, TLS: never deeper
+        get_handle = getattr(transport, "getHandle", None)
+        handle = get_handle() if get_handle is not None else None
+        if isinstance(handle, socket.socket):
+            try:
+                handle.setsockopt(socket.SOL_SOCKET, socket.SO_OOBINLINE, 1)
+            except OSError:
+                return False
+            return True
+        transport = getattr(transport, "transport", None)
+        if transport is None:
+            break
+    return False
 
 
 def _wire_name(name) -> bytes:
@@ -915,6 +961,7 @@ class SftpauthFTP(ftp.FTP):
         self._login_deadline = self.factory.reactor.callLater(LOGIN_GRACE_SECONDS, self._login_too_slow)
         if self.tls_options is not None:  # implicit FTPS: every channel protected from the start
             self._protection = "P"
+        keep_urgent_data_inline(self.transport)
         super().connectionMade()
 
     def connectionLost(self, reason) -> None:
@@ -1000,8 +1047,7 @@ class SftpauthFTP(ftp.FTP):
         self.resetTimeout()
         if line.endswith(b"\r"):
             line = line[:-1]
-        # Clients send ABOR behind Telnet "interrupt" and "synch" bytes (IAC IP IAC DM).
-        text = line.lstrip(_TELNET_BYTES).decode("utf-8", "surrogateescape")
+        text = strip_telnet_commands(line).decode("utf-8", "surrogateescape")
         if self._running is None and not self._queued:
             self._run(text)
             return

@@ -530,6 +530,25 @@ def test_abor_during_a_stalled_download_aborts_it_at_once(ftp_server):
     data.close()
 
 
+def test_ftplib_abort_of_a_download_aborts_it_and_the_session_goes_on(ftp_server):
+    """``ftplib.FTP.abort()`` (ABOR with its LF as TCP urgent data) aborts a running RETR; PWD works after it.
+
+    Before SO_OOBINLINE on the control socket the kernel took the urgent LF
+    out of the stream: the ABOR line never ended and abort() hung.
+    """
+    path = ftp_server.home("alice") / "abort-ftplib.bin"
+    if not path.exists():
+        path.write_bytes(os.urandom(1 << 20) * 32)
+    client = ftp_server.client()
+    data = client.transfercmd("RETR abort-ftplib.bin")
+    assert data.recv(1000)
+    assert client.abort().startswith("426")  # the transfer's answer...
+    assert client.voidresp().startswith("226")  # ...then ABOR's (RFC 959); ftplib's abort() reads only the first
+    data.close()
+    assert client.pwd() == "/"
+    client.quit()
+
+
 def test_quit_during_a_stalled_download_ends_the_session(ftp_server):
     """QUIT during a transfer is answered 221 and the session ends, without waiting for the transfer."""
     raw, data = _stalled_download(ftp_server, "quit-stalled.bin")

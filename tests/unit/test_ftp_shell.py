@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import socket
 import time
 import types
 
@@ -24,8 +25,8 @@ from sftpauth.auth.credentials import LoginRequest
 from sftpauth.config.models import FTPServiceSettings
 from sftpauth.filesystem import JailedFilesystem
 from sftpauth.ftp import (
-    FAILED_LOGIN_DELAY, LOGIN_GRACE_SECONDS, MAX_QUEUED_COMMANDS, FileDownload, FileUpload, FTPReplyError, FTPServiceFactory, JailedFTPShell, list_line, listing_name,
-    mlsx_facts,
+    FAILED_LOGIN_DELAY, LOGIN_GRACE_SECONDS, MAX_QUEUED_COMMANDS, FileDownload, FileUpload, FTPReplyError, FTPServiceFactory, JailedFTPShell,
+    keep_urgent_data_inline, list_line, listing_name, mlsx_facts, strip_telnet_commands,
 )
 from sftpauth.permissions import FULL_CONTROL, Permission
 from sftpauth.realm import SessionInfo
@@ -595,6 +596,63 @@ def test_lines_may_end_in_a_bare_lf_and_replies_end_in_crlf(connection):
         b"503 Incorrect sequence of commands: PASS required after USER",
         b"",
     ]
+
+
+@pytest.mark.parametrize(
+    "prefix",
+    [
+        b"\xff\xf4\xff\xf2",  # IAC IP IAC DM: RFC 959's interrupt and synch, the urgent byte kept inline
+        b"\xff\xf4\xf2",  # BSD ftp's urgent IAC lost on the way (a proxy)
+        b"\xff\xf4\xff",  # the DM lost
+        b"\xff\xfb\x01\xff\xfd\x03",  # a Telnet client's option negotiation: IAC WILL ECHO, IAC DO SUPPRESS-GO-AHEAD
+    ],
+)
+@pytest.mark.parametrize("ending", [b"\r\n", b"\n"])
+def test_telnet_commands_before_a_command_are_skipped(connection, prefix, ending):
+    """Telnet commands before a command (IAC IP IAC DM before ABOR, option negotiation) are not part of it."""
+    connection.transport.clear()
+    connection.protocol.dataReceived(prefix + b"NOOP" + ending + prefix + b"USER alice" + ending)
+    assert connection.transport.value().split(b"\r\n") == [b"200 Command OK", b"331 Password required.", b""]
+
+
+def test_telnet_commands_are_skipped_only_at_the_start_of_a_line():
+    """Only the bytes before the command go; its argument keeps every byte."""
+    assert strip_telnet_commands(b"\xff\xf4\xff\xf2ABOR") == b"ABOR"
+    assert strip_telnet_commands(b"\xff\xfdAABOR") == b"ABOR"  # IAC DO option 'A'
+    assert strip_telnet_commands(b"MKD \xff\xf4name") == b"MKD \xff\xf4name"
+    assert strip_telnet_commands(b"\xff") == b""
+    assert strip_telnet_commands(b"NOOP") == b"NOOP"
+
+
+def test_abor_behind_telnet_commands_is_read_while_a_command_runs(connection):
+    """ABOR behind IAC IP IAC DM, sent while the login is checked, is ABOR: answered right after the login."""
+    connection.send(b"USER alice")
+    connection.send(b"PASS pw")
+    connection.transport.clear()
+    connection.protocol.dataReceived(b"\xff\xf4\xff\xf2ABOR\r\n")
+    assert connection.transport.value() == b""
+    connection.portal.accept()
+    assert connection.transport.value().split(b"\r\n") == [b"230 User logged in, proceed", b"226 Abort successful", b""]
+
+
+class _SocketTransport(StringTransport):
+    def __init__(self, handle):
+        super().__init__()
+        self._handle = handle
+
+    def getHandle(self):
+        return self._handle
+
+
+def test_urgent_data_is_kept_inline_on_the_control_socket_under_tls_and_wrappers():
+    """SO_OOBINLINE is set on the TCP socket found under the TLS layer and the connection guard (ftplib's ABOR)."""
+    control, client = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    with control, client:
+        guard = types.SimpleNamespace(transport=_SocketTransport(control))  # a ProtocolWrapper: no handle of its own
+        tls = types.SimpleNamespace(getHandle=lambda: object(), transport=guard)  # TLSMemoryBIOProtocol's handle is not a socket
+        assert keep_urgent_data_inline(tls)
+        assert control.getsockopt(socket.SOL_SOCKET, socket.SO_OOBINLINE) == 1
+    assert not keep_urgent_data_inline(StringTransport())
 
 
 def test_over_long_line_gets_500_and_is_closed(connection):
