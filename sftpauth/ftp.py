@@ -37,6 +37,8 @@ What sftpauth changes in Twisted's FTP protocol, and why:
 * ``MLSD`` and ``MLST`` (RFC 3659) give machine-readable listings: type,
   size, exact UTC modification time, and ``perm`` from the primary group's
   permissions (so a client knows what it may do before it tries);
+* ``XPWD``, ``XCWD``, ``XCUP``, ``XMKD``, ``XRMD`` (RFC 775, sent by
+  Windows ``ftp.exe``) are ``PWD``, ``CWD``, ``CDUP``, ``MKD``, ``RMD``;
 * ``REST n`` (RFC 3659, ``REST STREAM``) resumes the next ``RETR`` at byte
   n, or the next ``STOR`` (the file keeps its first n bytes and is written
   from there); any other command in between cancels it, and an offset past
@@ -1579,6 +1581,13 @@ class SftpauthFTP(ftp.FTP):
         return self.shell.removeDirectory(self._segments(path)).addCallback(
             lambda ignored: (ftp.REQ_FILE_ACTN_COMPLETED_OK,)
         )
+
+    # RFC 775's names, which RFC 1123 4.1.3.1 says to accept: Windows ftp.exe sends them.
+    ftp_XPWD = ftp_PWD
+    ftp_XCWD = ftp_CWD
+    ftp_XCUP = ftp_CDUP
+    ftp_XMKD = ftp_MKD
+    ftp_XRMD = ftp_RMD
 
     def ftp_DELE(self, path):
         return self.shell.removeFile(self._segments(path)).addCallback(

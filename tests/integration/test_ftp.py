@@ -577,6 +577,35 @@ def test_commands_sent_during_a_transfer_are_answered_after_it_in_order(ftp_serv
     data.close()
 
 
+def _replies(client: ftplib.FTP, commands: list[str]) -> list[str]:
+    """Each command's reply, refusals included."""
+    replies = []
+    for command in commands:
+        try:
+            replies.append(client.sendcmd(command))
+        except ftplib.error_perm as error:
+            replies.append(str(error))
+    return replies
+
+
+def test_rfc_775_x_commands_answer_as_their_rfc_959_names(ftp_server):
+    """XMKD, XCWD, XPWD, XCUP and XRMD (Windows ftp.exe) are MKD, CWD, PWD, CDUP and RMD: same replies, same checks."""
+    client = ftp_server.client()
+    rfc_959 = _replies(client, ["MKD x-names", "CWD x-names", "PWD", "CDUP", "PWD", "MKD x-names", "RMD x-names", "RMD x-names"])
+    rfc_775 = _replies(client, ["XMKD x-names", "XCWD x-names", "XPWD", "XCUP", "XPWD", "XMKD x-names", "XRMD x-names", "XRMD x-names"])
+    assert rfc_775 == rfc_959
+    assert rfc_775[:3] == ['257 "/x-names" created.', "250 Requested File Action Completed OK", '257 "/x-names" is the current folder.']
+    assert rfc_775[5].startswith("550") and rfc_775[7].startswith("550")
+    assert not any(line.strip().startswith("X") for line in client.sendcmd("FEAT").splitlines())
+    assert _replies(client, ["HELP"])[0].startswith("502")  # no command list that could leave them out
+    client.quit()
+    reader = ftp_server.client("reader", "reader-pass")
+    assert _replies(reader, ["XMKD x-refused"]) == _replies(reader, ["MKD x-refused"])
+    assert _replies(reader, ["XMKD x-refused"])[0].startswith("550 /x-refused: Permission denied")
+    reader.quit()
+    assert not (ftp_server.home("reader") / "x-refused").exists()
+
+
 def test_utf8_file_names_round_trip(ftp_server):
     """Names with é and 日本 are stored as UTF-8 on disk and listed and read back unchanged."""
     client = ftp_server.client()
