@@ -813,6 +813,20 @@ def test_symlink_inside_the_home_folder_works(ftp_server):
     client.quit()
 
 
+def test_a_link_to_a_file_is_listed_under_its_own_name(ftp_server):
+    """LIST, NLST and MLST of a link to a file name the link (as ``ls -l link``), with the file's size."""
+    home = ftp_server.home("alice")
+    (home / "small.bin").write_bytes(b"12345")
+    if not os.path.lexists(home / "in-file"):
+        os.symlink("small.bin", home / "in-file")
+    client = ftp_server.client()
+    (line,) = listing(client, "in-file")
+    assert line.split()[4] == "5" and line.endswith(" in-file")
+    assert client.nlst("in-file") == ["in-file"]
+    assert client.sendcmd("MLST in-file").splitlines()[1].endswith(" /in-file")
+    client.quit()
+
+
 def test_dele_and_rename_of_a_symlink_act_on_the_link_not_the_file(ftp_server):
     """DELE of a link to a file in the home deletes the link, RNFR/RNTO renames the link; the file stays."""
     home = ftp_server.home("alice")

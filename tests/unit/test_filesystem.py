@@ -420,6 +420,15 @@ def test_list_directory_of_a_file_lists_the_file(make_fs, result_of):
     assert stat_result.st_size == len("report")
 
 
+def test_list_directory_of_a_link_to_a_file_lists_it_under_the_link_s_name(make_fs, result_of):
+    """Listing a link to a file shows the link's own name with its target's size, as ``ls -l link`` does."""
+    ((name, stat_result),) = result_of(make_fs().list_directory("absolute-inside-link", cwd="/"))
+    assert name == "absolute-inside-link"
+    assert stat_result.st_size == len("report")
+    ((name, _),) = result_of(make_fs().list_directory("../inside-link/report.txt", cwd="/docs"))
+    assert name == "report.txt"
+
+
 def test_open_folder_refuses_a_file(make_fs, result_of):
     """SFTP opendir of a file is "not a folder", found in the same thread trip as the folder is opened."""
     with pytest.raises(NotADirectoryError):
