@@ -227,26 +227,31 @@ class JailedFilesystem:
         client_path,
         cwd: str = "/",
         then: Optional[Callable[[list[tuple[str, os.stat_result]]], Any]] = None,
+        folder_only: bool = False,
     ) -> defer.Deferred:
         """``[(name, stat_result)]`` of a folder, or ``then(entries)``; entries leading outside are hidden.
 
         A file is listed as itself, under the last name of the path as
         given: a link's own name, not its target's, as ``ls -l link`` shows
         it (FTP ``LIST file``; SFTP ``opendir`` uses :meth:`open_folder`,
-        which refuses it). ``then`` runs in the same thread trip: FTP formats
-        its listings there, in one trip, not two.
+        which refuses it). ``folder_only``: a file is NotADirectoryError
+        instead (FTP ``MLSD``). ``then`` runs in the same thread trip: FTP
+        formats its listings there, in one trip, not two.
         """
 
         def listing(real: str):
-            entries = self._list(real, posixpath.basename(virtual_path(client_path, cwd)))
+            entries = self._list(real, posixpath.basename(virtual_path(client_path, cwd)), folder_only)
             return entries if then is None else then(entries)
 
         return self._call(Permission.LIST, client_path, cwd, listing)
 
-    def _list(self, real: str, name: str) -> list[tuple[str, os.stat_result]]:
+    def _list(self, real: str, name: str, folder_only: bool = False) -> list[tuple[str, os.stat_result]]:
         """The entries of the folder ``real``, or ``[(name, its stat)]`` when it is a file."""
         if not os.path.isdir(real):
-            return [(name, os.stat(real))]
+            result = os.stat(real)  # a missing one is FileNotFoundError, also with folder_only
+            if folder_only:
+                raise NotADirectoryError(errno.ENOTDIR, "not a folder", name)
+            return [(name, result)]
         with os.scandir(real) as iterator:
             entries = [listed for listed in map(self._listed, iterator) if listed is not None]
         entries.sort(key=lambda item: item[0])

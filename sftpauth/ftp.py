@@ -36,7 +36,8 @@ What sftpauth changes in Twisted's FTP protocol, and why:
   then answering an unsolicited 425 that put every later reply one late;
 * ``MLSD`` and ``MLST`` (RFC 3659) give machine-readable listings: type,
   size, exact UTC modification time, and ``perm`` from the primary group's
-  permissions (so a client knows what it may do before it tries);
+  permissions (so a client knows what it may do before it tries); ``MLSD``
+  of a file is 501, as pyftpdlib answers (RFC 3659 7.2.1);
 * ``XPWD``, ``XCWD``, ``XCUP``, ``XMKD``, ``XRMD`` (RFC 775, sent by
   Windows ``ftp.exe``) are ``PWD``, ``CWD``, ``CDUP``, ``MKD``, ``RMD``;
 * ``REST n`` (RFC 3659, ``REST STREAM``) resumes the next ``RETR`` at byte
@@ -389,18 +390,28 @@ class JailedFTPShell:
             path, lambda virtual: self.filesystem.stat(virtual).addCallback(mlsx_facts, permissions, facts)
         )
 
-    def listing(self, path, line: _LineFormat, glob: Optional[str] = None) -> defer.Deferred:
+    def listing(self, path, line: _LineFormat, glob: Optional[str] = None, folder_only: bool = False) -> defer.Deferred:
         """Not in IFTPShell: a folder's listing as the bytes its data connection carries.
 
         ``line(name, stat_result)`` formats one entry. The folder is read and
         every line formatted in the thread pool: a folder of 200,000 entries
         formatted on the reactor stopped every other session for seconds.
+        ``folder_only``: a file is refused with 501 (MLSD, RFC 3659 7.2.1),
+        not listed as itself.
         """
 
         def render(entries: list[tuple[str, os.stat_result]]) -> bytes:
             return render_listing(entries, line, glob)
 
-        return self._call(path, lambda virtual: self.filesystem.list_directory(virtual, then=render))
+        def not_a_folder(failure: Failure, virtual: str):
+            failure.trap(NotADirectoryError)
+            raise FTPReplyError(501, f"{virtual}: Not a folder (MLST gives the facts of a file).")
+
+        def list_(virtual: str) -> defer.Deferred:
+            listed = self.filesystem.list_directory(virtual, then=render, folder_only=folder_only)
+            return listed.addErrback(not_a_folder, virtual) if folder_only else listed
+
+        return self._call(path, list_)
 
     def setModificationTime(self, path, modified: float):
         """Not in IFTPShell: MFMT (needs allow-write, as SFTP's setstat does)."""
@@ -1649,7 +1660,9 @@ class SftpauthFTP(ftp.FTP):
             return self._segments(folder or slash), last
         return self._segments(path), None
 
-    def _send_listing(self, folder: list[str], lines: Callable[[], _LineFormat], glob: Optional[str] = None):
+    def _send_listing(
+        self, folder: list[str], lines: Callable[[], _LineFormat], glob: Optional[str] = None, folder_only: bool = False
+    ):
         """Send a folder's listing through the data connection; ``lines()`` gives the line format."""
 
         def transfer(dtp):
@@ -1659,7 +1672,7 @@ class SftpauthFTP(ftp.FTP):
                 sending.addErrback(lambda failure: _raise(internet_error.ConnectionLost("the data connection was closed")))
                 return sending.addCallbacks(lambda ignored: (ftp.TXFR_COMPLETE_OK,), self._transfer_failed)
 
-            listing = self.shell.listing(folder, lines(), glob)
+            listing = self.shell.listing(folder, lines(), glob, folder_only)
             return listing.addCallback(self._when_secured, dtp).addCallback(send)
 
         return self._with_data_channel(transfer).addBoth(self._transfer_done)
@@ -1681,7 +1694,7 @@ class SftpauthFTP(ftp.FTP):
             permissions, facts = self.shell.filesystem.permissions, self._mlst_facts
             return lambda name, result: mlsx_facts(result, permissions, facts).encode("ascii") + b" " + listing_name(name)
 
-        return self._send_listing(self._segments(path), lines)
+        return self._send_listing(self._segments(path), lines, folder_only=True)  # a file: 501, as pyftpdlib answers
 
     def ftp_MLST(self, path=""):
         segments = self._segments(path)

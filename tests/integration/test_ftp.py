@@ -389,6 +389,19 @@ def test_mlsd_and_mlst_give_exact_facts(ftp_server):
     client.quit()
 
 
+def test_mlsd_of_a_file_is_501_and_mlst_of_it_answers(ftp_server):
+    """MLSD lists folders only: a file is 501 (RFC 3659 7.2.1, as pyftpdlib answers), a missing path 550; MLST of the file answers."""
+    client = ftp_server.client()
+    upload(client, "mlsd-file.bin", b"xyz")
+    with pytest.raises(ftplib.error_perm, match="^501 /mlsd-file.bin: Not a folder"):
+        list(client.mlsd("mlsd-file.bin"))
+    with pytest.raises(ftplib.error_perm, match="^550"):
+        list(client.mlsd("mlsd-missing"))
+    assert client.sendcmd("MLST mlsd-file.bin").splitlines()[1].startswith(" type=file;size=3;")
+    assert client.voidcmd("NOOP").startswith("200")
+    client.quit()
+
+
 def test_a_large_folder_lists_completely_and_names_cannot_forge_lines(ftp_server):
     """20,000 entries come through LIST, NLST and MLSD whole; control characters in a name are sent as '?'."""
     folder = ftp_server.home("alice") / "big"

@@ -236,6 +236,16 @@ def test_list_hides_links_outside_and_shows_links_inside(shell, home, result_of)
     assert result_of(shell.list(["a.txt"])) == [("a.txt", [])]
 
 
+def test_a_folder_only_listing_refuses_a_file_with_501(shell, home, result_of):
+    """MLSD's listing of a file is 501 (RFC 3659 7.2.1), in the same thread trip; other listings list the file."""
+    (home / "f.txt").write_bytes(b"abc")
+    refused = failure_of(shell.listing(["f.txt"], lambda name, result: name.encode(), folder_only=True)).value
+    assert refused.response() == "501 /f.txt: Not a folder (MLST gives the facts of a file)."
+    assert failure_of(shell.listing(["missing"], lambda name, result: b"", folder_only=True)).check(twisted_ftp.FileNotFoundError)
+    assert result_of(shell.listing(["f.txt"], lambda name, result: name.encode())) == b"f.txt\r\n"
+    assert result_of(shell.listing([], lambda name, result: name.encode(), folder_only=True)) == b"f.txt\r\n"
+
+
 def test_permissions_are_enforced(home, run_in_thread):
     """Without the group's permission, each operation fails with PermissionDeniedError."""
     (home / "f.txt").write_bytes(b"x")
