@@ -38,6 +38,8 @@ What sftpauth changes in Twisted's FTP protocol, and why:
   size, exact UTC modification time, and ``perm`` from the primary group's
   permissions (so a client knows what it may do before it tries); ``MLSD``
   of a file is 501, as pyftpdlib answers (RFC 3659 7.2.1);
+* ``RNFR`` of a name that does not exist (or leads outside) is 550 at
+  once, not 350 and an error after ``RNTO``;
 * ``XPWD``, ``XCWD``, ``XCUP``, ``XMKD``, ``XRMD`` (RFC 775, sent by
   Windows ``ftp.exe``) are ``PWD``, ``CWD``, ``CDUP``, ``MKD``, ``RMD``;
 * ``REST n`` (RFC 3659, ``REST STREAM``) resumes the next ``RETR`` at byte
@@ -120,7 +122,9 @@ from zope.interface import implementer
 from sftpauth.auth.credentials import LoginRequest
 from sftpauth.config.errors import ConfigError, ConfigProblem
 from sftpauth.config.models import FTPServiceSettings
-from sftpauth.filesystem import CONTROL_CHARACTERS, MONTHS, InvalidPath, JailedFilesystem, OffsetPastEnd, OutsideJail
+from sftpauth.filesystem import (
+    CONTROL_CHARACTERS, MONTHS, InvalidPath, JailedFilesystem, OffsetPastEnd, OutsideJail, resolve_entry,
+)
 from sftpauth.listening import LOGIN_GRACE_SECONDS, listening_service
 from sftpauth.permissions import Permission, PermissionDenied
 from sftpauth.realm import SessionInfo
@@ -357,6 +361,19 @@ class JailedFTPShell:
 
         return self._call(fromPath, lambda source: self.filesystem.rename(source, target).addErrback(target_error))
 
+    def checkRenameSource(self, path):
+        """Not in IFTPShell: RNFR's check that the source may be renamed and exists, in the thread pool.
+
+        It exists as :meth:`rename` takes it: a link itself (also a dangling
+        one), inside the jail; a link leading outside is "no such file".
+        """
+
+        def check(virtual: str) -> defer.Deferred:
+            self.filesystem.require(Permission.RENAME, virtual)
+            return self.filesystem.run(_require_entry, self.filesystem.root, virtual)
+
+        return self._call(path, check)
+
     def access(self, path):
         def check(virtual: str) -> defer.Deferred:
             def is_directory(answer: bool) -> None:
@@ -434,6 +451,12 @@ class JailedFTPShell:
 
 def _raise(error: BaseException):
     raise error
+
+
+def _require_entry(root: str, virtual: str) -> None:
+    """FileNotFoundError unless ``virtual`` names an entry inside ``root`` (blocking: call it in a thread)."""
+    if not os.path.lexists(resolve_entry(root, virtual)):
+        raise FileNotFoundError(errno.ENOENT, "no such file or folder", virtual)
 
 
 # -- file data, in the thread pool -----------------------------------------------------
@@ -1604,6 +1627,19 @@ class SftpauthFTP(ftp.FTP):
         return self.shell.removeFile(self._segments(path)).addCallback(
             lambda ignored: (ftp.REQ_FILE_ACTN_COMPLETED_OK,)
         )
+
+    def ftp_RNFR(self, fromName):
+        """350 only for a name that exists (and may be renamed), else 550, as ProFTPD and vsftpd answer.
+
+        Twisted answered 350 to any name and the error came only after RNTO.
+        """
+
+        def pending(ignored):
+            self._fromName = fromName
+            self.state = self.RENAMING
+            return (ftp.REQ_FILE_ACTN_PENDING_FURTHER_INFO,)
+
+        return self.shell.checkRenameSource(self._segments(fromName)).addCallback(pending)
 
     def ftp_RNTO(self, toName):
         fromName = self.__dict__.pop("_fromName", None)

@@ -433,6 +433,25 @@ def test_rename_moves_a_file(ftp_server):
     client.quit()
 
 
+def test_rnfr_of_a_missing_name_or_a_link_leading_outside_is_550(ftp_server):
+    """RNFR answers 550 for a name that does not exist or leads outside the home (as ProFTPD, vsftpd), 350 for one that exists."""
+    home = ftp_server.home("alice")
+    if not os.path.lexists(home / "rnfr-outside"):
+        os.symlink("/etc/passwd", home / "rnfr-outside")
+    client = ftp_server.client()
+    with pytest.raises(ftplib.error_perm, match="^550 /rnfr-missing: No such file"):
+        client.sendcmd("RNFR rnfr-missing")
+    with pytest.raises(ftplib.error_perm, match="^550 /rnfr-outside: No such file"):
+        client.sendcmd("RNFR rnfr-outside")
+    with pytest.raises(ftplib.error_perm, match="^503"):
+        client.sendcmd("RNTO rnfr-target")  # a refused RNFR leaves no rename pending
+    upload(client, "rnfr-here.txt", b"x")
+    assert client.sendcmd("RNFR rnfr-here.txt").startswith("350")
+    assert client.sendcmd("RNTO rnfr-there.txt").startswith("250")
+    client.quit()
+    assert os.path.islink(home / "rnfr-outside") and (home / "rnfr-there.txt").read_bytes() == b"x"
+
+
 def test_delete_removes_a_file(ftp_server):
     """DELE removes a file; deleting it again is 550."""
     client = ftp_server.client()

@@ -182,6 +182,30 @@ def test_rename_errors_about_the_target_name_the_target(shell, home):
     assert into_itself.value.response() == "550 /d1/inner: a folder cannot be moved into itself."
 
 
+def test_rename_source_must_exist_inside_and_may_be_renamed(home, run_in_thread, result_of):
+    """RNFR's check: a file or a link (even dangling) passes; a missing name or a link leading outside is not found."""
+    (home / "a.txt").write_bytes(b"a")
+    (home / "dangling").symlink_to(home / "gone")
+    (home / "outside").symlink_to("/etc/passwd")
+    shell = JailedFTPShell(JailedFilesystem(str(home), FULL_CONTROL, run_in_thread))
+    result_of(shell.checkRenameSource(["a.txt"]))
+    result_of(shell.checkRenameSource(["dangling"]))
+    assert failure_of(shell.checkRenameSource(["missing"])).value.response() == "550 /missing: No such file or directory."
+    assert failure_of(shell.checkRenameSource(["outside"])).value.response() == "550 /outside: No such file or directory."
+    reader = JailedFTPShell(JailedFilesystem(str(home), frozenset({Permission.READ, Permission.LIST}), run_in_thread))
+    assert failure_of(reader.checkRenameSource(["a.txt"])).check(twisted_ftp.PermissionDeniedError)
+
+
+def test_rename_source_is_checked_in_the_thread_pool(home):
+    """The existence check touches the disk only in the thread pool, never on the reactor."""
+    threads = ManualThreads()
+    shell = JailedFTPShell(JailedFilesystem(str(home), FULL_CONTROL, threads))
+    checked = shell.checkRenameSource(["missing"])
+    assert not checked.called and len(threads.pending) == 1
+    threads.run_all()
+    assert failure_of(checked).check(twisted_ftp.FileNotFoundError)
+
+
 def test_access_needs_an_existing_folder_inside(shell, home, result_of):
     """access (CWD) succeeds for folders only; files, missing names and escaping links fail."""
     (home / "dir").mkdir()
