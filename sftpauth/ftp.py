@@ -351,15 +351,19 @@ class JailedFTPShell:
         except InvalidPath:
             return defer.fail(ftp_error(Failure(), "/"))
 
-        def target_error(failure: Failure):
+        def target_error(failure: Failure, source: str):
             """What is wrong with the target names the target, not the source."""
             if failure.check(FileExistsError):
                 raise ftp.FileExistsError(target)
             if failure.check(OSError) and failure.value.errno == errno.EINVAL:
                 raise FTPReplyError(550, f"{target}: a folder cannot be moved into itself.")
+            if failure.check(OutsideJail) and not _on_path(failure.value.virtual_path, source):
+                raise ftp.FileNotFoundError(target)  # the target, or a folder of it, leads outside
             return failure
 
-        return self._call(fromPath, lambda source: self.filesystem.rename(source, target).addErrback(target_error))
+        return self._call(
+            fromPath, lambda source: self.filesystem.rename(source, target).addErrback(target_error, source)
+        )
 
     def checkRenameSource(self, path):
         """Not in IFTPShell: RNFR's check that the source may be renamed and exists, in the thread pool.
@@ -451,6 +455,11 @@ class JailedFTPShell:
 
 def _raise(error: BaseException):
     raise error
+
+
+def _on_path(folder: str, virtual: str) -> bool:
+    """Whether ``folder`` is ``virtual`` or one of the folders above it (both session paths)."""
+    return virtual == folder or virtual.startswith(folder.rstrip("/") + "/")
 
 
 def _require_entry(root: str, virtual: str) -> None:

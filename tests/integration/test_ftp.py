@@ -452,6 +452,21 @@ def test_rnfr_of_a_missing_name_or_a_link_leading_outside_is_550(ftp_server):
     assert os.path.islink(home / "rnfr-outside") and (home / "rnfr-there.txt").read_bytes() == b"x"
 
 
+def test_rnto_onto_a_link_leading_outside_names_the_target(ftp_server):
+    """RNTO onto a link that leads outside the home is 550 naming the target the client gave, not the source."""
+    home = ftp_server.home("alice")
+    outside = ftp_server.folder / "rnto-outside.bin"  # beside the homes: outside alice's
+    if not os.path.lexists(home / "rnto-outside"):
+        os.symlink(outside, home / "rnto-outside")
+    client = ftp_server.client()
+    upload(client, "ov.bin", b"ov")
+    assert client.sendcmd("RNFR ov.bin").startswith("350")
+    with pytest.raises(ftplib.error_perm, match="^550 /rnto-outside: No such file"):
+        client.sendcmd("RNTO rnto-outside")
+    client.quit()
+    assert (home / "ov.bin").read_bytes() == b"ov" and not os.path.lexists(outside)
+
+
 def test_delete_removes_a_file(ftp_server):
     """DELE removes a file; deleting it again is 550."""
     client = ftp_server.client()

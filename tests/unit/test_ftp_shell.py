@@ -182,6 +182,21 @@ def test_rename_errors_about_the_target_name_the_target(shell, home):
     assert into_itself.value.response() == "550 /d1/inner: a folder cannot be moved into itself."
 
 
+def test_rename_onto_a_link_leading_outside_names_the_target(shell, home, tmp_path):
+    """RNTO onto a link leading outside (or into a folder through one) is 550 naming the target; a source outside names the source."""
+    (tmp_path / "elsewhere").mkdir()
+    (home / "ov.bin").write_bytes(b"x")
+    (home / "out-link").symlink_to(tmp_path / "elsewhere" / "f.bin")
+    (home / "out-folder").symlink_to(tmp_path / "elsewhere")
+    onto = failure_of(shell.rename(["ov.bin"], ["out-link"])).value
+    assert onto.response() == "550 /out-link: No such file or directory."
+    into = failure_of(shell.rename(["ov.bin"], ["out-folder", "new.bin"])).value
+    assert into.response() == "550 /out-folder/new.bin: No such file or directory."
+    source = failure_of(shell.rename(["out-folder", "f.bin"], ["out-folder", "g.bin"])).value
+    assert source.response() == "550 /out-folder/f.bin: No such file or directory."
+    assert (home / "ov.bin").read_bytes() == b"x" and os.listdir(tmp_path / "elsewhere") == []
+
+
 def test_rename_source_must_exist_inside_and_may_be_renamed(home, run_in_thread, result_of):
     """RNFR's check: a file or a link (even dangling) passes; a missing name or a link leading outside is not found."""
     (home / "a.txt").write_bytes(b"a")
