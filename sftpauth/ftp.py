@@ -10,7 +10,9 @@ What sftpauth changes in Twisted's FTP protocol, and why:
 
 * the control channel speaks UTF-8; bytes that are not UTF-8 never crash
   a command: they reach the chain as lone surrogates (the login fails as
-  invalid-username) and a path holding them gets 553;
+  invalid-username), a path holding them names the file with those bytes
+  (listings send names as they are on disk) and a new name holding them
+  gets 553;
 * every error answer is an FTP reply without a traceback; a failed login is
   always ``530 Login failed.`` (the reason is in the audit log), sent after
   :data:`FAILED_LOGIN_DELAY`, as SSH does;
@@ -123,7 +125,7 @@ from sftpauth.auth.credentials import LoginRequest
 from sftpauth.config.errors import ConfigError, ConfigProblem
 from sftpauth.config.models import FTPServiceSettings
 from sftpauth.filesystem import (
-    CONTROL_CHARACTERS, MONTHS, InvalidPath, JailedFilesystem, OffsetPastEnd, OutsideJail, resolve_entry,
+    CONTROL_CHARACTERS, MONTHS, NOT_A_BYTE, InvalidPath, JailedFilesystem, OffsetPastEnd, OutsideJail, resolve_entry,
 )
 from sftpauth.listening import LOGIN_GRACE_SECONDS, listening_service
 from sftpauth.permissions import Permission, PermissionDenied
@@ -207,7 +209,7 @@ def ftp_error(failure: Failure, virtual: str) -> ftp.FTPCmdError:
             return FTPReplyError(553, "File name not allowed: the name is too long.")
         if error.errno in (errno.ELOOP, errno.EXDEV, errno.EINVAL):
             return FTPReplyError(550, f"{virtual}: Requested action not taken.")
-    _log.failure("unexpected error on {path}", failure, path=virtual)
+    _log.failure("unexpected error on {path}", failure, path=virtual.encode("utf-8", "backslashreplace").decode())
     return FTPReplyError(451, "Requested action aborted: local error in processing.")
 
 
@@ -215,15 +217,18 @@ def ftp_error(failure: Failure, virtual: str) -> ftp.FTPCmdError:
 
 
 def virtual_name(segments: Sequence[str]) -> str:
-    """Join Twisted's path segments into the session path; refuse unusable names."""
+    """Join Twisted's path segments into the session path; refuse unusable names.
+
+    Bytes that are not UTF-8 arrive as surrogate escapes (the control
+    channel is decoded so) and name the file with those bytes on disk, as
+    the listings send them: such a file can be fetched, renamed or deleted.
+    A new name must be UTF-8 (the jail's ``check_new_name``).
+    """
     names = []
     for segment in segments:
         if isinstance(segment, bytes):
-            try:
-                segment = segment.decode("utf-8")
-            except UnicodeDecodeError:
-                raise InvalidPath("the name is not valid UTF-8") from None
-        if any("\ud800" <= char <= "\udfff" for char in segment):
+            segment = segment.decode("utf-8", "surrogateescape")
+        if NOT_A_BYTE.search(segment):
             raise InvalidPath("the name is not valid UTF-8")
         if "\r" in segment or "\n" in segment:
             raise InvalidPath("the name contains a line break")

@@ -1119,3 +1119,27 @@ def test_sigterm_stops_the_process_with_status_zero(tmp_path):
     assert events.count("session-start") == 1 and events.count("session-end") == 1
     assert events.index("session-start") < events.index("session-end")
     assert "Traceback" not in server.process.log_text()
+
+
+def test_existing_names_that_are_not_utf8_stay_usable(ftp_server):
+    """A file made on the server with a Latin-1 name is listed with its bytes, downloaded, renamed and deleted; a new such name is 553."""
+    home = os.fsencode(ftp_server.home("alice"))
+    stem = f"latin1-{time.monotonic_ns()}"
+    with open(os.path.join(home, stem.encode() + b"-caf\xe9.txt"), "wb") as made:
+        made.write(b"old file")
+    with open(os.path.join(home, stem.encode() + b"-d\xe9j\xe0.txt"), "wb") as made:
+        made.write(b"to delete")
+    client = ftp_server.client()
+    client.encoding = "latin-1"  # each character one byte: the names' own bytes go on the wire
+    assert f"{stem}-caf\xe9.txt" in client.nlst()
+    assert download(client, f"{stem}-caf\xe9.txt") == b"old file"
+    client.rename(f"{stem}-caf\xe9.txt", f"{stem}-caf\xc3\xa9.txt")  # to the UTF-8 name
+    client.delete(f"{stem}-d\xe9j\xe0.txt")
+    with pytest.raises(ftplib.error_perm, match="^553 File name not allowed: the name is not valid UTF-8"):
+        upload(client, f"{stem}-new\xff.txt", b"new")
+    with pytest.raises(ftplib.error_perm, match="^553"):
+        client.mkd(f"{stem}-folder\xff")
+    client.quit()
+    assert sorted(name for name in os.listdir(home) if name.startswith(stem.encode())) == [
+        stem.encode() + b"-caf\xc3\xa9.txt"
+    ]
