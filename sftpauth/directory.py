@@ -11,6 +11,7 @@ import io
 
 from ldaptor.inmemory import fromLDIFFile
 from ldaptor.interfaces import IConnectedLDAPEntry
+from ldaptor.protocols import pureber
 from ldaptor.protocols.ldap.ldapserver import LDAPServer
 from twisted.internet.protocol import ServerFactory
 from twisted.logger import Logger
@@ -24,8 +25,51 @@ from sftpauth.runtime import Runtime
 _log = Logger()
 
 
+LDAP_MESSAGE = b"\x30"  # every LDAP message is a BER SEQUENCE
+
+
+class DirectoryProtocol(LDAPServer):
+    """ldaptor's LDAP server, closing a connection that sends what is not LDAP.
+
+    On bytes it cannot decode (a TLS ClientHello from a client set to LDAPS,
+    a port scanner) ldaptor printed a 2 KB repr of its decoder to stdout,
+    skipped them and waited, so the client waited for its timeout. Now: one
+    short line, and the connection is closed. ldaptor's own loop otherwise.
+    """
+
+    def dataReceived(self, recd: bytes) -> None:
+        self.buffer += recd
+        while self.buffer and self.connected:
+            if self.buffer[:1] != LDAP_MESSAGE:
+                self._notLDAP("it is not an LDAP message")
+                return
+            try:
+                message, used = pureber.berDecodeObject(self.berdecoder, self.buffer)
+            except pureber.BERExceptionInsufficientData:
+                return
+            except Exception as error:
+                self._notLDAP(type(error).__name__)
+                return
+            if message is None:
+                self._notLDAP("an unknown LDAP operation")
+                return
+            self.buffer = self.buffer[used:]
+            self.handle(message)
+
+    def _notLDAP(self, why: str) -> None:
+        peer = self.transport.getPeer()
+        _log.info(
+            "embedded LDAP directory: closed a connection from {host} that sent something that is not LDAP "
+            "({why}; a client set to LDAPS or StartTLS? the demo directory speaks plain LDAP only)",
+            host=getattr(peer, "host", "?"),
+            why=why,
+        )
+        self.buffer = b""
+        self.transport.loseConnection()
+
+
 class DirectoryFactory(ServerFactory):
-    protocol = LDAPServer
+    protocol = DirectoryProtocol
 
     def __init__(self, root):
         self.root = root

@@ -1,0 +1,60 @@
+"""The embedded demo directory's protocol: LDAP answered, anything else closed quietly."""
+
+from __future__ import annotations
+
+import io
+
+from ldaptor.inmemory import fromLDIFFile
+from ldaptor.protocols import pureldap
+from twisted.internet.address import IPv4Address
+from twisted.internet.testing import StringTransport
+from twisted.logger import LogLevel, globalLogPublisher
+
+from sftpauth.directory import DirectoryFactory
+
+LDIF = b"dn: dc=example,dc=com\nobjectClass: dcObject\nobjectClass: organization\ndc: example\no: Example\n\n"
+TLS_CLIENT_HELLO = b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + bytes(32)
+
+
+def _connection():
+    loading = fromLDIFFile(io.BytesIO(LDIF))
+    roots = []
+    loading.addCallback(roots.append)
+    protocol = DirectoryFactory(roots[0]).buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
+    transport = StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 40000))
+    protocol.makeConnection(transport)
+    return protocol, transport
+
+
+def test_bytes_that_are_not_ldap_close_the_connection_with_one_short_line(capsys):
+    """A TLS ClientHello (a client set to LDAPS) gets the connection closed and one info line, nothing printed."""
+    events = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        protocol, transport = _connection()
+        protocol.dataReceived(TLS_CLIENT_HELLO)
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    assert transport.disconnecting
+    assert transport.value() == b""
+    (event,) = [event for event in events if "embedded LDAP directory" in event.get("log_format", "")]
+    assert event["log_level"] == LogLevel.info and event["host"] == "127.0.0.1"
+    assert not [event for event in events if event.get("log_level") in (LogLevel.error, LogLevel.critical)]
+    assert capsys.readouterr().out == ""  # ldaptor printed a 2 KB repr of its decoder
+
+
+def test_garbage_after_a_request_closes_after_answering_it():
+    """A good request is answered; what follows it that is not LDAP closes the connection."""
+    protocol, transport = _connection()
+    bind = pureldap.LDAPMessage(pureldap.LDAPBindRequest(dn=b"", auth=b""), id=1).toWire()
+    protocol.dataReceived(bind + TLS_CLIENT_HELLO)
+    assert transport.value()[:1] == b"\x30"
+    assert transport.disconnecting
+
+
+def test_an_ldap_request_is_still_answered():
+    """An anonymous BIND gets its BindResponse and the connection stays open."""
+    protocol, transport = _connection()
+    protocol.dataReceived(pureldap.LDAPMessage(pureldap.LDAPBindRequest(dn=b"", auth=b""), id=1).toWire())
+    assert not transport.disconnecting
+    assert transport.value()[:1] == b"\x30"  # an LDAPMessage (SEQUENCE) came back
