@@ -44,6 +44,8 @@ class _SourceMap:
     item_lines: dict[tuple[str, str], list[int]] = attrs.Factory(dict)
     # (line, section, option, message) found before configobj runs
     problems: list[tuple[int, Optional[str], Optional[str], str]] = attrs.Factory(list)
+    # the [section] and option each line belongs to (for configobj's own errors, which name neither)
+    places: dict[int, tuple[Optional[str], Optional[str]]] = attrs.Factory(dict)
 
 
 _SECTION_LINE = re.compile(r"^\[+\s*([^\]]*?)\s*\]+")
@@ -92,6 +94,7 @@ def _preprocess(text: str) -> tuple[list[str], _SourceMap]:
             output.append("")
             continue
         if raw[0] in " \t" and option is not None:
+            source.places[number] = (section, option)
             item = _INLINE_COMMENT.sub("", stripped).strip()
             indented = _indented_option(item)
             if indented is not None and section is not None:
@@ -114,6 +117,7 @@ def _preprocess(text: str) -> tuple[list[str], _SourceMap]:
         header = _SECTION_LINE.match(stripped)
         if header:
             name = header.group(1)
+            source.places[number] = (name, None)
             if name in source.sections and not stripped.startswith("[["):
                 source.problems.append(
                     (number, name, None, f"duplicate section, first given on line {source.sections[name]}")
@@ -126,6 +130,7 @@ def _preprocess(text: str) -> tuple[list[str], _SourceMap]:
             source.sections.setdefault(name, number)
         else:
             match = _OPTION_LINE.match(stripped)
+            source.places[number] = (section, match.group("name").strip().strip("'\"") if match else None)
             if match:
                 name = match.group("name").strip()
                 key = (section, name)
@@ -218,22 +223,6 @@ _PARSE_ERRORS = {
 }
 
 
-def _place_of_line(text: str, line: Optional[int]) -> tuple[Optional[str], Optional[str]]:
-    """The [section] a line is in and the option it sets, as far as the text shows (for configobj's errors)."""
-    if not line:
-        return None, None
-    section_name = option_name = None
-    for number, raw in enumerate(text.splitlines()[:line], start=1):
-        stripped = raw.strip()
-        header = _SECTION_LINE.match(stripped)
-        if header and not raw[0].isspace():
-            section_name, option_name = header.group(1), None
-        elif number == line or not raw[:1].isspace():
-            match = _OPTION_LINE.match(stripped)
-            option_name = match.group("name").strip().strip("'\"") if match else None
-    return section_name, option_name
-
-
 def load_configuration(path: str, environ: Optional[Mapping[str, str]] = None) -> models.Configuration:
     """Load and validate ``path``; raise :class:`ConfigError` listing every problem."""
     display_path = os.fspath(path)
@@ -269,7 +258,7 @@ def parse_configuration(
             message = re.sub(r"\s*at line \d+\.?$", "", message)
             message = _PARSE_ERRORS.get(message, message)
             line = getattr(item, "line_number", None)
-            section_name, option_name = _place_of_line(text, line)
+            section_name, option_name = source.places.get(line, (None, None))
             problems.errors.append(ConfigProblem(path, line, section_name, option_name, message))
         raise ConfigError(problems.errors)
 
