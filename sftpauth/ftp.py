@@ -125,7 +125,8 @@ from sftpauth.auth.credentials import LoginRequest
 from sftpauth.config.errors import ConfigError, ConfigProblem
 from sftpauth.config.models import FTPServiceSettings
 from sftpauth.filesystem import (
-    CONTROL_CHARACTERS, MONTHS, NOT_A_BYTE, InvalidPath, JailedFilesystem, OffsetPastEnd, OutsideJail, resolve_entry,
+    CONTROL_CHARACTERS, MONTHS, NOT_A_BYTE, InvalidPath, JailedFilesystem, OffsetPastEnd, OutsideJail, disk_bytes,
+    resolve_entry,
 )
 from sftpauth.listening import LOGIN_GRACE_SECONDS, listening_service
 from sftpauth.permissions import Permission, PermissionDenied
@@ -301,7 +302,7 @@ def listing_name(name: str) -> bytes:
     otherwise forge listing lines, and an escape sequence would reach the
     client's terminal.
     """
-    return _wire_name(CONTROL_CHARACTERS.sub("?", name))
+    return disk_bytes(CONTROL_CHARACTERS.sub("?", name))
 
 
 def list_line(name: str, result: os.stat_result, owner: str, group: str, this_year: int) -> bytes:
@@ -752,12 +753,6 @@ def keep_urgent_data_inline(transport) -> bool:
         if transport is None:
             break
     return False
-
-
-def _wire_name(name) -> bytes:
-    if isinstance(name, bytes):
-        return name
-    return name.encode("utf-8", "surrogateescape")
 
 
 class _DataChannel(ftp.DTP):
