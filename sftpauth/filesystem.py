@@ -389,7 +389,12 @@ class JailedFilesystem:
                 if stat_module.S_ISDIR(os.lstat(real_target).st_mode):
                     raise FileExistsError(errno.EEXIST, "the target is a folder", target)
                 self.require(Permission.DELETE_FILE, target)
-            os.rename(real_source, real_target)
+            try:
+                os.rename(real_source, real_target)
+            except FileNotFoundError:
+                if os.path.lexists(real_source):  # then the missing one is the target's folder
+                    raise FileNotFoundError(errno.ENOENT, "the target's folder does not exist", target) from None
+                raise
 
         return self._run_in_thread(work)
 

@@ -361,6 +361,8 @@ class JailedFTPShell:
             """What is wrong with the target names the target, not the source."""
             if failure.check(FileExistsError):
                 raise ftp.FileExistsError(target)
+            if failure.check(FileNotFoundError) and failure.value.filename == target:
+                raise ftp.FileNotFoundError(target)  # the target's folder is missing
             if failure.check(OSError) and failure.value.errno == errno.EINVAL:
                 raise FTPReplyError(550, f"{target}: a folder cannot be moved into itself.")
             if failure.check(OutsideJail) and not _on_path(failure.value.virtual_path, source):

@@ -180,6 +180,12 @@ def test_rename_errors_about_the_target_name_the_target(shell, home):
     assert taken.check(twisted_ftp.FileExistsError) and taken.value.response() == "550 /d1: File exists"
     into_itself = failure_of(shell.rename(["d1"], ["d1", "inner"]))
     assert into_itself.value.response() == "550 /d1/inner: a folder cannot be moved into itself."
+    into_missing = failure_of(shell.rename(["a.txt"], ["no-such-folder", "a.txt"]))
+    assert into_missing.value.response() == "550 /no-such-folder/a.txt: No such file or directory."
+    assert (home / "a.txt").read_bytes() == b"a"
+    (home / "a.txt").unlink()
+    gone = failure_of(shell.rename(["a.txt"], ["b.txt"]))
+    assert gone.value.response() == "550 /a.txt: No such file or directory."
 
 
 def test_rename_onto_a_link_leading_outside_names_the_target(shell, home, tmp_path):
