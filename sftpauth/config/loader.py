@@ -65,7 +65,8 @@ def _preprocess(text: str) -> tuple[list[str], _SourceMap]:
     source = _SourceMap()
     output: list[str] = []
     section: Optional[str] = None
-    option: Optional[str] = None
+    option: Optional[str] = None  # its name as configobj keys it (quotes removed)
+    option_text = ""  # its name as written
     first_value = ""
     continuation: list[str] = []
     option_index = 0
@@ -86,7 +87,7 @@ def _preprocess(text: str) -> tuple[list[str], _SourceMap]:
             # password "pa#ss" would silently be "pa". Only " #" starts a comment (docs).
             value = first_value
         source.values[(section, option)] = value
-        output[option_index] = f"{option} = {_READ_HERE}"
+        output[option_index] = f"{option_text} = {_READ_HERE}"
 
     for number, raw in enumerate(text.splitlines(), start=1):
         stripped = raw.strip()
@@ -130,9 +131,9 @@ def _preprocess(text: str) -> tuple[list[str], _SourceMap]:
             source.sections.setdefault(name, number)
         else:
             match = _OPTION_LINE.match(stripped)
-            source.places[number] = (section, match.group("name").strip().strip("'\"") if match else None)
+            name = _unquoted(match.group("name").strip()) if match else None
+            source.places[number] = (section, name)
             if match:
-                name = match.group("name").strip()
                 key = (section, name)
                 if key in source.options and section is not None and not section.startswith(_DUPLICATE):
                     source.problems.append(
@@ -140,7 +141,7 @@ def _preprocess(text: str) -> tuple[list[str], _SourceMap]:
                     )
                     output.append("")
                     continue
-                option = name
+                option, option_text = name, match.group("name").strip()
                 value = match.group("value").strip()
                 first_value = value if _quoted(value) else _INLINE_COMMENT.sub("", value).strip()
                 option_index = len(output)
@@ -149,6 +150,13 @@ def _preprocess(text: str) -> tuple[list[str], _SourceMap]:
         output.append(raw)
     finish_option()
     return output, source
+
+
+def _unquoted(name: str) -> str:
+    """An option name as configobj keys it: ``"banner"`` is ``banner``."""
+    if len(name) >= 2 and name[0] == name[-1] and _quoted(name):
+        return name[1:-1]
+    return name
 
 
 def _quoted(value: str) -> bool:
@@ -595,7 +603,7 @@ def _check_manager(problems: _Problems, configuration: models.Configuration) -> 
 def _check_ldap_method(
     problems: _Problems, configuration: models.Configuration, section: str, method: models.LDAPAuthenticationSettings
 ) -> None:
-    if method.bind_dn_type != "absolute" and not method.bind_dn:
+    if method.bind_dn_type != "absolute" and not method.bind_dn and not problems.has_error(section, "bind_dn"):
         problems.error(section, "bind_dn", f"at least one base DN is required for bind_dn_type = {method.bind_dn_type}")
     for group_id in method.base_groups:
         if group_id not in configuration.groups:

@@ -1072,3 +1072,25 @@ def test_an_address_of_digits_and_dots_must_be_ipv4(address):
     problem = only_problem(f"[services/ftp]\ntype = ftp\nport = 2121\naddress = {address}\n")
     assert (problem.option, problem.line) == ("address", 4)
     assert "is not an IP address or host name" in problem.message
+
+
+def test_a_quoted_option_name_is_that_option():
+    """``"banner" = a#b`` is the banner, read as unquoted names are (whole, "#" kept): never the preprocessing marker."""
+    configuration = parse('[services/ftp]\ntype = ftp\nport = 2121\n"banner" = Hello#1 here\n')
+    assert configuration.services["ftp"].banner == "Hello#1 here"
+
+
+def test_a_quoted_option_name_is_reported_on_its_own_line():
+    """An unknown quoted name, and a quoted repeat of an option, name their own lines."""
+    unknown = problems_of('[services/ftp]\ntype = ftp\nport = 2121\n"ban ner" = x\n')
+    assert [(p.line, p.option) for p in unknown] == [(4, "ban ner")]
+    repeated = only_problem('[services/ftp]\ntype = ftp\nport = 2121\nbanner = a\n"banner" = b\n')
+    assert (repeated.line, repeated.option) == (5, "banner") and "duplicate option" in repeated.message
+
+
+def test_a_bad_base_dn_is_one_error_not_also_a_missing_one():
+    """A bind_dn that is not a DN is reported once; "at least one base DN is required" would send the reader astray."""
+    problem = only_problem(
+        "[authentications/directory]\ntype = ldap\naddress = 127.0.0.1\nbind_dn = not a dn\n"
+    )
+    assert (problem.line, problem.option) == (4, "bind_dn") and "is not a distinguished name" in problem.message
