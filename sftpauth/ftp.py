@@ -44,6 +44,8 @@ What sftpauth changes in Twisted's FTP protocol, and why:
   once, not 350 and an error after ``RNTO``;
 * ``XPWD``, ``XCWD``, ``XCUP``, ``XMKD``, ``XRMD`` (RFC 775, sent by
   Windows ``ftp.exe``) are ``PWD``, ``CWD``, ``CDUP``, ``MKD``, ``RMD``;
+* ``STAT`` (the session's state, or a listing on the control connection)
+  and ``HELP`` (RFC 959), which Twisted does not have;
 * ``REST n`` (RFC 3659, ``REST STREAM``) resumes the next ``RETR`` at byte
   n, or the next ``STOR`` (the file keeps its first n bytes and is written
   from there); any other command in between cancels it, and an offset past
@@ -980,7 +982,7 @@ class SftpauthFTP(ftp.FTP):
     """One FTP control connection."""
 
     _encoding = "utf-8"
-    PUBLIC_COMMANDS = ["FEAT", "QUIT", "OPTS", "NOOP", "AUTH", "PBSZ", "PROT", "CCC"]
+    PUBLIC_COMMANDS = ["FEAT", "QUIT", "OPTS", "NOOP", "AUTH", "PBSZ", "PROT", "CCC", "HELP"]
     FEATURES = ["EPRT", "EPSV", "MDTM", "MFMT", "PASV", "REST STREAM", "SIZE", "TYPE A;I", "UTF8"]
     _mlst_facts = MLST_FACTS  # OPTS MLST chooses among them
     MAX_LENGTH = 16384  # longer command lines are refused and the connection closed
@@ -1724,13 +1726,14 @@ class SftpauthFTP(ftp.FTP):
 
         return self._with_data_channel(transfer).addBoth(self._transfer_done)
 
-    def ftp_LIST(self, path=""):
-        def lines() -> _LineFormat:
-            owner, group, this_year = self.shell.owner, self.shell.group, time.gmtime().tm_year
-            return lambda name, result: list_line(name, result, owner, group, this_year)
+    def _list_lines(self) -> _LineFormat:
+        """The ``ls -l`` line format of LIST (and STAT with a path)."""
+        owner, group, this_year = self.shell.owner, self.shell.group, time.gmtime().tm_year
+        return lambda name, result: list_line(name, result, owner, group, this_year)
 
+    def ftp_LIST(self, path=""):
         folder, glob = self._listing_target(path)
-        return self._send_listing(folder, lines, glob)
+        return self._send_listing(folder, self._list_lines, glob)
 
     def ftp_NLST(self, path=""):
         folder, glob = self._listing_target(path)
@@ -1753,6 +1756,56 @@ class SftpauthFTP(ftp.FTP):
             return Reply("250 End")
 
         return self.shell.facts(segments, self._mlst_facts).addCallback(answer)
+
+    # -- status and help ----------------------------------------------------------
+
+    def ftp_STAT(self, path=""):
+        """RFC 959 STAT: the session's status, or with a path its LIST lines on the control connection (213).
+
+        Every line of a listing starts with a space, so none can be taken
+        for the reply's last line. Answered after a running transfer, as
+        every command but ABOR is.
+        """
+        if not path.strip():
+            return self._status()
+        folder, glob = self._listing_target(path)
+
+        def answer(data: bytes) -> Reply:
+            self.sendLine(f"213-Status of {virtual_name(folder)}:")  # a name the listing took is valid
+            for line in data.splitlines():
+                self.sendLine(b" " + line)
+            return Reply("213 End of status.")
+
+        return self.shell.listing(folder, self._list_lines(), glob).addCallback(answer)
+
+    def _status(self) -> Reply:
+        settings = self.factory.settings
+        protected = "TLS" if self.tls_options is not None else "not encrypted"
+        data = "TLS (PROT P)" if self._protection == "P" else "not encrypted (PROT C)"
+        lines = [
+            f"211-{settings.name or 'sftpauth'} FTP status (service {settings.id}):",
+            f" Connected from {self._peer()}",
+            f" Logged in as {self.shell.owner}",
+            f" TYPE: {'BINARY (I)' if self.binary else 'ASCII (A)'}; STRUcture: File; MODE: Stream",
+            f" Control connection: {protected}; data connections: {data}",
+            f" Working folder: {virtual_name(self.workingDirectory)}",
+        ]
+        for line in lines:
+            self.sendLine(line)
+        return Reply("211 End of status.")
+
+    def ftp_HELP(self, command=""):
+        """The commands this server answers (214); also before login, as vsftpd and ProFTPD answer."""
+        if command.strip():
+            name = command.strip().upper()
+            if name.isascii() and name.isalpha() and hasattr(self, "ftp_" + name):
+                return Reply(f"214 {name} is supported; see RFC 959, 2228, 2389, 2428 or 3659.")
+            return defer.fail(FTPReplyError(502, f"Unknown command {name[:40]}."))
+        names = sorted(name[4:] for name in dir(self) if name.startswith("ftp_") and name[4:].isupper())
+        self.sendLine("214-The following commands are recognized:")
+        for start in range(0, len(names), 8):
+            self.sendLine(" " + " ".join(f"{name:<5}" for name in names[start : start + 8]).rstrip())
+        return Reply("214 Help OK.")
 
     # -- transfers ----------------------------------------------------------------
 

@@ -203,6 +203,46 @@ def test_feat_lists_utf8_and_opts_utf8_on_is_accepted(ftp_server):
     client.quit()
 
 
+def test_stat_gives_the_session_status_and_with_a_path_its_listing(ftp_server):
+    """STAT: 211 with the session's state; STAT PATH: 213 with LIST's lines, each starting with a space."""
+    home = ftp_server.home("alice")
+    (home / "stat-folder").mkdir(exist_ok=True)
+    (home / "stat-folder" / "213 looks-like-an-end.txt").write_bytes(b"12345")
+    client = ftp_server.client()
+    status = client.sendcmd("STAT").splitlines()
+    assert status[0].startswith("211-") and status[-1] == "211 End of status."
+    assert " Logged in as alice" in status and " Connected from 127.0.0.1" in status
+    client.sendcmd("TYPE A")
+    assert " TYPE: ASCII (A); STRUcture: File; MODE: Stream" in client.sendcmd("STAT").splitlines()
+    client.sendcmd("TYPE I")
+    client.cwd("stat-folder")
+    status = client.sendcmd("STAT").splitlines()
+    assert " TYPE: BINARY (I); STRUcture: File; MODE: Stream" in status and " Working folder: /stat-folder" in status
+    client.cwd("/")
+    folder = client.sendcmd("STAT stat-folder").splitlines()
+    assert folder[0] == "213-Status of /stat-folder:" and folder[-1] == "213 End of status."
+    assert len(folder) == 3 and folder[1].startswith(" -rw") and folder[1].split()[4] == "5"
+    assert folder[1].endswith(" 213 looks-like-an-end.txt")
+    assert client.sendcmd("STAT stat-folder/*.txt").splitlines()[1:-1] == folder[1:-1]
+    assert client.sendcmd("STAT stat-folder/*.bin").splitlines() == ["213-Status of /stat-folder:", "213 End of status."]
+    with pytest.raises(ftplib.error_perm, match="^550 /no-such: No such file"):
+        client.sendcmd("STAT no-such")
+    client.quit()
+
+
+def test_stat_needs_a_login_and_help_does_not(ftp_server):
+    """Before login STAT is 530; HELP lists the commands (214) then and after, and HELP CMD says whether one is known."""
+    raw = RawControl(ftp_server.port)
+    assert raw.command(b"STAT").startswith(b"530")
+    help_lines = raw.command(b"HELP").split(b"\r\n")
+    assert help_lines[0] == b"214-The following commands are recognized:" and help_lines[-1] == b"214 Help OK."
+    names = b" ".join(help_lines[1:-1]).split()
+    assert {b"RETR", b"STOR", b"MLSD", b"STAT", b"HELP", b"EPSV"} <= set(names) and b"SITE" not in names
+    assert raw.command(b"HELP retr").startswith(b"214 RETR is supported")
+    assert raw.command(b"HELP SITE") == b"502 Unknown command SITE."
+    raw.close()
+
+
 # -- transfers ---------------------------------------------------------------------------
 
 
@@ -644,7 +684,8 @@ def test_rfc_775_x_commands_answer_as_their_rfc_959_names(ftp_server):
     assert rfc_775[:3] == ['257 "/x-names" created.', "250 Requested File Action Completed OK", '257 "/x-names" is the current folder.']
     assert rfc_775[5].startswith("550") and rfc_775[7].startswith("550")
     assert not any(line.strip().startswith("X") for line in client.sendcmd("FEAT").splitlines())
-    assert _replies(client, ["HELP"])[0].startswith("502")  # no command list that could leave them out
+    help_names = _replies(client, ["HELP"])[0].split()  # the command list has them, FEAT does not
+    assert {"XPWD", "XCWD", "XCUP", "XMKD", "XRMD"} <= set(help_names)
     client.quit()
     reader = ftp_server.client("reader", "reader-pass")
     assert _replies(reader, ["XMKD x-refused"]) == _replies(reader, ["MKD x-refused"])
