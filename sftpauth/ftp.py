@@ -1750,9 +1750,9 @@ class SftpauthFTP(ftp.FTP):
         segments = self._segments(path)
 
         def answer(facts: str):
-            shown = virtual_name(segments)
-            self.sendLine(f"250-Listing {shown}")
-            self.sendLine(f" {facts} {shown}")
+            shown = listing_name(virtual_name(segments))  # the name's bytes, as MLSD sends them
+            self.sendLine(b"250-Listing " + shown)
+            self.sendLine(f" {facts} ".encode("ascii") + shown)
             return Reply("250 End")
 
         return self.shell.facts(segments, self._mlst_facts).addCallback(answer)

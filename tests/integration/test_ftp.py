@@ -1174,6 +1174,12 @@ def test_existing_names_that_are_not_utf8_stay_usable(ftp_server):
     client.encoding = "latin-1"  # each character one byte: the names' own bytes go on the wire
     assert f"{stem}-caf\xe9.txt" in client.nlst()
     assert download(client, f"{stem}-caf\xe9.txt") == b"old file"
+    control = ftplib.FTP(timeout=TIMEOUT, encoding="latin-1")  # replies on the control connection too
+    control.connect("127.0.0.1", ftp_server.port)
+    control.login("alice", "alice-pass")
+    mlst = control.sendcmd(f"MLST {stem}-caf\xe9.txt").splitlines()  # the name's own bytes, not "?"
+    assert mlst[0] == f"250-Listing /{stem}-caf\xe9.txt" and mlst[1].endswith(f"; /{stem}-caf\xe9.txt")
+    control.quit()
     client.rename(f"{stem}-caf\xe9.txt", f"{stem}-caf\xc3\xa9.txt")  # to the UTF-8 name
     client.delete(f"{stem}-d\xe9j\xe0.txt")
     with pytest.raises(ftplib.error_perm, match="^553 File name not allowed: the name is not valid UTF-8"):
