@@ -223,48 +223,58 @@ class JailedFilesystem:
         return self._call(None, client_path, cwd, os.path.isdir)
 
     def list_directory(
+        self, client_path, cwd: str = "/", folder_only: bool = False
+    ) -> defer.Deferred:
+        """``[(name, stat_result)]`` of a folder, sorted by name; entries leading outside are hidden.
+
+        A whole list: for a small folder (IFTPShell ``list``). Listings sent
+        to clients read it a batch at a time (:meth:`open_listing`).
+        """
+        return self.open_listing(client_path, cwd, folder_only, then=lambda reader: reader.read_all())
+
+    def open_listing(
         self,
         client_path,
         cwd: str = "/",
-        then: Optional[Callable[[list[tuple[str, os.stat_result]]], Any]] = None,
         folder_only: bool = False,
+        then: Optional[Callable[["FolderReader"], Any]] = None,
     ) -> defer.Deferred:
-        """``[(name, stat_result)]`` of a folder, or ``then(entries)``; entries leading outside are hidden.
+        """A :class:`FolderReader` of a folder's entries sorted by name (FTP listings), or ``then(reader)``.
 
-        A file is listed as itself, under the last name of the path as
-        given: a link's own name, not its target's, as ``ls -l link`` shows
-        it (FTP ``LIST file``; SFTP ``opendir`` uses :meth:`open_folder`,
-        which refuses it). ``folder_only``: a file is NotADirectoryError
-        instead (FTP ``MLSD``). ``then`` runs in the same thread trip: FTP
-        formats its listings there, in one trip, not two.
+        Only the names are held (sorted), not their stat results: each
+        batch is stat-ed as it is read. A file is listed as itself, under
+        the last name of the path as given: a link's own name, not its
+        target's, as ``ls -l link`` shows it (FTP ``LIST file``; SFTP
+        ``opendir`` uses :meth:`open_folder`, which refuses it).
+        ``folder_only``: a file is NotADirectoryError instead (FTP ``MLSD``).
+        ``then`` runs in the same thread trip.
         """
 
-        def listing(real: str):
-            entries = self._list(real, posixpath.basename(virtual_path(client_path, cwd)), folder_only)
-            return entries if then is None else then(entries)
+        def open_(real: str):
+            if not os.path.isdir(real):
+                result = os.stat(real)  # a missing one is FileNotFoundError, also with folder_only
+                name = posixpath.basename(virtual_path(client_path, cwd))
+                if folder_only:
+                    raise NotADirectoryError(errno.ENOTDIR, "not a folder", name)
+                reader = FolderReader(iter([(name, result)]), listed=lambda listed: listed)
+            else:
+                with os.scandir(real) as iterator:
+                    names = sorted(entry.name for entry in iterator)
+                reader = FolderReader(iter(names), listed=lambda name: self._listed(real, name))
+            return reader if then is None else then(reader)
 
-        return self._call(Permission.LIST, client_path, cwd, listing)
+        return self._call(Permission.LIST, client_path, cwd, open_)
 
-    def _list(self, real: str, name: str, folder_only: bool = False) -> list[tuple[str, os.stat_result]]:
-        """The entries of the folder ``real``, or ``[(name, its stat)]`` when it is a file."""
-        if not os.path.isdir(real):
-            result = os.stat(real)  # a missing one is FileNotFoundError, also with folder_only
-            if folder_only:
-                raise NotADirectoryError(errno.ENOTDIR, "not a folder", name)
-            return [(name, result)]
-        with os.scandir(real) as iterator:
-            entries = [listed for listed in map(self._listed, iterator) if listed is not None]
-        entries.sort(key=lambda item: item[0])
-        return entries
-
-    def _listed(self, entry: os.DirEntry) -> Optional[tuple[str, os.stat_result]]:
-        """``(name, stat_result)`` of a folder entry, None when it is not listed (leads outside, vanished, dangling)."""
+    def _listed(self, folder: str, name: str) -> Optional[tuple[str, os.stat_result]]:
+        """``(name, stat_result)`` of the entry ``name`` of ``folder``, None when it is not listed (leads outside, vanished, dangling)."""
+        path = os.path.join(folder, name)
         try:
-            if entry.is_symlink():
-                if not is_inside(self.root, entry.path):
+            result = os.lstat(path)
+            if stat_module.S_ISLNK(result.st_mode):
+                if not is_inside(self.root, path):
                     return None
-                return entry.name, os.stat(entry.path)
-            return entry.name, entry.stat(follow_symlinks=False)
+                return name, os.stat(path)
+            return name, result
         except OSError:
             return None
 
@@ -272,7 +282,8 @@ class JailedFilesystem:
         """A :class:`FolderReader` of a folder (NotADirectoryError for a file), or ``then(reader)`` in the same thread trip."""
 
         def open_(real: str):
-            reader = FolderReader(self, os.scandir(real))  # NotADirectoryError for a file
+            entries = os.scandir(real)  # NotADirectoryError for a file
+            reader = FolderReader(entries, listed=lambda entry: self._listed(real, entry.name))
             return reader if then is None else then(reader)
 
         return self._call(Permission.LIST, client_path, cwd, open_)
@@ -426,16 +437,19 @@ def change_attributes(target: Union[str, int], size: Optional[int], times: Optio
 class FolderReader:
     """A folder's entries read a batch at a time: memory for one batch, not for the whole folder.
 
-    SFTP's READDIR reads with it, so a folder of 200,000 entries opened 256
-    times does not hold 200,000 entries 256 times. The entries come in the
-    folder's own order, as OpenSSH's sftp-server sends them (clients sort).
-    It holds the folder open (one descriptor) until the end or
-    :meth:`close`. Blocking: call :meth:`read` and :meth:`close` in the thread
-    pool, one at a time.
+    SFTP's READDIR reads with it (:meth:`JailedFilesystem.open_folder`), so a
+    folder of 200,000 entries opened 256 times does not hold 200,000 entries
+    256 times; the entries come in the folder's own order, as OpenSSH's
+    sftp-server sends them (clients sort), and the folder stays open (one
+    descriptor) until the end or :meth:`close`. FTP listings are sorted
+    (:meth:`JailedFilesystem.open_listing`): only the names are held, and
+    each batch is stat-ed as it is read. Blocking: call :meth:`read` and
+    :meth:`close` in the thread pool, one at a time.
     """
 
-    def __init__(self, filesystem: JailedFilesystem, iterator: Any):
-        self._filesystem = filesystem
+    def __init__(self, iterator: Any, listed: Callable[[Any], Optional[tuple[str, os.stat_result]]]):
+        # ``listed`` turns what the iterator gives into an entry (None: not listed)
+        self._listed = listed
         self._iterator = iterator
         self.finished = False
 
@@ -447,14 +461,23 @@ class FolderReader:
             if entry is None:
                 self.close()
             else:
-                listed = self._filesystem._listed(entry)
+                listed = self._listed(entry)
                 if listed is not None:
                     entries.append(listed)
         return entries
 
+    def read_all(self) -> list[tuple[str, os.stat_result]]:
+        """Every entry left (blocking, as :meth:`read`)."""
+        entries: list[tuple[str, os.stat_result]] = []
+        while not self.finished:
+            entries += self.read(1024)
+        return entries
+
     def close(self) -> None:
         self.finished = True
-        self._iterator.close()
+        close = getattr(self._iterator, "close", None)  # a folder's scandir; a list of names has none
+        if close is not None:
+            close()
 
 
 def file_type_letter(mode: int) -> str:

@@ -100,7 +100,6 @@ import fnmatch
 import functools
 import inspect
 import ipaddress
-import io
 import os
 import socket
 import stat as stat_module
@@ -117,7 +116,6 @@ from twisted.internet.interfaces import IHandshakeListener, IOpenSSLServerConnec
 from twisted.internet.ssl import TLSVersion
 from twisted.logger import Logger
 from twisted.protocols import ftp
-from twisted.protocols.basic import FileSender
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import filepath
 from twisted.python.failure import Failure
@@ -127,8 +125,8 @@ from sftpauth.auth.credentials import LoginRequest
 from sftpauth.config.errors import ConfigError, ConfigProblem
 from sftpauth.config.models import FTPServiceSettings
 from sftpauth.filesystem import (
-    CONTROL_CHARACTERS, MONTHS, NOT_A_BYTE, InvalidPath, JailedFilesystem, OffsetPastEnd, OutsideJail, disk_bytes,
-    resolve_entry,
+    CONTROL_CHARACTERS, MONTHS, NOT_A_BYTE, FolderReader, InvalidPath, JailedFilesystem, OffsetPastEnd, OutsideJail,
+    disk_bytes, resolve_entry,
 )
 from sftpauth.listening import LOGIN_GRACE_SECONDS, listening_service
 from sftpauth.permissions import Permission, PermissionDenied
@@ -327,6 +325,31 @@ def render_listing(
     )
 
 
+class ListingFile:
+    """A listing read like a file (:class:`FileDownload` sends it): each read stat-s and formats the next entries.
+
+    Blocking: read and close in the thread pool.
+    """
+
+    batch = 256  # entries stat-ed per step
+
+    def __init__(self, reader: FolderReader, line: _LineFormat, glob: Optional[str]):
+        self._reader, self._line, self._glob = reader, line, glob
+
+    def read(self, size: int = -1) -> bytes:
+        """About ``size`` bytes of lines (whole lines; all of them when negative); b"" at the end."""
+        chunks: list[bytes] = []
+        total = 0
+        while (size < 0 or total < size) and not self._reader.finished:
+            chunk = render_listing(self._reader.read(self.batch), self._line, self._glob)
+            chunks.append(chunk)
+            total += len(chunk)
+        return b"".join(chunks)
+
+    def close(self) -> None:
+        self._reader.close()
+
+
 @implementer(ftp.IFTPShell)
 class JailedFTPShell:
     """IFTPShell of one session: Twisted's segment lists on a JailedFilesystem."""
@@ -422,24 +445,26 @@ class JailedFTPShell:
         )
 
     def listing(self, path, line: _LineFormat, glob: Optional[str] = None, folder_only: bool = False) -> defer.Deferred:
-        """Not in IFTPShell: a folder's listing as the bytes its data connection carries.
+        """Not in IFTPShell: a folder's listing, as a :class:`FileDownload` of the bytes its data connection carries.
 
-        ``line(name, stat_result)`` formats one entry. The folder is read and
-        every line formatted in the thread pool: a folder of 200,000 entries
-        formatted on the reactor stopped every other session for seconds.
-        ``folder_only``: a file is refused with 501 (MLSD, RFC 3659 7.2.1),
-        not listed as itself.
+        ``line(name, stat_result)`` formats one entry. The folder's names
+        are read and sorted in the thread pool, and each chunk is stat-ed and
+        formatted there as the data connection takes it (:class:`ListingFile`):
+        a folder of 200,000 entries formatted on the reactor stopped every
+        other session for seconds, and formatted at once it held tens of MB
+        per session. ``folder_only``: a file is refused with 501 (MLSD, RFC
+        3659 7.2.1), not listed as itself.
         """
 
-        def render(entries: list[tuple[str, os.stat_result]]) -> bytes:
-            return render_listing(entries, line, glob)
+        def opened(reader: FolderReader) -> FileDownload:
+            return FileDownload(self.filesystem, ListingFile(reader, line, glob))
 
         def not_a_folder(failure: Failure, virtual: str):
             failure.trap(NotADirectoryError)
             raise FTPReplyError(501, f"{virtual}: Not a folder (MLST gives the facts of a file).")
 
         def list_(virtual: str) -> defer.Deferred:
-            listed = self.filesystem.list_directory(virtual, then=render, folder_only=folder_only)
+            listed = self.filesystem.open_listing(virtual, folder_only=folder_only).addCallback(opened)
             return listed.addErrback(not_a_folder, virtual) if folder_only else listed
 
         return self._call(path, list_)
@@ -509,6 +534,21 @@ class FileDownload:
         self._done = defer.Deferred()
         self._finished = True
         return self._filesystem.run(self._file.close)
+
+    def read_all(self) -> defer.Deferred:
+        """All of it at once, then closed (a listing on the control connection: STAT)."""
+        if self._done is not None:
+            raise RuntimeError("read_all() after send() or discard()")
+        self._done = defer.Deferred()
+        self._finished = True
+
+        def read() -> bytes:
+            try:
+                return self._file.read(-1)
+            finally:
+                self._file.close()
+
+        return self._filesystem.run(read)
 
     def send(self, consumer) -> defer.Deferred:
         if self._done is not None:
@@ -1715,14 +1755,8 @@ class SftpauthFTP(ftp.FTP):
         """Send a folder's listing through the data connection; ``lines()`` gives the line format."""
 
         def transfer(dtp):
-            def send(data: bytes):
-                sending = FileSender().beginFileTransfer(io.BytesIO(data), _ProgressConsumer(dtp, self.resetTimeout))
-                # FileSender fails only when the data connection stops it (closed, ABOR).
-                sending.addErrback(lambda failure: _raise(internet_error.ConnectionLost("the data connection was closed")))
-                return sending.addCallbacks(lambda ignored: (ftp.TXFR_COMPLETE_OK,), self._transfer_failed)
-
             listing = self.shell.listing(folder, lines(), glob, folder_only)
-            return listing.addCallback(self._when_secured, dtp).addCallback(send)
+            return listing.addCallback(self._send_download, dtp)
 
         return self._with_data_channel(transfer).addBoth(self._transfer_done)
 
@@ -1776,7 +1810,8 @@ class SftpauthFTP(ftp.FTP):
                 self.sendLine(b" " + line)
             return Reply("213 End of status.")
 
-        return self.shell.listing(folder, self._list_lines(), glob).addCallback(answer)
+        listing = self.shell.listing(folder, self._list_lines(), glob)
+        return listing.addCallback(lambda download: download.read_all()).addCallback(answer)
 
     def _status(self) -> Reply:
         settings = self.factory.settings
@@ -1821,19 +1856,21 @@ class SftpauthFTP(ftp.FTP):
         offset, self._restart = self._restart, 0
 
         def transfer(dtp):
-            def opened(file):
-                def send(ignored):
-                    sending = file.send(_ProgressConsumer(dtp, self.resetTimeout))
-                    return sending.addCallbacks(lambda ignored: (ftp.TXFR_COMPLETE_OK,), self._transfer_failed)
-
-                def refused(failure: Failure):
-                    return file.discard().addBoth(lambda ignored: failure)
-
-                return self._when_secured(file, dtp).addCallbacks(send, refused)
-
-            return self.shell.openForReading(self._segments(path), offset).addCallback(opened)
+            return self.shell.openForReading(self._segments(path), offset).addCallback(self._send_download, dtp)
 
         return self._with_data_channel(transfer).addBoth(self._transfer_done)
+
+    def _send_download(self, download: "FileDownload", dtp) -> defer.Deferred:
+        """Answer 150 and send a file (or a listing) once the data connection may carry it."""
+
+        def send(ignored):
+            sending = download.send(_ProgressConsumer(dtp, self.resetTimeout))
+            return sending.addCallbacks(lambda ignored: (ftp.TXFR_COMPLETE_OK,), self._transfer_failed)
+
+        def refused(failure: Failure):
+            return download.discard().addBoth(lambda ignored: failure)
+
+        return self._when_secured(download, dtp).addCallbacks(send, refused)
 
     def ftp_STOR(self, path):
         offset, self._restart = self._restart, 0

@@ -287,8 +287,13 @@ def test_a_folder_only_listing_refuses_a_file_with_501(shell, home, result_of):
     refused = failure_of(shell.listing(["f.txt"], lambda name, result: name.encode(), folder_only=True)).value
     assert refused.response() == "501 /f.txt: Not a folder (MLST gives the facts of a file)."
     assert failure_of(shell.listing(["missing"], lambda name, result: b"", folder_only=True)).check(twisted_ftp.FileNotFoundError)
-    assert result_of(shell.listing(["f.txt"], lambda name, result: name.encode())) == b"f.txt\r\n"
-    assert result_of(shell.listing([], lambda name, result: name.encode(), folder_only=True)) == b"f.txt\r\n"
+    assert result_of(read_listing(shell, ["f.txt"], lambda name, result: name.encode())) == b"f.txt\r\n"
+    assert result_of(read_listing(shell, [], lambda name, result: name.encode(), folder_only=True)) == b"f.txt\r\n"
+
+
+def read_listing(shell, *args, **options):
+    """The whole listing's bytes (as STAT takes them)."""
+    return shell.listing(*args, **options).addCallback(lambda download: download.read_all())
 
 
 def test_permissions_are_enforced(home, run_in_thread):
@@ -364,6 +369,55 @@ def test_download_stopped_by_the_consumer_closes_the_file(home):
     assert not file.closed
     threads.run_all()
     assert file.closed
+    assert failure_of(done).check(internet_error.ConnectionLost)
+
+
+def test_a_listing_is_formatted_a_chunk_at_a_time_as_the_client_takes_it(home):
+    """A big folder's LIST lines are made a chunk per thread trip, none while the data connection is paused; sorted."""
+    names = [f"file-{index:05d}-{'x' * 40}.txt" for index in range(3000)]
+    for name in reversed(names):
+        (home / name).write_bytes(b"")
+    threads = ManualThreads()
+    shell = JailedFTPShell(JailedFilesystem(str(home), FULL_CONTROL, threads))
+    formatted: list[str] = []
+
+    def line(name, result):
+        formatted.append(name)
+        return name.encode()
+
+    downloads: list[FileDownload] = []
+    shell.listing([], line).addCallback(downloads.append)
+    threads.run_one()  # the names, read and sorted
+    assert formatted == [] and len(downloads) == 1
+    download = downloads[0]
+    download.chunk_size = 20_000
+    consumer = RecordingConsumer()
+    done = download.send(consumer)
+    download.pauseProducing()
+    threads.run_one()
+    first = len(formatted)
+    assert 0 < first < 1000 and threads.pending == []  # one chunk's entries, then nothing while paused
+    download.resumeProducing()
+    threads.run_all()
+    assert b"".join(consumer.chunks) == b"".join(name.encode() + b"\r\n" for name in names)
+    assert len(consumer.chunks) > 5 and done.called and consumer.unregistered
+
+
+def test_a_listing_stopped_by_the_client_formats_no_more(home):
+    """ABOR or a lost data connection during a listing ends it: no more entries are stat-ed or formatted."""
+    for index in range(2000):
+        (home / f"f{index:04d}").write_bytes(b"")
+    threads = ManualThreads()
+    shell = JailedFTPShell(JailedFilesystem(str(home), FULL_CONTROL, threads))
+    formatted: list[str] = []
+    downloads: list[FileDownload] = []
+    shell.listing([], lambda name, result: formatted.append(name) or name.encode()).addCallback(downloads.append)
+    threads.run_one()
+    downloads[0].chunk_size = 1000
+    done = downloads[0].send(RecordingConsumer())
+    downloads[0].stopProducing()  # while the first chunk is in flight
+    threads.run_all()
+    assert 0 < len(formatted) < 2000
     assert failure_of(done).check(internet_error.ConnectionLost)
 
 
@@ -867,7 +921,7 @@ def test_listing_lines_are_made_in_the_thread_pool(home):
 
     threads.running, threads.run_one = False, run_one
     results = []
-    shell.listing([], line, "f[1-3]*").addCallback(results.append)
+    read_listing(shell, [], line, "f[1-3]*").addCallback(results.append)
     while threads.pending:
         threads.run_one()
     assert results == [b"f1.txt\r\nf2.txt\r\nf3.txt\r\n"]
