@@ -206,6 +206,23 @@ async def test_a_locked_out_account_is_account_locked_even_with_the_right_passwo
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_upn_held_by_another_account_never_logs_into_the_samaccountname_entry(ad, samba_dc):
+    """carol holds the UPN bob@example.com: 'bob' + that suffix with carol's password binds as carol, finds bob's entry, and is refused."""
+    site = ad(SAM + "username_suffix = @example.com")
+    carol_dn = f"CN=Carol Contractor,OU=Contractors,{DOMAIN_DN}"
+    upn = "dn: {dn}\nchangetype: modify\nreplace: userPrincipalName\nuserPrincipalName: {upn}\n"
+    samba_dc.modify(upn.format(dn=carol_dn, upn="bob@example.com"))
+    try:
+        outcome = await site.login("bob", PASSWORDS["carol"])
+    finally:
+        samba_dc.modify(upn.format(dn=carol_dn, upn="carol@ad.example.com"))
+    assert steps(outcome, "bind") == ["BIND as 'bob@example.com': success"]  # AD took it as carol's UPN
+    assert outcome.reason == "account-mismatch", outcome
+    assert outcome.event["reason"] == "account-mismatch"
+    assert BOB_DN in outcome.failure.explanation
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_user_outside_the_ou_is_refused(ad):
     """carol's password is right, but she is in OU=Contractors, not under bind_dn: refused as outside-base-dn."""
     site = ad(UPN)

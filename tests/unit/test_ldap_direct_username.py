@@ -231,13 +231,21 @@ home_folder_attribute = homeDirectory, {{home}}/{{homeDirectory}}
 """
 
 
+DOWN_LEVEL = f"""
+bind_dn_type = direct-username
+bind_dn = {DOMAIN}
+username_attribute = sAMAccountName
+"""
+
+
 @pytest_twisted.ensureDeferred
 async def test_bind_name_is_username_plus_suffix_then_search_by_samaccountname(directory, tmp_path):
     """'john' with username_suffix '@ad.example.com' binds as exactly 'john@ad.example.com', then finds the entry by sAMAccountName=john."""
-    directory.accept[UPN] = PASSWORD
+    directory.accept[UPN] = directory.accept[JOHN_DN] = PASSWORD
     method = method_for(directory, DIRECT_UPN.replace("{home}", str(tmp_path / "ad")), tmp_path)
     account = await method.authenticate(request("john"))
-    assert directory.binds == [UPN]
+    # The second BIND proves that the entry found is the account that bound.
+    assert directory.binds == [UPN, JOHN_DN]
     assert directory.searches == [(DOMAIN, "(sAMAccountName=john)")]
     assert account.dn == JOHN_DN
     assert account.username == "john"
@@ -251,19 +259,11 @@ async def test_bind_name_is_username_plus_suffix_then_search_by_samaccountname(d
 @pytest_twisted.ensureDeferred
 async def test_down_level_name_is_bound_as_typed_and_searched_by_its_user_part(directory, tmp_path):
     """'AD\\john' binds as exactly 'AD\\john' and the sAMAccountName search uses only 'john'."""
-    directory.accept["AD\\john"] = PASSWORD
-    method = method_for(
-        directory,
-        f"""
-        bind_dn_type = direct-username
-        bind_dn = {DOMAIN}
-        username_attribute = sAMAccountName
-        """,
-        tmp_path,
-    )
+    directory.accept["AD\\john"] = directory.accept[JOHN_DN] = PASSWORD
+    method = method_for(directory, DOWN_LEVEL, tmp_path)
     login = LoginRequest("AD\\john", PASSWORD, "sftp", "sftp", "192.0.2.1", trace=Trace())
     account = await method.authenticate(login)
-    assert directory.binds == ["AD\\john"]
+    assert directory.binds == ["AD\\john", JOHN_DN]
     assert directory.searches == [(DOMAIN, "(sAMAccountName=john)")]
     # shown as typed, with one backslash (repr would double it)
     assert "BIND as 'AD\\john': success" in [step.detail for step in login.trace.steps]
@@ -277,13 +277,14 @@ async def test_down_level_name_is_bound_as_typed_and_searched_by_its_user_part(d
 @pytest_twisted.ensureDeferred
 async def test_a_name_that_already_names_its_domain_gets_no_suffix(directory, tmp_path, typed):
     """username_suffix is appended to bare names only: a UPN or DOMAIN\\user with it too could never bind."""
-    directory.accept[typed] = PASSWORD
+    directory.accept[typed] = directory.accept[JOHN_DN] = PASSWORD
     method = method_for(directory, DIRECT_UPN.replace("{home}", str(tmp_path / "ad")), tmp_path)
     try:
         await method.authenticate(request(typed))
     except LoginFailed:
         pass  # sAMAccountName=john@ad.example.com is not found: only the BIND name matters here
-    assert directory.binds == [typed]
+    # AD\john finds the entry sAMAccountName=john, which is then bound as its DN to confirm it.
+    assert directory.binds == [typed] + ([JOHN_DN] if "\\" in typed else [])
 
 
 @pytest_twisted.ensureDeferred
@@ -309,7 +310,7 @@ async def test_userprincipalname_search_uses_the_full_upn(directory, tmp_path):
 @pytest_twisted.ensureDeferred
 async def test_search_is_made_under_each_base_until_found(directory, tmp_path):
     """After the BIND, the bases are searched top to bottom and the first one holding the entry decides."""
-    directory.accept[UPN] = PASSWORD
+    directory.accept[UPN] = directory.accept[JOHN_DN] = PASSWORD
     method = method_for(
         directory,
         f"""
@@ -323,7 +324,7 @@ async def test_search_is_made_under_each_base_until_found(directory, tmp_path):
         tmp_path,
     )
     account = await method.authenticate(request("john"))
-    assert directory.binds == [UPN]
+    assert directory.binds == [UPN, JOHN_DN]
     assert directory.searches == [(f"ou=Contractors,{DOMAIN}", "(sAMAccountName=john)"), (USERS, "(sAMAccountName=john)")]
     assert account.dn == JOHN_DN
 
@@ -461,3 +462,26 @@ async def test_parent_walks_on_when_ad_says_user_not_found_under_a_base(director
     account = await method.authenticate(request("John Smith"))
     assert account.dn == JOHN_DN
     assert directory.binds == [f"cn=John Smith,ou=Contractors,{DOMAIN}", JOHN_DN]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_trusted_domains_namesake_does_not_get_the_local_account(directory, tmp_path):
+    """OTHER\\john (another domain's account, its own password) binds, but is refused as the local john's entry."""
+    directory.accept["OTHER\\john"] = "0ther-Pa55"
+    directory.accept[JOHN_DN] = PASSWORD
+    method = method_for(directory, DOWN_LEVEL, tmp_path)
+    failure = await failure_of(method, request("OTHER\\john", "0ther-Pa55"))
+    assert failure.reason == "account-mismatch"
+    assert JOHN_DN in failure.explanation
+    assert directory.binds == ["OTHER\\john", JOHN_DN]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_upn_of_another_account_does_not_log_into_the_entry_of_its_samaccountname(directory, tmp_path):
+    """'john' + suffix binds as whoever holds the UPN john@ad.example.com; if that is not the sAMAccountName=john entry, refused."""
+    directory.accept[UPN] = "X-Pa55"  # the UPN belongs to another account, with another password
+    directory.accept[JOHN_DN] = PASSWORD
+    method = method_for(directory, DIRECT_UPN.replace("{home}", str(tmp_path / "ad")), tmp_path)
+    failure = await failure_of(method, request("john", "X-Pa55"))
+    assert failure.reason == "account-mismatch"
+    assert directory.binds == [UPN, JOHN_DN]

@@ -198,7 +198,17 @@ class AbsoluteStrategy(BindStrategy):
 
 
 class DirectUsernameStrategy:
-    """The bind name as typed (UPN or ``DOMAIN\\user``), then a search for the entry."""
+    """The bind name as typed (UPN or ``DOMAIN\\user``), then a search for the entry.
+
+    The search finds an entry by ``username_attribute``, which does not
+    prove it is the account that bound: ``OTHER\\john`` of a trusted domain
+    binds and the search finds this domain's ``john``; ``john`` plus the
+    suffix binds as whoever holds the UPN ``john@...`` and the search finds
+    the entry whose ``sAMAccountName`` is ``john``. So the entry found must
+    accept the same password with a BIND as its DN, unless it was found by
+    ``userPrincipalName`` equal to the bind name (unique in an AD forest:
+    the account that bound with it).
+    """
 
     async def authenticate(self, connection: LDAPConnection, lookup: Lookup) -> Entry:
         settings = lookup.settings
@@ -223,7 +233,7 @@ class DirectUsernameStrategy:
         else:
             value = lookup.username
         try:
-            return await find_entry(connection, lookup, attribute, value)
+            entry = await find_entry(connection, lookup, attribute, value)
         except LoginFailed as failure:
             if failure.reason != "unknown-user":
                 raise
@@ -234,6 +244,22 @@ class DirectUsernameStrategy:
                 f"the directory accepted {shown(bind_name)} but no entry with {attribute}={value!r} is under {bases}"
                 f" (an account of another OU, or its {attribute} is not {value!r})",
             ) from None
+        if attribute.lower() != "userprincipalname":
+            await confirm_bound_account(connection, lookup, bind_name, entry)
+        return entry
+
+
+async def confirm_bound_account(connection: LDAPConnection, lookup: Lookup, bind_name: str, entry: Entry) -> None:
+    """A BIND as the entry's DN with the same password: the entry found is the account that bound as ``bind_name``."""
+    result = await connection.bind(entry.dn, lookup.password)
+    lookup.trace("verify", f"BIND as {entry.dn}, the entry found: {'success' if result.ok else describe(result)}")
+    if not result.ok:
+        raise LoginFailed(
+            "account-mismatch",
+            f"the directory accepted {shown(bind_name)} but the entry found, {entry.dn}, is another account"
+            " (a namesake of another domain, or a UPN that is not the entry's"
+            f" {lookup.settings.username_attribute} plus username_suffix)",
+        )
 
 
 class SearchStrategy:
