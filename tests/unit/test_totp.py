@@ -278,6 +278,15 @@ def test_a_six_digit_code_for_an_eight_digit_uri_is_refused_before_the_bind(cloc
     assert ("bind", ALICE_DN) not in directory.operations
 
 
+@pytest.mark.parametrize("options", ["", "bind_dn_type = search\n"])
+def test_blank_password_left_by_the_uris_digits_is_refused_before_the_bind(clock, directory, state, options):
+    """' \t' + an 8-digit code passes the first 6-digit split (' \t12'); the URI's 8 digits leave a blank BIND password: refused."""
+    directory.set(ALICE_DN, "totpSharedSecret", EIGHT)
+    method = make_method(directory, configuration(options=options), state)
+    assert reason_of(method, " \t" + eight_digit_code(clock)) == "empty-password"
+    assert not [op for op in directory.operations if op == ("bind", ALICE_DN)]
+
+
 def test_six_digit_uris_still_work_without_configured_digits(directory, state):
     """The common case: no digits in the URI (6), no "digits" configured, one early read."""
     method = make_method(directory, configuration(), state)

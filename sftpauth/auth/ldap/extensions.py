@@ -181,6 +181,12 @@ class LDAPCredentials:
         self.request.trace.add(self.method_id, action, detail)
 
 
+def refuse_blank_bind_password(password: str) -> None:
+    """Whatever an extension did, an empty BIND password is an anonymous bind: never send one (nor a blank one)."""
+    if not password or not password.strip(" \t"):
+        raise LoginFailed("empty-password", "the password sent to LDAP would be empty or blank")
+
+
 class LDAPExtensions:
     """The extension(s) of one LDAP method, called by :class:`LDAPMethod` at each step."""
 
@@ -232,9 +238,7 @@ class LDAPExtensions:
             updated = await defer.maybeDeferred(extension.updateCredentials, credentials)
             if updated is not None:
                 credentials = updated
-        # Whatever an extension did, an empty BIND password is an anonymous bind: never send one.
-        if not credentials.password or not credentials.password.strip(" \t"):
-            raise LoginFailed("empty-password", "the password sent to LDAP would be empty or blank")
+        refuse_blank_bind_password(credentials.password)
         return credentials
 
     async def augment_entry(
@@ -271,6 +275,8 @@ class LDAPExtensions:
                 updated = await defer.maybeDeferred(hook, credentials, entry)
                 if updated is not None:
                     credentials = updated
+        # The entry may move the split (TOTP: the URI's digits), leaving a blank password.
+        refuse_blank_bind_password(credentials.password)
         lookup.password = credentials.password
 
     async def _read_as_service_account(self, connection: LDAPConnection, lookup: Lookup, entry: Entry) -> Entry:
