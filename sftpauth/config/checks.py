@@ -357,6 +357,12 @@ def make_validator(base_folder: str, environ: Mapping[str, str]) -> Validator:
             raise VdtValueError(f"{result!r} is a file, not a folder")
         return result
 
+    def inheritable_path(value: str) -> str:
+        """An account's ``home_folder_path``: ``Inherit`` (SFTPPlus) means the primary group's, as empty does."""
+        if _unquote(value).lower() == "inherit":
+            return ""
+        return path(value)
+
     def path_list(value: str) -> tuple[str, ...]:
         return tuple(path(item) for item in split_list(value))
 
@@ -398,6 +404,7 @@ def make_validator(base_folder: str, environ: Mapping[str, str]) -> Validator:
         "permissions": permissions,
         "path": path,
         "path_list": path_list,
+        "inheritable_path": inheritable_path,
         "folder": folder,
         "secret": secret,
         "unsupported": unsupported,
@@ -428,7 +435,7 @@ def make_validator(base_folder: str, environ: Mapping[str, str]) -> Validator:
 # Checks of options that take one value: an indented line under them would be joined to the value with a
 # line break (a banner sent as two lines broke FTP; a password hash with a line after it never matched).
 ONE_LINE_CHECKS = (
-    "yesno", "text", "choice", "number", "port", "port_range", "host", "id", "path", "folder", "secret", "attribute",
+    "yesno", "text", "choice", "number", "port", "port_range", "host", "id", "path", "inheritable_path", "folder", "secret", "attribute",
     "dn", "home_folder_rule", "entry_point", "tls_trust", "shared_state", "worker_count",
 )
 

@@ -1094,3 +1094,21 @@ def test_a_bad_base_dn_is_one_error_not_also_a_missing_one():
         "[authentications/directory]\ntype = ldap\naddress = 127.0.0.1\nbind_dn = not a dn\n"
     )
     assert (problem.line, problem.option) == (4, "bind_dn") and "is not a distinguished name" in problem.message
+
+
+# -- files written for SFTPPlus ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("value", ["Inherit", "inherit", "INHERIT"])
+def test_an_account_home_folder_path_of_inherit_is_the_groups(value, password_hash):
+    """SFTPPlus's ``home_folder_path = Inherit`` on an account means its group's, not a folder named Inherit."""
+    configuration = parse(
+        f"""
+        [groups/DEFAULT_GROUP]
+        home_folder_path = /srv/ftp
+        [accounts/john]
+        password = {password_hash}
+        home_folder_path = {value}
+        """
+    )
+    assert configuration.accounts["john"].home_folder_path == ""
