@@ -1112,3 +1112,36 @@ def test_an_account_home_folder_path_of_inherit_is_the_groups(value, password_ha
         """
     )
     assert configuration.accounts["john"].home_folder_path == ""
+
+
+def test_sftpplus_type_lines_of_groups_and_accounts_are_accepted(password_hash):
+    """``type = group`` and ``type = application``, as SFTPPlus writes them, load (in any case)."""
+    configuration = parse(
+        f"""
+        [groups/DEFAULT_GROUP]
+        type = group
+        home_folder_path = /srv/ftp
+        [groups/staff]
+        type = Group
+        home_folder_path = /srv/staff
+        [accounts/john]
+        type = application
+        password = {password_hash}
+        group = staff
+        """
+    )
+    assert configuration.accounts["john"].group == ("staff",)
+    assert set(configuration.groups) == {"DEFAULT_GROUP", "staff"}
+
+
+def test_an_operating_system_account_is_refused_naming_the_only_type(password_hash):
+    """``type = os`` (SFTPPlus operating system accounts) is an error on its line, not an application account."""
+    problem = only_problem(
+        f"""
+        [accounts/mike]
+        type = os
+        password = {password_hash}
+        """
+    )
+    assert (problem.line, problem.section, problem.option) == (3, "accounts/mike", "type")
+    assert "'os' is not supported; the only value is application" in problem.message
