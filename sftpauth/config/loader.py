@@ -193,6 +193,10 @@ class _Problems:
         line = None
         if option is not None:
             line = self.source.options.get((section, option))
+            kind = (section or "").partition("/")[0]
+            for alias, name in _ALIASES.get(kind, {}).items():
+                if line is None and name == option and (section, alias) in self.source.options:
+                    option, line = alias, self.source.options[(section, alias)]  # as written in the file
             item_lines = self.source.item_lines.get((section, option), [])
             if item is not None and 0 <= item < len(item_lines):
                 line = item_lines[item]
@@ -330,21 +334,27 @@ def _check_section(
         spec.update(_SPEC.get(f"{kind}:{spec_kind}", {}))
     result: dict[str, Any] = {}
     values_with_errors: set[str] = set()
+    aliases = _ALIASES.get(kind, {})
     for option, value in values.items():
-        if option not in spec:
+        name = aliases.get(option, option)  # the option it stands for; errors name the one written
+        if name not in spec:
             problems.error(section, option, _unknown_option_message(option, spec))
             continue
+        if name != option and name in values:
+            problems.error(section, option, f"{option} and {name} are the same option: give {name} only")
+            continue
         try:
-            checked = validator.check(spec[option], value)
+            checked = validator.check(spec[name], value)
         except ValidateError as error:
             problems.error(section, option, str(error), getattr(error, "index", None))
             # Go on with the default so later checks still report their problems.
-            values_with_errors.add(option)
+            values_with_errors.add(name)
             continue
         if checked is UNSUPPORTED:
             problems.warn(section, option, "known SFTPPlus option, not implemented by sftpauth: ignored")
             continue
-        result[option] = checked
+        result[name] = checked
+    values = {aliases.get(option, option): value for option, value in values.items()}
     for option, check in spec.items():
         if (option in values and option not in values_with_errors) or check.startswith("unsupported"):
             continue
@@ -357,6 +367,11 @@ def _check_section(
         if default is not UNSUPPORTED:
             result[option] = default
     return result
+
+
+# Other names SFTPPlus gives an option, by section kind: SFTPPlus's [administrators/..] name
+# their roles with "role" (one or more IDs).
+_ALIASES: Mapping[str, Mapping[str, str]] = {"administrators": {"role": "roles"}}
 
 
 def _choices(check: str) -> str:

@@ -1134,14 +1134,50 @@ def test_sftpplus_type_lines_of_groups_and_accounts_are_accepted(password_hash):
     assert set(configuration.groups) == {"DEFAULT_GROUP", "staff"}
 
 
-def test_an_operating_system_account_is_refused_naming_the_only_type(password_hash):
-    """``type = os`` (SFTPPlus operating system accounts) is an error on its line, not an application account."""
-    problem = only_problem(
+def test_sftpplus_role_of_an_administrator_is_its_roles(password_hash):
+    """SFTPPlus's ``[administrators/..] role = ID`` gives the administrator that role, as ``roles`` does."""
+    configuration = parse(
         f"""
-        [accounts/mike]
-        type = os
+        [roles/auditors]
+        permissions = configuration, read
+        [administrators/sa]
+        name = sa-admin
         password = {password_hash}
+        role = auditors
         """
     )
-    assert (problem.line, problem.section, problem.option) == (3, "accounts/mike", "type")
-    assert "'os' is not supported; the only value is application" in problem.message
+    assert configuration.administrators["sa"].roles == ("auditors",)
+
+
+SFTPPLUS_ERROR_CASES = [
+    pytest.param(
+        "[accounts/mike]\ntype = os\n",
+        2,
+        "accounts/mike",
+        "type",
+        ["'os' is not supported; the only value is application"],
+        id="operating-system-account",
+    ),
+    pytest.param(
+        "[administrators/sa]\nrole = auditors\n",
+        2,
+        "administrators/sa",
+        "role",
+        ["unknown role 'auditors'", "DEFAULT-ROLE"],
+        id="unknown-role-given-as-role",
+    ),
+    pytest.param(
+        "[roles/auditors]\n[administrators/sa]\nroles = DEFAULT-ROLE\nrole = auditors\n",
+        4,
+        "administrators/sa",
+        "role",
+        ["role and roles are the same option: give roles only"],
+        id="role-and-roles",
+    ),
+]
+
+
+@pytest.mark.parametrize("text, line, section, option, fragments", SFTPPLUS_ERROR_CASES)
+def test_sftpplus_spellings_sftpauth_cannot_read_are_placed_errors(text, line, section, option, fragments):
+    """What an SFTPPlus file says that sftpauth cannot do is an error on its own line, naming what to write."""
+    test_each_kind_of_error_names_line_section_option_and_what_is_allowed(text, line, section, option, fragments)
