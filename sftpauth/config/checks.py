@@ -133,8 +133,12 @@ def port_range(value: str) -> Optional[tuple[int, int]]:
     if not match:
         raise VdtValueError(f"{word!r} is not a port range; expected FIRST-LAST, e.g. 60000-60100")
     first, last = int(match.group(1)), int(match.group(2))
+    if first == last == 0:
+        return None  # SFTPPlus's "0 - 0": any free port the system gives, as when empty
     if not (1 <= first <= last <= 65535):
-        raise VdtValueError(f"{word!r} is not a port range; expected 1 <= FIRST <= LAST <= 65535")
+        raise VdtValueError(
+            f"{word!r} is not a port range; expected 1 <= FIRST <= LAST <= 65535 (or 0 - 0 for any free port)"
+        )
     return (first, last)
 
 

@@ -1181,3 +1181,10 @@ SFTPPLUS_ERROR_CASES = [
 def test_sftpplus_spellings_sftpauth_cannot_read_are_placed_errors(text, line, section, option, fragments):
     """What an SFTPPlus file says that sftpauth cannot do is an error on its own line, naming what to write."""
     test_each_kind_of_error_names_line_section_option_and_what_is_allowed(text, line, section, option, fragments)
+
+
+@pytest.mark.parametrize("value", ["0 - 0", "0-0"])
+def test_a_passive_port_range_of_zeros_is_any_free_port(value):
+    """SFTPPlus's ``passive_port_range = 0 - 0`` (random ports) is the default: any port the system gives."""
+    configuration = parse(f"[services/ftp]\ntype = ftp\nport = 21\npassive_port_range = {value}\n")
+    assert configuration.services["ftp"].passive_port_range is None
