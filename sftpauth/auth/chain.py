@@ -171,7 +171,9 @@ class AuthenticationChain:
             if account is None:
                 method_id = ""
                 raise LoginFailed("unknown-user", "no authentication method knows this username")
-            if not request.manager:
+            if request.manager:
+                self._check_roles(account)
+            else:
                 account = await self._prepare_home_folder(account)
                 request.trace.add(method_id, "home-folder", account.home_folder)
         except LoginFailed as failure:
@@ -193,6 +195,12 @@ class AuthenticationChain:
         if policy is not None:
             await policy.record(request, "success")
         return account
+
+    def _check_roles(self, account: Account) -> None:
+        """A Web Manager login holding a disabled [roles/ID] is refused, as SFTPPlus does."""
+        for role_id in self._configuration.roles_of(account.roles):
+            if not self._configuration.roles[role_id].enabled:
+                raise LoginFailed("role-disabled", f"role [roles/{role_id}] is disabled")
 
     async def _prepare_home_folder(self, account: Account) -> Account:
         """Check (or create) the home folder in a thread; the account gains its resolved path."""

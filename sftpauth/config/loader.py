@@ -583,6 +583,13 @@ def _check_manager(problems: _Problems, configuration: models.Configuration) -> 
                 "header_authentication_role",
                 _unknown_id("role", service.header_authentication_role, configuration.roles),
             )
+        elif service.header_authentication and not configuration.roles[service.header_authentication_role].enabled:
+            problems.error(
+                section,
+                "header_authentication_role",
+                f"[roles/{service.header_authentication_role}] is disabled, so every pre-authenticated session "
+                "would hold a disabled role; name an enabled role",
+            )
         if service.header_authentication and not service.trusted_proxies:
             problems.error(
                 section,

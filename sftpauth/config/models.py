@@ -212,6 +212,7 @@ class RoleSettings:
     id: str
     name: str
     permissions: frozenset[str]  # {"all"} or a subset of configuration, read, write
+    enabled: bool = True  # SFTPPlus: no administrator holding a disabled role may log in
 
     @property
     def read_only(self) -> bool:
@@ -257,6 +258,13 @@ class Configuration:
                 problem = attrs.evolve(problem, line=line)
             located.append(problem)
         return tuple(located)
+
+    def roles_of(self, role_ids: Iterable[str]) -> tuple[str, ...]:
+        """The defined roles among ``role_ids``, in order; DEFAULT-ROLE when none is."""
+        known = tuple(role_id for role_id in dict.fromkeys(role_ids) if role_id in self.roles)
+        if not known and DEFAULT_ROLE in self.roles:
+            return (DEFAULT_ROLE,)
+        return known
 
     def authentications_for(self, service: ServiceSettings) -> tuple[str, ...]:
         """The ordered method IDs a service uses (its own list wins).

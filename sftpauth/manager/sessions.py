@@ -17,7 +17,7 @@ from typing import Iterable, Optional
 import attrs
 
 from sftpauth.audit import AuditLog
-from sftpauth.config.models import Configuration, DEFAULT_ROLE, RoleSettings
+from sftpauth.config.models import Configuration, RoleSettings
 from sftpauth.manager.csrf import new_token
 
 MAX_SESSIONS = 10000
@@ -46,11 +46,9 @@ class ManagerSession:
 
 def effective_roles(configuration: Configuration, role_ids: Iterable[str]) -> tuple[tuple[str, ...], bool]:
     """Known role IDs (DEFAULT-ROLE when none) and whether any of them may act."""
-    known = [role_id for role_id in dict.fromkeys(role_ids) if role_id in configuration.roles]
-    if not known:
-        known = [DEFAULT_ROLE] if DEFAULT_ROLE in configuration.roles else []
+    known = configuration.roles_of(role_ids)
     roles: list[RoleSettings] = [configuration.roles[role_id] for role_id in known]
-    return tuple(known), any(not role.read_only for role in roles)
+    return known, any(not role.read_only for role in roles)
 
 
 class SessionStore:

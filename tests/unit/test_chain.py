@@ -621,3 +621,34 @@ def test_password_hashes_are_checked_off_the_reactor_thread(local, result_of):
     account = result_of(method.authenticate(request))
     assert account.username == "alice"
     assert offloaded == [verify_password]
+
+
+@pytest.mark.parametrize(
+    "roles, refused",
+    [("roles = operators", True), ("roles = auditors, operators", True), ("role = auditors", False), ("", True)],
+)
+def test_an_administrator_with_a_disabled_role_is_refused(roles, refused, tmp_path, password_hash, run_in_thread, result_of):
+    """SFTPPlus's ``[roles/..] enabled = no`` refuses every Web Manager login holding the role (DEFAULT-ROLE when none)."""
+    configuration = configuration_from(
+        f"""
+[services/manager]
+type = manager
+port = 0
+[roles/DEFAULT-ROLE]
+enabled = no
+[roles/auditors]
+permissions = configuration, read
+[roles/operators]
+enabled = No
+[administrators/alice]
+password = {password_hash}
+{roles}
+""",
+        tmp_path,
+    )
+    harness = Harness(configuration, run_in_thread, build_methods(configuration, run_in_thread, reactor=None))
+    if refused:
+        assert harness.failure_reason(result_of, service_id="manager", protocol="manager", manager=True) == "role-disabled"
+        assert harness.events[-1]["reason"] == "role-disabled"
+    else:
+        assert harness.login(result_of, service_id="manager", protocol="manager", manager=True).roles == ("auditors",)

@@ -1174,6 +1174,15 @@ SFTPPLUS_ERROR_CASES = [
         ["role and roles are the same option: give roles only"],
         id="role-and-roles",
     ),
+    pytest.param(
+        "[services/m]\ntype = manager\nport = 8443\nheader_authentication = yes\ntrusted_proxies = 10.0.0.1\n"
+        "header_authentication_role = ops\n[roles/ops]\nenabled = no\n",
+        6,
+        "services/m",
+        "header_authentication_role",
+        ["[roles/ops] is disabled", "name an enabled role"],
+        id="pre-authentication-with-a-disabled-role",
+    ),
 ]
 
 
