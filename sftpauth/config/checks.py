@@ -157,6 +157,16 @@ def host(value: str) -> str:
     return candidate
 
 
+def listen_address(value: str) -> str:
+    """A service's ``address``: never empty, which some servers read as every interface and others as the default."""
+    if not _unquote(value):
+        raise VdtValueError(
+            "empty; write the address to listen on: 0.0.0.0 for every IPv4 address, :: for every address, "
+            "or leave the option out for 127.0.0.1"
+        )
+    return host(value)
+
+
 def identifier(value: str) -> str:
     word = _unquote(value)
     if not word or "/" in word or "|" in word:
@@ -401,6 +411,7 @@ def make_validator(base_folder: str, environ: Mapping[str, str]) -> Validator:
         "port": port,
         "port_range": port_range,
         "host": host,
+        "listen_address": listen_address,
         "id": identifier,
         "id_list": id_list,
         "text_list": text_list,
@@ -439,8 +450,8 @@ def make_validator(base_folder: str, environ: Mapping[str, str]) -> Validator:
 # Checks of options that take one value: an indented line under them would be joined to the value with a
 # line break (a banner sent as two lines broke FTP; a password hash with a line after it never matched).
 ONE_LINE_CHECKS = (
-    "yesno", "text", "choice", "number", "port", "port_range", "host", "id", "path", "inheritable_path", "folder", "secret", "attribute",
-    "dn", "home_folder_rule", "entry_point", "tls_trust", "shared_state", "worker_count",
+    "yesno", "text", "choice", "number", "port", "port_range", "host", "listen_address", "id", "path", "inheritable_path",
+    "folder", "secret", "attribute", "dn", "home_folder_rule", "entry_point", "tls_trust", "shared_state", "worker_count",
 )
 
 

@@ -1197,3 +1197,11 @@ def test_a_passive_port_range_of_zeros_is_any_free_port(value):
     """SFTPPlus's ``passive_port_range = 0 - 0`` (random ports) is the default: any port the system gives."""
     configuration = parse(f"[services/ftp]\ntype = ftp\nport = 21\npassive_port_range = {value}\n")
     assert configuration.services["ftp"].passive_port_range is None
+
+
+def test_an_empty_service_address_is_refused_not_every_interface():
+    """``address =`` listened on every IPv4 address while a missing one is 127.0.0.1: an empty value is an error."""
+    problem = only_problem("[services/ftp]\ntype = ftp\nport = 2121\naddress =\n")
+    assert (problem.line, problem.option) == (4, "address") and "0.0.0.0 for every IPv4 address" in problem.message
+    assert parse("[services/ftp]\ntype = ftp\nport = 2121\n").services["ftp"].address == "127.0.0.1"
+    assert parse("[services/ftp]\ntype = ftp\nport = 2121\naddress = ::\n").services["ftp"].address == "::"
