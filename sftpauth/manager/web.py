@@ -10,6 +10,7 @@ answers JSON with the same sessions and CSRF rules.
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import re
@@ -152,6 +153,12 @@ class BadRequest(Exception):
         self.status = status
 
 
+# Failed test logins an administrator may run in TEST_LOGIN_WINDOW seconds: enough to diagnose a
+# login, too few to guess passwords with (a test login counts toward no ban: it has no client address).
+TEST_LOGIN_FAILURES = 10
+TEST_LOGIN_WINDOW = 600
+
+
 class ManagerApp:
     """The Web Manager of one ``[services/ID] type = manager``."""
 
@@ -179,6 +186,7 @@ class ManagerApp:
 
             verify = verify_method
         self._verify = verify
+        self._test_failures: dict[str, collections.deque[float]] = {}  # administrator: times of failed test logins
         self.templates = Environment(
             loader=PackageLoader("sftpauth.manager", "templates"),
             autoescape=select_autoescape(default=True, default_for_string=True),
@@ -559,12 +567,30 @@ class ManagerApp:
             **self._test_login_form_context(),
         )
 
+    def _recent_test_failures(self, administrator: str) -> collections.deque[float]:
+        """The times of ``administrator``'s failed test logins within the window (older ones dropped)."""
+        now = self.runtime.reactor.seconds()
+        for name in [name for name, times in self._test_failures.items() if not times or times[-1] <= now - TEST_LOGIN_WINDOW]:
+            del self._test_failures[name]  # nobody's old failures are kept
+        failures = self._test_failures.setdefault(administrator, collections.deque())
+        while failures and failures[0] <= now - TEST_LOGIN_WINDOW:
+            failures.popleft()
+        return failures
+
     async def _run_test_login(self, call: Call, username: str, password: str, manager: bool, method_id: str) -> dict:
         """Run the real chain once with a trace, as ``sftpauth test-login`` does, and explain it."""
         from sftpauth.cli import result_lines, server_state_lines
 
         if method_id and method_id not in self.configuration.authentications:
             raise BadRequest(f"no authentication method {method_id!r}; defined: {', '.join(self.configuration.authentications)}")
+        failures = self._recent_test_failures(call.session.username)
+        if len(failures) >= TEST_LOGIN_FAILURES:
+            wait = int(failures[0] + TEST_LOGIN_WINDOW - self.runtime.reactor.seconds()) + 1
+            raise BadRequest(
+                f"{len(failures)} failed test logins in the last {TEST_LOGIN_WINDOW // 60} minutes: "
+                f"try again in {wait} seconds (this limit keeps test logins from guessing passwords)",
+                429,
+            )
         trace = Trace()
         request = LoginRequest(
             username=username,
@@ -581,6 +607,7 @@ class ManagerApp:
             account = await self.runtime.chain.login(request, only_method=method_id or None)
         except LoginFailed as error:
             failure = error
+            failures.append(self.runtime.reactor.seconds())
         method_ids = (method_id,) if method_id else self.runtime.chain.method_ids_for(request)
         self.runtime.audit.record(
             "manager-action",

@@ -639,3 +639,28 @@ def test_head_and_services_api(manager):
     (service,) = m.get("/api/v1/services").json()["services"]
     assert (service["id"], service["type"], service["port"], service["state"]) == ("manager", "manager", 10443, "running")
     assert service["authentications"] == ["DEFAULT-AUTHENTICATION"]
+
+
+def test_failed_test_logins_are_limited_per_administrator(manager):
+    """Test logins count toward no ban (no client address): after 10 failures in 10 minutes an administrator gets 429."""
+    m = manager()
+    token = m.post_json("/api/v1/login", {"username": "admin", "password": "admin-pass"}).json()["csrf_token"]
+
+    def test_login(password: str):
+        return m.post_json(
+            "/api/v1/test_login", {"username": "ftpuser", "password": password}, headers={"X-CSRF-Token": token}
+        )
+
+    assert test_login("ftp-pass").json()["accepted"] is True  # successes do not count
+    for attempt in range(10):
+        assert test_login(f"guess-{attempt}").json()["reason"] == "invalid-password"
+    refused = test_login("ftp-pass")
+    assert refused.status == 429 and "10 failed test logins in the last 10 minutes" in refused.json()["error"]
+    tests = [event for event in m.events("manager-action") if event["action"] == "test-login"]
+    assert len(tests) == 11  # the refused one ran no login
+    m.clock.advance(599)
+    assert test_login("ftp-pass").status == 429
+    m.clock.advance(2)  # the ten failures are now older than the window
+    assert test_login("ftp-pass").json()["accepted"] is True
+    assert test_login("guess-again").json()["reason"] == "invalid-password"
+    assert test_login("ftp-pass").json()["accepted"] is True  # one failure in the window
