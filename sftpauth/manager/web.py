@@ -568,12 +568,12 @@ class ManagerApp:
         )
 
     def _recent_test_failures(self, administrator: str) -> collections.deque[float]:
-        """The times of ``administrator``'s failed test logins within the window (older ones dropped)."""
-        now = self.runtime.reactor.seconds()
-        for name in [name for name, times in self._test_failures.items() if not times or times[-1] <= now - TEST_LOGIN_WINDOW]:
+        """The times of ``administrator``'s failed (or running) test logins within the window; older ones dropped."""
+        cutoff = self.runtime.reactor.seconds() - TEST_LOGIN_WINDOW
+        for name in [name for name, times in self._test_failures.items() if not times or times[-1] <= cutoff]:
             del self._test_failures[name]  # nobody's old failures are kept
         failures = self._test_failures.setdefault(administrator, collections.deque())
-        while failures and failures[0] <= now - TEST_LOGIN_WINDOW:
+        while failures and failures[0] <= cutoff:
             failures.popleft()
         return failures
 
@@ -583,7 +583,8 @@ class ManagerApp:
 
         if method_id and method_id not in self.configuration.authentications:
             raise BadRequest(f"no authentication method {method_id!r}; defined: {', '.join(self.configuration.authentications)}")
-        failures = self._recent_test_failures(call.session.username)
+        administrator = call.session.username
+        failures = self._recent_test_failures(administrator)
         if len(failures) >= TEST_LOGIN_FAILURES:
             wait = int(failures[0] + TEST_LOGIN_WINDOW - self.runtime.reactor.seconds()) + 1
             raise BadRequest(
@@ -591,6 +592,9 @@ class ManagerApp:
                 f"try again in {wait} seconds (this limit keeps test logins from guessing passwords)",
                 429,
             )
+        # Counted as failed until it succeeds, so test logins run side by side cannot pass the limit together.
+        started = self.runtime.reactor.seconds()
+        failures.append(started)
         trace = Trace()
         request = LoginRequest(
             username=username,
@@ -607,7 +611,10 @@ class ManagerApp:
             account = await self.runtime.chain.login(request, only_method=method_id or None)
         except LoginFailed as error:
             failure = error
-            failures.append(self.runtime.reactor.seconds())
+        else:
+            current = self._test_failures.get(administrator)  # the same deque, unless all of it aged out meanwhile
+            if current is not None and started in current:
+                current.remove(started)
         method_ids = (method_id,) if method_id else self.runtime.chain.method_ids_for(request)
         self.runtime.audit.record(
             "manager-action",

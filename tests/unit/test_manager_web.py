@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import tempfile
 
 import pytest
+from twisted.internet import defer
 from twisted.logger import LogLevel, globalLogPublisher
 
 from sftpauth.account import Account
@@ -664,3 +666,42 @@ def test_failed_test_logins_are_limited_per_administrator(manager):
     assert test_login("ftp-pass").json()["accepted"] is True
     assert test_login("guess-again").json()["reason"] == "invalid-password"
     assert test_login("ftp-pass").json()["accepted"] is True  # one failure in the window
+
+
+class PendingMethod:
+    """A method whose logins wait until the test fails them (test logins running side by side)."""
+
+    def __init__(self, method_id: str):
+        self.id = method_id
+        self.waiting: list[defer.Deferred] = []
+
+    async def authenticate(self, request):
+        waiting = defer.Deferred()
+        self.waiting.append(waiting)
+        await waiting
+        raise LoginFailed("invalid-password", "wrong password")
+
+
+def test_test_logins_run_side_by_side_cannot_pass_the_failure_limit(manager):
+    """Each running test login counts until it succeeds: 30 sent at once run 10, the rest are 429."""
+    method = PendingMethod("ldap")
+    m = manager(extra=LDAP_METHOD, methods={"ldap": method})
+    token = m.post_json("/api/v1/login", {"username": "admin", "password": "admin-pass"}).json()["csrf_token"]
+    body = json.dumps({"username": "someone", "password": "guess", "authentication": "ldap"}).encode()
+    cookie = "; ".join(f"{name}={value}" for name, value in m.cookies.items())
+    transports = []
+    for _ in range(30):
+        protocol, transport = m.connect()
+        protocol.dataReceived(
+            b"POST /api/v1/test_login HTTP/1.1\r\nHost: manager.example\r\nConnection: close\r\n"
+            + f"Cookie: {cookie}\r\nX-CSRF-Token: {token}\r\nContent-Type: application/json\r\n".encode()
+            + f"Content-Length: {len(body)}\r\n\r\n".encode() + body
+        )
+        transports.append(transport)
+    assert len(method.waiting) == 10
+    assert sum(b" 429 " in transport.value().split(b"\r\n", 1)[0] for transport in transports) == 20
+    for waiting in method.waiting:
+        waiting.callback(None)
+    assert m.post_json(
+        "/api/v1/test_login", {"username": "ftpuser", "password": "ftp-pass"}, headers={"X-CSRF-Token": token}
+    ).status == 429
