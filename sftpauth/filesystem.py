@@ -222,15 +222,13 @@ class JailedFilesystem:
         """Whether a path is a folder; needs no permission (CWD, realpath)."""
         return self._call(None, client_path, cwd, os.path.isdir)
 
-    def list_directory(
-        self, client_path, cwd: str = "/", folder_only: bool = False
-    ) -> defer.Deferred:
+    def list_directory(self, client_path, cwd: str = "/") -> defer.Deferred:
         """``[(name, stat_result)]`` of a folder, sorted by name; entries leading outside are hidden.
 
         A whole list: for a small folder (IFTPShell ``list``). Listings sent
         to clients read it a batch at a time (:meth:`open_listing`).
         """
-        return self.open_listing(client_path, cwd, folder_only, then=lambda reader: reader.read_all())
+        return self.open_listing(client_path, cwd, then=lambda reader: reader.read_all())
 
     def open_listing(
         self,
