@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import subprocess
 import textwrap
@@ -23,6 +22,8 @@ from sftpauth.auth.ldap.method import LDAPMethod
 from sftpauth.auth.trace import Trace
 from sftpauth.config.loader import parse_configuration
 from sftpauth.config.models import LDAPAuthenticationSettings
+
+from .server import read_audit
 
 BASE = "dc=example,dc=com"
 PEOPLE = f"ou=people,{BASE}"
@@ -145,9 +146,7 @@ class InProcessLDAP:
         self.audit.close()
 
     def audit_events(self) -> list[dict]:
-        if not self.audit_path.exists():
-            return []
-        return [json.loads(line) for line in self.audit_path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        return read_audit(self.audit_path)
 
     async def login(self, username: str, password: str, manager: bool = False, service_id: str = "") -> Outcome:
         """One login through the chain; the audit event is read back from the audit log file."""

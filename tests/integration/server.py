@@ -24,6 +24,18 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+
+def read_audit(audit: Path) -> list[dict]:
+    """The events of an audit log that the server may be writing at this moment.
+
+    Only lines that end with a newline are read: a test that polls the file can
+    catch the last line half written (the kernel copies a write page by page).
+    """
+    if not audit.exists():
+        return []
+    whole = audit.read_text(encoding="utf-8").split("\n")[:-1]
+    return [json.loads(line) for line in whole if line.strip()]
+
 class SftpauthServer:
     """A running sftpauth process; ``config`` is written to ``folder/sftpauth.ini``."""
 
@@ -117,10 +129,7 @@ class SftpauthServer:
             return "(no log)"
 
     def audit_events(self, path: Optional[Path] = None) -> list[dict]:
-        audit = path or (self.folder / "audit.jsonl")
-        if not audit.exists():
-            return []
-        return [json.loads(line) for line in audit.read_text(encoding="utf-8").splitlines() if line.strip()]
+        return read_audit(path or (self.folder / "audit.jsonl"))
 
     def wait_for_audit(self, predicate, timeout: float = 5.0) -> dict:
         deadline = time.monotonic() + timeout
