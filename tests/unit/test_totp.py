@@ -26,7 +26,7 @@ from sftpauth.auth.trace import Trace
 from sftpauth.cli import main
 from sftpauth.state import MemoryReplayStore, SharedState
 
-from ldap_fake import PEOPLE, SERVICE_DN, FakeDirectory, configuration, make_method, run
+from ldap_fake import PEOPLE, SERVICE_DN, SERVICE_PASSWORD, FakeDirectory, configuration, make_method, run
 
 SECRET = "JBSWY3DPEHPK3PXPJBSWY3DPEHPK3PXP"
 URI = f"otpauth://totp/Srv:alice?secret={SECRET}&issuer=Srv"
@@ -476,6 +476,28 @@ def test_replay_is_refused_by_another_method_object_sharing_the_state(directory,
     code = code_at(STEP)
     login(first, PASSWORD + code)
     assert reason_of(second, PASSWORD + code) == "totp-replayed"
+
+
+def test_replay_is_refused_by_another_method_on_the_same_directory(directory, state):
+    """Two [authentications/..] sections on one directory (say FTP uses one, SFTP the other): one code, one login."""
+    other = """
+        [authentications/other]
+        type = ldap
+        address = 127.0.0.1
+        bind_dn = {people}
+        username_attribute = uid
+        extension_entry_point = python:sftpauth.ldap.totp.AugmentedTOTP
+        extension_configuration = {{"mfa_attribute": "totpSharedSecret"}}
+        service_account_dn = {service}
+        service_account_password = {password}
+        """.format(people=PEOPLE, service=SERVICE_DN, password=SERVICE_PASSWORD)
+    both = configuration(other)
+    first = make_method(directory, both, state)
+    second = make_method(directory, both, state, method_id="other")
+    code = code_at(STEP)
+    login(first, PASSWORD + code)
+    assert reason_of(second, PASSWORD + code) == "totp-replayed"
+    assert login(second, PASSWORD + code_at(STEP + 1)).dn == ALICE_DN
 
 
 def test_replayed_code_stays_refused_while_it_is_valid(clock, directory, state):

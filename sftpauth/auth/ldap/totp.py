@@ -19,8 +19,12 @@ default 6 is used, and a URI that asks for another number rejects the login
 read.
 
 A code that let somebody in is claimed in the shared replay store, keyed on
-method, entry DN, time step and code, until it can no longer be valid; a
-second login with it, on any service, is ``totp-replayed``.
+the entry's DN, time step and code, until it can no longer be valid; a second
+login with it, on any service and through any authentication method, is
+``totp-replayed``. The key holds no method ID: two methods on one directory
+(FTP and SFTP may use different ones) find the same entry, so a code let in
+by one is refused by the other. Nor anything derived from the secret: the
+store may be a Redis server that others can read.
 """
 
 from __future__ import annotations
@@ -117,13 +121,13 @@ def _split(credentials: LDAPCredentials, typed: str, digits: int, why: str) -> N
     credentials.trace("totp", f"the last {digits} characters are the TOTP code; the rest is the password{why}")
 
 
-def replay_key(method_id: str, dn: str, step: int, code: str) -> str:
+def replay_key(dn: str, step: int, code: str) -> str:
     """The replay store's key: bounded in size and free of the DN's and code's text."""
     try:
         account = parse_dn(dn).getText().lower()
     except ValueError:
         account = dn.lower()
-    material = "\0".join((method_id, account, str(step), code)).encode("utf-8", "surrogatepass")
+    material = "\0".join((account, str(step), code)).encode("utf-8", "surrogatepass")
     return "totp-replay:" + hashlib.sha256(material).hexdigest()
 
 
@@ -226,7 +230,7 @@ class AugmentedTOTP:
             # covers clocks of other nodes sharing the store.
             ttl = (matched + 3) * otp.interval - now
             try:
-                fresh = await credentials.state.replay.claim(replay_key(credentials.method_id, entry.dn, matched, code), ttl)
+                fresh = await credentials.state.replay.claim(replay_key(entry.dn, matched, code), ttl)
             except Exception as error:
                 raise LoginFailed(
                     "service-unavailable", f"the TOTP replay store cannot answer: {type(error).__name__}: {error}"
