@@ -17,6 +17,7 @@ not decide another.
 
 from __future__ import annotations
 
+import concurrent.futures
 import ftplib
 import threading
 import time
@@ -43,6 +44,8 @@ SECRETS = {
     "rex": "OJSXQ5DIMVZGKYLMNRUW4ZLSMFRWKZDE",
     "sara": "ON2XEZLMPFWWK3TUMFWGY2LOMVZGK43T",
     "olga": "N5WGOYLTMVRXEZLUOJ2W4ZLSMFWGY2LO",
+    "rita": "OJUXIYLSNFSGKZDJOJSWG5DPOJ4XS2LM",
+    "lou": "NRXXKZDJMFWW65LOORZWK4TWNFRWK4ZB",
 }
 EIGHT_DIGITS = "MVUWO2DUMRUWO2LUONZWK3DFONZWK4TF"
 # ezra's URI asks for SHA256, 8 digits and 60 s steps.
@@ -332,6 +335,36 @@ def test_two_concurrent_logins_with_one_code_only_one_wins(site):
             break
         time.sleep(0.05)
     assert sorted(event["reason"] for event in events) == [""] + ["totp-replayed"] * 7
+
+
+def test_code_used_through_one_method_is_refused_by_another_on_the_same_directory(site):
+    """Two services, two [authentications/..] sections, one directory: a code lets rita in once."""
+    used = code("rita")
+    site.ftp("rita", "rita-pass" + used).quit()  # method directory (parent)
+    assert site.ftp_refusal("rita", "rita-pass" + used, port=site.search_port) == FTP_FAILURE
+    assert site.audit("rita", "totp-replayed")["method"] == "search-directory"
+
+
+# -- wrong codes lock the account ---------------------------------------------------------------
+
+
+def test_ten_wrong_codes_with_the_right_password_lock_the_account(site):
+    """Ten wrong codes in a row for lou (sent at once): his next logins are refused, even with a right code."""
+    with concurrent.futures.ThreadPoolExecutor(max_workers=10) as pool:
+        replies = list(pool.map(lambda _: site.ftp_refusal("lou", "lou-pass" + wrong_code("lou")), range(10)))
+    assert replies == [FTP_FAILURE] * 10
+    site.server.wait_for_audit(  # the tenth wrong code says it locked the account
+        lambda event: event.get("username") == "lou"
+        and event.get("reason") == "totp-wrong-code"
+        and "10 in a row: this account's logins are refused for 900 seconds" in event.get("detail", ""),
+        timeout=10,
+    )
+    assert site.ftp_refusal("lou", "lou-pass" + code("lou")) == FTP_FAILURE
+    assert site.audit("lou", "totp-locked")["protocol"] == "ftp"
+    with pytest.raises(paramiko.AuthenticationException):
+        site.sftp_listing("lou", "lou-pass" + code("lou", +1))
+    locked = [e for e in site.server.audit_events() if e.get("username") == "lou" and e.get("reason") == "totp-locked"]
+    assert {event["protocol"] for event in locked} == {"ftp", "sftp"}
 
 
 # -- refusals, one per reason, all alike for the client ----------------------------------------

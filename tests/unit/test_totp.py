@@ -24,7 +24,7 @@ from sftpauth.auth.ldap.totp import (
 )
 from sftpauth.auth.trace import Trace
 from sftpauth.cli import main
-from sftpauth.state import MemoryReplayStore, SharedState
+from sftpauth.state import MemoryBanStore, MemoryReplayStore, SharedState
 
 from ldap_fake import PEOPLE, SERVICE_DN, SERVICE_PASSWORD, FakeDirectory, configuration, make_method, run
 
@@ -71,9 +71,11 @@ def state(clock):
     return SharedState(replay=MemoryReplayStore(clock))
 
 
-def request(password: str, username: str = "alice", service: str = "ftp", manager: bool = False, trace=None):
+def request(
+    password: str, username: str = "alice", service: str = "ftp", manager: bool = False, trace=None, peer: str = "192.0.2.7"
+):
     protocol = "manager" if manager else service
-    return LoginRequest(username, password, service, protocol, "192.0.2.7", manager=manager, trace=trace or Trace())
+    return LoginRequest(username, password, service, protocol, peer, manager=manager, trace=trace or Trace())
 
 
 def login(method, password: str, **options):
@@ -454,6 +456,101 @@ def test_without_extension_the_whole_password_goes_to_ldap(directory, state):
     directory.passwords[ALICE_DN.lower()] = "alice-pass123456"
     method = make_method(directory, configuration(extension=""), state)
     assert login(method, "alice-pass123456").dn == ALICE_DN
+
+
+# -- wrong codes lock the account -------------------------------------------------------
+
+
+def locking(lock_after: int = 3, lock_seconds: int = 600) -> str:
+    return json.dumps({"mfa_attribute": "totpSharedSecret", "lock_after_wrong_codes": lock_after, "lock_seconds": lock_seconds})
+
+
+@pytest.fixture
+def shared(clock):
+    """The state build_state makes for state = memory: replay store and ban store."""
+    return SharedState(replay=MemoryReplayStore(clock), bans=MemoryBanStore(clock))
+
+
+def test_wrong_codes_in_a_row_lock_the_account_from_every_address(clock, directory, shared):
+    """The lock counts per account: a botnet that knows the password cannot spread its guesses over addresses."""
+    method = make_method(directory, configuration(extension=locking()), shared)
+    for peer in ("192.0.2.1", "198.51.100.2", "203.0.113.3"):
+        with pytest.raises(LoginFailed) as failure:
+            login(method, PASSWORD + wrong_code(), peer=peer)
+        assert failure.value.reason == "totp-wrong-code"
+    assert "3 in a row" in failure.value.explanation and "refused for 600 seconds" in failure.value.explanation
+    # The right code is refused too, and not looked at: it stays usable once the lock ends.
+    assert reason_of(method, PASSWORD + code_at(STEP)) == "totp-locked"
+    assert reason_of(method, PASSWORD + code_at(STEP), service="sftp", manager=True) == "totp-locked"
+    clock.advance(601)
+    now = int(clock.seconds() // PERIOD)
+    assert login(method, PASSWORD + code_at(now)).dn == ALICE_DN
+
+
+def test_each_wrong_code_says_how_many_are_left(directory, shared):
+    """The audit detail of a wrong code counts toward the lock."""
+    method = make_method(directory, configuration(extension=locking()), shared)
+    with pytest.raises(LoginFailed) as failure:
+        login(method, PASSWORD + wrong_code())
+    assert "(1 of 3 in a row before the account is locked)" in failure.value.explanation
+
+
+def test_a_right_code_clears_the_wrong_ones(directory, shared):
+    """Only wrong codes in a row count: a login in between starts again from zero."""
+    method = make_method(directory, configuration(extension=locking()), shared)
+    for _ in range(2):
+        assert reason_of(method, PASSWORD + wrong_code()) == "totp-wrong-code"
+    login(method, PASSWORD + code_at(STEP))
+    for _ in range(2):
+        assert reason_of(method, PASSWORD + wrong_code()) == "totp-wrong-code"
+    assert login(method, PASSWORD + code_at(STEP + 1)).dn == ALICE_DN
+
+
+def test_wrong_passwords_never_lock_the_account(directory, shared):
+    """Without the password nobody reaches the code, so nobody can lock its owner out."""
+    method = make_method(directory, configuration(extension=locking()), shared)
+    for _ in range(5):
+        assert reason_of(method, "not-alice-pass" + wrong_code()) == "invalid-password"
+    assert login(method, PASSWORD + code_at(STEP)).dn == ALICE_DN
+
+
+def test_the_lock_is_per_account(directory, shared):
+    """Another account with a TOTP secret is not locked by alice's wrong codes."""
+    directory.add(BOB_DN.replace("bob", "carol"), "carol-pass", uid="carol", totpSharedSecret=URI.replace("alice", "carol"))
+    method = make_method(directory, configuration(extension=locking()), shared)
+    for _ in range(3):
+        reason_of(method, PASSWORD + wrong_code())
+    assert reason_of(method, PASSWORD + code_at(STEP)) == "totp-locked"
+    assert login(method, "carol-pass" + code_at(STEP), username="carol").dn == BOB_DN.replace("bob", "carol")
+
+
+def test_lock_after_zero_never_locks(directory, shared):
+    """"lock_after_wrong_codes": 0 turns the lock off."""
+    method = make_method(directory, configuration(extension=locking(lock_after=0)), shared)
+    for _ in range(12):
+        assert reason_of(method, PASSWORD + wrong_code()) == "totp-wrong-code"
+    assert login(method, PASSWORD + code_at(STEP)).dn == ALICE_DN
+
+
+def test_ten_wrong_codes_lock_by_default(directory, shared):
+    """Without the keys: 10 wrong codes in a row lock the account for 900 seconds."""
+    method = make_method(directory, configuration(), shared)
+    for _ in range(9):
+        assert reason_of(method, PASSWORD + wrong_code()) == "totp-wrong-code"
+    with pytest.raises(LoginFailed) as failure:
+        login(method, PASSWORD + wrong_code())
+    assert "refused for 900 seconds" in failure.value.explanation
+    assert reason_of(method, PASSWORD + code_at(STEP)) == "totp-locked"
+
+
+@pytest.mark.parametrize(
+    "key, value", [("lock_after_wrong_codes", -1), ("lock_after_wrong_codes", "5"), ("lock_after_wrong_codes", True),
+                   ("lock_seconds", 0), ("lock_seconds", "60"), ("lock_seconds", 86401)]
+)
+def test_lock_keys_are_checked(key, value):
+    """A lock that cannot work is refused when the configuration is read."""
+    with pytest.raises(ValueError, match=f'^"{key}": {value!r} is not a'):
+        AugmentedTOTP({"mfa_attribute": "totpSharedSecret", key: value})
 
 
 # -- replay ----------------------------------------------------------------------------

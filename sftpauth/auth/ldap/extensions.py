@@ -171,7 +171,7 @@ class LDAPCredentials:
     request: LoginRequest  # service, protocol, peer, manager, trace: read only
     method_id: str
     clock: IReactorTime  # seconds() is the time of day
-    state: SharedState  # state.replay: the TOTP replay store shared by every service
+    state: SharedState  # state.replay: the TOTP replay store; state.bans: counters and locks (both shared)
     data: dict[str, Any] = attrs.field(factory=dict, repr=False)  # the extensions' own, never logged
     # Set by an extension that wants updateCredentialsFromEntry called before the BIND.
     read_entry_first: bool = False

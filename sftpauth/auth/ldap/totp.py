@@ -25,18 +25,24 @@ login with it, on any service and through any authentication method, is
 (FTP and SFTP may use different ones) find the same entry, so a code let in
 by one is refused by the other. Nor anything derived from the secret: the
 store may be a Redis server that others can read.
+
+Wrong codes that come with the right password are counted per account (entry
+DN), in the ban store: ``lock_after_wrong_codes`` of them in a row refuse the
+account's logins for ``lock_seconds`` (``totp-locked``), from any address.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import math
 import re
 from typing import Any, Mapping
 from urllib.parse import parse_qs, urlsplit
 
 import pyotp
 from twisted.internet import defer
+from twisted.logger import Logger
 from validate import ValidateError
 from zope.interface import implementer
 
@@ -53,7 +59,14 @@ URI_PREFIX = "otpauth://totp/"
 _CODE = "totp-code"
 _TYPED = "totp-typed"  # password and code as typed, while N is not known yet
 _ALGORITHMS = ("SHA1", "SHA256", "SHA512")
-_KEYS = ("digits", "mfa_attribute")
+_log = Logger()
+_KEYS = ("digits", "lock_after_wrong_codes", "lock_seconds", "mfa_attribute")
+# An account whose right password comes with this many wrong codes in a row
+# has its TOTP logins refused for LOCK_SECONDS (``totp-locked``): the address
+# bans alone let a botnet that knows a password try codes from many addresses.
+LOCK_AFTER_WRONG_CODES = 10
+LOCK_SECONDS = 900.0
+LOCK_SCOPE = "totp-wrong-codes"
 
 
 class InvalidTOTPURI(ValueError):
@@ -121,19 +134,27 @@ def _split(credentials: LDAPCredentials, typed: str, digits: int, why: str) -> N
     credentials.trace("totp", f"the last {digits} characters are the TOTP code; the rest is the password{why}")
 
 
+def _normal_dn(dn: str) -> str:
+    try:
+        return parse_dn(dn).getText().lower()
+    except ValueError:
+        return dn.lower()
+
+
 def replay_key(dn: str, step: int, code: str) -> str:
     """The replay store's key: bounded in size and free of the DN's and code's text."""
-    try:
-        account = parse_dn(dn).getText().lower()
-    except ValueError:
-        account = dn.lower()
-    material = "\0".join((account, str(step), code)).encode("utf-8", "surrogatepass")
+    material = "\0".join((_normal_dn(dn), str(step), code)).encode("utf-8", "surrogatepass")
     return "totp-replay:" + hashlib.sha256(material).hexdigest()
+
+
+def _account_key(dn: str) -> str:
+    """The account's wrong-code counter and lock (bounded in size, as an address would be)."""
+    return hashlib.sha256(_normal_dn(dn).encode("utf-8", "surrogatepass")).hexdigest()
 
 
 @implementer(ILDAPExtension)
 class AugmentedTOTP:
-    """``{"mfa_attribute": "totpSharedSecret"}``, optionally ``"digits": 8``."""
+    """``{"mfa_attribute": "totpSharedSecret"}``; optionally ``"digits": 8``, ``"lock_after_wrong_codes": 10``, ``"lock_seconds": 900``."""
 
     def __init__(self, configuration: Mapping[str, Any]):
         unknown = sorted(set(configuration) - set(_KEYS))
@@ -155,6 +176,14 @@ class AugmentedTOTP:
         self.mfa_attribute = attribute.strip()
         # None: each account's URI says (default 6); a number: the same for every account.
         self.digits = None if digits is None else int(digits)
+        lock_after = configuration.get("lock_after_wrong_codes", LOCK_AFTER_WRONG_CODES)
+        if isinstance(lock_after, bool) or not isinstance(lock_after, int) or lock_after < 0:
+            raise ValueError(f'"lock_after_wrong_codes": {lock_after!r} is not a whole number of at least 0 (0: never lock)')
+        lock_seconds = configuration.get("lock_seconds", LOCK_SECONDS)
+        if isinstance(lock_seconds, bool) or not isinstance(lock_seconds, (int, float)) or not 0 < lock_seconds <= 86400:
+            raise ValueError(f'"lock_seconds": {lock_seconds!r} is not a number of seconds from 1 to 86400')
+        self.lock_after_wrong_codes = lock_after
+        self.lock_seconds = float(lock_seconds)
 
     def secondFactorDigits(self) -> int:
         """Optional hook: SSH keyboard-interactive asks for a code (of this many digits, unless the URI says)."""
@@ -194,6 +223,8 @@ class AugmentedTOTP:
         code = credentials.data.get(_CODE)
         if code is None:  # pragma: no cover - updateCredentials always runs first
             raise LoginFailed("totp-wrong-code", "no TOTP code was split off the password")
+        lock = _account_key(entry.dn)
+        await self._refuse_locked(credentials, lock)
         attribute = self.mfa_attribute
         values = [value for value in entry.get(attribute) if value.strip()]
         if not values:
@@ -224,7 +255,8 @@ class AugmentedTOTP:
         step = int(now // otp.interval)
         matches = matching_steps(otp, code, step)
         if not matches:
-            raise LoginFailed("totp-wrong-code", "the TOTP code matches none of the steps -1, 0, +1")
+            locked = await self._count_wrong_code(credentials, lock)
+            raise LoginFailed("totp-wrong-code", "the TOTP code matches none of the steps -1, 0, +1" + locked)
         for drift, matched in matches:
             # Valid while the current step is at most matched + 1; one more period of margin
             # covers clocks of other nodes sharing the store.
@@ -238,7 +270,44 @@ class AugmentedTOTP:
             if not fresh:
                 raise LoginFailed("totp-replayed", f"the TOTP code (step drift {step_drift(drift)}) was already used")
         credentials.trace("totp", f"TOTP code accepted (step drift {step_drift(matches[0][0])})")
+        self._forget_wrong_codes(credentials, lock)
         return entry
+
+    async def _refuse_locked(self, credentials: LDAPCredentials, lock: str) -> None:
+        """``totp-locked`` while the account's wrong codes keep its TOTP logins closed; no code is checked then."""
+        bans = credentials.state.bans
+        if bans is None or not self.lock_after_wrong_codes:
+            return
+        try:
+            left = await bans.ban_left(LOCK_SCOPE, lock)
+        except Exception:
+            _log.failure("cannot tell whether an account's TOTP logins are locked; checking its code")
+            return
+        if left > 0:
+            raise LoginFailed(
+                "totp-locked",
+                f"{self.lock_after_wrong_codes} wrong TOTP codes in a row: this account's logins are refused "
+                f"for {math.ceil(left)} more seconds, whatever the code",
+            )
+
+    async def _count_wrong_code(self, credentials: LDAPCredentials, lock: str) -> str:
+        """Count a wrong code that came with the right password; the audit detail it adds."""
+        bans = credentials.state.bans
+        if bans is None or not self.lock_after_wrong_codes:
+            return ""
+        try:
+            counted = await bans.add_failure(LOCK_SCOPE, lock, self.lock_after_wrong_codes, self.lock_seconds)
+        except Exception:
+            _log.failure("cannot count a wrong TOTP code of an account")
+            return ""
+        if counted.banned_now:
+            return f"; {counted.count} in a row: this account's logins are refused for {self.lock_seconds:g} seconds"
+        return f" ({counted.count} of {self.lock_after_wrong_codes} in a row before the account is locked)"
+
+    def _forget_wrong_codes(self, credentials: LDAPCredentials, lock: str) -> None:
+        bans = credentials.state.bans
+        if bans is not None and self.lock_after_wrong_codes:
+            bans.reset(LOCK_SCOPE, lock).addErrback(lambda failure: _log.failure("cannot reset an account's wrong TOTP codes", failure))
 
 
 def new_totp_uri(username: str, issuer: str, digits: int = DEFAULT_DIGITS) -> str:
