@@ -6,7 +6,7 @@ from typing import Callable
 
 from twisted.internet import defer
 
-from sftpauth.account import Account, account_for_groups
+from sftpauth.account import USER_MARKER, Account, account_for_groups
 from sftpauth.auth.credentials import LoginRequest
 from sftpauth.auth.errors import LoginFailed, UnknownUser
 from sftpauth.auth.passwords import verify_password
@@ -44,7 +44,9 @@ class ApplicationMethod:
             raise UnknownUser(f"no [accounts/..] named {request.username!r}")
         await check_local_password(self.id, f"accounts/{settings.id}", settings, request, self._run_in_thread)
         groups = tuple(self._configuration.groups[group_id] for group_id in settings.group)
-        return account_for_groups(settings.username, self.id, groups, home_folder=settings.home_folder_path or None)
+        # ${USER} in the account's own folder is its name, as in a group's; nothing is appended.
+        own = settings.home_folder_path.replace(USER_MARKER, settings.username)
+        return account_for_groups(settings.username, self.id, groups, home_folder=own or None)
 
 
 async def check_local_password(

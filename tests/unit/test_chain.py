@@ -206,6 +206,25 @@ home_folder_path = {own}
     assert Harness(configuration, run_in_thread).login(result_of).home_folder == str(own)
 
 
+def test_user_marker_in_an_accounts_own_home_folder_is_replaced(tmp_path, homes, password_hash, run_in_thread, result_of):
+    """${USER} in an account's own home_folder_path is its login name (never a folder named ${USER}); nothing is appended."""
+    (tmp_path / "own" / "alice" / "in").mkdir(parents=True)
+    configuration = configuration_from(
+        f"""
+[groups/g]
+home_folder_path = {homes}
+[accounts/first]
+name = alice
+password = {password_hash}
+group = g
+home_folder_path = {tmp_path}/own/${{USER}}/in
+""",
+        tmp_path,
+    )
+    account = Harness(configuration, run_in_thread).login(result_of)
+    assert account.home_folder == str(tmp_path / "own" / "alice" / "in")
+
+
 def test_wrong_password_is_invalid_password(local, result_of):
     """A wrong password is refused with reason invalid-password."""
     assert local.failure_reason(result_of, password="not the password") == "invalid-password"
