@@ -202,8 +202,31 @@ HEADER = (f"{'bind':<7} {'kind':<5} {'w':>2} {'conc':>4} {'ok':>5} {'fail':>4} {
           " of slapd and of this load generator, which shares the same cores)")
 
 
-def print_worker_ratios(rows: list[dict]) -> None:
-    """For each ftp/sftp cell measured with several worker counts: logins/s against workers = 1 (and per round)."""
+def cpu_ceiling(base: dict, row: dict, cpus: int) -> float:
+    """The highest workers ratio the measured CPU per login allows when every process shares ``cpus`` cores.
+
+    One worker runs on at most one core; all processes together on at most
+    ``cpus``. So logins/s can be at most min(workers / s, cpus / (s + slapd +
+    client)), with s the sftpauth CPU per login of that cell. Returns 0.0
+    when a cell lacks a CPU figure.
+    """
+    def most(cell: dict) -> float:
+        figures = [cell.get(key) for key in ("sftpauth_cpu_ms_per_login", "slapd_cpu_ms_per_login", "client_cpu_ms_per_login")]
+        if not all(isinstance(value, (int, float)) and value > 0 for value in figures):
+            return 0.0
+        sftpauth, slapd, client = figures
+        return min(cell.get("workers", 1) / sftpauth, cpus / (sftpauth + slapd + client))
+
+    one, more = most(base), most(row)
+    return more / one if one and more else 0.0
+
+
+def print_worker_ratios(rows: list[dict], cpus: int = 0) -> None:
+    """For each ftp/sftp cell measured with several worker counts: logins/s against workers = 1 (and per round).
+
+    With ``cpus``, also the ceiling that the cells' own CPU per login puts on
+    that ratio on this many shared cores (:func:`cpu_ceiling`).
+    """
     single = {(row["bind_type"], row["kind"], row["concurrency"]): row for row in rows if row.get("workers", 1) == 1}
     for row in rows:
         base = single.get((row["bind_type"], row["kind"], row["concurrency"]))
@@ -213,9 +236,11 @@ def print_worker_ratios(rows: list[dict]) -> None:
                 ratios = [mine / theirs for mine, theirs in zip(row["rounds_logins_per_s"], base["rounds_logins_per_s"])
                           if theirs]
                 rounds = "; rounds " + " ".join(f"{ratio:.2f}" for ratio in ratios)
+            ceiling = cpu_ceiling(base, row, cpus) if cpus else 0.0
+            limit = f"; CPU ceiling on {cpus} shared cores {ceiling:.2f}" if ceiling else ""
             print(f"{row['bind_type']:<7} {row['kind']:<5} concurrency {row['concurrency']:>3}: "
                   f"workers={row['workers']} / workers=1 = {row['logins_per_s'] / base['logins_per_s']:.2f} "
-                  f"({row['logins_per_s']:.1f} / {base['logins_per_s']:.1f} logins/s{rounds})", flush=True)
+                  f"({row['logins_per_s']:.1f} / {base['logins_per_s']:.1f} logins/s{rounds}{limit})", flush=True)
 
 
 def draw(rows: list[dict], path: Path, peers: dict) -> None:
@@ -367,7 +392,7 @@ def main() -> None:
                      "bind_types": args.bind_type, "workers": args.workers, "rounds": args.rounds},
         "cells": rows,
     }
-    print_worker_ratios(rows)
+    print_worker_ratios(rows, lib.os.cpu_count() or 0)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     print(f"wrote {args.json}")

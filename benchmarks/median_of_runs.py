@@ -74,7 +74,7 @@ def main() -> None:
     print(bench.HEADER)
     for row in rows:
         bench.print_row(row)
-    bench.print_worker_ratios(rows)
+    bench.print_worker_ratios(rows, reports[0].get("machine", {}).get("cpus", 0))
     ratios = run_ratios(reports)
     if ratios:
         print("each run's own workers ratio: median (range)")
