@@ -28,6 +28,7 @@ from sftpauth.account import Account
 from sftpauth.audit import AuditLog
 from sftpauth.auth.credentials import ILoginRequest, LoginRequest
 from sftpauth.auth.errors import LoginFailed, UnknownUser
+from sftpauth.auth.policy import address_in, normalise_address
 from sftpauth.config.models import Configuration
 
 if TYPE_CHECKING:
@@ -172,7 +173,7 @@ class AuthenticationChain:
                 method_id = ""
                 raise LoginFailed("unknown-user", "no authentication method knows this username")
             if request.manager:
-                self._check_roles(account)
+                self._check_roles(account, request)
             else:
                 account = await self._prepare_home_folder(account)
                 request.trace.add(method_id, "home-folder", account.home_folder)
@@ -196,11 +197,27 @@ class AuthenticationChain:
             await policy.record(request, "success")
         return account
 
-    def _check_roles(self, account: Account) -> None:
-        """A Web Manager login holding a disabled [roles/ID] is refused, as SFTPPlus does."""
+    def _check_roles(self, account: Account, request: LoginRequest) -> None:
+        """A Web Manager login holding a disabled [roles/ID], or one from outside its source_ip_filter, is refused.
+
+        Both as SFTPPlus does. A test login (``sftpauth test-login``, the Web
+        Manager's) has no client address: the filter is then only described.
+        """
         for role_id in self._configuration.roles_of(account.roles):
-            if not self._configuration.roles[role_id].enabled:
+            role = self._configuration.roles[role_id]
+            if not role.enabled:
                 raise LoginFailed("role-disabled", f"role [roles/{role_id}] is disabled")
+            if not role.source_ip_filter:
+                continue
+            if not request.peer:
+                request.trace.add(
+                    account.method_id, "roles", f"[roles/{role_id}] source_ip_filter not checked: a test login has no client address"
+                )
+                continue
+            if not address_in(normalise_address(request.peer), role.source_ip_filter):
+                raise LoginFailed(
+                    "role-source-filtered", f"{request.peer} is not in source_ip_filter of [roles/{role_id}]"
+                )
 
     async def _prepare_home_folder(self, account: Account) -> Account:
         """Check (or create) the home folder in a thread; the account gains its resolved path."""

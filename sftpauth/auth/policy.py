@@ -95,6 +95,15 @@ def normalise_address(host: Any) -> str:
     return str(address)
 
 
+def address_in(address: str, networks) -> bool:
+    """True when ``address`` (normalised: :func:`normalise_address`) is in one of ``networks``; never for "" or a name."""
+    try:
+        peer = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return any(peer in network for network in networks if network.version == peer.version)
+
+
 def _username_forms(username: str) -> tuple[str, ...]:
     """The username as typed and as a directory compares it (NFKC, spaces collapsed).
 
@@ -130,13 +139,7 @@ class SecurityPolicy:
     def source_allowed(self, address: str) -> bool:
         """True when ``source_ip_filter`` is empty or holds ``address`` (a normalised address)."""
         networks = self.settings.source_ip_filter
-        if not networks:
-            return True
-        try:
-            peer = ipaddress.ip_address(address)
-        except ValueError:
-            return False
-        return any(peer in network for network in networks if network.version == peer.version)
+        return not networks or address_in(address, networks)
 
     def ban_left(self, address: str) -> defer.Deferred:
         """Seconds the ban of ``address`` still lasts (0.0: not banned); never fails."""

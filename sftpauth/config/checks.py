@@ -29,6 +29,8 @@ class Unsupported:
 
 
 UNSUPPORTED = Unsupported()
+# The same option set to a value that turns its feature off: what sftpauth does anyway, so no warning.
+SWITCHED_OFF = Unsupported()
 
 
 def split_list(value: str) -> tuple[str, ...]:
@@ -400,7 +402,10 @@ def make_validator(base_folder: str, environ: Mapping[str, str]) -> Validator:
                 ) from None
         return word
 
-    def unsupported(value: str) -> Unsupported:
+    def unsupported(value: str, *off: str) -> Unsupported:
+        """``unsupported("no", "disabled")``: those values (any case, or empty when "" is listed) say what sftpauth does."""
+        if off and _unquote(value or "").strip().lower() in off:
+            return SWITCHED_OFF
         return UNSUPPORTED
 
     functions: dict[str, Callable] = {

@@ -21,7 +21,7 @@ from configobj import ConfigObj, ConfigObjError
 from validate import ValidateError, VdtMissingValue
 
 from sftpauth.config import models
-from sftpauth.config.checks import UNSUPPORTED, make_validator
+from sftpauth.config.checks import SWITCHED_OFF, UNSUPPORTED, make_validator
 from sftpauth.config.errors import ConfigError, ConfigProblem
 
 SPEC_PATH = os.path.join(os.path.dirname(__file__), "configspec.ini")
@@ -353,6 +353,8 @@ def _check_section(
         if checked is UNSUPPORTED:
             problems.warn(section, option, "known SFTPPlus option, not implemented by sftpauth: ignored")
             continue
+        if checked is SWITCHED_OFF:
+            continue
         result[name] = checked
     values = {aliases.get(option, option): value for option, value in values.items()}
     for option, check in spec.items():
@@ -589,6 +591,14 @@ def _check_manager(problems: _Problems, configuration: models.Configuration) -> 
                 "header_authentication_role",
                 f"[roles/{service.header_authentication_role}] is disabled, so every pre-authenticated session "
                 "would hold a disabled role; name an enabled role",
+            )
+        elif service.header_authentication and configuration.roles[service.header_authentication_role].source_ip_filter:
+            problems.error(
+                section,
+                "header_authentication_role",
+                f"[roles/{service.header_authentication_role}] has a source_ip_filter, which a pre-authenticated "
+                "session cannot honour: the Web Manager sees the proxy's address, not the administrator's; name a "
+                "role without one and filter at the proxy",
             )
         if service.header_authentication and not service.trusted_proxies:
             problems.error(

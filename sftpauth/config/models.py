@@ -213,6 +213,8 @@ class RoleSettings:
     name: str
     permissions: frozenset[str]  # {"all"} or a subset of configuration, read, write
     enabled: bool = True  # SFTPPlus: no administrator holding a disabled role may log in
+    # SFTPPlus: ipaddress networks a Web Manager login holding this role may come from; empty: every address
+    source_ip_filter: tuple[Any, ...] = ()
 
     @property
     def read_only(self) -> bool:

@@ -27,6 +27,8 @@ AUDITOR_PASSWORD = "auditor-web-pass"
 
 
 def manager_config(folder: Path, slapd, manager_port: int, ftp_port: int, extra_manager: str = "") -> str:
+    """``extra_manager``: more lines for [services/web], or sections of their own after them."""
+    extra_manager = textwrap.indent(textwrap.dedent(extra_manager), " " * 8).strip()
     ldap = ldap_section(
         slapd,
         f"""
@@ -84,7 +86,7 @@ class ManagerServer:
         self.port = free_port()
         self.ftp_port = free_port()
         self.url = f"https://127.0.0.1:{self.port}"
-        config = manager_config(self.folder, slapd, self.port, self.ftp_port, textwrap.dedent(extra_manager))
+        config = manager_config(self.folder, slapd, self.port, self.ftp_port, extra_manager)
         self.server = SftpauthServer(self.folder, config, ports=(self.port, self.ftp_port))
         self.certificate = self.folder / "data" / "manager" / "certificate.pem"
 

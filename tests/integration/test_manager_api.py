@@ -215,3 +215,23 @@ def test_server_log_has_no_errors_and_no_passwords(manager):
     audit = (manager.folder / "audit.jsonl").read_text()
     for secret in (ADMIN_PASSWORD, AUDITOR_PASSWORD, "alice-pass", "carol-pass"):
         assert secret not in audit
+
+
+def test_a_roles_source_ip_filter_refuses_logins_from_other_addresses(slapd, tmp_path):
+    """SFTPPlus's [roles/..] source_ip_filter: DEFAULT-ROLE only from 10.0.0.0/8 refuses 127.0.0.1; auditors has none."""
+    server = ManagerServer(
+        tmp_path, slapd, extra_manager="\n[roles/DEFAULT-ROLE]\nsource_ip_filter = 10.0.0.0/8, ::1\n"
+    ).start()
+    try:
+        for username, password in (("admin", ADMIN_PASSWORD), ("alice", "alice-pass")):
+            status, body = HTTPSClient(server).login(username, password)
+            assert status == 401 and body == {"error": "login failed"}
+            event = server.server.wait_for_audit(
+                lambda entry, name=username: entry.get("username") == name and entry.get("event") == "authentication"
+            )
+            assert event["reason"] == "role-source-filtered"
+            assert event["detail"] == "127.0.0.1 is not in source_ip_filter of [roles/DEFAULT-ROLE]"
+        status, session = HTTPSClient(server).login("auditor", AUDITOR_PASSWORD)
+        assert status == 200 and session["roles"] == ["auditors"]
+    finally:
+        server.stop()

@@ -61,8 +61,8 @@ class Harness:
         self.methods = methods
         self.chain = AuthenticationChain(configuration, methods, self.audit, run_in_thread, clock=lambda: 100.0)
 
-    def login(self, result_of, username="alice", password=PASSWORD, service_id="ftp", **extra):
-        request = LoginRequest(username, password, service_id, extra.pop("protocol", "ftp"), "192.0.2.7", **extra)
+    def login(self, result_of, username="alice", password=PASSWORD, service_id="ftp", peer="192.0.2.7", **extra):
+        request = LoginRequest(username, password, service_id, extra.pop("protocol", "ftp"), peer, **extra)
         return result_of(self.chain.requestAvatarId(request))
 
     def failure_reason(self, result_of, **kwargs) -> str:
@@ -671,3 +671,58 @@ password = {password_hash}
         assert harness.events[-1]["reason"] == "role-disabled"
     else:
         assert harness.login(result_of, service_id="manager", protocol="manager", manager=True).roles == ("auditors",)
+
+
+def role_filter_harness(tmp_path, password_hash, run_in_thread, roles: str = "") -> Harness:
+    configuration = configuration_from(
+        f"""
+[services/manager]
+type = manager
+port = 0
+[roles/DEFAULT-ROLE]
+source_ip_filter = 192.0.2.0/24, 2001:db8::/32
+[roles/auditors]
+permissions = configuration, read
+[administrators/alice]
+password = {password_hash}
+{roles}
+""",
+        tmp_path,
+    )
+    return Harness(configuration, run_in_thread, build_methods(configuration, run_in_thread, reactor=None))
+
+
+@pytest.mark.parametrize("peer", ["192.0.2.7", "2001:db8::1", "::ffff:192.0.2.9"])
+def test_an_administrator_may_log_in_from_inside_the_roles_source_ip_filter(
+    peer, tmp_path, password_hash, run_in_thread, result_of
+):
+    """SFTPPlus's ``[roles/..] source_ip_filter``: an address in one of its networks (IPv4-mapped too) logs in."""
+    harness = role_filter_harness(tmp_path, password_hash, run_in_thread)
+    account = harness.login(result_of, service_id="manager", protocol="manager", manager=True, peer=peer)
+    assert account.roles == ("DEFAULT-ROLE",)
+
+
+@pytest.mark.parametrize("peer", ["198.51.100.7", "2001:db9::1"])
+def test_an_administrator_from_outside_the_roles_source_ip_filter_is_refused(
+    peer, tmp_path, password_hash, run_in_thread, result_of
+):
+    """The right password from another address is refused, and the audit log says which role's filter."""
+    harness = role_filter_harness(tmp_path, password_hash, run_in_thread)
+    reason = harness.failure_reason(result_of, service_id="manager", protocol="manager", manager=True, peer=peer)
+    assert reason == "role-source-filtered"
+    assert harness.events[-1]["detail"] == f"{peer} is not in source_ip_filter of [roles/DEFAULT-ROLE]"
+
+
+def test_a_role_without_a_source_ip_filter_lets_every_address_in(tmp_path, password_hash, run_in_thread, result_of):
+    """Only the roles the login holds count: alice holds auditors, which has no filter."""
+    harness = role_filter_harness(tmp_path, password_hash, run_in_thread, roles="roles = auditors")
+    account = harness.login(result_of, service_id="manager", protocol="manager", manager=True, peer="198.51.100.7")
+    assert account.roles == ("auditors",)
+
+
+def test_a_test_login_describes_the_roles_source_ip_filter(tmp_path, password_hash, run_in_thread, result_of):
+    """sftpauth test-login has no client address: the filter is named in the trace, not applied."""
+    harness = role_filter_harness(tmp_path, password_hash, run_in_thread)
+    trace = Trace()
+    harness.login(result_of, service_id="manager", protocol="cli", manager=True, peer="", trace=trace)
+    assert any("source_ip_filter not checked" in step.detail for step in trace.steps)

@@ -1183,6 +1183,23 @@ SFTPPLUS_ERROR_CASES = [
         ["[roles/ops] is disabled", "name an enabled role"],
         id="pre-authentication-with-a-disabled-role",
     ),
+    pytest.param(
+        "[services/m]\ntype = manager\nport = 8443\nheader_authentication = yes\ntrusted_proxies = 10.0.0.1\n"
+        "header_authentication_role = ops\n[roles/ops]\nsource_ip_filter = 10.1.0.0/16\n",
+        6,
+        "services/m",
+        "header_authentication_role",
+        ["[roles/ops] has a source_ip_filter", "sees the proxy's address", "filter at the proxy"],
+        id="pre-authentication-with-a-filtered-role",
+    ),
+    pytest.param(
+        "[roles/ops]\nsource_ip_filter = 10.1.0.0/16, office\n",
+        2,
+        "roles/ops",
+        "source_ip_filter",
+        ["office"],
+        id="role-source-ip-filter-not-an-address",
+    ),
 ]
 
 
@@ -1205,3 +1222,60 @@ def test_an_empty_service_address_is_refused_not_every_interface():
     assert (problem.line, problem.option) == (4, "address") and "0.0.0.0 for every IPv4 address" in problem.message
     assert parse("[services/ftp]\ntype = ftp\nport = 2121\n").services["ftp"].address == "127.0.0.1"
     assert parse("[services/ftp]\ntype = ftp\nport = 2121\naddress = ::\n").services["ftp"].address == "::"
+
+
+def test_sftpplus_default_group_as_documented_loads_and_warns_only_what_sftpauth_ignores(password_hash):
+    """SFTPPlus's documented DEFAULT_GROUP: OS owners, SSH keys "Disabled" and no certificates are what sftpauth does."""
+    configuration = parse(
+        f"""
+        [groups/DEFAULT_GROUP]
+        enabled = Yes
+        description = Default group for all accounts.
+        lock_in_home_folder = Yes
+        home_folder_path = /srv/partners/${{USER}}
+        create_home_folder = No
+        create_home_folder_owner = ${{DEFAULT_OS_USER}}
+        create_home_folder_group = ${{DEFAULT_OS_GROUP}}
+        ssh_authorized_keys_path = Disabled
+        allow_certificate_authentication = No
+        [accounts/john]
+        type = application
+        password = {password_hash}
+        home_folder_path = Inherit
+        ssh_authorized_keys_path = Inherit
+        """
+    )
+    assert [(w.line, w.option) for w in configuration.warnings] == [(4, "description")]
+    assert configuration.groups["DEFAULT_GROUP"].home_folder_path == "/srv/partners/${USER}"
+
+
+def test_sftpplus_options_asking_for_what_sftpauth_lacks_are_warned_on_their_lines(password_hash):
+    """SSH keys, client certificates or another owner for new home folders: accepted (SPEC), each warned on its line."""
+    configuration = parse(
+        f"""
+        [groups/partners]
+        home_folder_path = /srv/partners
+        ssh_authorized_keys_path = /etc/sftpauth/keys/${{USER}}
+        allow_certificate_authentication = Yes
+        [accounts/john]
+        password = {password_hash}
+        group = partners
+        create_home_folder_owner = john
+        create_home_folder_group = partners
+        """
+    )
+    located = [(w.line, w.section, w.option) for w in configuration.warnings]
+    assert located == [
+        (4, "groups/partners", "ssh_authorized_keys_path"),
+        (5, "groups/partners", "allow_certificate_authentication"),
+        (9, "accounts/john", "create_home_folder_owner"),
+        (10, "accounts/john", "create_home_folder_group"),
+    ]
+    assert all("not implemented by sftpauth: ignored" in w.message for w in configuration.warnings)
+
+
+def test_a_roles_source_ip_filter_is_read():
+    """SFTPPlus's [roles/..] source_ip_filter: addresses and CIDRs, as a security policy's."""
+    configuration = parse("[roles/ops]\nsource_ip_filter = 10.1.0.0/16, 192.0.2.7\n")
+    assert [str(network) for network in configuration.roles["ops"].source_ip_filter] == ["10.1.0.0/16", "192.0.2.7/32"]
+    assert configuration.roles["DEFAULT-ROLE"].source_ip_filter == ()
