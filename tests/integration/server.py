@@ -18,10 +18,25 @@ TWISTD = str(Path(sys.executable).with_name("twistd"))
 REPOSITORY = Path(__file__).resolve().parents[2]
 
 
+# Every port free_port() has handed out in this test session.
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+    """A loopback TCP port nobody listens on now, and one this session has not handed out before.
+
+    The probe is closed at once, so the kernel may pick the same port for the
+    next probe: it chooses at random among the free ones. Two services of one
+    configuration then get one port and the server cannot start (for seven
+    ports, about one group in 600). A port is therefore handed out once.
+    """
+    while True:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
 
 
 
