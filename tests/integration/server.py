@@ -45,10 +45,13 @@ def read_audit(audit: Path) -> list[dict]:
 
     Only lines that end with a newline are read: a test that polls the file can
     catch the last line half written (the kernel copies a write page by page).
+    They are cut off as bytes, before decoding: the cut may split a character
+    of a non-ASCII line (the server writes UTF-8, ensure_ascii=False).
     """
     if not audit.exists():
         return []
-    whole = audit.read_text(encoding="utf-8").split("\n")[:-1]
+    data = audit.read_bytes()
+    whole = data[: data.rfind(b"\n") + 1].decode("utf-8").split("\n")[:-1]
     return [json.loads(line) for line in whole if line.strip()]
 
 class SftpauthServer:
