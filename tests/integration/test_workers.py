@@ -1,15 +1,19 @@
 """``[server] workers = 2`` end to end: a real ``twistd -n sftpauth``, its two workers, a real slapd.
 
-Which worker serves a connection is the kernel's choice. The tests do not
-guess: :func:`serving_worker` finds the worker process holding the server
-side of a client's TCP connection (``/proc/net/tcp`` and each worker's
-``/proc/PID/fd``), so a test opens connections until it has one on each
-worker, then decides which one does what. The audit ``worker`` field says
-the same from the server's side.
+Which worker serves a connection is the kernel's choice: every worker waits
+on the one shared socket, the kernel wakes them all, and the first to call
+accept() wins. With another process busy on one CPU, the worker pinned to
+the idle CPU wins every time. So a test that wants a connection on a given
+worker stops the other workers (SIGSTOP) while it connects
+(:meth:`Site.accepting_only`), and :func:`serving_worker` checks who holds
+the server side of the connection (``/proc/net/tcp`` and each worker's
+``/proc/PID/fd``). The audit ``worker`` field says the same from the
+server's side.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ftplib
 import io
 import os
@@ -40,12 +44,17 @@ SECRET = "KRSXG5CTMVRXEZLUKRSXG5CTMVRXEZLU"
 ADMIN_PASSWORD = "workers-admin-pass"
 
 
-def alive(pid: int) -> bool:
+def process_state(pid: int) -> str:
+    """The state letter of /proc/PID/stat (R, S, T for stopped, Z...); "" once the process is gone."""
     try:
         with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as stat:
-            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+            return stat.read().rsplit(")", 1)[1].split()[0]
     except OSError:
-        return False
+        return ""
+
+
+def alive(pid: int) -> bool:
+    return process_state(pid) not in ("", "Z")
 
 
 def serving_worker(server_port: int, client: socket.socket, workers: set[int], timeout: float = 5.0) -> int:
@@ -192,37 +201,40 @@ class Site:
     def event(self, predicate: Callable[[dict], bool], timeout: float = 10.0) -> dict:
         return self.server.wait_for_audit(predicate, timeout=timeout)
 
-    def ftp_on_worker(self, service: str, pid: int) -> ftplib.FTP:
-        """An FTP connection (greeted, not logged in) served by the worker ``pid``."""
+    @contextlib.contextmanager
+    def accepting_only(self, pid: int) -> Iterator[set[int]]:
+        """Inside the block only worker ``pid`` runs: the others are stopped, and continued after it.
+
+        A stopped worker cannot accept, so a connection made inside the block
+        goes to ``pid`` (the kernel keeps it queued on the shared socket until
+        a running worker accepts it). Yields the set of ready workers.
+        """
         workers = self.workers()
         assert pid in workers, (pid, workers)
-        for _ in range(40):
-            client = ftplib.FTP(timeout=TIMEOUT, encoding="utf-8")
-            client.connect("127.0.0.1", self.ports[service])
-            if serving_worker(self.ports[service], client.sock, workers) == pid:
-                return client
-            client.close()
-        raise AssertionError(f"no connection reached worker {pid} in 40 tries")
+        others = workers - {pid}
+        try:
+            for other in others:
+                os.kill(other, signal.SIGSTOP)
+            deadline = time.monotonic() + 10
+            while not all(process_state(other) == "T" for other in others):
+                assert time.monotonic() < deadline, {other: process_state(other) for other in others}
+                time.sleep(0.01)
+            yield workers
+        finally:
+            for other in others:
+                os.kill(other, signal.SIGCONT)
+
+    def ftp_on_worker(self, service: str, pid: int, source: str = "127.0.0.1") -> ftplib.FTP:
+        """An FTP connection (greeted, not logged in) served by the worker ``pid``."""
+        with self.accepting_only(pid) as workers:
+            client = ftplib.FTP(timeout=TIMEOUT, encoding="utf-8", source_address=(source, 0))
+            client.connect("127.0.0.1", self.ports[service])  # returns with the greeting: accepted
+            assert serving_worker(self.ports[service], client.sock, workers) == pid
+        return client
 
     def ftp_on_each_worker(self, service: str, source: str = "127.0.0.1") -> dict[int, ftplib.FTP]:
         """An FTP connection (greeted, not logged in) served by each worker, by worker pid."""
-        workers = self.workers()
-        found: dict[int, ftplib.FTP] = {}
-        spare = []
-        for _ in range(40):
-            client = ftplib.FTP(timeout=TIMEOUT, encoding="utf-8", source_address=(source, 0))
-            client.connect("127.0.0.1", self.ports[service])
-            pid = serving_worker(self.ports[service], client.sock, workers)
-            if pid in found:
-                spare.append(client)
-            else:
-                found[pid] = client
-            if len(found) == len(workers):
-                break
-        for client in spare:
-            client.close()
-        assert len(found) == len(workers), "the kernel gave every connection to one worker"
-        return found
+        return {pid: self.ftp_on_worker(service, pid, source) for pid in sorted(self.workers())}
 
 
 def free_port_pair() -> int:
@@ -289,25 +301,17 @@ def test_ftp_and_sftp_logins_are_served_by_both_workers(site):
         site.event(lambda e, index=index: e["event"] == "session-end" and e["service"] == "ftp" and e["worker"] == index)
     events = site.events(lambda e: e["event"] == "authentication" and e["service"] == "ftp" and e["outcome"] == "success")
     assert {event["worker"] for event in events} == {1, 2}
-    workers = site.workers()
-    served = set()
-    for _ in range(40):
-        sock = socket.create_connection(("127.0.0.1", site.ports["sftp"]), timeout=TIMEOUT)
+    for pid in sorted(site.workers()):
+        with site.accepting_only(pid) as workers:
+            sock = socket.create_connection(("127.0.0.1", site.ports["sftp"]), timeout=TIMEOUT)
+            assert serving_worker(site.ports["sftp"], sock, workers) == pid
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        pid = serving_worker(site.ports["sftp"], sock, workers)
-        if pid in served:
-            sock.close()
-            continue
-        served.add(pid)
         transport = paramiko.Transport(sock)
         try:
             transport.connect(username="alice", password="alice-pass")
             assert paramiko.SFTPClient.from_transport(transport).listdir(".") == []
         finally:
             transport.close()
-        if served == workers:
-            break
-    assert served == workers
     for index in (1, 2):
         site.event(lambda e, index=index: e["event"] == "session-end" and e["service"] == "sftp" and e["worker"] == index)
     sftp_workers = {e["worker"] for e in site.events(lambda e: e["event"] == "session-start" and e["service"] == "sftp")}
