@@ -34,6 +34,8 @@ FAILURE = "530 Login failed."
 # The short-bans policy's ban: the FTP reply to the failure that starts it comes
 # FAILED_LOGIN_DELAY later, and the test must still meet the ban after that.
 SHORT_BAN = 5
+# The stalled LDAP method's timeout: a login it serves fails no sooner than this.
+LDAP_TIMEOUT = 3
 
 
 class CountingLDAP:
@@ -147,7 +149,7 @@ source_ip_ban_after_count = 0
 type = ldap
 address = 127.0.0.1
 port = {ldap.port}
-timeout = 1
+timeout = {LDAP_TIMEOUT}
 bind_dn = ou=people,dc=example,dc=com
 
 [groups/DEFAULT_GROUP]
@@ -222,8 +224,8 @@ def test_denied_usernames_never_reach_an_authentication_method(site, ldap):
     for username in ("root", "ROOT", "administrator"):
         started = time.monotonic()
         assert ftp_fails(site.ports["ftp"], username, "pw", "127.0.0.14") == FAILURE
-        # the 530 comes after FAILED_LOGIN_DELAY; the LDAP timeout (1 s) was not waited for on top of it
-        assert time.monotonic() - started < FAILED_LOGIN_DELAY + 1
+        # the 530 comes after FAILED_LOGIN_DELAY; the LDAP timeout was not waited for on top of it
+        assert time.monotonic() - started < FAILED_LOGIN_DELAY + LDAP_TIMEOUT
         site.audit(lambda e, u=username: e["event"] == "authentication" and e["username"] == u and e["reason"] == "denied-username")
     sftp_fails(site.ports["sftp"], "root", "pw", "127.0.0.15")
     site.audit(lambda e: e["event"] == "authentication" and e["protocol"] == "sftp" and e["reason"] == "denied-username")
