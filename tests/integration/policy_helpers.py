@@ -26,7 +26,7 @@ FTP_REFUSAL = b"421 Connection refused.\r\n"
 SSH_REFUSAL = b"Connection refused.\r\n"
 
 
-def greeting(port: int, source: str, host: str = "127.0.0.1", wait: float = 3.0) -> bytes:
+def greeting(port: int, source: str, host: str = "127.0.0.1", wait: float = 10.0) -> bytes:
     """What the server sends a client from ``source`` before the client says anything (up to ``wait`` s or close)."""
     with socket.create_connection((host, port), timeout=TIMEOUT, source_address=(source, 0)) as connection:
         connection.settimeout(0.2)

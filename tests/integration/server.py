@@ -149,7 +149,7 @@ class SftpauthServer:
     def audit_events(self, path: Optional[Path] = None) -> list[dict]:
         return read_audit(path or (self.folder / "audit.jsonl"))
 
-    def wait_for_audit(self, predicate, timeout: float = 5.0) -> dict:
+    def wait_for_audit(self, predicate, timeout: float = 10.0) -> dict:
         deadline = time.monotonic() + timeout
         while True:
             for event in self.audit_events():
