@@ -273,10 +273,14 @@ class AugmentedTOTP:
         self._forget_wrong_codes(credentials, lock)
         return entry
 
+    def _locks(self, credentials: LDAPCredentials):
+        """The store of wrong-code counts and locks, or None when accounts are never locked."""
+        return credentials.state.bans if self.lock_after_wrong_codes else None
+
     async def _refuse_locked(self, credentials: LDAPCredentials, lock: str) -> None:
         """``totp-locked`` while the account's wrong codes keep its TOTP logins closed; no code is checked then."""
-        bans = credentials.state.bans
-        if bans is None or not self.lock_after_wrong_codes:
+        bans = self._locks(credentials)
+        if bans is None:
             return
         try:
             left = await bans.ban_left(LOCK_SCOPE, lock)
@@ -292,8 +296,8 @@ class AugmentedTOTP:
 
     async def _count_wrong_code(self, credentials: LDAPCredentials, lock: str) -> str:
         """Count a wrong code that came with the right password; the audit detail it adds."""
-        bans = credentials.state.bans
-        if bans is None or not self.lock_after_wrong_codes:
+        bans = self._locks(credentials)
+        if bans is None:
             return ""
         try:
             counted = await bans.add_failure(LOCK_SCOPE, lock, self.lock_after_wrong_codes, self.lock_seconds)
@@ -305,8 +309,8 @@ class AugmentedTOTP:
         return f" ({counted.count} of {self.lock_after_wrong_codes} in a row before the account is locked)"
 
     def _forget_wrong_codes(self, credentials: LDAPCredentials, lock: str) -> None:
-        bans = credentials.state.bans
-        if bans is not None and self.lock_after_wrong_codes:
+        bans = self._locks(credentials)
+        if bans is not None:
             bans.reset(LOCK_SCOPE, lock).addErrback(lambda failure: _log.failure("cannot reset an account's wrong TOTP codes", failure))
 
 
