@@ -642,17 +642,22 @@ def test_password_hashes_are_checked_off_the_reactor_thread(local, result_of):
     assert offloaded == [verify_password]
 
 
+def manager_harness(tmp_path, run_in_thread, sections: str) -> Harness:
+    """A Web Manager service, ``sections`` (roles, administrators) and the chain with the methods the server builds."""
+    configuration = configuration_from("[services/manager]\ntype = manager\nport = 0\n" + sections, tmp_path)
+    return Harness(configuration, run_in_thread, build_methods(configuration, run_in_thread, reactor=None))
+
+
 @pytest.mark.parametrize(
     "roles, refused",
     [("roles = operators", True), ("roles = auditors, operators", True), ("role = auditors", False), ("", True)],
 )
 def test_an_administrator_with_a_disabled_role_is_refused(roles, refused, tmp_path, password_hash, run_in_thread, result_of):
     """SFTPPlus's ``[roles/..] enabled = no`` refuses every Web Manager login holding the role (DEFAULT-ROLE when none)."""
-    configuration = configuration_from(
+    harness = manager_harness(
+        tmp_path,
+        run_in_thread,
         f"""
-[services/manager]
-type = manager
-port = 0
 [roles/DEFAULT-ROLE]
 enabled = no
 [roles/auditors]
@@ -663,9 +668,7 @@ enabled = No
 password = {password_hash}
 {roles}
 """,
-        tmp_path,
     )
-    harness = Harness(configuration, run_in_thread, build_methods(configuration, run_in_thread, reactor=None))
     if refused:
         assert harness.failure_reason(result_of, service_id="manager", protocol="manager", manager=True) == "role-disabled"
         assert harness.events[-1]["reason"] == "role-disabled"
@@ -674,11 +677,10 @@ password = {password_hash}
 
 
 def role_filter_harness(tmp_path, password_hash, run_in_thread, roles: str = "") -> Harness:
-    configuration = configuration_from(
+    return manager_harness(
+        tmp_path,
+        run_in_thread,
         f"""
-[services/manager]
-type = manager
-port = 0
 [roles/DEFAULT-ROLE]
 source_ip_filter = 192.0.2.0/24, 2001:db8::/32
 [roles/auditors]
@@ -687,9 +689,7 @@ permissions = configuration, read
 password = {password_hash}
 {roles}
 """,
-        tmp_path,
     )
-    return Harness(configuration, run_in_thread, build_methods(configuration, run_in_thread, reactor=None))
 
 
 @pytest.mark.parametrize("peer", ["192.0.2.7", "2001:db8::1", "::ffff:192.0.2.9"])
