@@ -16,7 +16,7 @@ import os
 import pytest
 
 from .samba import SambaDC, SambaNotFound, provisioned_template
-from .slapd import DATA_DIR, INSTALL_HINT, SlapdNotFound, SlapdServer
+from .slapd import DATA_DIR, SlapdNotFound, SlapdServer
 
 DIRECTORY_LDIF = DATA_DIR / "directory.ldif"
 
