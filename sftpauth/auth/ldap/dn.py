@@ -101,6 +101,14 @@ def parse_dn(text: str) -> distinguishedname.DistinguishedName:
     return dn
 
 
+def normal_dn(dn: str) -> str:
+    """``dn`` in one spelling for comparisons (case and spacing as ldaptor writes it, lower case)."""
+    try:
+        return parse_dn(dn).getText().lower()
+    except ValueError:
+        return dn.lower()
+
+
 def child_dn(attribute: str, value: str, base: distinguishedname.DistinguishedName) -> str:
     """``attribute=value,base`` with ``value`` escaped as one RDN value."""
     rdn = distinguishedname.RelativeDistinguishedName(

@@ -41,7 +41,7 @@ from zope.interface import Interface
 from sftpauth.auth.credentials import LoginRequest
 from sftpauth.auth.errors import LoginFailed
 from sftpauth.auth.ldap.client import Entry, LDAPConnection
-from sftpauth.auth.ldap.dn import BASE, Lookup, bind_service_account, describe
+from sftpauth.auth.ldap.dn import BASE, Lookup, bind_service_account, describe, normal_dn
 from sftpauth.auth.ldap.filters import MATCH_ALL
 from sftpauth.state import SharedState
 
@@ -175,6 +175,9 @@ class LDAPCredentials:
     data: dict[str, Any] = attrs.field(factory=dict, repr=False)  # the extensions' own, never logged
     # Set by an extension that wants updateCredentialsFromEntry called before the BIND.
     read_entry_first: bool = False
+    # What the service account read of the extension attributes before the BIND, by
+    # normalised DN (None: not visible); used again after the BIND instead of a second read.
+    read_before_bind: dict[str, Optional[Entry]] = attrs.field(factory=dict, repr=False)
 
     def trace(self, action: str, detail: str) -> None:
         """A step for ``sftpauth test-login``: never a password, code or secret."""
@@ -246,7 +249,7 @@ class LDAPExtensions:
     ) -> Entry:
         if not self._extensions:
             return entry
-        entry = await self._read_as_service_account(connection, lookup, entry)
+        entry = await self._read_as_service_account(connection, lookup, entry, credentials)
         for extension in self._extensions:
             entry = await defer.maybeDeferred(extension.augmentEntry, entry, credentials, connection)
         return entry
@@ -267,6 +270,7 @@ class LDAPExtensions:
                 return
             await bind_service_account(connection, lookup)
             entry = await self._service_account_view(connection, lookup, dn)
+            credentials.read_before_bind[normal_dn(dn)] = entry
             if entry is None:
                 return
         for extension in self._extensions:
@@ -279,18 +283,28 @@ class LDAPExtensions:
         refuse_blank_bind_password(credentials.password)
         lookup.password = credentials.password
 
-    async def _read_as_service_account(self, connection: LDAPConnection, lookup: Lookup, entry: Entry) -> Entry:
+    async def _read_as_service_account(
+        self, connection: LDAPConnection, lookup: Lookup, entry: Entry, credentials: LDAPCredentials
+    ) -> Entry:
         """Replace the user's view of the extension attributes by the service account's.
 
         With ``bind_dn_type = search`` the entry already comes from the
         service account's search. Otherwise the entry was read as the user,
-        who should not be able to read a secret such as a TOTP key.
+        who should not be able to read a secret such as a TOTP key. When
+        the service account read them before the BIND (TOTP digits from
+        the URI), that read of the same entry, a few milliseconds old, is
+        used: no second BIND and search.
         """
         settings = self._settings
         if not self.extra_attributes or not settings.service_account_dn or settings.bind_dn_type == "search":
             return entry
-        await bind_service_account(connection, lookup)
-        found = await self._service_account_view(connection, lookup, entry.dn)
+        key = normal_dn(entry.dn)
+        if key in credentials.read_before_bind:
+            found = credentials.read_before_bind[key]
+            lookup.trace("search", f"{', '.join(self.extra_attributes)} of {entry.dn}: as the service account read them before the BIND")
+        else:
+            await bind_service_account(connection, lookup)
+            found = await self._service_account_view(connection, lookup, entry.dn)
         attributes = {name: values for name, values in entry.attributes.items() if name not in self._hidden}
         if found is not None:
             attributes.update((name, values) for name, values in found.attributes.items() if name in self._hidden)

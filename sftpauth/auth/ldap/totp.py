@@ -48,7 +48,7 @@ from zope.interface import implementer
 
 from sftpauth.auth.errors import LoginFailed
 from sftpauth.auth.ldap.client import Entry
-from sftpauth.auth.ldap.dn import parse_dn
+from sftpauth.auth.ldap.dn import normal_dn
 from sftpauth.auth.ldap.extensions import ILDAPExtension, LDAPCredentials
 from sftpauth.config import checks
 
@@ -134,22 +134,15 @@ def _split(credentials: LDAPCredentials, typed: str, digits: int, why: str) -> N
     credentials.trace("totp", f"the last {digits} characters are the TOTP code; the rest is the password{why}")
 
 
-def _normal_dn(dn: str) -> str:
-    try:
-        return parse_dn(dn).getText().lower()
-    except ValueError:
-        return dn.lower()
-
-
 def replay_key(dn: str, step: int, code: str) -> str:
     """The replay store's key: bounded in size and free of the DN's and code's text."""
-    material = "\0".join((_normal_dn(dn), str(step), code)).encode("utf-8", "surrogatepass")
+    material = "\0".join((normal_dn(dn), str(step), code)).encode("utf-8", "surrogatepass")
     return "totp-replay:" + hashlib.sha256(material).hexdigest()
 
 
 def _account_key(dn: str) -> str:
     """The account's wrong-code counter and lock (bounded in size, as an address would be)."""
-    return hashlib.sha256(_normal_dn(dn).encode("utf-8", "surrogatepass")).hexdigest()
+    return hashlib.sha256(normal_dn(dn).encode("utf-8", "surrogatepass")).hexdigest()
 
 
 @implementer(ILDAPExtension)
