@@ -535,21 +535,6 @@ class FileDownload:
         self._finished = True
         return self._filesystem.run(self._file.close)
 
-    def read_all(self) -> defer.Deferred:
-        """All of it at once, then closed (a listing on the control connection: STAT)."""
-        if self._done is not None:
-            raise RuntimeError("read_all() after send() or discard()")
-        self._done = defer.Deferred()
-        self._finished = True
-
-        def read() -> bytes:
-            try:
-                return self._file.read(-1)
-            finally:
-                self._file.close()
-
-        return self._filesystem.run(read)
-
     def send(self, consumer) -> defer.Deferred:
         if self._done is not None:
             raise RuntimeError("send() may only be called once")
@@ -714,12 +699,11 @@ class FileUpload:
 
 
 @implementer(interfaces.IConsumer)
-class _ProgressConsumer:
-    """Passes data on and tells the control connection a transfer is alive."""
+class _PassingConsumer:
+    """A consumer in front of another: the producer is the other's; ``write`` is what a subclass makes of data."""
 
-    def __init__(self, consumer, on_progress: Callable[[], None]):
+    def __init__(self, consumer):
         self._consumer = consumer
-        self._on_progress = on_progress
 
     def registerProducer(self, producer, streaming) -> None:
         self._consumer.registerProducer(producer, streaming)
@@ -728,8 +712,26 @@ class _ProgressConsumer:
         self._consumer.unregisterProducer()
 
     def write(self, data: bytes) -> None:
+        raise NotImplementedError
+
+
+class _ProgressConsumer(_PassingConsumer):
+    """Passes data on and tells the control connection a transfer is alive."""
+
+    def __init__(self, consumer, on_progress: Callable[[], None]):
+        super().__init__(consumer)
+        self._on_progress = on_progress
+
+    def write(self, data: bytes) -> None:
         self._on_progress()
         self._consumer.write(data)
+
+
+class _IndentedLines(_PassingConsumer):
+    """The control connection as STAT's consumer: each listing line (chunks hold whole lines) after a space."""
+
+    def write(self, data: bytes) -> None:
+        self._consumer.writeSequence([b" " + line + b"\r\n" for line in data.splitlines()])
 
 
 # -- the protocol ----------------------------------------------------------------------
@@ -1798,20 +1800,29 @@ class SftpauthFTP(ftp.FTP):
 
         Every line of a listing starts with a space, so none can be taken
         for the reply's last line. Answered after a running transfer, as
-        every command but ABOR is.
+        every command but ABOR is. The lines go out a chunk at a time, as
+        the control connection takes them (as LIST's on a data connection):
+        a big folder is never held whole in memory.
         """
         if not path.strip():
             return self._status()
         folder, glob = self._listing_target(path)
 
-        def answer(data: bytes) -> Reply:
+        def stream(download: FileDownload) -> defer.Deferred:
             self.sendLine(f"213-Status of {virtual_name(folder)}:")  # a name the listing took is valid
-            for line in data.splitlines():
-                self.sendLine(b" " + line)
-            return Reply("213 End of status.")
+            return download.send(_IndentedLines(self.transport))
+
+        def cut_short(failure: Failure):
+            if failure.check(internet_error.ConnectionLost, internet_error.ConnectionDone):
+                return None  # the client left during the listing: nobody to answer
+            # The reply has begun: it can only end with 213 (RFC 959 4.2).
+            _log.failure("STAT {folder}: the listing stopped", failure, folder=virtual_name(folder))
+            return Reply("213 End of status (the listing is incomplete: local error in processing).")
 
         listing = self.shell.listing(folder, self._list_lines(), glob)
-        return listing.addCallback(lambda download: download.read_all()).addCallback(answer)
+        return listing.addCallback(
+            lambda download: stream(download).addCallbacks(lambda ignored: Reply("213 End of status."), cut_short)
+        )
 
     def _status(self) -> Reply:
         settings = self.factory.settings

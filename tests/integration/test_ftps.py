@@ -342,6 +342,27 @@ def test_ftplib_prot_p_transfers_run_on_tls_data_sockets_resuming_the_session(si
         assert tls and version in ("TLSv1.2", "TLSv1.3") and resumed
 
 
+def test_stat_of_a_big_folder_streams_over_the_tls_control_connection(site):
+    """STAT PATH of 5,000 entries comes whole over TLS, twice on one session; a client leaving mid-reply harms nothing."""
+    folder = site.home() / "stat-many"
+    folder.mkdir(exist_ok=True)
+    names = sorted(f"entry-{index:04d}-{'n' * 60}.txt" for index in range(5000))
+    for name in names:
+        (folder / name).touch()
+    client = explicit_client(site)
+    for _ in range(2):  # the second STAT also works: the first let go of the control connection
+        lines = client.sendcmd("STAT stat-many").splitlines()
+        assert lines[0] == "213-Status of /stat-many:" and lines[-1] == "213 End of status."
+        assert [line.rsplit(" ", 1)[1] for line in lines[1:-1]] == names
+        assert all(line.startswith(" -rw") for line in lines[1:-1])
+    assert client.sendcmd("NOOP").startswith("200")
+    client.sock.sendall(b"STAT stat-many\r\n")
+    client.sock.close()  # gone before reading the reply (the server log must stay free of errors)
+    again = explicit_client(site)
+    assert again.sendcmd("STAT stat-many").splitlines()[-1] == "213 End of status."
+    again.quit()
+
+
 def test_ftplib_active_mode_with_prot_p(site):
     """An active (PORT) data connection under PROT P is TLS too, with the server as TLS server."""
     client = explicit_client(site)

@@ -15,6 +15,7 @@ from twisted.internet import error as internet_error
 from twisted.internet.address import IPv4Address
 from twisted.internet.interfaces import IConsumer, IPushProducer
 from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.logger import globalLogPublisher
 from twisted.protocols import ftp as twisted_ftp
 from twisted.python import filepath
 from twisted.python.failure import Failure
@@ -292,8 +293,13 @@ def test_a_folder_only_listing_refuses_a_file_with_501(shell, home, result_of):
 
 
 def read_listing(shell, *args, **options):
-    """The whole listing's bytes (as STAT takes them)."""
-    return shell.listing(*args, **options).addCallback(lambda download: download.read_all())
+    """The whole listing's bytes, as a data connection takes them."""
+    consumer = RecordingConsumer()
+
+    def send(download: FileDownload) -> defer.Deferred:
+        return download.send(consumer).addCallback(lambda ignored: b"".join(consumer.chunks))
+
+    return shell.listing(*args, **options).addCallback(send)
 
 
 def test_permissions_are_enforced(home, run_in_thread):
@@ -794,6 +800,64 @@ def _logged_in(settings: FTPServiceSettings):
     reactor.advance(0)
     transport.clear()
     return protocol, transport, reactor
+
+
+def _stat_session(home, count: int):
+    """A logged-in FTP protocol whose shell lists ``home`` (``count`` files) with threads run by the test."""
+    names = [f"file-{index:05d}-{'x' * 40}.txt" for index in range(count)]
+    for name in names:
+        (home / name).write_bytes(b"")
+    protocol, transport, reactor = _logged_in(_settings())
+    threads = ManualThreads()
+    protocol.shell = JailedFTPShell(JailedFilesystem(str(home), FULL_CONTROL, threads), ("alice", "staff"))
+    return protocol, transport, threads, names
+
+
+def test_stat_of_a_folder_streams_its_lines_as_the_control_connection_takes_them(home):
+    """STAT PATH: the 213 lines go out a chunk per thread trip, none while the control connection's buffer is full."""
+    protocol, transport, threads, names = _stat_session(home, 3000)
+    protocol.dataReceived(b"STAT /\r\n")
+    threads.run_one()  # the names, read and sorted
+    assert transport.value() == b"213-Status of /:\r\n" and transport.streaming
+    transport.producer.pauseProducing()  # the client does not read: the socket's buffer is full
+    threads.run_one()
+    first = transport.value().split(b"\r\n")[1:-1]
+    assert 0 < len(first) < 1000 and threads.pending == []  # one chunk, then nothing while paused
+    transport.producer.resumeProducing()
+    threads.run_all()
+    lines = transport.value().split(b"\r\n")
+    assert lines[0] == b"213-Status of /:" and lines[-2:] == [b"213 End of status.", b""]
+    listed = lines[1:-2]
+    assert len(listed) == len(names) and all(line.startswith(b" -rw") for line in listed)
+    assert [line.rsplit(b" ", 1)[1].decode() for line in listed] == names
+    assert transport.producer is None and not transport.disconnecting
+
+
+def test_stat_of_a_folder_ended_by_the_client_leaving_logs_no_error(home):
+    """The control connection lost during STAT's listing stops it quietly; a local error ends the reply with 213."""
+    events: list[dict] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        protocol, transport, threads, _ = _stat_session(home, 2000)
+        protocol.dataReceived(b"STAT /\r\n")
+        threads.run_one()
+        transport.producer.stopProducing()  # what a TCP transport does when the connection is lost
+        threads.run_all()
+        assert not [event for event in events if "log_failure" in event]
+        assert b"213 End" not in transport.value()
+
+        protocol, transport, threads, _ = _stat_session(home, 0)
+
+        def failing_line(name, result):
+            raise OSError(5, "Input/output error")  # a disk error while the listing's entries are read
+
+        protocol._list_lines = lambda: failing_line
+        protocol.dataReceived(b"STAT /\r\n")
+        threads.run_all()
+        assert transport.value().split(b"\r\n")[-2] == b"213 End of status (the listing is incomplete: local error in processing)."
+        assert [event for event in events if "log_failure" in event]
+    finally:
+        globalLogPublisher.removeObserver(events.append)
 
 
 def test_pasv_announces_passive_address_and_listens_in_the_range():
