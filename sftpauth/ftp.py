@@ -1810,7 +1810,8 @@ class SftpauthFTP(ftp.FTP):
 
         def stream(download: FileDownload) -> defer.Deferred:
             self.sendLine(f"213-Status of {virtual_name(folder)}:")  # a name the listing took is valid
-            return download.send(_IndentedLines(self.transport))
+            # Each chunk the client takes keeps the session alive; one that stops reading is idle.
+            return download.send(_ProgressConsumer(_IndentedLines(self.transport), self.resetTimeout))
 
         def cut_short(failure: Failure):
             if failure.check(internet_error.ConnectionLost, internet_error.ConnectionDone):

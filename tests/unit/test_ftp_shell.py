@@ -833,6 +833,24 @@ def test_stat_of_a_folder_streams_its_lines_as_the_control_connection_takes_them
     assert transport.producer is None and not transport.disconnecting
 
 
+def test_a_stat_reply_being_read_keeps_the_session_alive_and_one_not_read_times_out(home):
+    """idle_connection_timeout (300 s) counts from the last chunk the client took, as during a transfer."""
+    protocol, transport, threads, _ = _stat_session(home, 3000)
+    reactor = protocol.factory.reactor
+    protocol.dataReceived(b"STAT /\r\n")
+    threads.run_one()
+    transport.producer.pauseProducing()
+    for _ in range(2):
+        reactor.advance(200)
+        threads.run_one()  # a chunk goes out 200 s after the last one
+        transport.producer.resumeProducing()
+        transport.producer.pauseProducing()
+    reactor.advance(200)
+    assert not transport.disconnecting  # 400 s since STAT, never 300 s without a chunk
+    reactor.advance(101)
+    assert transport.value().splitlines()[-1].startswith(b"421 ") and transport.disconnecting
+
+
 def test_stat_of_a_folder_ended_by_the_client_leaving_logs_no_error(home):
     """The control connection lost during STAT's listing stops it quietly; a local error ends the reply with 213."""
     events: list[dict] = []
