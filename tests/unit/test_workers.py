@@ -341,25 +341,47 @@ def test_channel_bans_store_is_what_workers_use_with_memory_state():
 
 
 def test_worker_audit_events_carry_the_worker_and_are_written_by_the_parent(clock, tmp_path):
-    """A worker's event reaches the parent's file and listeners once, with its own time and ``worker``."""
+    """A worker's event reaches the parent's file and listeners once, with its own time and ``worker``.
+
+    A quiet worker's event goes at the end of the reactor turn; later ones 50 ms after the last message.
+    """
     parent = Parent(clock, tmp_path)
     worker = parent.connect_worker(2)
     recorded = worker.audit.record("authentication", service="sftp", username="al\udcffice", outcome="success")
     worker.pump.flush()
-    assert parent.seen == []  # batched: sent AUDIT_BATCH_SECONDS later
+    assert parent.seen == []  # not inside the reactor turn that recorded it ...
+    clock.advance(0)
+    worker.pump.flush()
+    assert [event["event"] for event in parent.seen] == ["authentication"]  # ... at its end: the worker was quiet
     clock.advance(AUDIT_BATCH_SECONDS / 2)
     worker.audit.record("session-start", service="sftp")
+    worker.audit.record("session-end", service="sftp")
+    clock.advance(AUDIT_BATCH_SECONDS / 4)
     worker.pump.flush()
-    assert parent.seen == []
-    clock.advance(AUDIT_BATCH_SECONDS / 2)
+    assert len(parent.seen) == 1  # batched: 50 ms after the last message, not sooner
+    clock.advance(AUDIT_BATCH_SECONDS / 4)
     worker.pump.flush()
-    assert [event["event"] for event in parent.seen] == ["authentication", "session-start"]
+    assert [event["event"] for event in parent.seen] == ["authentication", "session-start", "session-end"]
     line = (tmp_path / "audit.jsonl").read_text(encoding="utf-8").splitlines()[0]
     written = json.loads(line)
     assert written == parent.seen[0]
     assert written["worker"] == 2 and written["time"] == recorded["time"] and written["event"] == "authentication"
     # An undecodable byte is written as the single process writes it (audit.readable).
     assert written["username"] == "al\\xffice"
+
+
+def test_a_clock_set_back_delays_a_batch_no_more_than_the_batch_time(clock, tmp_path):
+    """The system clock set back an hour after a message: the next event still leaves within 50 ms."""
+    parent = Parent(clock, tmp_path)
+    worker = parent.connect_worker(1)
+    worker.audit.record("session-start", service="ftp")
+    clock.advance(0)
+    worker.pump.flush()
+    clock.rightNow -= 3600
+    worker.audit.record("session-end", service="ftp")
+    clock.advance(AUDIT_BATCH_SECONDS)
+    worker.pump.flush()
+    assert [event["event"] for event in parent.seen] == ["session-start", "session-end"]
 
 
 @pytest.mark.parametrize("character", ["x", "\u00e9", "\u20ac"])  # 1, 2 and 3 bytes in UTF-8
