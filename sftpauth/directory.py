@@ -11,21 +11,18 @@ import io
 
 from ldaptor.inmemory import fromLDIFFile
 from ldaptor.interfaces import IConnectedLDAPEntry
-from ldaptor.protocols import pureber
 from ldaptor.protocols.ldap.ldapserver import LDAPServer
 from twisted.internet.protocol import ServerFactory
 from twisted.logger import Logger
 from twisted.python.components import registerAdapter
 
+from sftpauth.auth.ldap.wire import NotLDAP, decode_message
 from sftpauth.config.errors import ConfigError, ConfigProblem
 from sftpauth.config.models import DirectoryServiceSettings
 from sftpauth.listening import listening_service
 from sftpauth.runtime import Runtime
 
 _log = Logger()
-
-
-LDAP_MESSAGE = b"\x30"  # every LDAP message is a BER SEQUENCE
 
 
 class DirectoryProtocol(LDAPServer):
@@ -40,18 +37,12 @@ class DirectoryProtocol(LDAPServer):
     def dataReceived(self, recd: bytes) -> None:
         self.buffer += recd
         while self.buffer and self.connected:
-            if self.buffer[:1] != LDAP_MESSAGE:
-                self._notLDAP("it is not an LDAP message")
-                return
             try:
-                message, used = pureber.berDecodeObject(self.berdecoder, self.buffer)
-            except pureber.BERExceptionInsufficientData:
-                return
-            except Exception as error:
-                self._notLDAP(type(error).__name__)
+                message, used = decode_message(self.berdecoder, self.buffer)
+            except NotLDAP as error:
+                self._notLDAP(str(error))
                 return
             if message is None:
-                self._notLDAP("an unknown LDAP operation")
                 return
             self.buffer = self.buffer[used:]
             self.handle(message)

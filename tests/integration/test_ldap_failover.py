@@ -311,18 +311,33 @@ class _Garbage(Protocol):
         self.transport.write(b"\x30\x03\x02\x01\x01")
 
 
+class _HTTPServer(Protocol):
+    """An HTTP server on the LDAP port: answers any request with a 400 page, and keeps the connection."""
+
+    def dataReceived(self, data: bytes) -> None:
+        self.transport.write(b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/html\r\n\r\n" + b"<p>bad request</p>" * 20)
+
+
+@pytest.mark.parametrize(
+    "server, reason",
+    [
+        (_Garbage, "is not LDAP (it cannot be decoded"),
+        (_HTTPServer, "is not LDAP (it does not begin with an LDAP message: byte 0x48)"),
+    ],
+)
 @pytest_twisted.ensureDeferred
-async def test_a_server_answering_garbage_is_skipped_like_a_dead_one(slapd, tmp_path):
-    """A first server that answers bytes that are not LDAP is marked down with that reason and the login succeeds on the next."""
+async def test_a_server_answering_what_is_not_ldap_is_skipped_at_once(slapd, tmp_path, server, reason):
+    """A first server whose answer is not LDAP is marked down with that reason when it arrives, not at the timeout."""
     from twisted.internet import reactor
 
-    port = reactor.listenTCP(0, Factory.forProtocol(_Garbage), interface="127.0.0.1")
+    port = reactor.listenTCP(0, Factory.forProtocol(server), interface="127.0.0.1")
     garbage = port.getHost().port
     method = build_method(tmp_path, f"127.0.0.1:{garbage}, 127.0.0.1:{slapd.port}")
     try:
         account, trace, _ = await login(method)
         assert not isinstance(account, LoginFailed), trace.steps
-        assert "is not LDAP" in " | ".join(attempts_on(trace, garbage))
+        attempts = " | ".join(attempts_on(trace, garbage))
+        assert reason in attempts and "no answer" not in attempts
         first, second = method.pool.states()
         assert (first.status, second.status) == (DOWN, UP)
         assert "the answer to BIND is not LDAP" in first.last_error

@@ -8,4 +8,5 @@ home.py      home folder from an entry attribute and template
 method.py    LDAPMethod: the steps of one login, traced
 tls.py       LDAPS and StartTLS: trust, host name checks, why a certificate is refused
 verify.py    sftpauth verify-ldap: every server checked step by step, with hints
+wire.py      LDAP messages from a byte stream; what is not LDAP refused on its first byte
 """

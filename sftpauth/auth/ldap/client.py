@@ -48,7 +48,7 @@ import time
 from typing import Callable, Optional, Sequence
 
 import attrs
-from ldaptor.protocols import pureber, pureldap
+from ldaptor.protocols import pureldap
 from ldaptor.protocols.ldap.ldapclient import LDAPClient
 from twisted.internet import defer, error as net_error
 from twisted.internet.abstract import isIPAddress, isIPv6Address
@@ -59,6 +59,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from sftpauth.auth.ldap.wire import NotLDAP, decode_message
 from sftpauth.auth.ldap.tls import CertificateSummary, TLSPolicy, TLSReport, check_name, describe_handshake_failure
 
 _log = Logger()
@@ -146,36 +147,38 @@ class _LDAPProtocol(LDAPClient):
         self.protocol_error = ""  # set when the server sent something that is not LDAP
 
     def dataReceived(self, data: bytes) -> None:
-        try:
-            self._decode(data)
-        except Exception as error:  # garbage from the server must not become a traceback
-            self.protocol_error = f"{type(error).__name__}: {error}"[:80]
-            self.buffer = b""
-            _log.warn(
-                "LDAP server {peer} sent data that is not an LDAP answer ({error}); closing",
-                peer=str(self.transport.getPeer()), error=self.protocol_error,
-            )
-            self.transport.abortConnection()
-
-    def _decode(self, data: bytes) -> None:
-        """ldaptor's LDAPClient.dataReceived loop, with ``is None`` for "no complete message yet".
+        """ldaptor's LDAPClient.dataReceived loop, with garbage closing the connection at once.
 
         ldaptor tests ``if not message``: an LDAPMessage is a sequence whose
         length is that of its encoding, so every answer was encoded again
         just to be found non-empty (about 4% of sftpauth's CPU per FTP login).
+        What is not LDAP (an HTTP answer, a TLS record) fails the requests
+        waiting on the connection now, not after the ``timeout``.
         """
         self.buffer += data
-        while True:
+        while self.buffer:
             try:
-                message, used = pureber.berDecodeObject(self.berdecoder, self.buffer)
-            except pureber.BERExceptionInsufficientData:
+                message, used = decode_message(self.berdecoder, self.buffer)
+            except NotLDAP as error:
+                self._not_ldap(str(error))
+                return
+            if message is None:
                 return
             self.buffer = self.buffer[used:]
-            if message is None:
-                if not used:
-                    return
-                continue  # a message with a tag ldaptor does not know: skipped, as ldaptor does
-            self.handle(message)
+            try:
+                self.handle(message)
+            except Exception as error:  # an answer ldaptor cannot match to a request must not become a traceback
+                self._not_ldap(f"{type(error).__name__}: {error}"[:80])
+                return
+
+    def _not_ldap(self, why: str) -> None:
+        self.protocol_error = why
+        self.buffer = b""
+        _log.warn(
+            "LDAP server {peer} sent data that is not an LDAP answer ({error}); closing",
+            peer=str(self.transport.getPeer()), error=why,
+        )
+        self.transport.abortConnection()
 
     def expect_handshake(self) -> defer.Deferred:
         self._handshake = defer.Deferred()

@@ -1,0 +1,81 @@
+"""LDAP messages from a byte stream (wire.py), and the LDAP client meeting a server that does not speak LDAP."""
+
+from __future__ import annotations
+
+import pytest
+from ldaptor.protocols import pureldap
+from ldaptor.protocols.ldap.ldapclient import LDAPClient
+from twisted.internet.address import IPv4Address
+from twisted.internet.error import ConnectionAborted
+from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
+
+from sftpauth.auth.ldap.client import _LDAPProtocol
+from sftpauth.auth.ldap.wire import NotLDAP, decode_message
+
+# An HTTP server on the LDAP port: 'H' (0x48) is a tag ldaptor does not know, 'T' a length it then skips.
+HTTP_ANSWER = b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/html\r\nContent-Length: 150\r\n\r\n" + b"<html>" * 40
+
+
+def _decoder():
+    return LDAPClient().berdecoder
+
+
+def _bind_response(message_id: int = 1) -> bytes:
+    return pureldap.LDAPMessage(pureldap.LDAPBindResponse(resultCode=0), id=message_id).toWire()
+
+
+def test_a_whole_message_is_decoded_and_its_length_given():
+    wire = _bind_response()
+    message, used = decode_message(_decoder(), wire + b"\x30")
+    assert isinstance(message.value, pureldap.LDAPBindResponse) and message.id == 1
+    assert used == len(wire)
+
+
+@pytest.mark.parametrize("cut", [0, 1, 2, 5])
+def test_an_incomplete_message_waits_for_more(cut):
+    assert decode_message(_decoder(), _bind_response()[:cut]) == (None, 0)
+
+
+def test_bytes_that_cannot_begin_an_ldap_message_are_refused_with_the_byte(capsys):
+    with pytest.raises(NotLDAP, match="byte 0x48"):
+        decode_message(_decoder(), HTTP_ANSWER)
+    assert capsys.readouterr().out == ""  # ldaptor printed a 2 KB repr of its decoder for such a tag
+
+
+def test_a_sequence_that_is_not_an_ldap_message_is_refused():
+    with pytest.raises(NotLDAP, match="cannot be decoded"):
+        decode_message(_decoder(), b"\x30\x03\x02\x01\x01")  # a message ID and no operation
+
+
+def _client():
+    protocol = _LDAPProtocol()
+    transport = StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 389))
+    protocol.makeConnection(transport)
+    protocol.connectionMade()
+    return protocol, transport
+
+
+def test_a_server_answering_http_fails_the_waiting_request_at_once(capsys):
+    """The BIND waiting on the connection fails as soon as the answer is seen not to be LDAP, not at the timeout."""
+    protocol, transport = _client()
+    waiting = protocol.send(pureldap.LDAPBindRequest(dn="uid=alice,dc=example,dc=com", auth=b"secret"))
+    failures = []
+    waiting.addErrback(failures.append)
+    protocol.dataReceived(HTTP_ANSWER)
+    assert transport.disconnecting
+    assert protocol.protocol_error == "it does not begin with an LDAP message: byte 0x48"
+    protocol.connectionLost(Failure(ConnectionAborted()))  # what the aborted transport reports
+    assert len(failures) == 1
+    assert capsys.readouterr().out == ""
+
+
+def test_answers_before_the_garbage_are_delivered():
+    protocol, transport = _client()
+    first = protocol.send(pureldap.LDAPBindRequest(dn="", auth=b""))
+    answers = []
+    first.addCallback(answers.append)
+    (message_id,) = protocol.onwire  # ldaptor numbers messages from a counter of its own
+    protocol.dataReceived(_bind_response(message_id) + HTTP_ANSWER)
+    assert len(answers) == 1 and answers[0].resultCode == 0
+    assert transport.disconnecting and "0x48" in protocol.protocol_error
