@@ -206,6 +206,14 @@ def attribute(value: str) -> str:
     return word
 
 
+def required_attribute(value: str) -> str:
+    """An attribute the method cannot work without: empty would refuse every login, so it is an error."""
+    word = attribute(value)
+    if not word:
+        raise VdtValueError("is empty; name an LDAP attribute, or leave the option out for its default")
+    return word
+
+
 def address_list(value: str) -> tuple[tuple[str, Optional[int]], ...]:
     """``host[:port]`` items; IPv6 as ``[::1]:389`` or bare ``::1``."""
     result = []
@@ -429,6 +437,7 @@ def make_validator(base_folder: str, environ: Mapping[str, str]) -> Validator:
         "secret": secret,
         "unsupported": unsupported,
         "attribute": attribute,
+        "required_attribute": required_attribute,
         "address_list": address_list,
         "dn": dn,
         "dn_list": dn_list,
@@ -456,7 +465,7 @@ def make_validator(base_folder: str, environ: Mapping[str, str]) -> Validator:
 # line break (a banner sent as two lines broke FTP; a password hash with a line after it never matched).
 ONE_LINE_CHECKS = (
     "yesno", "text", "choice", "number", "port", "port_range", "host", "listen_address", "id", "path", "inheritable_path",
-    "folder", "secret", "attribute", "dn", "home_folder_rule", "entry_point", "tls_trust", "shared_state", "worker_count",
+    "folder", "secret", "attribute", "required_attribute", "dn", "home_folder_rule", "entry_point", "tls_trust", "shared_state", "worker_count",
 )
 
 

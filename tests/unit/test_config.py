@@ -970,6 +970,20 @@ def test_an_indented_option_is_an_error_not_a_line_of_the_value_above():
     assert "indented" in found[0].message and "bind_dn" in found[0].message
 
 
+def test_an_empty_username_attribute_is_an_error_with_its_line():
+    """Empty, every search would be ``(=alice)`` and every BIND DN ``=alice,...``: no login could ever work."""
+    problem = only_problem(
+        "[authentications/directory]\n"  # 1
+        "type = ldap\n"  # 2
+        "address = 127.0.0.1\n"  # 3
+        "bind_dn = ou=people,dc=example,dc=com\n"  # 4
+        "username_attribute =\n"  # 5
+        "email_attribute =\n"  # 6: empty is allowed, it means the address is not read
+    )
+    assert (problem.line, problem.section, problem.option) == (5, "authentications/directory", "username_attribute")
+    assert "is empty" in problem.message and "default" in problem.message
+
+
 def test_base_dn_lines_with_equal_signs_are_values():
     """DN lines (``ou=a,dc=b``) and rules stay value lines."""
     configuration = parse(
