@@ -276,7 +276,7 @@ def test_a_six_digit_code_for_an_eight_digit_uri_is_refused_before_the_bind(cloc
     with pytest.raises(LoginFailed) as failure:
         login(method, PASSWORD + eight_digit_code(clock)[-6:])
     assert failure.value.reason == "totp-wrong-code"
-    assert "does not end with a 8-digit TOTP code" in failure.value.explanation
+    assert "does not end with an 8-digit TOTP code" in failure.value.explanation
     assert ("bind", ALICE_DN) not in directory.operations
 
 
@@ -314,6 +314,32 @@ def test_without_service_account_the_split_is_six_and_another_uri_says_what_to_d
     assert failure.value.reason == "totp-invalid-secret"
     assert "service_account_dn" in failure.value.explanation and '"digits": 8' in failure.value.explanation
     assert "no service account to read the entry before the BIND" in [step.detail for step in trace.steps]
+
+
+def test_without_service_account_a_refused_bind_says_the_code_length_was_guessed(clock, directory, state):
+    """The right password and the whole 8-digit code: the BIND gets two digits too and is refused; the audit says why."""
+    directory.hidden_from_owner = set()
+    directory.set(ALICE_DN, "totpSharedSecret", EIGHT)
+    method = make_method(directory, configuration(service_account=False), state)
+    with pytest.raises(LoginFailed) as failure:
+        login(method, PASSWORD + eight_digit_code(clock))
+    assert failure.value.reason == "invalid-password"
+    assert failure.value.explanation.startswith(f"wrong password for {ALICE_DN} (the last 6 characters were taken")
+    assert "service_account_dn" in failure.value.explanation and '"digits"' in failure.value.explanation
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},  # the service account reads the URI before the BIND: the split is the account's own
+        {"extension": '{"mfa_attribute": "totpSharedSecret", "digits": 6}'},  # configured: nothing guessed
+    ],
+)
+def test_a_wrong_password_says_nothing_of_the_code_when_its_length_is_known(directory, state, options):
+    method = make_method(directory, configuration(**options), state)
+    with pytest.raises(LoginFailed) as failure:
+        login(method, "not-alice-pass" + code_at(STEP))
+    assert (failure.value.reason, failure.value.explanation) == ("invalid-password", f"wrong password for {ALICE_DN}")
 
 
 # -- reasons ---------------------------------------------------------------------------

@@ -178,6 +178,9 @@ class LDAPCredentials:
     # What the service account read of the extension attributes before the BIND, by
     # normalised DN (None: not visible); used again after the BIND instead of a second read.
     read_before_bind: dict[str, Optional[Entry]] = attrs.field(factory=dict, repr=False)
+    # Set by an extension whose change of the BIND password may be why a BIND is refused
+    # (TOTP: the code's length guessed); added to the invalid-password audit detail.
+    bind_password_note: str = ""
 
     def trace(self, action: str, detail: str) -> None:
         """A step for ``sftpauth test-login``: never a password, code or secret."""

@@ -99,7 +99,12 @@ class LDAPMethod:
                 raise LoginFailed("service-unavailable", f"no LDAP server answered: {error}") from None
             code_used = False
             try:
-                entry = await self._strategy.authenticate(connection, lookup)
+                try:
+                    entry = await self._strategy.authenticate(connection, lookup)
+                except LoginFailed as failure:
+                    if failure.reason == "invalid-password" and credentials.bind_password_note:
+                        failure.explanation += f" ({credentials.bind_password_note})"
+                    raise
                 code_used = bool(self.extensions)
                 # Only after a successful BIND: a wrong password and a wrong code look alike.
                 entry = await self.extensions.augment_entry(connection, lookup, entry, credentials)

@@ -13,8 +13,10 @@ happen before the BIND, so the URI is read before it where that is possible:
 account; ``parent``, ``relative`` and ``absolute`` read the candidate DN as
 the service account just before its BIND (only when a service account is
 configured). Otherwise (``direct-username``, or no service account) the
-default 6 is used, and a URI that asks for another number rejects the login
-(``totp-invalid-secret``) instead of guessing. ``"digits": N`` in
+default 6 is used: a URI that asks for another number rejects the login
+(``totp-invalid-secret``), or the BIND is refused because it got part of a
+longer code, and then ``invalid-password``'s detail says the length was not
+read (``credentials.bind_password_note``). ``"digits": N`` in
 ``extension_configuration`` fixes N for every account and skips the early
 read.
 
@@ -58,6 +60,12 @@ DRIFTS = (0, -1, 1)  # steps tried, the current one first
 URI_PREFIX = "otpauth://totp/"
 _CODE = "totp-code"
 _TYPED = "totp-typed"  # password and code as typed, while N is not known yet
+# Why a right password with the right code of 7 or 8 digits is refused at the BIND, in that one case.
+_UNREAD_DIGITS = (
+    f"the last {DEFAULT_DIGITS} characters were taken as the TOTP code without reading the account's otpauth URI, "
+    "which needs a service_account_dn and bind_dn_type search, parent, relative or absolute: if its codes have "
+    'more digits, the BIND got some of them; set "digits" in extension_configuration, or a service account'
+)
 _ALGORITHMS = ("SHA1", "SHA256", "SHA512")
 _log = Logger()
 _KEYS = ("digits", "lock_after_wrong_codes", "lock_seconds", "mfa_attribute")
@@ -124,11 +132,12 @@ def step_drift(drift: int) -> str:
 
 def _split(credentials: LDAPCredentials, typed: str, digits: int, why: str) -> None:
     """The last ``digits`` characters of ``typed`` become the code, the rest the BIND password."""
+    a_code = f"{'an' if digits == 8 else 'a'} {digits}-digit TOTP code"  # "an 8-digit", "a 6-digit"
     if len(typed) < digits + 1:
-        raise LoginFailed("totp-wrong-code", f"the password is too short to end with a {digits}-digit TOTP code{why}")
+        raise LoginFailed("totp-wrong-code", f"the password is too short to end with {a_code}{why}")
     code = typed[-digits:]
     if not re.fullmatch(r"[0-9]+", code):
-        raise LoginFailed("totp-wrong-code", f"the password does not end with a {digits}-digit TOTP code{why}")
+        raise LoginFailed("totp-wrong-code", f"the password does not end with {a_code}{why}")
     credentials.password = typed[:-digits]
     credentials.data[_CODE] = code
     credentials.trace("totp", f"the last {digits} characters are the TOTP code; the rest is the password{why}")
@@ -192,6 +201,8 @@ class AugmentedTOTP:
         if self.digits is None:
             credentials.data[_TYPED] = password
             credentials.read_entry_first = True
+            # Cleared when the entry's URI is read before the BIND (updateCredentialsFromEntry).
+            credentials.bind_password_note = _UNREAD_DIGITS
         return credentials
 
     def updateCredentialsFromEntry(self, credentials: LDAPCredentials, entry: Entry) -> LDAPCredentials:
@@ -204,6 +215,8 @@ class AugmentedTOTP:
             otp = parse_totp_uri(values[0]) if len(values) == 1 else None
         except InvalidTOTPURI:
             otp = None  # refused after the BIND, with the reason (augmentEntry)
+        if otp is not None:
+            credentials.bind_password_note = ""  # the split follows the account's own URI
         if otp is None or otp.digits == len(credentials.data[_CODE]):
             return credentials
         _split(credentials, typed, otp.digits, f" (the otpauth URI of {entry.dn} asks for {otp.digits} digits)")
