@@ -171,6 +171,8 @@ async def test_wrong_service_account_password_is_refused(ldap, slapd):
 
 # -- several base DNs -------------------------------------------------------------------------
 
+MISSING = f"ou=nosuch,{BASE}"  # a base DN that does not exist
+
 PARENT_THREE_BASES = f"""
 bind_dn_type = parent
 username_attribute = uid
@@ -229,6 +231,7 @@ async def test_search_tries_the_bases_top_to_bottom(ldap, slapd):
         service_account_dn = {slapd.admin_dn}
         service_account_password = {slapd.admin_password}
         bind_dn =
+            {MISSING}
             {CONTRACTORS}
             {ENGINEERING}
             {PEOPLE}
@@ -237,7 +240,9 @@ async def test_search_tries_the_bases_top_to_bottom(ldap, slapd):
     alice = await site.login("alice", "alice-pass")
     assert alice.account.dn == ALICE_DN
     searches = [step.detail for step in alice.trace.steps if step.action == "search"]
-    assert searches[:2] == [
+    assert searches[:3] == [
+        # a mistyped base DN says so in test-login's trace, not '0 entries'
+        f"search (uid=alice) under {MISSING}: no such object (32), the base DN does not exist",
         f"search (uid=alice) under {CONTRACTORS}: 0 entries",
         f"search (uid=alice) under {ENGINEERING}: 1 entry",
     ]

@@ -341,7 +341,11 @@ async def find_entry(connection: LDAPConnection, lookup: Lookup, attribute: str,
         base_text = dn_text(base)
         search_filter = both(by_name, lookup.filter)
         result, entries = await connection.search(base_text, SUBTREE, search_filter, lookup.attributes, size_limit=2)
-        lookup.trace("search", f"search {as_text(search_filter)} under {base_text}: {count_entries(entries)}")
+        if not entries and result.code == ldap.NO_SUCH_OBJECT:
+            found = f"{describe(result)}, the base DN does not exist"  # not '0 entries': a mistake in bind_dn
+        else:
+            found = count_entries(entries)
+        lookup.trace("search", f"search {as_text(search_filter)} under {base_text}: {found}")
         trace_referrals(lookup, "search", result)
         if len(entries) > 1:
             raise LoginFailed("ambiguous-user", f"{len(entries)} entries match under {base_text}")
