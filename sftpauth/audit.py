@@ -110,6 +110,26 @@ class AuditLog:
             for listener in self.listeners:
                 listener(entry)
 
+    def reopen(self) -> None:
+        """Open the file again by its path (SIGHUP), so that logrotate can move it away.
+
+        What is written from then on goes to a new file at ``path``; a file
+        that cannot be opened leaves the old one in use, with an error line.
+        """
+        if not self.path:
+            return
+        try:
+            new = open(self.path, "a", encoding="utf-8", buffering=1)
+        except OSError as error:
+            _log.error("SIGHUP: cannot open the audit log {path} again ({error}); writing on to the file already open",
+                       path=self.path, error=str(error))
+            return
+        with self._lock:
+            old, self._file = self._file, new
+        if old is not None:
+            old.close()
+        _log.info("SIGHUP: audit log {path} opened again", path=self.path)
+
     def close(self) -> None:
         if self._file is not None:
             self._file.close()

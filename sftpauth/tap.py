@@ -27,6 +27,7 @@ from sftpauth.listening import raise_open_file_limit
 from sftpauth.realm import SessionRealm
 from sftpauth.runtime import Runtime
 from sftpauth.state import SharedState, build_state
+from sftpauth.tls import ReloadOnSIGHUP
 
 _log = Logger()
 
@@ -265,6 +266,9 @@ def _make_service(options: Options, reactor=None) -> MultiService:
     runtime = build_runtime(configuration, reactor)
     top = ServerServices(configuration)
     _AuditCloser(runtime.audit).setServiceParent(top)
+    # The first SIGHUP handler, so the process never dies of a SIGHUP (its default action); the FTPS
+    # certificate reloads, and with workers the parent's passing it on, are chained after it.
+    ReloadOnSIGHUP(reactor, runtime.audit.reopen).setServiceParent(top)
     add_runtime_services(runtime, top)
     pool = None
     if configuration.server.workers > 1:

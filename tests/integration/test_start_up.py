@@ -1,15 +1,17 @@
-"""Starting the real ``twistd -n sftpauth`` when a service's port cannot be opened."""
+"""Starting and signalling the real ``twistd -n sftpauth``: ports that cannot be opened, SIGINT, SIGHUP."""
 
 from __future__ import annotations
 
+import ftplib
 import resource
 import signal
 import socket
+import time
 from pathlib import Path
 
 import pytest
 
-from tests.integration.server import SftpauthServer, free_port
+from tests.integration.server import SftpauthServer, free_port, read_audit
 
 SERVICES = {
     "ftp": "type = ftp",
@@ -120,3 +122,41 @@ def test_sigint_stops_cleanly_with_exit_status_0(tmp_path):
     finally:
         server.stop()
     assert "Received SIGINT, shutting down." in server.log_tail()
+
+
+def _failed_ftp_login(port: int, username: str) -> None:
+    with ftplib.FTP() as client:
+        client.connect("127.0.0.1", port, timeout=10)
+        with pytest.raises(ftplib.error_perm):
+            client.login(username, "not-a-password")
+
+
+def test_sighup_opens_the_audit_log_again_and_never_stops_the_server(tmp_path):
+    """One process, no FTPS certificate: SIGHUP killed it (the default action); now it reopens the audit log.
+
+    logrotate moves the file and sends SIGHUP: what comes after goes to a new
+    file at the configured path, nothing is lost, and the server goes on.
+    """
+    port = free_port()
+    audit = tmp_path / "run" / "audit.jsonl"  # where server.wait_for_audit reads
+    config = (f"[server]\ndata_folder = {tmp_path}/data\naudit_log = {audit}\n\n"
+              f"[services/ftp]\ntype = ftp\nport = {port}\n")
+    server = SftpauthServer(tmp_path / "run", config, ports=(port,))
+    server.start()
+    try:
+        _failed_ftp_login(port, "before-rotation")
+        server.wait_for_audit(lambda event: event.get("username") == "before-rotation")
+        audit.rename(audit.with_name("audit.jsonl.1"))
+        for _ in range(2):  # a second SIGHUP too: the handler stays installed
+            server.process.send_signal(signal.SIGHUP)
+            deadline = time.monotonic() + 10
+            while server.log_text().count("opened again") < _ + 1:
+                assert server.process.poll() is None, server.log_tail()
+                assert time.monotonic() < deadline, server.log_tail()
+                time.sleep(0.05)
+        _failed_ftp_login(port, "after-rotation")
+        server.wait_for_audit(lambda event: event.get("username") == "after-rotation")
+        rotated = {event.get("username") for event in read_audit(audit.with_name("audit.jsonl.1"))}
+        assert "before-rotation" in rotated and "after-rotation" not in rotated
+    finally:
+        assert server.stop() == 0
