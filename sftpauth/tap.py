@@ -101,15 +101,6 @@ def build_runtime(
     )
 
 
-class _AuditCloser(Service):
-    def __init__(self, audit: AuditLog):
-        self._audit = audit
-
-    def stopService(self):
-        super().stopService()
-        self._audit.close()
-
-
 class SharedStateService(Service):
     """Connects to the shared state (Redis) with the services, and closes it and the ban timers after them."""
 
@@ -240,9 +231,10 @@ class ServerServices(MultiService):
     ``privilegedStartService``.
     """
 
-    def __init__(self, configuration: Configuration):
+    def __init__(self, configuration: Configuration, audit: AuditLog):
         super().__init__()
         self.configuration = configuration
+        self.audit = audit
 
     def privilegedStartService(self) -> None:
         try:
@@ -251,6 +243,21 @@ class ServerServices(MultiService):
             problem = cannot_listen_problem(self.configuration, error)
             _log.critical("sftpauth: cannot start: {problem}", problem=str(problem))
             raise SystemExit(1) from None
+
+    def stopService(self):
+        """Stop every service, then close the audit log: not before, since stopping writes events.
+
+        twisted's MultiService stops its children all at once; the worker
+        pool's stop ends when its workers have exited, and the parent then
+        writes the session-end events of the sessions they left open.
+        """
+        stopped = super().stopService()
+
+        def close(result):
+            self.audit.close()
+            return result
+
+        return stopped.addBoth(close)
 
 
 def _make_service(options: Options, reactor=None) -> MultiService:
@@ -264,8 +271,7 @@ def _make_service(options: Options, reactor=None) -> MultiService:
     before, after = raise_open_file_limit()
     _log.info("open files: at most {after}" + (" (raised from {before})" if after != before else ""), before=before, after=after)
     runtime = build_runtime(configuration, reactor)
-    top = ServerServices(configuration)
-    _AuditCloser(runtime.audit).setServiceParent(top)
+    top = ServerServices(configuration, runtime.audit)
     # The first SIGHUP handler, so the process never dies of a SIGHUP (its default action); the FTPS
     # certificate reloads, and with workers the parent's passing it on, are chained after it.
     ReloadOnSIGHUP(reactor, runtime.audit.reopen).setServiceParent(top)
@@ -282,7 +288,7 @@ def _make_service(options: Options, reactor=None) -> MultiService:
         else:
             factories[settings.type](settings, runtime).setServiceParent(top)
     if pool is not None:
-        pool.setServiceParent(top)  # last: stopped first, so the workers' last audit events still reach the file
+        pool.setServiceParent(top)  # the audit log is closed once it has stopped (ServerServices.stopService)
     _log.info("sftpauth {version} configured from {path}", version=__version__, path=configuration.path)
     return top
 

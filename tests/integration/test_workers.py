@@ -467,18 +467,27 @@ def test_a_killed_worker_is_started_again(site):
 
 
 def test_sigterm_stops_every_worker_and_exits_0(tmp_path):
-    """SIGTERM on the parent: both workers stop, then the parent exits 0, with no traceback in the log."""
+    """SIGTERM on the parent: both workers stop, then the parent exits 0, with no traceback in the log.
+
+    A session still open then has its session-end in the audit log: the parent
+    writes it once the workers have exited, and closes the file only after that.
+    """
     port = free_port()
+    (tmp_path / "carol").mkdir()
     server = SftpauthServer(
         tmp_path,
         textwrap.dedent(
             f"""
             [server]
             data_folder = {tmp_path}/data
+            audit_log = {tmp_path}/audit.jsonl
             workers = 2
             [services/ftp]
             type = ftp
             port = {port}
+            [accounts/carol]
+            password = {_CHEAP.hash("carol-pass")}
+            home_folder_path = {tmp_path}/carol
             """
         ),
         ports=(port,),
@@ -486,6 +495,13 @@ def test_sigterm_stops_every_worker_and_exits_0(tmp_path):
     with serving(server):
         workers = Site.workers(SimpleNamespace(server=server))
         assert len(workers) == 2
+        held = ftplib.FTP()
+        held.connect("127.0.0.1", port, timeout=10)
+        held.login("carol", "carol-pass")
+        server.wait_for_audit(lambda event: event["event"] == "session-start" and event.get("username") == "carol")
+    held.close()
     assert server.process.returncode == 0
     assert not [pid for pid in workers if alive(pid)]
     assert "the 2 worker processes have stopped" in server.log_text()
+    ends = [event for event in server.audit_events() if event["event"] == "session-end"]
+    assert [event.get("username") for event in ends] == ["carol"], server.audit_events()
