@@ -25,6 +25,7 @@ from sftpauth.runtime import Runtime
 _log = Logger()
 SWEEP_INTERVAL = 30
 TOO_LARGE = b"413 Content Too Large"
+REQUEST_TIMEOUT = b"408 Request Timeout"
 
 
 class ManagerChannel(HTTPChannel):
@@ -35,24 +36,72 @@ class ManagerChannel(HTTPChannel):
     which over TLS waits for the idle timeout. Here a declared body over
     MAX_BODY gets 413 before a byte of it is read, a chunked one as it passes
     the limit (:class:`ManagerRequest`), an over-long line 414 or 431.
+
+    twisted.web's ``timeOut`` (``idle_connection_timeout``) starts again with
+    every read, so a client sending one byte every few seconds (slowloris)
+    would hold a connection, and 20 of them a service of
+    ``maximum_concurrent_connections = 20``, for ever. A request must arrive
+    whole within ``request_timeout`` seconds: counted from the connection's
+    start for the first (the TLS handshake is part of it), from its first
+    byte for the next ones, to the end of its body. Over it: 408 and close.
     """
 
-    def refuse(self, status: bytes) -> None:
+    request_timeout: Optional[float] = None  # ManagerSite.buildProtocol sets it
+    _request_call = None
+    _request_started = False  # a byte of the request now awaited has arrived
+
+    def refuse(self, status: bytes, logged: bool = False) -> None:
         """Answer ``status`` (``TOO_LARGE``) and close; a client that keeps its side open is cut off after ``abortTimeout``."""
+        self._stop_request_clock()
         if self.transport.disconnecting:
             return
-        peer = getattr(self.transport.getPeer(), "host", "")
-        _log.warn("Web Manager refused a request from {peer}: {status}", peer=peer, status=status.decode("ascii"))
+        if not logged:
+            peer = getattr(self.transport.getPeer(), "host", "")
+            _log.warn("Web Manager refused a request from {peer}: {status}", peer=peer, status=status.decode("ascii"))
         self.transport.write(b"HTTP/1.1 %s\r\nConnection: close\r\nContent-Length: 0\r\n\r\n" % status)
         self.loseConnection()
         self.setTimeout(None)
         self._abortingCall = self.callLater(self.abortTimeout, self.forceAbortClient)
 
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        self._start_request_clock()
+
+    def _start_request_clock(self) -> None:
+        if self.request_timeout and self._request_call is None:
+            self._request_call = self.callLater(self.request_timeout, self._request_too_slow)
+
+    def _stop_request_clock(self) -> None:
+        call, self._request_call = self._request_call, None
+        if call is not None and call.active():
+            call.cancel()
+
+    def _request_too_slow(self) -> None:
+        self._request_call = None
+        peer = getattr(self.transport.getPeer(), "host", "")
+        _log.warn(
+            "Web Manager closed a connection from {peer}: {what} within request_timeout ({seconds:g} s)",
+            peer=peer,
+            what="no whole request" if self._request_started else "not a byte of a request",
+            seconds=self.request_timeout,
+        )
+        if self._request_started:
+            self.refuse(REQUEST_TIMEOUT, logged=True)
+        else:  # maybe not even through the TLS handshake: there is nobody to answer
+            self.transport.abortConnection()
+
     def dataReceived(self, data: bytes) -> None:
         # Over TLS, bytes go on arriving after loseConnection (until the client's close_notify):
         # read none of them, so a refused body is not parsed and does not keep the connection alive.
         if not self.transport.disconnecting:
+            if data and not self._handlingRequest:
+                self._request_started = True
+                self._start_request_clock()  # the first byte of a request (or a pipelined one played back)
             super().dataReceived(data)
+
+    def connectionLost(self, reason) -> None:
+        self._stop_request_clock()
+        super().connectionLost(reason)
 
     def headerReceived(self, line: bytes) -> bool:
         name, _, value = line.partition(b":")
@@ -73,6 +122,8 @@ class ManagerChannel(HTTPChannel):
     def allContentReceived(self) -> None:
         # A chunked body refused half-way may end in the same read: its request is never handled.
         if not self.transport.disconnecting:
+            self._stop_request_clock()
+            self._request_started = False
             super().allContentReceived()
 
     def lineLengthExceeded(self, line: bytes) -> None:
@@ -105,6 +156,25 @@ class ManagerSite(Site):
     protocol = ManagerChannel
     requestFactory = ManagerRequest
 
+    def __init__(self, resource, request_timeout: Optional[float] = None, **kwargs):
+        super().__init__(resource, **kwargs)
+        self.request_timeout = request_timeout
+
+    @classmethod
+    def for_app(cls, app: ManagerApp, settings: ManagerServiceSettings, reactor) -> "ManagerSite":
+        """The site serving ``app`` with the service's connection and request timeouts."""
+        return cls(
+            ManagerResource(app),
+            request_timeout=settings.request_timeout,
+            timeout=settings.idle_connection_timeout or None,
+            reactor=reactor,
+        )
+
+    def buildProtocol(self, addr):
+        channel = super().buildProtocol(addr)
+        channel.request_timeout = self.request_timeout
+        return channel
+
 
 class ManagerService(MultiService):
     """The HTTPS listener, the idle-session sweep, and the service states the dashboard shows."""
@@ -126,7 +196,7 @@ class ManagerService(MultiService):
             service_states=self.service_states,
             certificate_fingerprint=self.certificate.fingerprint,
         )
-        site = ManagerSite(ManagerResource(self.app), timeout=settings.idle_connection_timeout or None, reactor=runtime.reactor)
+        site = ManagerSite.for_app(self.app, settings, runtime.reactor)
         tls = TLSMemoryBIOFactory(self.certificate.options, False, site)
         listening_service(runtime.reactor, settings, tls, runtime.policy_for(settings)).setServiceParent(self)
         sweep = TimerService(SWEEP_INTERVAL, self.sessions.expire_idle)

@@ -7,6 +7,7 @@ import hashlib
 import re
 import socket
 import ssl
+import time
 
 import pytest
 from cryptography import x509
@@ -170,6 +171,18 @@ def raw_exchange(manager, data: bytes, timeout: float = 5.0) -> tuple[bytes, boo
             return answer, True
 
 
+def read_to_close(tls: ssl.SSLSocket) -> bytes:
+    """Everything the server sends until it closes (or resets) the connection."""
+    tls.settimeout(5)
+    answer = b""
+    try:
+        while chunk := tls.recv(65536):
+            answer += chunk
+    except (ConnectionError, ssl.SSLError):
+        pass
+    return answer
+
+
 LOGIN_HEAD = b"POST /api/v1/login HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
 
 
@@ -191,6 +204,65 @@ def test_over_the_limits_is_answered_and_closed_at_once(manager, client, data, s
     assert answer.startswith(b"HTTP/1.1 " + status + b" "), answer[:200]
     assert closed
     assert client.get_json("/health")[0] == 200
+
+
+def test_slow_senders_are_cut_off_at_request_timeout(slapd, tmp_path):
+    """Slowloris: connections that trickle a request in, or never finish the TLS handshake, are closed at request_timeout.
+
+    Three of them fill maximum_concurrent_connections = 3, so a real client is
+    refused meanwhile; once they are cut off (408 for the started requests),
+    it is served again.
+    """
+    server = ManagerServer(tmp_path, slapd, extra_manager="request_timeout = 2\nmaximum_concurrent_connections = 3\n").start()
+    context = ssl.create_default_context(cafile=str(server.certificate))
+    held = []
+    try:
+        silent = socket.create_connection(("127.0.0.1", server.port), timeout=10)  # TCP only: no TLS handshake
+        held.append(silent)
+        slow = []
+        for _ in range(2):
+            tls = context.wrap_socket(socket.create_connection(("127.0.0.1", server.port), timeout=10), server_hostname="127.0.0.1")
+            held.append(tls)
+            slow.append(tls)
+        started = time.monotonic()
+        answers = {}
+        trickle = b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: " + b"a" * 1000  # never a whole request
+        sent = 0
+        while len(answers) < len(slow) and time.monotonic() - started < 6:
+            for tls in slow:
+                if id(tls) in answers:
+                    continue
+                tls.setblocking(False)  # the server answered? (TLS 1.3 session tickets alone are not an answer)
+                try:
+                    first = tls.recv(65536)
+                except ssl.SSLWantReadError:
+                    first = None
+                tls.setblocking(True)
+                if first is None:
+                    tls.sendall(trickle[sent : sent + 1])
+                else:
+                    answers[id(tls)] = first + (read_to_close(tls) if first else b"")
+            sent += 1
+            if time.monotonic() - started < 1:  # all three held: a fourth connection is refused
+                with pytest.raises(OSError):
+                    HTTPSClient(server).request("GET", "/health")
+            time.sleep(0.25)
+        assert time.monotonic() - started < 6
+        for tls in slow:
+            assert answers[id(tls)].startswith(b"HTTP/1.1 408 "), answers[id(tls)][:100]
+        silent.settimeout(5)
+        try:
+            assert silent.recv(100) == b""  # closed, without a byte
+        except ConnectionResetError:
+            pass  # aborted: closed too
+        assert HTTPSClient(server).get_json("/health")[0] == 200
+        log = server.server.log_text()
+        assert "no whole request within request_timeout (2 s)" in log
+        assert "not a byte of a request within request_timeout (2 s)" in log
+    finally:
+        for sock in held:
+            sock.close()
+        server.stop()
 
 
 def test_undecodable_client_input_is_a_400(manager, client):

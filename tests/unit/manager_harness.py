@@ -28,7 +28,7 @@ from sftpauth.manager.events import AuditHistory
 from sftpauth.manager.metrics import ManagerMetrics
 from sftpauth.manager.service import ManagerSite
 from sftpauth.manager.sessions import SessionStore
-from sftpauth.manager.web import ManagerApp, ManagerResource
+from sftpauth.manager.web import ManagerApp
 from sftpauth.runtime import Runtime
 from sftpauth.state import build_state
 
@@ -163,7 +163,7 @@ class ManagerHarness:
             service_states=lambda: {"manager": "running"},
             verify=verify,
         )
-        self.site = ManagerSite(ManagerResource(self.app), reactor=self.clock)
+        self.site = ManagerSite.for_app(self.app, self.settings, self.clock)
         self.cookies: dict[str, str] = {}
 
     def close(self) -> None:

@@ -567,6 +567,70 @@ def test_line_over_16_kib_is_answered_at_once(manager, raw, status):
     assert transport.disconnecting
 
 
+def test_a_request_sent_byte_by_byte_is_cut_off_at_request_timeout(manager):
+    """Slowloris: a byte every 10 s keeps the idle timeout away, but the whole request must be in within 30 s: 408, close."""
+    m = manager()
+    assert m.settings.request_timeout == 30 and m.settings.idle_connection_timeout == 300
+    protocol, transport = m.connect()
+    start = m.clock.seconds()
+    for byte in LOGIN_HEAD[:3]:
+        protocol.dataReceived(bytes([byte]))
+        m.clock.advance(9.9)
+    assert m.clock.seconds() - start < 30 and transport.value() == b"" and not transport.disconnecting
+    protocol.dataReceived(LOGIN_HEAD[3:4])
+    m.clock.advance(30 - (m.clock.seconds() - start))
+    assert HTTPResult(transport.value()).status == 408
+    assert transport.disconnecting and not transport.disconnected
+    m.clock.advance(protocol.abortTimeout)
+    assert transport.disconnected  # a client that does not close its side is cut off
+
+
+def test_request_timeout_covers_the_body_too(manager):
+    """Headers at once and a declared body that trickles in: 408 at 30 s; the login is never attempted."""
+    m = manager()
+    protocol, transport = m.connect()
+    body = b'{"username": "admin", "password": "admin-pass"}'
+    protocol.dataReceived(LOGIN_HEAD + b"Content-Length: %d\r\n\r\n" % len(body))
+    for index in range(len(body) - 1):
+        protocol.dataReceived(body[index : index + 1])
+        m.clock.advance(1)
+    assert HTTPResult(transport.value()).status == 408 and transport.disconnecting
+    protocol.dataReceived(body[-1:])
+    assert transport.value().count(b"HTTP/1.1 ") == 1
+    assert m.events() == []
+
+
+def test_a_connection_that_never_sends_is_aborted_at_request_timeout(manager):
+    """Nothing at all in 30 s (a TLS handshake that never ends looks the same here): aborted, nothing written."""
+    m = manager()
+    protocol, transport = m.connect()
+    m.clock.advance(29.9)
+    assert not transport.disconnecting
+    m.clock.advance(0.1)
+    assert transport.disconnected and transport.value() == b""
+
+
+def test_request_timeout_counts_each_request_of_a_kept_alive_connection_from_its_first_byte(manager):
+    """Between requests only idle_connection_timeout applies; a later request gets its own 30 s from its first byte."""
+    m = manager()
+    protocol, transport = m.connect()
+    request = b"GET /health HTTP/1.1\r\nHost: m\r\n\r\n"
+    m.clock.advance(29)
+    protocol.dataReceived(request)  # a whole first request 29 s after the connection's start
+    assert HTTPResult(transport.value()).status == 200
+    transport.clear()
+    m.clock.advance(200)  # idle, kept alive
+    assert not transport.disconnecting
+    protocol.dataReceived(request[:10])
+    m.clock.advance(29)
+    protocol.dataReceived(request[10:])
+    assert HTTPResult(transport.value()).status == 200 and not transport.disconnecting
+    transport.clear()
+    protocol.dataReceived(request[:10])  # a third request that stalls
+    m.clock.advance(30)
+    assert HTTPResult(transport.value()).status == 408 and transport.disconnecting
+
+
 def test_client_input_that_cannot_be_decoded_is_a_400_without_traceback(manager, critical_log):
     """Bad percent-encoding, deeply nested JSON, lone surrogates and too many query fields are 400s, never 500s."""
     m = manager()
