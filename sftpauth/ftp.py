@@ -1120,7 +1120,34 @@ class SftpauthFTP(ftp.FTP):
 
     def lineLengthExceeded(self, line: bytes) -> None:
         self.sendLine(f"500 Command line too long (at most {self.MAX_LENGTH} bytes).")
+        if self.state in (self.UNAUTH, self.INAUTH):
+            self._login_line_too_long(line)
         self._close_connection()
+
+    def _login_line_too_long(self, line: bytes) -> None:
+        """A USER or PASS line over MAX_LENGTH is a failed login, audited and counted toward a ban.
+
+        Over SSH a username or password of that size reaches the chain, which
+        refuses it (``invalid-username``, ``invalid-password``); here it goes
+        to the chain too, so a guesser cannot try huge names unseen.
+        """
+        command, _, argument = line.lstrip(b" ").partition(b" ")
+        text = argument.rstrip(b"\r").decode(self._encoding, "surrogateescape")
+        if command.upper() == b"USER":
+            username, password = text, ""
+        elif command.upper() == b"PASS" and self.state == self.INAUTH:
+            username, password = self.__dict__.pop("_user", ""), text
+        else:
+            return
+        request, mind = self._login_request(username, password)
+        # The chain's input check refuses both (over 256 characters, over 1,024): the session never starts.
+        self.portal.login(request, mind, ftp.IFTPShell).addCallbacks(lambda result: result[2](), lambda failure: None)
+
+    def _login_request(self, username: str, password: str) -> tuple[LoginRequest, SessionInfo]:
+        settings = self.factory.settings
+        peer = self._peer()
+        request = LoginRequest(username=username, password=password, service_id=settings.id, protocol="ftp", peer=peer)
+        return request, SessionInfo(service_id=settings.id, protocol="ftp", peer=peer)
 
     def sendLine(self, line) -> None:
         if self.transport is None or self.disconnected:
@@ -1258,10 +1285,7 @@ class SftpauthFTP(ftp.FTP):
         # them (invalid-username, invalid-password) and audits the attempt.
         username = self.__dict__.pop("_user", "")
         self.state = self.UNAUTH
-        settings = self.factory.settings
-        peer = self._peer()
-        request = LoginRequest(username=username, password=password, service_id=settings.id, protocol="ftp", peer=peer)
-        mind = SessionInfo(service_id=settings.id, protocol="ftp", peer=peer)
+        request, mind = self._login_request(username, password)
 
         def logged_in(result):
             interface, avatar, logout = result

@@ -8,6 +8,7 @@ the chain, to show denied usernames are refused before any method runs.
 
 from __future__ import annotations
 
+import ftplib
 import socket
 import threading
 import time
@@ -200,6 +201,37 @@ def test_failures_across_ftp_and_sftp_ban_the_address_on_both(site):
     site.audit(lambda e: e["event"] == "connection" and e["peer"] == source and e["reason"] == "banned")
     ftp_login(site.ports["ftp"], "alice", "alice-pass", "127.0.0.11").quit()
     assert sftp_listing(site.ports["sftp"], "alice", "alice-pass", "127.0.0.11") == []
+
+
+def test_over_long_user_and_pass_lines_are_failed_logins_that_count_toward_a_ban(site):
+    """A USER or PASS line over 16 KiB gets 500 and a close, and is audited and counted as the chain refuses it."""
+    source = "127.0.0.18"
+
+    def over_long(*lines: str) -> None:
+        client = ftp_client(site.ports["ftp"], source)
+        for line in lines[:-1]:
+            client.putcmd(line)
+            assert client.getresp().startswith("331")
+        client.putcmd(lines[-1])
+        with pytest.raises(ftplib.error_perm, match="^500 Command line too long"):
+            client.getresp()
+        client.close()
+
+    def failure(reason: str, username) -> dict:
+        return site.audit(
+            lambda e: e["event"] == "authentication" and e["peer"] == source and e["reason"] == reason and username(e["username"])
+        )
+
+    over_long("USER " + "u" * 20_000)
+    assert len(failure("invalid-username", lambda name: name.startswith("uuuu"))["username"]) < 400
+    over_long("USER alice", "PASS " + "p" * 20_000)
+    failure("invalid-password", lambda name: name == "alice")
+    assert "pppp" not in (site.folder / "audit.jsonl").read_text()
+    assert not [e for e in site.server.audit_events() if e["event"] == "ban" and e["peer"] == source]
+    over_long("user " + "v" * 20_000)
+    ban = site.audit(lambda e: e["event"] == "ban" and e["peer"] == source)
+    assert ban["failures"] == 3
+    assert greeting(site.ports["ftp"], source) == FTP_REFUSAL
 
 
 def test_a_success_resets_the_count(site):
