@@ -1118,6 +1118,12 @@ class SftpauthFTP(ftp.FTP):
         self._abort_data_connection()
         self._close_connection()
 
+    def shutting_down(self) -> None:
+        """sftpauth is stopping (sftpauth.listening.ListeningService): 421, as RFC 959 has it, then close."""
+        self.sendLine("421 Service closing control connection: the server is shutting down.")
+        self._abort_data_connection()
+        self._close_connection()
+
     def lineLengthExceeded(self, line: bytes) -> None:
         self.sendLine(f"500 Command line too long (at most {self.MAX_LENGTH} bytes).")
         if self.state in (self.UNAUTH, self.INAUTH):

@@ -62,6 +62,7 @@ LISTEN_BACKLOG = 50  # Twisted's listenTCP default, what a single process listen
 PROXY_HEADER_TIMEOUT = 10.0  # seconds for the PROXY header to arrive
 MAX_EARLY_BYTES = 65536  # bytes a client may send while the policy decides
 PROBLEM_LOG_INTERVAL = 10.0  # seconds between two log lines about bad PROXY headers of one service
+SHUTDOWN_GRACE = 2.0  # seconds a connection has to close after its goodbye when its service stops; then it is cut
 
 # What a refused connection is told: constant, whatever the reason.
 REFUSAL_LINES = {
@@ -135,6 +136,7 @@ class ConnectionGuard(ProtocolWrapper):
         self._header_timer: Any = None
         self._first_bytes = True  # a PROXY header where none is expected is refused
         self._held = ""  # the address the policy counts this connection against (maximum_connections_per_address)
+        self._when_lost: Optional[defer.Deferred] = None  # close_for_shutdown waits on it
 
     def makeConnection(self, transport) -> None:
         directlyProvides(self, providedBy(transport))
@@ -294,6 +296,20 @@ class ConnectionGuard(ProtocolWrapper):
         """This server's own address, also behind a proxy (FTP listens there for passive data)."""
         return self.transport.getHost()
 
+    def close_for_shutdown(self) -> defer.Deferred:
+        """The service stops: the protocol says goodbye and closes (``shutting_down()``: FTP 421, SSH disconnect),
+        or the connection is closed; cut off after :data:`SHUTDOWN_GRACE`. Fires once it is lost."""
+        lost = self._when_lost = defer.Deferred()
+        protocol = self.wrappedProtocol if self.state == self.OPEN else None
+        while protocol is not None and not hasattr(protocol, "shutting_down"):
+            protocol = getattr(protocol, "wrappedProtocol", None)  # under TLS (implicit FTPS, the Web Manager)
+        if protocol is not None:
+            protocol.shutting_down()
+        else:
+            self.transport.loseConnection()
+        cut = self.factory.reactor.callLater(SHUTDOWN_GRACE, self.transport.abortConnection)
+        return lost.addBoth(lambda ignored: cut.active() and cut.cancel())
+
     def connectionLost(self, reason) -> None:
         self._cancel_header_timer()
         opened = self.state == self.OPEN
@@ -309,6 +325,9 @@ class ConnectionGuard(ProtocolWrapper):
         if opened:
             self.wrappedProtocol.connectionLost(reason)
         self.wrappedProtocol = None
+        lost, self._when_lost = self._when_lost, None
+        if lost is not None:
+            lost.callback(None)
 
 
 class ConnectionGuardFactory(WrappingFactory):
@@ -330,6 +349,10 @@ class ConnectionGuardFactory(WrappingFactory):
         self.refused = 0
         self._problems_logged_at = float("-inf")
         self._problems_unlogged = 0
+
+    def close_connections(self) -> defer.Deferred:
+        """End every connection of the service (it is stopping); fires once all are closed."""
+        return defer.DeferredList([guard.close_for_shutdown() for guard in list(self.protocols)])
 
     def log_problem(self, why: str, peer) -> None:
         """A missing, bad or unexpected PROXY header: logged, at most once every PROBLEM_LOG_INTERVAL seconds (a scan stays readable)."""
@@ -410,9 +433,25 @@ def bind_shared_socket(address: str, port: int, backlog: int = LISTEN_BACKLOG) -
     return shared
 
 
+class ListeningService(StreamServerEndpointService):
+    """A service's listening socket; when it stops, the connections it accepted are ended too.
+
+    Otherwise they would stay open until the reactor drops them at exit,
+    after the audit log is closed: their session-end events were lost, and
+    clients saw a reset instead of FTP's 421 or SSH's disconnect message.
+    """
+
+    factory: ConnectionGuardFactory
+
+    def stopService(self):
+        listening = super().stopService()
+        closing = self.factory.close_connections()
+        return defer.DeferredList([defer.maybeDeferred(lambda: listening), closing])
+
+
 def listening_service(
     reactor, settings: ServiceSettings, factory: IProtocolFactory, policy: Any = None
-) -> StreamServerEndpointService:
+) -> ListeningService:
     """``policy``: the service's SecurityPolicy (``runtime.policy_for(settings)``); None: no filter, no bans."""
     guarded = ConnectionGuardFactory(factory, settings, reactor, policy)
     inherited = _INHERITED_SOCKETS.pop(settings.id, None)
@@ -420,7 +459,7 @@ def listening_service(
         endpoint = AdoptedStreamServerEndpoint(reactor, *inherited)
     else:
         endpoint = endpoint_for(reactor, settings.address, settings.port)
-    service = StreamServerEndpointService(endpoint, guarded)
+    service = ListeningService(endpoint, guarded)
     service.setName(settings.id)
     # A port that cannot be bound must stop the process, not log and go on.
     service._raiseSynchronously = True

@@ -34,6 +34,11 @@ class SessionRealm:
     def __init__(self, audit: AuditLog, run_in_thread: Callable[..., defer.Deferred]):
         self._audit = audit
         self._run_in_thread = run_in_thread
+        self._end_reason = ""
+
+    def shutting_down(self) -> None:
+        """The process is stopping: every session-end from now on says ``reason = shutdown``."""
+        self._end_reason = "shutdown"
 
     def requestAvatar(self, avatarId: Account, mind: SessionInfo, *interfaces):
         account = avatarId
@@ -56,8 +61,14 @@ class SessionRealm:
         def logout() -> None:
             if not ended:
                 ended.append(True)
+                reason = {"reason": self._end_reason} if self._end_reason else {}
                 self._audit.record(
-                    "session-end", service=mind.service_id, protocol=mind.protocol, peer=mind.peer, username=account.username
+                    "session-end",
+                    service=mind.service_id,
+                    protocol=mind.protocol,
+                    peer=mind.peer,
+                    username=account.username,
+                    **reason,
                 )
 
         for interface in interfaces:

@@ -1593,6 +1593,10 @@ class SFTPServerTransport(transport.SSHServerTransport, TimeoutMixin):
         )
         self.sendDisconnect(transport.DISCONNECT_BY_APPLICATION, b"idle connection timeout")
 
+    def shutting_down(self) -> None:
+        """sftpauth is stopping (sftpauth.listening.ListeningService): the client is told why, then the connection closes."""
+        self.sendDisconnect(transport.DISCONNECT_BY_APPLICATION, b"the server is shutting down")
+
     def connectionLost(self, reason: Optional[Failure] = None) -> None:
         self.setTimeout(None)
         if self._graceCall is not None and self._graceCall.active():

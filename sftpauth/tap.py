@@ -231,10 +231,11 @@ class ServerServices(MultiService):
     ``privilegedStartService``.
     """
 
-    def __init__(self, configuration: Configuration, audit: AuditLog):
+    def __init__(self, runtime: Runtime):
         super().__init__()
-        self.configuration = configuration
-        self.audit = audit
+        self.runtime = runtime
+        self.configuration = runtime.configuration
+        self.audit = runtime.audit
 
     def privilegedStartService(self) -> None:
         try:
@@ -249,8 +250,11 @@ class ServerServices(MultiService):
 
         twisted's MultiService stops its children all at once; the worker
         pool's stop ends when its workers have exited, and the parent then
-        writes the session-end events of the sessions they left open.
+        writes the session-end events of the sessions they left open. The
+        FTP and SFTP services end their sessions as they stop
+        (:class:`sftpauth.listening.ListeningService`), ``reason = shutdown``.
         """
+        self.runtime.portal.realm.shutting_down()
         stopped = super().stopService()
 
         def close(result):
@@ -271,7 +275,7 @@ def _make_service(options: Options, reactor=None) -> MultiService:
     before, after = raise_open_file_limit()
     _log.info("open files: at most {after}" + (" (raised from {before})" if after != before else ""), before=before, after=after)
     runtime = build_runtime(configuration, reactor)
-    top = ServerServices(configuration, runtime.audit)
+    top = ServerServices(runtime)
     # The first SIGHUP handler, so the process never dies of a SIGHUP (its default action); the FTPS
     # certificate reloads, and with workers the parent's passing it on, are chained after it.
     ReloadOnSIGHUP(reactor, runtime.audit.reopen).setServiceParent(top)

@@ -136,6 +136,7 @@ class Worker:
     def _shutdown(self):
         """Stop the services, then close the channel once what they recorded is sent."""
         self._stopping = True
+        self.runtime.portal.realm.shutting_down()  # the services end their sessions as they stop
         stopped = defer.maybeDeferred(self.top.stopService)
 
         def close_channel(result):

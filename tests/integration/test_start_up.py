@@ -160,3 +160,47 @@ def test_sighup_opens_the_audit_log_again_and_never_stops_the_server(tmp_path):
         assert "before-rotation" in rotated and "after-rotation" not in rotated
     finally:
         assert server.stop() == 0
+
+
+def test_sigterm_ends_open_ftp_and_sftp_sessions_with_their_session_end(tmp_path):
+    """One process: SIGTERM ends the open sessions first, so their session-end (reason shutdown) is written.
+
+    Before, the audit log was closed when the services had stopped, and the
+    reactor dropped the connections after that: both session-ends were lost,
+    and the clients saw a reset. Now FTP gets 421 and SFTP a disconnect message.
+    """
+    import paramiko
+
+    from sftpauth.auth.passwords import hash_password
+
+    ftp_port, sftp_port = free_port(), free_port()
+    audit = tmp_path / "run" / "audit.jsonl"
+    (tmp_path / "bob").mkdir()
+    config = (
+        f"[server]\ndata_folder = {tmp_path}/data\naudit_log = {audit}\n\n"
+        f"[services/ftp]\ntype = ftp\nport = {ftp_port}\n\n[services/sftp]\ntype = sftp\nport = {sftp_port}\n\n"
+        f"[accounts/bob]\npassword = {hash_password('bob-pass')}\nhome_folder_path = {tmp_path}/bob\n"
+    )
+    server = SftpauthServer(tmp_path / "run", config, ports=(ftp_port, sftp_port))
+    server.start()
+    ftp = ftplib.FTP()
+    ssh = paramiko.Transport(("127.0.0.1", sftp_port))
+    try:
+        ftp.connect("127.0.0.1", ftp_port, timeout=10)
+        ftp.login("bob", "bob-pass")
+        ssh.connect(username="bob", password="bob-pass")
+        assert paramiko.SFTPClient.from_transport(ssh).listdir(".") == []
+        server.wait_for_audit(lambda event: event["event"] == "session-start" and event["protocol"] == "sftp")
+        server.process.send_signal(signal.SIGTERM)
+        assert server.process.wait(15) == 0
+        with pytest.raises(ftplib.error_temp, match="^421 .*shutting down"):
+            ftp.getresp()
+    finally:
+        ftp.close()
+        ssh.close()
+        server.stop()
+    ends = [event for event in read_audit(audit) if event["event"] == "session-end"]
+    assert sorted((event["protocol"], event["username"], event.get("reason")) for event in ends) == [
+        ("ftp", "bob", "shutdown"),
+        ("sftp", "bob", "shutdown"),
+    ]

@@ -24,6 +24,7 @@ from sftpauth.config.errors import ConfigError
 from sftpauth.config.loader import parse_configuration
 from sftpauth.listening import (
     PROXY_HEADER_TIMEOUT,
+    SHUTDOWN_GRACE,
     ConnectionGuardFactory,
     InvalidHeader,
     ProxyHeaderReader,
@@ -541,6 +542,34 @@ def test_guard_enforces_the_connection_limit(clock):
     first.connectionLost(None)
     _, third = connect(factory)
     assert not third.disconnecting and factory.open_connections == 1
+
+
+class Goodbye(Echo):
+    """A protocol with the shutdown hook FTP and SSH have."""
+
+    def shutting_down(self):
+        self.transport.write(b"bye\r\n")
+        self.transport.loseConnection()
+
+
+def test_closing_connections_says_goodbye_and_cuts_off_clients_that_stay(clock):
+    """A stopping service ends each connection: goodbye and close, abort after SHUTDOWN_GRACE; fires once all are lost."""
+    services = EchoFactory()
+    kinds = [Goodbye, Echo]
+    services.buildProtocol = lambda addr: kinds.pop(0)()
+    factory = ConnectionGuardFactory(services, service_settings(), clock, None)
+    polite, polite_transport = connect(factory)
+    plain, plain_transport = connect(factory)  # no shutting_down(): just closed
+    closed = factory.close_connections()
+    assert polite_transport.value() == b"banner\r\nbye\r\n" and polite_transport.disconnecting
+    assert plain_transport.value() == b"banner\r\n" and plain_transport.disconnecting and not plain_transport.disconnected
+    polite.connectionLost(None)
+    assert not closed.called
+    clock.advance(SHUTDOWN_GRACE)
+    assert plain_transport.disconnected  # aborted: the client did not close its side
+    assert not polite_transport.disconnected  # already gone: its timer was cancelled
+    plain.connectionLost(None)
+    assert closed.called and factory.protocols == {}
 
 
 CAPPED = """

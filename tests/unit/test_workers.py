@@ -517,7 +517,7 @@ def test_one_worker_builds_no_pool(tmp_path):
     top = make_top(tmp_path, 1)
     kinds = {type(service) for service in top}
     assert WorkerPool not in kinds and SharedListeningSocket not in kinds
-    assert {type(top.getServiceNamed(name)).__name__ for name in ("ftp", "sftp")} == {"StreamServerEndpointService"}
+    assert {type(top.getServiceNamed(name)).__name__ for name in ("ftp", "sftp")} == {"ListeningService"}
 
 
 def test_two_workers_leave_ftp_and_sftp_to_the_pool_and_keep_the_manager(tmp_path):
