@@ -132,7 +132,8 @@ from sftpauth.listening import LOGIN_GRACE_SECONDS, listening_service
 from sftpauth.permissions import Permission, PermissionDenied
 from sftpauth.realm import SessionInfo
 from sftpauth.runtime import Runtime
-from sftpauth.tls import CertificateProblem, ReloadOnSIGHUP, ServerTLS, can_check_session_reuse, session_reused
+from sftpauth.signals import ReloadOnSIGHUP
+from sftpauth.tls import CertificateProblem, ServerTLS, can_check_session_reuse, session_reused
 
 _log = Logger()
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import errno
 import functools
-import signal
 import sys
 from typing import Iterator, Optional
 
@@ -26,8 +25,8 @@ from sftpauth.config.models import Configuration, ServiceSettings
 from sftpauth.listening import raise_open_file_limit
 from sftpauth.realm import SessionRealm
 from sftpauth.runtime import Runtime
+from sftpauth.signals import ReloadOnSIGHUP, stop_cleanly_on_sigterm
 from sftpauth.state import SharedState, build_state
-from sftpauth.tls import ReloadOnSIGHUP
 
 _log = Logger()
 
@@ -171,22 +170,6 @@ def service_factories():
     }
 
 
-def _stop_cleanly_on_sigterm(reactor) -> None:
-    """SIGTERM (a service manager) and SIGINT (Ctrl-C) shut down cleanly and exit 0.
-
-    Twisted's own handlers make twistd re-raise the signal after the clean
-    shutdown, so the process would end "killed by SIGTERM" (status -15), or
-    by SIGINT (130 in a shell), as README.rst says it does not.
-    """
-
-    def stop(number, frame) -> None:
-        _log.info("Received {name}, shutting down.", name=signal.Signals(number).name)
-        reactor.callFromThread(reactor.stop)
-
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
-
-
 def makeService(options: Options, reactor=None) -> MultiService:
     try:
         return _make_service(options, reactor)
@@ -268,7 +251,7 @@ def _make_service(options: Options, reactor=None) -> MultiService:
     if reactor is None:
         from twisted.internet import reactor
     # After startup: the reactor installs its own signal handlers during startup.
-    reactor.callWhenRunning(_stop_cleanly_on_sigterm, reactor)
+    reactor.callWhenRunning(stop_cleanly_on_sigterm, reactor)
     configuration: Configuration = options["configuration"]
     for warning in configuration.warnings:
         _log.warn("configuration: {warning}", warning=str(warning))

@@ -1,4 +1,4 @@
-"""Server-side TLS (FTPS): the certificate of a service, its TLS contexts, SIGHUP reload.
+"""Server-side TLS (FTPS): the certificate of a service, its TLS contexts, its reload (on SIGHUP, :mod:`sftpauth.signals`).
 
 ``ssl_certificate`` is one PEM file holding the certificate, its private key
 (unencrypted) and optionally the intermediate certificates. It is read at
@@ -19,14 +19,12 @@ from __future__ import annotations
 
 import datetime
 import hashlib
-import signal
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import attrs
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from OpenSSL import SSL, crypto
-from twisted.application.service import Service
 from twisted.internet import ssl
 from twisted.logger import Logger
 
@@ -192,32 +190,3 @@ def can_check_session_reuse() -> bool:
     except ImportError:  # pragma: no cover
         return False
     return hasattr(lib, "SSL_session_reused") and hasattr(SSL.Connection(SSL.Context(SSL.TLS_METHOD)), "_ssl")
-
-
-class ReloadOnSIGHUP(Service):
-    """Call ``reload`` on SIGHUP while running; other SIGHUP handlers keep running too."""
-
-    def __init__(self, reactor, reload: Callable[[], object]):
-        self._reactor = reactor
-        self._reload = reload
-        self._previous = None
-        self._installed = False
-
-    def startService(self) -> None:
-        super().startService()
-        try:
-            self._previous = signal.signal(signal.SIGHUP, self._handle)
-        except (ValueError, AttributeError, OSError):  # not the main thread, or no SIGHUP (Windows)
-            return
-        self._installed = True
-
-    def _handle(self, number, frame) -> None:
-        self._reactor.callFromThread(self._reload)
-        if callable(self._previous):
-            self._previous(number, frame)
-
-    def stopService(self):
-        if self._installed and signal.getsignal(signal.SIGHUP) == self._handle:
-            signal.signal(signal.SIGHUP, self._previous if self._previous is not None else signal.SIG_DFL)
-        self._installed = False
-        return super().stopService()

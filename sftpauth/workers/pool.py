@@ -39,7 +39,7 @@ from sftpauth.config.models import ServiceSettings
 from sftpauth.listening import bind_shared_socket
 from sftpauth.runtime import Runtime
 from sftpauth.state import MemoryBanStore
-from sftpauth.tls import ReloadOnSIGHUP
+from sftpauth.signals import ReloadOnSIGHUP
 from sftpauth.workers import CHANNEL_FD, FIRST_SOCKET_FD
 from sftpauth.workers.channel import OneProtocolFactory, ParentSide
 

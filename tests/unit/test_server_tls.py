@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import signal
 from pathlib import Path
 
 import pytest
@@ -12,7 +11,7 @@ from OpenSSL import SSL
 from sftpauth import ftp
 from sftpauth.config.errors import ConfigError
 from sftpauth.config.models import FTPServiceSettings
-from sftpauth.tls import CertificateProblem, ReloadOnSIGHUP, ServerTLS, can_check_session_reuse, load_server_certificate
+from sftpauth.tls import CertificateProblem, ServerTLS, can_check_session_reuse, load_server_certificate
 from tests.integration.tls_certs import TestPKI
 
 
@@ -106,27 +105,6 @@ def test_reload_takes_a_new_file_and_keeps_the_old_on_error(pki, tmp_path):
     Path(path).write_text("broken\n")
     assert not tls.reload()
     assert tls.certificate is current
-
-
-class ImmediateReactor:
-    def callFromThread(self, function, *args):
-        function(*args)
-
-
-def test_sighup_calls_reload_and_the_previous_handler_then_restores_it():
-    """While running, SIGHUP calls reload and any handler installed before; stopping puts that handler back."""
-    calls = []
-    previous = signal.signal(signal.SIGHUP, lambda number, frame: calls.append("previous"))
-    try:
-        service = ReloadOnSIGHUP(ImmediateReactor(), lambda: calls.append("reload"))
-        service.startService()
-        signal.raise_signal(signal.SIGHUP)
-        assert calls == ["reload", "previous"]
-        service.stopService()
-        signal.raise_signal(signal.SIGHUP)
-        assert calls == ["reload", "previous", "previous"]
-    finally:
-        signal.signal(signal.SIGHUP, previous)
 
 
 def settings(**options) -> FTPServiceSettings:
