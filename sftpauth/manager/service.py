@@ -19,13 +19,15 @@ from sftpauth.manager.events import AuditHistory, read_tail
 from sftpauth.manager.metrics import ManagerMetrics
 from sftpauth.manager.sessions import SessionStore
 from sftpauth.manager.tls import load_certificate
-from sftpauth.manager.web import MAX_BODY, ManagerApp, ManagerResource
+from sftpauth.manager.web import MAX_BODY, SECURITY_HEADERS, ManagerApp, ManagerResource
 from sftpauth.runtime import Runtime
 
 _log = Logger()
-SWEEP_INTERVAL = 30
+SWEEP_INTERVAL = 1  # seconds: an idle Web Manager session ends (session-end) at most this late
 TOO_LARGE = b"413 Content Too Large"
 REQUEST_TIMEOUT = b"408 Request Timeout"
+# Every answer carries the security headers (docs/manager.rst), refusals sent before any request too.
+_REFUSAL_HEADERS = b"".join(b"%s: %s\r\n" % (name, value) for name, value in SECURITY_HEADERS.items())
 
 
 class ManagerChannel(HTTPChannel):
@@ -58,7 +60,7 @@ class ManagerChannel(HTTPChannel):
         if not logged:
             peer = getattr(self.transport.getPeer(), "host", "")
             _log.warn("Web Manager refused a request from {peer}: {status}", peer=peer, status=status.decode("ascii"))
-        self.transport.write(b"HTTP/1.1 %s\r\nConnection: close\r\nContent-Length: 0\r\n\r\n" % status)
+        self.transport.write(b"HTTP/1.1 %s\r\n%sConnection: close\r\nContent-Length: 0\r\n\r\n" % (status, _REFUSAL_HEADERS))
         self.loseConnection()
         self.setTimeout(None)
         self._abortingCall = self.callLater(self.abortTimeout, self.forceAbortClient)
@@ -125,6 +127,11 @@ class ManagerChannel(HTTPChannel):
             self._stop_request_clock()
             self._request_started = False
             super().allContentReceived()
+
+    def _respondToBadRequestAndDisconnect(self) -> None:
+        # twisted.web's answer to a request it cannot parse (headers over 16 KiB in all, a bad request
+        # line or chunk): the same refusal as the other limits, with its log line and security headers.
+        self.refuse(b"400 Bad Request")
 
     def lineLengthExceeded(self, line: bytes) -> None:
         # No request object yet: the request line itself is too long.

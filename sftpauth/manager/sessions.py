@@ -4,7 +4,9 @@ A session is kept in memory by the manager service that opened it (a
 restart logs everyone out). Its ID is 256 random bits sent only in a
 ``Secure; HttpOnly; SameSite=Strict`` cookie; a login always makes a new
 one (no fixation). A session unused for ``session_idle_timeout`` seconds
-ends: at its next request, or at the periodic sweep, whichever is first.
+ends: at its next request, or at the sweep (every second), whichever is
+first. Sessions are kept in the order of their last use, so the sweep and
+the eviction of the oldest look only at the sessions they end.
 Every start and end is a ``session-start`` / ``session-end`` audit event,
 like FTP and SFTP sessions.
 """
@@ -60,7 +62,7 @@ class SessionStore:
         self._audit = audit
         self._service_id = service_id
         self._limit = limit
-        self._sessions: dict[str, ManagerSession] = {}
+        self._sessions: dict[str, ManagerSession] = {}  # by ID, least recently used first
 
     def __len__(self) -> int:
         return len(self._sessions)
@@ -70,8 +72,7 @@ class SessionStore:
         if len(self._sessions) >= self._limit:
             self.expire_idle()
             if len(self._sessions) >= self._limit:
-                oldest = min(self._sessions.values(), key=lambda session: session.last_seen)
-                self.close(oldest, "evicted")
+                self.close(next(iter(self._sessions.values())), "evicted")  # the least recently used
         session = ManagerSession(
             id=secrets.token_urlsafe(32),
             username=username,
@@ -108,6 +109,7 @@ class SessionStore:
             self.close(session, "idle-timeout")
             return None
         session.last_seen = now
+        self._sessions[session_id] = self._sessions.pop(session_id)  # now the most recently used: last
         return session
 
     def close(self, session: ManagerSession, reason: str) -> None:
@@ -125,7 +127,11 @@ class SessionStore:
     def expire_idle(self) -> int:
         """End every idle session now; how many ended."""
         now = self._clock.seconds()
-        idle = [session for session in self._sessions.values() if now - session.last_seen >= self.idle_timeout]
+        idle = []
+        for session in self._sessions.values():  # least recently used first
+            if now - session.last_seen < self.idle_timeout:
+                break
+            idle.append(session)
         for session in idle:
             self.close(session, "idle-timeout")
         return len(idle)

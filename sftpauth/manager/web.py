@@ -16,6 +16,7 @@ import os
 import re
 import time
 import urllib.parse
+from http import HTTPStatus
 from typing import Any, Callable, Optional
 
 import attrs
@@ -58,6 +59,18 @@ SECURITY_HEADERS = {
 }
 LOGIN_FAILED = "Login failed: wrong username or password, or this account may not use the Web Manager."
 PREAUTH_METHOD = "header-authentication"
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def visible(value: Any) -> str:
+    """Text a client chose (a username, a detail quoting it), with control characters shown as ``\\xNN``.
+
+    The audit log keeps them exactly (JSON escapes); on a page a NUL or a
+    line break would be invisible, and ``alice\\x00`` would pass for alice.
+    """
+    return _CONTROL.sub(lambda match: f"\\x{ord(match.group()):02x}", "" if value is None else str(value))
 
 
 @attrs.define
@@ -193,11 +206,16 @@ class ManagerApp:
             trim_blocks=True,
             lstrip_blocks=True,
         )
+        self.templates.filters["visible"] = visible
 
     # -- the pipeline ------------------------------------------------------------------
 
     async def handle(self, request) -> Response:
         path = request.path.decode("utf-8", "replace")
+        try:
+            urllib.parse.unquote_to_bytes(request.path).decode("utf-8")
+        except UnicodeDecodeError:  # checked once here, for every route and for pages that do not exist
+            return self._error(path.startswith("/api/"), 400, "Bad request", "The path is not UTF-8 (percent-encoded).")
         matched = None
         allowed = []
         for route in ROUTES:
@@ -215,7 +233,7 @@ class ManagerApp:
         try:
             call = self._call(request, path, route, match)
         except BadRequest as error:
-            return self._error(route.api, error.status, "Bad request", str(error))
+            return self._error(route.api, error.status, HTTPStatus(error.status).phrase, str(error))
         cookie = request.getCookie(SESSION_COOKIE)
         cookie_id = cookie.decode("ascii", "replace") if cookie else None
         call.session = self.sessions.get(cookie_id)
@@ -244,8 +262,10 @@ class ManagerApp:
         """The request's query, body and path parameters, parsed; BadRequest for anything a client got wrong."""
         try:
             parsed_query = urllib.parse.parse_qs(
-                request.uri.partition(b"?")[2].decode("utf-8", "replace"), keep_blank_values=True, max_num_fields=50
+                request.uri.partition(b"?")[2].decode("utf-8"), keep_blank_values=True, max_num_fields=50, errors="strict"
             )
+        except UnicodeDecodeError:
+            raise BadRequest("the query is not UTF-8 (percent-encoded)") from None
         except ValueError:
             raise BadRequest("the query has too many parameters") from None
         query = {key: values[0] for key, values in parsed_query.items()}
@@ -276,10 +296,7 @@ class ManagerApp:
                 except (ValueError, UnicodeDecodeError):
                     raise BadRequest("the form is malformed") from None
                 form = {key: values[0] for key, values in parsed.items()}
-        try:
-            params = {name: urllib.parse.unquote(value, errors="strict") for name, value in match.groupdict().items()}
-        except UnicodeDecodeError:
-            raise BadRequest("the path is not UTF-8 (percent-encoded)") from None
+        params = {name: urllib.parse.unquote(value, errors="strict") for name, value in match.groupdict().items()}  # UTF-8: handle()
         return Call(request, _peer(request), path, query, form, body_json, params)
 
     def _check_csrf(self, call: Call, route: Route) -> Optional[Response]:
@@ -661,7 +678,7 @@ class ManagerApp:
         try:
             outcome = await self._run_test_login(call, username, call.field("password"), manager, method_id)
         except BadRequest as error:
-            return self._error(False, error.status, "Bad request", str(error))
+            return self._error(False, error.status, HTTPStatus(error.status).phrase, str(error))
         return self.render(
             call, "test_login.html", outcome=outcome, username=username, manager=manager, method=method_id,
             active="test-login", **self._test_login_form_context(),

@@ -198,6 +198,53 @@ def test_sweep_ends_idle_sessions_without_a_request(manager):
     assert 'sftpauth_open_sessions{service="manager"} 0.0' in m.metrics.render().decode()
 
 
+def test_the_running_service_ends_an_idle_session_within_a_second(manager):
+    """The manager service's own sweep: a session idle for session_idle_timeout gets its session-end within 1 s."""
+    from sftpauth.manager.service import ManagerService
+
+    m = manager(manager_options="session_idle_timeout = 60")
+    service = ManagerService(m.settings, m.runtime)
+    service.startService()
+    try:
+        m.clock.advance(5)  # not in step with any sweep interval
+        service.sessions.open("admin", ("DEFAULT-ROLE",), True, "DEFAULT-AUTHENTICATION", "127.0.0.1")
+        m.clock.advance(59.5)
+        assert len(service.sessions) == 1
+        for _ in range(15):
+            m.clock.advance(0.1)
+        assert len(service.sessions) == 0
+        assert m.events("session-end")[-1]["reason"] == "idle-timeout"
+    finally:
+        service.stopService()
+
+
+def test_sweep_and_eviction_take_the_least_recently_used_sessions_first():
+    """Sessions are ordered by last use: the sweep stops at the first live one, eviction takes the oldest use."""
+    from twisted.internet.task import Clock
+
+    from sftpauth.audit import AuditLog
+    from sftpauth.manager.sessions import SessionStore
+
+    clock = Clock()
+    audit = AuditLog(echo=False)
+    ended = []
+    audit.listeners.append(lambda entry: entry["event"] == "session-end" and ended.append((entry["username"], entry["reason"])))
+    store = SessionStore(clock, 60, audit, "manager", limit=3)
+    first = store.open("first", (), True, "m", "127.0.0.1")
+    clock.advance(10)
+    store.open("second", (), True, "m", "127.0.0.1")
+    clock.advance(20)
+    assert store.get(first.id) is first  # used again at 30: now the most recent
+    clock.advance(40)  # 70: second idle 60 s, first 40 s
+    assert store.expire_idle() == 1 and ended == [("second", "idle-timeout")]
+    store.open("third", (), True, "m", "127.0.0.1")
+    store.open("fourth", (), True, "m", "127.0.0.1")
+    store.open("fifth", (), True, "m", "127.0.0.1")  # over the limit of 3: the least recently used goes
+    assert ended[-1] == ("first", "evicted") and len(store) == 3
+    clock.advance(61)
+    assert store.expire_idle() == 3
+
+
 def test_security_headers_and_no_store(manager):
     """Pages carry CSP, X-Frame-Options, nosniff and no-store; the CSS may be cached."""
     m = manager()
@@ -284,6 +331,25 @@ def test_pages_escape_what_users_typed(manager):
     assert "&lt;script&gt;" in page.text
     events = m.get("/events?kind=all")
     assert evil not in events.text
+
+
+def test_control_characters_a_client_chose_are_shown_escaped(manager):
+    """A username with a NUL or a line break shows as alice\\x00 on the events and test-login pages, never as "alice"."""
+    m = manager()
+    m.login()
+    token = m.csrf_token()
+    page = m.post_form("/test-login", {"csrf_token": token, "username": "alice\x00\nbob", "password": "x"})
+    assert page.status == 200 and "\x00" not in page.text
+    assert "alice\\x00\\x0abob" in page.text
+    from sftpauth.auth.credentials import LoginRequest
+
+    request = LoginRequest(username="alice\x00", password="pw", service_id="ftp", protocol="ftp", peer="127.0.0.9")
+    refused = defer.ensureDeferred(m.chain.login(request))  # an FTP login as a client would try it
+    assert isinstance(refused.result.value, LoginFailed)
+    refused.addErrback(lambda failure: None)
+    assert m.events()[-1]["username"] == "alice\x00"
+    events = m.get("/events?kind=all")
+    assert "\x00" not in events.text and "alice\\x00" in events.text
 
 
 def test_test_login_page_explains_each_step_without_the_password(manager):
@@ -631,10 +697,42 @@ def test_request_timeout_counts_each_request_of_a_kept_alive_connection_from_its
     assert HTTPResult(transport.value()).status == 408 and transport.disconnecting
 
 
+@pytest.fixture
+def warnings_logged():
+    """The texts of log events at level warn while the test runs."""
+    from twisted.logger import formatEvent
+
+    seen: list[str] = []
+
+    def observer(event):
+        if event.get("log_level") == LogLevel.warn:
+            seen.append(formatEvent(event))
+
+    globalLogPublisher.addObserver(observer)
+    yield seen
+    globalLogPublisher.removeObserver(observer)
+
+
+def test_a_request_twisted_cannot_parse_is_refused_like_the_other_limits(manager, warnings_logged):
+    """Headers over 16 KiB in all (twisted.web's own 400): a warning line and the security headers, as for 413/414/431."""
+    m = manager()
+    protocol, transport = m.connect()
+    protocol.dataReceived(b"GET /health HTTP/1.1\r\nHost: m\r\n" + b"X-N: " + b"a" * 1000 + b"\r\n" * 1 + (b"X-N: " + b"a" * 1000 + b"\r\n") * 20)
+    answer = HTTPResult(transport.value())
+    assert answer.status == 400 and transport.disconnecting
+    assert answer.header("content-security-policy") and answer.header("x-frame-options") == "DENY"
+    assert warnings_logged == ["Web Manager refused a request from 127.0.0.1: 400 Bad Request"]
+    protocol, transport = m.connect()
+    protocol.dataReceived(b"POST /login HTTP/1.1\r\nHost: m\r\nContent-Length: " + b"9" * 5000 + b"\r\n\r\n")
+    assert HTTPResult(transport.value()).header("x-content-type-options") == "nosniff"  # a 413 has them too
+
+
 def test_client_input_that_cannot_be_decoded_is_a_400_without_traceback(manager, critical_log):
     """Bad percent-encoding, deeply nested JSON, lone surrogates and too many query fields are 400s, never 500s."""
     m = manager()
     assert m.get("/static/%ff.css").status == 400
+    assert m.get("/%ff").status == 400 and m.get("/api/v1/%ff").json() == {"error": "The path is not UTF-8 (percent-encoded)."}
+    assert m.get("/login?next=%ff").status == 400
     assert m.get("/login?" + "&".join(f"a{number}=1" for number in range(60))).status == 400
     deep = m.request("POST", "/api/v1/login", b"[" * 10000 + b"]" * 10000, content_type="application/json")
     assert deep.status == 400 and "not JSON" in deep.json()["error"]
@@ -769,3 +867,5 @@ def test_test_logins_run_side_by_side_cannot_pass_the_failure_limit(manager):
     assert m.post_json(
         "/api/v1/test_login", {"username": "ftpuser", "password": "ftp-pass"}, headers={"X-CSRF-Token": token}
     ).status == 429
+    page = m.post_form("/test-login", {"csrf_token": token, "username": "ftpuser", "password": "ftp-pass"})
+    assert page.status == 429 and "<h1>Too Many Requests " in page.text  # not "Bad request"
