@@ -14,8 +14,9 @@ What sftpauth changes in Twisted's FTP protocol, and why:
   (listings send names as they are on disk) and a new name holding them
   gets 553;
 * every error answer is an FTP reply without a traceback; a failed login is
-  always ``530 Login failed.`` (the reason is in the audit log), sent after
-  :data:`FAILED_LOGIN_DELAY`, as SSH does;
+  always ``530 Login failed.`` (the reason is in the audit log), sent
+  :data:`sftpauth.auth.policy.FAILED_LOGIN_DELAY` after ``PASS``, as SSH does
+  (:func:`sftpauth.auth.policy.answer_failure`);
 * ``..`` stops at ``/`` (as on SFTP), so ``CWD ../..`` stays at ``/``;
 * file data is read and written in the thread pool, never on the reactor;
 * a passive data connection is only accepted from the control connection's
@@ -111,7 +112,7 @@ from twisted.application.service import IService, MultiService
 from twisted.cred.error import UnauthorizedLogin, UnhandledCredentials
 from twisted.internet import defer
 from twisted.internet import error as internet_error
-from twisted.internet import interfaces, task
+from twisted.internet import interfaces
 from twisted.internet.interfaces import IHandshakeListener, IOpenSSLServerConnectionCreator
 from twisted.internet.ssl import TLSVersion
 from twisted.logger import Logger
@@ -122,6 +123,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from sftpauth.auth.credentials import LoginRequest
+from sftpauth.auth.policy import answer_failure
 from sftpauth.config.errors import ConfigError, ConfigProblem
 from sftpauth.config.models import FTPServiceSettings
 from sftpauth.filesystem import (
@@ -147,7 +149,6 @@ FTPS_MAXIMUM_VERSION = TLSVersion.TLSv1_2
 DATA_HANDSHAKE_TIMEOUT = 30  # seconds for the TLS handshake of a protected data connection
 CLOSE_GRACE_SECONDS = 10  # a closed control connection is cut off if the client does not close it by then
 MAX_QUEUED_COMMANDS = 32  # commands read while one runs; past that, reading pauses
-FAILED_LOGIN_DELAY = 1.0  # seconds before a failed login's 530
 
 
 # -- replies ---------------------------------------------------------------------------
@@ -1293,6 +1294,7 @@ class SftpauthFTP(ftp.FTP):
         username = self.__dict__.pop("_user", "")
         self.state = self.UNAUTH
         request, mind = self._login_request(username, password)
+        started = self.factory.reactor.seconds()
 
         def logged_in(result):
             interface, avatar, logout = result
@@ -1313,8 +1315,7 @@ class SftpauthFTP(ftp.FTP):
             self.state = self.UNAUTH
             if not failure.check(UnauthorizedLogin, UnhandledCredentials):
                 _log.failure("FTP login raised an unexpected error", failure)
-            # As SSH (conch's passwordDelay) and vsftpd's delay_failed_login: a guesser gets one try a second per connection.
-            return task.deferLater(self.factory.reactor, FAILED_LOGIN_DELAY, _raise, login_failed())
+            return answer_failure(self.factory.reactor, started, Failure(login_failed()))
 
         deferred = self.portal.login(request, mind, ftp.IFTPShell)
         deferred.addCallback(logged_in)

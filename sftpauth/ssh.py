@@ -98,6 +98,7 @@ from zope.interface import implementer
 from sftpauth.account import Account
 from sftpauth.auth.chain import SecondFactor
 from sftpauth.auth.credentials import ILoginRequest, LoginRequest
+from sftpauth.auth.policy import answer_failure
 from sftpauth.config.errors import ConfigError, ConfigProblem
 from sftpauth.config.models import SSHServiceSettings
 from sftpauth.filesystem import (
@@ -1378,7 +1379,7 @@ class UserAuthServer(userauth.SSHUserAuthServer):
         return getattr(self.transport.transport.getPeer(), "host", "") or ""
 
     def _login(self, username: bytes, password: bytes) -> defer.Deferred:
-        """One login through the portal; a failure is answered after conch's delay."""
+        """One login through the portal; a failure is answered FAILED_LOGIN_DELAY after the request, as on FTP."""
         settings: SSHServiceSettings = self.transport.factory.settings
         peer = self._peer()
         # Bytes that are not UTF-8 become lone surrogates: the chain rejects
@@ -1390,8 +1391,13 @@ class UserAuthServer(userauth.SSHUserAuthServer):
             protocol="sftp",
             peer=peer,
         )
+        started = self.clock.seconds()
         d = self.portal.login(request, SessionInfo(settings.id, "sftp", peer), IConchUser)
-        return d.addErrback(self._ebPassword)
+        return d.addErrback(lambda failure: answer_failure(self.clock, started, failure))
+
+    def _ebPassword(self, failure: Failure) -> defer.Deferred:
+        # A refusal without a login (a malformed keyboard-interactive answer): the full delay.
+        return answer_failure(self.clock, self.clock.seconds(), failure)
 
     def auth_password(self, packet: bytes) -> defer.Deferred:
         """Password authentication through the chain; always a failed login, never a crash."""

@@ -80,6 +80,24 @@ MAX_BAN_END_TIMERS = 100_000  # pending ban-ended events per policy; past it, en
 # connections open and goes on sending logins after its ban gets one answer a second per connection.
 FLOOD_REFUSAL_DELAY = 1.0
 SLOWED_DOWN = frozenset({"banned", "too-many-logins"})
+# A failed FTP or SSH login is answered this long after the attempt started (vsftpd's delay_failed_login,
+# conch's passwordDelay): a guesser gets one try a second per connection.
+FAILED_LOGIN_DELAY = 1.0
+
+
+def answer_failure(clock: IReactorTime, started: float, failure: Failure) -> defer.Deferred:
+    """``failure``, :data:`FAILED_LOGIN_DELAY` seconds after the attempt ``started`` (at once when it took longer).
+
+    Counted from the attempt's start, not from its failure, so every failure
+    is answered at the same moment: an unknown username (no password hashed)
+    cannot be told from a wrong password by the time of the answer, and a
+    refusal the chain already held back (:data:`SLOWED_DOWN`) is not held
+    back twice.
+    """
+    remaining = started + FAILED_LOGIN_DELAY - clock.seconds()
+    if remaining <= 0:
+        return defer.fail(failure)
+    return task.deferLater(clock, remaining, lambda: failure)
 
 
 def normalise_address(host: Any) -> str:

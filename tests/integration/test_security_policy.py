@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from sftpauth.auth.passwords import hash_password
-from sftpauth.ftp import FAILED_LOGIN_DELAY
+from sftpauth.auth.policy import FAILED_LOGIN_DELAY
 
 from .policy_helpers import (
     FTP_REFUSAL,

@@ -24,9 +24,10 @@ from zope.interface.verify import verifyObject
 
 from sftpauth.auth.credentials import LoginRequest
 from sftpauth.config.models import FTPServiceSettings
+from sftpauth.auth.policy import FAILED_LOGIN_DELAY
 from sftpauth.filesystem import JailedFilesystem
 from sftpauth.ftp import (
-    FAILED_LOGIN_DELAY, LOGIN_GRACE_SECONDS, MAX_QUEUED_COMMANDS, FileDownload, FileUpload, FTPReplyError, FTPServiceFactory, JailedFTPShell,
+    LOGIN_GRACE_SECONDS, MAX_QUEUED_COMMANDS, FileDownload, FileUpload, FTPReplyError, FTPServiceFactory, JailedFTPShell,
     keep_urgent_data_inline, list_line, listing_name, mlsx_facts, strip_telnet_commands,
 )
 from sftpauth.permissions import FULL_CONTROL, Permission
@@ -589,6 +590,25 @@ def test_any_login_failure_is_a_plain_530(connection, error):
     connection.reactor.advance(0.01)
     assert connection.transport.value() == b"530 Login failed.\r\n"
     assert connection.send(b"USER alice") == [b"331 Password required."]
+
+
+def test_a_failed_login_is_answered_one_second_after_pass_however_long_the_check_took(connection):
+    """The delay counts from PASS: a slow failure (a password hashed, a ban held back) is not answered later than a fast one."""
+    connection.send(b"USER alice")
+    connection.send(b"PASS wrong")
+    connection.transport.clear()
+    connection.reactor.advance(0.4)  # the check takes 0.4 s (hashing), an unknown user would take none
+    connection.portal.logins[0][3].errback(UnauthorizedLogin("invalid-password"))
+    connection.reactor.advance(FAILED_LOGIN_DELAY - 0.4 - 0.01)
+    assert connection.transport.value() == b""
+    connection.reactor.advance(0.01)
+    assert connection.transport.value() == b"530 Login failed.\r\n"
+    connection.transport.clear()
+    connection.send(b"USER alice")
+    connection.send(b"PASS wrong")
+    connection.reactor.advance(1.5)  # the chain held a banned refusal back a second, and more
+    connection.portal.logins[1][3].errback(UnauthorizedLogin("banned"))
+    assert connection.transport.value().endswith(b"530 Login failed.\r\n")  # at once: not a second more
 
 
 def test_quit_during_the_failed_login_delay_is_answered_at_once(connection):

@@ -168,6 +168,26 @@ def test_a_wrong_answer_fails_after_the_delay_and_counts():
     assert harness.transport.loginState.failures == 1
 
 
+def test_a_failed_password_is_answered_one_second_after_the_request_however_long_the_check_took():
+    """As on FTP: the delay counts from the request, so a slow refusal (a hash, a ban held back) comes no later than a fast one."""
+    harness = Harness()
+    pending = defer.Deferred()
+    harness.chain.requestAvatarId = lambda credentials: pending
+    harness.request(b"alice", b"password", b"\x00" + NS(b"wrong"))
+    harness.clock.advance(0.4)
+    pending.errback(UnauthorizedLogin("invalid-password"))
+    harness.clock.advance(0.59)
+    assert harness.take() == []
+    harness.clock.advance(0.01)
+    assert [kind for kind, payload in harness.take()] == [FAILURE]
+    late = defer.Deferred()
+    harness.chain.requestAvatarId = lambda credentials: late
+    harness.request(b"alice", b"password", b"\x00" + NS(b"wrong"))
+    harness.clock.advance(1.5)  # the chain held a banned refusal back a second, and more
+    late.errback(UnauthorizedLogin("banned"))
+    assert [kind for kind, payload in harness.take()] == [FAILURE]  # at once, not a second more
+
+
 def test_the_prompt_is_the_message_exactly_as_configured():
     """SPEC: the prompt is keyboard_interactive_message; nothing is added (a space only when configured)."""
     for message in ("Password:", "Code please "):
