@@ -392,6 +392,8 @@ class JailedFTPShell:
                 raise ftp.FileNotFoundError(target)  # the target's folder is missing
             if failure.check(OSError) and failure.value.errno == errno.EINVAL:
                 raise FTPReplyError(550, f"{target}: a folder cannot be moved into itself.")
+            if failure.check(PermissionDenied) and failure.value.path == target:
+                raise ftp.PermissionDeniedError(target)  # replacing it needs allow-delete-file
             if failure.check(OutsideJail) and not _on_path(failure.value.virtual_path, source):
                 raise ftp.FileNotFoundError(target)  # the target, or a folder of it, leads outside
             return failure

@@ -190,6 +190,19 @@ def test_rename_errors_about_the_target_name_the_target(shell, home):
     assert gone.value.response() == "550 /a.txt: No such file or directory."
 
 
+def test_rename_onto_a_file_without_allow_delete_file_names_the_target(home, run_in_thread, result_of):
+    """Replacing b.txt deletes it: without allow-delete-file RNTO is "550 /b.txt: Permission denied", nothing moves."""
+    (home / "a.txt").write_bytes(b"a")
+    (home / "b.txt").write_bytes(b"b")
+    no_delete = FULL_CONTROL - {Permission.DELETE_FILE}
+    shell = JailedFTPShell(JailedFilesystem(str(home), no_delete, run_in_thread))
+    refused = failure_of(shell.rename(["a.txt"], ["b.txt"])).value
+    assert refused.response() == "550 /b.txt: Permission denied."
+    assert (home / "a.txt").read_bytes() == b"a" and (home / "b.txt").read_bytes() == b"b"
+    result_of(shell.rename(["a.txt"], ["c.txt"]))  # a new name deletes nothing
+    assert (home / "c.txt").read_bytes() == b"a"
+
+
 def test_rename_onto_a_link_leading_outside_names_the_target(shell, home, tmp_path):
     """RNTO onto a link leading outside (or into a folder through one) is 550 naming the target; a source outside names the source."""
     (tmp_path / "elsewhere").mkdir()
