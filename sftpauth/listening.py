@@ -444,9 +444,8 @@ class ListeningService(StreamServerEndpointService):
     factory: ConnectionGuardFactory
 
     def stopService(self):
-        listening = super().stopService()
-        closing = self.factory.close_connections()
-        return defer.DeferredList([defer.maybeDeferred(lambda: listening), closing])
+        listening = super().stopService()  # a Deferred: the port closed
+        return defer.DeferredList([listening, self.factory.close_connections()])
 
 
 def listening_service(

@@ -217,14 +217,12 @@ class ServerServices(MultiService):
     def __init__(self, runtime: Runtime):
         super().__init__()
         self.runtime = runtime
-        self.configuration = runtime.configuration
-        self.audit = runtime.audit
 
     def privilegedStartService(self) -> None:
         try:
             super().privilegedStartService()
         except CannotListenError as error:
-            problem = cannot_listen_problem(self.configuration, error)
+            problem = cannot_listen_problem(self.runtime.configuration, error)
             _log.critical("sftpauth: cannot start: {problem}", problem=str(problem))
             raise SystemExit(1) from None
 
@@ -241,7 +239,7 @@ class ServerServices(MultiService):
         stopped = super().stopService()
 
         def close(result):
-            self.audit.close()
+            self.runtime.audit.close()
             return result
 
         return stopped.addBoth(close)
