@@ -1047,6 +1047,7 @@ class SftpauthFTP(ftp.FTP):
     _restart = 0  # REST: the offset of the next RETR or STOR
     _running: Optional[defer.Deferred] = None  # the command being answered
     _login_deadline = None  # closes a connection that has not logged in within LOGIN_GRACE_SECONDS
+    _end_reason = ""  # why the connection is ending: the session-end's reason
 
     # -- connection ---------------------------------------------------------------
 
@@ -1061,6 +1062,8 @@ class SftpauthFTP(ftp.FTP):
 
     def connectionLost(self, reason) -> None:
         self._lost = True
+        if not self._end_reason:
+            self._end_reason = "connection-closed" if reason.check(internet_error.ConnectionDone) else "connection-lost"
         self._cancel_login_deadline()
         call, self._close_deadline = self._close_deadline, None
         if call is not None and call.active():
@@ -1069,8 +1072,10 @@ class SftpauthFTP(ftp.FTP):
         super().connectionLost(reason)
         self._end_session()
 
-    def _close_connection(self) -> None:
+    def _close_connection(self, why: str = "") -> None:
         """Close once the replies are sent, and make sure the socket does go away.
+
+        ``why`` becomes the ``reason`` of the session-end (sftpauth.realm.SESSION_END_REASONS).
 
         A TLS close waits for the client's close_notify, which is read only
         while reading is on: commands are read one at a time (reading is
@@ -1081,6 +1086,7 @@ class SftpauthFTP(ftp.FTP):
         """
         if self._close_deadline is not None or self.transport is None:
             return
+        self._end_reason = self._end_reason or why
         self.disconnected = True
         self.setTimeout(None)
         transport = self.transport
@@ -1107,32 +1113,32 @@ class SftpauthFTP(ftp.FTP):
 
     def ftp_QUIT(self):
         self.reply(ftp.GOODBYE_MSG)
-        self._close_connection()
+        self._close_connection("logout")
 
     def _end_session(self) -> None:
         logout, self._logout = self._logout, None
         if logout is not None:
             try:
-                logout()
+                logout(self._end_reason)
             except Exception:
                 _log.failure("FTP session logout failed")
 
     def timeoutConnection(self) -> None:
         self.sendLine(f"421 No activity for {self.timeOut} seconds, closing the connection.")
         self._abort_data_connection()
-        self._close_connection()
+        self._close_connection("idle-timeout")
 
     def shutting_down(self) -> None:
         """sftpauth is stopping (sftpauth.listening.ListeningService): 421, as RFC 959 has it, then close."""
         self.sendLine("421 Service closing control connection: the server is shutting down.")
         self._abort_data_connection()
-        self._close_connection()
+        self._close_connection("shutdown")
 
     def lineLengthExceeded(self, line: bytes) -> None:
         self.sendLine(f"500 Command line too long (at most {self.MAX_LENGTH} bytes).")
         if self.state in (self.UNAUTH, self.INAUTH):
             self._login_line_too_long(line)
-        self._close_connection()
+        self._close_connection("protocol-error")
 
     def _login_line_too_long(self, line: bytes) -> None:
         """A USER or PASS line over MAX_LENGTH is a failed login, audited and counted toward a ban.
@@ -1304,7 +1310,7 @@ class SftpauthFTP(ftp.FTP):
                 logout()
                 raise RuntimeError(f"the realm returned {interface!r} for an FTP login")
             if self._lost:
-                logout()  # the client left while the chain was working
+                logout(self._end_reason)  # the client left while the chain was working
                 return None
             self.shell = avatar
             self._logout = logout
@@ -1372,7 +1378,7 @@ class SftpauthFTP(ftp.FTP):
                 count=len(injected),
             )
             self.sendLine("421 Data sent after AUTH TLS before its reply: closing the connection.")
-            self._close_connection()
+            self._close_connection("protocol-error")
             return None
         self.sendLine("234 AUTH TLS successful: start the TLS handshake.")
         options = self.factory.tls.new_session()

@@ -29,6 +29,17 @@ class SessionInfo:
     peer: str
 
 
+# Why an FTP or SFTP session ended: the ``reason`` of its ``session-end`` event.
+SESSION_END_REASONS = {
+    "logout": "the client said goodbye (FTP QUIT, an SSH disconnect message)",
+    "connection-closed": "the client closed the connection without saying goodbye",
+    "connection-lost": "the connection broke (reset, a TLS error)",
+    "idle-timeout": "nothing came for idle_connection_timeout seconds",
+    "protocol-error": "the server closed it after input it could not take",
+    "shutdown": "sftpauth is stopping",
+}
+
+
 @implementer(IRealm)
 class SessionRealm:
     def __init__(self, audit: AuditLog, run_in_thread: Callable[..., defer.Deferred]):
@@ -58,10 +69,12 @@ class SessionRealm:
         )
         ended = []
 
-        def logout() -> None:
+        def logout(why: str = "") -> None:
+            """End the session once; ``why`` is the protocol's reason (:data:`SESSION_END_REASONS`)."""
             if not ended:
                 ended.append(True)
-                reason = {"reason": self._end_reason} if self._end_reason else {}
+                why = self._end_reason or why  # a stop ends every session, whatever else happened
+                reason = {"reason": why} if why else {}
                 self._audit.record(
                     "session-end",
                     service=mind.service_id,

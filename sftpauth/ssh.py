@@ -89,6 +89,7 @@ from twisted.conch.ssh.filetransfer import (
     SFTPError,
 )
 from twisted.internet import defer, protocol
+from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IConsumer, IPushProducer
 from twisted.logger import Logger, LogLevel
 from twisted.protocols.policies import TimeoutMixin
@@ -1475,20 +1476,18 @@ class UserAuthServer(userauth.SSHUserAuthServer):
 
     def _cbFinishedAuth(self, result: tuple) -> None:
         interface, avatar, logout = result
-        if self._stopped:
-            # The client left while the chain was working: end the session now.
-            try:
-                avatar.logout()
-            finally:
-                logout()
-            return
-        avatar.sftpEnabled = self.transport.factory.settings.sftp
+        ssh_transport = self.transport
 
         def endSession() -> None:
             try:
                 avatar.logout()
             finally:
-                logout()
+                logout(ssh_transport.end_reason)
+
+        if self._stopped:
+            endSession()  # the client left while the chain was working: end the session now
+            return
+        avatar.sftpEnabled = ssh_transport.factory.settings.sftp
 
         super()._cbFinishedAuth((interface, avatar, endSession))
 
@@ -1542,6 +1541,7 @@ class SFTPServerTransport(transport.SSHServerTransport, TimeoutMixin):
 
     ourVersionString = VERSION_STRING
     _graceCall = None
+    end_reason = ""  # why the connection is ending: the session-end's reason (sftpauth.realm.SESSION_END_REASONS)
     # No compression: conch's "zlib" starts before authentication and inflates without a
     # size limit on the reactor thread, so 1 MB from anyone became 1 GB (a zlib bomb).
     supportedCompressions = [b"none"]
@@ -1583,6 +1583,7 @@ class SFTPServerTransport(transport.SSHServerTransport, TimeoutMixin):
     def receiveError(self, reasonCode: int, description: bytes) -> None:
         # A client saying goodbye (or giving up) is not a server error. The
         # ordinary goodbye is in the audit log (session-end): not logged.
+        self.end_reason = self.end_reason or "logout"
         if reasonCode == transport.DISCONNECT_BY_APPLICATION:
             return
         _log.info(
@@ -1597,13 +1598,22 @@ class SFTPServerTransport(transport.SSHServerTransport, TimeoutMixin):
             service=self.factory.settings.id,
             seconds=self.factory.settings.idle_connection_timeout,
         )
+        self.end_reason = self.end_reason or "idle-timeout"
         self.sendDisconnect(transport.DISCONNECT_BY_APPLICATION, b"idle connection timeout")
 
     def shutting_down(self) -> None:
         """sftpauth is stopping (sftpauth.listening.ListeningService): the client is told why, then the connection closes."""
+        self.end_reason = self.end_reason or "shutdown"
         self.sendDisconnect(transport.DISCONNECT_BY_APPLICATION, b"the server is shutting down")
 
+    def sendDisconnect(self, reason: int, desc: bytes) -> None:
+        # Ours or conch's: unless a caller said why, the server ends the connection over what the client sent.
+        self.end_reason = self.end_reason or "protocol-error"
+        super().sendDisconnect(reason, desc)
+
     def connectionLost(self, reason: Optional[Failure] = None) -> None:
+        if not self.end_reason:
+            self.end_reason = "connection-closed" if reason is None or reason.check(ConnectionDone) else "connection-lost"
         self.setTimeout(None)
         if self._graceCall is not None and self._graceCall.active():
             self._graceCall.cancel()

@@ -825,13 +825,45 @@ def test_commands_before_login_are_refused(ftp_server):
 
 def test_session_start_and_end_are_audited_when_the_client_disappears(ftp_server):
     """A login records session-start; dropping the TCP connection without QUIT records session-end."""
+    ended = _session_ends(ftp_server, "carol")
     client = ftp_server.client("carol", "carol-pass")
     start = ftp_server.wait_for_audit(lambda e: e["event"] == "session-start" and e["username"] == "carol")
     assert start["service"] == "ftp-test" and start["protocol"] == "ftp"
     assert start["home_folder"] == str(ftp_server.homes / "carol")
-    assert not any(e["event"] == "session-end" and e["username"] == "carol" for e in ftp_server.audit_events())
+    assert _session_ends(ftp_server, "carol") == ended
     client.close()  # no QUIT: the socket just goes away
-    ftp_server.wait_for_audit(lambda e: e["event"] == "session-end" and e["username"] == "carol")
+    assert _next_session_end(ftp_server, "carol", ended)["reason"] == "connection-closed"
+
+
+def test_quit_ends_the_session_with_reason_logout(ftp_server):
+    ended = _session_ends(ftp_server, "alice")
+    ftp_server.client("alice", "alice-pass").quit()
+    assert _next_session_end(ftp_server, "alice", ended)["reason"] == "logout"
+
+
+def test_an_idle_session_ends_with_reason_idle_timeout(ftp_server):
+    """A logged-in session that sends nothing for idle_connection_timeout (1 s) gets 421; its session-end says why."""
+    ended = _session_ends(ftp_server, "carol")
+    client = ftp_server.client("carol", "carol-pass", port=ftp_server.idle_port)
+    with pytest.raises(ftplib.error_temp, match="^421 No activity"):
+        client.getresp()  # the 421 the server sends after a second of silence
+    assert _next_session_end(ftp_server, "carol", ended)["reason"] == "idle-timeout"
+    client.close()
+
+
+def _session_ends(ftp_server, username: str) -> int:
+    return sum(1 for e in ftp_server.audit_events() if e["event"] == "session-end" and e["username"] == username)
+
+
+def _next_session_end(ftp_server, username: str, already: int) -> dict:
+    """The first session-end of ``username`` after the ``already`` ones seen before."""
+    deadline = time.monotonic() + TIMEOUT
+    while True:
+        ends = [e for e in ftp_server.audit_events() if e["event"] == "session-end" and e["username"] == username]
+        if len(ends) > already:
+            return ends[already]
+        assert time.monotonic() < deadline, ftp_server.audit_events()[-5:]
+        time.sleep(0.05)
 
 
 # -- the jail ----------------------------------------------------------------------------

@@ -393,6 +393,24 @@ def test_session_end_is_audited_when_the_connection_closes(site):
         alice.listdir("/")
     event = wait_for_new_event(site.server, ended, already)
     assert event["protocol"] == "sftp" and event["service"] == SERVICE_ID and event["peer"] == "127.0.0.1"
+    assert event["reason"] == "connection-closed"  # paramiko closes its socket without a disconnect message
+
+
+def test_a_client_disconnect_message_ends_the_session_with_reason_logout(site):
+    """A client that says goodbye (SSH_MSG_DISCONNECT, as OpenSSH and libssh2 send) gets reason logout."""
+    ended = lambda event: event.get("event") == "session-end" and event.get("username") == "alice"
+    already = count_events(site.server, ended)
+    with ssh_transport(site.port, "alice", PASSWORDS["alice"]) as transport:
+        message = paramiko.Message()
+        message.add_byte(paramiko.common.cMSG_DISCONNECT)
+        message.add_int(11)  # SSH_DISCONNECT_BY_APPLICATION
+        message.add_string("disconnected by user")
+        message.add_string("")
+        transport._send_user_message(message)
+        deadline = time.monotonic() + 10
+        while transport.is_active() and time.monotonic() < deadline:
+            time.sleep(0.05)
+    assert wait_for_new_event(site.server, ended, already)["reason"] == "logout"
 
 
 def test_client_leaving_during_the_password_check_leaves_no_open_session(site):
@@ -983,6 +1001,8 @@ def test_generated_host_keys_are_private_and_stable_across_restarts(keys_site):
 
 def test_idle_connection_is_closed(keys_site):
     """A logged-in connection that sends nothing for idle_connection_timeout seconds is disconnected."""
+    ended = lambda event: event.get("event") == "session-end" and event.get("username") == "alice"
+    already = count_events(keys_site.server, ended)
     with ssh_transport(keys_site.port, "alice", PASSWORDS["alice"]) as transport:
         assert transport.is_active()
         deadline = time.monotonic() + 10
@@ -990,6 +1010,7 @@ def test_idle_connection_is_closed(keys_site):
             time.sleep(0.1)
         assert not transport.is_active()
         assert time.monotonic() < deadline
+    assert wait_for_new_event(keys_site.server, ended, already)["reason"] == "idle-timeout"
 
 
 def test_sftp_no_refuses_the_subsystem(keys_site):
@@ -1123,9 +1144,12 @@ def test_openssh_sftp_put_ls_get_rename_rm(site, tmp_path):
         f"rm {name}-renamed.txt\n"
         "ls\n"
     )
+    ended = lambda event: event.get("event") == "session-end" and event.get("username") == "alice"
+    already = count_events(site.server, ended)
     result = run_openssh_sftp(site.port, "alice", PASSWORDS["alice"], batch, tmp_path)
     output = result.stdout.decode(errors="replace")
     assert result.returncode == 0, output + result.stderr.decode(errors="replace")
+    assert wait_for_new_event(site.server, ended, already)["reason"] == "logout"  # OpenSSH says goodbye
     assert (tmp_path / "downloaded.txt").read_bytes() == local.read_bytes()
     assert re.search(rf"-rw-r--r-- .* {name}\.txt", output)
     assert f"{name}-renamed.txt" in output

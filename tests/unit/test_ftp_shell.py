@@ -517,6 +517,7 @@ class FakePortal:
     def __init__(self):
         self.logins: list[tuple] = []
         self.logouts = 0
+        self.end_reasons: list[str] = []  # what each logout was told: the session-end's reason
 
     def login(self, credentials, mind, *interfaces):
         deferred = defer.Deferred()
@@ -524,8 +525,9 @@ class FakePortal:
         return deferred
 
     def accept(self, index: int = -1) -> None:
-        def logout():
+        def logout(why=""):
             self.logouts += 1
+            self.end_reasons.append(why)
 
         self.logins[index][3].callback((twisted_ftp.IFTPShell, object(), logout))
 
@@ -656,6 +658,50 @@ def test_login_finishing_after_the_client_left_logs_out_at_once(connection):
     connection.protocol.connectionLost(Failure(internet_error.ConnectionDone()))
     connection.portal.accept()
     assert connection.portal.logouts == 1
+    assert connection.portal.end_reasons == ["connection-closed"]
+
+
+def _quit(connection):
+    connection.send(b"QUIT")
+
+
+def _idle(connection):
+    connection.reactor.advance(connection.protocol.timeOut)
+
+
+def _stopping(connection):
+    connection.protocol.shutting_down()
+
+
+def _long_line(connection):
+    connection.protocol.dataReceived(b"NOOP " + b"x" * (connection.protocol.MAX_LENGTH + 10) + b"\r\n")
+
+
+@pytest.mark.parametrize(
+    "ending, reason",
+    [(_quit, "logout"), (_idle, "idle-timeout"), (_stopping, "shutdown"), (_long_line, "protocol-error")],
+)
+def test_the_session_end_says_why_the_server_closed_the_connection(connection, ending, reason):
+    """QUIT, the idle timeout, a stop and a command line too long each give the session-end their own reason."""
+    connection.send(b"USER alice")
+    connection.send(b"PASS pw")
+    connection.portal.accept()
+    ending(connection)
+    connection.protocol.connectionLost(Failure(internet_error.ConnectionDone()))  # the close that follows
+    assert connection.portal.end_reasons == [reason]
+
+
+@pytest.mark.parametrize(
+    "error, reason",
+    [(internet_error.ConnectionDone(), "connection-closed"), (internet_error.ConnectionLost(), "connection-lost")],
+)
+def test_the_session_end_tells_a_client_that_closed_from_a_connection_that_broke(connection, error, reason):
+    """Without QUIT: a clean close from the client is connection-closed, a reset or TLS error connection-lost."""
+    connection.send(b"USER alice")
+    connection.send(b"PASS pw")
+    connection.portal.accept()
+    connection.protocol.connectionLost(Failure(error))
+    assert connection.portal.end_reasons == [reason]
 
 
 def test_user_after_login_is_refused(connection):
