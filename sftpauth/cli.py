@@ -21,9 +21,12 @@ def _read_password(from_stdin: bool, prompt: str = "Password: ", confirm: bool =
         if not line:  # end of input, not even an empty line: nothing was given
             raise SystemExit("sftpauth: no password on standard input (pipe it in, or run the command in a terminal)")
         return line.rstrip("\r\n")
-    password = getpass.getpass(prompt)
-    if confirm and getpass.getpass("Again: ") != password:
-        raise SystemExit("sftpauth: the passwords differ")
+    try:
+        password = getpass.getpass(prompt)
+        if confirm and getpass.getpass("Again: ") != password:
+            raise SystemExit("sftpauth: the passwords differ")
+    except EOFError:  # Ctrl-D at the prompt
+        raise SystemExit("\nsftpauth: no password given") from None
     return password
 
 
@@ -446,6 +449,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     sys.stdout = _PipeSafeOutput(stdout)
     try:
         return args.run(args)
+    except KeyboardInterrupt:  # Ctrl-C at a prompt or during a check: no traceback
+        print("\nsftpauth: interrupted", file=sys.stderr)
+        return 130
     finally:
         sys.stdout = stdout
         try:

@@ -360,3 +360,32 @@ extension_configuration = {"mfa_attribute": "totpSharedSecret"}
     assert "service ftpsi: ftpsi (implicit FTPS) on 127.0.0.1:9990" in text
     assert "service plain: ftp on 127.0.0.1:2122" in text
     assert "authentication directory: ldap (extension python:sftpauth.ldap.totp.AugmentedTOTP)" in text
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+DEMO = str(Path(__file__).resolve().parents[2] / "etc" / "demo" / "sftpauth.ini")
+
+
+@pytest.mark.parametrize("argv", [["hash-password"], ["test-login", DEMO, "alice"]], ids=lambda argv: argv[0])
+@pytest.mark.parametrize("key, status, message", [(EOFError, 1, "no password given"), (KeyboardInterrupt, 130, "interrupted")])
+def test_ctrl_d_or_ctrl_c_at_the_password_prompt_ends_with_one_line(monkeypatch, capsys, argv, key, status, message):
+    """Ctrl-D (EOFError) or Ctrl-C (KeyboardInterrupt) at getpass's prompt: one line, no traceback."""
+
+    def pressed(prompt=""):
+        raise key()
+
+    monkeypatch.setattr("sys.stdin", _Terminal())
+    monkeypatch.setattr("getpass.getpass", pressed)
+    try:
+        code = main(argv)
+    except SystemExit as exit:  # a message as exit code: Python prints it and exits with status 1
+        assert isinstance(exit.code, str)
+        code, err = 1, exit.code
+    else:
+        err = capsys.readouterr().err
+    assert code == status
+    assert err.strip() == f"sftpauth: {message}"
