@@ -83,6 +83,8 @@ def check_config_command(args: argparse.Namespace) -> int:
         configuration = load_configuration(args.file)
         check_files(configuration)
     except ConfigError as error:
+        if configuration is None and error.configuration is not None:
+            error = _with_file_problems(error)  # what could be built has its files read too: one pass
         print(f"{args.file}: {len(error.problems)} error(s)", file=sys.stderr)
         print(str(error), file=sys.stderr)  # the errors, then the warnings of the same file
         for warning in configuration.warnings if configuration is not None else ():
@@ -90,6 +92,17 @@ def check_config_command(args: argparse.Namespace) -> int:
         return 1
     print(summary(configuration))
     return 0
+
+
+def _with_file_problems(error: ConfigError) -> ConfigError:
+    """``error`` and the problems of the files its buildable sections name (not of options already wrong)."""
+    try:
+        check_files(error.configuration)
+    except ConfigError as files:
+        wrong = {(problem.section, problem.option) for problem in error.problems}
+        more = [problem for problem in files.problems if (problem.section, problem.option) not in wrong]
+        return ConfigError(error.problems + tuple(more), error.warnings)
+    return error
 
 
 def check_files(configuration: Configuration) -> None:

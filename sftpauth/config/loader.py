@@ -29,7 +29,8 @@ SECTION_KINDS = ("services", "authentications", "groups", "accounts", "roles", "
 _OPTION_LINE = re.compile(r"^(?P<name>[^=\[\s][^=]*?)\s*=(?P<value>.*)$")
 _INLINE_COMMENT = re.compile(r"\s+#.*$")
 _READ_HERE = "__sftpauth_value_read_by_preprocess__"
-_DUPLICATE = "__sftpauth_duplicate_section__"
+_SECTION_LINE_FORM = "a section line is [kind/ID], with single brackets, alone on its line (or with a # comment)"
+_IGNORED = "__sftpauth_unusable_section__"  # a repeated, nested or malformed section: reported, not checked
 
 
 @attrs.define
@@ -48,7 +49,7 @@ class _SourceMap:
     places: dict[int, tuple[Optional[str], Optional[str]]] = attrs.Factory(dict)
 
 
-_SECTION_LINE = re.compile(r"^\[+\s*([^\]]*?)\s*\]+")
+_SECTION_LINE = re.compile(r"^(?P<open>\[+)\s*(?P<name>[^\[\]]*?)\s*(?P<close>\]+)\s*(?:#.*)?$")
 
 
 def _preprocess(text: str) -> tuple[list[str], _SourceMap]:
@@ -72,7 +73,7 @@ def _preprocess(text: str) -> tuple[list[str], _SourceMap]:
     option_index = 0
     option_line = 0
     continuation_lines: list[int] = []
-    duplicates = 0
+    ignored = 0
 
     def finish_option() -> None:
         if option is None or section is None:
@@ -116,17 +117,31 @@ def _preprocess(text: str) -> tuple[list[str], _SourceMap]:
         option, continuation, first_value = None, [], ""
         continuation_lines = []
         header = _SECTION_LINE.match(stripped)
+        if stripped.startswith("[") and not header:
+            source.problems.append((number, None, None, _SECTION_LINE_FORM))
+            source.places[number] = (None, None)
+            ignored += 1
+            section = f"{_IGNORED}{ignored}"
+            output.append(f"[{section}]")
+            continue
         if header:
-            name = header.group(1)
-            source.places[number] = (name, None)
-            if name in source.sections and not stripped.startswith("[["):
-                source.problems.append(
-                    (number, name, None, f"duplicate section, first given on line {source.sections[name]}")
-                )
-                duplicates += 1
-                section = f"{_DUPLICATE}{duplicates}"
+            name = header.group("name")
+            unusable = None
+            if len(header.group("open")) != len(header.group("close")):
+                unusable = _SECTION_LINE_FORM
+            elif len(header.group("open")) > 1:
+                unusable = f"nested section [[{name}]] is not allowed: a section line is [kind/ID], with single brackets"
+            elif name in source.sections:
+                unusable = f"duplicate section, first given on line {source.sections[name]}"
+            if unusable:
+                # Reported here; its options go to a section nobody checks, not to the one above.
+                source.problems.append((number, section if header.group("open") != "[" else name, None, unusable))
+                source.places[number] = (section, None)
+                ignored += 1
+                section = f"{_IGNORED}{ignored}"
                 output.append(f"[{section}]")
                 continue
+            source.places[number] = (name, None)
             section = name
             source.sections.setdefault(name, number)
         else:
@@ -135,7 +150,7 @@ def _preprocess(text: str) -> tuple[list[str], _SourceMap]:
             source.places[number] = (section, name)
             if match:
                 key = (section, name)
-                if key in source.options and section is not None and not section.startswith(_DUPLICATE):
+                if key in source.options and section is not None and not section.startswith(_IGNORED):
                     source.problems.append(
                         (number, section, name, f"duplicate option, first given on line {source.options[key]}")
                     )
@@ -239,15 +254,32 @@ def load_configuration(path: str, environ: Optional[Mapping[str, str]] = None) -
     """Load and validate ``path``; raise :class:`ConfigError` listing every problem."""
     display_path = os.fspath(path)
     try:
-        with open(path, encoding="utf-8") as config_file:
-            text = config_file.read()
+        with open(path, "rb") as config_file:
+            data = config_file.read()
     except OSError as error:
         raise ConfigError([ConfigProblem(display_path, None, None, None, f"cannot read the file: {error.strerror}")])
-    except UnicodeDecodeError as error:
-        raise ConfigError([ConfigProblem(display_path, None, None, None, f"the file is not UTF-8 text: {error}")])
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(_not_utf8(display_path, data)) from None
     return parse_configuration(
         text, display_path, os.path.dirname(os.path.abspath(path)), os.environ if environ is None else environ
     )
+
+
+def _not_utf8(path: str, data: bytes) -> list[ConfigProblem]:
+    """A problem for each line that is not UTF-8, on its line, [section] and option."""
+    _, source = _preprocess(data.decode("utf-8", "replace"))
+    problems = []
+    for number, line in enumerate(data.splitlines(), start=1):
+        try:
+            line.decode("utf-8")
+        except UnicodeDecodeError as error:
+            section, option = source.places.get(number, (None, None))
+            byte = line[error.start]
+            problems.append(ConfigProblem(path, number, section, option, f"byte 0x{byte:02x} is not UTF-8: the file "
+                                          "must be UTF-8 text (save it as UTF-8, or convert it with iconv)"))
+    return problems
 
 
 def parse_configuration(
@@ -262,6 +294,8 @@ def parse_configuration(
     try:
         raw = ConfigObj(lines, list_values=False, interpolation=False, raise_errors=False, encoding="utf-8")
     except ConfigObjError as error:
+        # configobj skips the lines it cannot read and goes on: the rest is checked too.
+        raw = getattr(error, "config", None)
         for item in getattr(error, "errors", []) or [error]:
             message = getattr(item, "msg", str(item))
             if message.startswith("Invalid line"):
@@ -272,7 +306,8 @@ def parse_configuration(
             line = getattr(item, "line_number", None)
             section_name, option_name = source.places.get(line, (None, None))
             problems.errors.append(ConfigProblem(path, line, section_name, option_name, message))
-        raise ConfigError(problems.errors)
+        if raw is None:
+            raise ConfigError(problems.errors)
 
     validator = make_validator(base_folder, environ)
     sections: dict[str, dict[str, dict[str, Any]]] = {kind: {} for kind in SECTION_KINDS}
@@ -281,10 +316,8 @@ def parse_configuration(
     for name in raw.scalars:
         problems.error(None, name, "this option is outside any [section]")
     for name, section in raw.items():
-        if not hasattr(section, "scalars") or name.startswith(_DUPLICATE):
+        if not hasattr(section, "scalars") or name.startswith(_IGNORED):
             continue
-        for sub in section.sections:
-            problems.error(name, None, f"nested section [[{sub}]] is not allowed")
         values = {
             key: source.values.get((name, key), value) if value == _READ_HERE else value
             for key, value in section.items()
@@ -308,11 +341,12 @@ def parse_configuration(
     if server_values is None:
         server_values = _check_section(problems, validator, "server", "server", {}) or {}
     configuration = _build(problems, validator, server_values, sections)
-    if problems.errors:
-        raise ConfigError(problems.errors, problems.warnings)
     lines = {(section, None): line for section, line in source.sections.items()}
     lines.update(source.options)
-    return attrs.evolve(configuration, path=path, warnings=tuple(problems.warnings), lines=lines)
+    configuration = attrs.evolve(configuration, path=path, warnings=tuple(problems.warnings), lines=lines)
+    if problems.errors:
+        raise ConfigError(problems.errors, problems.warnings, configuration=configuration)
+    return configuration
 
 
 def _check_section(

@@ -389,3 +389,22 @@ def test_ctrl_d_or_ctrl_c_at_the_password_prompt_ends_with_one_line(monkeypatch,
         err = capsys.readouterr().err
     assert code == status
     assert err.strip() == f"sftpauth: {message}"
+
+
+def test_check_config_reads_the_files_of_sections_without_errors_while_reporting_the_errors(tmp_path, capsys):
+    """One pass: an option error elsewhere does not hide a certificate or LDIF that cannot be used."""
+    (tmp_path / "bad.pem").write_text("not a certificate\n")
+    (tmp_path / "bad.ldif").write_text("not ldif\n")
+    config = tmp_path / "sftpauth.ini"
+    config.write_text(
+        f"[server]\ndata_folder = {tmp_path}/data\n"
+        "[services/d]\ntype = ldap-directory\nport = 0\naddress = 10.1.2.3\nldif = bad.ldif\n"
+        "[services/ftp]\ntype = ftp\nport = 0\nssl_certificate = bad.pem\n"
+    )
+    assert main(["check-config", str(config)]) == 1
+    err = capsys.readouterr().err
+    lines = err.splitlines()
+    assert lines[0] == f"{config}: 3 error(s)"
+    assert lines[1].startswith(f"{config}:6 [services/d] address: 10.1.2.3 is not a loopback address")
+    assert lines[2].startswith(f"{config}:7 [services/d] ldif: ") and "is not valid LDIF" in lines[2]
+    assert lines[3].startswith(f"{config}:11 [services/ftp] ssl_certificate: ") and "no PEM certificate" in lines[3]

@@ -509,7 +509,7 @@ ERROR_CASES = [
     ),
     pytest.param(
         "[groups/g]\nname = x\n[[inner]]\nname = y\n",
-        1,
+        3,
         "groups/g",
         None,
         ["nested section [[inner]]"],
@@ -1070,6 +1070,37 @@ def test_what_configobj_cannot_read_is_placed_and_explained(text, line, section,
     problem = only_problem(text)
     assert (problem.line, problem.section, problem.option) == (line, section, option)
     assert message in problem.message
+
+
+def test_a_line_configobj_cannot_read_does_not_hide_the_other_problems():
+    """A line without '=', an unmatched quote and a section line with a typo are reported with everything else."""
+    problems = problems_of(
+        "[server]\nName = x\nthis line has no equals\n[groups/g]\npermissions = allow-read, allow-lst\n"
+        'banner = "abc\n[services/f]]\ntype = ftp\n[groups/h]\nnamex = 1\n'
+    )
+    assert [(p.line, p.section, p.option) for p in problems] == [
+        (2, "server", "Name"),
+        (3, "server", None),
+        (5, "groups/g", "permissions"),
+        (6, "groups/g", "banner"),
+        (7, "services/f", None),  # its option type = ftp is not checked: it is in no usable section
+        (10, "groups/h", "namex"),
+    ]
+
+
+def test_problems_are_listed_in_the_order_of_the_lines():
+    """Checks of references between sections run last; their problems still come in line order."""
+    problems = problems_of("[services/f]\ntype = ftp\nport = 0\nauthentications = NOSUCH\n[groups/g]\nnamex = 1\n")
+    assert [(p.line, p.option) for p in problems] == [(4, "authentications"), (6, "namex")]
+
+
+def test_a_file_that_is_not_utf8_names_each_line_section_and_option(tmp_path):
+    path = tmp_path / "latin1.ini"
+    path.write_bytes(b"[server]\n\n\nname = caf\xe9\n[groups/g]\npermissions = allow-read\n\xff\n")
+    with pytest.raises(ConfigError) as caught:
+        load_configuration(str(path), environ={})
+    assert [(p.line, p.section, p.option) for p in caught.value.problems] == [(4, "server", "name"), (7, "groups/g", None)]
+    assert "byte 0xe9 is not UTF-8" in caught.value.problems[0].message
 
 
 def test_a_data_folder_that_is_a_file_is_an_error(tmp_path):
