@@ -318,6 +318,11 @@ def parse_state_url(text: str) -> RedisLocation:
     """``redis://HOST[:PORT][/DB]`` (port 6379 and database 0 by default)."""
     match = _REDIS_URL.match(text.strip())
     if match is None:
+        userinfo = re.match(r"^\s*redis://([^/@]*)@", text)
+        if userinfo:  # never echo what may be a password
+            shown = text.replace(userinfo.group(1), "***", 1)
+            raise InvalidStateURL(f"{shown!r}: a user or password in the URL is not supported (sftpauth connects "
+                                  "without Redis authentication); expected memory or redis://HOST:PORT/DB")
         raise InvalidStateURL(f"{text!r} is not allowed; expected memory or redis://HOST:PORT/DB (e.g. redis://10.0.0.5:6379/0)")
     host = match.group("host").strip("[]")
     port = int(match.group("port") or 6379)
@@ -394,6 +399,16 @@ class RedisConnection:
         class ObservedRedisFactory(txredisapi.RedisFactory):
             maxDelay = REDIS_RETRY_MAX
 
+            def stopTrying(self) -> defer.Deferred:
+                # txredisapi gives up for good when Redis refuses SELECT (a wrong database
+                # number), wants AUTH, or is not Redis. Such a Redis may be fixed while we
+                # run: keep retrying, as for one that is down (stop() uses disconnect()).
+                return defer.succeed(None)
+
+            def connectionError(self, why: str) -> None:
+                # Not txredisapi's: it fails a Deferred nobody waits on (an "Unhandled error" later).
+                owner._went_down(why.removeprefix("Redis error: "))
+
             def addConnection(self, conn) -> None:
                 super().addConnection(conn)
                 if conn in self.pool:
@@ -408,7 +423,7 @@ class RedisConnection:
             self.location.url,
             self.location.db,
             self._pool_size,
-            isLazy=True,
+            isLazy=False,  # lazy, txredisapi logs each refused retry: the down line above is enough
             charset="utf-8",
             replyTimeout=self.timeout,
             convertNumbers=False,
@@ -473,7 +488,13 @@ class RedisConnection:
                 waiter.errback(RedisUnavailable(f"{self.location.url}: {why}"))
 
     def report(self, failure: Failure, what: str) -> None:
-        """Log a failed command, at most once a minute per kind of error (floods stay readable)."""
+        """Log a failed command, at most once a minute per kind of error (floods stay readable).
+
+        Refused because Redis is known to be down: not logged, the line saying it went down
+        is enough.
+        """
+        if failure.check(RedisUnavailable) and self.status == self.DOWN:
+            return
         self._reports.report(failure, what)
 
     # -- commands -----------------------------------------------------------------------
@@ -504,9 +525,20 @@ class RedisConnection:
             return defer.fail(RedisUnavailable(f"{self.location.url}: not connected"))
         conn = live[next(self._next) % len(live)]
         try:
-            return conn.execute_command(*command)
+            deferred = conn.execute_command(*command)
         except Exception:
             return defer.fail()
+        return deferred.addErrback(self._no_answer)
+
+    def _no_answer(self, failure: Failure) -> Failure:
+        """A command with no answer within the timeout: Redis is down for every command, not this one."""
+        import txredisapi
+
+        if failure.check(txredisapi.TimeoutError):
+            # Only this connection is closed (by txredisapi): without this the next
+            # command would wait the whole timeout again on the other one.
+            self._went_down(f"no answer within {self.timeout:g}s")
+        return failure
 
 
 def _cancel_timer(result: Any, timer) -> Any:

@@ -19,6 +19,7 @@ from sftpauth.auth.passwords import hash_password
 from .policy_helpers import FTP_REFUSAL, ftp_fails, ftp_login, greeting
 from .redis_fixture import start_redis
 from .server import SftpauthServer, free_port
+from .slapd import SlapdError
 from .sftp_fixtures import plugin_on_python_path
 
 BASE = "dc=example,dc=com"
@@ -172,3 +173,81 @@ def test_redis_outage_fails_totp_closed_bans_per_node_and_recovers(nodes, redis)
     ftp_login(a.port, "rtom", password, "127.0.0.66").quit()
     assert ftp_fails(b.port, "rtom", password, "127.0.0.66") == FAILURE
     b.audit(lambda e: e["event"] == "authentication" and e["username"] == "rtom" and e["reason"] == "totp-replayed")
+
+
+# -- a Redis that answers but refuses, or answers late ------------------------------------
+
+
+@pytest.fixture
+def lone_node(tmp_path, slapd):
+    """One node on a Redis of its own (the test may lock it or slow it down); the test starts the node."""
+    try:
+        slapd.add_ldif(users_ldif())
+    except SlapdError as error:
+        assert "Already exists" in str(error)  # added by the module's nodes
+    redis = start_redis(tmp_path / "redis")
+    node = Node(tmp_path / "node", redis.url, slapd)
+    try:
+        yield node, redis
+    finally:
+        node.server.stop()
+        redis.stop()
+    assert "Traceback" not in node.server.log_text(), node.server.log_tail(200)
+
+
+def start(node: Node) -> None:
+    with plugin_on_python_path():
+        node.server.start()
+
+
+def redis_commands(redis, *lines: str) -> bytes:
+    """Send inline commands in one go (AUTH then a command); the raw replies."""
+    import socket
+
+    with socket.create_connection(("127.0.0.1", redis.port), timeout=5) as connection:
+        connection.sendall("".join(line + "\r\n" for line in lines).encode())
+        time.sleep(0.2)
+        return connection.recv(65536)
+
+
+def timed_login(node: Node, username: str, password: str, source: str) -> float:
+    started = time.monotonic()
+    ftp_login(node.port, username, password, source).quit()
+    return time.monotonic() - started
+
+
+def test_a_redis_that_refuses_the_node_is_down_at_once_and_retried_until_it_does_not(lone_node):
+    """A Redis that wants a password (or has no such database, or is not Redis) refuses SELECT.
+
+    txredisapi then gave up for good: the node never said Redis was down,
+    every login waited the 2 s timeout for a connection, for as long as
+    the node ran, and fixing Redis changed nothing.
+    """
+    node, redis = lone_node
+    assert redis_commands(redis, "CONFIG SET requirepass locked-out").startswith(b"+OK")
+    start(node)
+    node.wait_for_log("Redis is unreachable (could not set dbid=0: NOAUTH Authentication required.)")
+    assert timed_login(node, "alice", "alice-pass", "127.0.0.71") < 1.0  # bans: this node's own, no waiting
+    started = time.monotonic()
+    assert ftp_fails(node.port, "rtom", "rtom-pass" + code("rtom"), "127.0.0.72") == FAILURE
+    assert time.monotonic() - started < 1.6  # the one-second answer to a failure, and no Redis wait
+    node.audit(lambda e: e["event"] == "authentication" and e["username"] == "rtom" and e["reason"] == "service-unavailable")
+    assert redis_commands(redis, "AUTH locked-out", 'CONFIG SET requirepass ""').endswith(b"+OK\r\n")
+    node.wait_for_log("Redis answers again")
+    ftp_login(node.port, "rtom", "rtom-pass" + code("rtom"), "127.0.0.73").quit()
+    log = node.server.log_text()
+    assert log.count("Redis is unreachable") == 1
+    assert "Redis error" not in log  # txredisapi's own line at each refused retry
+
+
+def test_a_redis_that_stops_answering_costs_one_timeout_not_one_per_connection(lone_node):
+    """CLIENT PAUSE: the first command waits the 2 s timeout; Redis is then down for every command at once."""
+    node, redis = lone_node
+    start(node)
+    node.wait_for_log("connected to Redis")
+    assert redis_commands(redis, "CLIENT PAUSE 6000 ALL").startswith(b"+OK")
+    first = timed_login(node, "alice", "alice-pass", "127.0.0.74")
+    assert 1.5 < first < 3.5, first  # one timeout (2 s)
+    node.wait_for_log("Redis is unreachable (no answer within 2s)")
+    assert timed_login(node, "alice", "alice-pass", "127.0.0.75") < 1.0
+    node.wait_for_log("Redis answers again", timeout=30)

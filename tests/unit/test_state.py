@@ -137,3 +137,12 @@ def test_build_runtime_shares_one_state_between_ldap_methods(tmp_path):
     assert methods["first"].extensions.state is runtime.state
     assert methods["second"].extensions.state is runtime.state
     runtime.audit.close()
+
+
+def test_a_state_url_with_a_password_is_refused_without_showing_the_password():
+    from sftpauth.state import InvalidStateURL, parse_state_url
+
+    with pytest.raises(InvalidStateURL) as refused:
+        parse_state_url("redis://:s3cretRedisPW@127.0.0.1:6380/0")
+    assert "s3cretRedisPW" not in str(refused.value)
+    assert "'redis://***@127.0.0.1:6380/0'" in str(refused.value) and "not supported" in str(refused.value)
