@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 
@@ -14,6 +15,7 @@ from sftpauth.audit import AuditLog
 from sftpauth.auth.chain import AuthenticationChain
 from sftpauth.auth.credentials import LoginRequest
 from sftpauth.auth.errors import LoginFailed
+from sftpauth.auth.ldap.dn import normal_dn
 from sftpauth.auth.ldap.totp import (
     AugmentedTOTP,
     InvalidTOTPURI,
@@ -739,3 +741,25 @@ def test_ldif_line_falls_back_to_base64():
     """A value LDIF cannot hold as is becomes 'attr:: base64'."""
     assert ldif_line("a", "otpauth://totp/x") == "a: otpauth://totp/x"
     assert ldif_line("a", ":x") == "a:: Ong="
+
+
+def test_the_replay_key_does_not_give_the_code_away(directory, clock):
+    """Whoever reads the store's keys (Redis) cannot recover the code: the key is the account and the step only.
+
+    A SHA-256 of DN, step and a 6-digit code was reversed from a Redis key in seconds.
+    """
+    claimed = []
+
+    class RecordingStore:
+        def claim(self, key, ttl):
+            claimed.append(key)
+            return defer.succeed(True)
+
+    method = make_method(directory, configuration(), SharedState(replay=RecordingStore()))
+    code = code_at(STEP)
+    login(method, PASSWORD + code)
+    assert claimed, "the code was never claimed"
+    material = [f"{normal_dn(ALICE_DN)}\0{step}".encode() for step in (STEP - 1, STEP, STEP + 1)]
+    hashes = {"totp-replay:" + hashlib.sha256(text).hexdigest() for text in material}
+    assert set(claimed) <= hashes
+    assert not any(code in key for key in claimed)

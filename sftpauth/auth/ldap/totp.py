@@ -143,9 +143,15 @@ def _split(credentials: LDAPCredentials, typed: str, digits: int, why: str) -> N
     credentials.trace("totp", f"the last {digits} characters are the TOTP code; the rest is the password{why}")
 
 
-def replay_key(dn: str, step: int, code: str) -> str:
-    """The replay store's key: bounded in size and free of the DN's and code's text."""
-    material = "\0".join((normal_dn(dn), str(step), code)).encode("utf-8", "surrogatepass")
+def replay_key(dn: str, step: int) -> str:
+    """The replay store's key: the account and the time step whose code was used.
+
+    A step has one code per secret, so the code itself is not needed; left
+    out, it cannot be recovered from the key (a hash of a 6-digit code can
+    be reversed in seconds by whoever reads the Redis keys). Bounded in
+    size and free of the DN's text.
+    """
+    material = "\0".join((normal_dn(dn), str(step))).encode("utf-8", "surrogatepass")
     return "totp-replay:" + hashlib.sha256(material).hexdigest()
 
 
@@ -268,7 +274,7 @@ class AugmentedTOTP:
             # covers clocks of other nodes sharing the store.
             ttl = (matched + 3) * otp.interval - now
             try:
-                fresh = await credentials.state.replay.claim(replay_key(entry.dn, matched, code), ttl)
+                fresh = await credentials.state.replay.claim(replay_key(entry.dn, matched), ttl)
             except Exception as error:
                 raise LoginFailed(
                     "service-unavailable", f"the TOTP replay store cannot answer: {type(error).__name__}: {error}"
