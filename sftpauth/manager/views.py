@@ -7,6 +7,7 @@ from typing import Mapping, Optional, Sequence
 
 from sftpauth import __version__
 from sftpauth.config.models import Configuration, LDAPAuthenticationSettings
+from sftpauth.state import SharedState
 
 RUNNING = "running"
 
@@ -75,8 +76,10 @@ def ldap_overview(configuration: Configuration, pools: Mapping, now: float) -> l
     return result
 
 
-def health_report(configuration: Configuration, pools: Mapping, states: Mapping[str, str]) -> dict:
-    """``ok``; ``degraded`` when an LDAP method has every server down; ``failing`` when a service is not running."""
+def health_report(
+    configuration: Configuration, pools: Mapping, states: Mapping[str, str], shared_state: Optional[SharedState] = None
+) -> dict:
+    """``ok``; ``degraded`` when an LDAP method has every server down or Redis is; ``failing`` when a service is not running."""
     services = {}
     failing = False
     for service_id, service in configuration.services.items():
@@ -95,8 +98,13 @@ def health_report(configuration: Configuration, pools: Mapping, states: Mapping[
         if servers and all(server["status"] == "down" for server in servers):
             degraded = True
         ldap[method_id] = {"servers": servers, "up": up, "total": len(servers)}
+    report = {"services": services, "ldap": ldap}
+    connection = shared_state.connection if shared_state is not None else None
+    if connection is not None:  # Redis down: TOTP logins are refused, bans are per node
+        report["shared_state"] = {"url": connection.location.url, "status": connection.status}
+        degraded = degraded or connection.status == connection.DOWN
     status = "failing" if failing else ("degraded" if degraded else "ok")
-    return {"status": status, "version": __version__, "services": services, "ldap": ldap}
+    return {"status": status, "version": __version__, **report}
 
 
 def build_chart(series: Sequence[tuple[int, int, int]], width: int = 1120, height: int = 180) -> dict:

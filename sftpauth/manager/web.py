@@ -430,7 +430,7 @@ class ManagerApp:
     # -- public endpoints -------------------------------------------------------------------------
 
     async def health(self, call: Call) -> Response:
-        report = health_report(self.configuration, self.runtime.ldap_pools, self.service_states())
+        report = health_report(self.configuration, self.runtime.ldap_pools, self.service_states(), self.runtime.state)
         return json_response(report, 200 if report["status"] != "failing" else 503)
 
     async def metrics_page(self, call: Call) -> Response:

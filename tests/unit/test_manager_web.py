@@ -794,6 +794,24 @@ def test_health_reports_failing_and_degraded_states():
     assert "connection refused" not in str(degraded)
 
 
+def test_health_says_when_redis_is_down():
+    """With state = redis://, /health shows the connection's state; down is "degraded" (TOTP logins are refused)."""
+    from twisted.internet.task import Clock
+
+    from sftpauth.config.loader import parse_configuration
+    from sftpauth.manager.views import health_report
+    from sftpauth.state import build_state
+
+    configuration = parse_configuration("[services/web]\ntype = manager\nport = 8443\n", "/x.ini", "/", {})
+    state = build_state("redis://10.0.0.5:6379/2", Clock())
+    report = health_report(configuration, {}, {"web": "running"}, state)
+    assert (report["status"], report["shared_state"]) == ("ok", {"url": "redis://10.0.0.5:6379/2", "status": "connecting"})
+    state.connection.status = state.connection.DOWN
+    report = health_report(configuration, {}, {"web": "running"}, state)
+    assert (report["status"], report["shared_state"]["status"]) == ("degraded", "down")
+    assert "shared_state" not in health_report(configuration, {}, {"web": "running"}, build_state("memory", Clock()))
+
+
 def test_head_and_services_api(manager):
     """HEAD /health answers headers only; GET /api/v1/services lists address, port and state."""
     m = manager()
