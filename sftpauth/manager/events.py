@@ -88,7 +88,10 @@ class AuditHistory:
         return found
 
 
-def clamp_limit(text: Optional[str], default: int = 200, maximum: int = 1000) -> int:
+MAX_EVENTS = 1000  # the most events a page or an API call shows
+
+
+def clamp_limit(text: Optional[str], default: int = 200, maximum: int = MAX_EVENTS) -> int:
     try:
         value = int(text) if text else default
     except ValueError:

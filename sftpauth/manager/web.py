@@ -32,7 +32,7 @@ from sftpauth.auth.errors import LoginFailed
 from sftpauth.auth.trace import Trace
 from sftpauth.config.models import LDAPAuthenticationSettings, ManagerServiceSettings
 from sftpauth.manager import csrf, preauth
-from sftpauth.manager.events import KINDS, OUTCOMES, AuditHistory, clamp_limit
+from sftpauth.manager.events import KINDS, MAX_EVENTS, OUTCOMES, AuditHistory, clamp_limit
 from sftpauth.manager.metrics import CONTENT_TYPE, ManagerMetrics
 from sftpauth.manager.sessions import ManagerSession, SessionStore, effective_roles
 from sftpauth.manager.views import build_chart, health_report, ldap_overview, service_overview
@@ -227,7 +227,10 @@ class ManagerApp:
                     break
         if matched is None:
             if allowed:
-                return Response(405, b"method not allowed\n", b"text/plain; charset=utf-8", {b"allow": b", ".join(allowed)})
+                methods = ", ".join(method.decode("ascii") for method in allowed)
+                refused = self._error(path.startswith("/api/"), 405, "Method not allowed", f"This address takes {methods} only.")
+                refused.headers[b"allow"] = methods.encode("ascii")
+                return refused
             return self._error(path.startswith("/api/"), 404, "Not found", "There is no such page.")
         route, match = matched
         try:
@@ -772,9 +775,10 @@ class ManagerApp:
         kind = call.query.get("kind", "authentication")
         if kind not in KINDS:
             return json_response({"error": "kind must be authentication or all"}, 400)
-        events = await self.history.recent(
-            call.query.get("username", "")[:256], outcome, kind, clamp_limit(call.query.get("limit"))
-        )
+        limit = call.query.get("limit", "")
+        if limit and not (limit.isdigit() and 1 <= int(limit) <= MAX_EVENTS):
+            return json_response({"error": f"limit must be a whole number from 1 to {MAX_EVENTS}"}, 400)
+        events = await self.history.recent(call.query.get("username", "")[:256], outcome, kind, clamp_limit(limit))
         return json_response({"events": events})
 
 
@@ -830,7 +834,8 @@ class ManagerResource(Resource):
         def write(response: Response) -> None:
             if gone:
                 return
-            request.setResponseCode(response.status)
+            # With its phrase: Twisted knows none for some (429 went out as "Unknown Status").
+            request.setResponseCode(response.status, HTTPStatus(response.status).phrase.encode("ascii"))
             for name, value in SECURITY_HEADERS.items():
                 request.setHeader(name, value)
             if not response.cacheable:

@@ -247,3 +247,38 @@ def test_read_only_administrator_sees_disabled_actions(pages):
     assert pages.wait_for("button.verify").get_attribute("disabled") is not None
     pages.shot("08-read-only")
     pages.logout()
+
+
+def test_pages_fit_a_phone_and_a_5000_character_username_breaks_its_line(pages, manager):
+    """At 375 px the top bar wraps (Log out stays on screen) and no page is wider than the window.
+
+    Found by outside QA: the top bar made pages 899 px wide on a phone, and
+    one failed login with a 5,000-character username pushed the Events
+    columns off a 1366 px screen (at 375 px the page was 3,669 px wide).
+    """
+    pages.login("admin", ADMIN_PASSWORD)
+    pages.wait_for("#services")
+    pages.open("/test-login")
+    pages.wait_for("#tl-username")
+    pages.driver.execute_script("document.getElementById('tl-username').value = 'A'.repeat(5000)")
+    pages.fill("#tl-password", "not-the-password")
+    pages.find("#tl-run").click()
+    pages.wait_for("#outcome")
+    width = lambda: pages.driver.execute_script("return document.documentElement.scrollWidth")
+    try:
+        for window in (1366, 375):
+            pages.driver.set_window_size(window, 812)
+            inner = pages.driver.execute_script("return window.innerWidth")
+            for path in ("/", "/authentications", "/test-login", "/events?kind=all"):
+                pages.open(path)
+                pages.wait_for("#logout")
+                assert width() <= inner, (window, path, width())
+                logout = pages.driver.execute_script("return document.getElementById('logout').getBoundingClientRect().right")
+                assert logout <= inner, (window, path, logout)
+            rows = [row.text for row in pages.all("#events tr.event")]
+            assert any("A" * 50 in row for row in rows)  # the long username is there, broken across lines
+            name = f"06-events-{window}px.png"
+            pages.driver.save_screenshot(str(pages.folder / name))
+            shutil.copyfile(pages.folder / name, SHARED_SCREENSHOTS / name)
+    finally:
+        pages.driver.set_window_size(1366, 900)

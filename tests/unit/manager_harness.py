@@ -42,6 +42,7 @@ class HTTPResult:
         head, _, self.body = raw.partition(b"\r\n\r\n")
         lines = head.decode("iso-8859-1").split("\r\n")
         self.status = int(lines[0].split()[1])
+        self.reason = lines[0].split(" ", 2)[2] if lines[0].count(" ") >= 2 else ""  # the status line's phrase
         self.headers: dict[str, list[str]] = {}
         for line in lines[1:]:
             name, _, value = line.partition(":")

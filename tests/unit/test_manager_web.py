@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+import urllib.parse
 
 import pytest
 from twisted.internet import defer
@@ -437,6 +438,15 @@ def test_api_events_filter_by_username_and_outcome(manager):
     assert page.text.count('<tr class="event">') == 1
 
 
+@pytest.mark.parametrize("limit", ["abc", "0", "-1", "1001", "2.5", " 5"])
+def test_api_events_refuses_a_limit_it_cannot_use(manager, limit):
+    m = manager()
+    m.post_json("/api/v1/login", {"username": "admin", "password": "admin-pass"})
+    refused = m.get("/api/v1/events?limit=" + urllib.parse.quote(limit))
+    assert refused.status == 400 and refused.json() == {"error": "limit must be a whole number from 1 to 1000"}
+    assert m.get("/api/v1/events?limit=1000").status == 200
+
+
 def test_events_show_usernames_that_were_not_utf8(manager):
     """An FTP client's undecodable username (lone surrogates) is audited as \\xff text; the pages still answer.
 
@@ -529,8 +539,12 @@ def test_unknown_path_and_method(manager):
     m = manager()
     assert m.get("/nope").status == 404
     result = m.request("DELETE", "/login")
-    assert result.status == 405
+    assert (result.status, result.reason) == (405, "Method Not Allowed")
     assert "GET" in result.header("allow")
+    assert "<h1>Method not allowed" in result.text and result.header("content-security-policy")  # the styled page
+    api = m.request("DELETE", "/api/v1/session")
+    assert api.status == 405 and api.header("content-type") == "application/json"
+    assert "error" in api.json() and api.header("allow")
 
 
 def test_oversized_and_malformed_bodies_are_refused(manager):
@@ -838,6 +852,7 @@ def test_failed_test_logins_are_limited_per_administrator(manager):
         assert test_login(f"guess-{attempt}").json()["reason"] == "invalid-password"
     refused = test_login("ftp-pass")
     assert refused.status == 429 and "10 failed test logins in the last 10 minutes" in refused.json()["error"]
+    assert refused.reason == "Too Many Requests"  # Twisted alone sends "Unknown Status"
     tests = [event for event in m.events("manager-action") if event["action"] == "test-login"]
     assert len(tests) == 11  # the refused one ran no login
     m.clock.advance(599)
