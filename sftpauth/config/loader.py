@@ -585,7 +585,7 @@ def _cross_check(problems: _Problems, configuration: models.Configuration) -> No
             problems.warn(section, "password", "no password is set: this account cannot log in")
         elif not _looks_like_hash(account.password):
             problems.error(
-                section, "password", "not a password hash; make one with 'sftpauth hash-password' (argon2id or bcrypt)"
+                section, "password", _NOT_A_HASH
             )
 
 
@@ -607,7 +607,7 @@ def _check_manager(problems: _Problems, configuration: models.Configuration) -> 
             problems.warn(section, "password", "no password is set: this administrator cannot log in")
         elif not _looks_like_hash(administrator.password):
             problems.error(
-                section, "password", "not a password hash; make one with 'sftpauth hash-password' (argon2id or bcrypt)"
+                section, "password", _NOT_A_HASH
             )
     for service_id, service in configuration.services.items():
         if not isinstance(service, models.ManagerServiceSettings):
@@ -751,6 +751,10 @@ def _addresses_clash(first: str, second: str) -> bool:
                 return True
             return ":" not in other
     return False
+
+
+_NOT_A_HASH = ("not a password hash sftpauth reads (argon2id, bcrypt, or SHA-crypt $5$/$6$ as SFTPPlus writes); "
+               "make one with 'sftpauth hash-password'")
 
 
 def _looks_like_hash(value: str) -> bool:

@@ -27,6 +27,7 @@ from .server import SftpauthServer, free_port
 REPO_ROOT = Path(__file__).resolve().parents[2]
 PASSIVE_PORTS = 40
 TIMEOUT = 10
+SFTPPLUS_HASH = "$5$rounds=80000$RZ48ALAHbUEdKWmi$rhcJ4PXdCq6sdQaEc7vE8xjYcXEbLxbTZFaQKOkX/7C"
 
 
 class FTPTestServer:
@@ -91,6 +92,10 @@ password = {hash_password("dave-pass")}
 name = reader
 password = {hash_password("reader-pass")}
 group = readers
+
+[accounts/migrated]
+# As SFTPPlus's admin-commands generate-password writes it (made by libxcrypt: SFTPPlus-pass)
+password = {SFTPPLUS_HASH}
 """
 
     def home(self, username: str) -> Path:
@@ -833,6 +838,13 @@ def test_session_start_and_end_are_audited_when_the_client_disappears(ftp_server
     assert _session_ends(ftp_server, "carol") == ended
     client.close()  # no QUIT: the socket just goes away
     assert _next_session_end(ftp_server, "carol", ended)["reason"] == "connection-closed"
+
+
+def test_an_account_with_an_sftpplus_password_hash_logs_in(ftp_server):
+    """An [accounts/..] section copied from SFTPPlus, with its SHA-crypt ($5$) hash, works unchanged."""
+    ftp_server.client("migrated", "SFTPPlus-pass").quit()
+    with pytest.raises(ftplib.error_perm, match="^530 "):
+        ftp_server.client("migrated", "SFTPPlus-pass ")
 
 
 def test_quit_ends_the_session_with_reason_logout(ftp_server):
