@@ -396,12 +396,17 @@ def make_validator(base_folder: str, environ: Mapping[str, str]) -> Validator:
             name = word[4:]
             if name not in environ:
                 raise VdtValueError(f"environment variable {name!r} is not set")
+            if not environ[name]:
+                raise VdtValueError(f"environment variable {name!r} is set but empty")
             return environ[name]
         if word.startswith("file:"):
             file_path = os.path.join(base_folder, os.path.expanduser(word[5:]))
             try:
                 with open(file_path, encoding="utf-8") as secret_file:
-                    return secret_file.read().rstrip("\r\n")
+                    content = secret_file.read().rstrip("\r\n")
+                if not content:
+                    raise VdtValueError(f"secret file {file_path!r} is empty")
+                return content
             except OSError as error:
                 raise VdtValueError(f"cannot read secret file {file_path!r}: {error.strerror}") from None
             except UnicodeDecodeError as error:

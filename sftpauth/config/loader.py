@@ -369,6 +369,7 @@ def _check_section(
     result: dict[str, Any] = {}
     values_with_errors: set[str] = set()
     aliases = _ALIASES.get(kind, {})
+    disabled = str(values.get("enabled", "")).strip().lower() in ("no", "false", "off", "0")
     for option, value in values.items():
         name = aliases.get(option, option)  # the option it stands for; errors name the one written
         if name not in spec:
@@ -380,6 +381,11 @@ def _check_section(
         try:
             checked = validator.check(spec[name], value)
         except ValidateError as error:
+            if disabled and spec[name].startswith("secret"):
+                # A disabled method's secret need not be deployed on this machine (etc/sftpauth.ini has one).
+                problems.warn(section, option, f"{error}; not needed while the section has enabled = no")
+                values_with_errors.add(name)  # its default (empty) is used
+                continue
             problems.error(section, option, str(error), getattr(error, "index", None))
             # Go on with the default so later checks still report their problems.
             values_with_errors.add(name)
@@ -678,6 +684,7 @@ def _check_ldap_method(
         method.service_account_dn
         and not method.service_account_password
         and not problems.has_error(section, "service_account_password")  # e.g. env:NAME not set
+        and method.enabled  # a disabled method's secret may be missing here (a warning says so)
     ):
         problems.error(section, "service_account_password", "required when service_account_dn is set")
     _check_groups_and_roles(problems, configuration, section, method)

@@ -1103,6 +1103,29 @@ def test_a_file_that_is_not_utf8_names_each_line_section_and_option(tmp_path):
     assert "byte 0xe9 is not UTF-8" in caught.value.problems[0].message
 
 
+LDAP_WITH_SECRET = (
+    "[authentications/d]\ntype = ldap\naddress = 127.0.0.1\nbind_dn = dc=example,dc=com\n{enabled}"
+    "service_account_dn = cn=svc,dc=example,dc=com\nservice_account_password = {secret}\n"
+)
+
+
+def test_an_empty_secret_names_its_variable_or_file(tmp_path):
+    (tmp_path / "empty.txt").write_text("\n")
+    problem = only_problem(LDAP_WITH_SECRET.format(enabled="", secret="env:EMPTY"), {"EMPTY": ""})
+    assert (problem.option, problem.message) == ("service_account_password", "environment variable 'EMPTY' is set but empty")
+    problem = only_problem(LDAP_WITH_SECRET.format(enabled="", secret=f"file:{tmp_path}/empty.txt"))
+    assert problem.message == f"secret file '{tmp_path}/empty.txt' is empty"
+
+
+def test_a_missing_secret_is_a_warning_in_a_disabled_section_only():
+    problem = only_problem(LDAP_WITH_SECRET.format(enabled="", secret="env:NOT_SET"))
+    assert problem.message == "environment variable 'NOT_SET' is not set"
+    configuration = parse(LDAP_WITH_SECRET.format(enabled="enabled = no\n", secret="env:NOT_SET"))
+    assert configuration.authentications["d"].enabled is False
+    assert [(w.option, w.line) for w in configuration.warnings] == [("service_account_password", 7)]
+    assert "not needed while the section has enabled = no" in configuration.warnings[0].message
+
+
 def test_a_data_folder_that_is_a_file_is_an_error(tmp_path):
     """check-config said "valid" and the start failed on the generated host keys."""
     (tmp_path / "hostname").write_text("x\n")

@@ -25,6 +25,17 @@ def test_sample_configuration_is_valid(monkeypatch):
     assert "DIRECTORY" in configuration.authentications
 
 
+def test_sample_configuration_checks_without_its_secret_set(monkeypatch, capsys):
+    """The sample's header says to run check-config on it: its only secret is in a disabled method, so that is a warning."""
+    from sftpauth.cli import main
+
+    monkeypatch.delenv("SFTPAUTH_LDAP_PASSWORD", raising=False)
+    assert main(["check-config", str(ROOT / "etc/sftpauth.ini")]) == 0
+    configuration = load_configuration(str(ROOT / "etc/sftpauth.ini"))
+    assert [(w.section, w.option) for w in configuration.warnings if "SFTPAUTH_LDAP_PASSWORD" in w.message] == [
+        ("authentications/DIRECTORY", "service_account_password")]
+
+
 def _spec_options():
     spec = ConfigObj(SPEC_PATH, list_values=False, interpolation=False, _inspec=True)
     for section, options in spec.items():
