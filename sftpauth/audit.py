@@ -55,6 +55,12 @@ def path_problem(path: str) -> str:
     return "" if os.access(existing, os.W_OK | os.X_OK) else f"this user may not create files in {existing}"
 
 
+def cannot_open(path: str, error: Optional[OSError] = None) -> str:
+    """The message for an audit log that cannot be opened: the reason in words, not an errno."""
+    reason = path_problem(path) or (error.strerror if error is not None and error.strerror else str(error or ""))
+    return f"cannot open the audit log {path}: {reason}"
+
+
 def encode(entry: dict) -> str:
     """An entry as its line of the audit file: JSON, UTF-8 text, never a newline.
 

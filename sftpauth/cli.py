@@ -65,6 +65,8 @@ def summary(configuration: Configuration) -> str:
     )
     for warning in configuration.warnings:
         lines.append(f"warning: {warning}")
+    if configuration.serves_nobody():
+        lines.append(f"warning: {configuration.serves_nobody()}")
     return "\n".join(lines)
 
 
@@ -143,14 +145,11 @@ def check_files(configuration: Configuration) -> None:
 
 def _check_audit_log(configuration: Configuration) -> None:
     """The audit log can be opened for appending, as start-up will."""
-    from sftpauth.audit import path_problem
+    from sftpauth.audit import cannot_open, path_problem
 
     path = configuration.server.audit_log
-    problem = path_problem(path) if path else ""
-    if problem:
-        raise ConfigError(
-            [ConfigProblem(configuration.path, None, "server", "audit_log", f"cannot open the audit log {path}: {problem}")]
-        )
+    if path and path_problem(path):
+        raise ConfigError([ConfigProblem(configuration.path, None, "server", "audit_log", cannot_open(path))])
 
 
 def _start_embedded_directories(configuration: Configuration, runtime) -> list:

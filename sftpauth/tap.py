@@ -15,7 +15,7 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from sftpauth import __version__
-from sftpauth.audit import AuditLog
+from sftpauth.audit import AuditLog, cannot_open
 from sftpauth.auth.chain import AuthenticationChain
 from sftpauth.auth.policy import SecurityPolicies
 from sftpauth.auth.methods import build_methods, ldap_pools
@@ -78,7 +78,7 @@ def build_runtime(
             audit = AuditLog(configuration.server.audit_log)
         except OSError as error:
             raise ConfigError(
-                [ConfigProblem(configuration.path, None, "server", "audit_log", f"cannot open the audit log: {error}")]
+                [ConfigProblem(configuration.path, None, "server", "audit_log", cannot_open(configuration.server.audit_log, error))]
             ) from None
     if state is None:
         state = build_state(configuration.server.state, reactor)
@@ -253,6 +253,8 @@ def _make_service(options: Options, reactor=None) -> MultiService:
     configuration: Configuration = options["configuration"]
     for warning in configuration.warnings:
         _log.warn("configuration: {warning}", warning=str(warning))
+    if configuration.serves_nobody():
+        _log.warn("configuration: {warning}", warning=configuration.serves_nobody())
     before, after = raise_open_file_limit()
     _log.info("open files: at most {after}" + (" (raised from {before})" if after != before else ""), before=before, after=after)
     runtime = build_runtime(configuration, reactor)

@@ -269,6 +269,13 @@ class Configuration:
             return (DEFAULT_ROLE,)
         return known
 
+    def serves_nobody(self) -> Optional[str]:
+        """What check-config and start-up warn when no service takes logins (an empty or all-disabled file)."""
+        if any(service.enabled and service.type != "ldap-directory" for service in self.services.values()):
+            return None
+        return (f"{self.path}: no FTP, FTPS, SFTP or Web Manager service is enabled, so sftpauth listens for "
+                "nobody (add a [services/ID] section, or set enabled = yes)")
+
     def authentications_for(self, service: ServiceSettings) -> tuple[str, ...]:
         """The ordered method IDs a service uses (its own list wins).
 

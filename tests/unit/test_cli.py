@@ -309,8 +309,9 @@ def test_check_config_and_test_login_report_an_audit_log_that_cannot_be_opened(t
 
     result = run_sftpauth("test-login", str(config_path), "alice", "--password-stdin", stdin="secret\n")
     assert result.returncode == 1
-    assert f"{config_path}:2 [server] audit_log: cannot open the audit log" in result.stderr
-    assert "Traceback" not in result.stdout + result.stderr
+    # What start-up says (build_runtime), in the same words as check-config: not "[Errno 17] File exists".
+    assert f"{config_path}:2 [server] audit_log: cannot open the audit log {missing}: {tmp_path / 'a-file'} is not a folder" in result.stderr
+    assert "Errno" not in result.stderr and "Traceback" not in result.stdout + result.stderr
 
 
 def test_output_into_a_closed_pipe_ends_quietly(tmp_path):
@@ -408,3 +409,15 @@ def test_check_config_reads_the_files_of_sections_without_errors_while_reporting
     assert lines[1].startswith(f"{config}:6 [services/d] address: 10.1.2.3 is not a loopback address")
     assert lines[2].startswith(f"{config}:7 [services/d] ldif: ") and "is not valid LDIF" in lines[2]
     assert lines[3].startswith(f"{config}:11 [services/ftp] ssl_certificate: ") and "no PEM certificate" in lines[3]
+
+
+@pytest.mark.parametrize("text", ["", "[services/ftp]\ntype = ftp\nport = 0\nenabled = no\n"], ids=["empty", "all-disabled"])
+def test_check_config_warns_about_a_file_that_serves_nobody(tmp_path, capsys, text):
+    """An empty or all-disabled file is valid, but says it listens for nobody (twistd logs the same at start)."""
+    config = tmp_path / "sftpauth.ini"
+    config.write_text(text)
+    assert main(["check-config", str(config)]) == 0
+    assert f"warning: {config}: no FTP, FTPS, SFTP or Web Manager service is enabled" in capsys.readouterr().out
+    config.write_text("[services/ftp]\ntype = ftp\nport = 0\n")
+    assert main(["check-config", str(config)]) == 0
+    assert "warning" not in capsys.readouterr().out
