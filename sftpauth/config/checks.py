@@ -47,9 +47,18 @@ def split_lines(value: str) -> tuple[str, ...]:
 
 
 def _unquote(value: str) -> str:
+    """What is inside the quotes of a quoted value; the value as written otherwise."""
     value = value.strip()
     if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
-        return value[1:-1]
+        inside = value[1:-1]
+        if value[0] in inside:
+            # "Acme", "Corp" was read as: Acme", "Corp. No escaping exists to say which is meant.
+            other = "'" if value[0] == '"' else '"'
+            raise VdtValueError(
+                f"the value holds its own quote character {value[0]}: quote the whole value once, "
+                f"with the other quote ({other}) if it must hold {value[0]}, or give it without quotes"
+            )
+        return inside
     return value
 
 

@@ -1347,3 +1347,14 @@ def test_a_roles_source_ip_filter_is_read():
     configuration = parse("[roles/ops]\nsource_ip_filter = 10.1.0.0/16, 192.0.2.7\n")
     assert [str(network) for network in configuration.roles["ops"].source_ip_filter] == ["10.1.0.0/16", "192.0.2.7/32"]
     assert configuration.roles["DEFAULT-ROLE"].source_ip_filter == ()
+
+
+@pytest.mark.parametrize(
+    "value, quote", [('"Acme", "Corp"', '"'), ("'It''s'", "'"), ('"pa"ss"', '"')], ids=["two-quoted", "doubled", "inside"]
+)
+def test_a_quoted_value_holding_its_own_quote_is_an_error_not_a_guess(value, quote):
+    """configobj leaves quoted values to us; 'Acme", "Corp' (the old reading) was nobody's intent."""
+    problem = only_problem(f"[server]\nname = {value}\n")
+    assert (problem.line, problem.option) == (2, "name")
+    assert f"holds its own quote character {quote}" in problem.message
+    assert parse("[server]\nname = 'Acme \"the\" Corp'\n").server.name == 'Acme "the" Corp'
