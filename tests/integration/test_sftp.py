@@ -393,7 +393,9 @@ def test_session_end_is_audited_when_the_connection_closes(site):
         alice.listdir("/")
     event = wait_for_new_event(site.server, ended, already)
     assert event["protocol"] == "sftp" and event["service"] == SERVICE_ID and event["peer"] == "127.0.0.1"
-    assert event["reason"] == "connection-closed"  # paramiko closes its socket without a disconnect message
+    # paramiko closes its socket without a disconnect message; with the server's last packets unread,
+    # its kernel answers them with a reset, so either ending is what happened.
+    assert event["reason"] in ("connection-closed", "connection-lost")
 
 
 def test_a_client_disconnect_message_ends_the_session_with_reason_logout(site):

@@ -377,11 +377,11 @@ def test_a_taken_passive_port_is_skipped(site):
 
 def test_the_web_manager_in_the_parent_sees_the_workers(site):
     """The manager (in the parent) logs in, shows FTP/SFTP running, and counts and lists the workers' logins."""
-    for ftp in site.ftp_on_each_worker("ftp", "127.0.0.63").values():  # this test's own logins, one per worker
+    for ftp in site.ftp_on_each_worker("ftp", "127.0.0.64").values():  # this test's own logins, one per worker
         ftp.login("alice", "alice-pass")
         ftp.quit()
     for index in (1, 2):
-        site.event(lambda e, index=index: e["event"] == "authentication" and e["peer"] == "127.0.0.63" and e["worker"] == index)
+        site.event(lambda e, index=index: e["event"] == "authentication" and e["peer"] == "127.0.0.64" and e["worker"] == index)
     client = HTTPSClient(site.manager)
     assert client.login("admin", ADMIN_PASSWORD)[0] == 200
     status, body = client.get_json("/api/v1/services")
