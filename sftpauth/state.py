@@ -423,7 +423,7 @@ class RedisConnection:
             self.location.url,
             self.location.db,
             self._pool_size,
-            isLazy=False,  # lazy, txredisapi logs each refused retry: the down line above is enough
+            isLazy=False,  # a lazy factory has txredisapi log each refused retry; our one "down" line is enough
             charset="utf-8",
             replyTimeout=self.timeout,
             convertNumbers=False,
@@ -534,7 +534,7 @@ class RedisConnection:
         """A command with no answer within the timeout: Redis is down for every command, not this one."""
         import txredisapi
 
-        if failure.check(txredisapi.TimeoutError):
+        if failure.check(txredisapi.TimeoutError) and self._factory is not None:  # not while stopping
             # Only this connection is closed (by txredisapi): without this the next
             # command would wait the whole timeout again on the other one.
             self._went_down(f"no answer within {self.timeout:g}s")

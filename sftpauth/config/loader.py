@@ -590,9 +590,7 @@ def _cross_check(problems: _Problems, configuration: models.Configuration) -> No
         if not account.password:
             problems.warn(section, "password", "no password is set: this account cannot log in")
         elif not _looks_like_hash(account.password):
-            problems.error(
-                section, "password", _NOT_A_HASH
-            )
+            problems.error(section, "password", _NOT_A_HASH)
 
 
 def _check_manager(problems: _Problems, configuration: models.Configuration) -> None:
@@ -612,9 +610,7 @@ def _check_manager(problems: _Problems, configuration: models.Configuration) -> 
         if not administrator.password:
             problems.warn(section, "password", "no password is set: this administrator cannot log in")
         elif not _looks_like_hash(administrator.password):
-            problems.error(
-                section, "password", _NOT_A_HASH
-            )
+            problems.error(section, "password", _NOT_A_HASH)
     for service_id, service in configuration.services.items():
         if not isinstance(service, models.ManagerServiceSettings):
             continue
