@@ -21,7 +21,7 @@ from configobj import ConfigObj, ConfigObjError
 from validate import ValidateError, VdtMissingValue
 
 from sftpauth.config import models
-from sftpauth.config.checks import SWITCHED_OFF, UNSUPPORTED, make_validator
+from sftpauth.config.checks import SWITCHED_OFF, UNSUPPORTED, make_validator, yesno
 from sftpauth.config.errors import ConfigError, ConfigProblem
 
 SPEC_PATH = os.path.join(os.path.dirname(__file__), "configspec.ini")
@@ -117,26 +117,21 @@ def _preprocess(text: str) -> tuple[list[str], _SourceMap]:
         option, continuation, first_value = None, [], ""
         continuation_lines = []
         header = _SECTION_LINE.match(stripped)
-        if stripped.startswith("[") and not header:
-            source.problems.append((number, None, None, _SECTION_LINE_FORM))
-            source.places[number] = (None, None)
-            ignored += 1
-            section = f"{_IGNORED}{ignored}"
-            output.append(f"[{section}]")
-            continue
-        if header:
-            name = header.group("name")
+        if stripped.startswith("["):
+            name = header.group("name") if header else ""
             unusable = None
-            if len(header.group("open")) != len(header.group("close")):
+            if header is None or len(header.group("open")) != len(header.group("close")):
                 unusable = _SECTION_LINE_FORM
             elif len(header.group("open")) > 1:
                 unusable = f"nested section [[{name}]] is not allowed: a section line is [kind/ID], with single brackets"
             elif name in source.sections:
                 unusable = f"duplicate section, first given on line {source.sections[name]}"
             if unusable:
-                # Reported here; its options go to a section nobody checks, not to the one above.
-                source.problems.append((number, section if header.group("open") != "[" else name, None, unusable))
-                source.places[number] = (section, None)
+                # Reported here; its options go to a section nobody checks, not to the one above. A line
+                # that is no section line names none; a nested section is named by the one it is in.
+                where = None if header is None else (name if header.group("open") == "[" else section)
+                source.problems.append((number, where, None, unusable))
+                source.places[number] = (where, None)
                 ignored += 1
                 section = f"{_IGNORED}{ignored}"
                 output.append(f"[{section}]")
@@ -369,7 +364,7 @@ def _check_section(
     result: dict[str, Any] = {}
     values_with_errors: set[str] = set()
     aliases = _ALIASES.get(kind, {})
-    disabled = str(values.get("enabled", "")).strip().lower() in ("no", "false", "off", "0")
+    disabled = _switched_off(values)
     for option, value in values.items():
         name = aliases.get(option, option)  # the option it stands for; errors name the one written
         if name not in spec:
@@ -409,6 +404,14 @@ def _check_section(
         if default is not UNSUPPORTED:
             result[option] = default
     return result
+
+
+def _switched_off(values: Mapping[str, str]) -> bool:
+    """``enabled = no`` (in any spelling ``yesno`` takes): the section is there but not used."""
+    try:
+        return yesno(values["enabled"]) is False
+    except (KeyError, ValidateError):
+        return False  # absent (enabled by default), or an error reported on its own line
 
 
 # Other names SFTPPlus gives an option, by section kind: SFTPPlus's [administrators/..] name

@@ -1120,10 +1120,11 @@ def test_an_empty_secret_names_its_variable_or_file(tmp_path):
 def test_a_missing_secret_is_a_warning_in_a_disabled_section_only():
     problem = only_problem(LDAP_WITH_SECRET.format(enabled="", secret="env:NOT_SET"))
     assert problem.message == "environment variable 'NOT_SET' is not set"
-    configuration = parse(LDAP_WITH_SECRET.format(enabled="enabled = no\n", secret="env:NOT_SET"))
-    assert configuration.authentications["d"].enabled is False
-    assert [(w.option, w.line) for w in configuration.warnings] == [("service_account_password", 7)]
-    assert "not needed while the section has enabled = no" in configuration.warnings[0].message
+    for spelling in ("no", '"No"', "disabled", "off"):  # as enabled itself is read
+        configuration = parse(LDAP_WITH_SECRET.format(enabled=f"enabled = {spelling}\n", secret="env:NOT_SET"))
+        assert configuration.authentications["d"].enabled is False
+        assert [(w.option, w.line) for w in configuration.warnings] == [("service_account_password", 7)]
+        assert "not needed while the section has enabled = no" in configuration.warnings[0].message
 
 
 def test_a_data_folder_that_is_a_file_is_an_error(tmp_path):
