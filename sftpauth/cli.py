@@ -65,8 +65,9 @@ def summary(configuration: Configuration) -> str:
     )
     for warning in configuration.warnings:
         lines.append(f"warning: {warning}")
-    if configuration.serves_nobody():
-        lines.append(f"warning: {configuration.serves_nobody()}")
+    nobody = configuration.serves_nobody()
+    if nobody:
+        lines.append(f"warning: {nobody}")
     return "\n".join(lines)
 
 

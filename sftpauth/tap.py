@@ -253,8 +253,9 @@ def _make_service(options: Options, reactor=None) -> MultiService:
     configuration: Configuration = options["configuration"]
     for warning in configuration.warnings:
         _log.warn("configuration: {warning}", warning=str(warning))
-    if configuration.serves_nobody():
-        _log.warn("configuration: {warning}", warning=configuration.serves_nobody())
+    nobody = configuration.serves_nobody()
+    if nobody:
+        _log.warn("configuration: {warning}", warning=nobody)
     before, after = raise_open_file_limit()
     _log.info("open files: at most {after}" + (" (raised from {before})" if after != before else ""), before=before, after=after)
     runtime = build_runtime(configuration, reactor)
