@@ -14,9 +14,12 @@ Cells (each bounded by ``--logins`` and ``--seconds``):
   the user, read the entry (base search), UNBIND; concurrency 1, 8, 32;
 * ftp: connect, USER, PASS, PWD, QUIT (asyncio client); 1, 8, 32, 128;
 * sftp: connect, key exchange, password, SFTP subsystem, list the home
-  folder, close (threads, TCP_NODELAY; ``--sftp-client libssh2`` (default:
-  ssh2-python, about 1 ms of client CPU per login) or ``paramiko`` (5-7
-  ms, which on 2 shared cores bounds what sftpauth can show)); 1, 8, 32, 128.
+  folder, close (TCP_NODELAY; ``--sftp-client libssh2`` (default:
+  ssh2-python in non-blocking mode, every connection in one thread, about
+  0.7-1 ms of client CPU per login), ``libssh2-threads`` (a blocking
+  libssh2 session per thread: 0.2-0.4 ms more) or ``paramiko`` (threads,
+  5-7 ms, which on 2 shared cores bounds what sftpauth can show)); 1, 8,
+  32, 128.
 
 For each: logins/s, latency p50/p95/p99, failures, and the CPU time of the
 sftpauth (twistd) process and of slapd per login (/proc/PID/stat utime +
@@ -136,7 +139,9 @@ def measure(kind: str, concurrency: int, args, logins: int, seconds: float, star
     cpu_before = {name: lib.tree_cpu_seconds(pid, children[name]) for name, pid in pids.items()}
     client_before = _own_cpu_seconds()
     started = time.monotonic()
-    if kind == "sftp":
+    if kind == "sftp" and args.sftp_client == "libssh2":
+        lib.run_libssh2_cell(cell, HOST, server.ports[1], concurrency, args.sources == "many", OPERATION_TIMEOUT)
+    elif kind == "sftp":
         _thread_cell(cell, concurrency, login, args.sources == "many")
     else:
         asyncio.run(_async_cell(cell, concurrency, login, args.sources == "many"))
@@ -299,8 +304,9 @@ def main() -> None:
                              "users are; one: all from 127.0.0.1, where sftpauth runs at most 2 logins of one "
                              "address at once and queues the others (up to 1,000)")
     parser.add_argument("--sftp-client", choices=sorted(lib.SFTP_CLIENTS), default="libssh2",
-                        help="the SFTP load generator: libssh2 (default, ssh2-python: about 1 ms of CPU per "
-                             "login) or paramiko (5-7 ms, as much as sftpauth itself)")
+                        help="the SFTP load generator: libssh2 (default, ssh2-python, every connection in one "
+                             "thread: about 0.7-1 ms of CPU per login), libssh2-threads (a thread per connection: "
+                             "0.2-0.4 ms more) or paramiko (5-7 ms, as much as sftpauth itself)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder (logs)")
     parser.add_argument("--workers", nargs="+", type=int, default=[1],
                         help="[server] workers values to run the ftp and sftp cells with (e.g. 1 2); the ratio "
