@@ -58,7 +58,10 @@ from sftpauth.config.models import ServiceSettings
 _log = Logger()
 
 LOGIN_GRACE_SECONDS = 120  # from connect to a successful login, FTP and SSH alike (OpenSSH's LoginGraceTime)
-LISTEN_BACKLOG = 50  # Twisted's listenTCP default, what a single process listens with
+# Connections the kernel completes and holds until the reactor accepts them. Twisted's default of 50
+# is overrun by a burst of logins while the reactor is busy; Linux then drops the SYNs and the
+# clients retry after 1 s (then 3, 7 s). Capped by net.core.somaxconn (4096 since Linux 5.4).
+LISTEN_BACKLOG = 1024
 PROXY_HEADER_TIMEOUT = 10.0  # seconds for the PROXY header to arrive
 MAX_EARLY_BYTES = 65536  # bytes a client may send while the policy decides
 PROBLEM_LOG_INTERVAL = 10.0  # seconds between two log lines about bad PROXY headers of one service
@@ -414,8 +417,8 @@ def _is_ipv6(address: str) -> bool:
 
 def endpoint_for(reactor, address: str, port: int):
     if _is_ipv6(address):
-        return TCP6ServerEndpoint(reactor, port, interface=address)
-    return TCP4ServerEndpoint(reactor, port, interface=address)
+        return TCP6ServerEndpoint(reactor, port, backlog=LISTEN_BACKLOG, interface=address)
+    return TCP4ServerEndpoint(reactor, port, backlog=LISTEN_BACKLOG, interface=address)
 
 
 def bind_shared_socket(address: str, port: int, backlog: int = LISTEN_BACKLOG) -> socket.socket:
