@@ -212,12 +212,13 @@ async def test_wrong_password_ends_the_walk_at_the_base_where_the_user_is(ldap):
 
 
 @pytest_twisted.ensureDeferred
-async def test_reason_from_the_last_base_when_all_fail(ldap):
-    """When no base holds the user, the reason (and its explanation) comes from the last base tried."""
+async def test_every_base_tried_is_named_when_all_fail(ldap):
+    """When no base holds the user, the explanation names each DN tried, in order."""
     site = ldap(PARENT_THREE_BASES)
     outcome = await site.login("nobody", "nobody-pass")
     assert outcome.reason == "unknown-user"
-    assert outcome.event["detail"] == f"no entry uid=nobody,{CONTRACTORS}"
+    assert outcome.event["detail"] == "; ".join(
+        f"no entry uid=nobody,{base}" for base in (ACCOUNTING, ENGINEERING, CONTRACTORS))
     assert len(binds_of(outcome)) == 3
 
 

@@ -83,6 +83,8 @@ class RecordingDirectory(ServerFactory):
         self.accept: dict[str, str] = {}
         # bind name -> (result code, diagnostic message) answered whatever the password
         self.refuse: dict[str, tuple[int, str]] = {}
+        # search bases answered insufficientAccessRights: the directory will not say whether they exist
+        self.unreadable: set[str] = set()
 
     def buildProtocol(self, addr):
         self.connections += 1
@@ -120,6 +122,8 @@ class RecordingLDAPServer(LDAPServer):
     def handle_LDAPSearchRequest(self, request, controls, reply):
         base = request.baseObject.decode("utf-8") if isinstance(request.baseObject, bytes) else request.baseObject
         self.factory.searches.append((base, filter_text(request.filter)))
+        if base in self.factory.unreadable:
+            return pureldap.LDAPSearchResultDone(resultCode=50, errorMessage="insufficient access")
         return super().handle_LDAPSearchRequest(request, controls, reply)
 
     def handle_LDAPUnbindRequest(self, request, controls, reply):
@@ -462,6 +466,39 @@ async def test_parent_walks_on_when_ad_says_user_not_found_under_a_base(director
     account = await method.authenticate(request("John Smith"))
     assert account.dn == JOHN_DN
     assert directory.binds == [f"cn=John Smith,ou=Contractors,{DOMAIN}", JOHN_DN]
+
+
+PARENT_TWO_BASES = f"""
+bind_dn_type = parent
+bind_dn =
+    ou=Contractors,{DOMAIN}
+    {USERS}
+username_attribute = cn
+"""
+
+
+@pytest_twisted.ensureDeferred
+async def test_parent_names_every_dn_tried_when_no_base_holds_the_user(directory, tmp_path):
+    """The audit detail says why each base failed, not only the last one."""
+    contractor, user = f"cn=nobody,ou=Contractors,{DOMAIN}", f"cn=nobody,{USERS}"
+    directory.refuse[contractor] = (49, AD_MESSAGE.format(code="525"))
+    directory.refuse[user] = (49, "invalid credentials")  # no AD sub-code: sftpauth asks whether it exists
+    failure = await failure_of(method_for(directory, PARENT_TWO_BASES, tmp_path), request("nobody"))
+    assert failure.reason == "unknown-user"
+    assert failure.explanation == f"Active Directory: user not found: {contractor}; no entry {user}"
+
+
+@pytest_twisted.ensureDeferred
+@pytest.mark.parametrize("unreadable", [0, 1])
+async def test_a_base_that_will_not_say_outweighs_bases_without_the_user(directory, tmp_path, unreadable):
+    """The account may be in the base the directory will not show: invalid-credentials, whatever its place."""
+    dns = [f"cn=nobody,ou=Contractors,{DOMAIN}", f"cn=nobody,{USERS}"]
+    for dn in dns:
+        directory.refuse[dn] = (49, "invalid credentials")
+    directory.unreadable.add(dns[unreadable])
+    failure = await failure_of(method_for(directory, PARENT_TWO_BASES, tmp_path), request("nobody"))
+    assert failure.reason == "invalid-credentials"
+    assert failure.explanation == f"BIND as {dns[unreadable]} failed and the directory does not say whether it exists"
 
 
 @pytest_twisted.ensureDeferred

@@ -147,7 +147,14 @@ class BindStrategy:
         raise NotImplementedError
 
     async def authenticate(self, connection: LDAPConnection, lookup: Lookup) -> Entry:
-        reason = ("unknown-user", "no base DN is configured")
+        """The first base where the BIND works, or where the entry exists (wrong password), decides.
+
+        When none does, the detail names every DN tried. A base where the
+        directory would not say whether the entry exists outweighs bases
+        where it does not: the account may be there (``invalid-credentials``).
+        """
+        missing: list[str] = []  # why each DN tried is not an account
+        undecided: Optional[tuple[str, str]] = None
         for dn in self.candidate_dns(lookup):
             if lookup.before_bind is not None:
                 await lookup.before_bind(connection, dn, None)
@@ -158,7 +165,7 @@ class BindStrategy:
             lookup.trace("bind", f"BIND as {dn}: {describe(result)}")
             known = classify_bind_failure(result)
             if known is not None and known[0] == "unknown-user":
-                reason = (known[0], f"{known[1]}: {dn}")
+                missing.append(f"{known[1]}: {dn}")
                 continue  # Active Directory says so: try the next base
             if known is not None:
                 raise LoginFailed(*known)
@@ -168,10 +175,13 @@ class BindStrategy:
             if exists:
                 raise LoginFailed("invalid-password", f"wrong password for {dn}")
             if exists is None:
-                reason = ("invalid-credentials", f"BIND as {dn} failed and the directory does not say whether it exists")
+                undecided = undecided or (
+                    "invalid-credentials", f"BIND as {dn} failed and the directory does not say whether it exists")
             else:
-                reason = ("unknown-user", f"no entry {dn}")
-        raise LoginFailed(*reason)
+                missing.append(f"no entry {dn}")
+        if undecided is not None:
+            raise LoginFailed(*undecided)
+        raise LoginFailed("unknown-user", "; ".join(missing) or "no base DN is configured")
 
 
 class ParentStrategy(BindStrategy):
