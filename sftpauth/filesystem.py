@@ -6,6 +6,12 @@ followed) must still be inside it, so a symlink planted in a home folder
 cannot reach ``/etc``. Names with NUL bytes, over-long names and
 undecodable bytes are refused.
 
+The real path is then used without following any link (:func:`_beneath`):
+each folder of it is opened from the one above with ``O_NOFOLLOW``, and the
+operation acts on a name relative to the last one. A folder swapped for a
+link between the check and the use (by someone with a shell on the
+machine) makes the operation fail instead of leading outside.
+
 :class:`JailedFilesystem` is the only place that touches files for a
 session: it resolves the path, checks the primary group's permission, and
 does the I/O in a thread so the reactor never waits on a disk.
@@ -18,7 +24,8 @@ import os
 import posixpath
 import re
 import stat as stat_module
-from typing import Any, Callable, Optional, Union
+from contextlib import ExitStack, contextmanager
+from typing import Any, Callable, Iterator, Optional, Union
 
 from twisted.internet import defer
 
@@ -147,6 +154,71 @@ def resolve_entry(root: str, client_path: Union[str, bytes], cwd: str = "/") -> 
     return entry
 
 
+# A folder opened only to be walked through or used as the ``dir_fd`` of the next call: O_PATH needs
+# no read permission on it (as walking a path does not), where the system has it.
+_WALK_FLAGS = getattr(os, "O_PATH", os.O_RDONLY) | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_FOLDER_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC  # a folder to list
+
+
+@contextmanager
+def _beneath(root: str, real: str) -> Iterator[tuple[int, str]]:
+    """``(folder, name)``: the folder holding ``real``, open, and ``real``'s last name in it.
+
+    ``real`` is what :func:`resolve` or :func:`resolve_entry` returned:
+    inside ``root``, and when it was checked none of its folders was a
+    link. Each folder is opened from the one above it with ``O_NOFOLLOW``,
+    so one that has become a link since fails (ELOOP, ENOTDIR) instead of
+    being followed. The caller acts on ``name`` relative to ``folder``
+    (``dir_fd=``, ``follow_symlinks=False``). ``root`` itself, the home
+    folder's real path, is trusted; for ``real == root`` the name is ``.``.
+    """
+    relative = os.path.relpath(real, root)
+    names = [] if relative == os.curdir else relative.split(os.sep)
+    if os.pardir in names:
+        raise OutsideJail(real)  # never: resolve() returns paths inside root
+    folder = os.open(root, _WALK_FLAGS)
+    try:
+        for name in names[:-1]:
+            inner = os.open(name, _WALK_FLAGS, dir_fd=folder)
+            os.close(folder)
+            folder = inner
+        yield folder, names[-1] if names else os.curdir
+    finally:
+        os.close(folder)
+
+
+def _open_beneath(root: str, real: str, flags: int, mode: int = 0o666) -> int:
+    """``os.open`` of ``real`` inside ``root`` without following any link (:func:`_beneath`); a descriptor."""
+    with _beneath(root, real) as (folder, name):
+        return os.open(name, flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode, dir_fd=folder)
+
+
+def _lstat_beneath(root: str, real: str) -> os.stat_result:
+    """``os.lstat`` of ``real`` inside ``root`` without following any link of its folders."""
+    with _beneath(root, real) as (folder, name):
+        return os.stat(name, dir_fd=folder, follow_symlinks=False)
+
+
+def _exists_beneath(root: str, real: str) -> bool:
+    try:
+        _lstat_beneath(root, real)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def _open_file_beneath(root: str, real: str, flags: int, file_mode: str):
+    """A Python file object of ``real`` (see :func:`_open_beneath`); a folder is IsADirectoryError."""
+    try:
+        descriptor = _open_beneath(root, real, flags)
+    except IsADirectoryError:
+        raise IsADirectoryError(errno.EISDIR, "is a folder", real) from None
+    if stat_module.S_ISDIR(os.fstat(descriptor).st_mode):
+        os.close(descriptor)
+        raise IsADirectoryError(errno.EISDIR, "is a folder", real)
+    return os.fdopen(descriptor, file_mode)
+
+
 def _seek(file, offset: int) -> None:
     """Position an open file at ``offset``, which may be its end but not past it (closed then)."""
     size = os.fstat(file.fileno()).st_size
@@ -216,11 +288,21 @@ class JailedFilesystem:
         Allowed with allow-list or allow-read: clients stat a file before
         downloading it, so a read-only group must be able to.
         """
-        return self._call((Permission.LIST, Permission.READ), client_path, cwd, os.stat)
+        return self._call((Permission.LIST, Permission.READ), client_path, cwd, self._stat)
+
+    def _stat(self, real: str) -> os.stat_result:
+        # resolve() followed every link that stays inside: what is left to stat is no link
+        return _lstat_beneath(self.root, real)
 
     def is_directory(self, client_path, cwd: str = "/") -> defer.Deferred:
         """Whether a path is a folder; needs no permission (CWD, realpath)."""
-        return self._call(None, client_path, cwd, os.path.isdir)
+        return self._call(None, client_path, cwd, self._is_directory)
+
+    def _is_directory(self, real: str) -> bool:
+        try:
+            return stat_module.S_ISDIR(self._stat(real).st_mode)
+        except OSError:
+            return False
 
     def list_directory(self, client_path, cwd: str = "/") -> defer.Deferred:
         """``[(name, stat_result)]`` of a folder, sorted by name; entries leading outside are hidden.
@@ -249,29 +331,35 @@ class JailedFilesystem:
         """
 
         def open_(real: str):
-            if not os.path.isdir(real):
-                result = os.stat(real)  # a missing one is FileNotFoundError, also with folder_only
+            result = self._stat(real)  # a missing one is FileNotFoundError, also with folder_only
+            if not stat_module.S_ISDIR(result.st_mode):
                 name = posixpath.basename(virtual_path(client_path, cwd))
                 if folder_only:
                     raise NotADirectoryError(errno.ENOTDIR, "not a folder", name)
                 reader = FolderReader(iter([(name, result)]), listed=lambda listed: listed)
             else:
-                with os.scandir(real) as iterator:
-                    names = sorted(entry.name for entry in iterator)
-                reader = FolderReader(iter(names), listed=lambda name: self._listed(real, name))
+                folder = _open_beneath(self.root, real, _FOLDER_FLAGS)
+                try:
+                    with os.scandir(folder) as iterator:
+                        names = sorted(entry.name for entry in iterator)
+                except BaseException:
+                    os.close(folder)
+                    raise
+                reader = FolderReader(iter(names), listed=lambda name: self._listed(folder, real, name),
+                                      closing=lambda: os.close(folder))
             return reader if then is None else then(reader)
 
         return self._call(Permission.LIST, client_path, cwd, open_)
 
-    def _listed(self, folder: str, name: str) -> Optional[tuple[str, os.stat_result]]:
-        """``(name, stat_result)`` of the entry ``name`` of ``folder``, None when it is not listed (leads outside, vanished, dangling)."""
-        path = os.path.join(folder, name)
+    def _listed(self, folder: int, real: str, name: str) -> Optional[tuple[str, os.stat_result]]:
+        """``(name, stat_result)`` of the entry ``name`` of the open ``folder`` (real path ``real``), None when it is not listed (leads outside, vanished, dangling)."""
         try:
-            result = os.lstat(path)
+            result = os.stat(name, dir_fd=folder, follow_symlinks=False)
             if stat_module.S_ISLNK(result.st_mode):
-                if not is_inside(self.root, path):
+                target = os.path.realpath(os.path.join(real, name))
+                if not is_inside(self.root, target):
                     return None
-                return name, os.stat(path)
+                return name, _lstat_beneath(self.root, target)
             return name, result
         except OSError:
             return None
@@ -280,8 +368,14 @@ class JailedFilesystem:
         """A :class:`FolderReader` of a folder (NotADirectoryError for a file), or ``then(reader)`` in the same thread trip."""
 
         def open_(real: str):
-            entries = os.scandir(real)  # NotADirectoryError for a file
-            reader = FolderReader(entries, listed=lambda entry: self._listed(real, entry.name))
+            folder = _open_beneath(self.root, real, _FOLDER_FLAGS)  # NotADirectoryError for a file
+            try:
+                entries = os.scandir(folder)
+            except BaseException:
+                os.close(folder)
+                raise
+            reader = FolderReader(entries, listed=lambda entry: self._listed(folder, real, entry.name),
+                                  closing=lambda: os.close(folder))
             return reader if then is None else then(reader)
 
         return self._call(Permission.LIST, client_path, cwd, open_)
@@ -290,11 +384,8 @@ class JailedFilesystem:
         """The file, positioned at ``offset`` (a resumed download); OffsetPastEnd beyond its end."""
         return self._call(Permission.READ, client_path, cwd, self._open_read, offset)
 
-    @staticmethod
-    def _open_read(real: str, offset: int):
-        if os.path.isdir(real):
-            raise IsADirectoryError(errno.EISDIR, "is a folder", real)
-        file = open(real, "rb")
+    def _open_read(self, real: str, offset: int):
+        file = _open_file_beneath(self.root, real, os.O_RDONLY, "rb")
         if offset:
             _seek(file, offset)
         return file
@@ -305,13 +396,11 @@ class JailedFilesystem:
         """A new or emptied file; ``append``: written at its end; ``offset``: kept up to it, written from it (a resumed upload)."""
         return self._call(Permission.WRITE, client_path, cwd, self._open_write, append, offset, creates=True)
 
-    @staticmethod
-    def _open_write(real: str, append: bool, offset: int):
-        if os.path.isdir(real):
-            raise IsADirectoryError(errno.EISDIR, "is a folder", real)
+    def _open_write(self, real: str, append: bool, offset: int):
         if not offset:
-            return open(real, "ab" if append else "wb")
-        file = open(real, "r+b")  # an upload resumed at offset: the file must exist
+            flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if append else os.O_TRUNC)
+            return _open_file_beneath(self.root, real, flags, "ab" if append else "wb")
+        file = _open_file_beneath(self.root, real, os.O_RDWR, "r+b")  # an upload resumed at offset: the file must exist
         _seek(file, offset)
         file.truncate()
         return file
@@ -342,20 +431,28 @@ class JailedFilesystem:
             return defer.fail()
 
         def work():
-            real = self.resolve(virtual)
-            if os.path.isdir(real):
-                raise IsADirectoryError(errno.EISDIR, "is a folder", virtual)
+            real = resolve(self.root, virtual)
             try:
-                return os.open(real, flags | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0), mode & 0o777)
+                descriptor = _open_beneath(self.root, real, flags, mode & 0o777)
+            except IsADirectoryError:
+                raise IsADirectoryError(errno.EISDIR, "is a folder", virtual) from None
             except FileNotFoundError:
                 if refused is not None:
                     raise refused from None  # it did not exist: say why it was not made
                 raise
+            if stat_module.S_ISDIR(os.fstat(descriptor).st_mode):
+                os.close(descriptor)
+                raise IsADirectoryError(errno.EISDIR, "is a folder", virtual)
+            return descriptor
 
         return self._run_in_thread(work)
 
     def make_directory(self, client_path, cwd: str = "/") -> defer.Deferred:
-        return self._call(Permission.CREATE_FOLDER, client_path, cwd, os.mkdir, 0o755, creates=True)
+        return self._call(Permission.CREATE_FOLDER, client_path, cwd, self._mkdir, creates=True)
+
+    def _mkdir(self, real: str) -> None:
+        with _beneath(self.root, real) as (folder, name):
+            os.mkdir(name, 0o755, dir_fd=folder)
 
     def remove_directory(self, client_path, cwd: str = "/") -> defer.Deferred:
         """Remove an empty folder; a symlink to a folder is not one (NotADirectoryError: DELE removes the link)."""
@@ -364,17 +461,18 @@ class JailedFilesystem:
     def _rmdir(self, real: str) -> None:
         if real == self.root:
             raise PermissionError(errno.EACCES, "the home folder cannot be removed", "/")
-        os.rmdir(real)
+        with _beneath(self.root, real) as (folder, name):
+            os.rmdir(name, dir_fd=folder)
 
     def remove_file(self, client_path, cwd: str = "/") -> defer.Deferred:
         """Remove a file, or a symlink itself (whatever it points to, even a folder or nothing)."""
         return self._call(Permission.DELETE_FILE, client_path, cwd, self._remove, entry=True)
 
-    @staticmethod
-    def _remove(real: str) -> None:
-        if stat_module.S_ISDIR(os.lstat(real).st_mode):
-            raise IsADirectoryError(errno.EISDIR, "is a folder", real)
-        os.remove(real)
+    def _remove(self, real: str) -> None:
+        with _beneath(self.root, real) as (folder, name):
+            if stat_module.S_ISDIR(os.stat(name, dir_fd=folder, follow_symlinks=False).st_mode):
+                raise IsADirectoryError(errno.EISDIR, "is a folder", real)
+            os.unlink(name, dir_fd=folder)
 
     def rename(self, from_path, to_path, cwd: str = "/", overwrite: bool = True) -> defer.Deferred:
         try:
@@ -391,21 +489,32 @@ class JailedFilesystem:
             real_target = resolve_entry(self.root, target)
             if real_source == self.root:
                 raise PermissionError(errno.EACCES, "the home folder cannot be renamed", "/")
-            if os.path.lexists(real_target):
-                if not overwrite:
-                    raise FileExistsError(errno.EEXIST, "the target exists", target)
-                # Replacing a file destroys it: that needs the right to delete it.
-                if stat_module.S_ISDIR(os.lstat(real_target).st_mode):
-                    raise FileExistsError(errno.EEXIST, "the target is a folder", target)
-                self.require(Permission.DELETE_FILE, target)
-            try:
-                os.rename(real_source, real_target)
-            except FileNotFoundError:
-                if os.path.lexists(real_source):  # then the missing one is the target's folder
-                    raise FileNotFoundError(errno.ENOENT, "the target's folder does not exist", target) from None
-                raise
+            with ExitStack() as opened:
+                source_folder, source_name = opened.enter_context(_beneath(self.root, real_source))
+                try:
+                    target_folder, target_name = opened.enter_context(_beneath(self.root, real_target))
+                except FileNotFoundError:
+                    if _exists_beneath(self.root, real_source):
+                        raise FileNotFoundError(errno.ENOENT, "the target's folder does not exist", target) from None
+                    raise
+                self._replace(source_folder, source_name, target_folder, target_name, target, overwrite)
 
         return self._run_in_thread(work)
+
+    def _replace(self, source_folder: int, source_name: str, target_folder: int, target_name: str, target: str,
+                 overwrite: bool) -> None:
+        try:
+            existing = os.stat(target_name, dir_fd=target_folder, follow_symlinks=False)
+        except FileNotFoundError:
+            existing = None
+        if existing is not None:
+            if not overwrite:
+                raise FileExistsError(errno.EEXIST, "the target exists", target)
+            # Replacing a file destroys it: that needs the right to delete it.
+            if stat_module.S_ISDIR(existing.st_mode):
+                raise FileExistsError(errno.EEXIST, "the target is a folder", target)
+            self.require(Permission.DELETE_FILE, target)
+        os.rename(source_name, target_name, src_dir_fd=source_folder, dst_dir_fd=target_folder)
 
     def set_times(self, client_path, atime: float, mtime: float, cwd: str = "/") -> defer.Deferred:
         return self.set_attributes(client_path, times=(atime, mtime), cwd=cwd)
@@ -413,11 +522,29 @@ class JailedFilesystem:
     def set_attributes(self, client_path, size: Optional[int] = None, times: Optional[tuple[float, float]] = None,
                        cwd: str = "/") -> defer.Deferred:
         """Change a file's size (truncate or extend), then its (atime, mtime); needs allow-write."""
-        return self._call(Permission.WRITE, client_path, cwd, change_attributes, size, times)
+        return self._call(Permission.WRITE, client_path, cwd, self._change_attributes, size, times)
+
+    def _change_attributes(self, real: str, size: Optional[int], times: Optional[tuple[float, float]]) -> None:
+        if size is not None:
+            descriptor = _open_beneath(self.root, real, os.O_WRONLY)  # a folder: IsADirectoryError
+            try:
+                change_attributes(descriptor, size, None)
+            finally:
+                os.close(descriptor)
+        if times is not None:
+            with _beneath(self.root, real) as (folder, name):
+                os.utime(name, times, dir_fd=folder, follow_symlinks=False)
 
     def statvfs(self, client_path, cwd: str = "/") -> defer.Deferred:
         """``os.statvfs`` of the file system holding a path (SFTP ``df``); allowed as :meth:`stat` is."""
-        return self._call((Permission.LIST, Permission.READ), client_path, cwd, os.statvfs)
+        return self._call((Permission.LIST, Permission.READ), client_path, cwd, self._statvfs)
+
+    def _statvfs(self, real: str) -> os.statvfs_result:
+        descriptor = _open_beneath(self.root, real, _WALK_FLAGS & ~os.O_DIRECTORY)
+        try:
+            return os.statvfs(descriptor)
+        finally:
+            os.close(descriptor)
 
     def run(self, function: Callable[..., Any], *args: Any) -> defer.Deferred:
         """Run other blocking file work (reads, writes of an open file) in the thread pool."""
@@ -445,10 +572,13 @@ class FolderReader:
     :meth:`close` in the thread pool, one at a time.
     """
 
-    def __init__(self, iterator: Any, listed: Callable[[Any], Optional[tuple[str, os.stat_result]]]):
-        # ``listed`` turns what the iterator gives into an entry (None: not listed)
+    def __init__(self, iterator: Any, listed: Callable[[Any], Optional[tuple[str, os.stat_result]]],
+                 closing: Optional[Callable[[], None]] = None):
+        # ``listed`` turns what the iterator gives into an entry (None: not listed); ``closing``
+        # releases what the entries are read from (the folder's descriptor), once.
         self._listed = listed
         self._iterator = iterator
+        self._closing = closing
         self.finished = False
 
     def read(self, count: int) -> list[tuple[str, os.stat_result]]:
@@ -476,6 +606,9 @@ class FolderReader:
         close = getattr(self._iterator, "close", None)  # a folder's scandir; a list of names has none
         if close is not None:
             close()
+        closing, self._closing = self._closing, None
+        if closing is not None:
+            closing()
 
 
 def file_type_letter(mode: int) -> str:

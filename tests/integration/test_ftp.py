@@ -22,6 +22,7 @@ import pytest
 
 from sftpauth.auth.passwords import hash_password
 
+from . import jail_race
 from .server import SftpauthServer, free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -1234,3 +1235,28 @@ def test_existing_names_that_are_not_utf8_stay_usable(ftp_server):
     assert sorted(name for name in os.listdir(home) if name.startswith(stem.encode())) == [
         stem.encode() + b"-caf\xc3\xa9.txt"
     ]
+
+
+def test_a_folder_swapped_for_a_link_while_a_client_uses_it_never_leads_outside(ftp_server, tmp_path):
+    """SPEC §4 under a race: another local process swaps a folder of the home for a link outside, and back."""
+    home = ftp_server.home("carol")
+    outside = tmp_path / "outside"
+    jail_race.prepare(home, outside)
+    client = ftp_server.client("carol", "carol-pass")
+    downloads, uploads = [], 0
+    with jail_race.swapping(home):
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline:
+            try:
+                downloads.append(download(client, "sw/secret.txt"))
+            except (ftplib.error_perm, ftplib.error_temp):
+                pass  # the folder was missing or a link: refused
+            try:
+                upload(client, f"sw/planted-{uploads}.txt", b"planted")
+                uploads += 1
+            except (ftplib.error_perm, ftplib.error_temp):
+                pass
+    client.quit()
+    assert jail_race.OUTSIDE not in downloads
+    assert jail_race.INSIDE in downloads and uploads  # the swaps left room for some to work
+    assert jail_race.outside_unchanged(outside)

@@ -17,6 +17,7 @@ from pathlib import Path
 import paramiko
 import pytest
 
+from . import jail_race
 from .server import SftpauthServer, free_port
 from .sftp_fixtures import (
     PASSWORDS,
@@ -1266,3 +1267,28 @@ def test_ssh_compression_is_not_offered(site):
         transport.close()
     with ssh_transport(site.port, "alice", PASSWORDS["alice"]) as working:
         assert working.remote_compression == "none"
+
+
+def test_a_folder_swapped_for_a_link_while_a_client_uses_it_never_leads_outside(site, alice, tmp_path):
+    """SPEC §4 under a race: another local process swaps a folder of the home for a link outside, and back."""
+    home = site.home("alice") / unique("race")
+    outside = tmp_path / "outside"
+    jail_race.prepare(home, outside)
+    folder = home.name
+    downloads, uploads = [], 0
+    with jail_race.swapping(home):
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline:
+            try:
+                with alice.open(f"{folder}/sw/secret.txt") as file:
+                    downloads.append(file.read())
+            except OSError:
+                pass  # the folder was missing or a link: refused
+            try:
+                alice.putfo(io.BytesIO(b"planted"), f"{folder}/sw/planted-{uploads}.txt", confirm=False)
+                uploads += 1
+            except OSError:
+                pass
+    assert jail_race.OUTSIDE not in downloads
+    assert jail_race.INSIDE in downloads and uploads  # the swaps left room for some to work
+    assert jail_race.outside_unchanged(outside)

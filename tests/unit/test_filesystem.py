@@ -612,3 +612,106 @@ def test_set_attributes_truncates_before_setting_the_times(make_fs, root, result
     path = os.path.join(root, "a.txt")
     assert os.path.getsize(path) == 2
     assert os.stat(path).st_mtime == 2000.0
+
+
+# -- a folder swapped for a link between the check and the use ------------------------
+#
+# resolve() checks a path, then the operation uses it. Someone with a shell on
+# the machine (not the client) can swap a folder of the path for a link to
+# anywhere in between. Each operation must then fail or stay inside: it may not
+# follow the new link. The swap is made exactly in that window here; a real
+# race with real clients is in tests/integration/test_ftp.py and test_sftp.py (jail_race.py).
+
+
+@pytest.fixture
+def raced(root, monkeypatch):
+    """Make ``/sw`` a link to a folder outside right after the operation's path was resolved; returns the outside folder."""
+    from sftpauth import filesystem
+
+    home = root
+    outside = os.path.join(os.path.dirname(home), "outside-sw")
+    for base in (os.path.join(home, "sw"), outside):
+        os.mkdir(base)
+        os.mkdir(os.path.join(base, "emptydir"))
+        with open(os.path.join(base, "secret.txt"), "w", encoding="utf-8") as file:
+            file.write("inside" if base != outside else "OUTSIDE, longer than inside")
+    with open(os.path.join(outside, "only-outside.txt"), "w", encoding="utf-8") as file:
+        file.write("OUTSIDE")
+
+    def swap():
+        if not os.path.islink(os.path.join(home, "sw")):
+            os.rename(os.path.join(home, "sw"), os.path.join(home, "sw-was-here"))
+            os.symlink(outside, os.path.join(home, "sw"))
+
+    for name in ("resolve", "resolve_entry"):
+        checked = getattr(filesystem, name)
+
+        def then_swap(*args, _checked=checked, **kwargs):
+            real = _checked(*args, **kwargs)
+            swap()
+            return real
+
+        monkeypatch.setattr(filesystem, name, then_swap)
+    return outside
+
+
+def _tree(folder):
+    """Every entry under ``folder`` with its content or kind and mtime: what must not change."""
+    found = {}
+    for base, folders, files in os.walk(folder):
+        for name in folders + files:
+            path = os.path.join(base, name)
+            status = os.lstat(path)
+            content = open(path, "rb").read() if os.path.isfile(path) and not os.path.islink(path) else None
+            found[os.path.relpath(path, folder)] = (status.st_mode, status.st_mtime_ns, content)
+    return found
+
+
+RACED = {
+    "read": lambda fs: fs.open_for_reading("/sw/secret.txt"),
+    "resumed-read": lambda fs: fs.open_for_reading("/sw/secret.txt", offset=2),
+    "open-read": lambda fs: fs.open_file("/sw/secret.txt", os.O_RDONLY),
+    "write": lambda fs: fs.open_for_writing("/sw/planted.txt"),
+    "append": lambda fs: fs.open_for_writing("/sw/secret.txt", append=True),
+    "resumed-write": lambda fs: fs.open_for_writing("/sw/secret.txt", offset=2),
+    "open-write": lambda fs: fs.open_file("/sw/planted.txt", os.O_WRONLY | os.O_CREAT),
+    "open-truncate": lambda fs: fs.open_file("/sw/secret.txt", os.O_WRONLY | os.O_TRUNC),
+    "truncate": lambda fs: fs.set_attributes("/sw/secret.txt", size=0),
+    "set-times": lambda fs: fs.set_times("/sw/secret.txt", 1000.0, 1000.0),
+    "create-folder": lambda fs: fs.make_directory("/sw/planted"),
+    "delete-file": lambda fs: fs.remove_file("/sw/secret.txt"),
+    "delete-folder": lambda fs: fs.remove_directory("/sw/emptydir"),
+    "rename-out-of": lambda fs: fs.rename("/sw/secret.txt", "/taken.txt"),
+    "rename-into": lambda fs: fs.rename("/a.txt", "/sw/planted.txt"),
+    "stat": lambda fs: fs.stat("/sw/secret.txt"),
+    "is-directory": lambda fs: fs.is_directory("/sw/emptydir"),
+    "list": lambda fs: fs.list_directory("/sw"),
+    "list-file": lambda fs: fs.list_directory("/sw/secret.txt"),
+    "open-folder": lambda fs: fs.open_folder("/sw", then=lambda reader: reader.read_all()),
+}
+
+
+@pytest.mark.parametrize("name", sorted(RACED))
+def test_a_folder_swapped_for_a_link_after_the_check_is_not_followed(make_fs, root, raced, result_of, name):
+    """The operation fails or acts inside: nothing outside is read, listed, stat-ed, made, changed or removed."""
+    before = _tree(raced)
+    outside_size = os.path.getsize(os.path.join(raced, "secret.txt"))
+    try:
+        result = result_of(RACED[name](make_fs(FULL_CONTROL)))
+    except (OSError, OutsideJail):  # refused: what the race may cost the client
+        result = None
+    try:
+        assert _tree(raced) == before
+        if hasattr(result, "read"):
+            assert b"OUTSIDE"[2:] not in result.read()
+        elif isinstance(result, int) and not isinstance(result, bool):
+            assert b"OUTSIDE"[2:] not in os.pread(result, 100, 0)
+        elif isinstance(result, os.stat_result):
+            assert result.st_size != outside_size
+        elif isinstance(result, list):
+            assert "only-outside.txt" not in [entry for entry, _ in result]
+            assert all(status.st_size != outside_size for _, status in result)
+        elif name == "is-directory":
+            assert result is not True
+    finally:
+        _close(result)
