@@ -294,6 +294,10 @@ class JailedFilesystem:
         # resolve() followed every link that stays inside: what is left to stat is no link
         return _lstat_beneath(self.root, real)
 
+    def require_existing(self, client_path, cwd: str = "/") -> defer.Deferred:
+        """None, or FileNotFoundError when nothing has that name; needs no permission (the caller checks its own)."""
+        return self._call(None, client_path, cwd, lambda real: self._stat(real) and None)
+
     def is_directory(self, client_path, cwd: str = "/") -> defer.Deferred:
         """Whether a path is a folder; needs no permission (CWD, realpath)."""
         return self._call(None, client_path, cwd, self._is_directory)

@@ -310,6 +310,9 @@ def sftp_error(failure: Failure) -> Failure:
         code, message = FX_FAILURE, "is a folder"
     elif isinstance(error, NotADirectoryError):
         code, message = FX_FAILURE, "not a folder"
+    elif isinstance(error, OverflowError):
+        # An offset or size of 2**63 or more (SFTP's are 64-bit unsigned): the client's mistake, not ours.
+        code, message = FX_FAILURE, "offset or size out of range"
     elif isinstance(error, OSError):
         if error.errno == errno.ENOTEMPTY:
             message = "the folder is not empty"
@@ -661,7 +664,8 @@ class JailedSFTPServer:
         except Exception:
             return defer.fail(sftp_error(Failure()))
         if size is None and times is None:
-            d = self.filesystem.stat(path).addCallback(lambda _: None)  # "no such file" still answers
+            # Permission bits only: accepted and ignored with allow-write, but a missing file is still said so.
+            d = self.filesystem.require_existing(path)
         else:
             d = self.filesystem.set_attributes(path, size, times)
         if size is not None:

@@ -21,10 +21,12 @@ from twisted.internet import defer
 from sftpauth import ssh
 from sftpauth.account import Account
 from sftpauth.filesystem import FolderReader, JailedFilesystem
-from sftpauth.permissions import FULL_CONTROL
+from sftpauth.permissions import FULL_CONTROL, Permission
 
 FXP_INIT, FXP_VERSION, FXP_OPEN, FXP_CLOSE, FXP_READ = 1, 2, 3, 4, 5
+FXP_WRITE, FXP_SETSTAT, FXP_FSETSTAT = 6, 9, 10
 FXP_OPENDIR, FXP_READDIR, FXP_REMOVE, FXP_MKDIR, FXP_RENAME = 11, 12, 13, 14, 18
+FILEXFER_ATTR_SIZE, FILEXFER_ATTR_PERMISSIONS = 0x01, 0x04
 FXP_STATUS, FXP_HANDLE, FXP_DATA, FXP_NAME = 101, 102, 103, 104
 FX_OK, FX_EOF, FX_FAILURE, FX_BAD_MESSAGE = 0, 1, 4, 5
 FXF_READ, FXF_WRITE, FXF_CREAT, FXF_TRUNC = 0x01, 0x02, 0x08, 0x10
@@ -78,10 +80,10 @@ class FakeSSHTransport:
 class Client:
     """The client side of one connection: sends channel packets, reads the SFTP answers."""
 
-    def __init__(self, home: str):
+    def __init__(self, home: str, permissions=FULL_CONTROL):
         account = Account(
             username="alice", method_id="local", home_folder=home,
-            permissions=FULL_CONTROL,
+            permissions=frozenset(permissions),
             groups=("users",),
         )
         self.threads = ManualThreads()
@@ -528,3 +530,44 @@ def test_exclusive_create_of_a_name_with_control_characters_is_refused(home):
     number = client.open_sftp()
     kind, body = client.open(number, b"x\ny", FXF_WRITE | FXF_CREAT | 0x20)
     assert kind == FXP_STATUS and status_of(body)[0] == FX_BAD_MESSAGE
+
+
+# -- offsets and sizes out of range --------------------------------------------------
+
+
+@pytest.mark.parametrize("offset", [2**63, 2**64 - 1])
+def test_offsets_and_sizes_past_two_to_the_63_are_a_plain_failure(home, offset):
+    """READ, WRITE, FSETSTAT and SETSTAT with a 64-bit value the system cannot take: a failure, nothing logged as ours."""
+    from twisted.logger import LogLevel, capturedLogs
+
+    client = Client(home)
+    number = client.open_sftp()
+    kind, handle = client.open(number, b"big.bin", FXF_READ | FXF_WRITE)
+    assert kind == FXP_HANDLE
+    size = struct.pack("!LQ", FILEXFER_ATTR_SIZE, offset)
+    requests = [
+        (FXP_READ, NS(handle) + struct.pack("!QL", offset, 10)),
+        (FXP_WRITE, NS(handle) + struct.pack("!Q", offset) + NS(b"data")),
+        (FXP_FSETSTAT, NS(handle) + size),
+        (FXP_SETSTAT, NS(b"big.bin") + size),
+    ]
+    with capturedLogs() as events:
+        for request_id, (kind, payload) in enumerate(requests, start=2):
+            answer, body = client.request(number, kind, struct.pack("!L", request_id) + payload)
+            assert answer == FXP_STATUS
+            assert status_of(body) == (FX_FAILURE, "offset or size out of range")
+    assert [event for event in events if event["log_level"] >= LogLevel.error] == []
+    assert os.path.getsize(os.path.join(home, "big.bin")) == 4 * 1024 * 1024
+
+
+def test_permission_bits_alone_need_only_allow_write(home):
+    """chmod after an upload to a drop box (allow-write only) is accepted and ignored, as with full control."""
+    client = Client(home, permissions={Permission.WRITE})
+    number = client.open_sftp()
+    mode = struct.pack("!LL", FILEXFER_ATTR_PERMISSIONS, 0o600)
+    before = os.stat(os.path.join(home, "big.bin")).st_mode
+    kind, body = client.request(number, FXP_SETSTAT, struct.pack("!L", 2) + NS(b"big.bin") + mode)
+    assert kind == FXP_STATUS and status_of(body)[0] == FX_OK
+    assert os.stat(os.path.join(home, "big.bin")).st_mode == before
+    kind, body = client.request(number, FXP_SETSTAT, struct.pack("!L", 3) + NS(b"missing") + mode)
+    assert kind == FXP_STATUS and status_of(body)[0] == 2  # FX_NO_SUCH_FILE
