@@ -20,6 +20,7 @@ does the I/O in a thread so the reactor never waits on a disk.
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import posixpath
 import re
@@ -219,6 +220,21 @@ def _open_file_beneath(root: str, real: str, flags: int, file_mode: str):
     return os.fdopen(descriptor, file_mode)
 
 
+def _lock_upload(file) -> None:
+    """Hold an exclusive ``flock`` on a file being uploaded until it is closed; BlockingIOError if another has it.
+
+    Two uploads into one file at once would interleave their bytes and both
+    be told they succeeded (vsftpd's ``lock_upload_files`` prevents the
+    same). The lock is taken before the file is emptied, so a refused upload
+    changes nothing; ``flock`` works across processes, so across workers.
+    """
+    try:
+        fcntl.flock(file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        file.close()
+        raise BlockingIOError(errno.EWOULDBLOCK, "another session is uploading this file") from None
+
+
 def _seek(file, offset: int) -> None:
     """Position an open file at ``offset``, which may be its end but not past it (closed then)."""
     size = os.fstat(file.fileno()).st_size
@@ -401,12 +417,18 @@ class JailedFilesystem:
         return self._call(Permission.WRITE, client_path, cwd, self._open_write, append, offset, creates=True)
 
     def _open_write(self, real: str, append: bool, offset: int):
-        if not offset:
-            flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if append else os.O_TRUNC)
-            return _open_file_beneath(self.root, real, flags, "ab" if append else "wb")
-        file = _open_file_beneath(self.root, real, os.O_RDWR, "r+b")  # an upload resumed at offset: the file must exist
-        _seek(file, offset)
-        file.truncate()
+        """Opened without O_TRUNC, locked, then emptied or cut at ``offset``: see :func:`_lock_upload`."""
+        if offset:
+            file = _open_file_beneath(self.root, real, os.O_RDWR, "r+b")  # an upload resumed at offset: the file must exist
+        else:
+            flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if append else 0)
+            file = _open_file_beneath(self.root, real, flags, "ab" if append else "wb")
+        _lock_upload(file)
+        if offset:
+            _seek(file, offset)
+            file.truncate()
+        elif not append:
+            file.truncate(0)
         return file
 
     def open_file(self, client_path, flags: int, mode: int = 0o644, cwd: str = "/") -> defer.Deferred:

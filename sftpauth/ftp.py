@@ -203,6 +203,8 @@ def ftp_error(failure: Failure, virtual: str) -> ftp.FTPCmdError:
         return ftp.FileExistsError(virtual)
     if isinstance(error, PermissionError):
         return ftp.PermissionDeniedError(virtual)
+    if isinstance(error, BlockingIOError):
+        return FTPReplyError(450, f"{virtual}: File busy: another session is uploading it.")
     if isinstance(error, OSError):
         if error.errno == errno.ENOTEMPTY:
             return FTPReplyError(550, f"{virtual}: Folder not empty.")

@@ -1260,3 +1260,21 @@ def test_a_folder_swapped_for_a_link_while_a_client_uses_it_never_leads_outside(
     assert jail_race.OUTSIDE not in downloads
     assert jail_race.INSIDE in downloads and uploads  # the swaps left room for some to work
     assert jail_race.outside_unchanged(outside)
+
+
+def test_a_second_upload_to_a_file_being_uploaded_is_told_the_file_is_busy(ftp_server):
+    """Two STORs into one file at once would interleave their bytes: the second gets 450 and changes nothing."""
+    first, second = ftp_server.client(), ftp_server.client()
+    name = f"busy-{time.monotonic_ns()}.bin"
+    data = first.transfercmd(f"STOR {name}")  # the first upload is under way: its data connection is open
+    data.sendall(b"first " * 1000)
+    with pytest.raises(ftplib.error_temp, match=r"^450 .*busy"):
+        upload(second, name, b"second")
+    data.sendall(b"end")
+    data.close()
+    assert first.voidresp().startswith("226")
+    assert (ftp_server.home("alice") / name).read_bytes() == b"first " * 1000 + b"end"
+    upload(second, name, b"second")  # once the first is over, the file is free
+    assert (ftp_server.home("alice") / name).read_bytes() == b"second"
+    first.quit()
+    second.quit()

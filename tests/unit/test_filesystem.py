@@ -330,6 +330,20 @@ def test_offsets_resume_reads_and_writes(make_fs, root, result_of):
         assert file.read() == b"012345ab"
 
 
+@pytest.mark.parametrize("second", [{}, {"append": True}, {"offset": 2}])
+def test_a_file_being_uploaded_cannot_be_uploaded_by_another_at_once(make_fs, root, result_of, second):
+    """The second upload is refused before it empties, appends to or cuts the file; once the first ends, it may."""
+    fs = make_fs()
+    first = result_of(fs.open_for_writing("/same.bin"))
+    first.write(b"first upload")
+    first.flush()
+    with pytest.raises(BlockingIOError):
+        result_of(fs.open_for_writing("/same.bin", **second))
+    first.close()
+    assert open(os.path.join(root, "same.bin"), "rb").read() == b"first upload"
+    result_of(fs.open_for_writing("/same.bin", **second)).close()
+
+
 def test_offsets_past_the_end_or_on_a_missing_file_are_refused(make_fs, root, result_of):
     """Past the end: OffsetPastEnd and the file unchanged; resuming an upload needs the file."""
     fs = make_fs()
