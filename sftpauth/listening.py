@@ -41,12 +41,14 @@ from typing import Any, Mapping, Optional
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.internet import defer
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.endpoints import AdoptedStreamServerEndpoint, TCP4ServerEndpoint, TCP6ServerEndpoint
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IProtocolFactory
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.protocols.haproxy._exceptions import InvalidProxyHeader
+from twisted.protocols.haproxy._info import ProxyInfo
 from twisted.protocols.haproxy._v1parser import V1Parser
 from twisted.protocols.haproxy._v2parser import V2Parser
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
@@ -79,6 +81,51 @@ class InvalidHeader(Exception):
     """The connection does not start with a valid PROXY header."""
 
 
+class _V1Parser(V1Parser):
+    """Twisted's v1 parser, plus what the PROXY protocol specification asks of a receiver.
+
+    ``PROXY UNKNOWN`` with nothing after it (what HAProxy sends for a client
+    on a unix socket) is accepted: the connection's own addresses stand.
+    TCP4 must carry IPv4 addresses and TCP6 IPv6 ones, and ports are 0 to
+    65535 in decimal; anything else is a malformed header.
+    """
+
+    @classmethod
+    def parse(cls, line: bytes) -> ProxyInfo:
+        if line == b"PROXY UNKNOWN" or line.startswith(b"PROXY UNKNOWN "):
+            return ProxyInfo(line, None, None)
+        info = super().parse(line)
+        if info.source is None:
+            return info
+        version = 4 if line.startswith(b"PROXY TCP4 ") else 6
+        ports = line.split(b" ")[4:6]
+        for address_, port in zip((info.source, info.destination), ports):
+            try:
+                family = ipaddress.ip_address(address_.host).version
+            except ValueError:
+                raise InvalidHeader("the PROXY header's source is not an IP address") from None
+            if family != version:
+                raise InvalidHeader(f"malformed PROXY header (an IPv{family} address in a TCP{version} header)")
+            if not port.isdigit() or int(port) > 65535:
+                raise InvalidHeader("malformed PROXY header (a port out of range)")
+        return info
+
+
+def _canonical(address_: Any) -> Any:
+    """The same address with its host as ``ipaddress`` writes it (``2001:db8::66``), whichever parser read it.
+
+    Twisted's v2 parser writes IPv6 addresses in full (``2001:db8:0:0:0:0:0:66``);
+    audit events, bans and filters must see one spelling per client.
+    """
+    if not isinstance(address_, (IPv4Address, IPv6Address)):
+        raise InvalidHeader("the PROXY header's source is not an IP address")
+    try:
+        host = str(ipaddress.ip_address(address_.host))
+    except ValueError:
+        raise InvalidHeader("the PROXY header's source is not an IP address") from None
+    return type(address_)(address_.type, host, address_.port)
+
+
 class ProxyHeaderReader:
     """Reads one PROXY header (v1 or v2) from bytes split in any way; Twisted's parsers do the parsing."""
 
@@ -100,7 +147,7 @@ class ProxyHeaderReader:
                     raise InvalidHeader("PROXY v2 header with an unknown version")
                 self._parser = V2Parser()
             elif data[:5] == V1Parser.PROXYSTR:
-                self._parser = V1Parser()
+                self._parser = _V1Parser()
             elif V1Parser.PROXYSTR.startswith(data):
                 self._start = data
                 return None, b""
@@ -115,10 +162,7 @@ class ProxyHeaderReader:
         if info is None:
             return None, b""
         if info.source is not None:
-            try:
-                ipaddress.ip_address(info.source.host)
-            except ValueError:
-                raise InvalidHeader("the PROXY header's source is not an IP address") from None
+            info = ProxyInfo(info.header, _canonical(info.source), _canonical(info.destination))
         return info, remaining or b""
 
 

@@ -688,13 +688,48 @@ def test_proxy_v2_local_command_keeps_the_proxy_address(clock):
     assert policy.asked == ["203.0.113.9"]
 
 
+def test_proxy_v1_unknown_keeps_the_proxy_address(clock):
+    """HAProxy sends ``PROXY UNKNOWN`` for a client on a unix socket: accepted, the TCP peer stays the client."""
+    policy = FixedPolicy(None)
+    services = EchoFactory()
+    guard, transport = connect(ConnectionGuardFactory(services, service_settings(proxy=True), clock, policy))
+    guard.dataReceived(b"PROXY UNKNOWN\r\nUSER bob\r\n")
+    assert not transport.disconnecting
+    assert policy.asked == ["203.0.113.9"] and services.built[0].received == b"USER bob\r\n"
+
+
+def v2_ipv6_header(source: str, destination: str = "2001:db8::1", family=0x21) -> bytes:
+    body = socket.inet_pton(socket.AF_INET6, source) + socket.inet_pton(socket.AF_INET6, destination)
+    body += struct.pack("!HH", 5555, 22)
+    return b"\r\n\r\n\x00\r\nQUIT\n" + bytes([0x21, family]) + struct.pack("!H", len(body)) + body
+
+
+@pytest.mark.parametrize("header", [
+    v2_ipv6_header("2001:db8::66"),
+    b"PROXY TCP6 2001:db8::66 2001:db8::1 5555 22\r\n",
+    b"PROXY TCP6 2001:db8:0:0:0:0:0:66 2001:db8::1 5555 22\r\n",
+])
+def test_an_ipv6_client_has_one_spelling_whichever_header_names_it(clock, header):
+    """v1 and v2, short or full: the client is ``2001:db8::66`` for the policy, the protocol and the audit."""
+    policy = FixedPolicy(None)
+    services = EchoFactory()
+    guard, _ = connect(ConnectionGuardFactory(services, service_settings(proxy=True), clock, policy))
+    guard.dataReceived(header)
+    assert policy.asked == ["2001:db8::66"] and services.built[0].peer.host == "2001:db8::66"
+
+
 @pytest.mark.parametrize(
     "data",
     [b"USER alice\r\n", b"SSH-2.0-OpenSSH\r\n", b"PROXY TCP4 evil 10.0.0.1 1 2\r\n", b"PROXY TCP4 1.2.3.4 5.6.7.8 x 2\r\n",
-     b"PROXY " + b"A" * 200, b"\r\n\r\n\x00\r\nQUIT\n\x31\x11\x00\x0c" + b"\x00" * 12],
+     b"PROXY " + b"A" * 200, b"\r\n\r\n\x00\r\nQUIT\n\x31\x11\x00\x0c" + b"\x00" * 12,
+     # what the specification does not allow: an address of the other family, ports out of range
+     b"PROXY TCP4 2001:db8::9 127.0.0.1 1 2\r\n", b"PROXY TCP6 10.1.1.2 2001:db8::1 1 2\r\n",
+     b"PROXY TCP4 10.1.1.2 127.0.0.1 99999 2\r\n", b"PROXY TCP4 10.1.1.2 127.0.0.1 1 -5\r\n",
+     # v2, AF_UNIX: two 108-byte paths
+     b"\r\n\r\n\x00\r\nQUIT\n\x21\x31\x00\xd8" + b"/tmp/a".ljust(108, b"\0") + b"/tmp/b".ljust(108, b"\0")],
 )
 def test_proxy_protocol_refuses_connections_without_a_valid_header(clock, data):
-    """No header, a malformed one or a non-IP source closes the connection before the protocol runs."""
+    """No header, a malformed or impossible one or a non-IP source closes the connection before the protocol runs."""
     services = EchoFactory()
     guard, transport = connect(ConnectionGuardFactory(services, service_settings(proxy=True), clock, FixedPolicy(None)))
     guard.dataReceived(data)
