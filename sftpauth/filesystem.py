@@ -529,6 +529,7 @@ class JailedFilesystem:
 
     def _replace(self, source_folder: int, source_name: str, target_folder: int, target_name: str, target: str,
                  overwrite: bool) -> None:
+        moved = os.stat(source_name, dir_fd=source_folder, follow_symlinks=False)  # a missing source says so first
         try:
             existing = os.stat(target_name, dir_fd=target_folder, follow_symlinks=False)
         except FileNotFoundError:
@@ -539,6 +540,8 @@ class JailedFilesystem:
             # Replacing a file destroys it: that needs the right to delete it.
             if stat_module.S_ISDIR(existing.st_mode):
                 raise FileExistsError(errno.EEXIST, "the target is a folder", target)
+            if stat_module.S_ISDIR(moved.st_mode):
+                raise FileExistsError(errno.EEXIST, "a folder cannot replace a file", target)
             self.require(Permission.DELETE_FILE, target)
         os.rename(source_name, target_name, src_dir_fd=source_folder, dst_dir_fd=target_folder)
 

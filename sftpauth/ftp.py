@@ -1245,10 +1245,12 @@ class SftpauthFTP(ftp.FTP):
         cmd = cmd.upper()
         if cmd not in ("REST", "RETR", "STOR"):
             self._restart = 0  # RFC 3659: REST applies to the transfer command right after it
-        if self.state == self.RENAMING and cmd != "RNTO" and cmd not in self.PUBLIC_COMMANDS:
+        if self.state == self.RENAMING and cmd != "RNTO":
+            # RFC 959: RNTO must come right after RNFR; any other command (NOOP too) ends the rename.
             self.state = self.AUTHED
             self.__dict__.pop("_fromName", None)
-            return defer.fail(ftp.BadCmdSequenceError("RNTO required after RNFR"))
+            if cmd not in self.PUBLIC_COMMANDS:
+                return defer.fail(ftp.BadCmdSequenceError("RNTO required after RNFR"))
         if cmd in self.PUBLIC_COMMANDS:
             return self._call_command(cmd, params)
         if self.state == self.UNAUTH:

@@ -494,6 +494,10 @@ def test_rnfr_of_a_missing_name_or_a_link_leading_outside_is_550(ftp_server):
     upload(client, "rnfr-here.txt", b"x")
     assert client.sendcmd("RNFR rnfr-here.txt").startswith("350")
     assert client.sendcmd("RNTO rnfr-there.txt").startswith("250")
+    assert client.sendcmd("RNFR rnfr-there.txt").startswith("350")
+    assert client.sendcmd("NOOP").startswith("200")  # RFC 959: RNTO must come right after RNFR
+    with pytest.raises(ftplib.error_perm, match="^503"):
+        client.sendcmd("RNTO rnfr-stale.txt")
     client.quit()
     assert os.path.islink(home / "rnfr-outside") and (home / "rnfr-there.txt").read_bytes() == b"x"
 

@@ -604,6 +604,15 @@ def test_rename_over_a_file_needs_the_right_to_delete_it(make_fs, root, result_o
     assert not os.path.exists(os.path.join(root, "a.txt"))
 
 
+def test_rename_of_a_missing_source_onto_an_existing_name_says_the_source_is_missing(make_fs, root, result_of):
+    """Not "the target exists": nothing would be renamed whatever the target (SFTP v3 rename, FTP RNTO)."""
+    fs = make_fs(FULL_CONTROL)
+    for overwrite in (False, True):
+        with pytest.raises(FileNotFoundError):
+            result_of(fs.rename("/no-such-file", "/a.txt", overwrite=overwrite))
+    assert open(os.path.join(root, "a.txt"), encoding="utf-8").read() == "a"
+
+
 def test_rename_never_replaces_a_folder(make_fs, root, result_of):
     """A rename onto an existing folder is refused, even with full control."""
     with pytest.raises(FileExistsError):

@@ -185,6 +185,9 @@ def test_rename_errors_about_the_target_name_the_target(shell, home):
     into_missing = failure_of(shell.rename(["a.txt"], ["no-such-folder", "a.txt"]))
     assert into_missing.value.response() == "550 /no-such-folder/a.txt: No such file or directory."
     assert (home / "a.txt").read_bytes() == b"a"
+    folder_onto_file = failure_of(shell.rename(["d1"], ["a.txt"]))
+    assert folder_onto_file.value.response() == "550 /a.txt: File exists"
+    assert (home / "d1").is_dir() and (home / "a.txt").read_bytes() == b"a"
     (home / "a.txt").unlink()
     gone = failure_of(shell.rename(["a.txt"], ["b.txt"]))
     assert gone.value.response() == "550 /a.txt: No such file or directory."
