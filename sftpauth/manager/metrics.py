@@ -14,7 +14,9 @@ three places, none of which knows about it:
   the bans in force.
 
 Bans in force are counted from the security policy's ``ban`` and
-``ban-ended`` audit events (this node's bans). ``bans_in_force`` is the
+``ban-ended`` audit events (this node's bans); a ban whose ``ban-ended``
+never comes (the worker that started it died) stops counting at its
+``until``. ``bans_in_force`` is the
 hook to count them elsewhere instead (a callable returning how many
 source addresses are banned now, e.g. from a shared Redis state).
 """
@@ -71,6 +73,14 @@ class _PoolStates:
         yield bans
 
 
+def _epoch(until) -> float:
+    """A ban event's ``until`` (ISO 8601, UTC) in epoch seconds; without a readable one, never."""
+    try:
+        return datetime.datetime.fromisoformat(str(until)).timestamp()
+    except ValueError:
+        return float("inf")
+
+
 class ManagerMetrics:
     def __init__(self, runtime, clock: Callable[[], float] = time.monotonic):
         self.registry = CollectorRegistry(auto_describe=True)
@@ -94,10 +104,10 @@ class ManagerMetrics:
         )
         info = Gauge("sftpauth_info", "sftpauth version", ["version"], registry=self.registry)
         info.labels(version=__version__).set(1)
-        # (policy, address) banned now, from the ban / ban-ended audit events
-        self._bans: set[tuple[str, str]] = set()
+        # (policy, address) banned now -> when the ban ends (epoch seconds), from the ban / ban-ended audit events
+        self._bans: dict[tuple[str, str], float] = {}
         # The hook: a callable returning the bans in force (default: this node's, from the audit events).
-        self.bans_in_force: Callable[[], Optional[int]] = lambda: len(self._bans)
+        self.bans_in_force: Callable[[], Optional[int]] = self._bans_in_force
         self.registry.register(_PoolStates(runtime.ldap_pools, lambda: self.bans_in_force()))
         for service_id, service in runtime.configuration.services.items():
             if service.type != "ldap-directory":
@@ -129,13 +139,20 @@ class ManagerMetrics:
             self.login_attempts.labels(service=service, method=str(entry.get("method") or "none"), outcome=outcome).inc()
             self._count_minute(self._reactor.seconds(), outcome == "success")
         elif event == "ban":
-            self._bans.add((str(entry.get("policy", "")), str(entry.get("peer", ""))))
+            self._bans[(str(entry.get("policy", "")), str(entry.get("peer", "")))] = _epoch(entry.get("until"))
         elif event == "ban-ended":
-            self._bans.discard((str(entry.get("policy", "")), str(entry.get("peer", ""))))
+            self._bans.pop((str(entry.get("policy", "")), str(entry.get("peer", ""))), None)
         elif event in ("session-start", "session-end"):
             count = self._sessions[service] + (1 if event == "session-start" else -1)
             self._sessions[service] = max(0, count)
             self.open_sessions.labels(service=service).set(self._sessions[service])
+
+    def _bans_in_force(self) -> int:
+        """This node's bans, each until its ``ban-ended`` or, if that never comes (its worker died), its ``until``."""
+        now = self._reactor.seconds()
+        for ban in [ban for ban, until in self._bans.items() if until <= now]:
+            del self._bans[ban]
+        return len(self._bans)
 
     def _count_minute(self, when: float, accepted: bool) -> None:
         minute = int(when // 60)

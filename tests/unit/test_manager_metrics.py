@@ -218,3 +218,21 @@ def test_bans_in_force_follow_ban_events():
     assert sample(metrics.render().decode(), "sftpauth_bans_in_force") == 2
     runtime.audit.record("ban-ended", policy="DEFAULT-SECURITY-POLICY", peer="192.0.2.1")
     assert sample(metrics.render().decode(), "sftpauth_bans_in_force") == 1
+
+
+def test_a_ban_whose_end_never_comes_stops_counting_at_its_until():
+    """A worker that started a ban and died never writes its ban-ended: the ban counts until its ``until`` only."""
+    runtime = FakeRuntime()
+    metrics = ManagerMetrics(runtime)
+    now = runtime.reactor.seconds()
+
+    def until(seconds: float) -> str:
+        return datetime.datetime.fromtimestamp(now + seconds, datetime.timezone.utc).isoformat(timespec="seconds")
+
+    runtime.audit.record("ban", policy="P", peer="192.0.2.1", service="ftp", until=until(15), worker=2)
+    runtime.audit.record("ban", policy="P", peer="192.0.2.2", service="ftp", until=until(3600), worker=1)
+    assert sample(metrics.render().decode(), "sftpauth_bans_in_force") == 2
+    runtime.reactor.advance(16)
+    assert sample(metrics.render().decode(), "sftpauth_bans_in_force") == 1
+    runtime.audit.record("ban-ended", policy="P", peer="192.0.2.2")
+    assert sample(metrics.render().decode(), "sftpauth_bans_in_force") == 0
