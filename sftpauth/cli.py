@@ -50,6 +50,10 @@ def summary(configuration: Configuration) -> str:
         cpus = worker_cpus(configuration.server.worker_cpu_affinity)
         where = f", each kept on one of CPUs {','.join(map(str, cpus))}" if cpus else ""
         lines.append(f"  workers: {configuration.server.workers} processes share the FTP/FTPS/SFTP sockets{where}")
+    elif ("server", "workers") in configuration.lines:  # said in the file (auto may mean one): say what it gives
+        from sftpauth.config.checks import available_cores
+
+        lines.append(f"  workers: 1, a single process serves everything (CPUs available: {available_cores()})")
     for service_id, service in configuration.services.items():
         state = "enabled" if service.enabled else "disabled"
         if service.type != "ldap-directory":

@@ -104,6 +104,15 @@ def test_check_config_accepts_two_and_auto_and_refuses_zero(tmp_path, capsys):
     assert f"{config}:2 [server] workers: 0 is out of range" in capsys.readouterr().err
 
 
+def test_check_config_says_when_auto_gives_a_single_process(tmp_path, capsys, monkeypatch):
+    """On one allowed CPU, workers = auto is one process: the summary says so rather than nothing."""
+    monkeypatch.setattr(checks, "available_cores", lambda: 1)
+    config = tmp_path / "sftpauth.ini"
+    config.write_text(server_section("auto"))
+    assert main(["check-config", str(config)]) == 0
+    assert "workers: 1, a single process serves everything (CPUs available: 1)" in capsys.readouterr().out
+
+
 def test_check_config_says_which_cpus_the_workers_keep_to(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(checks.os, "sched_getaffinity", lambda pid: {2, 3})
     config = tmp_path / "sftpauth.ini"
