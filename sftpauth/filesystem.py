@@ -208,16 +208,25 @@ def _exists_beneath(root: str, real: str) -> bool:
     return True
 
 
-def _open_file_beneath(root: str, real: str, flags: int, file_mode: str):
-    """A Python file object of ``real`` (see :func:`_open_beneath`); a folder is IsADirectoryError."""
+def _open_file_descriptor(root: str, real: str, flags: int, mode: int = 0o666, shown: str = "") -> int:
+    """:func:`_open_beneath` of a file: a folder is IsADirectoryError naming ``shown`` (default ``real``).
+
+    Opening a folder for writing fails in the kernel; for reading it works,
+    and is refused here.
+    """
     try:
-        descriptor = _open_beneath(root, real, flags)
+        descriptor = _open_beneath(root, real, flags, mode)
     except IsADirectoryError:
-        raise IsADirectoryError(errno.EISDIR, "is a folder", real) from None
+        raise IsADirectoryError(errno.EISDIR, "is a folder", shown or real) from None
     if stat_module.S_ISDIR(os.fstat(descriptor).st_mode):
         os.close(descriptor)
-        raise IsADirectoryError(errno.EISDIR, "is a folder", real)
-    return os.fdopen(descriptor, file_mode)
+        raise IsADirectoryError(errno.EISDIR, "is a folder", shown or real)
+    return descriptor
+
+
+def _open_file_beneath(root: str, real: str, flags: int, file_mode: str):
+    """A Python file object of ``real`` (see :func:`_open_file_descriptor`)."""
+    return os.fdopen(_open_file_descriptor(root, real, flags), file_mode)
 
 
 def _lock_upload(file) -> None:
@@ -457,19 +466,12 @@ class JailedFilesystem:
             return defer.fail()
 
         def work():
-            real = resolve(self.root, virtual)
             try:
-                descriptor = _open_beneath(self.root, real, flags, mode & 0o777)
-            except IsADirectoryError:
-                raise IsADirectoryError(errno.EISDIR, "is a folder", virtual) from None
+                return _open_file_descriptor(self.root, resolve(self.root, virtual), flags, mode & 0o777, virtual)
             except FileNotFoundError:
                 if refused is not None:
                     raise refused from None  # it did not exist: say why it was not made
                 raise
-            if stat_module.S_ISDIR(os.fstat(descriptor).st_mode):
-                os.close(descriptor)
-                raise IsADirectoryError(errno.EISDIR, "is a folder", virtual)
-            return descriptor
 
         return self._run_in_thread(work)
 
@@ -554,14 +556,15 @@ class JailedFilesystem:
         return self._call(Permission.WRITE, client_path, cwd, self._change_attributes, size, times)
 
     def _change_attributes(self, real: str, size: Optional[int], times: Optional[tuple[float, float]]) -> None:
-        if size is not None:
-            descriptor = _open_beneath(self.root, real, os.O_WRONLY)  # a folder: IsADirectoryError
-            try:
-                change_attributes(descriptor, size, None)
-            finally:
-                os.close(descriptor)
-        if times is not None:
-            with _beneath(self.root, real) as (folder, name):
+        with _beneath(self.root, real) as (folder, name):  # one walk for both changes
+            if size is not None:
+                # a folder: IsADirectoryError
+                descriptor = os.open(name, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=folder)
+                try:
+                    change_attributes(descriptor, size, None)
+                finally:
+                    os.close(descriptor)
+            if times is not None:  # after the size: truncating moves mtime
                 os.utime(name, times, dir_fd=folder, follow_symlinks=False)
 
     def statvfs(self, client_path, cwd: str = "/") -> defer.Deferred:

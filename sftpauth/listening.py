@@ -37,7 +37,7 @@ from __future__ import annotations
 import ipaddress
 import resource
 import socket
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Optional, Union
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.internet import defer
@@ -100,15 +100,19 @@ class _V1Parser(V1Parser):
         version = 4 if line.startswith(b"PROXY TCP4 ") else 6
         ports = line.split(b" ")[4:6]
         for address_, port in zip((info.source, info.destination), ports):
-            try:
-                family = ipaddress.ip_address(address_.host).version
-            except ValueError:
-                raise InvalidHeader("the PROXY header's source is not an IP address") from None
+            family = _ip_address(address_.host).version
             if family != version:
                 raise InvalidHeader(f"malformed PROXY header (an IPv{family} address in a TCP{version} header)")
             if not port.isdigit() or int(port) > 65535:
                 raise InvalidHeader("malformed PROXY header (a port out of range)")
         return info
+
+
+def _ip_address(host: str) -> Union[ipaddress.IPv4Address, ipaddress.IPv6Address]:
+    try:
+        return ipaddress.ip_address(host)
+    except ValueError:
+        raise InvalidHeader("the PROXY header's source is not an IP address") from None
 
 
 def _canonical(address_: Any) -> Any:
@@ -119,11 +123,7 @@ def _canonical(address_: Any) -> Any:
     """
     if not isinstance(address_, (IPv4Address, IPv6Address)):
         raise InvalidHeader("the PROXY header's source is not an IP address")
-    try:
-        host = str(ipaddress.ip_address(address_.host))
-    except ValueError:
-        raise InvalidHeader("the PROXY header's source is not an IP address") from None
-    return type(address_)(address_.type, host, address_.port)
+    return type(address_)(address_.type, str(_ip_address(address_.host)), address_.port)
 
 
 class ProxyHeaderReader:
