@@ -552,10 +552,14 @@ class JailedFilesystem:
 
     def set_attributes(self, client_path, size: Optional[int] = None, times: Optional[tuple[float, float]] = None,
                        cwd: str = "/") -> defer.Deferred:
-        """Change a file's size (truncate or extend), then its (atime, mtime); needs allow-write."""
+        """Change a file's size (truncate or extend), then its (atime, mtime); needs allow-write.
+
+        Gives the file's ``os.stat_result`` after the change: a filesystem
+        may store another time than the one asked for (ext4 keeps 1901-2446).
+        """
         return self._call(Permission.WRITE, client_path, cwd, self._change_attributes, size, times)
 
-    def _change_attributes(self, real: str, size: Optional[int], times: Optional[tuple[float, float]]) -> None:
+    def _change_attributes(self, real: str, size: Optional[int], times: Optional[tuple[float, float]]) -> os.stat_result:
         with _beneath(self.root, real) as (folder, name):  # one walk for both changes
             if size is not None:
                 # a folder: IsADirectoryError
@@ -566,6 +570,7 @@ class JailedFilesystem:
                     os.close(descriptor)
             if times is not None:  # after the size: truncating moves mtime
                 os.utime(name, times, dir_fd=folder, follow_symlinks=False)
+            return os.stat(name, dir_fd=folder, follow_symlinks=False)
 
     def statvfs(self, client_path, cwd: str = "/") -> defer.Deferred:
         """``os.statvfs`` of the file system holding a path (SFTP ``df``); allowed as :meth:`stat` is."""

@@ -282,15 +282,22 @@ _FOLDER_PERMS = (
 )
 
 
-def mlsx_facts(result: os.stat_result, permissions: frozenset, facts: Sequence[str] = MLST_FACTS) -> str:
-    """The RFC 3659 facts of one entry (``type=file;size=3;...;``), those of ``facts`` only."""
+def mlsx_facts(
+    result: os.stat_result, permissions: frozenset, facts: Sequence[str] = MLST_FACTS, home: bool = False
+) -> str:
+    """The RFC 3659 facts of one entry (``type=file;size=3;...;``), those of ``facts`` only.
+
+    ``home``: the entry is the session's ``/``, which can be neither deleted nor renamed (no ``d``, no ``f``).
+    """
     folder = stat_module.S_ISDIR(result.st_mode)
     values = {
         "type": "dir" if folder else "file",
         "size": None if folder else str(result.st_size),
         "modify": time.strftime("%Y%m%d%H%M%S", time.gmtime(result.st_mtime)),
         "perm": "".join(
-            letter for letter, needed in (_FOLDER_PERMS if folder else _FILE_PERMS) if needed is None or needed in permissions
+            letter
+            for letter, needed in (_FOLDER_PERMS if folder else _FILE_PERMS)
+            if (needed is None or needed in permissions) and not (home and letter in "df")
         ),
     }
     return "".join(f"{name}={values[name]};" for name in facts if values[name] is not None)
@@ -447,7 +454,8 @@ class JailedFTPShell:
         """Not in IFTPShell: MLST's facts of one path."""
         permissions = self.filesystem.permissions
         return self._call(
-            path, lambda virtual: self.filesystem.stat(virtual).addCallback(mlsx_facts, permissions, facts)
+            path,
+            lambda virtual: self.filesystem.stat(virtual).addCallback(mlsx_facts, permissions, facts, virtual == "/"),
         )
 
     def listing(self, path, line: _LineFormat, glob: Optional[str] = None, folder_only: bool = False) -> defer.Deferred:
@@ -476,8 +484,13 @@ class JailedFTPShell:
         return self._call(path, list_)
 
     def setModificationTime(self, path, modified: float):
-        """Not in IFTPShell: MFMT (needs allow-write, as SFTP's setstat does)."""
-        return self._call(path, lambda virtual: self.filesystem.set_times(virtual, modified, modified))
+        """Not in IFTPShell: MFMT (needs allow-write, as SFTP's setstat does); gives the time stored."""
+        return self._call(
+            path,
+            lambda virtual: self.filesystem.set_times(virtual, modified, modified).addCallback(
+                lambda result: result.st_mtime
+            ),
+        )
 
     def openForReading(self, path, offset: int = 0):
         def opened(file) -> "FileDownload":
@@ -504,8 +517,14 @@ def _on_path(folder: str, virtual: str) -> bool:
 
 
 def _require_entry(root: str, virtual: str) -> None:
-    """FileNotFoundError unless ``virtual`` names an entry inside ``root`` (blocking: call it in a thread)."""
-    if not os.path.lexists(resolve_entry(root, virtual)):
+    """FileNotFoundError unless ``virtual`` names an entry inside ``root`` that can be renamed (blocking: call it in a thread).
+
+    The home folder itself cannot be (PermissionError, as RNTO would answer).
+    """
+    real = resolve_entry(root, virtual)
+    if real == root:
+        raise PermissionError(errno.EACCES, "the home folder cannot be renamed", "/")
+    if not os.path.lexists(real):
         raise FileNotFoundError(errno.ENOENT, "no such file or folder", virtual)
 
 
@@ -1776,8 +1795,9 @@ class SftpauthFTP(ftp.FTP):
             return defer.fail(FTPReplyError(501, "MFMT needs YYYYMMDDHHMMSS and a file name."))
         if not path:
             return defer.fail(FTPReplyError(501, "MFMT needs YYYYMMDDHHMMSS and a file name."))
+        # The time stored, which the filesystem may have clamped (draft-somers-ftp-mfxx 3.3: the value set).
         return self.shell.setModificationTime(self._segments(path), modified).addCallback(
-            lambda ignored: Reply(f"213 Modify={stamp[:14]}; {path}")
+            lambda stored: Reply(f"213 Modify={time.strftime('%Y%m%d%H%M%S', time.gmtime(stored))}; {path}")
         )
 
     # -- listings -----------------------------------------------------------------

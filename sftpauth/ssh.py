@@ -925,6 +925,8 @@ class SFTPSubsystem(FileTransferServer):
         channel = self._channel()
         if channel is not None:
             channel.exitStatus = 1
+            connection = channel.conn.transport  # the session-end says why, whatever the client does next
+            connection.end_reason = connection.end_reason or "protocol-error"
         self.transport.loseConnection()
 
     def handleCount(self) -> int:

@@ -575,6 +575,12 @@ def test_mfmt_sets_the_modification_time(ftp_server):
     assert (ftp_server.home("alice") / "stamped.txt").stat().st_mtime == 1577934245
     with pytest.raises(ftplib.error_perm, match="^501"):
         client.sendcmd("MFMT yesterday stamped.txt")
+    # The reply gives the time stored, which the filesystem may clamp (ext4: 1901-12-13 to 2446).
+    for asked in ("19000101000000", "99991231235959"):
+        stored = client.sendcmd(f"MFMT {asked} stamped.txt")
+        on_disk = (ftp_server.home("alice") / "stamped.txt").stat().st_mtime
+        assert stored == f"213 Modify={time.strftime('%Y%m%d%H%M%S', time.gmtime(on_disk))}; stamped.txt"
+        assert client.sendcmd("MDTM stamped.txt") == "213 " + stored[len("213 Modify="):][:14]
     client.quit()
 
 

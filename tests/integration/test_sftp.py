@@ -612,7 +612,12 @@ def test_open_files_are_closed_when_the_session_ends(site):
 
 
 def test_oversized_sftp_packet_ends_only_that_session(site):
-    """An SFTP packet announcing more than 256 KB closes that session; the connection's other sessions go on."""
+    """An SFTP packet announcing more than 256 KB closes that session; the connection's other sessions go on.
+
+    The connection's session-end then says protocol-error, however the client leaves.
+    """
+    ended = lambda event: event.get("event") == "session-end" and event.get("username") == "alice"
+    already = count_events(site.server, ended)
     with ssh_transport(site.port, "alice", PASSWORDS["alice"]) as transport:
         good = paramiko.SFTPClient.from_transport(transport)
         channel = transport.open_session()
@@ -622,6 +627,7 @@ def test_oversized_sftp_packet_ends_only_that_session(site):
         assert channel.recv(1024) == b""  # closed by the server
         assert good.normalize(".") == "/"
         good.close()
+    assert wait_for_new_event(site.server, ended, already)["reason"] == "protocol-error"
 
 
 def test_requests_on_unknown_handles_get_an_error(site, alice):

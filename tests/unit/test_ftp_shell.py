@@ -231,6 +231,7 @@ def test_rename_source_must_exist_inside_and_may_be_renamed(home, run_in_thread,
     result_of(shell.checkRenameSource(["dangling"]))
     assert failure_of(shell.checkRenameSource(["missing"])).value.response() == "550 /missing: No such file or directory."
     assert failure_of(shell.checkRenameSource(["outside"])).value.response() == "550 /outside: No such file or directory."
+    assert failure_of(shell.checkRenameSource([])).check(twisted_ftp.PermissionDeniedError)  # the home folder, as RNTO says
     reader = JailedFTPShell(JailedFilesystem(str(home), frozenset({Permission.READ, Permission.LIST}), run_in_thread))
     assert failure_of(reader.checkRenameSource(["a.txt"])).check(twisted_ftp.PermissionDeniedError)
 
@@ -1038,6 +1039,17 @@ def test_mlsx_facts_follow_the_permissions_and_the_chosen_facts():
     assert mlsx_facts(file_stat, read_only, ("perm",)) == "perm=r;"
     assert mlsx_facts(folder_stat, read_only, ("type", "perm")) == "type=dir;perm=el;"
     assert mlsx_facts(folder_stat, frozenset(), ("size",)) == ""
+    assert mlsx_facts(folder_stat, FULL_CONTROL, ("perm",), home=True) == "perm=celmp;"
+
+
+def test_mlst_of_the_home_folder_offers_no_delete_or_rename(home, run_in_thread):
+    """The session's / can be neither deleted nor renamed, so its perm fact has no d or f; a subfolder's has both."""
+    (home / "sub").mkdir()
+    shell = JailedFTPShell(JailedFilesystem(str(home), FULL_CONTROL, run_in_thread))
+    results = []
+    shell.facts([], ("perm",)).addCallback(results.append)
+    shell.facts(["sub"], ("perm",)).addCallback(results.append)
+    assert results == ["perm=celmp;", "perm=cdeflmp;"]
 
 
 @pytest.mark.parametrize(
