@@ -14,6 +14,7 @@ import ftplib
 import io
 import os
 import time
+import unicodedata
 from pathlib import Path
 
 import paramiko
@@ -417,19 +418,27 @@ async def test_non_ascii_search_by_cn(ldap):
     site = ldap(SEARCH_AS_ADMIN.replace("username_attribute = uid", "username_attribute = cn"))
     outcome = await site.login(JMULLER_CN, "jürgen-päss")
     assert outcome.ok, outcome
+    decomposed = unicodedata.normalize("NFD", JMULLER_CN)  # "u" + U+0308, as some keyboards type it
+    assert decomposed != JMULLER_CN
+    typed_apart = await site.login(decomposed, "jürgen-päss")
+    assert typed_apart.ok, typed_apart
+    assert typed_apart.account.username == JMULLER_CN  # one account, one home folder
+    assert typed_apart.account.home_folder == outcome.account.home_folder
     assert (await site.login(JMULLER_CN, "jürgen-pass")).reason == "invalid-password"
 
 
 @pytest.mark.parametrize("bind_dn_type", ["parent", "search"])
 @pytest_twisted.ensureDeferred
 async def test_one_entry_has_one_home_folder_whatever_the_typed_case(ldap, bind_dn_type):
-    """'ALICE' and ' alice' bind as alice's entry (LDAP matching ignores case and spaces) and must get her one home folder."""
+    """'ALICE', ' alice', full-width 'ａｌｉｃｅ' and 'ALİCE' bind as alice's entry (slapd's matching ignores
+    case, width and spaces) and must get her name and her one home folder."""
     site = ldap(f"bind_dn_type = {bind_dn_type}\nbind_dn = {ENGINEERING}\nusername_attribute = uid")
     alice = await site.login("alice", "alice-pass")
-    for typed in ("ALICE", " alice"):
+    for typed in ("ALICE", " alice", "\uff41\uff4c\uff49\uff43\uff45", "AL\u0130CE"):
         variant = await site.login(typed, "alice-pass")
-        assert variant.ok, variant  # the directory says this is alice
+        assert variant.ok, (typed, variant)  # the directory says this is alice
         assert variant.account.dn == ALICE_DN
+        assert variant.account.username == "alice"
         assert variant.account.home_folder == alice.account.home_folder
 
 

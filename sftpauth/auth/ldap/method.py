@@ -10,6 +10,7 @@ still sound. Every step goes into the request's trace, which is what
 
 from __future__ import annotations
 
+import unicodedata
 from typing import Optional
 
 from sftpauth.account import Account, account_for_groups
@@ -164,21 +165,36 @@ class LDAPMethod:
     def _username(self, request: LoginRequest, entry) -> str:
         """The entry's own spelling of the username, so ``ALICE`` and ``alice`` share one home.
 
-        LDAP matches usernames ignoring case and surrounding spaces; the value
-        stored in ``username_attribute`` that matches what was typed (or its
-        USER part of ``DOMAIN\\USER``) names the account. For ``relative`` and
-        ``absolute`` (a DN was typed) a single stored value is used.
+        LDAP matches usernames ignoring case, width and surrounding spaces
+        (NFKC: "ａｌｉｃｅ" is alice); the value stored in ``username_attribute``
+        that matches what was typed (or its USER part of ``DOMAIN\\USER``)
+        names the account. An entry with one value is named by it: the
+        directory found that entry from what was typed, or a DN was typed.
         """
         typed = request.username
-        wanted = {typed.strip().casefold(), typed.rsplit("\\", 1)[-1].strip().casefold()}
-        wanted.add((typed + self.settings.username_suffix).strip().casefold())
+        forms = {typed, typed.rsplit("\\", 1)[-1], typed + self.settings.username_suffix}
         stored = entry.get(self.settings.username_attribute)
-        for value in stored:
-            if value.strip().casefold() in wanted:
-                return value
-        if self.settings.bind_dn_type in ("relative", "absolute") and len(stored) == 1:
+        for fold in (_folded, _loosely_folded):  # the closest spelling first, among several values
+            wanted = {fold(form) for form in forms}
+            for value in stored:
+                if fold(value) in wanted:
+                    return value
+        if len(stored) == 1:
+            # The directory matched this entry from what was typed (its own rules: "ａｌｉｃｅ" and
+            # "ALİCE" are alice to slapd), or a DN was typed: its one value is the account's name.
             return stored[0]
         return typed
+
+
+def _folded(text: str) -> str:
+    """A username as LDAP's caseIgnoreMatch compares it: NFKC, case folded, spaces collapsed."""
+    return " ".join(unicodedata.normalize("NFKC", text).casefold().split())
+
+
+def _loosely_folded(text: str) -> str:
+    """:func:`_folded` without combining marks ("ALİCE" folds to "i" + U+0307): to pick among an entry's values."""
+    decomposed = unicodedata.normalize("NFKD", _folded(text))
+    return "".join(char for char in decomposed if not unicodedata.combining(char))
 
 
 def _first(values: tuple[str, ...]) -> str:
