@@ -282,6 +282,31 @@ async def test_a_black_hole_costs_one_timeout_then_is_skipped_and_comes_back(sla
 
 
 @pytest_twisted.ensureDeferred
+async def test_two_hung_servers_of_three_cost_a_timeout_each_and_the_third_serves_the_login(slapd, tmp_path):
+    """Every server is tried once per login: two that hang are each paid one timeout, then marked down and skipped."""
+    holes = [BlackHole(accept=True), BlackHole(accept=True)]
+    method = build_method(tmp_path, ", ".join(f"127.0.0.1:{port}" for port in [hole.port for hole in holes] + [slapd.port]))
+    method.pool.start()
+    try:
+        account, trace, seconds = await login(method)
+        assert not isinstance(account, LoginFailed), trace.steps
+        assert account.dn == "uid=alice,ou=Engineering,ou=people,dc=example,dc=com"
+        for hole in holes:
+            assert "no answer to BIND within 1s" in " | ".join(attempts_on(trace, hole.port))
+        assert seconds >= 2 * 0.9 * TIMEOUT
+        assert [state.status for state in method.pool.states()] == [DOWN, DOWN, UP]
+        account, trace, seconds = await login(method, "bob")
+        assert not isinstance(account, LoginFailed), trace.steps
+        assert all(attempts_on(trace, hole.port) == [] for hole in holes)
+        assert seconds < TIMEOUT
+    finally:
+        method.pool.stop()
+        for hole in holes:
+            hole.close()
+    assert_no_pool_calls_left(method)
+
+
+@pytest_twisted.ensureDeferred
 async def test_with_every_server_dead_logins_fail_fast_and_never_accept(tmp_path):
     """A lone dead server: the first login fails after one timeout, the next ones fail at once without touching it."""
     hole = BlackHole(accept=True)

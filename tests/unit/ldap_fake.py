@@ -72,7 +72,7 @@ class FakeDirectory:
         self.entries[dn.lower()][name.lower()] = tuple(values)
 
     # LDAPServerPool
-    async def connect(self, trace=None, method_id: str = "") -> "FakeConnection":
+    async def connect(self, trace=None, method_id: str = "", for_searches: bool = False, exclude=()) -> "FakeConnection":
         self.connections += 1
         self.open_connections += 1
         return FakeConnection(self)

@@ -625,7 +625,7 @@ class FakePool:
     def __init__(self, connection: FakeConnection):
         self.connection = connection
 
-    async def connect(self, trace=None, method_id: str = ""):
+    async def connect(self, trace=None, method_id: str = "", for_searches: bool = False, exclude=()):
         return self.connection
 
     def release(self, connection) -> None:

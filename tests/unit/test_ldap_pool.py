@@ -47,12 +47,15 @@ class FakeConnection:
         self.tls = None
         self._on_unavailable = on_unavailable
         self.closed = False
+        self.uses = 0  # logins it served before: a kept connection when > 0
 
     async def root_dse(self) -> LDAPResult:
         return LDAPResult(0, "")
 
     def fail(self) -> LDAPUnavailable:
-        error = LDAPUnavailable(f"{self.server}: connection lost during BIND", "lost", "connection lost during BIND")
+        error = LDAPUnavailable(
+            f"{self.server}: connection lost during BIND", "lost", "connection lost during BIND", self.server
+        )
         self._on_unavailable(self.server, error)
         return error
 
@@ -122,6 +125,16 @@ def test_servers_are_tried_in_order_and_a_refused_one_fails_over():
     assert [step.action for step in trace.steps] == ["connect", "connect"]
     assert "connection refused" in trace.steps[0].detail
     assert "connected to dc2.example.com:3389" in trace.steps[1].detail
+
+
+def test_servers_that_failed_the_login_are_not_tried_again_by_it():
+    """connect(exclude=...): a server up for the pool but which failed this login is passed over; none left fails."""
+    pool, connector, clock = make_pool({FIRST: "up", SECOND: "up"})
+    assert fired(defer.ensureDeferred(pool.connect(None, "ldap", exclude={FIRST}))).server == SECOND
+    assert connector.attempts == [SECOND]
+    with pytest.raises(LDAPUnavailable):
+        fired(defer.ensureDeferred(pool.connect(None, "ldap", exclude={FIRST, SECOND})))
+    assert connector.attempts == [SECOND]
 
 
 def test_a_down_server_is_skipped_while_another_is_up():
@@ -362,7 +375,7 @@ def test_verify_ldap_needs_an_ldap_method(tmp_path, capsys):
     assert "no LDAP authentication method 'DEFAULT-AUTHENTICATION'; defined: ldap" in capsys.readouterr().err
 
 
-# -- the method retries a login lost in the middle, once ----------------------------
+# -- the method runs a login lost in the middle again, on each server once -------------
 
 
 class LoginConnection(FakeConnection):
@@ -383,27 +396,37 @@ class LoginConnection(FakeConnection):
 
 
 class LoginPool:
-    """Hands out scripted connections and counts them."""
+    """Hands out scripted connections to the first server not excluded, and counts them.
 
-    def __init__(self, plan):
+    Each step of ``plan`` is one connection: "ok", "wrong-password", "lose"
+    (lost at BIND), or "lose-kept" (a kept connection, lost at BIND).
+    """
+
+    def __init__(self, plan, servers: int = 2):
         self.plan = list(plan)
+        self.addresses = [ServerAddress(f"dc{number}", 389) for number in range(1, servers + 1)]
         self.connections = []
 
-    async def connect(self, trace=None, method_id=""):
-        if not self.plan:
+    async def connect(self, trace=None, method_id="", for_searches=False, exclude=()):
+        usable = [address for address in self.addresses if address not in exclude]
+        if not self.plan or not usable:
             raise LDAPUnavailable("every LDAP server is down", "all-down")
         behaviour = self.plan.pop(0)
         connection = LoginConnection(
-            ServerAddress(f"dc{len(self.connections) + 1}", 389),
+            usable[0],
             lambda address, error: None,
-            lose=behaviour == "lose",
+            lose=behaviour.startswith("lose"),
             password_ok=behaviour != "wrong-password",
         )
+        connection.uses = 3 if behaviour == "lose-kept" else 0
         self.connections.append(connection)
         return connection
 
     def release(self, connection):
         connection.close()
+
+    def servers(self) -> list[str]:
+        return [connection.server.host for connection in self.connections]
 
 
 @pytest.fixture
@@ -434,23 +457,44 @@ def login(configuration, pool, trace=None):
     return fired(defer.ensureDeferred(method.authenticate(request)))
 
 
-def test_a_login_lost_mid_way_is_retried_once_on_the_next_server(ldap_configuration):
-    """A connection lost during the BIND makes the method run the login again on a new connection, which succeeds."""
+def test_a_login_lost_mid_way_is_run_again_on_the_next_server(ldap_configuration):
+    """A connection lost during the BIND makes the method run the login again on the next server, which succeeds."""
     pool = LoginPool(["lose", "ok"])
     trace = Trace()
     account = login(ldap_configuration, pool, trace)
     assert account.dn == "uid=alice,ou=people,dc=example,dc=com"
-    assert len(pool.connections) == 2 and all(connection.closed for connection in pool.connections)
+    assert pool.servers() == ["dc1", "dc2"]
+    assert all(connection.closed for connection in pool.connections)
     assert any(step.action == "failover" for step in trace.steps)
 
 
-def test_a_login_is_retried_only_once(ldap_configuration):
-    """Two lost connections in a row reject the login with service-unavailable."""
+def test_a_login_goes_on_to_every_server_until_one_answers(ldap_configuration):
+    """With three servers, two lost in turn: the third serves the login (not two attempts and a failure)."""
+    pool = LoginPool(["lose", "lose", "ok"], servers=3)
+    assert login(ldap_configuration, pool).dn == "uid=alice,ou=people,dc=example,dc=com"
+    assert pool.servers() == ["dc1", "dc2", "dc3"]
+
+
+def test_a_login_fails_when_every_server_failed_it(ldap_configuration):
+    """Each server is tried once: when all lost the login, it is service-unavailable, naming each failure."""
     pool = LoginPool(["lose", "lose", "ok"])
     with pytest.raises(LoginFailed) as caught:
         login(ldap_configuration, pool)
     assert caught.value.reason == "service-unavailable"
-    assert len(pool.connections) == 2
+    assert pool.servers() == ["dc1", "dc2"]
+    assert "dc1:389: connection lost" in caught.value.explanation
+    assert "dc2:389: connection lost" in caught.value.explanation
+
+
+def test_a_kept_connection_closed_by_its_server_is_followed_by_a_new_one_to_it(ldap_configuration):
+    """A kept connection lost (the server restarted, or closes idle ones) is no reason to leave that server: one
+    new connection to it comes first; when that one is lost too, the next server."""
+    pool = LoginPool(["lose-kept", "ok"])
+    assert login(ldap_configuration, pool).dn == "uid=alice,ou=people,dc=example,dc=com"
+    assert pool.servers() == ["dc1", "dc1"]
+    pool = LoginPool(["lose-kept", "lose", "ok"])
+    assert login(ldap_configuration, pool).dn == "uid=alice,ou=people,dc=example,dc=com"
+    assert pool.servers() == ["dc1", "dc1", "dc2"]
 
 
 def test_an_ldap_answer_is_never_retried_elsewhere(ldap_configuration):

@@ -45,7 +45,7 @@ from __future__ import annotations
 
 import collections
 import time
-from typing import Callable, Optional, Sequence
+from typing import Callable, Collection, Optional, Sequence
 
 import attrs
 from ldaptor.protocols import pureldap
@@ -102,10 +102,11 @@ class LDAPUnavailable(Exception):
     answer is never one of these.
     """
 
-    def __init__(self, message: str, kind: str = "network", reason: str = ""):
+    def __init__(self, message: str, kind: str = "network", reason: str = "", server: Optional["ServerAddress"] = None):
         super().__init__(message)
         self.kind = kind
         self.reason = reason or message  # the message without the server's address
+        self.server = server  # the server that failed, when one did
 
 
 @attrs.frozen
@@ -258,7 +259,7 @@ class LDAPConnection:
         self._on_unavailable = on_unavailable
 
     def _unavailable(self, message: str, kind: str) -> LDAPUnavailable:
-        error = LDAPUnavailable(f"{self.server}: {message}", kind, message)
+        error = LDAPUnavailable(f"{self.server}: {message}", kind, message, self.server)
         if not self._broken:
             self._broken = True
             if self._on_unavailable is not None:
@@ -652,12 +653,15 @@ class LDAPServerPool:
         """Whether released connections are kept for the next logins (the running server)."""
         return self._probing and self.keep > 0
 
-    async def connect(self, trace=None, method_id: str = "", for_searches: bool = False) -> LDAPConnection:
+    async def connect(
+        self, trace=None, method_id: str = "", for_searches: bool = False, exclude: Collection[ServerAddress] = ()
+    ) -> LDAPConnection:
         """A connection to the first usable server; LDAPUnavailable when there is none.
 
         ``for_searches``: a kept connection still bound as the service account
         is preferred (its searches need no BIND); otherwise one that is not,
-        so those stay available for searches.
+        so those stay available for searches. ``exclude``: servers that
+        already failed this login.
         """
 
         def note(action: str, detail: str) -> None:
@@ -668,6 +672,8 @@ class LDAPServerPool:
         now = self._now()
         for address in self.addresses:
             server = self._servers[address]
+            if address in exclude:
+                continue  # its failure is already in the login's trace
             if not self._eligible(server):
                 state = server.snapshot()
                 note("skip", f"{address} is {state.describe(now)}")

@@ -135,6 +135,8 @@ class Lookup:
         # (TOTP digits from the URI): called with the DN and, for search, the entry
         # found; it may change ``password``.
         self.before_bind: Optional[Callable[[LDAPConnection, str, Optional[Entry]], Awaitable[None]]] = None
+        # The servers that failed this login (the method's failover): no connection of it goes there again.
+        self.exclude: set = set()
 
     def trace(self, action: str, detail: str) -> None:
         self.request.trace.add(self.method_id, action, detail)

@@ -86,18 +86,22 @@ class LDAPMethod:
             )
         two_connections = self._binds_elsewhere and getattr(self.pool, "keeps_connections", False)
         if two_connections:
-            lookup.user_bind = lambda dn, password: self._bind_on_another_connection(request, dn, password)
-        # A server lost in the middle of the login (not an LDAP answer): the whole
-        # login once more on the next server, unless an extension already used
-        # a single-use TOTP code.
-        for attempt in (1, 2):
+            lookup.user_bind = lambda dn, password: self._bind_on_another_connection(request, lookup, dn, password)
+        # A server lost in the middle of the login (not an LDAP answer): the whole login again, from
+        # the start, on the next server, until every server has failed it, unless an extension
+        # already used a single-use TOTP code. A kept connection the server had closed (it
+        # restarted, or closes idle ones) is no reason to leave that server: one new connection to
+        # it is tried first.
+        failed = lookup.exclude  # servers that failed this login
+        fresh: set = set()  # servers whose kept connection failed: a new connection was tried
+        errors: list[str] = []
+        while True:
             try:
-                if two_connections:
-                    connection = await self.pool.connect(request.trace, self.id, for_searches=True)
-                else:
-                    connection = await self.pool.connect(request.trace, self.id)
+                connection = await self.pool.connect(
+                    request.trace, self.id, for_searches=two_connections, exclude=failed
+                )
             except LDAPUnavailable as error:
-                raise LoginFailed("service-unavailable", f"no LDAP server answered: {error}") from None
+                raise LoginFailed("service-unavailable", "; ".join(errors) or f"no LDAP server answered: {error}") from None
             code_used = False
             try:
                 try:
@@ -113,8 +117,14 @@ class LDAPMethod:
                 member_of = await self.groups.member_of(connection, lookup, entry, request.manager)
                 break
             except LDAPUnavailable as error:
-                if attempt == 2 or code_used:
+                errors.append(str(error))
+                if code_used:
                     raise LoginFailed("service-unavailable", str(error)) from None
+                server = error.server or connection.server
+                if error.kind == "lost" and server == connection.server and connection.uses and server not in fresh:
+                    fresh.add(server)
+                else:
+                    failed.add(server)
                 request.trace.add(self.id, "failover", f"{error}; trying the login again on the next server")
             finally:
                 # Kept for the next login when it is still sound (client.py: connection reuse).
@@ -127,8 +137,8 @@ class LDAPMethod:
         request.trace.add(self.id, "entry", f"{entry.dn}: " + "; ".join(f"{k}={list(v)}" for k, v in used.items()))
         return self._account(request, entry, member_of)
 
-    async def _bind_on_another_connection(self, request: LoginRequest, dn: str, password: str):
-        connection = await self.pool.connect(request.trace, self.id)
+    async def _bind_on_another_connection(self, request: LoginRequest, lookup: Lookup, dn: str, password: str):
+        connection = await self.pool.connect(request.trace, self.id, exclude=lookup.exclude)
         try:
             return await connection.bind(dn, password)
         finally:
