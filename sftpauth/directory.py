@@ -16,7 +16,7 @@ from twisted.internet.protocol import ServerFactory
 from twisted.logger import Logger
 from twisted.python.components import registerAdapter
 
-from sftpauth.auth.ldap.wire import NotLDAP, decode_message
+from sftpauth.auth.ldap.wire import MessageBuffer, NotLDAP
 from sftpauth.config.errors import ConfigError, ConfigProblem
 from sftpauth.config.models import DirectoryServiceSettings
 from sftpauth.listening import listening_service
@@ -34,17 +34,20 @@ class DirectoryProtocol(LDAPServer):
     short line, and the connection is closed. ldaptor's own loop otherwise.
     """
 
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        self._messages = MessageBuffer()
+
     def dataReceived(self, recd: bytes) -> None:
-        self.buffer += recd
-        while self.buffer and self.connected:
+        self._messages.feed(recd)
+        while self.connected:
             try:
-                message, used = decode_message(self.berdecoder, self.buffer)
+                message = self._messages.next(self.berdecoder)
             except NotLDAP as error:
                 self._notLDAP(str(error))
                 return
             if message is None:
                 return
-            self.buffer = self.buffer[used:]
             self.handle(message)
 
     def _notLDAP(self, why: str) -> None:
@@ -55,7 +58,7 @@ class DirectoryProtocol(LDAPServer):
             host=getattr(peer, "host", "?"),
             why=why,
         )
-        self.buffer = b""
+        self._messages.clear()
         self.transport.loseConnection()
 
 

@@ -343,11 +343,21 @@ class _HTTPServer(Protocol):
         self.transport.write(b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/html\r\n\r\n" + b"<p>bad request</p>" * 20)
 
 
+class _HugeAnswer(Protocol):
+    """Announces a 2 GiB answer to anything and starts sending it (1 MiB, in 64 KiB writes)."""
+
+    def dataReceived(self, data: bytes) -> None:
+        self.transport.write(b"\x30\x84\x7f\xff\xff\xff\x02\x01\x01")
+        for _ in range(16):
+            self.transport.write(b"\0" * 65536)
+
+
 @pytest.mark.parametrize(
     "server, reason",
     [
         (_Garbage, "is not LDAP (it cannot be decoded"),
         (_HTTPServer, "is not LDAP (it does not begin with an LDAP message: byte 0x48)"),
+        (_HugeAnswer, "is not LDAP (a message of 2147483653 bytes, over the limit of 16 MiB)"),
     ],
 )
 @pytest_twisted.ensureDeferred

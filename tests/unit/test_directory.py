@@ -58,3 +58,11 @@ def test_an_ldap_request_is_still_answered():
     protocol.dataReceived(pureldap.LDAPMessage(pureldap.LDAPBindRequest(dn=b"", auth=b""), id=1).toWire())
     assert not transport.disconnecting
     assert transport.value()[:1] == b"\x30"  # an LDAPMessage (SEQUENCE) came back
+
+
+def test_a_request_announced_over_16_mib_closes_the_connection_at_its_header():
+    """A client announcing a 2 GiB request is not buffered: the connection closes on the first bytes."""
+    protocol, transport = _connection()
+    protocol.dataReceived(b"\x30\x84\x7f\xff\xff\xff\x02\x01\x01" + bytes(4096))
+    assert transport.disconnecting
+    assert transport.value() == b""

@@ -11,7 +11,7 @@ from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 
 from sftpauth.auth.ldap.client import _LDAPProtocol
-from sftpauth.auth.ldap.wire import NotLDAP, decode_message
+from sftpauth.auth.ldap.wire import MessageBuffer, NotLDAP, decode_message
 
 # An HTTP server on the LDAP port: 'H' (0x48) is a tag ldaptor does not know, 'T' a length it then skips.
 HTTP_ANSWER = b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/html\r\nContent-Length: 150\r\n\r\n" + b"<html>" * 40
@@ -79,3 +79,58 @@ def test_answers_before_the_garbage_are_delivered():
     protocol.dataReceived(_bind_response(message_id) + HTTP_ANSWER)
     assert len(answers) == 1 and answers[0].resultCode == 0
     assert transport.disconnecting and "0x48" in protocol.protocol_error
+
+
+# -- MessageBuffer: messages cut from the stream, within a limit ----------------------------
+
+
+def test_messages_split_across_reads_and_packed_into_one_come_out_whole_and_in_order():
+    buffer = MessageBuffer()
+    wire = _bind_response(1) + _bind_response(2) + _bind_response(3)
+    for byte in wire[:-1]:  # one byte at a time: nothing until the first message is whole
+        buffer.feed(bytes([byte]))
+    ids = []
+    while (message := buffer.next(_decoder())) is not None:
+        ids.append(message.id)
+    assert ids == [1, 2]
+    buffer.feed(wire[-1:])
+    assert buffer.next(_decoder()).id == 3
+    assert buffer.next(_decoder()) is None
+
+
+@pytest.mark.parametrize(
+    "header, why",
+    [
+        (b"\x30\x84\x7f\xff\xff\xff\x02\x01\x01", "a message of 2147483653 bytes, over the limit of 16 MiB"),
+        (b"\x30\x84\x01\x00\x00\x00", "a message of 16777222 bytes, over the limit of 16 MiB"),
+        (b"\x30\x80\x02\x01\x01", "not a definite length"),
+        (b"\x30\x85\x01\x00\x00\x00\x00", "not a definite length"),
+    ],
+)
+def test_a_message_announced_over_the_limit_or_without_a_length_is_refused_at_its_header(header, why):
+    """A peer announcing 2 GiB is refused on its first bytes, not buffered until the timeout."""
+    buffer = MessageBuffer()
+    buffer.feed(header)
+    with pytest.raises(NotLDAP, match=why):
+        buffer.next(_decoder())
+
+
+def test_a_message_of_exactly_the_limit_is_waited_for():
+    limit = len(_bind_response())
+    buffer = MessageBuffer(limit=limit)
+    buffer.feed(_bind_response()[:4])
+    assert buffer.next(_decoder()) is None
+    buffer.feed(_bind_response()[4:])
+    assert buffer.next(_decoder()).id == 1
+
+
+def test_a_server_announcing_a_huge_answer_fails_the_waiting_request_at_once():
+    """The QA case: 2 GiB announced, then 64 KiB reads; the BIND fails on the header, and nothing is kept."""
+    protocol, transport = _client()
+    failures = []
+    protocol.send(pureldap.LDAPBindRequest(dn="uid=alice,dc=example,dc=com", auth=b"secret")).addErrback(failures.append)
+    protocol.dataReceived(b"\x30\x84\x7f\xff\xff\xff\x02\x01\x01" + b"\0" * 65536)
+    assert transport.disconnecting
+    assert protocol.protocol_error == "a message of 2147483653 bytes, over the limit of 16 MiB"
+    protocol.connectionLost(Failure(ConnectionAborted()))
+    assert len(failures) == 1

@@ -59,7 +59,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from sftpauth.auth.ldap.wire import NotLDAP, decode_message
+from sftpauth.auth.ldap.wire import MessageBuffer, NotLDAP
 from sftpauth.auth.ldap.tls import CertificateSummary, TLSPolicy, TLSReport, check_name, describe_handshake_failure
 
 _log = Logger()
@@ -146,6 +146,7 @@ class _LDAPProtocol(LDAPClient):
         super().__init__()
         self._handshake: Optional[defer.Deferred] = None
         self.protocol_error = ""  # set when the server sent something that is not LDAP
+        self._messages = MessageBuffer()
 
     def dataReceived(self, data: bytes) -> None:
         """ldaptor's LDAPClient.dataReceived loop, with garbage closing the connection at once.
@@ -153,19 +154,20 @@ class _LDAPProtocol(LDAPClient):
         ldaptor tests ``if not message``: an LDAPMessage is a sequence whose
         length is that of its encoding, so every answer was encoded again
         just to be found non-empty (about 4% of sftpauth's CPU per FTP login).
-        What is not LDAP (an HTTP answer, a TLS record) fails the requests
-        waiting on the connection now, not after the ``timeout``.
+        What is not LDAP (an HTTP answer, a TLS record, an answer announced
+        over 16 MiB) fails the requests waiting on the connection now, not
+        after the ``timeout``; ldaptor's ``buffer += data`` copied a big
+        answer again at every read, without a limit.
         """
-        self.buffer += data
-        while self.buffer:
+        self._messages.feed(data)
+        while True:
             try:
-                message, used = decode_message(self.berdecoder, self.buffer)
+                message = self._messages.next(self.berdecoder)
             except NotLDAP as error:
                 self._not_ldap(str(error))
                 return
             if message is None:
                 return
-            self.buffer = self.buffer[used:]
             try:
                 self.handle(message)
             except Exception as error:  # an answer ldaptor cannot match to a request must not become a traceback
@@ -174,7 +176,7 @@ class _LDAPProtocol(LDAPClient):
 
     def _not_ldap(self, why: str) -> None:
         self.protocol_error = why
-        self.buffer = b""
+        self._messages.clear()
         _log.warn(
             "LDAP server {peer} sent data that is not an LDAP answer ({error}); closing",
             peer=str(self.transport.getPeer()), error=why,
