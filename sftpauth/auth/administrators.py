@@ -18,6 +18,7 @@ from sftpauth.account import Account
 from sftpauth.auth.application import ApplicationMethod, check_local_password
 from sftpauth.auth.credentials import LoginRequest
 from sftpauth.auth.errors import UnknownUser
+from sftpauth.auth.passwords import verify_password
 from sftpauth.config.models import AdministratorSettings, ApplicationAuthenticationSettings, Configuration
 
 
@@ -35,6 +36,10 @@ class AdministratorsMethod:
         self._administrators: dict[str, AdministratorSettings] = {
             administrator.username: administrator for administrator in configuration.administrators.values()
         }
+        # An unknown name is checked against this hash too (the answer ignored): otherwise a wrong
+        # password is answered in ~10 ms for a name that is not an administrator's and ~150 ms for
+        # one that is, which tells an attacker the local administrators' names.
+        self._decoy_hash = next((item.password for item in self._administrators.values() if item.password), "")
 
     def knows(self, username: str) -> bool:
         return username in self._administrators
@@ -45,6 +50,8 @@ class AdministratorsMethod:
         settings = self._administrators.get(request.username)
         if settings is None:
             request.trace.add(self.id, "lookup", "no local administrator with this username")
+            if self._decoy_hash:
+                await self._run_in_thread(verify_password, self._decoy_hash, request.password)
             raise UnknownUser(f"no [administrators/..] named {request.username!r}")
         await check_local_password(self.id, f"administrators/{settings.id}", settings, request, self._run_in_thread)
         request.trace.add(self.id, "roles", f"roles: {', '.join(settings.roles)}")

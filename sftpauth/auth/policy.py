@@ -123,13 +123,16 @@ def address_in(address: str, networks) -> bool:
 
 
 def _username_forms(username: str) -> tuple[str, ...]:
-    """The username as typed and as a directory compares it (NFKC, spaces collapsed).
+    """The username as typed and as a directory compares it (NFKC, spaces collapsed, invisible characters dropped).
 
     LDAP matching rules ignore case, leading/trailing and repeated spaces, so
-    ``" root"`` must not get past a ``root`` rule.
+    ``" root"`` must not get past a ``root`` rule; and LDAP string
+    preparation (RFC 4518 §2.2) maps format characters such as U+200B and
+    U+00AD to nothing, so neither must ``r<U+200B>oot``.
     """
     folded = " ".join(unicodedata.normalize("NFKC", username).split())
-    return (username,) if folded == username else (username, folded)
+    printable = "".join(char for char in folded if char == " " or char.isprintable())
+    return tuple(dict.fromkeys((username, folded, printable)))
 
 
 class SecurityPolicy:

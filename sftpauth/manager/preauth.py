@@ -49,8 +49,13 @@ def present(request) -> bool:
     return any(request.requestHeaders.hasHeader(name) for name in HEADERS)
 
 
-def decode_value(raw: bytes, name: str) -> str:
-    """One header value as text; ``{base64}`` values are decoded as UTF-8."""
+def decode_value(raw: bytes, name: str, username: bool = False) -> str:
+    """One header value as text; ``{base64}`` values are decoded as UTF-8.
+
+    A username must also be printable: no invisible format characters
+    (U+200B, U+00AD, U+202E...), line or paragraph separators, which would
+    let ``r<U+200B>oot`` past a ``root`` rule and show as root on the pages.
+    """
     raw = raw.strip()
     if raw[: len(BASE64_PREFIX)].lower() == BASE64_PREFIX:
         try:
@@ -66,6 +71,9 @@ def decode_value(raw: bytes, name: str) -> str:
         raise InvalidPreAuthentication(f"{name}: the value is {len(text)} characters long (at most {MAX_VALUE})")
     if any(unicodedata.category(char) in ("Cc", "Cs") for char in text):
         raise InvalidPreAuthentication(f"{name}: the value contains control characters")
+    if username and not text.replace(" ", "").isprintable():
+        odd = next(char for char in text if char != " " and not char.isprintable())
+        raise InvalidPreAuthentication(f"{name}: the value contains an invisible character (U+{ord(odd):04X})")
     return text
 
 
@@ -74,7 +82,10 @@ def read(request) -> Optional[PreAuthentication]:
     values = {}
     for name in HEADERS:
         raw = request.requestHeaders.getRawHeaders(name)
-        values[name] = decode_value(raw[0], name.decode("ascii")) if raw else ""
+        if raw and len(raw) > 1:
+            # A proxy that adds its header instead of replacing the client's would let the client's win.
+            raise InvalidPreAuthentication(f"{name.decode('ascii')}: sent {len(raw)} times (at most once)")
+        values[name] = decode_value(raw[0], name.decode("ascii"), username=name == USERNAME) if raw else ""
     if not values[USERNAME]:
         return None
     return PreAuthentication(

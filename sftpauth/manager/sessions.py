@@ -5,8 +5,11 @@ restart logs everyone out). Its ID is 256 random bits sent only in a
 ``Secure; HttpOnly; SameSite=Strict`` cookie; a login always makes a new
 one (no fixation). A session unused for ``session_idle_timeout`` seconds
 ends: at its next request, or at the sweep (every second), whichever is
-first. Sessions are kept in the order of their last use, so the sweep and
-the eviction of the oldest look only at the sessions they end.
+first. Sessions are kept in the order of their last use, so the sweep
+looks only at the sessions it ends. One username holds at most
+MAX_SESSIONS_PER_USER sessions (a new one ends its own least recently
+used), and when the store is full a new login is refused
+(:class:`TooManySessions`): nobody's login can end somebody else's session.
 Every start and end is a ``session-start`` / ``session-end`` audit event,
 like FTP and SFTP sessions.
 """
@@ -23,6 +26,11 @@ from sftpauth.config.models import Configuration, RoleSettings
 from sftpauth.manager.csrf import new_token
 
 MAX_SESSIONS = 10000
+MAX_SESSIONS_PER_USER = 20  # browsers, tabs and scripts of one person; a header login without cookie makes one each time
+
+
+class TooManySessions(Exception):
+    """The store is full of live sessions: a new one is refused rather than ending another user's."""
 
 
 @attrs.define
@@ -56,23 +64,31 @@ def effective_roles(configuration: Configuration, role_ids: Iterable[str]) -> tu
 class SessionStore:
     """The open sessions of one manager service; ``clock`` is the reactor (IReactorTime)."""
 
-    def __init__(self, clock, idle_timeout: float, audit: AuditLog, service_id: str, limit: int = MAX_SESSIONS):
+    def __init__(
+        self, clock, idle_timeout: float, audit: AuditLog, service_id: str, limit: int = MAX_SESSIONS,
+        per_user: int = MAX_SESSIONS_PER_USER,
+    ):
         self._clock = clock
         self.idle_timeout = idle_timeout
         self._audit = audit
         self._service_id = service_id
         self._limit = limit
+        self._per_user = per_user
         self._sessions: dict[str, ManagerSession] = {}  # by ID, least recently used first
+        self._of_user: dict[str, int] = {}  # username -> sessions open
 
     def __len__(self) -> int:
         return len(self._sessions)
 
     def open(self, username: str, roles: tuple[str, ...], can_act: bool, method: str, peer: str, **extra) -> ManagerSession:
         now = self._clock.seconds()
+        if self._of_user.get(username, 0) >= self._per_user:
+            own = next(session for session in self._sessions.values() if session.username == username)
+            self.close(own, "evicted")  # this user's least recently used
         if len(self._sessions) >= self._limit:
             self.expire_idle()
             if len(self._sessions) >= self._limit:
-                self.close(next(iter(self._sessions.values())), "evicted")  # the least recently used
+                raise TooManySessions(f"{len(self._sessions)} Web Manager sessions are open (at most {self._limit})")
         session = ManagerSession(
             id=secrets.token_urlsafe(32),
             username=username,
@@ -86,6 +102,7 @@ class SessionStore:
             **extra,
         )
         self._sessions[session.id] = session
+        self._of_user[username] = self._of_user.get(username, 0) + 1
         self._audit.record(
             "session-start",
             service=self._service_id,
@@ -115,6 +132,9 @@ class SessionStore:
     def close(self, session: ManagerSession, reason: str) -> None:
         if self._sessions.pop(session.id, None) is None:
             return
+        left = self._of_user.pop(session.username) - 1
+        if left:
+            self._of_user[session.username] = left
         self._audit.record(
             "session-end",
             service=self._service_id,

@@ -14,6 +14,7 @@ import collections
 import json
 import os
 import re
+import unicodedata
 import time
 import urllib.parse
 from http import HTTPStatus
@@ -34,7 +35,7 @@ from sftpauth.config.models import LDAPAuthenticationSettings, ManagerServiceSet
 from sftpauth.manager import csrf, preauth
 from sftpauth.manager.events import KINDS, MAX_EVENTS, OUTCOMES, AuditHistory, clamp_limit
 from sftpauth.manager.metrics import CONTENT_TYPE, ManagerMetrics
-from sftpauth.manager.sessions import ManagerSession, SessionStore, effective_roles
+from sftpauth.manager.sessions import ManagerSession, SessionStore, TooManySessions, effective_roles
 from sftpauth.manager.views import build_chart, health_report, ldap_overview, service_overview
 
 _log = Logger()
@@ -55,22 +56,31 @@ SECURITY_HEADERS = {
     b"referrer-policy": b"no-referrer",
     b"cross-origin-opener-policy": b"same-origin",
     b"cross-origin-resource-policy": b"same-origin",
+    # HTTPS only: a browser that once reached the manager by its name never tries it in plain HTTP
+    b"strict-transport-security": b"max-age=31536000",
     b"server": b"sftpauth",
 }
 LOGIN_FAILED = "Login failed: wrong username or password, or this account may not use the Web Manager."
 PREAUTH_METHOD = "header-authentication"
 
 
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+def _escaped(char: str) -> str:
+    code = ord(char)
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
 
 
 def visible(value: Any) -> str:
-    """Text a client chose (a username, a detail quoting it), with control characters shown as ``\\xNN``.
+    """Text a client chose (a username, a detail quoting it), with what does not print shown as ``\\xNN``/``\\uNNNN``.
 
-    The audit log keeps them exactly (JSON escapes); on a page a NUL or a
-    line break would be invisible, and ``alice\\x00`` would pass for alice.
+    The audit log keeps it exactly (JSON escapes); on a page a NUL, a line
+    break, a zero-width space or a right-to-left override would be
+    invisible, and ``alice\\x00`` or ``r\\u200boot`` would pass for alice or root.
+    Spaces print; other separators (a no-break space) are shown escaped.
     """
-    return _CONTROL.sub(lambda match: f"\\x{ord(match.group()):02x}", "" if value is None else str(value))
+    text = "" if value is None else str(value)
+    if text.replace(" ", "").isprintable():
+        return text
+    return "".join(char if char == " " or char.isprintable() else _escaped(char) for char in text)
 
 
 @attrs.define
@@ -343,6 +353,23 @@ class ManagerApp:
             reason=reason,
             detail=detail,
         )
+    def _local_administrator_name(self, username: str) -> Optional[LoginFailed]:
+        """A refusal when a pre-authenticated name is that of an [administrators/..] (any case or width).
+
+        Its session would pass for the local administrator's in the audit
+        log and the test-login limits, with the proxy's role, and a disabled
+        administrator's name would get in.
+        """
+        claimed = unicodedata.normalize("NFKC", username).casefold()
+        for administrator in self.configuration.administrators.values():
+            if unicodedata.normalize("NFKC", administrator.username).casefold() == claimed:
+                return LoginFailed(
+                    "preauth-administrator",
+                    f"{username!r} is the name of the local [administrators/{administrator.id}]: "
+                    "header pre-authentication cannot open its session",
+                )
+        return None
+
     def _pre_authenticate(self, call: Call) -> Optional[Response]:
         """Honour ``preauth-*`` headers only from a trusted proxy with header_authentication = yes."""
         settings = self.settings
@@ -369,6 +396,8 @@ class ManagerApp:
         # The proxy vouches for who the user is, not for whether sftpauth lets them in.
         policy = self.runtime.policy_for(settings)
         denied = policy.denied_username(claim.username, manager=True) if policy is not None else None
+        if denied is None:
+            denied = self._local_administrator_name(claim.username)
         if denied is not None:
             if session is not None:
                 self.sessions.close(session, "replaced")
@@ -390,17 +419,21 @@ class ManagerApp:
             reason="",
             detail=f"pre-authenticated by the trusted proxy {call.peer}{provider}",
         )
-        call.session = self.sessions.open(
-            claim.username,
-            roles,
-            can_act,
-            PREAUTH_METHOD,
-            call.peer,
-            source="header",
-            email=claim.email,
-            full_name=claim.full_name,
-            provider=claim.provider,
-        )
+        try:
+            call.session = self._open_session(
+                call,
+                claim.username,
+                roles,
+                can_act,
+                PREAUTH_METHOD,
+                source="header",
+                email=claim.email,
+                full_name=claim.full_name,
+                provider=claim.provider,
+            )
+        except TooManySessions:
+            call.session = None
+            return self._too_many_sessions(call)
         call.session_ended = False
         _set_cookie(request, SESSION_COOKIE, call.session.id)
         return None
@@ -487,17 +520,39 @@ class ManagerApp:
             return None
         if call.session is not None:
             self.sessions.close(call.session, "replaced")
+            call.session = None
         roles, can_act = effective_roles(self.configuration, account.roles)
-        session = self.sessions.open(
-            account.username, roles, can_act, account.method_id, call.peer, email=account.email, full_name=account.full_name
+        session = self._open_session(
+            call, account.username, roles, can_act, account.method_id, email=account.email, full_name=account.full_name
         )
         _set_cookie(call.request, SESSION_COOKIE, session.id)
         call.session = session
         return session
 
+    def _open_session(self, call: Call, username: str, roles, can_act: bool, method: str, **extra) -> ManagerSession:
+        """A new session for a login that succeeded; TooManySessions (logged) when the store is full."""
+        try:
+            return self.sessions.open(username, roles, can_act, method, call.peer, **extra)
+        except TooManySessions as error:
+            _log.warn(
+                "Web Manager {service}: {username} from {peer} logged in, but no session was opened: {error}",
+                service=self.settings.id, username=visible(username), peer=call.peer, error=str(error),
+            )
+            raise
+
+    def _too_many_sessions(self, call: Call) -> Response:
+        return self._error(
+            call.path.startswith("/api/"), 503, "Too many sessions",
+            "The Web Manager has too many open sessions. Please try again later.",
+            api_message="too many open Web Manager sessions: try again later",
+        )
+
     async def login_form(self, call: Call) -> Response:
         username = call.field("username")
-        session = await self._authenticate(call, username, call.field("password"))
+        try:
+            session = await self._authenticate(call, username, call.field("password"))
+        except TooManySessions:
+            return self._too_many_sessions(call)
         if session is None:
             return self._login_response(call, LOGIN_FAILED, status=401, username=username)
         _expire_cookie(call.request, LOGIN_COOKIE)
@@ -714,7 +769,10 @@ class ManagerApp:
         }
 
     async def api_login(self, call: Call) -> Response:
-        session = await self._authenticate(call, call.field("username"), call.field("password"))
+        try:
+            session = await self._authenticate(call, call.field("username"), call.field("password"))
+        except TooManySessions:
+            return self._too_many_sessions(call)
         if session is None:
             return json_response({"error": "login failed"}, 401)
         return json_response(self._session_json(session))

@@ -161,3 +161,37 @@ def test_deny_administrators_applies_to_pre_authenticated_usernames(manager):
     assert m.get("/api/v1/session", peer="10.0.0.2", headers={"preauth-username": "jdoe"}).json()["username"] == "jdoe"
     assert m.get("/api/v1/session", peer="10.0.0.2", headers={"preauth-username": "root"}).status == 403
     assert m.get("/api/v1/session", peer="10.0.0.2").status == 401
+
+
+def test_a_header_sent_twice_is_refused(manager):
+    """A proxy that adds its preauth-username to the client's own would let the client's come first: 400."""
+    m = manager()
+    result = m.get("/", peer="10.0.0.2", headers={"preauth-username": "mallory\r\npreauth-username: alice"})
+    assert result.status == 400
+    assert result.cookie("__Host-sftpauth-session") is None
+    event = m.events()[-1]
+    assert (event["reason"], event["detail"]) == ("preauth-invalid", "preauth-username: sent 2 times (at most once)")
+    assert m.events("session-start") == []
+
+
+@pytest.mark.parametrize("username", ["r\u200boot", "ro\u00adot", "\u202etoor", "al\u2028ice", "b\u00a0ob"])
+def test_invisible_characters_in_a_pre_authenticated_username_are_refused(manager, username):
+    """Zero-width, soft hyphen, direction overrides and separators would pass for another name on the pages."""
+    m = manager(extra="\n[security-policies/DEFAULT-SECURITY-POLICY]\ndeny_administrators = root\n")
+    result = m.get("/", peer="10.0.0.2", headers={"preauth-username": b64(username)})
+    assert result.status == 400
+    assert m.events()[-1]["reason"] == "preauth-invalid"
+    assert "invisible character" in m.events()[-1]["detail"]
+    assert m.events("session-start") == []
+
+
+@pytest.mark.parametrize("username", ["admin", "ADMIN", "\uff41\uff44\uff4d\uff49\uff4e"])
+def test_a_pre_authenticated_name_cannot_be_a_local_administrators(manager, username):
+    """The proxy's user 'admin' would pass for [administrators/admin] in the audit log: 403, audited."""
+    m = manager()
+    result = m.get("/", peer="10.0.0.2", headers={"preauth-username": b64(username)})
+    assert result.status == 403
+    event = m.events()[-1]
+    assert (event["outcome"], event["reason"]) == ("failure", "preauth-administrator")
+    assert "[administrators/admin]" in event["detail"]
+    assert m.events("session-start") == []

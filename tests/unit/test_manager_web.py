@@ -219,12 +219,13 @@ def test_the_running_service_ends_an_idle_session_within_a_second(manager):
         service.stopService()
 
 
-def test_sweep_and_eviction_take_the_least_recently_used_sessions_first():
-    """Sessions are ordered by last use: the sweep stops at the first live one, eviction takes the oldest use."""
+def test_the_sweep_takes_the_least_recently_used_first_and_a_full_store_refuses_new_sessions():
+    """Sessions are ordered by last use: the sweep stops at the first live one. A full store refuses a new
+    session (TooManySessions) rather than ending somebody else's."""
     from twisted.internet.task import Clock
 
     from sftpauth.audit import AuditLog
-    from sftpauth.manager.sessions import SessionStore
+    from sftpauth.manager.sessions import SessionStore, TooManySessions
 
     clock = Clock()
     audit = AuditLog(echo=False)
@@ -240,10 +241,34 @@ def test_sweep_and_eviction_take_the_least_recently_used_sessions_first():
     assert store.expire_idle() == 1 and ended == [("second", "idle-timeout")]
     store.open("third", (), True, "m", "127.0.0.1")
     store.open("fourth", (), True, "m", "127.0.0.1")
-    store.open("fifth", (), True, "m", "127.0.0.1")  # over the limit of 3: the least recently used goes
-    assert ended[-1] == ("first", "evicted") and len(store) == 3
+    with pytest.raises(TooManySessions):
+        store.open("fifth", (), True, "m", "127.0.0.1")
+    assert len(ended) == 1 and len(store) == 3 and store.get(first.id) is first
     clock.advance(61)
     assert store.expire_idle() == 3
+    store.open("fifth", (), True, "m", "127.0.0.1")  # room again
+
+
+def test_one_user_cannot_push_out_other_users_sessions():
+    """QA: 10,004 header logins of one user ended every administrator's session. Now a user past its
+    per-user limit ends its own least recently used session; the others keep theirs."""
+    from twisted.internet.task import Clock
+
+    from sftpauth.audit import AuditLog
+    from sftpauth.manager.sessions import SessionStore
+
+    clock = Clock()
+    audit = AuditLog(echo=False)
+    ended = []
+    audit.listeners.append(lambda entry: entry["event"] == "session-end" and ended.append((entry["username"], entry["reason"])))
+    store = SessionStore(clock, 60, audit, "manager", limit=10, per_user=3)
+    admin = store.open("admin", (), True, "m", "127.0.0.10")
+    flood = [store.open("flooder", (), True, "m", "127.0.0.2") for _ in range(50)]
+    assert store.get(admin.id) is admin
+    assert len(store) == 4
+    assert ended == [("flooder", "evicted")] * 47
+    assert [store.get(session.id) is session for session in flood[-3:]] == [True, True, True]
+    assert store.get(flood[0].id) is None
 
 
 def test_security_headers_and_no_store(manager):
@@ -256,6 +281,7 @@ def test_security_headers_and_no_store(manager):
     assert "script-src" not in page.header("content-security-policy")
     assert page.header("x-frame-options") == "DENY"
     assert page.header("x-content-type-options") == "nosniff"
+    assert page.header("strict-transport-security") == "max-age=31536000"
     assert page.header("cache-control") == "no-store"
     assert page.header("server") == "sftpauth"
     css = m.get("/static/manager.css")
@@ -351,6 +377,12 @@ def test_control_characters_a_client_chose_are_shown_escaped(manager):
     assert m.events()[-1]["username"] == "alice\x00"
     events = m.get("/events?kind=all")
     assert "\x00" not in events.text and "alice\\x00" in events.text
+    # Invisible format characters and direction overrides too: r<U+200B>oot must not show as root.
+    for typed, shown in (("r\u200boot", "r\\u200boot"), ("\u202etoor", "\\u202etoor"), ("ro\u00adot", "ro\\xadot")):
+        request = LoginRequest(username=typed, password="pw", service_id="ftp", protocol="ftp", peer="127.0.0.9")
+        defer.ensureDeferred(m.chain.login(request)).addErrback(lambda failure: None)
+        events = m.get("/events?kind=all")
+        assert typed not in events.text and shown in events.text
 
 
 def test_test_login_page_explains_each_step_without_the_password(manager):
@@ -902,3 +934,17 @@ def test_test_logins_run_side_by_side_cannot_pass_the_failure_limit(manager):
     ).status == 429
     page = m.post_form("/test-login", {"csrf_token": token, "username": "ftpuser", "password": "ftp-pass"})
     assert page.status == 429 and "<h1>Too Many Requests " in page.text  # not "Bad request"
+
+
+def test_a_wrong_password_costs_a_hash_check_whether_or_not_the_administrator_exists(manager, monkeypatch):
+    """QA: 'admin' answered in ~150 ms and 'nosuchadmin' in ~10 ms, which told the local administrators'
+    names. An unknown name is now checked against an administrator's hash too (its answer ignored)."""
+    from sftpauth.auth import administrators
+
+    checked = []
+    real = administrators.verify_password
+    monkeypatch.setattr(administrators, "verify_password", lambda stored, password: checked.append(stored) or real(stored, password))
+    m = manager()
+    assert m.post_json("/api/v1/login", {"username": "nosuchadmin", "password": "admin-pass"}).status == 401
+    assert len(checked) == 1 and checked[0].startswith("$argon2")
+    assert m.events()[-1]["outcome"] == "failure"

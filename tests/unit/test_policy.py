@@ -297,9 +297,12 @@ def test_stop_forgets_pending_ban_ends(policies, recorder, clock, result_of):
     assert recorder.of("ban-ended") == [] and clock.getDelayedCalls() == []
 
 
-@pytest.mark.parametrize("username", ["root", "ROOT", " root", "root ", "admin", "Administrator", "ｒｏｏｔ"])
+@pytest.mark.parametrize(
+    "username",
+    ["root", "ROOT", " root", "root ", "admin", "Administrator", "ｒｏｏｔ", "r\u200boot", "ro\u00adot", "\u2060root\ufeff"],
+)
 def test_denied_usernames_match_case_and_space_insensitively(policies, result_of, username):
-    """deny_usernames globs match whatever case, spacing or width a directory would ignore."""
+    """deny_usernames globs match whatever case, spacing, width or invisible characters a directory would ignore."""
     assert refusal(result_of, policies.for_service("ftp"), request(username=username)) == "denied-username"
 
 
