@@ -1143,6 +1143,14 @@ def test_an_address_of_digits_and_dots_must_be_ipv4(address):
     assert "is not an IP address or host name" in problem.message
 
 
+@pytest.mark.parametrize("addresses", ["127.0.0.1:3389, 127.0.0.1:3389", "ldap.example.com, LDAP.example.com"])
+def test_an_ldap_server_listed_twice_is_an_error(addresses):
+    """QA: check-config said valid, failover tried the server twice and /health counted it twice."""
+    problem = only_problem(f"[authentications/dir]\ntype = ldap\nbind_dn = dc=example,dc=com\naddress = {addresses}\n")
+    assert (problem.section, problem.option, problem.line) == ("authentications/dir", "address", 4)
+    assert "is listed twice" in problem.message
+
+
 def test_a_quoted_option_name_is_that_option():
     """``"banner" = a#b`` is the banner, read as unquoted names are (whole, "#" kept): never the preprocessing marker."""
     configuration = parse('[services/ftp]\ntype = ftp\nport = 2121\n"banner" = Hello#1 here\n')
