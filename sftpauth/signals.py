@@ -5,17 +5,21 @@
 - SIGHUP never stops it: each process that writes the audit log opens it
   again (log rotation), FTPS services reload their certificates, and with
   workers the parent passes it on to them (:class:`ReloadOnSIGHUP`, one per
-  use, chained).
+  use, chained). The rest of the configuration is not reloaded: when its
+  file changed since the start, the parent says so, and whether the new
+  file is valid (:class:`ConfigurationChangeCheck`).
 
 Worker processes install their own handlers (:mod:`sftpauth.workers.worker`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import signal
-from typing import Callable
+from typing import Callable, Optional
 
 from twisted.application.service import Service
+from twisted.internet import defer, threads
 from twisted.logger import Logger
 
 _log = Logger()
@@ -64,3 +68,61 @@ class ReloadOnSIGHUP(Service):
             signal.signal(signal.SIGHUP, self._previous if self._previous is not None else signal.SIG_DFL)
         self._installed = False
         return super().stopService()
+
+
+def _file_digest(path: str) -> Optional[bytes]:
+    try:
+        with open(path, "rb") as config_file:
+            return hashlib.sha256(config_file.read()).digest()
+    except OSError:
+        return None
+
+
+class ConfigurationChangeCheck:
+    """On SIGHUP: whether the configuration file changed since the start, and whether it is valid now.
+
+    SIGHUP applies no configuration change (only the audit log and FTPS
+    certificates); an administrator who edited the file and sent it must
+    hear that a restart is needed, or what is wrong with the new file.
+    The file is read and checked in a thread.
+    """
+
+    def __init__(self, reactor, path: str):
+        self._reactor = reactor
+        self.path = path
+        self._digest = _file_digest(path)
+
+    def check(self) -> defer.Deferred:
+        checked = threads.deferToThreadPool(self._reactor, self._reactor.getThreadPool(), self._examine)
+        return checked.addCallback(self._report).addErrback(
+            lambda failure: _log.failure("SIGHUP: cannot check {path}", failure, path=self.path)
+        )
+
+    def _examine(self) -> Optional[str]:
+        """None when the file is unchanged; "" when it changed and is valid; else its problems."""
+        from sftpauth.config.errors import ConfigError
+        from sftpauth.config.loader import load_configuration
+
+        if _file_digest(self.path) == self._digest:
+            return None
+        try:
+            load_configuration(self.path)
+        except ConfigError as error:
+            return str(error)
+        return ""
+
+    def _report(self, problems: Optional[str]) -> None:
+        if problems is None:
+            return
+        if problems:
+            _log.error(
+                "SIGHUP: {path} changed since sftpauth started and is not valid; sftpauth goes on with the "
+                "configuration it started with:\n{problems}",
+                path=self.path, problems=problems,
+            )
+        else:
+            _log.warn(
+                "SIGHUP: {path} changed since sftpauth started; SIGHUP applies only the audit log and the FTPS "
+                "certificates: restart sftpauth to apply the other changes",
+                path=self.path,
+            )

@@ -25,7 +25,7 @@ from sftpauth.config.models import Configuration, ServiceSettings
 from sftpauth.listening import raise_open_file_limit
 from sftpauth.realm import SessionRealm
 from sftpauth.runtime import Runtime
-from sftpauth.signals import ReloadOnSIGHUP, stop_cleanly_on_sigterm
+from sftpauth.signals import ConfigurationChangeCheck, ReloadOnSIGHUP, stop_cleanly_on_sigterm
 from sftpauth.state import SharedState, build_state
 
 _log = Logger()
@@ -262,7 +262,13 @@ def _make_service(options: Options, reactor=None) -> MultiService:
     top = ServerServices(runtime)
     # The first SIGHUP handler, so the process never dies of a SIGHUP (its default action); the FTPS
     # certificate reloads, and with workers the parent's passing it on, are chained after it.
-    ReloadOnSIGHUP(reactor, runtime.audit.reopen).setServiceParent(top)
+    change = ConfigurationChangeCheck(reactor, configuration.path)
+
+    def reload() -> None:
+        runtime.audit.reopen()
+        change.check()
+
+    ReloadOnSIGHUP(reactor, reload).setServiceParent(top)
     add_runtime_services(runtime, top)
     pool = None
     if configuration.server.workers > 1:

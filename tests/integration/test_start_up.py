@@ -162,6 +162,36 @@ def test_sighup_opens_the_audit_log_again_and_never_stops_the_server(tmp_path):
         assert server.stop() == 0
 
 
+def test_sighup_says_when_the_configuration_file_changed_and_whether_it_is_valid(tmp_path):
+    """SIGHUP applies no configuration change: an edited file is named, with its problems or "restart"."""
+    port = free_port()
+    config = (f"[server]\ndata_folder = {tmp_path}/data\n\n"
+              f"[services/ftp]\ntype = ftp\nport = {port}\n")
+    server = SftpauthServer(tmp_path / "run", config, ports=(port,))
+    server.start()
+
+    def sighup_and_wait(expected: str) -> str:
+        server.process.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        while expected not in server.log_text():
+            assert server.process.poll() is None and time.monotonic() < deadline, server.log_tail()
+            time.sleep(0.05)
+        return server.log_text()
+
+    try:
+        server.process.send_signal(signal.SIGHUP)
+        time.sleep(1)  # unchanged: nothing to say
+        assert server.process.poll() is None and "SIGHUP:" not in server.log_text()
+        server.config_path.write_text(config + "bogus_option = 1\n", encoding="utf-8")
+        log = sighup_and_wait("is not valid")
+        assert f"SIGHUP: {server.config_path} changed since sftpauth started and is not valid" in log
+        assert f"{server.config_path}:7 [services/ftp] bogus_option: unknown option" in log
+        server.config_path.write_text(config + "banner = Hello\n", encoding="utf-8")
+        sighup_and_wait("restart sftpauth to apply the other changes")
+    finally:
+        assert server.stop() == 0
+
+
 def test_sigterm_ends_open_ftp_and_sftp_sessions_with_their_session_end(tmp_path):
     """One process: SIGTERM ends the open sessions first, so their session-end (reason shutdown) is written.
 
