@@ -14,8 +14,8 @@ import collections
 import json
 import os
 import re
-import unicodedata
 import time
+import unicodedata
 import urllib.parse
 from http import HTTPStatus
 from typing import Any, Callable, Optional
@@ -353,6 +353,7 @@ class ManagerApp:
             reason=reason,
             detail=detail,
         )
+
     def _local_administrator_name(self, username: str) -> Optional[LoginFailed]:
         """A refusal when a pre-authenticated name is that of an [administrators/..] (any case or width).
 
