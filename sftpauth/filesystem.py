@@ -244,6 +244,18 @@ def _lock_upload(file) -> None:
         raise BlockingIOError(errno.EWOULDBLOCK, "another session is uploading this file") from None
 
 
+def refuse_home_folder(root: str, real: str, change: str) -> None:
+    """PermissionError when ``real`` is the home folder itself, which can be neither removed nor renamed."""
+    if real == root:
+        raise PermissionError(errno.EACCES, f"the home folder cannot be {change}", "/")
+
+
+def _sorted_names(folder: int) -> Iterator[str]:
+    """The names in an open folder, sorted (read whole, then the descriptor's scandir is closed)."""
+    with os.scandir(folder) as iterator:
+        return iter(sorted(entry.name for entry in iterator))
+
+
 def _seek(file, offset: int) -> None:
     """Position an open file at ``offset``, which may be its end but not past it (closed then)."""
     size = os.fstat(file.fileno()).st_size
@@ -367,18 +379,25 @@ class JailedFilesystem:
                     raise NotADirectoryError(errno.ENOTDIR, "not a folder", name)
                 reader = FolderReader(iter([(name, result)]), listed=lambda listed: listed)
             else:
-                folder = _open_beneath(self.root, real, _FOLDER_FLAGS)
-                try:
-                    with os.scandir(folder) as iterator:
-                        names = sorted(entry.name for entry in iterator)
-                except BaseException:
-                    os.close(folder)
-                    raise
-                reader = FolderReader(iter(names), listed=lambda name: self._listed(folder, real, name),
-                                      closing=lambda: os.close(folder))
+                reader = self._folder_reader(real, _sorted_names, lambda name: name)
             return reader if then is None else then(reader)
 
         return self._call(Permission.LIST, client_path, cwd, open_)
+
+    def _folder_reader(self, real: str, entries_of: Callable[[int], Any], name_of: Callable[[Any], str]) -> "FolderReader":
+        """A :class:`FolderReader` of the folder ``real``, opened beneath the root and closed with the reader.
+
+        ``entries_of(descriptor)`` gives what is read (scandir's entries, or
+        sorted names), ``name_of`` the name of each.
+        """
+        folder = _open_beneath(self.root, real, _FOLDER_FLAGS)
+        try:
+            entries = entries_of(folder)
+        except BaseException:
+            os.close(folder)
+            raise
+        return FolderReader(entries, listed=lambda entry: self._listed(folder, real, name_of(entry)),
+                            closing=lambda: os.close(folder))
 
     def _listed(self, folder: int, real: str, name: str) -> Optional[tuple[str, os.stat_result]]:
         """``(name, stat_result)`` of the entry ``name`` of the open ``folder`` (real path ``real``), None when it is not listed (leads outside, vanished, dangling)."""
@@ -397,14 +416,7 @@ class JailedFilesystem:
         """A :class:`FolderReader` of a folder (NotADirectoryError for a file), or ``then(reader)`` in the same thread trip."""
 
         def open_(real: str):
-            folder = _open_beneath(self.root, real, _FOLDER_FLAGS)  # NotADirectoryError for a file
-            try:
-                entries = os.scandir(folder)
-            except BaseException:
-                os.close(folder)
-                raise
-            reader = FolderReader(entries, listed=lambda entry: self._listed(folder, real, entry.name),
-                                  closing=lambda: os.close(folder))
+            reader = self._folder_reader(real, os.scandir, lambda entry: entry.name)  # NotADirectoryError for a file
             return reader if then is None else then(reader)
 
         return self._call(Permission.LIST, client_path, cwd, open_)
@@ -487,8 +499,7 @@ class JailedFilesystem:
         return self._call(Permission.DELETE_FOLDER, client_path, cwd, self._rmdir, entry=True)
 
     def _rmdir(self, real: str) -> None:
-        if real == self.root:
-            raise PermissionError(errno.EACCES, "the home folder cannot be removed", "/")
+        refuse_home_folder(self.root, real, "removed")
         with _beneath(self.root, real) as (folder, name):
             os.rmdir(name, dir_fd=folder)
 
@@ -515,8 +526,7 @@ class JailedFilesystem:
             # A symlink named as the source or the target is renamed or replaced itself, not what it points to.
             real_source = resolve_entry(self.root, source)
             real_target = resolve_entry(self.root, target)
-            if real_source == self.root:
-                raise PermissionError(errno.EACCES, "the home folder cannot be renamed", "/")
+            refuse_home_folder(self.root, real_source, "renamed")
             with ExitStack() as opened:
                 source_folder, source_name = opened.enter_context(_beneath(self.root, real_source))
                 try:

@@ -128,7 +128,7 @@ from sftpauth.config.errors import ConfigError, ConfigProblem
 from sftpauth.config.models import FTPServiceSettings
 from sftpauth.filesystem import (
     CONTROL_CHARACTERS, MONTHS, NOT_A_BYTE, FolderReader, InvalidPath, JailedFilesystem, OffsetPastEnd, OutsideJail,
-    disk_bytes, resolve_entry,
+    disk_bytes, refuse_home_folder, resolve_entry,
 )
 from sftpauth.listening import LOGIN_GRACE_SECONDS, listening_service
 from sftpauth.permissions import Permission, PermissionDenied
@@ -522,8 +522,7 @@ def _require_entry(root: str, virtual: str) -> None:
     The home folder itself cannot be (PermissionError, as RNTO would answer).
     """
     real = resolve_entry(root, virtual)
-    if real == root:
-        raise PermissionError(errno.EACCES, "the home folder cannot be renamed", "/")
+    refuse_home_folder(root, real, "renamed")
     if not os.path.lexists(real):
         raise FileNotFoundError(errno.ENOENT, "no such file or folder", virtual)
 
