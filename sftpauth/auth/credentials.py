@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import unicodedata
+
 import attrs
 from zope.interface import Interface, implementer
 
@@ -22,3 +24,11 @@ class LoginRequest:
     peer: str  # source IP address, "" when there is none
     manager: bool = False  # a Web Manager login: manager_search_filter applies
     trace: Trace = attrs.field(factory=NullTrace, eq=False)
+
+
+def directory_form(username: str) -> str:
+    """A username as a directory's matching rules see it, case aside: NFKC, spaces trimmed and collapsed.
+
+    ``ａｌｉｃｅ`` and `` alice`` are alice (caseIgnoreMatch also ignores case).
+    """
+    return " ".join(unicodedata.normalize("NFKC", username).split())

@@ -43,7 +43,6 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import math
-import unicodedata
 from typing import Any, Mapping, Optional
 
 from twisted.internet import defer, task
@@ -52,7 +51,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from sftpauth.audit import AuditLog
-from sftpauth.auth.credentials import LoginRequest
+from sftpauth.auth.credentials import LoginRequest, directory_form
 from sftpauth.auth.errors import LoginFailed
 from sftpauth.config.models import DEFAULT_SECURITY_POLICY, Configuration, SecurityPolicySettings
 from sftpauth.state import BanStore, FailureCount
@@ -130,7 +129,7 @@ def _username_forms(username: str) -> tuple[str, ...]:
     preparation (RFC 4518 §2.2) maps format characters such as U+200B and
     U+00AD to nothing, so neither must ``r<U+200B>oot``.
     """
-    folded = " ".join(unicodedata.normalize("NFKC", username).split())
+    folded = directory_form(username)
     printable = "".join(char for char in folded if char == " " or char.isprintable())
     return tuple(dict.fromkeys((username, folded, printable)))
 

@@ -15,7 +15,7 @@ from typing import Optional
 
 from sftpauth.account import Account, account_for_groups
 from sftpauth.auth.chain import SecondFactor
-from sftpauth.auth.credentials import LoginRequest
+from sftpauth.auth.credentials import LoginRequest, directory_form
 from sftpauth.auth.errors import LoginFailed
 from sftpauth.auth.ldap.client import LDAPServerPool, LDAPUnavailable
 from sftpauth.auth.ldap.dn import STRATEGIES, Lookup
@@ -197,8 +197,8 @@ class LDAPMethod:
 
 
 def _folded(text: str) -> str:
-    """A username as LDAP's caseIgnoreMatch compares it: NFKC, case folded, spaces collapsed."""
-    return " ".join(unicodedata.normalize("NFKC", text).casefold().split())
+    """A username as LDAP's caseIgnoreMatch compares it: its directory form, case folded."""
+    return directory_form(text).casefold()
 
 
 def _loosely_folded(text: str) -> str:
