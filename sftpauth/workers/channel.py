@@ -2,25 +2,30 @@
 
 Worker -> parent: :class:`Ready` once its services accept connections,
 :class:`Audit` for every audit event (the parent is the single writer of
-the audit file and feeds the Web Manager's listeners), and with ``state =
-memory`` the state commands of :mod:`sftpauth.state` (claims, failures,
-resets). Parent -> worker: :class:`~sftpauth.state.BanStarted`.
+the audit file and feeds the Web Manager's listeners), :class:`ServerStatus`
+when one of its LDAP servers goes down or up (the Web Manager's server
+states are the parent's pools), and with ``state = memory`` the state
+commands of :mod:`sftpauth.state` (claims, failures, resets). Parent ->
+worker: :class:`~sftpauth.state.BanStarted`.
 
-Nothing but audit entries and state commands crosses it: no password, code
-or secret. When it closes, the worker knows its parent is gone and stops.
+Nothing but audit entries, server states and state commands crosses it: no
+password, code or secret. When it closes, the worker knows its parent is
+gone and stops.
 """
 
 from __future__ import annotations
 
 import json
 from collections import Counter
-from typing import Callable, Optional
+from types import MappingProxyType
+from typing import Any, Callable, Mapping, Optional
 
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.protocols import amp
 
 from sftpauth.audit import AuditLog, encode
+from sftpauth.auth.ldap.client import DOWN, UP
 from sftpauth.state import BanStarted, ChannelBanStore, SharedState, StateChannel, StateClient, StateServer
 
 _log = Logger()
@@ -49,6 +54,24 @@ class Audit(amp.Command):
     requiresAnswer = False
 
 
+class ServerStatus(amp.Command):
+    """Worker -> parent: an LDAP server of a method went down or up in the worker.
+
+    The parent's pool of that method takes the change as its own
+    (:meth:`~sftpauth.auth.ldap.client.LDAPServerPool.learn`), so the
+    dashboard, ``/health`` and ``/metrics`` show what the workers found.
+    """
+
+    arguments = [
+        (b"method", amp.Unicode()),
+        (b"server", amp.Unicode()),  # as ServerAddress prints it: host:port
+        (b"status", amp.Unicode()),  # up or down
+        (b"error", amp.Unicode()),  # the last error when down
+        (b"latency", amp.Float(optional=True)),  # seconds the connection took to be ready, when up
+    ]
+    requiresAnswer = False
+
+
 class _QuietAMP(amp.AMP):
     """AMP without its "connection established / lost" log lines (the pool logs what matters)."""
 
@@ -63,10 +86,18 @@ class _QuietAMP(amp.AMP):
 class ParentSide(StateServer, _QuietAMP):
     """The parent's end of one worker's channel."""
 
-    def __init__(self, shared_state: SharedState, audit: AuditLog, on_ready: Callable[[], None], on_lost: Callable[[], None]):
+    def __init__(
+        self,
+        shared_state: SharedState,
+        audit: AuditLog,
+        on_ready: Callable[[], None],
+        on_lost: Callable[[], None],
+        ldap_pools: Mapping[str, Any] = MappingProxyType({}),
+    ):
         amp.AMP.__init__(self)
         self.shared_state = shared_state
         self._audit = audit
+        self._ldap_pools = ldap_pools
         self._on_ready = on_ready
         self._on_lost = on_lost
         # The worker's sessions that started and have not ended, by what names
@@ -94,6 +125,18 @@ class ParentSide(StateServer, _QuietAMP):
                     self.open_sessions[key] -= 1
             published.append((entry, line))
         self._audit.publish_lines(published)
+        return {}
+
+    @ServerStatus.responder
+    def _server_status(self, method: str, server: str, status: str, error: str, latency: Optional[float] = None) -> dict:
+        pool = self._ldap_pools.get(method)
+        address = next((address for address in pool.addresses if str(address) == server), None) if pool is not None else None
+        if address is None or status not in (UP, DOWN):
+            # Both processes read one configuration text, so this is a bug, not a worker's news.
+            _log.warn("a worker reported LDAP server {server} of {method} {status}, which this process does not know",
+                      server=server, method=method, status=status)
+        else:
+            pool.learn(address, status, error, latency)
         return {}
 
     def end_open_sessions(self, worker: int, how: str) -> int:
@@ -139,6 +182,11 @@ class WorkerSide(StateClient, _QuietAMP):
     def connectionMade(self) -> None:
         _QuietAMP.connectionMade(self)
         self._channel.protocol = self
+
+    def report_server_state(self, method: str, address, status: str, error: str, latency: Optional[float]) -> None:
+        """An LDAP pool's listener: tell the parent a server of ``method`` went ``status`` (lost when the parent is gone)."""
+        if self.transport is not None:
+            self.callRemote(ServerStatus, method=method, server=str(address), status=status, error=error, latency=latency)
 
     def connectionLost(self, reason) -> None:
         self._channel.protocol = None

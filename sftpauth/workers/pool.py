@@ -279,7 +279,9 @@ class WorkerPool(MultiService):
             self.reactor.spawnProcess(worker, self.executable, arguments, env=environment, childFDs=child_fds)
         finally:
             worker_end.close()
-        worker.channel = ParentSide(self.runtime.state, self.runtime.audit, worker.channel_ready, worker.channel_lost)
+        worker.channel = ParentSide(
+            self.runtime.state, self.runtime.audit, worker.channel_ready, worker.channel_lost, self.runtime.ldap_pools
+        )
         try:
             self.reactor.adoptStreamConnection(parent_end.fileno(), socket.AF_UNIX, OneProtocolFactory(worker.channel))
         finally:

@@ -16,6 +16,7 @@ When the channel closes, the parent is gone: the worker stops.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import signal
@@ -103,6 +104,8 @@ class Worker:
         self.runtime = tap.build_runtime(configuration, reactor, state=state, audit=self.audit)
         bans = self.runtime.state.bans
         self.channel = WorkerSide(channel, bans if isinstance(bans, ChannelBanStore) else None, self._parent_gone)
+        for method_id, pool in self.runtime.ldap_pools.items():  # the parent's Web Manager shows what workers find
+            pool.state_listeners.append(functools.partial(self.channel.report_server_state, method_id))
         self._on_channel_closed: Optional[defer.Deferred] = None
         adopt_inherited_sockets({service_id: (fd, family) for service_id, (fd, family) in sockets.items()})
         self.top = MultiService()

@@ -15,6 +15,7 @@ import textwrap
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import pytest_twisted
@@ -29,6 +30,7 @@ from sftpauth.auth.trace import Trace
 from sftpauth.config.loader import parse_configuration
 
 from .conftest import DIRECTORY_LDIF
+from .manager_helpers import HTTPSClient
 from .server import SftpauthServer, free_port
 from .slapd import BlackHole, SlapdServer
 
@@ -409,3 +411,67 @@ def test_test_login_prints_one_line_per_server_with_its_state(slapd, tmp_path):
     assert alive.split()[0] == f"127.0.0.1:{slapd.port}"
     assert "up for" in alive and "last connection in" in alive
     assert "alice-pass" not in result.stdout
+
+
+# -- with workers, the parent's Web Manager shows what the workers found ----------------------
+
+
+def test_with_workers_the_web_manager_shows_a_server_the_workers_found_down(two_directories, tmp_path):
+    """workers = 2: a slapd killed after start is found down by a worker's login, and the parent's /health says so.
+
+    The parent never logs in through LDAP here: before workers told it, its
+    /health kept the first slapd "up" (its first probe) for as long as
+    sftpauth ran.
+    """
+    first, second = two_directories
+    ftp_port, web_port = free_port(), free_port()
+    method = ldap_method_section(f"127.0.0.1:{first.port}, 127.0.0.1:{second.port}", retry_interval=600)
+    config = configuration_text(tmp_path, method).replace(
+        "[server]\n", f"[server]\nworkers = 2\ndata_folder = {tmp_path}/data\n", 1
+    ) + textwrap.dedent(
+        f"""
+        [services/ftp]
+        type = ftp
+        address = 127.0.0.1
+        port = {ftp_port}
+
+        [services/web]
+        type = manager
+        address = 127.0.0.1
+        port = {web_port}
+        """
+    )
+    server = SftpauthServer(tmp_path, config, ports=(ftp_port, web_port))
+    server.start()
+    try:
+        deadline = time.monotonic() + 30
+        while server.log_text().count(") is ready") < 2:
+            assert time.monotonic() < deadline, server.log_tail()
+            time.sleep(0.1)
+        web = HTTPSClient(SimpleNamespace(port=web_port, certificate=tmp_path / "data" / "manager" / "certificate.pem"))
+
+        def statuses() -> list[str]:
+            status, body = web.get_json("/health")
+            assert status == 200, body
+            return [server_state["status"] for server_state in body["ldap"]["ldap"]["servers"]]
+
+        _wait_until(lambda: statuses() == ["up", "up"], "the parent's first probes")
+        first.kill()
+        for _ in range(4):  # the kernel spreads them over the workers; one meeting the dead server is enough
+            client = ftplib.FTP(timeout=10)
+            client.connect("127.0.0.1", ftp_port)
+            client.login("alice", USERS["alice"])
+            client.quit()
+        _wait_until(lambda: statuses() == ["down", "up"], "the first slapd down on /health")
+        status, body = web.get_json("/health")
+        assert body["status"] == "ok" and body["ldap"]["ldap"]["up"] == 1
+    finally:
+        assert server.stop() == 0, server.log_tail()
+    assert "of ldap is down" in server.log_text()  # written once, by the worker that found it
+
+
+def _wait_until(condition, what: str, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"not within {timeout:g}s: {what}"
+        time.sleep(0.1)

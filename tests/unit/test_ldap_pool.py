@@ -265,6 +265,60 @@ def test_a_server_lost_during_an_operation_is_marked_down():
     assert fired(connect(pool)).server == SECOND
 
 
+def test_state_listeners_hear_each_change_once():
+    """A server going down, staying down, coming back: the listeners hear down once and up once, with error and latency."""
+    pool, connector, clock = make_pool({FIRST: "refused", SECOND: "up"})
+    heard = []
+    pool.state_listeners.append(lambda *change: heard.append(change))
+    fired(connect(pool))
+    assert heard == [
+        (FIRST, DOWN, "dc1.example.com:389: connection refused", None),
+        (SECOND, UP, "", pytest.approx(0.002)),
+    ]
+    fired(connect(pool))  # SECOND still up: nothing new
+    fired(defer.ensureDeferred(pool.probe(FIRST)))  # FIRST still refused: nothing new
+    assert len(heard) == 2
+    connector.behaviour[FIRST] = "up"
+    fired(defer.ensureDeferred(pool.probe(FIRST)))
+    assert heard[2:] == [(FIRST, UP, "", pytest.approx(0.0, abs=1))]
+
+
+def test_a_failing_state_listener_does_not_fail_the_login():
+    pool, connector, clock = make_pool({FIRST: "refused", SECOND: "up"})
+    pool.state_listeners.append(lambda *change: 1 / 0)
+    assert fired(connect(pool)).server == SECOND
+    assert statuses(pool) == [DOWN, UP]
+
+
+def test_a_state_learnt_from_elsewhere_is_the_pools_own_and_is_not_repeated():
+    """learn(): the parent takes a worker's news; a server learnt down is probed back; listeners are not told."""
+    pool, connector, clock = make_pool({FIRST: "up", SECOND: "up"})
+    heard = []
+    pool.state_listeners.append(lambda *change: heard.append(change))
+    pool.start()
+    try:
+        fired(defer.ensureDeferred(pool.probe(FIRST)))
+        heard.clear()
+        clock.advance(5)
+        pool.learn(FIRST, DOWN, "dc1.example.com:389: connection lost during BIND")
+        first = pool.states()[0]
+        assert (first.status, first.since, first.last_error) == (DOWN, 5, "dc1.example.com:389: connection lost during BIND")
+        assert first.next_probe == 5 + RETRY
+        assert fired(connect(pool)).server == SECOND  # logins here skip it too
+        clock.advance(RETRY)  # this pool's own probe finds it back
+        assert pool.states()[0].status == UP
+        pool.learn(SECOND, DOWN, "lost")
+        pool.learn(SECOND, UP, latency=0.25)
+        second = pool.states()[1]
+        assert (second.status, second.since, second.latency, second.last_error, second.next_probe) == (UP, 5 + RETRY, 0.25, "", None)
+        pool.learn(SECOND, UP)  # no latency given: the last one stays
+        assert pool.states()[1].latency == 0.25
+        # Only what the pool found itself (SECOND at the first login, FIRST by its probe), never what it learnt.
+        assert [change[:2] for change in heard] == [(SECOND, UP), (FIRST, UP)]
+    finally:
+        pool.stop()
+
+
 def test_stop_cancels_scheduled_and_running_probes():
     """stop() leaves no delayed call behind and a probe in flight does not change the state afterwards."""
     pool, connector, clock = make_pool({FIRST: "refused", SECOND: "up"})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import textwrap
 from types import SimpleNamespace
@@ -13,6 +14,7 @@ from twisted.logger import LogLevel, capturedLogs, formatEvent
 from twisted.test import iosim
 
 from sftpauth.audit import AuditLog
+from sftpauth.auth.ldap.client import DOWN, UNKNOWN, UP, LDAPServerPool, LDAPUnavailable, ServerAddress
 from sftpauth.cli import main
 from sftpauth.config import checks
 from sftpauth.config.errors import ConfigError
@@ -175,8 +177,9 @@ def test_a_worker_keeps_to_its_cpu_or_logs_why_it_cannot():
 class Parent:
     """The parent's memory state and audit log, and one channel per connected worker."""
 
-    def __init__(self, clock: task.Clock, tmp_path=None):
+    def __init__(self, clock: task.Clock, tmp_path=None, ldap_pools=None):
         self.clock = clock
+        self.ldap_pools = ldap_pools or {}
         self.bans = MemoryBanStore(clock)
         self.state = SharedState(replay=MemoryReplayStore(clock), bans=self.bans)
         self.audit = AuditLog(str(tmp_path / "audit.jsonl") if tmp_path else "")
@@ -192,7 +195,7 @@ class Parent:
         channel = StateChannel(self.clock)
         state = channel_state(channel, self.clock, 2)
         audit = WorkerAuditLog(index, channel, self.clock)
-        side = ParentSide(self.state, self.audit, self._ready, self._lost)
+        side = ParentSide(self.state, self.audit, self._ready, self._lost, self.ldap_pools)
         self.sides.append(side)
         worker_side = WorkerSide(channel, state.bans, lambda: None)
         _, _, pump = iosim.connectedServerAndClient(lambda: side, lambda: worker_side)
@@ -465,6 +468,42 @@ def test_ready_and_lost_reach_the_parent(clock):
     worker.channel.protocol.transport.loseConnection()
     worker.pump.flush()
     assert parent.lost == 1 and worker.channel.protocol is None
+
+
+def test_ldap_server_states_a_worker_finds_reach_the_parents_pool(clock):
+    """A worker's pool going down and up is the parent's: /health and the dashboard read the parent's pools."""
+    first, second = ServerAddress("dc1.example.com", 389), ServerAddress("::1", 636)
+
+    def pool():
+        return LDAPServerPool((first, second), clock, 5, retry_interval=30, name="ldap")
+
+    parent_pool = pool()
+    parent = Parent(clock, ldap_pools={"ldap": parent_pool})
+    worker = parent.connect_worker(1)
+    worker_pool = pool()
+    worker_pool.state_listeners.append(functools.partial(worker.channel.protocol.report_server_state, "ldap"))
+
+    worker_pool._mark_down(second, LDAPUnavailable("[::1]:636: connection refused"))
+    worker.pump.flush()
+    state = parent_pool.states()[1]
+    assert (state.status, state.last_error) == (DOWN, "[::1]:636: connection refused")
+    worker_pool._mark_up(second, 0.004, "probe")
+    worker.pump.flush()
+    assert [(state.status, state.latency) for state in parent_pool.states()] == [(UNKNOWN, None), (UP, 0.004)]
+
+    with capturedLogs() as events:
+        worker.channel.protocol.report_server_state("ldap", ServerAddress("dc9.example.com", 389), DOWN, "x", None)
+        worker.channel.protocol.report_server_state("other", first, DOWN, "x", None)
+        worker.pump.flush()
+    assert statuses_of(parent_pool) == [UNKNOWN, UP]
+    assert [formatEvent(event) for event in events] == [
+        "a worker reported LDAP server dc9.example.com:389 of ldap down, which this process does not know",
+        "a worker reported LDAP server dc1.example.com:389 of other down, which this process does not know",
+    ]
+
+
+def statuses_of(pool) -> list[str]:
+    return [state.status for state in pool.states()]
 
 
 # -- the pool -----------------------------------------------------------------------------------

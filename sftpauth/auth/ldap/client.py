@@ -564,6 +564,9 @@ class LDAPServerPool:
         self._servers = {address: _Server(address) for address in self.addresses}
         self._probing = False
         self._probes_in_flight: set[defer.Deferred] = set()
+        # Called with (address, status, last error, latency or None) when a server goes up or down
+        # here (not for learn()): a worker tells its parent (sftpauth.workers.channel).
+        self.state_listeners: list[Callable[[ServerAddress, str, str, Optional[float]], None]] = []
 
     @classmethod
     def from_settings(cls, settings, reactor) -> "LDAPServerPool":
@@ -592,38 +595,59 @@ class LDAPServerPool:
     def _now(self) -> float:
         return self._reactor.seconds()
 
-    def _mark_up(self, address: ServerAddress, latency: float, how: str) -> None:
+    def learn(self, address: ServerAddress, status: str, error: str = "", latency: Optional[float] = None) -> None:
+        """A change of state another process saw (a worker's): taken as this pool's own.
+
+        Without the log line (that process wrote it) and without telling
+        :attr:`state_listeners`. A server learnt down is probed back like one
+        found down here; one learnt up keeps its last latency when none is given.
+        """
+        if status == UP:
+            self._mark_up(address, latency, "", elsewhere=True)
+        elif status == DOWN:
+            self._mark_down(address, LDAPUnavailable(error), elsewhere=True)
+
+    def _mark_up(self, address: ServerAddress, latency: Optional[float], how: str, elsewhere: bool = False) -> None:
         server = self._servers[address]
         now = self._now()
-        if server.status != UP:
-            if server.status == DOWN:
+        changed = server.status != UP
+        if changed:
+            if server.status == DOWN and not elsewhere:
                 _log.info(
                     "LDAP server {server} of {method} is up again ({how}, {latency:.1f} ms)",
                     server=str(address), method=self.name, how=how, latency=latency * 1000,
                 )
             server.status, server.since = UP, now
-        server.latency, server.checked, server.last_error = latency, now, ""
+        if latency is not None:
+            server.latency = latency
+        server.checked, server.last_error = now, ""
         if server.probe_call is not None and server.probe_call.active():
             server.probe_call.cancel()
         server.probe_call = None
+        if changed and not elsewhere:
+            self._tell(address, UP, "", latency)
 
-    def _mark_down(self, address: ServerAddress, error: LDAPUnavailable) -> None:
+    def _mark_down(self, address: ServerAddress, error: LDAPUnavailable, elsewhere: bool = False) -> None:
         server = self._servers[address]
         now = self._now()
-        if server.status != DOWN:
-            _log.warn(
-                "LDAP server {server} of {method} is down: {error}; skipped for {interval:g}s while another is up",
-                server=str(address), method=self.name, error=str(error), interval=self.retry_interval,
-            )
+        changed = server.status != DOWN
+        if changed:
+            if not elsewhere:
+                _log.warn(
+                    "LDAP server {server} of {method} is down: {error}; skipped for {interval:g}s while another is up",
+                    server=str(address), method=self.name, error=str(error), interval=self.retry_interval,
+                )
             server.status, server.since = DOWN, now
             self._drop_idle(address)
-            if self._all_down():
+            if self._all_down() and not elsewhere:
                 _log.error(
                     "every LDAP server of {method} is down: its logins fail until a probe finds one up "
                     "(every {interval:g}s)",
                     method=self.name, interval=self._probe_delay(),
                 )
         server.last_error, server.checked = str(error), now
+        if changed and not elsewhere:
+            self._tell(address, DOWN, str(error), None)
         self._schedule_probe(server)
         if self._all_down():
             # Nothing else can serve logins: probe the others soon too.
@@ -631,6 +655,13 @@ class LDAPServerPool:
                 call = other.probe_call
                 if call is not None and call.active() and call.getTime() > now + self._probe_delay():
                     call.reset(self._probe_delay())
+
+    def _tell(self, address: ServerAddress, status: str, error: str, latency: Optional[float]) -> None:
+        for listener in self.state_listeners:
+            try:
+                listener(address, status, error, latency)
+            except Exception:  # noqa: BLE001 - a listener's fault must not fail the login that changed the state
+                _log.failure("a listener of LDAP server states of {method} failed", method=self.name)
 
     def _all_down(self) -> bool:
         return all(server.status == DOWN for server in self._servers.values())
