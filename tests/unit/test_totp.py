@@ -142,7 +142,9 @@ def test_uri_parameters_are_honoured():
         ("otpauth://totp/Srv:bob?secret=JBSWY3DP", "pyotp cannot use"),
         (f"otpauth://totp/Srv:bob?secret={SECRET}&algorithm=MD5", "algorithm"),
         (f"otpauth://totp/Srv:bob?secret={SECRET}&digits=x", "digits"),
-        (f"otpauth://totp/Srv:bob?secret={SECRET}&digits=12", "pyotp cannot use"),
+        (f"otpauth://totp/Srv:bob?secret={SECRET}&digits=12", "digits 12 is not supported"),
+        (f"otpauth://totp/Srv:bob?secret={SECRET}&digits=10", "digits 10 is not supported"),
+        (f"otpauth://totp/Srv:bob?secret={SECRET}&digits=5", "digits 5 is not supported"),
         (f"otpauth://totp/Srv:bob?secret={SECRET}&period=0", "pyotp cannot use"),
         (f"otpauth://totp/Srv:bob?secret={SECRET}&encoder=steam", "encoder"),
     ],
@@ -289,6 +291,30 @@ def test_blank_password_left_by_the_uris_digits_is_refused_before_the_bind(clock
     method = make_method(directory, configuration(options=options), state)
     assert reason_of(method, " \t" + eight_digit_code(clock)) == "empty-password"
     assert not [op for op in directory.operations if op == ("bind", ALICE_DN)]
+
+
+@pytest.mark.parametrize(
+    "values, problem",
+    [
+        ((f"otpauth://totp/Srv:alice?secret={SECRET}&digits=10",), "digits 10 is not supported (6, 7 or 8)"),
+        ((URI, URI.replace("alice", "al")), "has 2 values, not one"),
+        ((), "has no totpSharedSecret"),
+    ],
+)
+def test_an_account_without_a_usable_uri_says_so_when_its_bind_fails(clock, directory, state, values, problem):
+    """The URI was read before the BIND but cannot be used: a refused BIND's detail says that, not "URI not read"."""
+    directory.set(ALICE_DN, "totpSharedSecret", *values)
+    method = make_method(directory, configuration(), state)
+    with pytest.raises(LoginFailed) as failure:
+        login(method, PASSWORD + "1234" + code_at(STEP))  # ten digits: the BIND gets four of them
+    assert failure.value.reason == "invalid-password"
+    assert "the last 6 characters were taken as the TOTP code, as the account has no usable otpauth URI" in failure.value.explanation
+    assert problem in failure.value.explanation
+    assert "without reading" not in failure.value.explanation
+    assert SECRET not in failure.value.explanation
+    # With the right password the BIND succeeds, and the URI's problem is the reason.
+    expected = "totp-invalid-secret" if values else "totp-missing-secret"
+    assert reason_of(method, PASSWORD + code_at(STEP)) == expected
 
 
 def test_six_digit_uris_still_work_without_configured_digits(directory, state):

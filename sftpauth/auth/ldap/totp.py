@@ -99,6 +99,9 @@ def parse_totp_uri(uri: str) -> pyotp.TOTP:
         value = (query.get(name) or ["1"])[0]
         if not value.isascii() or not value.isdigit():
             raise InvalidTOTPURI(f"{name} {value!r} is not a whole number")
+    digits = (query.get("digits") or [str(DEFAULT_DIGITS)])[0]
+    if int(digits) not in ALLOWED_DIGITS:  # pyotp takes up to 10; authenticator apps show 6 or 8
+        raise InvalidTOTPURI(f"digits {digits} is not supported (6, 7 or 8)")
     try:
         otp = pyotp.parse_uri(uri)
     except Exception as error:  # pyotp: ValueError, binascii.Error (bad base32)...
@@ -217,13 +220,25 @@ class AugmentedTOTP:
         if typed is None:
             return credentials
         values = [value for value in entry.get(self.mfa_attribute) if value.strip()]
-        try:
-            otp = parse_totp_uri(values[0]) if len(values) == 1 else None
-        except InvalidTOTPURI:
-            otp = None  # refused after the BIND, with the reason (augmentEntry)
-        if otp is not None:
-            credentials.bind_password_note = ""  # the split follows the account's own URI
-        if otp is None or otp.digits == len(credentials.data[_CODE]):
+        otp = None
+        if len(values) == 1:
+            try:
+                otp = parse_totp_uri(values[0])
+            except InvalidTOTPURI as error:
+                problem = f"{self.mfa_attribute} of {entry.dn}: {error}"
+        elif values:
+            problem = f"{self.mfa_attribute} of {entry.dn} has {len(values)} values, not one"
+        else:
+            problem = f"{entry.dn} has no {self.mfa_attribute} (absent, empty or not readable by sftpauth)"
+        if otp is None:
+            # Refused after a right BIND with this reason (augmentEntry); a BIND refused first says it too.
+            credentials.bind_password_note = (
+                f"the last {len(credentials.data[_CODE])} characters were taken as the TOTP code, "
+                f"as the account has no usable otpauth URI: {problem}"
+            )
+            return credentials
+        credentials.bind_password_note = ""  # the split follows the account's own URI
+        if otp.digits == len(credentials.data[_CODE]):
             return credentials
         _split(credentials, typed, otp.digits, f" (the otpauth URI of {entry.dn} asks for {otp.digits} digits)")
         return credentials
