@@ -122,6 +122,38 @@ def check_new_name(path: str) -> None:
         raise InvalidName(f"the name contains {_control_character_name(found.group())}")
 
 
+def names_a_folder(client_path: Union[str, bytes]) -> bool:
+    """Whether the path as the client wrote it can only name a folder: it ends with ``/``, ``/.`` or ``/..``.
+
+    :func:`virtual_path` drops that ending, so ``file.txt/`` would name the
+    file; the kernel refuses such a path for a file (ENOTDIR), and so do we
+    (:meth:`JailedFilesystem._call`). An empty path is the current folder.
+    """
+    if isinstance(client_path, bytes):
+        client_path = client_path.decode("utf-8", "surrogateescape")
+    return posixpath.basename(client_path) in ("", ".", "..")
+
+
+def _require_folder(root: str, virtual: str, entry: bool, creates_file: bool) -> None:
+    """For a path written as a folder's (:func:`names_a_folder`): a file, or a link itself, is not one.
+
+    Nothing there is left to the operation (a new folder, or not found),
+    except a new file, which cannot have such a name. ``entry``: the
+    operation acts on a link itself (removing, renaming), and ``link/``
+    names what it points to, so it is refused, as rmdir/unlink refuse it.
+    """
+    try:
+        if entry and virtual != "/" and os.path.islink(resolve_entry(root, virtual)):
+            raise NotADirectoryError(errno.ENOTDIR, "a link, named as a folder", virtual)
+        mode = _lstat_beneath(root, resolve(root, virtual)).st_mode
+    except FileNotFoundError:
+        if creates_file:
+            raise InvalidName("a file name cannot end with /") from None
+        return
+    if not stat_module.S_ISDIR(mode):
+        raise NotADirectoryError(errno.ENOTDIR, "not a folder", virtual)
+
+
 def resolve(root: str, client_path: Union[str, bytes], cwd: str = "/") -> str:
     """The real filesystem path of ``client_path``; never outside ``root``.
 
@@ -198,6 +230,11 @@ def _lstat_beneath(root: str, real: str) -> os.stat_result:
     """``os.lstat`` of ``real`` inside ``root`` without following any link of its folders."""
     with _beneath(root, real) as (folder, name):
         return os.stat(name, dir_fd=folder, follow_symlinks=False)
+
+
+def _is_folder_beneath(root: str, virtual: str) -> bool:
+    """Whether ``virtual`` is a folder (FileNotFoundError when nothing is there)."""
+    return stat_module.S_ISDIR(_lstat_beneath(root, resolve(root, virtual)).st_mode)
 
 
 def _exists_beneath(root: str, real: str) -> bool:
@@ -297,10 +334,11 @@ class JailedFilesystem:
         return resolve(self.root, client_path, cwd)
 
     def _call(self, permission, client_path, cwd: str, function, *args, creates: bool = False,
-              entry: bool = False) -> defer.Deferred:
+              entry: bool = False, creates_file: bool = False) -> defer.Deferred:
         """Check permission (and the name of what ``creates`` makes), then resolve and run ``function(real_path, *args)`` in a thread.
 
         ``entry``: the path's last name is not followed (:func:`resolve_entry`): removing acts on a link itself.
+        A path written as a folder's (``name/``) must not be a file (:func:`_require_folder`).
         """
         try:
             virtual = virtual_path(client_path, cwd)
@@ -308,11 +346,14 @@ class JailedFilesystem:
                 check_new_name(virtual)
             if permission is not None:
                 self.require(permission, virtual)
+            folder_named = names_a_folder(client_path)
         except Exception:
             return defer.fail()
         resolver = resolve_entry if entry else resolve
 
         def work():
+            if folder_named:
+                _require_folder(self.root, virtual, entry, creates_file)
             return function(resolver(self.root, virtual), *args)
 
         return self._run_in_thread(work)
@@ -337,7 +378,8 @@ class JailedFilesystem:
 
     def is_directory(self, client_path, cwd: str = "/") -> defer.Deferred:
         """Whether a path is a folder; needs no permission (CWD, realpath)."""
-        return self._call(None, client_path, cwd, self._is_directory)
+        asked = self._call(None, client_path, cwd, self._is_directory)
+        return asked.addErrback(lambda failure: failure.trap(NotADirectoryError) and False)  # file/
 
     def _is_directory(self, real: str) -> bool:
         try:
@@ -435,7 +477,8 @@ class JailedFilesystem:
         self, client_path, cwd: str = "/", append: bool = False, offset: int = 0
     ) -> defer.Deferred:
         """A new or emptied file; ``append``: written at its end; ``offset``: kept up to it, written from it (a resumed upload)."""
-        return self._call(Permission.WRITE, client_path, cwd, self._open_write, append, offset, creates=True)
+        return self._call(Permission.WRITE, client_path, cwd, self._open_write, append, offset, creates=True,
+                          creates_file=True)
 
     def _open_write(self, real: str, append: bool, offset: int):
         """Opened without O_TRUNC, locked, then emptied or cut at ``offset``: see :func:`_lock_upload`."""
@@ -477,7 +520,11 @@ class JailedFilesystem:
         except Exception:
             return defer.fail()
 
+        folder_named = names_a_folder(client_path)
+
         def work():
+            if folder_named:
+                _require_folder(self.root, virtual, False, bool(flags & os.O_CREAT))
             try:
                 return _open_file_descriptor(self.root, resolve(self.root, virtual), flags, mode & 0o777, virtual)
             except FileNotFoundError:
@@ -522,7 +569,14 @@ class JailedFilesystem:
         except Exception:
             return defer.fail()
 
+        source_folder_named, target_folder_named = names_a_folder(from_path), names_a_folder(to_path)
+
         def work():
+            if source_folder_named or target_folder_named:
+                # "dir/" may be moved, to "new/" too; a file, or a link itself, is not a folder (ENOTDIR).
+                _require_folder(self.root, source, True, False)
+                if not _is_folder_beneath(self.root, source):
+                    raise NotADirectoryError(errno.ENOTDIR, "not a folder", source)
             # A symlink named as the source or the target is renamed or replaced itself, not what it points to.
             real_source = resolve_entry(self.root, source)
             real_target = resolve_entry(self.root, target)

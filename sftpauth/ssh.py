@@ -617,7 +617,8 @@ class JailedSFTPServer:
             d = defer.fail(sftp_error(Failure()))
             return self._changed(d, "open for writing", filename) if writable else d
         # The jail refuses a new name with control characters (an existing file may be opened).
-        d = self.filesystem.open_file(path, os_flags, FILE_MODE).addBoth(self.avatar.releaseHandle)
+        # The path as sent: "name/" is not the file "name" (filesystem.names_a_folder).
+        d = self.filesystem.open_file(filename, os_flags, FILE_MODE).addBoth(self.avatar.releaseHandle)
         d.addCallback(lambda fd: JailedFile(self.filesystem, fd, path, readable, writable))
         if writable:
             return self._changed(d, "open for writing", path)

@@ -122,6 +122,19 @@ def test_opendir_on_a_file_fails(site, alice):
         alice.listdir(name)
 
 
+def test_a_file_name_with_a_trailing_slash_is_not_the_file(site, alice):
+    """``name/`` names a folder, as for OpenSSH's sftp-server (ENOTDIR): the file is neither read, removed nor moved."""
+    name = unique("slash") + ".txt"
+    (site.home("alice") / name).write_bytes(b"kept")
+    for operation in (alice.stat, alice.remove, lambda path: alice.open(path).read(), lambda path: alice.rename(path, name + ".moved")):
+        with pytest.raises(IOError, match="not a folder"):
+            operation(name + "/")
+    with pytest.raises(IOError, match="a file name cannot end with /"):
+        alice.open(unique("new") + "/", "w")
+    assert (site.home("alice") / name).read_bytes() == b"kept"
+    assert alice.stat(name).st_size == 4
+
+
 def test_rename(site, alice):
     """rename moves a file to its new name."""
     old, new = unique("old"), unique("new")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import stat
 
 import pytest
 
@@ -399,6 +400,63 @@ def test_invalid_paths_fail_the_operation(make_fs, result_of):
         result_of(fs.open_file(b"\xfe", os.O_WRONLY | os.O_CREAT))
     with pytest.raises(InvalidName):
         result_of(fs.rename("/a.txt", b"caf\xe9"))
+
+
+@pytest.mark.parametrize("ending", ["/", "/.", "//"])
+def test_a_file_named_as_a_folder_is_not_one(make_fs, root, result_of, ending):
+    """``a.txt/`` is refused for a file as the kernel refuses it (ENOTDIR): nothing is read, written, removed or moved."""
+    fs = make_fs()
+    name = "a.txt" + ending
+    for operation in (
+        lambda: fs.stat(name),
+        lambda: fs.require_existing(name),
+        lambda: fs.list_directory(name),
+        lambda: fs.open_for_reading(name),
+        lambda: fs.open_for_writing(name),
+        lambda: fs.open_file(name, os.O_RDONLY),
+        lambda: fs.open_file(name, os.O_WRONLY | os.O_TRUNC),
+        lambda: fs.remove_file(name),
+        lambda: fs.set_attributes(name, size=0),
+        lambda: fs.rename(name, "b.txt"),
+        lambda: fs.rename("a.txt", "b.txt" + ending),
+    ):
+        with pytest.raises(NotADirectoryError):
+            result_of(operation())
+    assert result_of(fs.is_directory(name)) is False
+    assert open(os.path.join(root, "a.txt"), encoding="utf-8").read() == "a"
+    assert not os.path.lexists(os.path.join(root, "b.txt"))
+
+
+def test_a_new_file_cannot_be_named_as_a_folder(make_fs, root, result_of):
+    fs = make_fs()
+    for operation in (lambda: fs.open_for_writing("new/"), lambda: fs.open_file("new/", os.O_WRONLY | os.O_CREAT)):
+        with pytest.raises(InvalidName, match="a file name cannot end with /"):
+            result_of(operation())
+    assert not os.path.lexists(os.path.join(root, "new"))
+    with pytest.raises(FileNotFoundError):
+        result_of(fs.open_file("new/", os.O_RDONLY))
+
+
+def test_folders_and_new_folders_may_be_named_with_a_trailing_slash(make_fs, root, result_of):
+    fs = make_fs()
+    assert stat.S_ISDIR(result_of(fs.stat("docs/")).st_mode)
+    assert result_of(fs.is_directory("docs/")) is True
+    assert [name for name, _ in result_of(fs.list_directory("docs/"))] == ["deep", "report.txt", "up"]  # far-up leads outside: hidden
+    result_of(fs.make_directory("made/"))
+    result_of(fs.rename("made/", "moved/"))
+    result_of(fs.remove_directory("moved/"))
+    assert not os.path.lexists(os.path.join(root, "moved"))
+    assert stat.S_ISDIR(result_of(fs.stat("inside-link/")).st_mode)  # a link to a folder is followed to it
+
+
+def test_a_link_named_as_a_folder_is_not_removed_or_moved_itself(make_fs, root, result_of):
+    """``link/`` names the folder it points to, so removing or moving the link through it is refused, as rmdir/unlink do."""
+    fs = make_fs()
+    for operation in (lambda: fs.remove_file("inside-link/"), lambda: fs.remove_directory("inside-link/"),
+                      lambda: fs.rename("inside-link/", "other")):
+        with pytest.raises(NotADirectoryError):
+            result_of(operation())
+    assert os.path.islink(os.path.join(root, "inside-link")) and os.path.isdir(os.path.join(root, "docs"))
 
 
 def test_existing_names_that_are_not_utf8_stay_usable(make_fs, root, result_of):
