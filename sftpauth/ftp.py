@@ -1175,14 +1175,15 @@ class SftpauthFTP(ftp.FTP):
             username, password = self.__dict__.pop("_user", ""), text
         else:
             return
-        request, mind = self._login_request(username, password)
+        request, mind = self._login_request(username, password, truncated=True)
         # The chain's input check refuses both (over 256 characters, over 1,024): the session never starts.
         self.portal.login(request, mind, ftp.IFTPShell).addCallbacks(lambda result: result[2](), lambda failure: None)
 
-    def _login_request(self, username: str, password: str) -> tuple[LoginRequest, SessionInfo]:
+    def _login_request(self, username: str, password: str, truncated: bool = False) -> tuple[LoginRequest, SessionInfo]:
         settings = self.factory.settings
         peer = self._peer()
-        request = LoginRequest(username=username, password=password, service_id=settings.id, protocol="ftp", peer=peer)
+        request = LoginRequest(username=username, password=password, service_id=settings.id, protocol="ftp", peer=peer,
+                               truncated=truncated)
         return request, SessionInfo(service_id=settings.id, protocol="ftp", peer=peer)
 
     def sendLine(self, line) -> None:

@@ -74,7 +74,8 @@ def check_input(request: LoginRequest) -> None:
     if not username or not username.strip():
         raise LoginFailed("invalid-username", "the username is empty")
     if len(username) > MAX_USERNAME:
-        raise LoginFailed("invalid-username", f"the username is {len(username)} characters long (at most {MAX_USERNAME})")
+        length = f"over {len(username)}" if request.truncated else str(len(username))  # cut: only a part came
+        raise LoginFailed("invalid-username", f"the username is {length} characters long (at most {MAX_USERNAME})")
     if any(unicodedata.category(char) in ("Cc", "Cs") for char in username):
         raise LoginFailed("invalid-username", "the username contains control characters or invalid bytes")
     if not request.password or not request.password.strip(" \t"):

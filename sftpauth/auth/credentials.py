@@ -24,6 +24,9 @@ class LoginRequest:
     peer: str  # source IP address, "" when there is none
     manager: bool = False  # a Web Manager login: manager_search_filter applies
     trace: Trace = attrs.field(factory=NullTrace, eq=False)
+    # The client's line was cut at the protocol's limit (an FTP USER or PASS over 16 KiB):
+    # username and password are what came before the cut, so they were longer.
+    truncated: bool = False
 
 
 def directory_form(username: str) -> str:

@@ -299,6 +299,9 @@ def test_oversized_lines_and_huge_usernames(site):
         read_reply(connection)
         connection.sendall(b"USER " + b"u" * 100_000 + b"\r\n")
         assert read_reply(connection).startswith(b"500 Command line too long")
+    cut = site.server.wait_for_audit(lambda e: e["event"] == "authentication" and e["username"].startswith("uuuu"))
+    # Only the line's first part was read: its length is not the username's.
+    assert re.fullmatch(r"the username is over \d+ characters long \(at most 256\)", cut["detail"]), cut["detail"]
     huge = "h" * 10_000
     assert ftp_fails(site.ports["ftp"], huge, "pw", "127.0.0.80") == FAILURE
     event = site.server.wait_for_audit(lambda e: e["event"] == "authentication" and e["username"].startswith("hhhh"))

@@ -15,7 +15,7 @@ from twisted.internet import defer
 from sftpauth.account import Account, checked_home_folder, home_folder_from_group
 from sftpauth.audit import AuditLog
 from sftpauth.auth.application import ApplicationMethod
-from sftpauth.auth.chain import AuthenticationChain
+from sftpauth.auth.chain import AuthenticationChain, check_input
 from sftpauth.auth.credentials import ILoginRequest, LoginRequest
 from sftpauth.auth.errors import LoginFailed, UnknownUser
 from sftpauth.auth.methods import build_methods
@@ -502,6 +502,17 @@ def test_audit_file_is_json_lines_without_the_password(tmp_path, local, run_in_t
     assert [json.loads(line)["outcome"] for line in lines] == ["success", "failure"]
     assert PASSWORD not in text
     assert "Wrong-Password-42" not in text
+
+
+def test_a_cut_username_is_said_to_be_longer_than_what_came():
+    """An FTP line cut at its limit: the chain knows only a part, and says "over"."""
+    request = LoginRequest("u" * 16_000, "pw", "ftp", "ftp", "192.0.2.1", truncated=True)
+    with pytest.raises(LoginFailed) as cut:
+        check_input(request)
+    assert cut.value.explanation == "the username is over 16000 characters long (at most 256)"
+    with pytest.raises(LoginFailed) as whole:
+        check_input(attrs.evolve(request, truncated=False))
+    assert whole.value.explanation == "the username is 16000 characters long (at most 256)"
 
 
 def test_undecodable_username_is_audited_to_the_file(tmp_path, local, run_in_thread, result_of):
