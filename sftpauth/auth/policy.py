@@ -134,6 +134,33 @@ def _username_forms(username: str) -> tuple[str, ...]:
     return tuple(dict.fromkeys((username, folded, printable)))
 
 
+class RepeatThrottle:
+    """At most one audit event per key (service, address, reason) every :data:`REFUSAL_AUDIT_INTERVAL` seconds.
+
+    A flood of refusals from one address then writes one event a minute,
+    with how many were not written since, instead of one per attempt. At
+    most :data:`_MAX_REFUSALS_TRACKED` keys are remembered.
+    """
+
+    def __init__(self, clock: IReactorTime):
+        self._clock = clock
+        self._seen: dict[tuple, list[float]] = {}  # key -> [time of the last audited one, repeats since]
+
+    def due(self, key: tuple) -> Optional[int]:
+        """None: audited less than the interval ago (this one is counted); else the repeats not audited since."""
+        now = self._clock.seconds()
+        seen = self._seen.get(key)
+        if seen is not None and now - seen[0] < REFUSAL_AUDIT_INTERVAL:
+            seen[1] += 1
+            return None
+        if len(self._seen) >= _MAX_REFUSALS_TRACKED:
+            self._seen = {k: v for k, v in self._seen.items() if now - v[0] < REFUSAL_AUDIT_INTERVAL}
+            if len(self._seen) >= _MAX_REFUSALS_TRACKED:
+                self._seen.clear()
+        self._seen[key] = [now, 0]
+        return int(seen[1]) if seen is not None else 0
+
+
 class SecurityPolicy:
     """One ``[security-policies/ID]``: what it refuses, and its ban counters in the shared state."""
 
@@ -143,7 +170,7 @@ class SecurityPolicy:
         self._audit = audit
         self._clock = clock
         self._ban_timers: dict[str, Any] = {}
-        self._refusals: dict[tuple[str, str, str], list[float]] = {}  # (service, address, reason) -> [last audit, repeats]
+        self._refusals = RepeatThrottle(clock)  # refused connections audited, by (service, address, reason)
         self._held: dict[str, int] = {}  # address -> open connections, with maximum_connections_per_address
 
     @property
@@ -220,18 +247,9 @@ class SecurityPolicy:
             self._held[address] = held
 
     def _connection_refused(self, service_id: str, address: str, reason: str) -> None:
-        now = self._clock.seconds()
-        key = (service_id, address, reason)
-        seen = self._refusals.get(key)
-        if seen is not None and now - seen[0] < REFUSAL_AUDIT_INTERVAL:
-            seen[1] += 1
+        repeats = self._refusals.due((service_id, address, reason))
+        if repeats is None:
             return
-        if len(self._refusals) >= _MAX_REFUSALS_TRACKED:
-            self._refusals = {k: v for k, v in self._refusals.items() if now - v[0] < REFUSAL_AUDIT_INTERVAL}
-            if len(self._refusals) >= _MAX_REFUSALS_TRACKED:
-                self._refusals.clear()
-        repeats = int(seen[1]) if seen is not None else 0
-        self._refusals[key] = [now, 0]
         self._audit.record(
             "connection",
             service=service_id,

@@ -30,6 +30,7 @@ from twisted.web.server import NOT_DONE_YET
 from sftpauth import __version__
 from sftpauth.auth.credentials import LoginRequest
 from sftpauth.auth.errors import LoginFailed
+from sftpauth.auth.policy import RepeatThrottle
 from sftpauth.auth.trace import Trace
 from sftpauth.config.models import LDAPAuthenticationSettings, ManagerServiceSettings
 from sftpauth.manager import csrf, preauth
@@ -210,6 +211,7 @@ class ManagerApp:
             verify = verify_method
         self._verify = verify
         self._test_failures: dict[str, collections.deque[float]] = {}  # administrator: times of failed test logins
+        self._ignored_preauth = RepeatThrottle(runtime.reactor)  # headers from where they are not honoured
         self.templates = Environment(
             loader=PackageLoader("sftpauth.manager", "templates"),
             autoescape=select_autoescape(default=True, default_for_string=True),
@@ -340,7 +342,7 @@ class ManagerApp:
         )
 
 
-    def _audit_preauth_refusal(self, call, reason: str, detail: str) -> None:
+    def _audit_preauth_refusal(self, call, reason: str, detail: str, **fields) -> None:
         """A pre-authentication attempt that was not honoured is an authentication failure in the audit log."""
         self.runtime.audit.record(
             "authentication",
@@ -352,6 +354,7 @@ class ManagerApp:
             outcome="failure",
             reason=reason,
             detail=detail,
+            **fields,
         )
 
     def _local_administrator_name(self, username: str) -> Optional[LoginFailed]:
@@ -381,8 +384,12 @@ class ManagerApp:
                 reason, detail = "preauth-disabled", "header_authentication = no: pre-authentication headers ignored"
             else:
                 reason, detail = "preauth-untrusted", f"{call.peer} is not in trusted_proxies: pre-authentication headers ignored"
-            self._audit_preauth_refusal(call, reason, detail)
-            _log.warn("Web Manager {service}: request from {peer}: {detail}", service=settings.id, peer=call.peer, detail=detail)
+            # Ignored, so the request goes on as without them: audited and logged once a minute per address.
+            repeats = self._ignored_preauth.due((settings.id, call.peer, reason))
+            if repeats is not None:
+                self._audit_preauth_refusal(call, reason, detail, repeats=repeats)
+                _log.warn("Web Manager {service}: request from {peer}: {detail}{more}", service=settings.id, peer=call.peer,
+                          detail=detail, more=f" ({repeats} more since the last such line)" if repeats else "")
             return None
         try:
             claim = preauth.read(request)

@@ -6,6 +6,7 @@ import base64
 
 import pytest
 from manager_harness import ManagerHarness
+from twisted.logger import capturedLogs, formatEvent
 
 from sftpauth.manager import preauth
 
@@ -69,6 +70,21 @@ def test_untrusted_address_headers_are_ignored_and_audited(manager):
     assert (event["username"], event["outcome"], event["reason"]) == ("mallory", "failure", "preauth-untrusted")
     assert event["peer"] == "10.0.1.7"
     assert m.events("session-start") == []
+
+
+def test_ignored_headers_are_audited_and_logged_once_a_minute_per_address(manager):
+    """A client sending preauth headers to every request writes one event and one log line a minute, with the count."""
+    m = manager()
+    with capturedLogs() as logged:
+        for _ in range(50):
+            assert m.get("/login", peer="10.0.1.7", headers={"preauth-username": "mallory"}).status == 200
+        m.get("/login", peer="10.0.1.8", headers={"preauth-username": "mallory"})  # another address: its own line
+        m.clock.advance(60)
+        m.get("/login", peer="10.0.1.7", headers={"preauth-username": "mallory"})
+    refusals = [event for event in m.events() if event.get("reason") == "preauth-untrusted"]
+    assert [(event["peer"], event["repeats"]) for event in refusals] == [("10.0.1.7", 0), ("10.0.1.8", 0), ("10.0.1.7", 49)]
+    lines = [formatEvent(event) for event in logged if "pre-authentication headers ignored" in formatEvent(event)]
+    assert len(lines) == 3 and lines[2].endswith("(49 more since the last such line)"), lines
 
 
 def test_headers_ignored_when_header_authentication_is_off(manager):
