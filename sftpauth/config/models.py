@@ -105,6 +105,7 @@ class ManagerServiceSettings(ServiceSettings):
     header_authentication_role: str
     metrics_require_login: bool
     session_idle_timeout: int
+    session_lifetime: int  # seconds from the login to the end of a session, used or not
     request_timeout: int  # seconds from a request's first byte (a connection's start) to its last
 
     def is_trusted_proxy(self, address: str) -> bool:

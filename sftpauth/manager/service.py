@@ -193,7 +193,9 @@ class ManagerService(MultiService):
         self.runtime = runtime
         self.certificate = load_certificate(settings, runtime.configuration.path, runtime.data_folder)
         self.metrics = ManagerMetrics.for_runtime(runtime)
-        self.sessions = SessionStore(runtime.reactor, settings.session_idle_timeout, runtime.audit, settings.id)
+        self.sessions = SessionStore(
+            runtime.reactor, settings.session_idle_timeout, runtime.audit, settings.id, lifetime=settings.session_lifetime
+        )
         self.app = ManagerApp(
             settings,
             runtime,

@@ -3,10 +3,11 @@
 A session is kept in memory by the manager service that opened it (a
 restart logs everyone out). Its ID is 256 random bits sent only in a
 ``Secure; HttpOnly; SameSite=Strict`` cookie; a login always makes a new
-one (no fixation). A session unused for ``session_idle_timeout`` seconds
-ends: at its next request, or at the sweep (every second), whichever is
-first. Sessions are kept in the order of their last use, so the sweep
-looks only at the sessions it ends. One username holds at most
+one (no fixation). A session unused for ``session_idle_timeout`` seconds,
+or opened ``session_lifetime`` seconds ago, ends: at its next request, or
+at the sweep (every second), whichever is first. Sessions are kept in the
+order of their last use and their IDs in the order of their logins, so
+the sweep looks only at the sessions it ends. One username holds at most
 MAX_SESSIONS_PER_USER sessions (a new one ends its own least recently
 used), and when the store is full a new login is refused
 (:class:`TooManySessions`): nobody's login can end somebody else's session.
@@ -16,6 +17,7 @@ like FTP and SFTP sessions.
 
 from __future__ import annotations
 
+import collections
 import secrets
 from typing import Iterable, Optional
 
@@ -66,10 +68,12 @@ class SessionStore:
 
     def __init__(
         self, clock, idle_timeout: float, audit: AuditLog, service_id: str, limit: int = MAX_SESSIONS,
-        per_user: int = MAX_SESSIONS_PER_USER,
+        per_user: int = MAX_SESSIONS_PER_USER, lifetime: float = 43200,
     ):
         self._clock = clock
         self.idle_timeout = idle_timeout
+        self.lifetime = lifetime
+        self._logins: collections.deque[tuple[float, str]] = collections.deque()  # (created, ID), oldest first
         self._audit = audit
         self._service_id = service_id
         self._limit = limit
@@ -102,6 +106,9 @@ class SessionStore:
             **extra,
         )
         self._sessions[session.id] = session
+        self._logins.append((now, session.id))
+        if len(self._logins) > 2 * self._limit:  # IDs of sessions ended early, behind a live one: dropped
+            self._logins = collections.deque(sorted((live.created, live.id) for live in self._sessions.values()))
         self._of_user[username] = self._of_user.get(username, 0) + 1
         self._audit.record(
             "session-start",
@@ -125,6 +132,9 @@ class SessionStore:
         if now - session.last_seen >= self.idle_timeout:
             self.close(session, "idle-timeout")
             return None
+        if now - session.created >= self.lifetime:
+            self.close(session, "lifetime")
+            return None
         session.last_seen = now
         self._sessions[session_id] = self._sessions.pop(session_id)  # now the most recently used: last
         return session
@@ -145,7 +155,7 @@ class SessionStore:
         )
 
     def expire_idle(self) -> int:
-        """End every idle session now; how many ended."""
+        """End every idle session, and every session past its lifetime, now; how many ended."""
         now = self._clock.seconds()
         idle = []
         for session in self._sessions.values():  # least recently used first
@@ -154,7 +164,14 @@ class SessionStore:
             idle.append(session)
         for session in idle:
             self.close(session, "idle-timeout")
-        return len(idle)
+        ended = len(idle)
+        while self._logins and (now - self._logins[0][0] >= self.lifetime or self._logins[0][1] not in self._sessions):
+            _, session_id = self._logins.popleft()
+            session = self._sessions.get(session_id)
+            if session is not None:
+                self.close(session, "lifetime")
+                ended += 1
+        return ended
 
     def close_all(self, reason: str) -> None:
         for session in list(self._sessions.values()):

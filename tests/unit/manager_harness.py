@@ -153,7 +153,9 @@ class ManagerHarness:
             policies=SecurityPolicies(self.configuration, state.bans, self.audit, self.clock),
         )
         self.settings = self.configuration.services["manager"]
-        self.sessions = SessionStore(self.clock, self.settings.session_idle_timeout, self.audit, "manager")
+        self.sessions = SessionStore(
+            self.clock, self.settings.session_idle_timeout, self.audit, "manager", lifetime=self.settings.session_lifetime
+        )
         self.metrics = ManagerMetrics(self.runtime)
         self.app = ManagerApp(
             self.settings,

@@ -271,6 +271,67 @@ def test_one_user_cannot_push_out_other_users_sessions():
     assert store.get(flood[0].id) is None
 
 
+def test_a_session_ends_at_its_lifetime_however_busy():
+    """session_lifetime: a session used every minute still ends that long after its login (request or sweep)."""
+    from twisted.internet.task import Clock
+
+    from sftpauth.audit import AuditLog
+    from sftpauth.manager.sessions import SessionStore
+
+    clock = Clock()
+    audit = AuditLog(echo=False)
+    ended = []
+    audit.listeners.append(lambda entry: entry["event"] == "session-end" and ended.append((entry["username"], entry["reason"])))
+    store = SessionStore(clock, 300, audit, "manager", lifetime=3600)
+    busy = store.open("busy", (), True, "m", "127.0.0.1")
+    clock.advance(60)
+    swept = store.open("swept", (), True, "m", "127.0.0.1")
+    logged_out = store.open("logged-out", (), True, "m", "127.0.0.1")
+    store.close(logged_out, "logout")
+    for _ in range(58):
+        clock.advance(60)
+        assert store.get(busy.id) is busy and store.get(swept.id) is swept
+    assert store.expire_idle() == 0
+    clock.advance(60)  # busy: 3600 s since its login
+    assert store.get(busy.id) is None
+    assert store.get(swept.id) is swept
+    clock.advance(60)
+    assert store.expire_idle() == 1
+    assert ended == [("logged-out", "logout"), ("busy", "lifetime"), ("swept", "lifetime")]
+    assert len(store) == 0
+
+
+def test_ended_sessions_do_not_pile_up_behind_a_long_one():
+    """Logins and logouts behind a live session: the store's login order stays within twice its limit."""
+    from twisted.internet.task import Clock
+
+    from sftpauth.audit import AuditLog
+    from sftpauth.manager.sessions import SessionStore
+
+    clock = Clock()
+    store = SessionStore(clock, 300, AuditLog(echo=False), "manager", limit=10, lifetime=3600)
+    long_one = store.open("admin", (), True, "m", "127.0.0.1")
+    for _ in range(1000):
+        store.close(store.open("script", (), True, "m", "127.0.0.2"), "logout")
+    assert len(store._logins) <= 20
+    clock.advance(3600)
+    assert store.expire_idle() == 1 and store.get(long_one.id) is None
+
+
+def test_session_lifetime_option():
+    from sftpauth.config.errors import ConfigError
+    from sftpauth.config.loader import parse_configuration
+
+    def manager(options: str):
+        text = f"[services/web]\ntype = manager\nport = 8443\n{options}"
+        return parse_configuration(text, "/etc/sftpauth/sftpauth.ini", "/etc/sftpauth", {}).services["web"]
+
+    assert manager("").session_lifetime == 43200
+    assert manager("session_lifetime = 3600\n").session_lifetime == 3600
+    with pytest.raises(ConfigError, match=r"sftpauth.ini:4 \[services/web\] session_lifetime"):
+        manager("session_lifetime = 10\n")
+
+
 def test_security_headers_and_no_store(manager):
     """Pages carry CSP, X-Frame-Options, nosniff and no-store; the CSS may be cached."""
     m = manager()
