@@ -235,11 +235,7 @@ def address_list(value: str) -> tuple[tuple[str, Optional[int]], ...]:
         else:
             host_text, port_text = item, None
         port_number = number(port_text, "1", "65535") if port_text is not None else None
-        entry = (host(host_text), port_number)
-        if any(known.lower() == entry[0].lower() and port == port_number for known, port in result):
-            # failover would try the same server twice, and /health count it twice
-            raise VdtValueError(f"{item!r} is listed twice")
-        result.append(entry)
+        result.append((host(host_text), port_number))  # a server listed twice: the loader's check (with port)
     if not result:
         raise VdtValueError("at least one LDAP server address is required")
     return tuple(result)

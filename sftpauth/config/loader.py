@@ -686,6 +686,16 @@ def _check_ldap_method(
         and method.enabled  # a disabled method's secret may be missing here (a warning says so)
     ):
         problems.error(section, "service_account_password", "required when service_account_dn is set")
+    seen: dict[tuple[str, int], str] = {}
+    for host, port in method.address:
+        server = f"[{host}]:{port or method.port}" if ":" in host else f"{host}:{port or method.port}"
+        for form in _address_forms(host):
+            if (form, port or method.port) in seen:
+                # failover would try the same server twice, and /health count it twice
+                problems.error(section, "address", f"{server} is listed twice (as {seen[form, port or method.port]} too)")
+                break
+        else:
+            seen.update({(form, port or method.port): server for form in _address_forms(host)})
     _check_groups_and_roles(problems, configuration, section, method)
     _check_extension(problems, section, method)
     _check_ldap_tls(problems, section, method)
@@ -746,9 +756,22 @@ def _check_extension(problems: _Problems, section: str, method: models.LDAPAuthe
         )
 
 
+def _address_forms(address: str) -> set[str]:
+    """What a listening or server address stands for: one IP in its short form (an IPv4-mapped one as IPv4),
+    localhost's two loopback addresses, or a host name in lower case."""
+    if address.lower() == "localhost":
+        return {"127.0.0.1", "::1"}
+    try:
+        ip = ipaddress.ip_address(address.strip("[]"))
+    except ValueError:
+        return {address.lower().rstrip(".")}
+    mapped = getattr(ip, "ipv4_mapped", None)
+    return {str(mapped or ip)}
+
+
 def _addresses_clash(first: str, second: str) -> bool:
-    """Two listeners on one port clash if an address is equal or a wildcard of its family."""
-    if first == second:
+    """Two listeners on one port clash if an address is equal (in any spelling) or a wildcard of its family."""
+    if _address_forms(first) & _address_forms(second):
         return True
     wildcards = {"0.0.0.0": 4, "::": 6, "": 4}
     for wildcard, other in ((first, second), (second, first)):

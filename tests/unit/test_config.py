@@ -1143,12 +1143,39 @@ def test_an_address_of_digits_and_dots_must_be_ipv4(address):
     assert "is not an IP address or host name" in problem.message
 
 
-@pytest.mark.parametrize("addresses", ["127.0.0.1:3389, 127.0.0.1:3389", "ldap.example.com, LDAP.example.com"])
+@pytest.mark.parametrize(
+    "addresses",
+    [
+        "127.0.0.1:3389, 127.0.0.1:3389",
+        "ldap.example.com, LDAP.example.com",
+        # QA, session 18: one server written two ways (the default port, IPv6 forms, a leading zero)
+        "127.0.0.1, 127.0.0.1:389",
+        "[::1]:389, ::1",
+        "127.0.0.1:0389, 127.0.0.1",
+        "::1, 0:0:0:0:0:0:0:1",
+        "::ffff:127.0.0.1, 127.0.0.1",
+    ],
+)
 def test_an_ldap_server_listed_twice_is_an_error(addresses):
     """QA: check-config said valid, failover tried the server twice and /health counted it twice."""
     problem = only_problem(f"[authentications/dir]\ntype = ldap\nbind_dn = dc=example,dc=com\naddress = {addresses}\n")
     assert (problem.section, problem.option, problem.line) == ("authentications/dir", "address", 4)
     assert "is listed twice" in problem.message
+
+
+def test_ldap_servers_on_other_ports_are_not_listed_twice():
+    configuration = parse("[authentications/dir]\ntype = ldap\nbind_dn = dc=example,dc=com\naddress = 127.0.0.1, 127.0.0.1:3389\n")
+    assert configuration.authentications["dir"].address == (("127.0.0.1", None), ("127.0.0.1", 3389))
+
+
+@pytest.mark.parametrize("first, second", [("localhost", "127.0.0.1"), ("::ffff:127.0.0.1", "127.0.0.1"), ("::1", "localhost")])
+def test_two_services_on_one_address_written_two_ways_clash(first, second):
+    """QA, session 18: check-config said valid and twistd then could not listen."""
+    problem = only_problem(
+        f"[services/a]\ntype = ftp\nport = 2121\naddress = {first}\n[services/b]\ntype = ftp\nport = 2121\naddress = {second}\n"
+    )
+    assert (problem.section, problem.option) == ("services/b", "port")
+    assert "is already used by [services/a]" in problem.message
 
 
 def test_a_quoted_option_name_is_that_option():
