@@ -301,20 +301,17 @@ def test_blank_password_left_by_the_uris_digits_is_refused_before_the_bind(clock
         ((), "has no totpSharedSecret"),
     ],
 )
-def test_an_account_without_a_usable_uri_says_so_when_its_bind_fails(clock, directory, state, values, problem):
-    """The URI was read before the BIND but cannot be used: a refused BIND's detail says that, not "URI not read"."""
+def test_an_account_without_a_usable_uri_is_refused_before_its_bind(clock, directory, state, values, problem):
+    """QA: the URI read before the BIND cannot be used: refused with its reason, and no BIND sends a guessed split."""
     directory.set(ALICE_DN, "totpSharedSecret", *values)
     method = make_method(directory, configuration(), state)
-    with pytest.raises(LoginFailed) as failure:
-        login(method, PASSWORD + "1234" + code_at(STEP))  # ten digits: the BIND gets four of them
-    assert failure.value.reason == "invalid-password"
-    assert "the last 6 characters were taken as the TOTP code, as the account has no usable otpauth URI" in failure.value.explanation
-    assert problem in failure.value.explanation
-    assert "without reading" not in failure.value.explanation
-    assert SECRET not in failure.value.explanation
-    # With the right password the BIND succeeds, and the URI's problem is the reason.
-    expected = "totp-invalid-secret" if values else "totp-missing-secret"
-    assert reason_of(method, PASSWORD + code_at(STEP)) == expected
+    for typed in (PASSWORD + "1234" + code_at(STEP), PASSWORD + code_at(STEP), "wrong" + code_at(STEP)):
+        with pytest.raises(LoginFailed) as failure:
+            login(method, typed)
+        assert failure.value.reason == ("totp-invalid-secret" if values else "totp-missing-secret")
+        assert problem in failure.value.explanation and "read before the BIND, which was not sent" in failure.value.explanation
+        assert SECRET not in failure.value.explanation
+    assert ("bind", ALICE_DN) not in directory.operations
 
 
 def test_six_digit_uris_still_work_without_configured_digits(directory, state):

@@ -219,29 +219,29 @@ class AugmentedTOTP:
         typed = credentials.data.get(_TYPED)
         if typed is None:
             return credentials
-        values = [value for value in entry.get(self.mfa_attribute) if value.strip()]
-        otp = None
-        if len(values) == 1:
-            try:
-                otp = parse_totp_uri(values[0])
-            except InvalidTOTPURI as error:
-                problem = f"{self.mfa_attribute} of {entry.dn}: {error}"
-        elif values:
-            problem = f"{self.mfa_attribute} of {entry.dn} has {len(values)} values, not one"
-        else:
-            problem = f"{entry.dn} has no {self.mfa_attribute} (absent, empty or not readable by sftpauth)"
-        if otp is None:
-            # Refused after a right BIND with this reason (augmentEntry); a BIND refused first says it too.
-            credentials.bind_password_note = (
-                f"the last {len(credentials.data[_CODE])} characters were taken as the TOTP code, "
-                f"as the account has no usable otpauth URI: {problem}"
-            )
-            return credentials
+        # No usable URI: refused now, with the reason augmentEntry would give after the BIND. The BIND
+        # would only send a password split at a guess (maybe with code digits) to the directory.
+        otp = self._uri_of(entry, " (read before the BIND, which was not sent)")
         credentials.bind_password_note = ""  # the split follows the account's own URI
         if otp.digits == len(credentials.data[_CODE]):
             return credentials
         _split(credentials, typed, otp.digits, f" (the otpauth URI of {entry.dn} asks for {otp.digits} digits)")
         return credentials
+
+    def _uri_of(self, entry: Entry, when: str = "") -> pyotp.TOTP:
+        """The entry's one usable otpauth URI; else LoginFailed (totp-missing-secret, totp-invalid-secret) + ``when``."""
+        attribute = self.mfa_attribute
+        values = [value for value in entry.get(attribute) if value.strip()]
+        if not values:
+            raise LoginFailed(
+                "totp-missing-secret", f"{entry.dn} has no {attribute} (absent, empty or not readable by sftpauth){when}"
+            )
+        if len(values) > 1:
+            raise LoginFailed("totp-invalid-secret", f"{attribute} of {entry.dn} has {len(values)} values, not one{when}")
+        try:
+            return parse_totp_uri(values[0])
+        except InvalidTOTPURI as error:
+            raise LoginFailed("totp-invalid-secret", f"{attribute} of {entry.dn}: {error}{when}") from None
 
     def augmentEntry(self, entry: Entry, credentials: LDAPCredentials, client) -> defer.Deferred:
         return defer.ensureDeferred(self._verify(entry, credentials))
@@ -253,17 +253,7 @@ class AugmentedTOTP:
         lock = _account_key(entry.dn)
         await self._refuse_locked(credentials, lock)
         attribute = self.mfa_attribute
-        values = [value for value in entry.get(attribute) if value.strip()]
-        if not values:
-            raise LoginFailed(
-                "totp-missing-secret", f"{entry.dn} has no {attribute} (absent, empty or not readable by sftpauth)"
-            )
-        if len(values) > 1:
-            raise LoginFailed("totp-invalid-secret", f"{attribute} of {entry.dn} has {len(values)} values, not one")
-        try:
-            otp = parse_totp_uri(values[0])
-        except InvalidTOTPURI as error:
-            raise LoginFailed("totp-invalid-secret", f"{attribute} of {entry.dn}: {error}") from None
+        otp = self._uri_of(entry)
         if otp.digits != len(code):
             if self.digits is not None:
                 why = f'set "digits": {otp.digits} for every user or none'
