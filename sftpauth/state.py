@@ -323,6 +323,9 @@ def parse_state_url(text: str) -> RedisLocation:
             shown = text.replace(userinfo.group(1), "***", 1)
             raise InvalidStateURL(f"{shown!r}: a user or password in the URL is not supported (sftpauth connects "
                                   "without Redis authentication); expected memory or redis://HOST:PORT/DB")
+        if "?" in text:  # a query (?password=...) is never echoed either
+            raise InvalidStateURL(f"{text.split('?', 1)[0] + '?***'!r}: options after '?' are not supported; "
+                                  "expected memory or redis://HOST:PORT/DB")
         raise InvalidStateURL(f"{text!r} is not allowed; expected memory or redis://HOST:PORT/DB (e.g. redis://10.0.0.5:6379/0)")
     host = match.group("host").strip("[]")
     port = int(match.group("port") or 6379)

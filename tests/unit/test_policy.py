@@ -32,6 +32,7 @@ from sftpauth.listening import (
 )
 from sftpauth.permissions import FULL_CONTROL
 from sftpauth.state import (
+    InvalidStateURL,
     MemoryBanStore,
     RedisConnection,
     RedisLocation,
@@ -796,6 +797,16 @@ def test_state_url_parsing():
     """parse_state_url fills in the default port and database."""
     assert parse_state_url("redis://h") == RedisLocation("h", 6379, 0)
     assert parse_state_url("redis://h:1/15").url == "redis://h:1/15"
+
+
+@pytest.mark.parametrize(
+    "url", ["redis://127.0.0.1:6379/0?password=S3cretQ", "redis://user:S3cretQ@127.0.0.1/0", "redis://h/0?x=1&auth=S3cretQ"]
+)
+def test_a_state_url_error_never_shows_a_password(url):
+    """QA, session 18: a password in the query string was echoed in check-config's error."""
+    with pytest.raises(InvalidStateURL) as refused:
+        parse_state_url(url)
+    assert "S3cretQ" not in str(refused.value) and "***" in str(refused.value)
 
 
 # -- fairness ----------------------------------------------------------------------------------------
