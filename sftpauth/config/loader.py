@@ -689,13 +689,13 @@ def _check_ldap_method(
     seen: dict[tuple[str, int], str] = {}
     for host, port in method.address:
         server = f"[{host}]:{port or method.port}" if ":" in host else f"{host}:{port or method.port}"
-        for form in _address_forms(host):
+        for form in _address_forms(host, names=False):
             if (form, port or method.port) in seen:
                 # failover would try the same server twice, and /health count it twice
                 problems.error(section, "address", f"{server} is listed twice (as {seen[form, port or method.port]} too)")
                 break
         else:
-            seen.update({(form, port or method.port): server for form in _address_forms(host)})
+            seen.update({(form, port or method.port): server for form in _address_forms(host, names=False)})
     _check_groups_and_roles(problems, configuration, section, method)
     _check_extension(problems, section, method)
     _check_ldap_tls(problems, section, method)
@@ -756,10 +756,15 @@ def _check_extension(problems: _Problems, section: str, method: models.LDAPAuthe
         )
 
 
-def _address_forms(address: str) -> set[str]:
+def _address_forms(address: str, names: bool = True) -> set[str]:
     """What a listening or server address stands for: one IP in its short form (an IPv4-mapped one as IPv4),
-    localhost's two loopback addresses, or a host name in lower case."""
-    if address.lower() == "localhost":
+    localhost's two loopback addresses (unless not ``names``), or a host name in lower case.
+
+    LDAP servers are compared without the localhost rule: a TLS certificate
+    may name ``localhost`` and not ``127.0.0.1``, so the two are two ways
+    to reach the server that a configuration may rightly list both.
+    """
+    if names and address.lower() == "localhost":
         return {"127.0.0.1", "::1"}
     try:
         ip = ipaddress.ip_address(address.strip("[]"))

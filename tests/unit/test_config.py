@@ -1163,9 +1163,17 @@ def test_an_ldap_server_listed_twice_is_an_error(addresses):
     assert "is listed twice" in problem.message
 
 
-def test_ldap_servers_on_other_ports_are_not_listed_twice():
-    configuration = parse("[authentications/dir]\ntype = ldap\nbind_dn = dc=example,dc=com\naddress = 127.0.0.1, 127.0.0.1:3389\n")
-    assert configuration.authentications["dir"].address == (("127.0.0.1", None), ("127.0.0.1", 3389))
+@pytest.mark.parametrize(
+    "addresses, expected",
+    [
+        ("127.0.0.1, 127.0.0.1:3389", (("127.0.0.1", None), ("127.0.0.1", 3389))),
+        # Two TLS identities of one server (a certificate may name one only): both may be listed.
+        ("localhost, 127.0.0.1", (("localhost", None), ("127.0.0.1", None))),
+    ],
+)
+def test_ldap_servers_on_other_ports_or_names_are_not_listed_twice(addresses, expected):
+    configuration = parse(f"[authentications/dir]\ntype = ldap\nbind_dn = dc=example,dc=com\naddress = {addresses}\n")
+    assert configuration.authentications["dir"].address == expected
 
 
 @pytest.mark.parametrize("first, second", [("localhost", "127.0.0.1"), ("::ffff:127.0.0.1", "127.0.0.1"), ("::1", "localhost")])
