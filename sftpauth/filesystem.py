@@ -232,11 +232,6 @@ def _lstat_beneath(root: str, real: str) -> os.stat_result:
         return os.stat(name, dir_fd=folder, follow_symlinks=False)
 
 
-def _is_folder_beneath(root: str, virtual: str) -> bool:
-    """Whether ``virtual`` is a folder (FileNotFoundError when nothing is there)."""
-    return stat_module.S_ISDIR(_lstat_beneath(root, resolve(root, virtual)).st_mode)
-
-
 def _exists_beneath(root: str, real: str) -> bool:
     try:
         _lstat_beneath(root, real)
@@ -574,9 +569,8 @@ class JailedFilesystem:
         def work():
             if source_folder_named or target_folder_named:
                 # "dir/" may be moved, to "new/" too; a file, or a link itself, is not a folder (ENOTDIR).
+                # A missing source is left to the rename, which says so.
                 _require_folder(self.root, source, True, False)
-                if not _is_folder_beneath(self.root, source):
-                    raise NotADirectoryError(errno.ENOTDIR, "not a folder", source)
             # A symlink named as the source or the target is renamed or replaced itself, not what it points to.
             real_source = resolve_entry(self.root, source)
             real_target = resolve_entry(self.root, target)

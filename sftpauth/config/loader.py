@@ -686,16 +686,17 @@ def _check_ldap_method(
         and method.enabled  # a disabled method's secret may be missing here (a warning says so)
     ):
         problems.error(section, "service_account_password", "required when service_account_dn is set")
-    seen: dict[tuple[str, int], str] = {}
+    seen: dict[tuple[str, int], str] = {}  # (address form, port) -> the server as first written
     for host, port in method.address:
-        server = f"[{host}]:{port or method.port}" if ":" in host else f"{host}:{port or method.port}"
-        for form in _address_forms(host, names=False):
-            if (form, port or method.port) in seen:
-                # failover would try the same server twice, and /health count it twice
-                problems.error(section, "address", f"{server} is listed twice (as {seen[form, port or method.port]} too)")
-                break
+        port = port or method.port
+        server = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        keys = [(form, port) for form in _address_forms(host, names=False)]
+        twin = next((seen[key] for key in keys if key in seen), None)
+        if twin is not None:
+            # failover would try the same server twice, and /health count it twice
+            problems.error(section, "address", f"{server} is listed twice (as {twin} too)")
         else:
-            seen.update({(form, port or method.port): server for form in _address_forms(host, names=False)})
+            seen.update(dict.fromkeys(keys, server))
     _check_groups_and_roles(problems, configuration, section, method)
     _check_extension(problems, section, method)
     _check_ldap_tls(problems, section, method)
