@@ -154,11 +154,7 @@ def start_sftpauth(folder: Path, slapd: SlapdServer, bind_type: str, idle_timeou
                             ports=(ftp_port, sftp_port))
     server.start(timeout=60)
     if workers > 1:  # the parent's sockets accept at once; wait until every worker serves them
-        deadline = time.monotonic() + 60
-        while server.log_text().count(") is ready") < workers:
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"sftpauth workers not ready within 60 s\n{server.log_tail()}")
-            time.sleep(0.1)
+        server.ready_workers(workers, timeout=60)
     return server, ftp_port, sftp_port
 
 

@@ -132,6 +132,18 @@ class SftpauthServer:
                 found.add(int(entry))
         return found
 
+    def ready_workers(self, count: int = 2, timeout: float = 15.0) -> set[int]:
+        """The worker pids once ``count`` of them have said they are ready (``[server] workers`` > 1)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            pids = self.worker_pids()
+            ready = {pid for pid in pids if f"(pid {pid}) is ready" in self.log_text()}
+            if len(ready) >= count:
+                return ready
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{count} ready workers expected, have {ready}\n{self.log_tail()}")
+            time.sleep(0.1)
+
     def log_text(self) -> str:
         """The whole twistd log, oldest first, including the files twistd rotated away at 1 MB."""
         rotated = sorted(

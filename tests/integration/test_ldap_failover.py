@@ -444,10 +444,7 @@ def test_with_workers_the_web_manager_shows_a_server_the_workers_found_down(two_
     server = SftpauthServer(tmp_path, config, ports=(ftp_port, web_port))
     server.start()
     try:
-        deadline = time.monotonic() + 30
-        while server.log_text().count(") is ready") < 2:
-            assert time.monotonic() < deadline, server.log_tail()
-            time.sleep(0.1)
+        server.ready_workers(2, timeout=30)
         web = HTTPSClient(SimpleNamespace(port=web_port, certificate=tmp_path / "data" / "manager" / "certificate.pem"))
 
         def statuses() -> list[str]:

@@ -185,15 +185,7 @@ class Site:
 
     def workers(self, count: int = 2, timeout: float = 15.0) -> set[int]:
         """The worker pids once ``count`` of them have said they are ready."""
-        deadline = time.monotonic() + timeout
-        while True:
-            pids = self.server.worker_pids()
-            ready = {pid for pid in pids if f"(pid {pid}) is ready" in self.server.log_text()}
-            if len(ready) >= count:
-                return ready
-            if time.monotonic() > deadline:
-                raise AssertionError(f"{count} ready workers expected, have {ready}\n{self.server.log_tail()}")
-            time.sleep(0.1)
+        return self.server.ready_workers(count, timeout)
 
     def events(self, predicate: Callable[[dict], bool]) -> list[dict]:
         return [event for event in self.server.audit_events() if predicate(event)]
@@ -499,7 +491,7 @@ def test_sigterm_stops_every_worker_and_exits_0(tmp_path):
         ports=(port,),
     )
     with serving(server):
-        workers = Site.workers(SimpleNamespace(server=server))
+        workers = server.ready_workers()
         assert len(workers) == 2
         held = ftplib.FTP()
         held.connect("127.0.0.1", port, timeout=10)

@@ -219,19 +219,26 @@ def test_the_running_service_ends_an_idle_session_within_a_second(manager):
         service.stopService()
 
 
-def test_the_sweep_takes_the_least_recently_used_first_and_a_full_store_refuses_new_sessions():
-    """Sessions are ordered by last use: the sweep stops at the first live one. A full store refuses a new
-    session (TooManySessions) rather than ending somebody else's."""
+def session_store(idle_timeout: float, **options):
+    """A SessionStore on a fake clock: ``(clock, store, ended)``, ended listing each session-end's (username, reason)."""
     from twisted.internet.task import Clock
 
     from sftpauth.audit import AuditLog
-    from sftpauth.manager.sessions import SessionStore, TooManySessions
+    from sftpauth.manager.sessions import SessionStore
 
     clock = Clock()
     audit = AuditLog(echo=False)
     ended = []
     audit.listeners.append(lambda entry: entry["event"] == "session-end" and ended.append((entry["username"], entry["reason"])))
-    store = SessionStore(clock, 60, audit, "manager", limit=3)
+    return clock, SessionStore(clock, idle_timeout, audit, "manager", **options), ended
+
+
+def test_the_sweep_takes_the_least_recently_used_first_and_a_full_store_refuses_new_sessions():
+    """Sessions are ordered by last use: the sweep stops at the first live one. A full store refuses a new
+    session (TooManySessions) rather than ending somebody else's."""
+    from sftpauth.manager.sessions import TooManySessions
+
+    clock, store, ended = session_store(60, limit=3)
     first = store.open("first", (), True, "m", "127.0.0.1")
     clock.advance(10)
     store.open("second", (), True, "m", "127.0.0.1")
@@ -252,16 +259,7 @@ def test_the_sweep_takes_the_least_recently_used_first_and_a_full_store_refuses_
 def test_one_user_cannot_push_out_other_users_sessions():
     """QA: 10,004 header logins of one user ended every administrator's session. Now a user past its
     per-user limit ends its own least recently used session; the others keep theirs."""
-    from twisted.internet.task import Clock
-
-    from sftpauth.audit import AuditLog
-    from sftpauth.manager.sessions import SessionStore
-
-    clock = Clock()
-    audit = AuditLog(echo=False)
-    ended = []
-    audit.listeners.append(lambda entry: entry["event"] == "session-end" and ended.append((entry["username"], entry["reason"])))
-    store = SessionStore(clock, 60, audit, "manager", limit=10, per_user=3)
+    clock, store, ended = session_store(60, limit=10, per_user=3)
     admin = store.open("admin", (), True, "m", "127.0.0.10")
     flood = [store.open("flooder", (), True, "m", "127.0.0.2") for _ in range(50)]
     assert store.get(admin.id) is admin
@@ -273,16 +271,7 @@ def test_one_user_cannot_push_out_other_users_sessions():
 
 def test_a_session_ends_at_its_lifetime_however_busy():
     """session_lifetime: a session used every minute still ends that long after its login (request or sweep)."""
-    from twisted.internet.task import Clock
-
-    from sftpauth.audit import AuditLog
-    from sftpauth.manager.sessions import SessionStore
-
-    clock = Clock()
-    audit = AuditLog(echo=False)
-    ended = []
-    audit.listeners.append(lambda entry: entry["event"] == "session-end" and ended.append((entry["username"], entry["reason"])))
-    store = SessionStore(clock, 300, audit, "manager", lifetime=3600)
+    clock, store, ended = session_store(300, lifetime=3600)
     busy = store.open("busy", (), True, "m", "127.0.0.1")
     clock.advance(60)
     swept = store.open("swept", (), True, "m", "127.0.0.1")
@@ -303,13 +292,7 @@ def test_a_session_ends_at_its_lifetime_however_busy():
 
 def test_ended_sessions_do_not_pile_up_behind_a_long_one():
     """Logins and logouts behind a live session: the store's login order stays within twice its limit."""
-    from twisted.internet.task import Clock
-
-    from sftpauth.audit import AuditLog
-    from sftpauth.manager.sessions import SessionStore
-
-    clock = Clock()
-    store = SessionStore(clock, 300, AuditLog(echo=False), "manager", limit=10, lifetime=3600)
+    clock, store, _ = session_store(300, limit=10, lifetime=3600)
     long_one = store.open("admin", (), True, "m", "127.0.0.1")
     for _ in range(1000):
         store.close(store.open("script", (), True, "m", "127.0.0.2"), "logout")
