@@ -50,8 +50,19 @@ class ReloadOnSIGHUP(Service):
         self._previous = None
         self._installed = False
 
+    def privilegedStartService(self) -> None:
+        # twistd opens the listening ports here, before any startService: a SIGHUP sent as soon as a
+        # port answers must already find this handler, or it ends the process (its default action).
+        super().privilegedStartService()
+        self._install()
+
     def startService(self) -> None:
         super().startService()
+        self._install()  # added to a running service: no privilegedStartService
+
+    def _install(self) -> None:
+        if self._installed:
+            return
         try:
             self._previous = signal.signal(signal.SIGHUP, self._handle)
         except (ValueError, AttributeError, OSError):  # not the main thread, or no SIGHUP (Windows)

@@ -26,3 +26,22 @@ def test_sighup_calls_reload_and_the_previous_handler_then_restores_it():
         assert calls == ["reload", "previous", "previous"]
     finally:
         signal.signal(signal.SIGHUP, previous)
+
+
+def test_the_handler_is_in_place_before_the_ports_listen():
+    """twistd opens ports in privilegedStartService, before startService: SIGHUP is handled from then on, once."""
+    calls = []
+    previous = signal.signal(signal.SIGHUP, lambda number, frame: calls.append("previous"))
+    try:
+        service = ReloadOnSIGHUP(ImmediateReactor(), lambda: calls.append("reload"))
+        service.privilegedStartService()
+        signal.raise_signal(signal.SIGHUP)
+        assert calls == ["reload", "previous"]
+        service.startService()  # installs nothing more: one reload per SIGHUP
+        signal.raise_signal(signal.SIGHUP)
+        assert calls == ["reload", "previous", "reload", "previous"]
+        service.stopService()
+        signal.raise_signal(signal.SIGHUP)
+        assert calls == ["reload", "previous", "reload", "previous", "previous"]
+    finally:
+        signal.signal(signal.SIGHUP, previous)
