@@ -205,6 +205,31 @@ def test_home_rule_parse_rejects_bad_rules(text):
         HomeFolderRule.parse(text)
 
 
+@pytest.mark.parametrize(
+    "text, written",
+    [("uid, /srv/{uid!r}", "{uid!r}"), ("uid, /srv/{uid:>10}", "{uid:>10}"), ("uid, /srv/{uid!s:x}", "{uid!s:x}"),
+     ("uid, /srv/{0}", "{0}"), ("uid, /srv/{1uid}", "{1uid}"), ("uid, /srv/{ü}", "{ü}")],
+)
+def test_home_rule_placeholders_are_plain_attribute_names(text, written):
+    """Python's format syntax would reshape a value ('/srv/'alice'') or fail at each login: refused at load time."""
+    with pytest.raises(ValueError, match="is not a placeholder such as") as raised:
+        HomeFolderRule.parse(text)
+    assert repr(written) in str(raised.value)
+
+
+@pytest.mark.parametrize("template", ["homes/{uid}", "./{uid}", "~/{uid}", " x{uid}"])
+def test_home_rule_template_must_give_an_absolute_path(template):
+    """A template whose text before the first placeholder is no absolute path can give no home: refused at load time."""
+    with pytest.raises(ValueError, match="absolute path"):
+        HomeFolderRule.parse(f"uid, {template}")
+
+
+@pytest.mark.parametrize("template", ["{homeDirectory}/ftp", "/srv/{{literal}}/{uid}", "/srv/shared"])
+def test_home_rule_template_may_start_with_a_placeholder(template):
+    """A template may start with an attribute holding an absolute path, and keep literal braces as '{{' '}}'."""
+    assert HomeFolderRule.parse(f"uid, {template}").template == template
+
+
 def test_home_rule_absolute_value_without_template():
     """Without template the attribute's absolute value is the home folder, normalised."""
     rule = HomeFolderRule("homeDirectory")

@@ -20,6 +20,10 @@ def placeholder_to_attribute(placeholder: str) -> str:
     return placeholder.replace("_", "-")
 
 
+def _is_attribute_name(name: str) -> bool:
+    return name.isascii() and name[:1].isalpha() and name.replace("_", "").replace("-", "").isalnum()
+
+
 @attrs.frozen
 class HomeFolderRule:
     attribute: str
@@ -36,12 +40,19 @@ class HomeFolderRule:
         if not template:
             return cls(attribute)
         try:
-            fields = [name for _, name, spec, conversion in string.Formatter().parse(template) if name is not None]
+            parts = list(string.Formatter().parse(template))
         except ValueError as error:
             raise ValueError(f"template {template!r}: {error}") from None
-        for name in fields:
-            if not name or not name.replace("_", "").replace("-", "").isalnum():
-                raise ValueError(f"template {template!r}: '{{{name}}}' is not an attribute placeholder")
+        for _, name, spec, conversion in parts:
+            if name is None:
+                continue
+            written = "{" + name + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "") + "}"
+            # An LDAP attribute name starts with a letter; '!r' or ':>10' would reshape the value.
+            if not _is_attribute_name(name) or spec or conversion:
+                raise ValueError(f"template {template!r}: {written!r} is not a placeholder such as {{uid}}")
+        leading = parts[0][0] if parts else ""
+        if leading and not leading.startswith("/"):
+            raise ValueError(f"template {template!r}: a home folder is an absolute path; start it with '/' or a placeholder")
         return cls(attribute, template)
 
     @property
