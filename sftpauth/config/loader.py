@@ -27,9 +27,10 @@ from sftpauth.config.errors import ConfigError, ConfigProblem
 SPEC_PATH = os.path.join(os.path.dirname(__file__), "configspec.ini")
 SECTION_KINDS = ("services", "authentications", "groups", "accounts", "roles", "administrators", "security-policies")
 _OPTION_LINE = re.compile(r"^(?P<name>[^=\[\s][^=]*?)\s*=(?P<value>.*)$")
-_INLINE_COMMENT = re.compile(r"\s+#.*$")
+_QUOTED_THEN_SEMICOLON = re.compile(r"""^(?P<quoted>"[^"]*"|'[^']*')\s+;.*$""")
+_INLINE_COMMENT = re.compile(r"\s+[#;].*$")  # " # text" or " ; text" (SPEC: comments start with # or ;)
 _READ_HERE = "__sftpauth_value_read_by_preprocess__"
-_SECTION_LINE_FORM = "a section line is [kind/ID], with single brackets, alone on its line (or with a # comment)"
+_SECTION_LINE_FORM = "a section line is [kind/ID], with single brackets, alone on its line (or with a # or ; comment)"
 _IGNORED = "__sftpauth_unusable_section__"  # a repeated, nested or malformed section: reported, not checked
 
 
@@ -49,7 +50,7 @@ class _SourceMap:
     places: dict[int, tuple[Optional[str], Optional[str]]] = attrs.Factory(dict)
 
 
-_SECTION_LINE = re.compile(r"^(?P<open>\[+)\s*(?P<name>[^\[\]]*?)\s*(?P<close>\]+)\s*(?:#.*)?$")
+_SECTION_LINE = re.compile(r"^(?P<open>\[+)\s*(?P<name>[^\[\]]*?)\s*(?P<close>\]+)\s*(?:[#;].*)?$")
 
 
 def _preprocess(text: str) -> tuple[list[str], _SourceMap]:
@@ -85,7 +86,7 @@ def _preprocess(text: str) -> tuple[list[str], _SourceMap]:
             return  # configobj removes the quotes ('#' inside is kept)
         else:
             # One-line values are read here too: configobj ends a value at any '#', so a
-            # password "pa#ss" would silently be "pa". Only " #" starts a comment (docs).
+            # password "pa#ss" would silently be "pa". Only " #" or " ;" starts a comment (docs).
             value = first_value
         source.values[(section, option)] = value
         output[option_index] = f"{option_text} = {_READ_HERE}"
@@ -139,6 +140,7 @@ def _preprocess(text: str) -> tuple[list[str], _SourceMap]:
             source.places[number] = (name, None)
             section = name
             source.sections.setdefault(name, number)
+            raw = f"[{name}]"  # configobj knows no "; comment" there
         else:
             match = _OPTION_LINE.match(stripped)
             name = _unquoted(match.group("name").strip()) if match else None
@@ -154,6 +156,9 @@ def _preprocess(text: str) -> tuple[list[str], _SourceMap]:
                 option, option_text = name, match.group("name").strip()
                 value = match.group("value").strip()
                 first_value = value if _quoted(value) else _INLINE_COMMENT.sub("", value).strip()
+                commented = _QUOTED_THEN_SEMICOLON.match(value)
+                if commented:  # configobj knows no "; comment" after a quoted value either
+                    raw = f"{option_text} = {commented.group('quoted')}"
                 option_index = len(output)
                 option_line = number
                 source.options.setdefault(key, number)

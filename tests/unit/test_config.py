@@ -236,7 +236,7 @@ def test_continuation_lines_give_the_same_tuple_as_a_comma_list(server):
 def test_inline_comment_on_a_continuation_line_is_dropped():
     """An inline comment after a continuation value is a comment, as after the first value."""
     configuration = parse_configuration(
-        "[server]\nauthentications = A  # first\n    B  # second\n    C\n" + METHODS, PATH, BASE, {}
+        "[server]\nauthentications = A  # first\n    B  ; second\n    C\n" + METHODS, PATH, BASE, {}
     )
     assert configuration.server.authentications == ("A", "B", "C")
 
@@ -247,10 +247,13 @@ def test_inline_comment_on_a_continuation_line_is_dropped():
         ("service_account_password = pa#ss;word", "pa#ss;word"),
         ("service_account_password = pa#ss  # the comment", "pa#ss"),
         ('service_account_password = "quoted # kept"', "quoted # kept"),
+        ("service_account_password = pa#ss ; the comment", "pa#ss"),
+        ('service_account_password = "quoted ; kept" ; the comment', "quoted ; kept"),
+        ("service_account_password = 'quoted # kept'   ;the comment", "quoted # kept"),
     ],
 )
 def test_hash_inside_a_one_line_value_is_kept(line, expected):
-    """Only " #" starts a comment: a one-line value keeps a '#' (configobj alone cut "pa#ss" to "pa")."""
+    """Only " #" or " ;" starts a comment: a one-line value keeps a '#' (configobj alone cut "pa#ss" to "pa")."""
     configuration = parse(
         f"""
         [authentications/directory]
@@ -856,11 +859,11 @@ def test_service_options_of_another_type_are_errors():
     assert "unknown option" in problem.message
 
 
-def test_section_header_with_inline_comment_keeps_line_numbers():
-    """Problems in a section whose header has an inline comment still name their line."""
-    problems = problems_of_text("[server]\nname = x\n[groups/g]   # staff\nenabled = perhaps\n")
-    assert problems[0].section == "groups/g"
-    assert problems[0].line == 4
+@pytest.mark.parametrize("comment", ["# staff", "; staff", ";staff"])
+def test_section_header_with_inline_comment_keeps_line_numbers(comment):
+    """Problems in a section whose header has an inline comment ('#' or ';') still name their line."""
+    problems = problems_of_text(f"[server]\nname = x\n[groups/g]   {comment}\nenabled = perhaps\n")
+    assert [(problem.line, problem.section, problem.option) for problem in problems] == [(4, "groups/g", "enabled")]
 
 
 # -- load_configuration ----------------------------------------------------------------
