@@ -78,6 +78,16 @@ class BadAttributes(Department):
 
 
 NOT_A_CLASS = 42
+
+
+def a_function(configuration):
+    CALLS.append(("a_function", configuration))
+    return Department(configuration)
+
+
+class NoHooksButBuilt:
+    def __init__(self, configuration):
+        CALLS.append(("NoHooksButBuilt", configuration))
 '''
 
 
@@ -309,6 +319,25 @@ def test_non_class_entry_point_is_an_error(department):
     """An entry point naming a non-callable is refused."""
     with pytest.raises(ValueError, match="has no class 'NOT_A_CLASS'"):
         resolve_entry_point("python:department_extension.NOT_A_CLASS")
+
+
+@pytest.mark.parametrize(
+    "name, message",
+    [("a_function", "has no class 'a_function' (a_function is a function)"),
+     ("NoHooksButBuilt", "is not an LDAP extension: it has no updateCredentials, getExtraAttributes, augmentEntry")],
+)
+def test_entry_point_is_checked_before_anything_is_called(tmp_path, department, name, message):
+    """check-config calls nothing that is not an extension class: python:os.system would run with the JSON."""
+    path = write_config(
+        tmp_path, f"extension_entry_point = python:department_extension.{name}\n"
+        'extension_configuration = {"attribute": "x"}\n'
+    )
+    [problem] = problems_of(path)
+    assert problem == f"{path}:8 [authentications/directory] extension_entry_point: " + (
+        f"module 'department_extension' {message}" if name == "a_function"
+        else f"python:department_extension.{name} {message}"
+    )
+    assert department.CALLS == []
 
 
 def test_missing_service_account_is_a_warning(tmp_path):

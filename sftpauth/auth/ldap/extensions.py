@@ -100,8 +100,13 @@ def resolve_entry_point(text: str) -> Optional[ExtensionEntryPoint]:
     except Exception as error:  # ImportError, or an error raised while importing
         raise ValueError(f"cannot import module {module_name!r}: {type(error).__name__}: {error}") from None
     factory = getattr(module, class_name, None)
-    if factory is None or not callable(factory):
-        raise ValueError(f"module {module_name!r} has no class {class_name!r}")
+    if not isinstance(factory, type):
+        # Only a class is ever called: python:os.system must not run with the configuration.
+        found = "nothing" if factory is None else f"a {type(factory).__name__}"
+        raise ValueError(f"module {module_name!r} has no class {class_name!r} ({class_name} is {found})")
+    missing = [name for name in HOOKS if not callable(getattr(factory, name, None))]
+    if missing:
+        raise ValueError(f"{text} is not an LDAP extension: it has no {', '.join(missing)}")
     return ExtensionEntryPoint(text, factory)
 
 
