@@ -88,10 +88,10 @@ def choice(value: str, *allowed: str) -> str:
 
 def number(value: str, min: Optional[str] = None, max: Optional[str] = None) -> int:
     word = _unquote(str(value))
-    try:
-        result = int(word, 10)
-    except ValueError:
-        raise VdtValueError(f"{word!r} is not a whole number" + _range_text(min, max)) from None
+    # ASCII digits only: int() would also take "4_7031", "+30" and other scripts' digits.
+    if not re.fullmatch(r"-?[0-9]+", word):
+        raise VdtValueError(f"{word!r} is not a whole number" + _range_text(min, max))
+    result = int(word, 10)
     if (min is not None and result < int(min)) or (max is not None and result > int(max)):
         raise VdtValueError(f"{result} is out of range" + _range_text(min, max))
     return result
@@ -107,6 +107,11 @@ def _range_text(min: Optional[str], max: Optional[str]) -> str:
 
 def port(value: str) -> int:
     return number(value, "0", "65535")
+
+
+def server_port(value: str) -> int:
+    """The port of a server sftpauth connects to: 0 (a listening service's "any free port") means nothing there."""
+    return number(value, "1", "65535")
 
 
 MAX_WORKERS = 256
@@ -140,7 +145,7 @@ def port_range(value: str) -> Optional[tuple[int, int]]:
     word = _unquote(value)
     if not word:
         return None
-    match = re.fullmatch(r"\s*(\d+)\s*-\s*(\d+)\s*", word)
+    match = re.fullmatch(r"\s*([0-9]+)\s*-\s*([0-9]+)\s*", word)
     if not match:
         raise VdtValueError(f"{word!r} is not a port range; expected FIRST-LAST, e.g. 60000-60100")
     first, last = int(match.group(1)), int(match.group(2))
@@ -234,7 +239,9 @@ def address_list(value: str) -> tuple[tuple[str, Optional[int]], ...]:
             host_text, port_text = item.split(":")
         else:
             host_text, port_text = item, None
-        port_number = number(port_text, "1", "65535") if port_text is not None else None
+        if not host_text.strip():
+            raise VdtValueError(f"{item!r} names no server; write HOST:PORT, e.g. ldap.example.com:389")
+        port_number = server_port(port_text) if port_text is not None else None
         result.append((host(host_text), port_number))  # a server listed twice: the loader's check (with port)
     if not result:
         raise VdtValueError("at least one LDAP server address is required")
@@ -436,6 +443,7 @@ def make_validator(base_folder: str, environ: Mapping[str, str]) -> Validator:
         "choice": choice,
         "number": number,
         "port": port,
+        "server_port": server_port,
         "port_range": port_range,
         "host": host,
         "listen_address": listen_address,
@@ -478,7 +486,7 @@ def make_validator(base_folder: str, environ: Mapping[str, str]) -> Validator:
 # Checks of options that take one value: an indented line under them would be joined to the value with a
 # line break (a banner sent as two lines broke FTP; a password hash with a line after it never matched).
 ONE_LINE_CHECKS = (
-    "yesno", "text", "choice", "number", "port", "port_range", "host", "listen_address", "id", "path", "inheritable_path",
+    "yesno", "text", "choice", "number", "port", "server_port", "port_range", "host", "listen_address", "id", "path", "inheritable_path",
     "folder", "secret", "attribute", "required_attribute", "dn", "home_folder_rule", "entry_point", "tls_trust", "shared_state", "worker_count",
 )
 

@@ -1167,6 +1167,30 @@ def test_an_ldap_server_listed_twice_is_an_error(addresses):
 
 
 @pytest.mark.parametrize(
+    "option, message",
+    [
+        ("address = :389", "':389' names no server"),
+        ("address = 127.0.0.1, :3389", "':3389' names no server"),
+        ("address = 127.0.0.1:0", "0 is out of range; allowed: 1 to 65535"),
+        ("address = 127.0.0.1\nport = 0", "0 is out of range; allowed: 1 to 65535"),
+    ],
+)
+def test_an_ldap_server_needs_a_host_and_a_port_it_can_have(option, message):
+    """QA, session 18: ':389' and port 0 passed check-config; logins then failed against no server."""
+    problem = only_problem(f"[authentications/dir]\ntype = ldap\nbind_dn = dc=example,dc=com\n{option}\n")
+    assert (problem.section, problem.option) == ("authentications/dir", option.split("\n")[-1].split(" ")[0])
+    assert message in problem.message
+
+
+@pytest.mark.parametrize("value", ["4_7031", "+30", "\uff13\uff10", "\u0663\u0660", "30.0", "0x1e", " "])
+def test_a_whole_number_is_written_with_ascii_digits(value):
+    """QA, session 18: int() took '4_7031', '+30', full-width and Arabic-Indic digits as numbers."""
+    problem = only_problem(f"[services/ftp]\ntype = ftp\nport = 2121\nmaximum_concurrent_connections = {value}\n")
+    assert (problem.option, problem.line) == ("maximum_concurrent_connections", 4)
+    assert "is not a whole number" in problem.message
+
+
+@pytest.mark.parametrize(
     "addresses, expected",
     [
         ("127.0.0.1, 127.0.0.1:3389", (("127.0.0.1", None), ("127.0.0.1", 3389))),
