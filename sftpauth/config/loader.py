@@ -227,6 +227,11 @@ class _Problems:
         """Whether an error was already found in ``section`` (at ``option``): later checks then say nothing more."""
         return any(p.section == section and (option is None or p.option == option) for p in self.errors)
 
+    def require(self, section: str, option: str, message: str) -> None:
+        """A value that is missing: said once, and not where the value written was already refused."""
+        if not self.has_error(section, option):
+            self.error(section, option, message)
+
     def warn(self, section: Optional[str], option: Optional[str], message: str) -> None:
         self.warnings.append(self._make(section, option, message))
 
@@ -355,14 +360,20 @@ def _check_section(
     """Check every option of one section against its spec; None if unusable."""
     spec = dict(_SPEC[kind])
     if kind in ("services", "authentications"):
-        type_value = values.get("type")
+        type_value, type_name = values.get("type"), None
         if type_value is None:
             problems.error(section, None, f"option 'type' is required; allowed: {_choices(spec['type'])}")
-            return None
-        try:
-            type_name = validator.check(spec["type"], type_value)
-        except ValidateError as error:
-            problems.error(section, "type", str(error))
+        else:
+            try:
+                type_name = validator.check(spec["type"], type_value)
+            except ValidateError as error:
+                problems.error(section, "type", str(error))
+        if type_name is None:
+            # Without a type its options cannot be checked; those of no type at all are typos still.
+            any_type = _options_of_any_type(kind)
+            for option in values:
+                if _ALIASES.get(kind, {}).get(option, option) not in any_type:
+                    problems.error(section, option, _unknown_option_message(option, any_type))
             return None
         spec_kind = models.SERVICE_SPEC_KIND[type_name] if kind == "services" else type_name
         spec.update(_SPEC.get(f"{kind}:{spec_kind}", {}))
@@ -426,6 +437,15 @@ _ALIASES: Mapping[str, Mapping[str, str]] = {"administrators": {"role": "roles"}
 
 def _choices(check: str) -> str:
     return ", ".join(re.findall(r'"([^"]+)"', check))
+
+
+def _options_of_any_type(kind: str) -> dict[str, str]:
+    """The options a ``services`` or ``authentications`` section may have, whatever its type."""
+    options = dict(_SPEC[kind])
+    for name, spec in _SPEC.items():
+        if name.startswith(f"{kind}:"):
+            options.update(spec)
+    return options
 
 
 def _unknown_option_message(option: str, spec: Mapping[str, str]) -> str:
@@ -549,7 +569,7 @@ def _cross_check(problems: _Problems, configuration: models.Configuration) -> No
         if method_id not in methods and not problems.has_error(f"authentications/{method_id}"):
             problems.error("server", "authentications", _unknown_id("authentication method", method_id, methods))
     if not configuration.server.authentications:
-        problems.error("server", "authentications", "at least one authentication method is required")
+        problems.require("server", "authentications", "at least one authentication method is required")
 
     for method_id, method in methods.items():
         if isinstance(method, models.LDAPAuthenticationSettings):
@@ -591,11 +611,13 @@ def _cross_check(problems: _Problems, configuration: models.Configuration) -> No
             if group_id not in configuration.groups:
                 problems.error(section, "group", _unknown_id("group", group_id, configuration.groups))
         if not account.group:
-            problems.error(section, "group", "at least one group is required (the first is the primary group)")
+            problems.require(section, "group", "at least one group is required (the first is the primary group)")
         if account.username in usernames:
             problems.error(section, "name", f"username {account.username!r} is also used by [accounts/{usernames[account.username]}]")
         usernames.setdefault(account.username, account_id)
-        if not account.password:
+        if problems.has_error(section, "password"):
+            pass  # already said (env:NAME set but empty...)
+        elif not account.password:
             problems.warn(section, "password", "no password is set: this account cannot log in")
         elif not _looks_like_hash(account.password):
             problems.error(section, "password", _NOT_A_HASH)
@@ -610,12 +632,14 @@ def _check_manager(problems: _Problems, configuration: models.Configuration) -> 
             if role_id not in configuration.roles:
                 problems.error(section, "roles", _unknown_id("role", role_id, configuration.roles))
         if not administrator.roles:
-            problems.error(section, "roles", "at least one role is required, e.g. DEFAULT-ROLE")
+            problems.require(section, "roles", "at least one role is required, e.g. DEFAULT-ROLE")
         if administrator.username in usernames:
             other = usernames[administrator.username]
             problems.error(section, "name", f"username {administrator.username!r} is also used by [administrators/{other}]")
         usernames.setdefault(administrator.username, administrator_id)
-        if not administrator.password:
+        if problems.has_error(section, "password"):
+            pass  # already said
+        elif not administrator.password:
             problems.warn(section, "password", "no password is set: this administrator cannot log in")
         elif not _looks_like_hash(administrator.password):
             problems.error(section, "password", _NOT_A_HASH)
@@ -645,7 +669,7 @@ def _check_manager(problems: _Problems, configuration: models.Configuration) -> 
                 "role without one and filter at the proxy",
             )
         if service.header_authentication and not service.trusted_proxies:
-            problems.error(
+            problems.require(
                 section,
                 "trusted_proxies",
                 "required when header_authentication = yes: the addresses of the reverse proxies that set preauth-* headers",
@@ -679,18 +703,14 @@ def _check_manager(problems: _Problems, configuration: models.Configuration) -> 
 def _check_ldap_method(
     problems: _Problems, configuration: models.Configuration, section: str, method: models.LDAPAuthenticationSettings
 ) -> None:
-    if method.bind_dn_type != "absolute" and not method.bind_dn and not problems.has_error(section, "bind_dn"):
-        problems.error(section, "bind_dn", f"at least one base DN is required for bind_dn_type = {method.bind_dn_type}")
+    if method.bind_dn_type != "absolute" and not method.bind_dn:
+        problems.require(section, "bind_dn", f"at least one base DN is required for bind_dn_type = {method.bind_dn_type}")
     for group_id in method.base_groups:
         if group_id not in configuration.groups:
             problems.error(section, "base_groups", _unknown_id("group", group_id, configuration.groups))
-    if (
-        method.service_account_dn
-        and not method.service_account_password
-        and not problems.has_error(section, "service_account_password")  # e.g. env:NAME not set
-        and method.enabled  # a disabled method's secret may be missing here (a warning says so)
-    ):
-        problems.error(section, "service_account_password", "required when service_account_dn is set")
+    # A disabled method's secret may be missing here (a warning says so); env:NAME not set is its own error.
+    if method.service_account_dn and not method.service_account_password and method.enabled:
+        problems.require(section, "service_account_password", "required when service_account_dn is set")
     seen: dict[tuple[str, int], str] = {}  # (address form, port) -> the server as first written
     for host, port in method.address:
         port = port or method.port
@@ -723,13 +743,13 @@ def _check_groups_and_roles(
                 hint = f" (a rule is 'ATTRIBUTE, EXPRESSION, {what.upper()}-ID')" if listed_on[index] > 1 else ""
                 problems.error(section, option, _unknown_id(what, target, known) + hint, index)
     if method.group_search_filter is not None and not method.group_search_base:
-        problems.error(section, "group_search_base", "required when group_search_filter is set: the base DN of the groups")
+        problems.require(section, "group_search_base", "required when group_search_filter is set: the base DN of the groups")
     if method.nested_groups and not method.group_search_base:
-        problems.error(
+        problems.require(
             section, "group_search_base", "required when nested_groups = yes: parent groups are searched under it"
         )
     if method.group_search_base and method.group_search_filter is None and not method.nested_groups:
-        problems.error(
+        problems.require(
             section, "group_search_filter", "required when group_search_base is set, e.g. (member={dn}) or (memberUid={username})"
         )
 

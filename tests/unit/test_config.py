@@ -1429,3 +1429,44 @@ def test_a_quoted_value_holding_its_own_quote_is_an_error_not_a_guess(value, quo
     assert (problem.line, problem.option) == (2, "name")
     assert f"holds its own quote character {quote}" in problem.message
     assert parse("[server]\nname = 'Acme \"the\" Corp'\n").server.name == 'Acme "the" Corp'
+
+
+# -- one error per mistake (QA, session 18) ------------------------------------------------
+
+
+@pytest.mark.parametrize("type_line", ["type = ldapp\n", ""])
+def test_a_section_without_a_usable_type_still_names_its_unknown_options(type_line):
+    """'type = ldapp' hid 'adress' and 'bogus': the options of no type at all are reported anyway."""
+    problems = problems_of(f"[authentications/dir]\n{type_line}adress = 127.0.0.1\nbind_dn = dc=example,dc=com\nbogus = 1\n")
+    where = [(problem.option, problem.line) for problem in problems]
+    first = 2 if type_line else 1
+    assert where == ([("type", 2)] if type_line else [(None, 1)]) + [("adress", first + 1), ("bogus", first + 3)]
+    assert "did you mean 'address'?" in problems[-2].message
+
+
+@pytest.mark.parametrize(
+    "options, option",
+    [
+        ("group_search_base = notadn\ngroup_search_filter = (member={dn})\nnested_groups = yes\n", "group_search_base"),
+        ("group_search_base = ou=groups,dc=example,dc=com\ngroup_search_filter = (member={dn}\n", "group_search_filter"),
+        ("bind_dn = notadn\n", "bind_dn"),
+    ],
+)
+def test_a_refused_value_is_not_also_called_missing(options, option):
+    """QA: a bad group_search_base also gave 'required when group_search_filter is set' and '... nested_groups'."""
+    base = "" if option == "bind_dn" else "bind_dn = dc=example,dc=com\n"
+    problem = only_problem(f"[authentications/dir]\ntype = ldap\naddress = 127.0.0.1\n{base}{options}")
+    assert problem.option == option
+    assert "required" not in problem.message
+
+
+@pytest.mark.parametrize("kind", ["accounts", "administrators"])
+def test_an_empty_env_password_is_one_error_and_no_warning(kind):
+    """QA: 'env:NAME set but empty' came with the warning 'no password is set', which contradicts it."""
+    extra = "roles = DEFAULT-ROLE\n" if kind == "administrators" else ""
+    with pytest.raises(ConfigError) as caught:
+        parse(f"[{kind}/bob]\n{extra}password = env:EMPTY\n", {"EMPTY": ""})
+    [problem] = caught.value.problems
+    assert (problem.section, problem.option) == (f"{kind}/bob", "password")
+    assert "set but empty" in problem.message
+    assert [warning for warning in caught.value.warnings if warning.section == f"{kind}/bob"] == []
