@@ -85,20 +85,30 @@ def _service_kind(service) -> str:
 
 
 def check_config_command(args: argparse.Namespace) -> int:
-    configuration = None
     try:
-        configuration = load_configuration(args.file)
-        check_files(configuration)
+        configuration = load_checked_configuration(args.file)
     except ConfigError as error:
-        if configuration is None and error.configuration is not None:
-            error = _with_file_problems(error)  # what could be built has its files read too: one pass
         print(f"{args.file}: {len(error.problems)} error(s)", file=sys.stderr)
         print(str(error), file=sys.stderr)  # the errors, then the warnings of the same file
-        for warning in configuration.warnings if configuration is not None else ():
-            print(f"warning: {warning}", file=sys.stderr)
         return 1
     print(summary(configuration))
     return 0
+
+
+def load_checked_configuration(path: str) -> Configuration:
+    """The configuration, and the files it names read as start-up reads them: check-config and twistd both
+    use it, so both report the same problems, every one in one ConfigError (with the warnings)."""
+    try:
+        configuration = load_configuration(path)
+    except ConfigError as error:
+        if error.configuration is None:
+            raise
+        raise _with_file_problems(error) from None  # what could be built has its files read too: one pass
+    try:
+        check_files(configuration)
+    except ConfigError as error:
+        raise ConfigError(error.problems, configuration.warnings, configuration=configuration) from None
+    return configuration
 
 
 def _with_file_problems(error: ConfigError) -> ConfigError:

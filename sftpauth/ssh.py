@@ -1674,8 +1674,6 @@ def make_service(settings: SSHServiceSettings, runtime: Runtime) -> IService:
             type=key_type.decode("ascii"),
             fingerprint=fingerprint(key),
         )
-    if not settings.sftp:
-        _log.warn("service {service}: sftp = no, so clients can log in but not transfer files", service=settings.id)
     return listening_service(
         runtime.reactor, settings, SFTPFactory(settings, runtime, ordered), runtime.policy_for(settings)
     )

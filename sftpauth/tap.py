@@ -20,7 +20,6 @@ from sftpauth.auth.chain import AuthenticationChain
 from sftpauth.auth.policy import SecurityPolicies
 from sftpauth.auth.methods import build_methods, ldap_pools
 from sftpauth.config.errors import ConfigError, ConfigProblem
-from sftpauth.config.loader import load_configuration
 from sftpauth.config.models import Configuration, ServiceSettings
 from sftpauth.listening import raise_open_file_limit
 from sftpauth.realm import SessionRealm
@@ -40,8 +39,10 @@ class Options(usage.Options):
         if not self["config"]:
             raise usage.UsageError("--config FILE is required")
         _no_default_pidfile(getattr(self, "parent", None), sys.argv)
+        from sftpauth.cli import load_checked_configuration
+
         try:
-            self["configuration"] = load_configuration(self["config"])
+            self["configuration"] = load_checked_configuration(self["config"])
         except ConfigError as error:
             # A clear message and exit status 1, never a traceback.
             sys.stderr.write(f"sftpauth: cannot start, the configuration has errors:\n{error}\n")

@@ -589,6 +589,8 @@ def _cross_check(problems: _Problems, configuration: models.Configuration) -> No
             )
         if service.proxy_protocol_sources and not service.proxy_protocol:
             problems.warn(section, "proxy_protocol_sources", "ignored: proxy_protocol = no")
+        if isinstance(service, models.SSHServiceSettings) and service.enabled and not service.sftp:
+            problems.warn(section, "sftp", "no: clients can log in but not transfer files")
         if service.type == "ldap-directory" and not _is_loopback(service.address):
             problems.error(
                 section,

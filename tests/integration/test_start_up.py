@@ -5,13 +5,15 @@ from __future__ import annotations
 import ftplib
 import resource
 import signal
+import os
 import socket
+import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.integration.server import SftpauthServer, free_port, read_audit
+from tests.integration.server import REPOSITORY, TWISTD, SftpauthServer, free_port, read_audit
 
 SERVICES = {
     "ftp": "type = ftp",
@@ -59,6 +61,42 @@ port = {port}
         f"cannot listen on 127.0.0.1:{port}: Address already in use" in log
     ), log
     assert "Traceback" not in log
+
+
+def test_start_up_reports_every_problem_check_config_reports(tmp_path):
+    """QA, session 18: twistd stopped at the configuration's errors and said nothing of the files it names,
+    which check-config reads too; now both list the same problems, then the same warnings."""
+    path = tmp_path / "sftpauth.ini"
+    path.write_text(
+        f"""\
+[server]
+data_folder = {tmp_path}/data
+
+[services/ftps]
+type = ftp
+port = {free_port()}
+ssl_certificate = {tmp_path}/missing.pem
+
+[services/ssh]
+type = ssh
+port = {free_port()}
+sftp = no
+bogus_option = 1
+""",
+        encoding="utf-8",
+    )
+    environment = dict(os.environ, PYTHONPATH=str(REPOSITORY))
+
+    def run(*command: str) -> subprocess.CompletedProcess:
+        return subprocess.run(command, capture_output=True, text=True, timeout=60, cwd=tmp_path, env=environment)
+
+    checked = run(str(Path(TWISTD).with_name("sftpauth")), "check-config", str(path))
+    assert checked.returncode == 1
+    problems = checked.stderr.splitlines()[1:]
+    assert [line.split(" [", 1)[0] for line in problems] == [f"{path}:7", f"{path}:13", f"warning: {path}:12"], checked.stderr
+    started = run(TWISTD, "-n", "--logfile", "-", "sftpauth", "--config", str(path))
+    assert started.returncode == 1
+    assert started.stderr.splitlines()[1:] == problems, started.stderr
 
 
 def test_two_servers_started_from_one_folder_both_run_and_leave_no_pid_file(tmp_path):

@@ -1470,3 +1470,11 @@ def test_an_empty_env_password_is_one_error_and_no_warning(kind):
     assert (problem.section, problem.option) == (f"{kind}/bob", "password")
     assert "set but empty" in problem.message
     assert [warning for warning in caught.value.warnings if warning.section == f"{kind}/bob"] == []
+
+
+def test_sftp_no_is_a_configuration_warning():
+    """QA: the warning came from the running service only, so check-config said nothing of it."""
+    configuration = parse("[services/ssh]\ntype = ssh\nport = 2222\nsftp = no\n[services/off]\ntype = ssh\nport = 2223\nsftp = no\nenabled = no\n")
+    assert [(w.section, w.option, w.message) for w in configuration.warnings] == [
+        ("services/ssh", "sftp", "no: clients can log in but not transfer files")
+    ]
