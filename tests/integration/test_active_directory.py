@@ -211,15 +211,27 @@ async def test_a_upn_held_by_another_account_never_logs_into_the_samaccountname_
     site = ad(SAM + "username_suffix = @example.com")
     carol_dn = f"CN=Carol Contractor,OU=Contractors,{DOMAIN_DN}"
     upn = "dn: {dn}\nchangetype: modify\nreplace: userPrincipalName\nuserPrincipalName: {upn}\n"
+    threshold = "dn: {base}\nchangetype: modify\nreplace: lockoutThreshold\nlockoutThreshold: {count}\n"
     samba_dc.modify(upn.format(dn=carol_dn, upn="bob@example.com"))
+    samba_dc.modify(threshold.format(base=DOMAIN_DN, count=3))
     try:
-        outcome = await site.login("bob", PASSWORDS["carol"])
+        outcomes = [await site.login("bob", PASSWORDS["carol"]) for _ in range(3)]
+        # QA against Samba: a BIND as bob's DN with carol's password made each of these a bad password of bob's,
+        # and the third locked bob out. The directory now says who holds the UPN: no BIND as bob.
+        bob = await site.login("AD\\bob", PASSWORDS["bob"])
     finally:
+        samba_dc.modify(threshold.format(base=DOMAIN_DN, count=0))
         samba_dc.modify(upn.format(dn=carol_dn, upn="carol@ad.example.com"))
+    outcome = outcomes[0]
     assert steps(outcome, "bind") == ["BIND as 'bob@example.com': success"]  # AD took it as carol's UPN
-    assert outcome.reason == "account-mismatch", outcome
+    assert steps(outcome, "verify") == [f"'bob@example.com' is the UPN of {carol_dn}, another account"]
+    assert [attempt.reason for attempt in outcomes] == ["account-mismatch"] * 3, outcomes
     assert outcome.event["reason"] == "account-mismatch"
     assert BOB_DN in outcome.failure.explanation
+    # Not locked out; AD\bob is this domain's bob, as its crossRef's NetBIOS name says (one BIND again).
+    assert bob.reason == "", bob
+    assert steps(bob, "bind") == ["BIND as 'AD\\bob': success"]
+    assert steps(bob, "verify") == ["'AD' is the domain of the entry found (AD)"]
 
 
 @pytest_twisted.ensureDeferred

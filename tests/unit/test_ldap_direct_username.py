@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import textwrap
+from typing import Optional
 
 import pytest
 import pytest_twisted
@@ -37,6 +38,9 @@ USERS = f"cn=Users,{DOMAIN}"
 JOHN_DN = f"cn=John Smith,{USERS}"
 UPN = "john@ad.example.com"
 PASSWORD = "J0hn-Pa55"
+MALLORY_DN = f"cn=Mallory,ou=Contractors,{DOMAIN}"  # holds the UPN john@alt.example.com
+# Where AD keeps the domains' NetBIOS names (a partition of its own there; in this tree for the test)
+CONFIGURATION = f"cn=Configuration,{DOMAIN}"
 AD_MESSAGE = "80090308: LdapErr: DSID-0C09042A, comment: AcceptSecurityContext error, data {code}, v3839"
 
 TREE_LDIF = f"""\
@@ -66,6 +70,31 @@ homeDirectory: users\\john
 mail: {UPN}
 memberOf: cn=FTP-Users,cn=Groups,{DOMAIN}
 
+dn: {MALLORY_DN}
+objectClass: top
+objectClass: person
+objectClass: user
+cn: Mallory
+sAMAccountName: mallory
+userPrincipalName: john@alt.example.com
+
+dn: {CONFIGURATION}
+objectClass: top
+objectClass: container
+cn: Configuration
+
+dn: cn=Partitions,{CONFIGURATION}
+objectClass: top
+objectClass: container
+cn: Partitions
+
+dn: cn=AD,cn=Partitions,{CONFIGURATION}
+objectClass: top
+objectClass: crossRef
+cn: AD
+nCName: {DOMAIN}
+nETBIOSName: AD
+
 """
 
 
@@ -85,6 +114,8 @@ class RecordingDirectory(ServerFactory):
         self.refuse: dict[str, tuple[int, str]] = {}
         # search bases answered insufficientAccessRights: the directory will not say whether they exist
         self.unreadable: set[str] = set()
+        # the root DSE's configurationNamingContext (None: not shown, as a directory that is not AD)
+        self.configuration_nc: Optional[str] = CONFIGURATION
 
     def buildProtocol(self, addr):
         self.connections += 1
@@ -118,6 +149,13 @@ class RecordingLDAPServer(LDAPServer):
         if password == "":
             return pureldap.LDAPBindResponse(resultCode=0)
         return pureldap.LDAPBindResponse(resultCode=49, errorMessage=AD_MESSAGE.format(code="52e"))
+
+    def getRootDSE(self, request, reply):
+        attributes = [("supportedLDAPVersion", ["3"]), ("namingContexts", [DOMAIN])]
+        if self.factory.configuration_nc is not None:
+            attributes.append(("configurationNamingContext", [self.factory.configuration_nc]))
+        reply(pureldap.LDAPSearchResultEntry(objectName="", attributes=attributes))
+        return pureldap.LDAPSearchResultDone(resultCode=0)
 
     def handle_LDAPSearchRequest(self, request, controls, reply):
         base = request.baseObject.decode("utf-8") if isinstance(request.baseObject, bytes) else request.baseObject
@@ -248,9 +286,9 @@ async def test_bind_name_is_username_plus_suffix_then_search_by_samaccountname(d
     directory.accept[UPN] = directory.accept[JOHN_DN] = PASSWORD
     method = method_for(directory, DIRECT_UPN.replace("{home}", str(tmp_path / "ad")), tmp_path)
     account = await method.authenticate(request("john"))
-    # The second BIND proves that the entry found is the account that bound.
-    assert directory.binds == [UPN, JOHN_DN]
-    assert directory.searches == [(DOMAIN, "(sAMAccountName=john)")]
+    # The entry found holds the UPN that bound: it is that account, and no second BIND is needed.
+    assert directory.binds == [UPN]
+    assert directory.searches == [(DOMAIN, "(sAMAccountName=john)"), (DOMAIN, f"(userPrincipalName={UPN})")]
     assert account.dn == JOHN_DN
     assert account.username == "john"
     assert account.home_folder == str(tmp_path / "ad" / "users" / "john")  # AD's backslash became '/'
@@ -267,8 +305,16 @@ async def test_down_level_name_is_bound_as_typed_and_searched_by_its_user_part(d
     method = method_for(directory, DOWN_LEVEL, tmp_path)
     login = LoginRequest("AD\\john", PASSWORD, "sftp", "sftp", "192.0.2.1", trace=Trace())
     account = await method.authenticate(login)
-    assert directory.binds == ["AD\\john", JOHN_DN]
-    assert directory.searches == [(DOMAIN, "(sAMAccountName=john)")]
+    # AD is this domain's NetBIOS name (its crossRef): the account that bound is this domain's john.
+    assert directory.binds == ["AD\\john"]
+    assert directory.searches == [
+        (DOMAIN, "(sAMAccountName=john)"), ("", "(objectClass=*)"),
+        (f"CN=Partitions,{CONFIGURATION}", f"(&(nCName={DOMAIN})(objectClass=crossRef))"),
+    ]
+    assert "'AD' is the domain of the entry found (AD)" in [step.detail for step in login.trace.steps]
+    directory.searches.clear()
+    await method.authenticate(request("AD\\john"))
+    assert directory.searches == [(DOMAIN, "(sAMAccountName=john)")]  # the NetBIOS name is read once per method
     # shown as typed, with one backslash (repr would double it)
     assert "BIND as 'AD\\john': success" in [step.detail for step in login.trace.steps]
     assert account.dn == JOHN_DN
@@ -287,8 +333,8 @@ async def test_a_name_that_already_names_its_domain_gets_no_suffix(directory, tm
         await method.authenticate(request(typed))
     except LoginFailed:
         pass  # sAMAccountName=john@ad.example.com is not found: only the BIND name matters here
-    # AD\john finds the entry sAMAccountName=john, which is then bound as its DN to confirm it.
-    assert directory.binds == [typed] + ([JOHN_DN] if "\\" in typed else [])
+    # AD\john finds the entry sAMAccountName=john, confirmed by the domain's NetBIOS name: one BIND.
+    assert directory.binds == [typed]
 
 
 @pytest_twisted.ensureDeferred
@@ -328,8 +374,8 @@ async def test_search_is_made_under_each_base_until_found(directory, tmp_path):
         tmp_path,
     )
     account = await method.authenticate(request("john"))
-    assert directory.binds == [UPN, JOHN_DN]
-    assert directory.searches == [(f"ou=Contractors,{DOMAIN}", "(sAMAccountName=john)"), (USERS, "(sAMAccountName=john)")]
+    assert directory.binds == [UPN]
+    assert directory.searches[:2] == [(f"ou=Contractors,{DOMAIN}", "(sAMAccountName=john)"), (USERS, "(sAMAccountName=john)")]
     assert account.dn == JOHN_DN
 
 
@@ -510,15 +556,43 @@ async def test_a_trusted_domains_namesake_does_not_get_the_local_account(directo
     failure = await failure_of(method, request("OTHER\\john", "0ther-Pa55"))
     assert failure.reason == "account-mismatch"
     assert JOHN_DN in failure.explanation
-    assert directory.binds == ["OTHER\\john", JOHN_DN]
+    # No BIND as the local john with OTHER\john's password: AD would count it toward john's lockout.
+    assert directory.binds == ["OTHER\\john"]
 
 
 @pytest_twisted.ensureDeferred
 async def test_a_upn_of_another_account_does_not_log_into_the_entry_of_its_samaccountname(directory, tmp_path):
-    """'john' + suffix binds as whoever holds the UPN john@ad.example.com; if that is not the sAMAccountName=john entry, refused."""
-    directory.accept[UPN] = "X-Pa55"  # the UPN belongs to another account, with another password
+    """'john' + suffix binds as whoever holds the UPN john@alt.example.com (mallory): refused, and without a BIND as
+    the sAMAccountName=john entry with mallory's password, which AD would count toward locking john out (QA, Samba)."""
+    directory.accept["john@alt.example.com"] = "M4llory-Pa55"
     directory.accept[JOHN_DN] = PASSWORD
-    method = method_for(directory, DIRECT_UPN.replace("{home}", str(tmp_path / "ad")), tmp_path)
-    failure = await failure_of(method, request("john", "X-Pa55"))
+    options = DIRECT_UPN.replace("{home}", str(tmp_path / "ad")).replace("@ad.example.com", "@alt.example.com")
+    login = LoginRequest("john", "M4llory-Pa55", "sftp", "sftp", "192.0.2.1", trace=Trace())
+    failure = await failure_of(method_for(directory, options, tmp_path), login)
     assert failure.reason == "account-mismatch"
-    assert directory.binds == [UPN, JOHN_DN]
+    assert directory.binds == ["john@alt.example.com"]
+    assert f"'john@alt.example.com' is the UPN of {MALLORY_DN}, another account" in [step.detail for step in login.trace.steps]
+
+
+@pytest.mark.parametrize("hidden", ["upn", "netbios"])
+@pytest_twisted.ensureDeferred
+async def test_where_the_directory_cannot_say_who_bound_the_entry_must_take_the_password(directory, tmp_path, hidden):
+    """An implicit UPN (sAMAccountName@domain, held by no entry) or no readable NetBIOS name: a BIND as the entry's DN
+    decides, as before; it succeeds for the account itself and refuses another account's password."""
+    if hidden == "netbios":
+        directory.configuration_nc = None
+        options, typed = DOWN_LEVEL, "AD\\john"
+    else:
+        options, typed = DIRECT_UPN.replace("{home}", str(tmp_path / "ad")).replace("@ad.example.com", "@implicit.example.com"), "john"
+    bind_name = typed if hidden == "netbios" else "john@implicit.example.com"
+    directory.accept[bind_name] = directory.accept[JOHN_DN] = PASSWORD
+    account = await method_for(directory, options, tmp_path).authenticate(request(typed))
+    assert account.dn == JOHN_DN
+    assert directory.binds == [bind_name, JOHN_DN]
+    directory.binds.clear()
+    directory.accept[bind_name] = "0ther-Pa55"  # now another account's name and password
+    failure = await failure_of(method_for(directory, options, tmp_path), request(typed, "0ther-Pa55"))
+    assert failure.reason == "account-mismatch"
+    assert directory.binds == [bind_name, JOHN_DN]
+
+

@@ -224,11 +224,13 @@ class DirectUsernameStrategy:
     prove it is the account that bound: ``OTHER\\john`` of a trusted domain
     binds and the search finds this domain's ``john``; ``john`` plus the
     suffix binds as whoever holds the UPN ``john@...`` and the search finds
-    the entry whose ``sAMAccountName`` is ``john``. So the entry found must
-    accept the same password with a BIND as its DN, unless it was found by
-    ``userPrincipalName`` equal to the bind name (unique in an AD forest:
-    the account that bound with it).
+    the entry whose ``sAMAccountName`` is ``john``. :class:`BoundAccount`
+    settles it, unless the entry was found by ``userPrincipalName`` equal
+    to the bind name (unique in an AD forest: the account that bound with it).
     """
+
+    def __init__(self) -> None:
+        self.bound_account = BoundAccount()
 
     async def authenticate(self, connection: LDAPConnection, lookup: Lookup) -> Entry:
         settings = lookup.settings
@@ -265,21 +267,107 @@ class DirectUsernameStrategy:
                 f" (an account of another OU, or its {attribute} is not {value!r})",
             ) from None
         if attribute.lower() != "userprincipalname":
-            await confirm_bound_account(connection, lookup, bind_name, entry)
+            await self.bound_account.confirm(connection, lookup, bind_name, entry)
         return entry
 
 
-async def confirm_bound_account(connection: LDAPConnection, lookup: Lookup, bind_name: str, entry: Entry) -> None:
-    """A BIND as the entry's DN with the same password: the entry found is the account that bound as ``bind_name``."""
-    result = await connection.bind(entry.dn, lookup.password)
-    lookup.trace("verify", f"BIND as {entry.dn}, the entry found: {'success' if result.ok else describe(result)}")
-    if not result.ok:
-        raise LoginFailed(
-            "account-mismatch",
-            f"the directory accepted {shown(bind_name)} but the entry found, {entry.dn}, is another account"
-            " (a namesake of another domain, or a UPN that is not the entry's"
-            f" {lookup.settings.username_attribute} plus username_suffix)",
-        )
+class BoundAccount:
+    """Whether the entry found is the account that bound as ``bind_name`` (``bind_dn_type = direct-username``).
+
+    Asked of the directory, as the user that bound, without a second
+    password BIND where it can say: that BIND, with another account's
+    password, would count toward locking the entry found out. So:
+
+    - ``DOMAIN\\name``: this domain's NetBIOS name, read once from its
+      ``crossRef`` in the Configuration partition, is ``DOMAIN`` (then
+      ``name`` is the entry's ``sAMAccountName``, which a domain holds once)
+      or is not (another domain's account);
+    - ``name@suffix``: the entry holding that ``userPrincipalName`` (unique
+      in a forest) in the entry's domain is the entry found, or another one.
+
+    When the directory cannot say (another ``username_attribute``, names
+    it does not show, a UPN no entry of the domain holds: AD's implicit
+    ``sAMAccountName@dns-domain``, or another domain's), the entry found
+    must accept the same password with a BIND as its DN.
+    """
+
+    def __init__(self) -> None:
+        self._netbios: dict[str, str] = {}  # normal domain DN -> its NetBIOS name, as the directory said
+
+    async def confirm(self, connection: LDAPConnection, lookup: Lookup, bind_name: str, entry: Entry) -> None:
+        domain = _domain_of(entry.dn)
+        answer = None
+        if domain and lookup.settings.username_attribute.lower() == "samaccountname":
+            if "\\" in bind_name:
+                answer = await self._by_netbios_name(connection, lookup, bind_name.split("\\", 1)[0], domain)
+            elif "@" in bind_name:
+                answer = await _by_upn(connection, lookup, bind_name, entry, domain)
+        if answer is None:
+            result = await connection.bind(entry.dn, lookup.password)
+            lookup.trace("verify", f"BIND as {entry.dn}, the entry found: {'success' if result.ok else describe(result)}")
+            answer = result.ok
+        if not answer:
+            raise LoginFailed(
+                "account-mismatch",
+                f"the directory accepted {shown(bind_name)} but the entry found, {entry.dn}, is another account"
+                " (a namesake of another domain, or a UPN that is not the entry's"
+                f" {lookup.settings.username_attribute} plus username_suffix)",
+            )
+
+    async def _by_netbios_name(
+        self, connection: LDAPConnection, lookup: Lookup, typed: str, domain: str
+    ) -> Optional[bool]:
+        key = normal_dn(domain)
+        if key not in self._netbios:
+            name = await _read_netbios_name(connection, domain)
+            if name is None:
+                lookup.trace("verify", f"the NetBIOS name of {domain} cannot be read")
+                return None
+            self._netbios[key] = name
+        name = self._netbios[key]
+        same = typed.lower() == name.lower()
+        lookup.trace("verify", f"{shown(typed)} is {'' if same else 'not '}the domain of the entry found ({name})")
+        return same
+
+
+def _domain_of(dn: str) -> str:
+    """The domain an AD entry is in: the ``DC=`` RDNs that end its DN ('' if none)."""
+    try:
+        rdns = parse_dn(dn).listOfRDNs
+    except ValueError:
+        return ""
+    tail = []
+    for rdn in reversed(rdns):
+        if len(rdn.attributeTypesAndValues) != 1 or rdn.attributeTypesAndValues[0].attributeType.lower() != "dc":
+            break
+        tail.insert(0, rdn)
+    return dn_text(distinguishedname.DistinguishedName(listOfRDNs=tuple(tail))) if tail else ""
+
+
+async def _read_netbios_name(connection: LDAPConnection, domain: str) -> Optional[str]:
+    """``nETBIOSName`` of the ``crossRef`` whose ``nCName`` is ``domain`` (AD, Samba); None if not shown."""
+    _, roots = await connection.search("", BASE, MATCH_ALL, ("configurationNamingContext",))
+    configuration = roots[0].get("configurationNamingContext") if roots else ()
+    if len(configuration) != 1:
+        return None
+    partitions = f"CN=Partitions,{configuration[0]}"
+    _, entries = await connection.search(
+        partitions, pureldap.LDAP_SCOPE_singleLevel, both(equals("nCName", domain), equals("objectClass", "crossRef")),
+        ("nETBIOSName",), size_limit=2,
+    )
+    names = entries[0].get("nETBIOSName") if len(entries) == 1 else ()
+    return names[0] if len(names) == 1 and names[0] else None
+
+
+async def _by_upn(connection: LDAPConnection, lookup: Lookup, bind_name: str, entry: Entry, domain: str) -> Optional[bool]:
+    by_upn = equals("userPrincipalName", bind_name)
+    _, holders = await connection.search(domain, SUBTREE, by_upn, (), size_limit=2)
+    if len(holders) != 1:
+        lookup.trace("verify", f"search {as_text(by_upn)} under {domain}: {count_entries(holders)}")
+        return None
+    same = normal_dn(holders[0].dn) == normal_dn(entry.dn)
+    lookup.trace("verify", f"{shown(bind_name)} is the UPN of {holders[0].dn}{'' if same else ', another account'}")
+    return same
 
 
 class SearchStrategy:
