@@ -71,6 +71,16 @@ def yesno(value: str) -> bool:
     raise VdtValueError(f"{value!r} is not yes or no")
 
 
+def cpu_affinity(value: str) -> str:
+    """``worker_cpu_affinity``: ``auto``, or ``no`` in any spelling ``yesno`` takes (off, false, 0)."""
+    word = _unquote(value).lower()
+    if word == "auto":
+        return "auto"
+    if word in _NO:
+        return "no"
+    raise VdtValueError(f"{_unquote(value)!r} is not allowed; expected auto (each worker on its own CPU) or no")
+
+
 def text(value: str) -> str:
     return _unquote(value)
 
@@ -476,6 +486,7 @@ def make_validator(base_folder: str, environ: Mapping[str, str]) -> Validator:
         "tls_trust": lambda value: tls_trust(value, path),
         "shared_state": shared_state,
         "worker_count": worker_count,
+        "cpu_affinity": cpu_affinity,
         "expression_list": expression_list,
     }
     for name in ONE_LINE_CHECKS:
@@ -487,7 +498,7 @@ def make_validator(base_folder: str, environ: Mapping[str, str]) -> Validator:
 # line break (a banner sent as two lines broke FTP; a password hash with a line after it never matched).
 ONE_LINE_CHECKS = (
     "yesno", "text", "choice", "number", "port", "server_port", "port_range", "host", "listen_address", "id", "path", "inheritable_path",
-    "folder", "secret", "attribute", "required_attribute", "dn", "home_folder_rule", "entry_point", "tls_trust", "shared_state", "worker_count",
+    "folder", "secret", "attribute", "required_attribute", "dn", "home_folder_rule", "entry_point", "tls_trust", "shared_state", "worker_count", "cpu_affinity",
 )
 
 
@@ -538,8 +549,8 @@ def shared_state(value: str) -> str:
     from sftpauth.state import InvalidStateURL, parse_state_url
 
     word = _unquote(value)
-    if word == "memory":
-        return word
+    if word.lower() == "memory":  # words of a choice are taken in any case
+        return "memory"
     try:
         return parse_state_url(word).url
     except InvalidStateURL as error:

@@ -1478,3 +1478,9 @@ def test_sftp_no_is_a_configuration_warning():
     assert [(w.section, w.option, w.message) for w in configuration.warnings] == [
         ("services/ssh", "sftp", "no: clients can log in but not transfer files")
     ]
+
+
+@pytest.mark.parametrize("written", ["memory", "Memory", "MEMORY", '"memory"'])
+def test_state_memory_in_any_case(written):
+    """QA, session 18: 'state = Memory' was refused, though the words of a choice are taken in any case."""
+    assert parse(f"[server]\nstate = {written}\n").server.state == "memory"

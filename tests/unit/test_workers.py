@@ -130,6 +130,10 @@ def test_worker_cpu_affinity_is_auto_unless_no_and_names_a_bad_value():
     """Workers keep to one core each unless worker_cpu_affinity = no; another word is an error with its line."""
     assert load("[server]\n").server.worker_cpu_affinity == "auto"
     assert load("[server]\nworkers = 2\nworker_cpu_affinity = no\n").server.worker_cpu_affinity == "no"
+    # QA, session 18: the words yes/no options take for "no" were refused here; any case, as for choices
+    for word in ("off", "False", "0", "NO"):
+        assert load(f"[server]\nworkers = 2\nworker_cpu_affinity = {word}\n").server.worker_cpu_affinity == "no"
+    assert load("[server]\nworkers = 2\nworker_cpu_affinity = Auto\n").server.worker_cpu_affinity == "auto"
     with pytest.raises(ConfigError) as caught:
         load("[server]\nworkers = 2\nworker_cpu_affinity = sometimes\n")
     [problem] = caught.value.problems
