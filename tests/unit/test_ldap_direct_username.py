@@ -574,6 +574,16 @@ async def test_a_upn_of_another_account_does_not_log_into_the_entry_of_its_samac
     assert f"'john@alt.example.com' is the UPN of {MALLORY_DN}, another account" in [step.detail for step in login.trace.steps]
 
 
+@pytest.mark.parametrize("typed", ["ad.example.com\\john", "ad\\john"])
+@pytest_twisted.ensureDeferred
+async def test_the_domain_may_be_typed_as_its_dns_name_or_in_any_case(directory, tmp_path, typed):
+    """The domain's DNS name, or its NetBIOS name in another case, is this domain: no second BIND."""
+    directory.accept[typed] = directory.accept[JOHN_DN] = PASSWORD
+    account = await method_for(directory, DOWN_LEVEL, tmp_path).authenticate(request(typed))
+    assert account.dn == JOHN_DN
+    assert directory.binds == [typed]
+
+
 @pytest.mark.parametrize("hidden", ["upn", "netbios"])
 @pytest_twisted.ensureDeferred
 async def test_where_the_directory_cannot_say_who_bound_the_entry_must_take_the_password(directory, tmp_path, hidden):

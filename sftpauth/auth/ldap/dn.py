@@ -325,7 +325,8 @@ class BoundAccount:
                 return None
             self._netbios[key] = name
         name = self._netbios[key]
-        same = typed.lower() == name.lower()
+        # The domain's DNS name (ad.example.com\\john) names it too.
+        same = typed.lower() in (name.lower(), _dns_name(domain))
         lookup.trace("verify", f"{shown(typed)} is {'' if same else 'not '}the domain of the entry found ({name})")
         return same
 
@@ -342,6 +343,11 @@ def _domain_of(dn: str) -> str:
             break
         tail.insert(0, rdn)
     return dn_text(distinguishedname.DistinguishedName(listOfRDNs=tuple(tail))) if tail else ""
+
+
+def _dns_name(domain: str) -> str:
+    """``DC=ad,DC=example,DC=com`` as ``ad.example.com``."""
+    return ".".join(rdn.attributeTypesAndValues[0].value for rdn in parse_dn(domain).listOfRDNs).lower()
 
 
 async def _read_netbios_name(connection: LDAPConnection, domain: str) -> Optional[str]:
