@@ -323,7 +323,7 @@ def test_non_class_entry_point_is_an_error(department):
 
 @pytest.mark.parametrize(
     "name, message",
-    [("a_function", "has no class 'a_function' (a_function is a function)"),
+    [("a_function", "has no class 'a_function' (a_function is of type function, not a class)"),
      ("NoHooksButBuilt", "is not an LDAP extension: it has no updateCredentials, getExtraAttributes, augmentEntry")],
 )
 def test_entry_point_is_checked_before_anything_is_called(tmp_path, department, name, message):

@@ -102,8 +102,8 @@ def resolve_entry_point(text: str) -> Optional[ExtensionEntryPoint]:
     factory = getattr(module, class_name, None)
     if not isinstance(factory, type):
         # Only a class is ever called: python:os.system must not run with the configuration.
-        found = "nothing" if factory is None else f"a {type(factory).__name__}"
-        raise ValueError(f"module {module_name!r} has no class {class_name!r} ({class_name} is {found})")
+        found = "" if factory is None else f" ({class_name} is of type {type(factory).__name__}, not a class)"
+        raise ValueError(f"module {module_name!r} has no class {class_name!r}{found}")
     missing = [name for name in HOOKS if not callable(getattr(factory, name, None))]
     if missing:
         raise ValueError(f"{text} is not an LDAP extension: it has no {', '.join(missing)}")
