@@ -279,7 +279,7 @@ class BoundAccount:
     password, would count toward locking the entry found out. So:
 
     - ``DOMAIN\\name``: this domain's NetBIOS name, read once from its
-      ``crossRef`` in the Configuration partition, is ``DOMAIN`` (then
+      ``crossRef`` in the Configuration partition, or its DNS name, is ``DOMAIN`` (then
       ``name`` is the entry's ``sAMAccountName``, which a domain holds once)
       or is not (another domain's account);
     - ``name@suffix``: the entry holding that ``userPrincipalName`` (unique
