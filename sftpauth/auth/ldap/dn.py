@@ -352,8 +352,7 @@ def _dns_name(domain: str) -> str:
 
 async def _read_netbios_name(connection: LDAPConnection, domain: str) -> Optional[str]:
     """``nETBIOSName`` of the ``crossRef`` whose ``nCName`` is ``domain`` (AD, Samba); None if not shown."""
-    _, roots = await connection.search("", BASE, MATCH_ALL, ("configurationNamingContext",))
-    configuration = roots[0].get("configurationNamingContext") if roots else ()
+    configuration = await root_dse_values(connection, "configurationNamingContext")
     if len(configuration) != 1:
         return None
     partitions = f"CN=Partitions,{configuration[0]}"
@@ -468,6 +467,12 @@ async def find_entry(connection: LDAPConnection, lookup: Lookup, attribute: str,
             if entries:
                 raise LoginFailed("filter-mismatch", f"{entries[0].dn} does not match {as_text(lookup.filter)}")
     raise LoginFailed("unknown-user", f"no entry with {attribute}={value!r} under any base DN")
+
+
+async def root_dse_values(connection: LDAPConnection, attribute: str) -> tuple[str, ...]:
+    """The values of one attribute of the root DSE, as this connection may read them (none if not shown)."""
+    _, entries = await connection.search("", BASE, MATCH_ALL, (attribute,))
+    return entries[0].get(attribute) if entries else ()
 
 
 async def read_entry(connection: LDAPConnection, lookup: Lookup, dn: str) -> Entry:

@@ -33,8 +33,8 @@ from ldaptor.protocols.ldap import distinguishedname
 
 from sftpauth.auth.errors import LoginFailed
 from sftpauth.auth.ldap.client import Entry, LDAPConnection
-from sftpauth.auth.ldap.dn import BASE, SUBTREE, Lookup, bind_service_account, describe, parse_dn, trace_referrals
-from sftpauth.auth.ldap.filters import MATCH_ALL, as_text
+from sftpauth.auth.ldap.dn import SUBTREE, Lookup, bind_service_account, describe, parse_dn, root_dse_values, trace_referrals
+from sftpauth.auth.ldap.filters import as_text
 from sftpauth.config.checks import ATTRIBUTE_NAME
 from sftpauth.config.models import DEFAULT_GROUP, DEFAULT_ROLE, Configuration, LDAPAuthenticationSettings
 from sftpauth.matching import InvalidExpression, MatchingExpression, compile_expression
@@ -475,8 +475,7 @@ class GroupResolver:
         """Whether the server resolves nested groups itself: its root DSE names AD's capability."""
         server = getattr(connection, "server", None)
         if server not in self._active_directory:
-            result, entries = await connection.search("", BASE, MATCH_ALL, ["supportedCapabilities"])
-            capabilities = entries[0].get("supportedCapabilities") if entries else ()
+            capabilities = await root_dse_values(connection, "supportedCapabilities")
             self._active_directory[server] = ACTIVE_DIRECTORY_CAPABILITY in capabilities
         if self._active_directory[server]:
             lookup.trace("groups", f"nested groups: the server is Active Directory ({ACTIVE_DIRECTORY_CAPABILITY}): one in-chain search")
