@@ -590,6 +590,27 @@ ERROR_CASES = [
         ["unknown security policy 'strict'", "DEFAULT-SECURITY-POLICY"],
         id="unknown-security-policy",
     ),
+    # QA, session 18: ':389' and an LDAP port 0 passed check-config; every login then failed against no server.
+    *[
+        pytest.param(
+            f"[authentications/dir]\ntype = ldap\nbind_dn = dc=example,dc=com\n{option}\n", line, "authentications/dir",
+            option.split("\n")[-1].split(" ")[0], [message], id=f"ldap-server-{index}",
+        )
+        for index, (option, line, message) in enumerate([
+            ("address = :389", 4, "':389' names no server"),
+            ("address = 127.0.0.1, :3389", 4, "':3389' names no server"),
+            ("address = 127.0.0.1:0", 4, "0 is out of range; allowed: 1 to 65535"),
+            ("address = 127.0.0.1\nport = 0", 5, "0 is out of range; allowed: 1 to 65535"),
+        ])
+    ],
+    # QA, session 18: int() took '4_7031', '+30', full-width and Arabic-Indic digits as numbers.
+    *[
+        pytest.param(
+            f"[services/ftp]\ntype = ftp\nport = 2121\nmaximum_concurrent_connections = {value}\n", 4, "services/ftp",
+            "maximum_concurrent_connections", ["is not a whole number"], id=f"whole-number-{index}",
+        )
+        for index, value in enumerate(["4_7031", "+30", "\uff13\uff10", "\u0663\u0660", "30.0", "0x1e", " "])
+    ],
 ]
 
 
@@ -1164,30 +1185,6 @@ def test_an_ldap_server_listed_twice_is_an_error(addresses):
     problem = only_problem(f"[authentications/dir]\ntype = ldap\nbind_dn = dc=example,dc=com\naddress = {addresses}\n")
     assert (problem.section, problem.option, problem.line) == ("authentications/dir", "address", 4)
     assert "is listed twice" in problem.message
-
-
-@pytest.mark.parametrize(
-    "option, message",
-    [
-        ("address = :389", "':389' names no server"),
-        ("address = 127.0.0.1, :3389", "':3389' names no server"),
-        ("address = 127.0.0.1:0", "0 is out of range; allowed: 1 to 65535"),
-        ("address = 127.0.0.1\nport = 0", "0 is out of range; allowed: 1 to 65535"),
-    ],
-)
-def test_an_ldap_server_needs_a_host_and_a_port_it_can_have(option, message):
-    """QA, session 18: ':389' and port 0 passed check-config; logins then failed against no server."""
-    problem = only_problem(f"[authentications/dir]\ntype = ldap\nbind_dn = dc=example,dc=com\n{option}\n")
-    assert (problem.section, problem.option) == ("authentications/dir", option.split("\n")[-1].split(" ")[0])
-    assert message in problem.message
-
-
-@pytest.mark.parametrize("value", ["4_7031", "+30", "\uff13\uff10", "\u0663\u0660", "30.0", "0x1e", " "])
-def test_a_whole_number_is_written_with_ascii_digits(value):
-    """QA, session 18: int() took '4_7031', '+30', full-width and Arabic-Indic digits as numbers."""
-    problem = only_problem(f"[services/ftp]\ntype = ftp\nport = 2121\nmaximum_concurrent_connections = {value}\n")
-    assert (problem.option, problem.line) == ("maximum_concurrent_connections", 4)
-    assert "is not a whole number" in problem.message
 
 
 @pytest.mark.parametrize(
