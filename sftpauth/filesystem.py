@@ -160,11 +160,36 @@ def resolve(root: str, client_path: Union[str, bytes], cwd: str = "/") -> str:
     ``root`` must already be a real path (see :class:`JailedFilesystem`).
     """
     virtual = virtual_path(client_path, cwd)
-    candidate = os.path.join(root, virtual.lstrip("/"))
-    real = os.path.realpath(candidate)
+    real = _real_below(root, virtual)
     if real != root and not real.startswith(root.rstrip(os.sep) + os.sep):
         raise OutsideJail(virtual)
     return real
+
+
+def _real_below(root: str, virtual: str) -> str:
+    """``os.path.realpath(root + virtual)``, without examining ``root``'s own folders again.
+
+    ``root`` is a real path already (no link in it), so the walk starts
+    there: a path with no link costs one ``lstat`` per name below the home
+    folder, not one per name from ``/`` (every FTP and SFTP command resolves
+    its path, in a thread, where each system call lets the reactor's thread
+    take the GIL back). A name that cannot be examined (a new file's, a
+    missing folder's) is kept as written, as ``realpath`` keeps it. From the
+    first link on, ``os.path.realpath`` resolves the whole path as before:
+    what a link points to, inside or outside, is never worked out here.
+    """
+    path = root
+    for name in virtual.split("/"):
+        if not name:
+            continue
+        candidate = os.path.join(path, name)
+        try:
+            if stat_module.S_ISLNK(os.lstat(candidate).st_mode):
+                return os.path.realpath(os.path.join(root, virtual.lstrip("/")))
+        except OSError:
+            pass  # as realpath: not a link, kept as written
+        path = candidate
+    return path
 
 
 def resolve_entry(root: str, client_path: Union[str, bytes], cwd: str = "/") -> str:
@@ -329,11 +354,12 @@ class JailedFilesystem:
         return resolve(self.root, client_path, cwd)
 
     def _call(self, permission, client_path, cwd: str, function, *args, creates: bool = False,
-              entry: bool = False, creates_file: bool = False) -> defer.Deferred:
+              entry: bool = False, creates_file: bool = False, opens_folder: bool = False) -> defer.Deferred:
         """Check permission (and the name of what ``creates`` makes), then resolve and run ``function(real_path, *args)`` in a thread.
 
         ``entry``: the path's last name is not followed (:func:`resolve_entry`): removing acts on a link itself.
-        A path written as a folder's (``name/``) must not be a file (:func:`_require_folder`).
+        A path written as a folder's (``name/``) must not be a file (:func:`_require_folder`), unless
+        ``opens_folder``: ``function`` opens it as a folder (``O_DIRECTORY``), which refuses a file itself.
         """
         try:
             virtual = virtual_path(client_path, cwd)
@@ -341,7 +367,7 @@ class JailedFilesystem:
                 check_new_name(virtual)
             if permission is not None:
                 self.require(permission, virtual)
-            folder_named = names_a_folder(client_path)
+            folder_named = names_a_folder(client_path) and not opens_folder
         except Exception:
             return defer.fail()
         resolver = resolve_entry if entry else resolve
@@ -456,7 +482,7 @@ class JailedFilesystem:
             reader = self._folder_reader(real, os.scandir, lambda entry: entry.name)  # NotADirectoryError for a file
             return reader if then is None else then(reader)
 
-        return self._call(Permission.LIST, client_path, cwd, open_)
+        return self._call(Permission.LIST, client_path, cwd, open_, opens_folder=True)
 
     def open_for_reading(self, client_path, cwd: str = "/", offset: int = 0) -> defer.Deferred:
         """The file, positioned at ``offset`` (a resumed download); OffsetPastEnd beyond its end."""

@@ -198,6 +198,44 @@ def test_symlinks_staying_inside_resolve(root, client_path, expected):
     assert resolve(root, client_path) == os.path.join(root, expected).rstrip("/")
 
 
+def _walk_names(root: str) -> list[str]:
+    """Every name in the fixture's tree (links too, not followed), plus names that are not there."""
+    found = ["missing", "missing/deeper", "a.txt/under-a-file", "docs/report.txt/x"]
+    for folder, folders, files in os.walk(root):
+        for name in folders + files:
+            found.append(os.path.relpath(os.path.join(folder, name), root))
+    return found
+
+
+def test_resolve_gives_what_realpath_gives(root):
+    """Resolving from the home folder down is realpath of the whole path: each name alone, and after each link."""
+    names = _walk_names(root)
+    paths = names + [f"{first}/{second}" for first in names for second in ("report.txt", "deep", "secret.txt", "..", "x")]
+    compared = 0
+    for client_path in paths:
+        virtual = virtual_path(client_path)
+        expected = os.path.realpath(os.path.join(root, virtual.lstrip("/")))
+        inside = expected == root or expected.startswith(root + os.sep)
+        if inside:
+            assert resolve(root, client_path) == expected, client_path
+        else:
+            with pytest.raises(OutsideJail):
+                resolve(root, client_path)
+        compared += 1
+    assert compared > 100
+
+
+def test_resolve_does_not_examine_the_home_folder_s_own_folders(root, monkeypatch):
+    """The home folder is a real path already: only the names below it are looked at (no link among them)."""
+    examined = []
+    real_lstat = os.lstat
+    monkeypatch.setattr(os, "lstat", lambda path, *args, **kwargs: examined.append(path) or real_lstat(path, *args, **kwargs))
+    assert resolve(root, "/docs/deep") == os.path.join(root, "docs", "deep")
+    assert examined == [os.path.join(root, "docs"), os.path.join(root, "docs", "deep")]
+    examined.clear()
+    assert resolve(root, "/") == root and examined == []
+
+
 def test_resolve_refuses_invalid_paths(root):
     """resolve applies the same input checks as virtual_path."""
     with pytest.raises(InvalidPath):
@@ -503,8 +541,12 @@ def test_list_directory_of_a_link_to_a_file_lists_it_under_the_link_s_name(make_
 
 def test_open_folder_refuses_a_file(make_fs, result_of):
     """SFTP opendir of a file is "not a folder", found in the same thread trip as the folder is opened."""
-    with pytest.raises(NotADirectoryError):
-        result_of(make_fs().open_folder("/docs/report.txt"))
+    for path in ("/docs/report.txt", "/docs/report.txt/", "docs/report.txt/."):
+        with pytest.raises(NotADirectoryError):
+            result_of(make_fs().open_folder(path))
+    with pytest.raises(FileNotFoundError):
+        result_of(make_fs().open_folder("/nothing/"))
+    assert result_of(make_fs().open_folder("/docs/")).read(10)
     reader = result_of(make_fs().open_folder("/docs"))
     assert sorted(name for name, _ in reader.read(10)) == ["deep", "report.txt", "up"]  # the folder's own order
     assert reader.finished

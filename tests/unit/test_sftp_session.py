@@ -455,7 +455,7 @@ def test_a_folder_is_read_a_batch_at_a_time(home, monkeypatch):
 
 
 def test_a_small_folder_is_listed_in_one_thread_trip(home):
-    """opendir reads the folder and makes the first batch in one thread job; its READDIRs and EOF need none."""
+    """opendir reads the folder and makes the first batch in one thread job; its READDIRs, EOF and CLOSE need none."""
     folder = os.path.join(home, "few")
     os.mkdir(folder)
     for name in ("a.txt", "b.txt", "c.txt"):
@@ -470,6 +470,8 @@ def test_a_small_folder_is_listed_in_one_thread_trip(home):
     assert kind == FXP_NAME and struct.unpack("!L", body[4:8])[0] == 3
     kind, body = client.request(number, FXP_READDIR, struct.pack("!L", 3) + NS(handle))
     assert kind == FXP_STATUS and status_of(body)[0] == FX_EOF
+    kind, body = client.request(number, FXP_CLOSE, struct.pack("!L", 4) + NS(handle))
+    assert kind == FXP_STATUS and status_of(body)[0] == FX_OK
     assert len(client.threads.started) == 1
 
 
