@@ -94,8 +94,9 @@ class ConfigurationChangeCheck:
 
     SIGHUP applies no configuration change (only the audit log and FTPS
     certificates); an administrator who edited the file and sent it must
-    hear that a restart is needed, or what is wrong with the new file.
-    The file is read and checked in a thread.
+    hear that a restart is needed, or what is wrong with the new file (a
+    certificate it names that cannot be read too, as a restart would find).
+    The files are read and checked in a thread.
     """
 
     def __init__(self, reactor, path: str):
@@ -110,14 +111,17 @@ class ConfigurationChangeCheck:
         )
 
     def _examine(self) -> Optional[str]:
-        """None when the file is unchanged; "" when it changed and is valid; else its problems."""
+        """None when the file is unchanged; "" when it changed and is valid; else its problems.
+
+        Checked as check-config and start-up check it: with the files it names (certificates, host keys...).
+        """
+        from sftpauth.cli import load_checked_configuration
         from sftpauth.config.errors import ConfigError
-        from sftpauth.config.loader import load_configuration
 
         if _file_digest(self.path) == self._digest:
             return None
         try:
-            load_configuration(self.path)
+            load_checked_configuration(self.path)
         except ConfigError as error:
             return str(error)
         return ""

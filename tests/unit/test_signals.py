@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import signal
 
-from sftpauth.signals import ReloadOnSIGHUP
+from sftpauth.signals import ConfigurationChangeCheck, ReloadOnSIGHUP
 
 
 class ImmediateReactor:
@@ -45,3 +45,19 @@ def test_the_handler_is_in_place_before_the_ports_listen():
         assert calls == ["reload", "previous", "reload", "previous", "previous"]
     finally:
         signal.signal(signal.SIGHUP, previous)
+
+
+def test_a_changed_configuration_is_checked_with_the_files_it_names(tmp_path):
+    """SIGHUP's check of an edited file reads its certificates as a restart would, not only its options."""
+    config = tmp_path / "sftpauth.ini"
+    text = f"[server]\ndata_folder = {tmp_path}/data\n\n[services/ftp]\ntype = ftp\nport = 0\n"
+    config.write_text(text, encoding="utf-8")
+    change = ConfigurationChangeCheck(ImmediateReactor(), str(config))
+    assert change._examine() is None  # unchanged
+    config.write_text(text + f"\n[services/ftps]\ntype = ftpsi\nport = 0\nssl_certificate = {tmp_path}/missing.pem\n",
+                      encoding="utf-8")
+    problems = change._examine()
+    assert f"{config}:11 [services/ftps] ssl_certificate" in problems
+    assert "missing.pem" in problems
+    config.write_text(text + "banner = Hello\n", encoding="utf-8")
+    assert change._examine() == ""  # changed and valid
