@@ -9,7 +9,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
-from typing import Callable, Mapping, Optional
+from typing import Any, Callable, Iterable, Mapping, Optional
 
 from validate import ValidateError, Validator
 
@@ -44,6 +44,29 @@ def split_list(value: str) -> tuple[str, ...]:
 def split_lines(value: str) -> tuple[str, ...]:
     """Split a value given one item per (continuation) line."""
     return tuple(line.strip() for line in value.splitlines() if line.strip())
+
+
+def _items_by_line(value: str) -> list[tuple[int, str]]:
+    """:func:`split_list`'s items, each with the index of its line among the value's lines (for errors)."""
+    return [
+        (index, part.strip())
+        for index, line in enumerate(split_lines(value))
+        for part in line.split(",")
+        if part.strip()
+    ]
+
+
+def _check_each(items: Iterable[tuple[int, str]], check: Callable[[str], Any]) -> list:
+    """``check`` of every ``(line index, item)``; every bad item is reported, each on its own line."""
+    results, errors = [], []
+    for index, item in items:
+        try:
+            results.append(check(item))
+        except ValidateError as error:
+            errors.append(VdtLineError(str(error), index))
+    if errors:
+        raise errors[0] if len(errors) == 1 else VdtLineErrors(errors)
+    return results
 
 
 def _unquote(value: str) -> str:
@@ -201,7 +224,7 @@ def identifier(value: str) -> str:
 
 
 def id_list(value: str) -> tuple[str, ...]:
-    return tuple(identifier(item) for item in split_list(_unquote(value)))
+    return tuple(_check_each(_items_by_line(_unquote(value)), identifier))
 
 
 def text_list(value: str) -> tuple[str, ...]:
@@ -240,8 +263,8 @@ def required_attribute(value: str) -> str:
 
 def address_list(value: str) -> tuple[tuple[str, Optional[int]], ...]:
     """``host[:port]`` items; IPv6 as ``[::1]:389`` or bare ``::1``."""
-    result = []
-    for item in split_list(_unquote(value)):
+
+    def server(item: str) -> tuple[str, Optional[int]]:
         match = re.fullmatch(r"\[([^\]]+)\](?::(\d+))?", item)
         if match:
             host_text, port_text = match.group(1), match.group(2)
@@ -252,7 +275,9 @@ def address_list(value: str) -> tuple[tuple[str, Optional[int]], ...]:
         if not host_text.strip():
             raise VdtValueError(f"{item!r} names no server; write HOST:PORT, e.g. ldap.example.com:389")
         port_number = server_port(port_text) if port_text is not None else None
-        result.append((host(host_text), port_number))  # a server listed twice: the loader's check (with port)
+        return host(host_text), port_number  # a server listed twice: the loader's check (with port)
+
+    result = _check_each(_items_by_line(_unquote(value)), server)
     if not result:
         raise VdtValueError("at least one LDAP server address is required")
     return tuple(result)
@@ -274,13 +299,13 @@ def dn_list(value: str):
     """Base DNs, one per line (a DN holds commas, so never a comma list)."""
     from sftpauth.auth.ldap.dn import parse_dn
 
-    result = []
-    for line in split_lines(value):
+    def one(line: str):
         try:
-            result.append(parse_dn(_unquote(line)))
+            return parse_dn(_unquote(line))
         except ValueError as error:
             raise VdtValueError(str(error)) from None
-    return tuple(result)
+
+    return tuple(_check_each(enumerate(split_lines(value)), one))
 
 
 def ldap_filter(value: str):
@@ -304,9 +329,17 @@ def home_folder_rule(value: str):
 class VdtLineError(VdtValueError):
     """A bad item of a one-per-line value; ``index`` (from 0) lets the loader name its own line."""
 
-    def __init__(self, message: str, index: int):
+    def __init__(self, message: str, index: Optional[int]):
         super().__init__(message)
         self.index = index
+
+
+class VdtLineErrors(VdtValueError):
+    """Several bad items of one value: the loader reports each (``line_errors``) on its own line."""
+
+    def __init__(self, line_errors: list[VdtLineError]):
+        super().__init__(str(line_errors[0]))
+        self.line_errors = line_errors
 
 
 def _mapping(value: str, kind: str):
@@ -315,7 +348,8 @@ def _mapping(value: str, kind: str):
     try:
         return GroupMapping.parse(value, kind)
     except MappingError as error:
-        raise VdtLineError(str(error), error.index) from None
+        found = [VdtLineError(str(each), each.index) for each in error.all]
+        raise (found[0] if len(found) == 1 else VdtLineErrors(found)) from None
 
 
 def group_mapping(value: str):
@@ -344,13 +378,13 @@ def dn_set(value: str) -> tuple[str, ...]:
     """DNs one per line, normalised (lower-case, canonical) for comparison."""
     from sftpauth.auth.ldap.groups import normalise_dn
 
-    result = []
-    for index, line in enumerate(split_lines(value)):
+    def one(line: str) -> str:
         try:
-            result.append(normalise_dn(_unquote(line)))
+            return normalise_dn(_unquote(line))
         except ValueError as error:
-            raise VdtLineError(str(error), index) from None
-    return tuple(dict.fromkeys(result))
+            raise VdtValueError(str(error)) from None
+
+    return tuple(dict.fromkeys(_check_each(enumerate(split_lines(value)), one)))
 
 
 _ROLE_PERMISSIONS = ("all", "configuration", "read", "write")
@@ -358,10 +392,13 @@ _ROLE_PERMISSIONS = ("all", "configuration", "read", "write")
 
 def role_permissions(value: str) -> frozenset[str]:
     """``[roles/ID] permissions``: empty or ``all`` is full control; ``configuration, read`` is read-only."""
-    words = [word.lower() for word in split_list(_unquote(value))]
-    for word in words:
-        if word not in _ROLE_PERMISSIONS:
-            raise VdtValueError(f"{word!r} is not a role permission; allowed: {', '.join(_ROLE_PERMISSIONS)}")
+
+    def word_of(item: str) -> str:
+        if item.lower() not in _ROLE_PERMISSIONS:
+            raise VdtValueError(f"{item.lower()!r} is not a role permission; allowed: {', '.join(_ROLE_PERMISSIONS)}")
+        return item.lower()
+
+    words = _check_each(_items_by_line(_unquote(value)), word_of)
     if not words or "all" in words:
         return frozenset({"all"})
     return frozenset(words)
@@ -535,13 +572,14 @@ def tls_trust(value: str, resolve_path: Callable[[str], str]) -> str:
 
 def network_list(value: str) -> tuple:
     """``trusted_proxies``: IP addresses or CIDRs (``10.0.0.0/8``, ``::1``), as ip_network objects."""
-    result = []
-    for item in split_list(_unquote(value)):
+
+    def network(item: str):
         try:
-            result.append(ipaddress.ip_network(item, strict=False))
+            return ipaddress.ip_network(item, strict=False)
         except ValueError:
             raise VdtValueError(f"{item!r} is not an IP address or network; expected e.g. 10.0.0.5 or 10.0.0.0/24") from None
-    return tuple(result)
+
+    return tuple(_check_each(_items_by_line(_unquote(value)), network))
 
 
 def shared_state(value: str) -> str:
@@ -565,11 +603,13 @@ def expression_list(value: str) -> tuple:
     from sftpauth.matching import InvalidExpression, compile_expression
 
     text = value if "\n" in value.strip() else _unquote(value)
-    items = split_lines(text) if "\n" in text.strip() else split_list(text)
-    result = []
-    for index, item in enumerate(items):
+    items = enumerate(split_lines(text)) if "\n" in text.strip() else ((0, item) for item in split_list(text))
+
+    def one(item: str):
         try:
-            result.append(compile_expression(_unquote(item)))
+            return compile_expression(_unquote(item))
         except InvalidExpression as error:
-            raise VdtLineError(str(error), index) from None
+            raise VdtValueError(str(error)) from None
+
+    result = _check_each(items, one)
     return tuple(result)

@@ -397,7 +397,8 @@ def _check_section(
                 problems.warn(section, option, f"{error}; not needed while the section has enabled = no")
                 values_with_errors.add(name)  # its default (empty) is used
                 continue
-            problems.error(section, option, str(error), getattr(error, "index", None))
+            for each in getattr(error, "line_errors", None) or [error]:  # several bad items: each on its line
+                problems.error(section, option, str(each), getattr(each, "index", None))
             # Go on with the default so later checks still report their problems.
             values_with_errors.add(name)
             continue

@@ -399,6 +399,22 @@ def test_error_string_names_file_line_section_and_option():
 
 ERROR_CASES = [
     pytest.param(
+        "[authentications/ldap]\ntype = ldap\naddress = 127.0.0.1\nbind_dn = =people,dc=example,dc=com\n",
+        4,
+        "authentications/ldap",
+        "bind_dn",
+        ["'=people,dc=example,dc=com' is not a distinguished name", "'' is not an attribute name"],
+        id="dn-without-attribute-type",
+    ),
+    pytest.param(
+        "[authentications/ldap]\ntype = ldap\naddress = 127.0.0.1\nbind_dn = ou = people,dc=example,dc=com\n",
+        4,
+        "authentications/ldap",
+        "bind_dn",
+        ["'ou ' is not an attribute name", "without spaces around '='"],
+        id="dn-with-spaces-around-equals",
+    ),
+    pytest.param(
         "[services/ftp]\ntype = ftp\nport = 21\nprot = 22\n",
         4,
         "services/ftp",
@@ -1481,3 +1497,51 @@ def test_sftp_no_is_a_configuration_warning():
 def test_state_memory_in_any_case(written):
     """QA, session 18: 'state = Memory' was refused, though the words of a choice are taken in any case."""
     assert parse(f"[server]\nstate = {written}\n").server.state == "memory"
+
+
+def test_every_bad_item_of_a_list_is_reported_on_its_own_line():
+    """Each mistake of a multi-line or comma list is an error on its own line: one check finds them all."""
+    text = textwrap.dedent("""\
+        [authentications/LDAP]
+        type = ldap
+        address =
+            ldap1.example.com:389
+            :389
+            ldap2.example.com:99999
+        bind_dn_type = parent
+        bind_dn =
+            ou=people,dc=example,dc=com
+            not a dn
+            ou=staff,dc=example,dc=com
+            =nameless,dc=com
+        group_mapping =
+            memberOf, cn=ftp*, ftp
+            memberOf
+            cn, x, y, bad/group
+            9bad, x, ftp
+
+        [groups/ftp]
+        name = ftp
+
+        [security-policies/DEFAULT-SECURITY-POLICY]
+        deny_usernames =
+            root
+            m/(unclosed/
+            admin
+            m/[z-a]/
+
+        [services/manager]
+        type = manager
+        port = 8443
+        trusted_proxies = 10.0.0.1, 10.0.0.300, 2001:db8::/32, proxy.example.com
+        """)
+    found = {(problem.line, problem.option) for problem in problems_of_text(text)}
+    assert found == {
+        (5, "address"), (6, "address"),
+        (10, "bind_dn"), (12, "bind_dn"),
+        (15, "group_mapping"), (16, "group_mapping"), (17, "group_mapping"),
+        (25, "deny_usernames"), (27, "deny_usernames"),
+        (32, "trusted_proxies"),
+    }
+    proxies = [problem.message for problem in problems_of_text(text) if problem.option == "trusted_proxies"]
+    assert len(proxies) == 2 and "'10.0.0.300'" in proxies[0] and "'proxy.example.com'" in proxies[1]

@@ -329,7 +329,7 @@ def test_bad_filter_names_its_line():
 
 
 def test_bad_dn_in_bind_dn_is_an_error():
-    """A line of bind_dn that is not a DN is an error naming bind_dn and quoting the bad line."""
+    """A line of bind_dn that is not a DN is an error on that line, naming bind_dn and quoting it."""
     problems = problems_of(
         """
         [authentications/ldap]
@@ -342,7 +342,7 @@ def test_bad_dn_in_bind_dn_is_an_error():
     )
     bad = [p for p in problems if "'not a dn'" in p.message]
     assert len(bad) == 1
-    assert (bad[0].line, bad[0].section, bad[0].option) == (5, "authentications/ldap", "bind_dn")
+    assert (bad[0].line, bad[0].section, bad[0].option) == (7, "authentications/ldap", "bind_dn")
 
 
 def test_bad_service_account_dn_is_an_error():

@@ -91,11 +91,15 @@ def try_normalise_dn(text: str) -> str:
 
 
 class MappingError(ValueError):
-    """A bad ``group_mapping`` / ``roles_mapping`` line; ``index`` counts the value's lines from 0."""
+    """A bad ``group_mapping`` / ``roles_mapping`` line; ``index`` counts the value's lines from 0.
 
-    def __init__(self, message: str, index: int):
+    ``all``: every bad line of the value, this one first (:meth:`GroupMapping.parse` reads on past one).
+    """
+
+    def __init__(self, message: str, index: int, others: tuple["MappingError", ...] = ()):
         super().__init__(message)
         self.index = index
+        self.all = (self, *others)
 
 
 @attrs.frozen
@@ -133,21 +137,27 @@ class GroupMapping:
         fallback: list[str] = []
         fallback_indexes: list[int] = []
         rules: list[MappingRule] = []
+        problems: list[MappingError] = []
         lines = [line.strip() for line in text.splitlines() if line.strip()]
         for index, line in enumerate(lines):
-            # roles_mapping = A, B: role IDs on one line (too few items for a rule). Three or more
-            # items read as a rule here; with_role_lists() reads them as IDs once the roles are known.
-            listed = _id_list(line) if kind == "role" else None
-            if "," not in line or (listed is not None and len(listed) < 3):
-                if rules:
-                    raise MappingError(
-                        f"{line!r}: a bare {kind} ID (the fallback) is only allowed before the first rule", index
-                    )
-                for word in listed or [line]:
-                    fallback.append(_identifier(word, kind, index))
-                    fallback_indexes.append(index)
-                continue
-            rules.append(_parse_rule(line, kind, index))
+            try:
+                # roles_mapping = A, B: role IDs on one line (too few items for a rule). Three or more
+                # items read as a rule here; with_role_lists() reads them as IDs once the roles are known.
+                listed = _id_list(line) if kind == "role" else None
+                if "," not in line or (listed is not None and len(listed) < 3):
+                    if rules:
+                        raise MappingError(
+                            f"{line!r}: a bare {kind} ID (the fallback) is only allowed before the first rule", index
+                        )
+                    for word in listed or [line]:
+                        fallback.append(_identifier(word, kind, index))
+                        fallback_indexes.append(index)
+                    continue
+                rules.append(_parse_rule(line, kind, index))
+            except MappingError as problem:
+                problems.append(problem)  # the lines after it are read too: every mistake in one check
+        if problems:
+            raise MappingError(str(problems[0]), problems[0].index, tuple(problems[1:]))
         return cls(kind, tuple(fallback), tuple(fallback_indexes), tuple(rules))
 
     def with_role_lists(self, known: Iterable[str]) -> "GroupMapping":
