@@ -120,6 +120,9 @@ def _preprocess(text: str) -> tuple[list[str], _SourceMap]:
         header = _SECTION_LINE.match(stripped)
         if stripped.startswith("["):
             name = header.group("name") if header else ""
+            if "/" in name:  # [authentications/ LDAP] is LDAP's section: spaces around the ID are not part of it
+                kind, _, section_id = name.partition("/")
+                name = f"{kind.strip()}/{section_id.strip()}"
             unusable = None
             if header is None or len(header.group("open")) != len(header.group("close")):
                 unusable = _SECTION_LINE_FORM

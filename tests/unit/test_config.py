@@ -1545,3 +1545,15 @@ def test_every_bad_item_of_a_list_is_reported_on_its_own_line():
     }
     proxies = [problem.message for problem in problems_of_text(text) if problem.option == "trusted_proxies"]
     assert len(proxies) == 2 and "'10.0.0.300'" in proxies[0] and "'proxy.example.com'" in proxies[1]
+
+
+def test_spaces_around_a_section_id_are_not_part_of_it():
+    """``[authentications/ LDAP]`` is the section LDAP: ``authentications = LDAP`` finds it, and a second one is a duplicate."""
+    text = ("[server]\nauthentications = LDAP\n\n[authentications / LDAP ]\ntype = ldap\naddress = 127.0.0.1\n"
+            "bind_dn = ou=people,dc=example,dc=com\n\n[groups/ ftp]\nname = FTP\n")
+    configuration = parse(text)
+    assert list(configuration.server.authentications) == ["LDAP"]
+    assert "LDAP" in configuration.authentications and "ftp" in configuration.groups
+    (problem,) = problems_of_text(text + "[authentications/LDAP]\ntype = ldap\n")
+    assert (problem.line, problem.section) == (11, "authentications/LDAP")
+    assert problem.message.startswith("duplicate section, first given on line 4")
