@@ -8,10 +8,8 @@ from typing import Optional
 import attrs
 
 from sftpauth.auth.errors import LoginFailed
-from sftpauth.config.models import GroupSettings
+from sftpauth.config.models import USER_MARKER, GroupSettings
 from sftpauth.permissions import Permission
-
-USER_MARKER = "${USER}"
 
 
 @attrs.frozen

@@ -484,6 +484,7 @@ def _build(
             if not built.permissions:  # "permissions =" reads as no permission, not as the default
                 problems.warn(f"groups/{group_id}", "permissions", "no permission is granted: accounts with this "
                               "primary group can log in but not list, read or write anything")
+            _warn_of_other_placeholders(problems, f"groups/{group_id}", built.home_folder_path)
 
     services: dict[str, models.ServiceSettings] = {}
     for service_id, values in sections["services"].items():
@@ -497,6 +498,7 @@ def _build(
         built = _construct(problems, f"accounts/{account_id}", models.AccountSettings, values, id=account_id)
         if built is not None:
             accounts[account_id] = built
+            _warn_of_other_placeholders(problems, f"accounts/{account_id}", built.home_folder_path)
 
     roles: dict[str, models.RoleSettings] = {}
     raw_roles = dict(sections["roles"])
@@ -731,6 +733,19 @@ def _check_ldap_method(
     _check_groups_and_roles(problems, configuration, section, method)
     _check_extension(problems, section, method)
     _check_ldap_tls(problems, section, method)
+
+
+_VARIABLE = re.compile(r"\$\{[^}/]*\}|\$[A-Za-z_][A-Za-z0-9_]*")  # ${NAME} or $NAME
+
+
+def _warn_of_other_placeholders(problems: _Problems, section: str, path: str) -> None:
+    """A home folder path is not expanded by a shell: only ``${USER}`` is replaced; say so of anything like it."""
+    for found in dict.fromkeys(_VARIABLE.findall(path)):
+        if found == models.USER_MARKER:
+            continue
+        hint = f" (did you mean {models.USER_MARKER}?)" if found.strip("${}").upper() == "USER" else ""
+        problems.warn(section, "home_folder_path", f"{found} is not replaced{hint}: the only placeholder is "
+                      f"{models.USER_MARKER}, the login name; {found} is a folder name as written")
 
 
 def _check_groups_and_roles(

@@ -1557,3 +1557,20 @@ def test_spaces_around_a_section_id_are_not_part_of_it():
     (problem,) = problems_of_text(text + "[authentications/LDAP]\ntype = ldap\n")
     assert (problem.line, problem.section) == (11, "authentications/LDAP")
     assert problem.message.startswith("duplicate section, first given on line 4")
+
+
+def test_home_folder_variables_other_than_user_are_a_warning(password_hash):
+    """Only ${USER} is replaced in a home folder path: ${USERNAME}, $USER or ${user} would be folder names as written."""
+    configuration = parse(
+        "[groups/g1]\nhome_folder_path = /srv/${USERNAME}\n\n"
+        "[groups/g2]\nhome_folder_path = /srv/$USER/files\n\n"
+        "[groups/g3]\nhome_folder_path = /srv/${user}\n\n"
+        "[groups/g4]\nhome_folder_path = /srv/${USER}/in\n\n"
+        f"[accounts/a]\nname = a\npassword = {password_hash}\nhome_folder_path = /data/${{HOME}}\n"
+    )
+    found = {(w.line, w.section, w.option): w.message for w in configuration.warnings}
+    assert set(found) == {(2, "groups/g1", "home_folder_path"), (5, "groups/g2", "home_folder_path"),
+                          (8, "groups/g3", "home_folder_path"), (16, "accounts/a", "home_folder_path")}
+    assert found[(2, "groups/g1", "home_folder_path")].startswith("${USERNAME} is not replaced: the only placeholder is ${USER}")
+    assert "$USER is not replaced (did you mean ${USER}?)" in found[(5, "groups/g2", "home_folder_path")]
+    assert "${user} is not replaced (did you mean ${USER}?)" in found[(8, "groups/g3", "home_folder_path")]
