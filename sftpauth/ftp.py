@@ -1182,9 +1182,10 @@ class SftpauthFTP(ftp.FTP):
     def _login_request(self, username: str, password: str, truncated: bool = False) -> tuple[LoginRequest, SessionInfo]:
         settings = self.factory.settings
         peer = self._peer()
+        tls = self.tls_options is not None  # implicit FTPS, or after AUTH TLS
         request = LoginRequest(username=username, password=password, service_id=settings.id, protocol="ftp", peer=peer,
-                               truncated=truncated)
-        return request, SessionInfo(service_id=settings.id, protocol="ftp", peer=peer)
+                               truncated=truncated, tls=tls)
+        return request, SessionInfo(service_id=settings.id, protocol="ftp", peer=peer, tls=tls)
 
     def sendLine(self, line) -> None:
         if self.transport is None or self.disconnected:

@@ -6,7 +6,7 @@ home folder with its primary group's permissions (:mod:`sftpauth.filesystem`).
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Optional
 
 import attrs
 from twisted.conch.interfaces import IConchUser
@@ -27,6 +27,7 @@ class SessionInfo:
     service_id: str
     protocol: str
     peer: str
+    tls: Optional[bool] = None  # as LoginRequest.tls: FTP sessions say whether their control connection is TLS
 
 
 # Why an FTP or SFTP session ended: the ``reason`` of its ``session-end`` event.
@@ -66,6 +67,7 @@ class SessionRealm:
             username=account.username,
             method=account.method_id,
             home_folder=account.home_folder,
+            **({} if getattr(mind, "tls", None) is None else {"tls": mind.tls}),
         )
         ended = []
 

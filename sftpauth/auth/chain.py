@@ -252,4 +252,5 @@ class AuthenticationChain:
             reason=reason,
             detail=detail,
             duration_ms=round((self._clock() - started) * 1000, 1),
+            **({} if request.tls is None else {"tls": request.tls}),
         )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import unicodedata
+from typing import Optional
 
 import attrs
 from zope.interface import Interface, implementer
@@ -27,6 +28,9 @@ class LoginRequest:
     # The client's line was cut at the protocol's limit (an FTP USER or PASS over 16 KiB):
     # username and password are what came before the cut, so they were longer.
     truncated: bool = False
+    # FTP: whether the control connection is TLS (FTPS) at the login; None where every login is encrypted
+    # (SFTP, the Web Manager) or there is no connection (the CLI). In the audit events as ``tls``.
+    tls: Optional[bool] = None
 
 
 def directory_form(username: str) -> str:

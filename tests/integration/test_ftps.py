@@ -40,7 +40,7 @@ import pytest
 
 from sftpauth.auth.passwords import hash_password
 
-from .server import SftpauthServer, free_port
+from .server import SftpauthServer, free_port, read_audit
 from .sftp_fixtures import integration_required, plugin_on_python_path
 from .tls_certs import TestPKI
 
@@ -583,6 +583,37 @@ def test_policies_off_allow_plain_login_prot_c_and_no_session_reuse(site):
     assert client.prot_c().startswith("200")
     assert download(client, "lenient.txt") == b"lenient"
     client.quit()
+
+
+def test_the_audit_log_says_whether_an_ftp_login_and_session_used_tls(site):
+    """authentication and session-start events of FTP carry ``tls``: a clear-text login is told from an FTPS one."""
+    for marker, connect in (
+        ("plain", lambda: ftplib.FTP(timeout=TIMEOUT)),
+        ("explicit", lambda: ftplib.FTP_TLS(timeout=TIMEOUT, context=site.context())),
+    ):
+        client = connect()
+        client.connect("127.0.0.1", site.lenient_port)
+        if marker == "explicit":
+            client.auth()
+        with pytest.raises(ftplib.error_perm):
+            client.login(f"nobody-{marker}", PASSWORD)  # a failed login is audited with it too
+        client.login("alice", PASSWORD)
+        client.quit()
+    with socket.create_connection(("127.0.0.1", site.implicit_port), timeout=TIMEOUT) as sock:
+        with site.context().wrap_socket(sock, server_hostname="127.0.0.1") as tls:
+            implicit = RawControl(sock=tls)
+            assert implicit.command(b"USER alice").startswith(b"331")
+            assert implicit.command(b"PASS " + PASSWORD.encode()).startswith(b"230")
+            assert implicit.command(b"QUIT").startswith(b"221")
+    assert site.server.wait_for_audit(lambda e: e.get("username") == "nobody-plain")["tls"] is False
+    assert site.server.wait_for_audit(lambda e: e.get("username") == "nobody-explicit")["tls"] is True
+    site.server.wait_for_audit(lambda e: e.get("event") == "session-start" and e.get("service") == "ftpsi")
+    events = [e for e in read_audit(site.folder / "audit.jsonl") if e.get("username") == "alice"
+              and e.get("event") in ("authentication", "session-start") and e.get("service") in ("lenient", "ftpsi")]
+    seen = {(e["service"], e["event"], e["tls"]) for e in events[-6:]}
+    assert seen == {("lenient", "authentication", False), ("lenient", "session-start", False),
+                    ("lenient", "authentication", True), ("lenient", "session-start", True),
+                    ("ftpsi", "authentication", True), ("ftpsi", "session-start", True)}
 
 
 # -- certificates -----------------------------------------------------------------------

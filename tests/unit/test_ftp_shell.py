@@ -589,8 +589,8 @@ def test_login_sends_a_login_request_with_the_peer_address(connection):
     assert connection.send(b"USER alice") == [b"331 Password required."]
     connection.send(b"PASS s3cret")
     credentials, mind, interfaces, _ = connection.portal.logins[0]
-    assert credentials == LoginRequest("alice", "s3cret", "ftp-unit", "ftp", "192.0.2.7")
-    assert mind == SessionInfo("ftp-unit", "ftp", "192.0.2.7")
+    assert credentials == LoginRequest("alice", "s3cret", "ftp-unit", "ftp", "192.0.2.7", tls=False)
+    assert mind == SessionInfo("ftp-unit", "ftp", "192.0.2.7", tls=False)  # plain FTP: the audit events say so
     assert interfaces == (twisted_ftp.IFTPShell,)
     connection.transport.clear()
     connection.portal.accept()
