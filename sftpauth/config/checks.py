@@ -35,10 +35,7 @@ SWITCHED_OFF = Unsupported()
 
 def split_list(value: str) -> tuple[str, ...]:
     """Split a comma list or one-per-line list, dropping empty items."""
-    items = []
-    for line in value.splitlines():
-        items.extend(part.strip() for part in line.split(","))
-    return tuple(item for item in items if item)
+    return tuple(item for _, item in _items_by_line(value))
 
 
 def split_lines(value: str) -> tuple[str, ...]:
@@ -243,12 +240,12 @@ def permissions(value: str) -> frozenset[Permission]:
 
 
 ATTRIBUTE_NAME = r"(?:[A-Za-z][A-Za-z0-9-]*|[0-9]+(?:\.[0-9]+)+)"  # an LDAP attribute name or OID (also groups.py)
-_ATTRIBUTE = re.compile(rf"^{ATTRIBUTE_NAME}$")
+ATTRIBUTE = re.compile(rf"^{ATTRIBUTE_NAME}$")  # the whole text is one (groups.py, dn.py)
 
 
 def attribute(value: str) -> str:
     word = _unquote(value)
-    if word and not _ATTRIBUTE.match(word):
+    if word and not ATTRIBUTE.match(word):
         raise VdtValueError(f"{word!r} is not an LDAP attribute name (letters, digits and '-')")
     return word
 

@@ -19,9 +19,7 @@ from sftpauth.auth.errors import LoginFailed
 from sftpauth.auth.ldap import client as ldap
 from sftpauth.auth.ldap.client import Entry, LDAPConnection, LDAPResult
 from sftpauth.auth.ldap.filters import MATCH_ALL, as_text, both, equals
-from sftpauth.config.checks import ATTRIBUTE_NAME
-
-_ATTRIBUTE_TYPE = re.compile(rf"^{ATTRIBUTE_NAME}$")  # RFC 4514: a descriptor or a numeric OID
+from sftpauth.config.checks import ATTRIBUTE
 
 SUBTREE = pureldap.LDAP_SCOPE_wholeSubtree
 BASE = pureldap.LDAP_SCOPE_baseObject
@@ -104,8 +102,8 @@ def parse_dn(text: str) -> distinguishedname.DistinguishedName:
     for rdn in dn.listOfRDNs:
         for part in rdn.attributeTypesAndValues:
             kind = part.attributeType
-            if not _ATTRIBUTE_TYPE.match(kind):  # ldaptor takes "=x", "c n=x", and "ou = x" as the type "ou "
-                hint = " (write it without spaces around '=')" if _ATTRIBUTE_TYPE.match(kind.strip()) else ""
+            if not ATTRIBUTE.match(kind):  # ldaptor takes "=x", "c n=x", and "ou = x" as the type "ou "
+                hint = " (write it without spaces around '=')" if ATTRIBUTE.match(kind.strip()) else ""
                 raise ValueError(f"{text!r} is not a distinguished name: {kind!r} is not an attribute name{hint}")
     return dn
 

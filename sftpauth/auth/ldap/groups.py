@@ -35,7 +35,7 @@ from sftpauth.auth.errors import LoginFailed
 from sftpauth.auth.ldap.client import Entry, LDAPConnection
 from sftpauth.auth.ldap.dn import SUBTREE, Lookup, bind_service_account, describe, parse_dn, root_dse_values, trace_referrals
 from sftpauth.auth.ldap.filters import as_text
-from sftpauth.config.checks import ATTRIBUTE_NAME
+from sftpauth.config.checks import ATTRIBUTE, ATTRIBUTE_NAME
 from sftpauth.config.models import DEFAULT_GROUP, DEFAULT_ROLE, Configuration, LDAPAuthenticationSettings
 from sftpauth.matching import InvalidExpression, MatchingExpression, compile_expression
 
@@ -47,7 +47,6 @@ IN_CHAIN_RULE = "1.2.840.113556.1.4.1941"
 ACTIVE_DIRECTORY_CAPABILITY = "1.2.840.113556.1.4.800"
 PLACEHOLDERS = ("username", "dn")
 _SENTINEL = "sftpauthPlaceholder{}7f3c"
-_ATTRIBUTE = re.compile(rf"^{ATTRIBUTE_NAME}$")
 _RDN = re.compile(rf"^{ATTRIBUTE_NAME}=")  # "cn=...": one RDN of a DN
 _IDENTIFIER_FORBIDDEN = ("/", "|")
 _TYPED_EXPRESSION = re.compile(r"^\s*([A-Za-z]/.*/[A-Za-z]*)\s*(?:,(.*))?$", re.DOTALL)
@@ -239,7 +238,7 @@ def _parse_rule(line: str, kind: str, index: int) -> MappingRule:
     usage = f"expected 'ATTRIBUTE, EXPRESSION, {kind.upper()}-ID[, {kind.upper()}-ID...]'"
     attribute, _, rest = line.partition(",")
     attribute = attribute.strip()
-    if not _ATTRIBUTE.match(attribute):
+    if not ATTRIBUTE.match(attribute):
         raise MappingError(f"{line!r}: {attribute!r} is not an LDAP attribute name; {usage}", index)
     typed = _TYPED_EXPRESSION.match(rest)
     if typed is not None:
