@@ -9,8 +9,10 @@ import os
 import sys
 from typing import Optional, Sequence
 
+import attrs
+
 from sftpauth import __version__
-from sftpauth.config.errors import ConfigError, ConfigProblem
+from sftpauth.config.errors import ConfigError, ConfigProblem, in_file_order
 from sftpauth.config.loader import load_configuration
 from sftpauth.config.models import Configuration
 
@@ -105,34 +107,37 @@ def load_checked_configuration(path: str) -> Configuration:
             raise
         raise _with_file_problems(error) from None  # what could be built has its files read too: one pass
     try:
-        check_files(configuration)
+        warnings = check_files(configuration)
     except ConfigError as error:
-        raise ConfigError(error.problems, configuration.warnings, configuration=configuration) from None
-    return configuration
+        raise ConfigError(error.problems, configuration.warnings + error.warnings, configuration=configuration) from None
+    return attrs.evolve(configuration, warnings=in_file_order(configuration.warnings + warnings))
 
 
 def _with_file_problems(error: ConfigError) -> ConfigError:
     """``error`` and the problems of the files its buildable sections name (not of options already wrong)."""
     try:
-        check_files(error.configuration)
+        warnings = check_files(error.configuration)
     except ConfigError as files:
         wrong = {(problem.section, problem.option) for problem in error.problems}
         more = [problem for problem in files.problems if (problem.section, problem.option) not in wrong]
-        return ConfigError(error.problems + tuple(more), error.warnings)
-    return error
+        return ConfigError(error.problems + tuple(more), error.warnings + files.warnings)
+    return ConfigError(error.problems, error.warnings + warnings)
 
 
-def check_files(configuration: Configuration) -> None:
-    """Read the files the services would read at start-up; one ConfigError with every problem.
+def check_files(configuration: Configuration) -> tuple[ConfigProblem, ...]:
+    """Read the files the services would read at start-up; their warnings, or one ConfigError with every
+    problem (and the warnings).
 
     Certificates (FTPS, a Web Manager's own), configured SSH host keys and
     embedded-directory LDIF files, with the loaders the services use, so
     check-config finds what start-up would. Nothing is generated: services
-    that would generate a key or certificate are not checked here.
+    that would generate a key or certificate are not checked here. A
+    certificate not valid yet or expiring within two weeks is a warning.
     """
     from sftpauth import directory, ftp, ssh
     from sftpauth.config import models
     from sftpauth.manager import tls as manager_tls
+    from sftpauth.tls import SIGHUP_ADVICE
 
     path = configuration.path
     checks = []
@@ -140,22 +145,36 @@ def check_files(configuration: Configuration) -> None:
         if not settings.enabled:
             continue
         if isinstance(settings, models.FTPServiceSettings):
-            checks.append(lambda settings=settings: ftp.load_tls(settings, path))
+            checks.append(lambda settings=settings: _date_warnings(
+                path, settings, getattr(ftp.load_tls(settings, path), "certificate", None), SIGHUP_ADVICE
+            ))
         elif isinstance(settings, models.SSHServiceSettings) and settings.ssh_server_keys:
             checks.append(lambda settings=settings: ssh.load_host_keys(settings, path, configuration.server.data_folder))
         elif isinstance(settings, models.ManagerServiceSettings) and settings.ssl_certificate:
-            checks.append(lambda settings=settings: manager_tls.load_certificate(settings, path, configuration.server.data_folder))
+            checks.append(lambda settings=settings: _date_warnings(
+                path, settings, manager_tls.load_certificate(settings, path, configuration.server.data_folder).loaded,
+                manager_tls.RESTART_ADVICE,
+            ))
         elif isinstance(settings, models.DirectoryServiceSettings):
             checks.append(lambda settings=settings: directory.load_directory(settings, path))
     checks.append(lambda: _check_audit_log(configuration))
-    problems = []
+    problems, warnings = [], []
     for check in checks:
         try:
-            check()
+            warnings.extend(check() or ())
         except ConfigError as error:
             problems.extend(error.problems)
     if problems:
-        raise ConfigError(configuration.locate(problems))
+        raise ConfigError(configuration.locate(problems), configuration.locate(warnings))
+    return tuple(configuration.locate(warnings))
+
+
+def _date_warnings(path: str, settings, certificate, advice: str) -> list[ConfigProblem]:
+    """The date problem of a service's certificate (a ServerCertificate, None for plain FTP), as a warning."""
+    problem = certificate.date_problem() if certificate is not None else ""
+    if not problem:
+        return []
+    return [ConfigProblem(path, None, f"services/{settings.id}", "ssl_certificate", f"{problem}; {advice}")]
 
 
 def _check_audit_log(configuration: Configuration) -> None:

@@ -135,7 +135,7 @@ from sftpauth.permissions import Permission, PermissionDenied
 from sftpauth.realm import SessionInfo
 from sftpauth.runtime import Runtime
 from sftpauth.signals import ReloadOnSIGHUP
-from sftpauth.tls import CertificateProblem, ServerTLS, can_check_session_reuse, session_reused
+from sftpauth.tls import CertificateProblem, DailyDateCheck, ServerTLS, can_check_session_reuse, session_reused
 
 _log = Logger()
 
@@ -2063,4 +2063,5 @@ def make_service(settings: FTPServiceSettings, runtime: Runtime) -> IService:
     service.setName(settings.id)
     listening_service(runtime.reactor, settings, wire, runtime.policy_for(settings)).setServiceParent(service)
     ReloadOnSIGHUP(runtime.reactor, tls.reload).setServiceParent(service)
+    DailyDateCheck(runtime.reactor, tls.check_dates).setServiceParent(service)
     return service

@@ -19,13 +19,15 @@ from __future__ import annotations
 
 import datetime
 import hashlib
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import attrs
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from OpenSSL import SSL, crypto
+from twisted.application.service import Service
 from twisted.internet import ssl
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 MINIMUM_VERSION = ssl.TLSVersion.TLSv1_2
@@ -47,11 +49,29 @@ class ServerCertificate:
     certificate: x509.Certificate
     chain: tuple[x509.Certificate, ...]
     subject: str
+    not_before: datetime.datetime
     not_after: datetime.datetime
     fingerprint: str  # SHA256 of the DER certificate, as "AB:CD:..."
 
     def describe(self) -> str:
         return f"{self.subject}, valid until {self.not_after:%Y-%m-%d %H:%M} UTC, SHA256 {self.fingerprint}"
+
+    def date_problem(self, now: Optional[datetime.datetime] = None) -> str:
+        """Why clients refuse this certificate now or soon, or "": not valid yet, expired, or expiring within
+        :data:`EXPIRY_WARNING`. The caller adds what to do (send SIGHUP, restart)."""
+        now = now or datetime.datetime.now(datetime.timezone.utc)
+        if self.not_before > now:
+            return (
+                f"the certificate in {self.path} is not valid before {self.not_before:%Y-%m-%d %H:%M} UTC: clients "
+                "refuse it until then (check its dates, and this machine's clock)"
+            )
+        if self.not_after <= now:
+            return f"the certificate in {self.path} expired on {self.not_after:%Y-%m-%d %H:%M} UTC: clients refuse it"
+        if self.not_after - now < EXPIRY_WARNING:
+            days = (self.not_after - now).days
+            left = "in less than a day" if days == 0 else f"in {days} day{'s' if days > 1 else ''}"
+            return f"the certificate in {self.path} expires on {self.not_after:%Y-%m-%d %H:%M} UTC, {left}"
+        return ""
 
 
 def _public_der(key) -> bytes:
@@ -74,6 +94,11 @@ def load_server_certificate(
     try:
         certificates = x509.load_pem_x509_certificates(data)
     except ValueError:
+        if b"-----BEGIN CERTIFICATE-----" in data:
+            raise CertificateProblem(
+                f"a certificate in {path} cannot be read: it is cut short or damaged (compare the lines between "
+                "-----BEGIN CERTIFICATE----- and -----END CERTIFICATE----- with the file you were given)"
+            ) from None
         raise CertificateProblem(f"{path} holds no PEM certificate (-----BEGIN CERTIFICATE-----)") from None
     try:
         key = serialization.load_pem_private_key(data, password=None)
@@ -103,6 +128,7 @@ def load_server_certificate(
             certificate=leaf,
             chain=chain,
             subject=leaf.subject.rfc4514_string() or "(empty subject)",
+            not_before=leaf.not_valid_before_utc,
             not_after=not_after,
             fingerprint=":".join(digest[index : index + 2] for index in range(0, len(digest), 2)),
         )
@@ -155,19 +181,56 @@ class ServerTLS:
             return False
         self.certificate = certificate
         _log.info("service {service}: reloaded ssl_certificate: {certificate}", service=self.service_id, certificate=certificate.describe())
+        self.check_dates()
         return True
 
-    def log_certificate(self, now: Optional[datetime.datetime] = None) -> None:
-        certificate = self.certificate
-        _log.info("service {service}: TLS certificate {certificate}", service=self.service_id, certificate=certificate.describe())
-        now = now or datetime.datetime.now(datetime.timezone.utc)
-        if certificate.not_after - now < EXPIRY_WARNING:
-            _log.warn(
-                "service {service}: the TLS certificate expires on {date:%Y-%m-%d}; replace {path} and send SIGHUP",
-                service=self.service_id,
-                date=certificate.not_after,
-                path=self.path,
-            )
+    def log_certificate(self) -> None:
+        """At start-up; its date problems are configuration warnings then (``cli.check_files``)."""
+        _log.info("service {service}: TLS certificate {certificate}", service=self.service_id, certificate=self.certificate.describe())
+
+    def check_dates(self, now: Optional[datetime.datetime] = None) -> str:
+        """Log (and return) the date problem of the certificate in use: after a reload, and once a day."""
+        return log_date_problem(self.certificate, self.service_id, SIGHUP_ADVICE, now)
+
+
+SIGHUP_ADVICE = "replace the file and send SIGHUP to sftpauth"
+
+
+def log_date_problem(
+    certificate: ServerCertificate, service_id: str, advice: str, now: Optional[datetime.datetime] = None
+) -> str:
+    """Log (and return) :meth:`ServerCertificate.date_problem` with what to do: an error once expired."""
+    now = now or datetime.datetime.now(datetime.timezone.utc)
+    problem = certificate.date_problem(now)
+    if problem:
+        (_log.error if certificate.not_after <= now else _log.warn)(
+            "service {service}: {problem}; {advice}", service=service_id, problem=problem, advice=advice
+        )
+    return problem
+
+
+class DailyDateCheck(Service):
+    """Checks the dates of a certificate in use once a day, from a day after start-up.
+
+    A server that runs for months must say when its certificate is about to
+    expire, not only at start-up: ``check`` logs the problem
+    (:meth:`ServerTLS.check_dates`).
+    """
+
+    INTERVAL = 24 * 3600
+
+    def __init__(self, reactor, check: Callable[[], object]):
+        self._call = LoopingCall(check)
+        self._call.clock = reactor
+
+    def startService(self) -> None:
+        super().startService()
+        self._call.start(self.INTERVAL, now=False)
+
+    def stopService(self):
+        if self._call.running:
+            self._call.stop()
+        return super().stopService()
 
 
 def session_reused(connection: SSL.Connection) -> Optional[bool]:

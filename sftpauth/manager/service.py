@@ -18,9 +18,10 @@ from sftpauth.listening import listening_service
 from sftpauth.manager.events import AuditHistory, read_tail
 from sftpauth.manager.metrics import ManagerMetrics
 from sftpauth.manager.sessions import SessionStore
-from sftpauth.manager.tls import load_certificate
+from sftpauth.manager.tls import GENERATED_ADVICE, RESTART_ADVICE, load_certificate
 from sftpauth.manager.web import MAX_BODY, SECURITY_HEADERS, ManagerApp, ManagerResource
 from sftpauth.runtime import Runtime
+from sftpauth.tls import DailyDateCheck, log_date_problem
 
 _log = Logger()
 SWEEP_INTERVAL = 1  # seconds: an idle Web Manager session ends (session-end) at most this late
@@ -211,6 +212,12 @@ class ManagerService(MultiService):
         sweep = TimerService(SWEEP_INTERVAL, self.sessions.expire_idle)
         sweep.clock = runtime.reactor
         sweep.setServiceParent(self)
+        DailyDateCheck(runtime.reactor, self.check_certificate_dates).setServiceParent(self)
+
+    def check_certificate_dates(self) -> str:
+        certificate = self.certificate
+        advice = GENERATED_ADVICE if certificate.generated else RESTART_ADVICE
+        return log_date_problem(certificate.loaded, self.settings.id, advice)
 
     def startService(self) -> None:
         super().startService()

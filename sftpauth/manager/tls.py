@@ -25,12 +25,14 @@ from twisted.logger import Logger
 from sftpauth.config.errors import ConfigError, ConfigProblem
 from sftpauth.config.models import ManagerServiceSettings
 from sftpauth.private_files import write_private_file
-from sftpauth.tls import CertificateProblem, load_server_certificate, server_options
+from sftpauth.tls import CertificateProblem, ServerCertificate, load_server_certificate, server_options
 
 _log = Logger()
 GENERATED_FOLDER = "manager"
 GENERATED_FILE = "certificate.pem"
 VALIDITY = datetime.timedelta(days=730)
+RESTART_ADVICE = "replace the file and restart sftpauth (the Web Manager reads its certificate at start-up)"
+GENERATED_ADVICE = "restart sftpauth: it generates a new one"
 
 
 @attrs.frozen
@@ -40,6 +42,7 @@ class ManagerCertificate:
     subject: str
     not_after: datetime.datetime
     generated: bool
+    loaded: ServerCertificate = attrs.field(repr=False)
 
 
 def load_certificate(settings: ManagerServiceSettings, config_path: str, data_folder: str) -> ManagerCertificate:
@@ -83,6 +86,7 @@ def _from_pem_file(path: str, generated: bool) -> ManagerCertificate:
         subject=loaded.subject,
         not_after=loaded.not_after,
         generated=generated,
+        loaded=loaded,
     )
 
 

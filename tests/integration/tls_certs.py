@@ -92,6 +92,10 @@ class TestPKI:
         """Another server certificate from the trusted CA, for ``names`` (host names or IP addresses)."""
         return self._server(label, common_name, tuple(names), self._ca_key, self._ca)
 
+    def dated(self, label: str, not_before: datetime.datetime, not_after: datetime.datetime) -> CertificatePair:
+        """A certificate for localhost from the trusted CA, valid from ``not_before`` to ``not_after``."""
+        return self._server(label, "localhost", GOOD_NAMES, self._ca_key, self._ca, not_before=not_before, not_after=not_after)
+
     def _make_ca(self, common_name: str):
         key = _key()
         name = _name(common_name)

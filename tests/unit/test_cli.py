@@ -421,3 +421,35 @@ def test_check_config_warns_about_a_file_that_serves_nobody(tmp_path, capsys, te
     config.write_text("[services/ftp]\ntype = ftp\nport = 0\n")
     assert main(["check-config", str(config)]) == 0
     assert "warning" not in capsys.readouterr().out
+
+
+def test_check_config_warns_of_certificates_not_valid_yet_or_expiring_within_two_weeks(tmp_path, capsys):
+    """Clients refuse such certificates (now or soon): a warning on the option's line, with what to do."""
+    import datetime
+
+    from tests.integration.tls_certs import TestPKI
+
+    pki = TestPKI(tmp_path / "pki")
+    day = datetime.timedelta(days=1)
+    later = pki.dated("later", pki.now + 2 * day, pki.now + 90 * day)
+    soon = pki.dated("soon", pki.now - day, pki.now + 6 * day)
+    for name, pair in (("later.pem", later), ("soon.pem", soon), ("good.pem", pki.good)):
+        (tmp_path / name).write_bytes(pair.certificate.read_bytes() + pair.key.read_bytes())
+    config = tmp_path / "sftpauth.ini"
+    config.write_text(
+        f"[server]\ndata_folder = {tmp_path}/data\n"
+        "[services/ftps]\ntype = ftp\nport = 2121\nssl_certificate = later.pem\n"
+        "[services/manager]\ntype = manager\nport = 8443\nssl_certificate = soon.pem\n"
+        "[services/fine]\ntype = ftpsi\nport = 990\nssl_certificate = good.pem\n"
+    )
+    assert main(["check-config", str(config)]) == 0
+    warnings = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning:")]
+    assert warnings == [
+        f"warning: {config}:6 [services/ftps] ssl_certificate: the certificate in {tmp_path}/later.pem is not valid "
+        f"before {(pki.now + 2 * day):%Y-%m-%d %H:%M} UTC: clients refuse it until then (check its dates, and this machine's clock); "
+        "replace the file and send SIGHUP to sftpauth",
+        f"warning: {config}:10 [services/manager] ssl_certificate: the certificate in {tmp_path}/soon.pem expires on "
+        f"{(pki.now + 6 * day):%Y-%m-%d %H:%M} UTC, in 5 days; replace the file and restart sftpauth (the Web Manager "
+        "reads its certificate at start-up)",
+    ]
+

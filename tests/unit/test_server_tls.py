@@ -2,22 +2,37 @@
 
 from __future__ import annotations
 
+import contextlib
+import datetime
+import re
 from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives import serialization
 from OpenSSL import SSL
+from twisted.internet import task
+from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 
 from sftpauth import ftp
 from sftpauth.config.errors import ConfigError
 from sftpauth.config.models import FTPServiceSettings
-from sftpauth.tls import CertificateProblem, ServerTLS, can_check_session_reuse, load_server_certificate
+from sftpauth.tls import CertificateProblem, DailyDateCheck, ServerTLS, can_check_session_reuse, load_server_certificate
 from tests.integration.tls_certs import TestPKI
 
 
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory) -> TestPKI:
     return TestPKI(tmp_path_factory.mktemp("pki"))
+
+
+@contextlib.contextmanager
+def capture_logs():
+    events: list[dict] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        yield events
+    finally:
+        globalLogPublisher.removeObserver(events.append)
 
 
 def combined(tmp_path: Path, *parts: Path, name: str = "server.pem") -> str:
@@ -157,3 +172,65 @@ port = 22
     assert (explicit.ftps_explicit_enabled, explicit.ftps_force_secured_command_channel) == (True, True)
     assert (explicit.ftps_force_secured_data_channel, explicit.ftps_require_session_reuse) == (True, False)
     assert configuration.services["sftp"].keyboard_interactive_message == "Password:"
+
+
+DAY = datetime.timedelta(days=1)
+
+
+@pytest.mark.parametrize(
+    "start, end, wanted",
+    [
+        (-DAY, 20 * DAY, ""),
+        (-DAY, 5 * DAY + datetime.timedelta(hours=1), "expires on .* UTC, in 5 days$"),
+        (-DAY, datetime.timedelta(hours=3), "expires on .* UTC, in less than a day$"),
+        (3 * DAY, 90 * DAY, "is not valid before .* UTC: clients refuse it until then"),
+        (-30 * DAY, -DAY, "expired on .* UTC: clients refuse it$"),
+    ],
+    ids=["fine", "expiring", "last-day", "not-yet-valid", "expired"],
+)
+def test_date_problem_says_when_clients_refuse_the_certificate(pki, tmp_path, start, end, wanted):
+    """Not valid yet, expired and expiring within two weeks are problems; a certificate good for 20 days is not."""
+    pair = pki.dated(f"dated-{wanted[:8]}", pki.now + start, pki.now + end)
+    loaded = load_server_certificate(combined(tmp_path, pair.certificate, pair.key), check_expiry=False)
+    problem = loaded.date_problem(pki.now)
+    if wanted:
+        assert re.search(wanted, problem) and loaded.path in problem
+    else:
+        assert problem == ""
+
+
+def test_a_truncated_or_damaged_certificate_is_called_so(pki, tmp_path):
+    """A certificate cut short (a bad copy and paste) is not reported as "no PEM certificate"."""
+    text = pki.good.certificate.read_bytes()
+    for damaged in (text[: len(text) // 2], text.replace(b"-----END CERTIFICATE-----", b"")):
+        path = tmp_path / "cut.pem"
+        path.write_bytes(damaged + pki.good.key.read_bytes())
+        with pytest.raises(CertificateProblem, match="cannot be read: it is cut short or damaged"):
+            load_server_certificate(str(path))
+
+
+def test_a_reload_and_the_daily_check_log_a_certificate_about_to_expire(pki, tmp_path):
+    """SIGHUP's reload warns of a new certificate expiring soon; the daily check says so too, an error once expired."""
+    path = combined(tmp_path, pki.good.certificate, pki.good.key)
+    tls = ServerTLS(path, "ftps")
+    soon = pki.dated("soon", pki.now - DAY, pki.now + 3 * DAY + datetime.timedelta(hours=1))
+    combined(tmp_path, soon.certificate, soon.key)
+    with capture_logs() as events:
+        assert tls.reload()
+    warnings = [formatEvent(event) for event in events if event["log_level"] == LogLevel.warn]
+    assert len(warnings) == 1 and "expires on" in warnings[0] and "in 3 days" in warnings[0]
+    assert "service ftps:" in warnings[0] and "send SIGHUP" in warnings[0]
+
+    clock = task.Clock()
+    check = DailyDateCheck(clock, tls.check_dates)
+    with capture_logs() as events:
+        check.startService()
+        assert events == []  # start-up reports dates as configuration warnings, not here
+        clock.advance(DailyDateCheck.INTERVAL)
+        clock.advance(DailyDateCheck.INTERVAL)
+    assert [event["log_level"] for event in events] == [LogLevel.warn, LogLevel.warn]
+    with capture_logs() as events:
+        assert "expired on" in tls.check_dates(now=pki.now + 4 * DAY)
+    assert [event["log_level"] for event in events] == [LogLevel.error]
+    check.stopService()
+    assert clock.getDelayedCalls() == []
