@@ -135,7 +135,15 @@ from sftpauth.permissions import Permission, PermissionDenied
 from sftpauth.realm import SessionInfo
 from sftpauth.runtime import Runtime
 from sftpauth.signals import ReloadOnSIGHUP
-from sftpauth.tls import CertificateProblem, DailyDateCheck, ServerTLS, can_check_session_reuse, session_reused
+from sftpauth.tls import (
+    CertificateProblem,
+    DailyDateCheck,
+    ServerTLS,
+    can_check_session_reuse,
+    handshake_finished,
+    openssl_reason,
+    session_reused,
+)
 
 _log = Logger()
 
@@ -883,6 +891,7 @@ class _ProtectedDataChannel(_DataChannel):
 
     def _handshake_too_slow(self) -> None:
         self._handshake_timeout = None
+        self.pi._tls_refusal("tls-handshake-failed", detail=f"a data connection: no TLS handshake within {DATA_HANDSHAKE_TIMEOUT}s")
         self._refuse(DataChannelRefused(522, "Data connection closed: no TLS handshake in time (use PROT P only with a TLS client)."))
 
     def _cancel_timeout(self) -> None:
@@ -940,6 +949,7 @@ class _ProtectedDataChannel(_DataChannel):
                 service=self.pi.factory.settings.id,
                 reason=reason.getErrorMessage(),
             )
+            self.pi._tls_refusal("tls-handshake-failed", detail=f"a data connection: {openssl_reason(reason.value)}")
             self.refusal = DataChannelRefused(522, "Data connection failed: the TLS handshake did not complete.")
         self._settle()
         if self._verified and not reason.check(internet_error.ConnectionDone) and self._peer_closed_tls():
@@ -1082,6 +1092,9 @@ class SftpauthFTP(ftp.FTP):
 
     def connectionLost(self, reason) -> None:
         self._lost = True
+        if self.tls_options is not None and reason.check(SSL.Error) and not handshake_finished(self.transport):
+            # Implicit FTPS, or after AUTH TLS: a client that cannot or will not speak our TLS.
+            self._tls_refusal("tls-handshake-failed", detail=openssl_reason(reason.value))
         if not self._end_reason:
             self._end_reason = "connection-closed" if reason.check(internet_error.ConnectionDone) else "connection-lost"
         self._cancel_login_deadline()
@@ -1197,6 +1210,12 @@ class SftpauthFTP(ftp.FTP):
     def _peer(self) -> str:
         return _plain_address(self.transport.getPeer().host)
 
+    def _tls_refusal(self, reason: str, username: str = "", detail: str = "") -> None:
+        """Audit a refusal of the service's TLS policy (a ``connection`` event, at most one a minute per address)."""
+        policy = self.factory.policy
+        if policy is not None and self.transport is not None:
+            policy.connection_refused(self.factory.settings.id, self._peer(), reason, username=username, detail=detail)
+
     # -- commands -----------------------------------------------------------------
 
     def lineReceived(self, line: bytes) -> None:
@@ -1276,6 +1295,8 @@ class SftpauthFTP(ftp.FTP):
         if self.state == self.UNAUTH:
             if cmd == "USER":
                 if self.tls_options is None and self._tls_required():
+                    self._tls_refusal("tls-required", username=params[0] if params else "",
+                                      detail="USER before AUTH TLS")
                     return defer.fail(
                         FTPReplyError(530, "This server requires an encrypted connection: send AUTH TLS before USER.")
                     )
@@ -1427,6 +1448,7 @@ class SftpauthFTP(ftp.FTP):
             return defer.fail(FTPReplyError(503, "PBSZ must come before PROT."))
         level = level.strip().upper()
         if level == "C" and self.factory.settings.ftps_force_secured_data_channel:
+            self._tls_refusal("tls-required", detail="PROT C")
             return defer.fail(FTPReplyError(534, "Request denied for policy reasons: data connections must be protected (PROT P)."))
         if level in ("S", "E"):
             return defer.fail(FTPReplyError(536, "Requested PROT level not supported: use P."))
@@ -1452,6 +1474,7 @@ class SftpauthFTP(ftp.FTP):
             service=settings.id,
             peer=getattr(tls_transport.getPeer(), "host", "?"),
         )
+        self._tls_refusal("tls-session-not-reused", detail="a data connection")
         return DataChannelRefused(
             522, "Data connection refused: its TLS session must resume the control connection's (session reuse required)."
         )
@@ -1538,6 +1561,7 @@ class SftpauthFTP(ftp.FTP):
 
     def _check_data_protection(self) -> None:
         if self._data_protection_required() and not (self._protection == "P" and self.tls_options is not None):
+            self._tls_refusal("tls-required", detail="a data connection without PROT P")
             raise FTPReplyError(521, "Data connections must be protected: send PBSZ 0 and PROT P first.")
 
     def _listen_passive(self, local: str) -> int:
@@ -1991,6 +2015,7 @@ class FTPServiceFactory(ftp.FTPFactory):
         self.settings = settings
         self.reactor = runtime.reactor
         self.tls = tls
+        self.policy = runtime.policy_for(settings)  # audits the refusals of the TLS policy
         self.welcomeMessage = settings.banner
         self.timeOut = settings.idle_connection_timeout or None
         if settings.passive_port_range:

@@ -233,6 +233,23 @@ class DailyDateCheck(Service):
         return super().stopService()
 
 
+def openssl_reason(error: BaseException) -> str:
+    """OpenSSL's words for a failed handshake (``unsupported protocol``), without its library and function names."""
+    if isinstance(error, SSL.Error) and error.args and isinstance(error.args[0], list):
+        text = ", ".join(str(item[-1]) for item in error.args[0] if item and item[-1])
+        if text:
+            return text
+    return str(error) or type(error).__name__
+
+
+def handshake_finished(transport) -> bool:
+    """Whether the TLS handshake of ``transport`` (one that has a pyOpenSSL handle) completed."""
+    try:
+        return transport.getHandle().get_finished() is not None
+    except Exception:  # no TLS handle (any more)
+        return False
+
+
 def session_reused(connection: SSL.Connection) -> Optional[bool]:
     """Whether the handshake of ``connection`` resumed an earlier TLS session; None if unknown.
 

@@ -246,7 +246,14 @@ class SecurityPolicy:
         if held > 0:
             self._held[address] = held
 
-    def _connection_refused(self, service_id: str, address: str, reason: str) -> None:
+    def connection_refused(self, service_id: str, host: str, reason: str, **fields: str) -> None:
+        """A service refused what a client at ``host`` asked (FTPS's TLS policy): audited as the refusals here.
+
+        ``fields`` (``username``, ``detail``) are added to the event when not empty.
+        """
+        self._connection_refused(service_id, normalise_address(host), reason, **fields)
+
+    def _connection_refused(self, service_id: str, address: str, reason: str, **fields: str) -> None:
         repeats = self._refusals.due((service_id, address, reason))
         if repeats is None:
             return
@@ -258,6 +265,7 @@ class SecurityPolicy:
             reason=reason,
             policy=self.id,
             repeats=repeats,  # refusals of this address on this service not audited since the last event
+            **{name: value for name, value in fields.items() if value},
         )
 
     # -- logins -------------------------------------------------------------------------

@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import ftplib
 import io
+import json
 import os
 import random
 import shutil
@@ -614,6 +615,76 @@ def test_the_audit_log_says_whether_an_ftp_login_and_session_used_tls(site):
     assert seen == {("lenient", "authentication", False), ("lenient", "session-start", False),
                     ("lenient", "authentication", True), ("lenient", "session-start", True),
                     ("ftpsi", "authentication", True), ("ftpsi", "session-start", True)}
+
+
+def fresh_source() -> str:
+    """A loopback address no other test used: refusals are audited once a minute per service, address and reason."""
+    return f"127.{random.randrange(100, 250)}.{random.randrange(0, 250)}.{random.randrange(2, 250)}"
+
+
+def raw_from(source: str, port: int) -> RawControl:
+    return RawControl(sock=socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT, source_address=(source, 0)))
+
+
+@pytest.mark.filterwarnings("ignore:ssl.TLSVersion.TLSv1:DeprecationWarning")
+def test_refusals_of_the_tls_policy_are_audited_with_their_reason(site):
+    """Each refusal of the TLS policy is a ``connection`` event: the administrator sees which client is set up wrong."""
+    sources = {name: fresh_source() for name in ("user", "prot", "list", "reuse", "implicit", "explicit")}
+
+    raw = raw_from(sources["user"], site.explicit_port)
+    assert raw.command(b"USER batch-job").startswith(b"530")
+    raw.close()
+
+    raw = raw_from(sources["prot"], site.explicit_port)
+    raw.start_tls(site.context())
+    assert raw.command(b"PBSZ 0").startswith(b"200")
+    assert raw.command(b"PROT C").startswith(b"534")
+    raw.close()
+
+    client = SessionReusingFTP_TLS(context=site.context(), timeout=TIMEOUT, source_address=(sources["list"], 0))
+    client.connect("127.0.0.1", site.explicit_port)
+    client.auth()
+    client.login("alice", PASSWORD)
+    with pytest.raises(ftplib.error_perm, match="^521"):
+        client.nlst()  # no PROT P
+    client.close()
+
+    client = explicit_client(site, cls=ftplib.FTP_TLS, source_address=(sources["reuse"], 0))
+    with pytest.raises((ftplib.error_perm, ssl.SSLError, OSError, EOFError)):
+        client.nlst()
+    client.close()
+
+    old = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    old.check_hostname, old.verify_mode = False, ssl.CERT_NONE
+    old.set_ciphers("DEFAULT:@SECLEVEL=0")
+    old.minimum_version, old.maximum_version = ssl.TLSVersion.TLSv1, ssl.TLSVersion.TLSv1_1
+    sock = socket.create_connection(("127.0.0.1", site.implicit_port), timeout=TIMEOUT, source_address=(sources["implicit"], 0))
+    with sock, pytest.raises(ssl.SSLError):
+        old.wrap_socket(sock)
+
+    raw = raw_from(sources["explicit"], site.explicit_port)
+    assert raw.command(b"AUTH TLS").startswith(b"234")
+    raw.sock.sendall(b"USER alice\r\n")  # clear text where the TLS handshake should be
+    raw.sock.recv(1024)
+    raw.close()
+
+    def refusal(source: str) -> dict:
+        event = site.server.wait_for_audit(lambda e: e.get("event") == "connection" and e.get("peer") == source)
+        assert event["outcome"] == "refused" and "password" not in json.dumps(event).lower()
+        return event
+
+    user = refusal(sources["user"])
+    assert (user["service"], user["reason"], user["username"], user["detail"]) == (
+        "ftps", "tls-required", "batch-job", "USER before AUTH TLS")
+    assert [refusal(sources[name])["detail"] for name in ("prot", "list")] == ["PROT C", "a data connection without PROT P"]
+    assert {refusal(sources[name])["reason"] for name in ("prot", "list")} == {"tls-required"}
+    reuse = refusal(sources["reuse"])
+    assert (reuse["reason"], reuse["detail"]) == ("tls-session-not-reused", "a data connection")
+    implicit = refusal(sources["implicit"])
+    assert (implicit["service"], implicit["reason"]) == ("ftpsi", "tls-handshake-failed")
+    assert "protocol" in implicit["detail"]  # OpenSSL's reason: unsupported protocol
+    explicit = refusal(sources["explicit"])
+    assert (explicit["service"], explicit["reason"]) == ("ftps", "tls-handshake-failed") and explicit["detail"]
 
 
 # -- certificates -----------------------------------------------------------------------

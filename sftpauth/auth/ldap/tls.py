@@ -29,6 +29,8 @@ from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from sftpauth.tls import openssl_reason
+
 SYSTEM = "system"
 DISABLED = "disable-identity-security"
 MINIMUM_VERSION = ssl.TLSVersion.TLSv1_2
@@ -247,7 +249,5 @@ def describe_handshake_failure(report: Optional[TLSReport], reason: Exception) -
     if report is not None and report.problem and report.verifying:
         return f"tls-{report.problem_kind}", f"TLS certificate refused: {report.problem}"
     if isinstance(reason, SSL.Error):
-        details = [item[-1] for item in (reason.args[0] if reason.args and isinstance(reason.args[0], list) else [])]
-        text = ", ".join(str(detail) for detail in details if detail) or str(reason)
-        return "tls-handshake", f"TLS handshake failed: {text}"
+        return "tls-handshake", f"TLS handshake failed: {openssl_reason(reason)}"
     return "tls-handshake", "the server closed the connection during the TLS handshake"
