@@ -7,7 +7,7 @@ import getpass
 import io
 import os
 import sys
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import attrs
 
@@ -149,24 +149,36 @@ def check_files(configuration: Configuration) -> tuple[ConfigProblem, ...]:
                 path, settings, getattr(ftp.load_tls(settings, path), "certificate", None), SIGHUP_ADVICE
             ))
         elif isinstance(settings, models.SSHServiceSettings) and settings.ssh_server_keys:
-            checks.append(lambda settings=settings: ssh.load_host_keys(settings, path, configuration.server.data_folder))
+            checks.append(_without_warnings(lambda settings=settings: ssh.load_host_keys(
+                settings, path, configuration.server.data_folder
+            )))
         elif isinstance(settings, models.ManagerServiceSettings) and settings.ssl_certificate:
             checks.append(lambda settings=settings: _date_warnings(
                 path, settings, manager_tls.load_certificate(settings, path, configuration.server.data_folder).loaded,
                 manager_tls.RESTART_ADVICE,
             ))
         elif isinstance(settings, models.DirectoryServiceSettings):
-            checks.append(lambda settings=settings: directory.load_directory(settings, path))
-    checks.append(lambda: _check_audit_log(configuration))
+            checks.append(_without_warnings(lambda settings=settings: directory.load_directory(settings, path)))
+    checks.append(_without_warnings(lambda: _check_audit_log(configuration)))
     problems, warnings = [], []
     for check in checks:
         try:
-            warnings.extend(check() or ())
+            warnings.extend(check())
         except ConfigError as error:
             problems.extend(error.problems)
     if problems:
         raise ConfigError(configuration.locate(problems), configuration.locate(warnings))
     return tuple(configuration.locate(warnings))
+
+
+def _without_warnings(load: Callable[[], object]) -> Callable[[], tuple[ConfigProblem, ...]]:
+    """A check of :func:`check_files` from a loader whose result (keys, a directory) is not needed there."""
+
+    def check() -> tuple[ConfigProblem, ...]:
+        load()
+        return ()
+
+    return check
 
 
 def _date_warnings(path: str, settings, certificate, advice: str) -> list[ConfigProblem]:

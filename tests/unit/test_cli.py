@@ -453,3 +453,18 @@ def test_check_config_warns_of_certificates_not_valid_yet_or_expiring_within_two
         "reads its certificate at start-up)",
     ]
 
+
+
+def test_check_config_of_the_demo_and_of_host_keys_and_ldif_that_load(tmp_path, capsys):
+    """Files that load (the demo's LDIF, a configured SSH host key) add nothing to check-config's output."""
+    demo = Path(__file__).resolve().parents[2] / "etc" / "demo" / "sftpauth.ini"
+    assert main(["check-config", str(demo)]) == 0
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(tmp_path / "host_key")], check=True)
+    config = tmp_path / "sftpauth.ini"
+    config.write_text(
+        f"[server]\ndata_folder = {tmp_path}/data\n"
+        "[services/sftp]\ntype = ssh\nport = 2222\nssh_server_keys = host_key\n"
+    )
+    assert main(["check-config", str(config)]) == 0
+    out = capsys.readouterr().out
+    assert "service sftp: ssh on 127.0.0.1:2222" in out and "warning:" not in out

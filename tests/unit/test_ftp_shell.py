@@ -561,7 +561,7 @@ def connection():
     """An FTP protocol on a StringTransport, with a fake portal and a fake clock."""
     reactor = MemoryReactorClock()
     portal = FakePortal()
-    factory = FTPServiceFactory(_settings(), types.SimpleNamespace(portal=portal, reactor=reactor))
+    factory = FTPServiceFactory(_settings(), types.SimpleNamespace(portal=portal, reactor=reactor, policy_for=lambda settings: None))
     protocol = factory.buildProtocol(IPv4Address("TCP", "192.0.2.7", 5555))
     transport = StringTransport(
         hostAddress=IPv4Address("TCP", "127.0.0.1", 2121), peerAddress=IPv4Address("TCP", "192.0.2.7", 5555)
@@ -870,7 +870,7 @@ def test_opts_utf8_and_feat(connection):
 def _logged_in(settings: FTPServiceSettings):
     reactor = MemoryReactorClock()
     portal = FakePortal()
-    factory = FTPServiceFactory(settings, types.SimpleNamespace(portal=portal, reactor=reactor))
+    factory = FTPServiceFactory(settings, types.SimpleNamespace(portal=portal, reactor=reactor, policy_for=lambda settings: None))
     protocol = factory.buildProtocol(IPv4Address("TCP", "192.0.2.7", 5555))
     transport = StringTransport(
         hostAddress=IPv4Address("TCP", "10.0.0.5", 2121), peerAddress=IPv4Address("TCP", "192.0.2.7", 5555)
