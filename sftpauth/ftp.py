@@ -2063,8 +2063,7 @@ def make_service(settings: FTPServiceSettings, runtime: Runtime) -> IService:
     """The listening service of one ``type = ftp`` or ``type = ftpsi`` section."""
     tls = load_tls(settings, runtime.configuration.path)
     if tls is not None and not settings.implicit_tls and not settings.ftps_explicit_enabled:
-        _log.warn("service {service}: ftps_explicit_enabled = no, so ssl_certificate is not used: plain FTP", service=settings.id)
-        tls = None
+        tls = None  # plain FTP: a configuration warning says so (config.loader._check_ftps_options)
     factory = FTPServiceFactory(settings, runtime, tls)
     if tls is None:
         return listening_service(runtime.reactor, settings, factory, runtime.policy_for(settings))

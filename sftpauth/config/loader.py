@@ -597,6 +597,8 @@ def _cross_check(problems: _Problems, configuration: models.Configuration) -> No
             problems.warn(section, "proxy_protocol_sources", "ignored: proxy_protocol = no")
         if isinstance(service, models.SSHServiceSettings) and service.enabled and not service.sftp:
             problems.warn(section, "sftp", "no: clients can log in but not transfer files")
+        if isinstance(service, models.FTPServiceSettings) and service.enabled:
+            _check_ftps_options(problems, section, service)
         if service.type == "ldap-directory" and not _is_loopback(service.address):
             problems.error(
                 section,
@@ -706,6 +708,28 @@ def _check_manager(problems: _Problems, configuration: models.Configuration) -> 
                 "authentications",
                 f"{models.DEFAULT_AUTHENTICATION} is not listed: the [administrators/..] cannot log into this Web Manager",
             )
+
+
+_FTPS_OPTIONS = (
+    "ftps_explicit_enabled",
+    "ftps_force_secured_command_channel",
+    "ftps_force_secured_data_channel",
+    "ftps_require_session_reuse",
+)
+
+
+def _check_ftps_options(problems: _Problems, section: str, service: models.FTPServiceSettings) -> None:
+    """FTPS asked for where the service speaks plain FTP: the administrator believes passwords are encrypted."""
+    if service.implicit_tls:
+        return  # without a certificate, an error of its own (ftp.load_tls)
+    if service.ssl_certificate and not service.ftps_explicit_enabled:
+        problems.warn(section, "ftps_explicit_enabled", "no: ssl_certificate is not used, this service speaks plain "
+                      "FTP and passwords cross the network in clear")
+    elif not service.ssl_certificate:
+        for option in _FTPS_OPTIONS:
+            if getattr(service, option) and (section, option) in problems.source.options:
+                problems.warn(section, option, "ignored: without ssl_certificate this service speaks plain FTP and "
+                              "passwords cross the network in clear (set ssl_certificate for FTPS)")
 
 
 def _check_ldap_method(

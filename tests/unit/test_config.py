@@ -1574,3 +1574,20 @@ def test_home_folder_variables_other_than_user_are_a_warning(password_hash):
     assert found[(2, "groups/g1", "home_folder_path")].startswith("${USERNAME} is not replaced: the only placeholder is ${USER}")
     assert "$USER is not replaced (did you mean ${USER}?)" in found[(5, "groups/g2", "home_folder_path")]
     assert "${user} is not replaced (did you mean ${USER}?)" in found[(8, "groups/g3", "home_folder_path")]
+
+
+def test_ftps_options_on_a_plain_ftp_service_are_warnings_on_their_lines():
+    """Forcing TLS on a service without a certificate changes nothing: the administrator hears that passwords go in clear."""
+    configuration = parse(
+        "[services/ftp]\ntype = ftp\nport = 21\n"
+        "ftps_force_secured_command_channel = yes\nftps_force_secured_data_channel = no\n"
+        "[services/off]\ntype = ftp\nport = 2121\nssl_certificate = /etc/cert.pem\nftps_explicit_enabled = no\n"
+        "[services/plain]\ntype = ftp\nport = 2221\n"
+    )
+    found = [(w.line, w.section, w.option, w.message) for w in configuration.warnings]
+    assert [entry[:3] for entry in found] == [
+        (4, "services/ftp", "ftps_force_secured_command_channel"),
+        (10, "services/off", "ftps_explicit_enabled"),
+    ]
+    assert found[0][3].startswith("ignored: without ssl_certificate this service speaks plain FTP and passwords")
+    assert found[1][3].startswith("no: ssl_certificate is not used, this service speaks plain FTP")

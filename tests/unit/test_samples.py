@@ -32,8 +32,9 @@ def test_sample_configuration_checks_without_its_secret_set(monkeypatch, capsys)
     monkeypatch.delenv("SFTPAUTH_LDAP_PASSWORD", raising=False)
     assert main(["check-config", str(ROOT / "etc/sftpauth.ini")]) == 0
     configuration = load_configuration(str(ROOT / "etc/sftpauth.ini"))
-    assert [(w.section, w.option) for w in configuration.warnings if "SFTPAUTH_LDAP_PASSWORD" in w.message] == [
+    assert [(w.section, w.option) for w in configuration.warnings] == [
         ("authentications/DIRECTORY", "service_account_password")]
+    assert "SFTPAUTH_LDAP_PASSWORD" in configuration.warnings[0].message
 
 
 def _spec_options():
