@@ -193,7 +193,7 @@ class AuthenticationChain:
         finally:
             release()
         request.trace.add(method_id, "accepted", f"logged in as {account.username}")
-        self._record(request, method_id, "success", "", started, "")
+        self._record(request, method_id, "success", "", started, "", account=account.username)
         if policy is not None:
             await policy.record(request, "success")
         return account
@@ -239,8 +239,10 @@ class AuthenticationChain:
         return attrs.evolve(account, home_root=root)
 
     def _record(
-        self, request: LoginRequest, method_id: str, outcome: str, reason: str, started: float, detail: str
+        self, request: LoginRequest, method_id: str, outcome: str, reason: str, started: float, detail: str,
+        account: str = "",
     ) -> None:
+        """``account``: the name a success logged in as, written when it is not what was typed (session events use it)."""
         self._audit.record(
             "authentication",
             service=request.service_id,
@@ -253,4 +255,5 @@ class AuthenticationChain:
             detail=detail,
             duration_ms=round((self._clock() - started) * 1000, 1),
             **({} if request.tls is None else {"tls": request.tls}),
+            **({"account": account} if account and account != request.username else {}),
         )

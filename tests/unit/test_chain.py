@@ -486,6 +486,16 @@ def test_audit_events_describe_each_attempt_without_the_password(local, result_o
     assert PASSWORD + "-wrong" not in serialized
 
 
+def test_a_success_names_the_account_when_it_is_not_what_was_typed(tmp_path, run_in_thread, result_of):
+    """ALICE logs in as the account alice: the authentication event keeps ALICE and adds the account that
+    session-start and session-end name, so a search for either finds the whole session."""
+    harness = Harness(chain_configuration(tmp_path, server_methods="one"), run_in_thread,
+                      {"one": StubMethod("one", stub_account("one", str(tmp_path)))})
+    harness.login(result_of, username="ALICE")
+    harness.login(result_of, username="alice")
+    assert [(e["username"], e.get("account")) for e in harness.events] == [("ALICE", "alice"), ("alice", None)]
+
+
 def test_audit_file_is_json_lines_without_the_password(tmp_path, local, run_in_thread, result_of):
     """The audit file holds one JSON object per attempt, with no password in it."""
     audit_path = tmp_path / "audit.jsonl"
