@@ -343,22 +343,24 @@ def _mapping(value: str, kind: str):
     from sftpauth.auth.ldap.groups import GroupMapping, MappingError
 
     try:
-        return GroupMapping.parse(value, kind)
+        mapping = GroupMapping.parse(value, kind)
     except MappingError as error:
         found = [VdtLineError(str(each), each.index) for each in error.all]
-        raise (found[0] if len(found) == 1 else VdtLineErrors(found)) from None
+        refused = found[0] if len(found) == 1 else VdtLineErrors(found)
+        # The loader goes on with the good lines, so the IDs they name are checked in the same pass.
+        refused.partial = None if error.partial is None or error.partial.empty else error.partial
+        raise refused from None
+    return None if mapping.empty else mapping
 
 
 def group_mapping(value: str):
     """``group_mapping``: a GroupMapping of matching-expression rules (None when empty)."""
-    mapping = _mapping(value, "group")
-    return None if mapping.empty else mapping
+    return _mapping(value, "group")
 
 
 def roles_mapping(value: str):
     """``roles_mapping``: the same grammar, giving role IDs."""
-    mapping = _mapping(value, "role")
-    return None if mapping.empty else mapping
+    return _mapping(value, "role")
 
 
 def group_search_filter(value: str):

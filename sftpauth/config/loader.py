@@ -402,8 +402,11 @@ def _check_section(
                 continue
             for each in getattr(error, "line_errors", None) or [error]:  # several bad items: each on its line
                 problems.error(section, option, str(each), getattr(each, "index", None))
-            # Go on with the default so later checks still report their problems.
+            # Go on with the good part of the value (a mapping's good lines), else the default, so later
+            # checks still report their problems.
             values_with_errors.add(name)
+            if getattr(error, "partial", None) is not None:
+                result[name] = error.partial
             continue
         if checked is UNSUPPORTED:
             problems.warn(section, option, "known SFTPPlus option, not implemented by sftpauth: ignored")
@@ -413,7 +416,7 @@ def _check_section(
         result[name] = checked
     values = {aliases.get(option, option): value for option, value in values.items()}
     for option, check in spec.items():
-        if (option in values and option not in values_with_errors) or check.startswith("unsupported"):
+        if (option in values and option not in values_with_errors) or option in result or check.startswith("unsupported"):
             continue
         try:
             default = validator.check(check, None, missing=True)

@@ -1591,3 +1591,27 @@ def test_ftps_options_on_a_plain_ftp_service_are_warnings_on_their_lines():
     ]
     assert found[0][3].startswith("ignored: without ssl_certificate this service speaks plain FTP and passwords")
     assert found[1][3].startswith("no: ssl_certificate is not used, this service speaks plain FTP")
+
+
+def test_unknown_ids_of_good_mapping_rules_are_reported_beside_the_bad_rules():
+    """A bad rule does not hide an unknown group or role ID named by a good one: one check-config finds both."""
+    text = textwrap.dedent("""\
+        [authentications/LDAP]
+        type = ldap
+        address = 127.0.0.1
+        bind_dn = ou=people,dc=example,dc=com
+        group_mapping =
+            memberOf, *x*, nosuchgroup
+            memberOf, x/abc/, DEFAULT_GROUP
+            memberOf, m/(unclosed/, DEFAULT_GROUP
+            memberOf, *z*, othermissing
+        roles_mapping =
+            memberOf, *a*, nosuchrole
+            memberOf, m/(unclosed/, DEFAULT-ROLE
+        """)
+    found = [(problem.line, problem.option, problem.message) for problem in problems_of_text(text)]
+    assert [entry[:2] for entry in found] == [
+        (6, "group_mapping"), (7, "group_mapping"), (8, "group_mapping"), (9, "group_mapping"),
+        (11, "roles_mapping"), (12, "roles_mapping"),
+    ]
+    assert "'nosuchgroup'" in found[0][2] and "'othermissing'" in found[3][2] and "'nosuchrole'" in found[4][2]

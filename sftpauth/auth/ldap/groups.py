@@ -92,13 +92,17 @@ def try_normalise_dn(text: str) -> str:
 class MappingError(ValueError):
     """A bad ``group_mapping`` / ``roles_mapping`` line; ``index`` counts the value's lines from 0.
 
-    ``all``: every bad line of the value, this one first (:meth:`GroupMapping.parse` reads on past one).
+    ``all``: every bad line of the value, this one first (:meth:`GroupMapping.parse` reads on past one);
+    ``partial``: the mapping of the good lines, so the IDs they name are checked in the same pass.
     """
 
-    def __init__(self, message: str, index: int, others: tuple["MappingError", ...] = ()):
+    def __init__(
+        self, message: str, index: int, others: tuple["MappingError", ...] = (), partial: Optional["GroupMapping"] = None
+    ):
         super().__init__(message)
         self.index = index
         self.all = (self, *others)
+        self.partial = partial
 
 
 @attrs.frozen
@@ -155,9 +159,10 @@ class GroupMapping:
                 rules.append(_parse_rule(line, kind, index))
             except MappingError as problem:
                 problems.append(problem)  # the lines after it are read too: every mistake in one check
+        mapping = cls(kind, tuple(fallback), tuple(fallback_indexes), tuple(rules))
         if problems:
-            raise MappingError(str(problems[0]), problems[0].index, tuple(problems[1:]))
-        return cls(kind, tuple(fallback), tuple(fallback_indexes), tuple(rules))
+            raise MappingError(str(problems[0]), problems[0].index, tuple(problems[1:]), partial=mapping)
+        return mapping
 
     def with_role_lists(self, known: Iterable[str]) -> "GroupMapping":
         """Leading rule lines whose every item is a defined role ID read as role IDs instead.
