@@ -687,6 +687,25 @@ def test_refusals_of_the_tls_policy_are_audited_with_their_reason(site):
     assert (explicit["service"], explicit["reason"]) == ("ftps", "tls-handshake-failed") and explicit["detail"]
 
 
+def test_a_tls_error_after_the_handshake_is_not_audited_as_a_handshake_failure(site):
+    """Only a handshake that did not complete is ``tls-handshake-failed``: a record broken later is not."""
+    source = fresh_source()
+    raw = raw_from(source, site.explicit_port)
+    raw.start_tls(site.context())
+    assert raw.command(b"NOOP").startswith(b"200")
+    with socket.fromfd(raw.sock.fileno(), socket.AF_INET, socket.SOCK_STREAM) as plain:  # beneath the TLS layer
+        plain.sendall(b"\x17\x03\x03\x00\x20" + os.urandom(32))  # application data that fails its check
+    with contextlib.suppress(OSError):
+        raw.sock.recv(1024)
+    raw.close()
+    marker = raw_from(source, site.explicit_port)
+    assert marker.command(b"USER after-the-broken-record").startswith(b"530")
+    marker.close()
+    site.server.wait_for_audit(lambda e: e.get("username") == "after-the-broken-record")
+    reasons = [e["reason"] for e in read_audit(site.folder / "audit.jsonl") if e.get("peer") == source]
+    assert reasons == ["tls-required"]
+
+
 # -- certificates -----------------------------------------------------------------------
 
 
