@@ -423,10 +423,17 @@ def _check_section(
         except VdtMissingValue:
             if option not in values_with_errors:
                 problems.error(section, option, "required option is missing")
+            if option in _STAND_INS:
+                result[option] = _STAND_INS[option]  # the section is still built, so its references are checked
             continue
         if default is not UNSUPPORTED:
             result[option] = default
     return result
+
+
+# Values for a required option that is missing or wrong (already an error): never used to serve,
+# only so the section's other options still get their cross-checks in the same pass.
+_STAND_INS: Mapping[str, Any] = {"port": 0, "ldif": "", "address": ()}
 
 
 def _switched_off(values: Mapping[str, str]) -> bool:

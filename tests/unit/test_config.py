@@ -1615,3 +1615,24 @@ def test_unknown_ids_of_good_mapping_rules_are_reported_beside_the_bad_rules():
         (11, "roles_mapping"), (12, "roles_mapping"),
     ]
     assert "'nosuchgroup'" in found[0][2] and "'othermissing'" in found[3][2] and "'nosuchrole'" in found[4][2]
+
+
+def test_a_missing_or_wrong_required_option_does_not_hide_the_sections_other_problems():
+    """``port = 21x`` or no ``address``: the section's references are still checked in the same pass."""
+    text = textwrap.dedent("""\
+        [services/ftp]
+        type = ftp
+        port = 21x
+        security_policy = NOPE
+        authentications = NOPE2
+        [authentications/L]
+        type = ldap
+        bind_dn = ou=people,dc=example,dc=com
+        group_mapping = nosuch
+        [services/ssh]
+        type = ssh
+        authentications = L
+        """)
+    found = [(problem.line, problem.option) for problem in problems_of_text(text)]
+    assert found == [(3, "port"), (4, "security_policy"), (5, "authentications"), (6, "address"),
+                     (9, "group_mapping"), (10, "port")]
