@@ -949,7 +949,8 @@ class _ProtectedDataChannel(_DataChannel):
                 service=self.pi.factory.settings.id,
                 reason=reason.getErrorMessage(),
             )
-            self.pi._tls_refusal("tls-handshake-failed", detail=f"a data connection: {openssl_reason(reason.value)}")
+            if reason.check(SSL.Error):  # not a client that closed an unused data connection
+                self.pi._tls_refusal("tls-handshake-failed", detail=f"a data connection: {openssl_reason(reason.value)}")
             self.refusal = DataChannelRefused(522, "Data connection failed: the TLS handshake did not complete.")
         self._settle()
         if self._verified and not reason.check(internet_error.ConnectionDone) and self._peer_closed_tls():

@@ -706,6 +706,33 @@ def test_a_tls_error_after_the_handshake_is_not_audited_as_a_handshake_failure(s
     assert reasons == ["tls-required"]
 
 
+def test_a_data_connection_that_fails_its_handshake_is_audited_and_one_closed_unused_is_not(site):
+    """Clear text on a PROT P data connection is ``tls-handshake-failed``; a data connection closed unused is no refusal."""
+    failed, unused = fresh_source(), fresh_source()
+    for source, payload in ((failed, b"GET / HTTP/1.0\r\n\r\n"), (unused, b"")):
+        client = explicit_client(site, source_address=(source, 0))
+        host, port = ftplib.parse227(client.sendcmd("PASV"))
+        with socket.create_connection((host, port), timeout=TIMEOUT, source_address=(source, 0)) as plain:
+            if payload:
+                plain.sendall(payload)
+                with contextlib.suppress(OSError):
+                    while plain.recv(65536):
+                        pass
+        time.sleep(0.2)
+        assert client.sendcmd("NOOP").startswith("200")
+        client.close()
+        marker = raw_from(source, site.explicit_port)
+        assert marker.command(b"USER marker-" + source.encode()).startswith(b"530")
+        marker.close()
+        site.server.wait_for_audit(lambda e, source=source: e.get("username") == f"marker-{source}")
+    events = read_audit(site.folder / "audit.jsonl")
+    refusals = {source: [(e["reason"], e.get("detail", "")) for e in events if e.get("event") == "connection"
+                         and e.get("peer") == source] for source in (failed, unused)}
+    assert refusals[unused] == [("tls-required", "USER before AUTH TLS")]
+    (first, detail), second = refusals[failed]
+    assert first == "tls-handshake-failed" and detail.startswith("a data connection: ") and second[0] == "tls-required"
+
+
 # -- certificates -----------------------------------------------------------------------
 
 
