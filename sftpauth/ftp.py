@@ -1863,7 +1863,11 @@ class SftpauthFTP(ftp.FTP):
 
     def ftp_NLST(self, path=""):
         folder, glob = self._listing_target(path)
-        return self._send_listing(folder, lambda: lambda name, result: listing_name(name), glob)
+        # A glob expands to paths, as a shell's does: "NLST d1/*" gives "d1/a", which RETR takes as it is
+        # (mget of Windows ftp.exe, scripts). A folder listed without a glob gives bare names.
+        head, slash, _ = _strip_list_options(path).rpartition("/")
+        prefix = head + slash if glob else ""
+        return self._send_listing(folder, lambda: lambda name, result: listing_name(prefix + name), glob)
 
     def ftp_MLSD(self, path=""):
         def lines() -> _LineFormat:

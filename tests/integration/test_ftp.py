@@ -409,6 +409,12 @@ def test_list_and_nlst_show_the_folder(ftp_server):
     assert sorted(client.nlst()) == ["a.txt", "sub"]
     assert client.nlst("*.txt") == ["a.txt"]
     assert [line.split()[-1] for line in listing(client, "-la")] == ["a.txt", "sub"]
+    client.cwd("/")
+    # A glob in a folder gives paths, as a shell's does, so "for name in nlst('listed/*'): RETR name" works.
+    assert sorted(client.nlst("listed/*")) == ["listed/a.txt", "listed/sub"]
+    assert client.nlst("/listed/*.txt") == ["/listed/a.txt"]
+    for name in client.nlst("listed/*.txt"):
+        assert client.size(name) == 5
     client.quit()
 
 
