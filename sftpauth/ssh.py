@@ -637,7 +637,13 @@ class JailedSFTPServer:
 
     def renameFile(self, oldpath: bytes, newpath: bytes, overwrite: bool = False) -> defer.Deferred:
         """SFTP v3 ``rename`` never replaces a file; ``posix-rename@openssh.com`` does (``overwrite``)."""
-        d = self.filesystem.rename(oldpath, newpath, overwrite=overwrite)
+
+        def into_itself(failure: Failure) -> Failure:
+            if failure.check(OSError) and failure.value.errno == errno.EINVAL:  # rename(2): a folder into itself
+                return Failure(SFTPError(FX_FAILURE, "a folder cannot be moved into itself"))
+            return failure
+
+        d = self.filesystem.rename(oldpath, newpath, overwrite=overwrite).addErrback(into_itself)
         return self._changed(d, "rename", oldpath + b" -> " + newpath)
 
     def makeDirectory(self, path: bytes, attrs: dict) -> defer.Deferred:

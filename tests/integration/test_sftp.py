@@ -144,6 +144,16 @@ def test_rename(site, alice):
     assert (site.home("alice") / new).read_bytes() == b"content"
 
 
+def test_moving_a_folder_into_itself_says_so(site, alice):
+    """rename and posix-rename of a folder into its own subfolder: a sentence, not the system's "Invalid argument"."""
+    folder = unique("outer")
+    (site.home("alice") / folder / "inner").mkdir(parents=True)
+    for move in (alice.rename, alice.posix_rename):
+        with pytest.raises(IOError, match="a folder cannot be moved into itself"):
+            move(folder, f"{folder}/inner/moved")
+    assert (site.home("alice") / folder / "inner").is_dir()
+
+
 def test_rename_does_not_replace_an_existing_file(site, alice):
     """rename onto an existing name fails and both files keep their content (SFTP v3 semantics)."""
     first, second = unique("first"), unique("second")
