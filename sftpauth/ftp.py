@@ -1487,6 +1487,10 @@ class SftpauthFTP(ftp.FTP):
             return defer.fail(FTPReplyError(501, "TYPE requires an argument."))
         return super().ftp_TYPE("".join(type.split()))  # "A N" as Twisted expects it: "AN"
 
+    def ftp_ALLO(self, *size):
+        """Space needs no reserving here (RFC 1123 §4.1.2.10: ALLO may be a no-op); older clients send it before STOR."""
+        return Reply("202 No storage allocation necessary.")
+
     def ftp_OPTS(self, option=""):
         words = option.upper().split()
         if words and words[0] == "UTF8" and len(words) <= 2:

@@ -1102,3 +1102,13 @@ def test_listing_lines_are_made_in_the_thread_pool(home):
         threads.run_one()
     assert results == [b"f1.txt\r\nf2.txt\r\nf3.txt\r\n"]
     assert in_thread == [True] * 3  # only the names the glob matches are formatted
+
+
+def test_allo_is_a_no_op_after_login():
+    """ALLO (with or without a size) is 202, as RFC 1123 allows: older clients send it before STOR."""
+    protocol, transport, reactor = _logged_in(_settings())
+    for line in (b"ALLO 100", b"ALLO 100 R 10", b"ALLO"):
+        transport.clear()
+        protocol.dataReceived(line + b"\r\n")
+        reactor.advance(0)
+        assert transport.value().startswith(b"202 ")
