@@ -225,7 +225,10 @@ class DailyDateCheck(Service):
 
     def startService(self) -> None:
         super().startService()
-        self._call.start(self.INTERVAL, now=False)
+        # A check that raised would stop the loop: say so rather than leave an unhandled error.
+        self._call.start(self.INTERVAL, now=False).addErrback(
+            lambda failure: _log.failure("the daily certificate date check stopped", failure)
+        )
 
     def stopService(self):
         if self._call.running:

@@ -234,3 +234,20 @@ def test_a_reload_and_the_daily_check_log_a_certificate_about_to_expire(pki, tmp
     assert [event["log_level"] for event in events] == [LogLevel.error]
     check.stopService()
     assert clock.getDelayedCalls() == []
+
+
+def test_a_daily_check_that_raises_is_logged_not_left_unhandled():
+    """A bug in the check stops the loop with a logged failure (no "Unhandled error in Deferred")."""
+    clock = task.Clock()
+
+    def broken():
+        raise RuntimeError("bug")
+
+    check = DailyDateCheck(clock, broken)
+    with capture_logs() as events:
+        check.startService()
+        clock.advance(DailyDateCheck.INTERVAL)
+    (event,) = [event for event in events if "log_failure" in event]
+    assert event["log_failure"].check(RuntimeError) and "daily certificate date check" in formatEvent(event)
+    assert clock.getDelayedCalls() == []
+    check.stopService()
