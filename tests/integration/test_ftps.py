@@ -687,6 +687,17 @@ def test_refusals_of_the_tls_policy_are_audited_with_their_reason(site):
     assert (explicit["service"], explicit["reason"]) == ("ftps", "tls-handshake-failed") and explicit["detail"]
 
 
+def refusals_after_a_marker(site: FTPSSite, source: str) -> list[tuple[str, str]]:
+    """The (reason, detail) of every connection refusal of ``source`` so far, the last being a marker this sends:
+    once the marker (USER in clear) is audited, so is everything ``source`` did before it."""
+    marker = raw_from(source, site.explicit_port)
+    assert marker.command(b"USER marker-" + source.encode()).startswith(b"530")
+    marker.close()
+    site.server.wait_for_audit(lambda e: e.get("username") == f"marker-{source}")
+    return [(e["reason"], e.get("detail", "")) for e in read_audit(site.folder / "audit.jsonl")
+            if e.get("event") == "connection" and e.get("peer") == source]
+
+
 def test_a_tls_error_after_the_handshake_is_not_audited_as_a_handshake_failure(site):
     """Only a handshake that did not complete is ``tls-handshake-failed``: a record broken later is not."""
     source = fresh_source()
@@ -698,12 +709,7 @@ def test_a_tls_error_after_the_handshake_is_not_audited_as_a_handshake_failure(s
     with contextlib.suppress(OSError):
         raw.sock.recv(1024)
     raw.close()
-    marker = raw_from(source, site.explicit_port)
-    assert marker.command(b"USER after-the-broken-record").startswith(b"530")
-    marker.close()
-    site.server.wait_for_audit(lambda e: e.get("username") == "after-the-broken-record")
-    reasons = [e["reason"] for e in read_audit(site.folder / "audit.jsonl") if e.get("peer") == source]
-    assert reasons == ["tls-required"]
+    assert refusals_after_a_marker(site, source) == [("tls-required", "USER before AUTH TLS")]
 
 
 def test_a_data_connection_that_fails_its_handshake_is_audited_and_one_closed_unused_is_not(site):
@@ -721,13 +727,7 @@ def test_a_data_connection_that_fails_its_handshake_is_audited_and_one_closed_un
         time.sleep(0.2)
         assert client.sendcmd("NOOP").startswith("200")
         client.close()
-        marker = raw_from(source, site.explicit_port)
-        assert marker.command(b"USER marker-" + source.encode()).startswith(b"530")
-        marker.close()
-        site.server.wait_for_audit(lambda e, source=source: e.get("username") == f"marker-{source}")
-    events = read_audit(site.folder / "audit.jsonl")
-    refusals = {source: [(e["reason"], e.get("detail", "")) for e in events if e.get("event") == "connection"
-                         and e.get("peer") == source] for source in (failed, unused)}
+    refusals = {source: refusals_after_a_marker(site, source) for source in (failed, unused)}
     assert refusals[unused] == [("tls-required", "USER before AUTH TLS")]
     (first, detail), second = refusals[failed]
     assert first == "tls-handshake-failed" and detail.startswith("a data connection: ") and second[0] == "tls-required"
