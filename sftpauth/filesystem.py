@@ -26,7 +26,7 @@ import posixpath
 import re
 import stat as stat_module
 from contextlib import ExitStack, contextmanager
-from typing import Any, Callable, Iterator, Optional, Union
+from typing import Any, Callable, Iterator, NamedTuple, Optional, Union
 
 from twisted.internet import defer
 
@@ -323,8 +323,47 @@ def _seek(file, offset: int) -> None:
 
 
 def is_inside(root: str, path: str) -> bool:
-    real = os.path.realpath(path)
+    return _within(root, os.path.realpath(path))
+
+
+def _within(root: str, real: str) -> bool:
+    """Whether a real path (links resolved already) is ``root`` or below it."""
     return real == root or real.startswith(root.rstrip(os.sep) + os.sep)
+
+
+def _seen_from(root: str, real: str) -> str:
+    """The path the session sees for ``real``, a real path inside ``root``: ``/`` is ``root``."""
+    relative = os.path.relpath(real, root)
+    return "/" if relative == os.curdir else "/" + relative
+
+
+class Listed(NamedTuple):
+    """One entry of a listing: its name, its ``lstat`` result, and for a symlink what it points to.
+
+    ``link`` is the target as the session sees it, relative to the link's
+    folder (``../shared``, ``report.txt``), worked out from where the link
+    really leads: never the server path the link holds. Its ``st_size`` is
+    the length of that text, as ``lstat`` gives the length of what a link holds.
+    """
+
+    name: str
+    result: os.stat_result
+    link: Optional[str] = None
+
+
+def _link_entry(root: str, real: str, result: os.stat_result) -> Optional[Listed]:
+    """The :class:`Listed` of the symlink ``real`` (``result``: its ``lstat``); None when it leads outside ``root``.
+
+    A link that leads nowhere inside is listed (it can be deleted); one that
+    leads outside is neither listed nor usable (:func:`resolve`).
+    """
+    target = os.path.realpath(real)
+    if not _within(root, target):
+        return None
+    shown = posixpath.relpath(_seen_from(root, target), _seen_from(root, os.path.dirname(real)))
+    sized = tuple(result)[:6] + (len(disk_bytes(shown)),) + tuple(result)[7:]
+    times = {name: getattr(result, name) for name in ("st_atime", "st_mtime", "st_ctime")}
+    return Listed(os.path.basename(real), os.stat_result(sized, times), shown)
 
 
 class JailedFilesystem:
@@ -393,6 +432,33 @@ class JailedFilesystem:
         # resolve() followed every link that stays inside: what is left to stat is no link
         return _lstat_beneath(self.root, real)
 
+    def lstat(self, client_path, cwd: str = "/") -> defer.Deferred:
+        """The :class:`Listed` of the entry a path names, itself: a symlink as a link, not as what it points to.
+
+        As :meth:`stat` for anything else, and with the same permissions.
+        A link that leads outside is OutsideJail (:func:`resolve_entry`).
+        """
+        return self._call((Permission.LIST, Permission.READ), client_path, cwd, self._entry, entry=True)
+
+    def _entry(self, real: str) -> Listed:
+        result = _lstat_beneath(self.root, real)
+        if stat_module.S_ISLNK(result.st_mode):
+            listed = _link_entry(self.root, real, result)
+            if listed is None:
+                raise OutsideJail(_seen_from(self.root, real))  # never: resolve_entry refuses it
+            return listed
+        return Listed(os.path.basename(real), result)
+
+    def read_link(self, client_path, cwd: str = "/") -> defer.Deferred:
+        """What a symlink points to, as the session sees it (:class:`Listed`); OSError EINVAL for anything else."""
+
+        def target(listed: Listed) -> str:
+            if listed.link is None:
+                raise OSError(errno.EINVAL, "not a symbolic link")
+            return listed.link
+
+        return self.lstat(client_path, cwd).addCallback(target)
+
     def require_existing(self, client_path, cwd: str = "/") -> defer.Deferred:
         """None, or FileNotFoundError when nothing has that name; needs no permission (the caller checks its own)."""
         return self._call(None, client_path, cwd, lambda real: self._stat(real) and None)
@@ -440,7 +506,7 @@ class JailedFilesystem:
                 name = posixpath.basename(virtual_path(client_path, cwd))
                 if folder_only:
                     raise NotADirectoryError(errno.ENOTDIR, "not a folder", name)
-                reader = FolderReader(iter([(name, result)]), listed=lambda listed: listed)
+                reader = FolderReader(iter([Listed(name, result)]), listed=lambda listed: listed)
             else:
                 reader = self._folder_reader(real, _sorted_names, lambda name: name)
             return reader if then is None else then(reader)
@@ -462,18 +528,21 @@ class JailedFilesystem:
         return FolderReader(entries, listed=lambda entry: self._listed(folder, real, name_of(entry)),
                             closing=lambda: os.close(folder))
 
-    def _listed(self, folder: int, real: str, name: str) -> Optional[tuple[str, os.stat_result]]:
-        """``(name, stat_result)`` of the entry ``name`` of the open ``folder`` (real path ``real``), None when it is not listed (leads outside, vanished, dangling)."""
+    def _listed(self, folder: int, real: str, name: str) -> Optional[Listed]:
+        """The :class:`Listed` of the entry ``name`` of the open ``folder`` (real path ``real``); None when it is not listed (a link leading outside, vanished).
+
+        A symlink is listed as a link (``ls -l`` shows it so), never as what
+        it points to: a client that deletes a folder recursively deletes the
+        link, instead of going through a link to a folder and deleting what
+        is there (or, through a link to a folder above, everything).
+        """
         try:
             result = os.stat(name, dir_fd=folder, follow_symlinks=False)
-            if stat_module.S_ISLNK(result.st_mode):
-                target = os.path.realpath(os.path.join(real, name))
-                if not is_inside(self.root, target):
-                    return None
-                return name, _lstat_beneath(self.root, target)
-            return name, result
         except OSError:
             return None
+        if stat_module.S_ISLNK(result.st_mode):
+            return _link_entry(self.root, os.path.join(real, name), result)
+        return Listed(name, result)
 
     def open_folder(self, client_path, cwd: str = "/", then: Optional[Callable[["FolderReader"], Any]] = None) -> defer.Deferred:
         """A :class:`FolderReader` of a folder (NotADirectoryError for a file), or ``then(reader)`` in the same thread trip."""
@@ -693,7 +762,7 @@ class FolderReader:
     :meth:`close` in the thread pool, one at a time.
     """
 
-    def __init__(self, iterator: Any, listed: Callable[[Any], Optional[tuple[str, os.stat_result]]],
+    def __init__(self, iterator: Any, listed: Callable[[Any], Optional[Listed]],
                  closing: Optional[Callable[[], None]] = None):
         # ``listed`` turns what the iterator gives into an entry (None: not listed); ``closing``
         # releases what the entries are read from (the folder's descriptor), once.
@@ -702,9 +771,9 @@ class FolderReader:
         self._closing = closing
         self.finished = False
 
-    def read(self, count: int) -> list[tuple[str, os.stat_result]]:
+    def read(self, count: int) -> list[Listed]:
         """Up to ``count`` listed entries; fewer only at the end, after which the folder is closed."""
-        entries: list[tuple[str, os.stat_result]] = []
+        entries: list[Listed] = []
         while not self.finished and len(entries) < count:
             entry = next(self._iterator, None)
             if entry is None:
@@ -715,9 +784,9 @@ class FolderReader:
                     entries.append(listed)
         return entries
 
-    def read_all(self) -> list[tuple[str, os.stat_result]]:
+    def read_all(self) -> list[Listed]:
         """Every entry left (blocking, as :meth:`read`)."""
-        entries: list[tuple[str, os.stat_result]] = []
+        entries: list[Listed] = []
         while not self.finished:
             entries += self.read(1024)
         return entries
@@ -731,6 +800,3 @@ class FolderReader:
         if closing is not None:
             closing()
 
-
-def file_type_letter(mode: int) -> str:
-    return "d" if stat_module.S_ISDIR(mode) else "l" if stat_module.S_ISLNK(mode) else "-"

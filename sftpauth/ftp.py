@@ -102,6 +102,7 @@ import functools
 import inspect
 import ipaddress
 import os
+import re
 import socket
 import stat as stat_module
 import time
@@ -127,7 +128,7 @@ from sftpauth.auth.policy import answer_failure
 from sftpauth.config.errors import ConfigError, ConfigProblem
 from sftpauth.config.models import FTPServiceSettings
 from sftpauth.filesystem import (
-    CONTROL_CHARACTERS, MONTHS, NOT_A_BYTE, FolderReader, InvalidPath, JailedFilesystem, OffsetPastEnd, OutsideJail,
+    CONTROL_CHARACTERS, MONTHS, NOT_A_BYTE, FolderReader, InvalidPath, JailedFilesystem, Listed, OffsetPastEnd, OutsideJail,
     disk_bytes, refuse_home_folder, resolve_entry,
 )
 from sftpauth.listening import LOGIN_GRACE_SECONDS, listening_service
@@ -288,30 +289,47 @@ _FOLDER_PERMS = (
     ("c", Permission.WRITE), ("d", Permission.DELETE_FOLDER), ("e", None), ("f", Permission.RENAME),
     ("l", Permission.LIST), ("m", Permission.CREATE_FOLDER), ("p", Permission.DELETE_FILE),
 )
+_LINK_PERMS = (("d", Permission.DELETE_FILE), ("f", Permission.RENAME))  # what acts on a link itself (DELE, RNFR)
+# A link target a fact can carry: ";" ends a fact, a space starts the name, control characters end lines.
+_FACT_SAFE = re.compile(r"[^;\s\x00-\x1f\x7f]+")
+
+
+def _link_type(link: str) -> str:
+    """The ``type`` fact of a symlink: ``OS.unix=slink:<target>`` (RFC 3659's example, which FileZilla and
+    lftp read), or ``OS.unix=symlink`` (its grammar) when the target cannot be written in a fact."""
+    return f"OS.unix=slink:{link}" if _FACT_SAFE.fullmatch(link) else "OS.unix=symlink"
 
 
 def mlsx_facts(
-    result: os.stat_result, permissions: frozenset, facts: Sequence[str] = MLST_FACTS, home: bool = False
+    result: os.stat_result, permissions: frozenset, facts: Sequence[str] = MLST_FACTS, home: bool = False,
+    link: Optional[str] = None,
 ) -> str:
     """The RFC 3659 facts of one entry (``type=file;size=3;...;``), those of ``facts`` only.
 
     ``home``: the entry is the session's ``/``, which can be neither deleted nor renamed (no ``d``, no ``f``).
+    ``link``: the entry is a symlink to that (:class:`Listed`): its type says so, and it has no size.
     """
     folder = stat_module.S_ISDIR(result.st_mode)
+    if link is not None:
+        kind, size, letters = _link_type(link), None, _LINK_PERMS
+    elif folder:
+        kind, size, letters = "dir", None, _FOLDER_PERMS
+    else:
+        kind, size, letters = "file", str(result.st_size), _FILE_PERMS
     values = {
-        "type": "dir" if folder else "file",
-        "size": None if folder else str(result.st_size),
+        "type": kind,
+        "size": size,
         "modify": time.strftime("%Y%m%d%H%M%S", time.gmtime(result.st_mtime)),
         "perm": "".join(
             letter
-            for letter, needed in (_FOLDER_PERMS if folder else _FILE_PERMS)
+            for letter, needed in letters
             if (needed is None or needed in permissions) and not (home and letter in "df")
         ),
     }
     return "".join(f"{name}={values[name]};" for name in facts if values[name] is not None)
 
 
-_LineFormat = Callable[[str, os.stat_result], bytes]  # one listing entry's line, without CRLF
+_LineFormat = Callable[[Listed], bytes]  # one listing entry's line, without CRLF
 
 
 def listing_name(name: str) -> bytes:
@@ -324,23 +342,27 @@ def listing_name(name: str) -> bytes:
     return disk_bytes(CONTROL_CHARACTERS.sub("?", name))
 
 
-def list_line(name: str, result: os.stat_result, owner: str, group: str, this_year: int) -> bytes:
-    """One ``LIST`` line as Twisted wrote it: ``ls -l`` in UTC, the year instead of the time for other years."""
+def list_line(
+    name: str, result: os.stat_result, owner: str, group: str, this_year: int, link: Optional[str] = None
+) -> bytes:
+    """One ``LIST`` line as Twisted wrote it: ``ls -l`` in UTC, the year instead of the time for other years.
+
+    A symlink (``link``: what it points to, :class:`Listed`) is ``lrwxrwxrwx ... name -> target``, as ``ls -l`` shows it.
+    """
     moment = time.gmtime(result.st_mtime)
     day = f"{MONTHS[moment.tm_mon - 1]} {moment.tm_mday:02d}"
     when = f"{day} {moment.tm_hour:02d}:{moment.tm_min:02d}" if moment.tm_year == this_year else f"{day} {moment.tm_year:5d}"
-    kind = "d" if stat_module.S_ISDIR(result.st_mode) else "-"
+    kind = "l" if link is not None else "d" if stat_module.S_ISDIR(result.st_mode) else "-"
     mode = stat_module.filemode(stat_module.S_IMODE(result.st_mode))[1:]
     text = f"{kind}{mode}{result.st_nlink:4d} {owner[:8]:<9} {group[:8]:<9} {result.st_size:15d} {when:>12} "
-    return text.encode("utf-8", "replace") + listing_name(name)
+    line = text.encode("utf-8", "replace") + listing_name(name)
+    return line if link is None else line + b" -> " + listing_name(link)
 
 
-def render_listing(
-    entries: Iterable[tuple[str, os.stat_result]], line: _LineFormat, glob: Optional[str]
-) -> bytes:
+def render_listing(entries: Iterable[Listed], line: _LineFormat, glob: Optional[str]) -> bytes:
     """The lines of the entries whose name matches ``glob`` (all without one), CRLF after each."""
     return b"".join(
-        line(name, result) + b"\r\n" for name, result in entries if glob is None or fnmatch.fnmatchcase(name, glob)
+        line(entry) + b"\r\n" for entry in entries if glob is None or fnmatch.fnmatchcase(entry.name, glob)
     )
 
 
@@ -453,8 +475,8 @@ class JailedFTPShell:
     def list(self, path, keys=()):
         keys = tuple(keys)
 
-        def entries(listing: list[tuple[str, os.stat_result]]) -> list[tuple[str, list[Any]]]:
-            return [(name, stat_values(result, keys, self.owner, self.group)) for name, result in listing]
+        def entries(listing: list[Listed]) -> list[tuple[str, list[Any]]]:
+            return [(entry.name, stat_values(entry.result, keys, self.owner, self.group)) for entry in listing]
 
         return self._call(path, lambda virtual: self.filesystem.list_directory(virtual).addCallback(entries))
 
@@ -469,7 +491,7 @@ class JailedFTPShell:
     def listing(self, path, line: _LineFormat, glob: Optional[str] = None, folder_only: bool = False) -> defer.Deferred:
         """Not in IFTPShell: a folder's listing, as a :class:`FileDownload` of the bytes its data connection carries.
 
-        ``line(name, stat_result)`` formats one entry. The folder's names
+        ``line(entry)`` formats one :class:`Listed` entry. The folder's names
         are read and sorted in the thread pool, and each chunk is stat-ed and
         formatted there as the data connection takes it (:class:`ListingFile`):
         a folder of 200,000 entries formatted on the reactor stopped every
@@ -1859,7 +1881,7 @@ class SftpauthFTP(ftp.FTP):
     def _list_lines(self) -> _LineFormat:
         """The ``ls -l`` line format of LIST (and STAT with a path)."""
         owner, group, this_year = self.shell.owner, self.shell.group, time.gmtime().tm_year
-        return lambda name, result: list_line(name, result, owner, group, this_year)
+        return lambda entry: list_line(entry.name, entry.result, owner, group, this_year, entry.link)
 
     def ftp_LIST(self, path=""):
         folder, glob = self._listing_target(path)
@@ -1871,12 +1893,15 @@ class SftpauthFTP(ftp.FTP):
         # (mget of Windows ftp.exe, scripts). A folder listed without a glob gives bare names.
         head, slash, _ = _strip_list_options(path).rpartition("/")
         prefix = head + slash if glob else ""
-        return self._send_listing(folder, lambda: lambda name, result: listing_name(prefix + name), glob)
+        return self._send_listing(folder, lambda: lambda entry: listing_name(prefix + entry.name), glob)
 
     def ftp_MLSD(self, path=""):
         def lines() -> _LineFormat:
             permissions, facts = self.shell.filesystem.permissions, self._mlst_facts
-            return lambda name, result: mlsx_facts(result, permissions, facts).encode("ascii") + b" " + listing_name(name)
+            return lambda entry: (
+                mlsx_facts(entry.result, permissions, facts, link=entry.link).encode("utf-8", "surrogateescape")
+                + b" " + listing_name(entry.name)
+            )
 
         return self._send_listing(self._segments(path), lines, folder_only=True)  # a file: 501, as pyftpdlib answers
 

@@ -108,6 +108,7 @@ from sftpauth.filesystem import (
     InvalidName,
     InvalidPath,
     JailedFilesystem,
+    Listed,
     OutsideJail,
     change_attributes,
     disk_bytes,
@@ -523,7 +524,7 @@ class DirectoryListing:
     def __init__(self, filesystem: JailedFilesystem, reader: FolderReader, owner: str, group: str, now: float):
         self._filesystem = filesystem
         self._reader = reader
-        self._left: list[tuple[str, os.stat_result]] = []  # read, not sent yet (a batch has a size limit)
+        self._left: list[Listed] = []  # read, not sent yet (a batch has a size limit)
         self._owner, self._group, self._now = owner, group, now
         self._lock = defer.DeferredLock()
         self._ready: Optional[bytes] = None  # the first batch, made with the listing (prepared)
@@ -555,7 +556,7 @@ class DirectoryListing:
                 if not self._left:
                     break
                 self._left.reverse()  # taken from the end, in the folder's order
-            name, result = self._left.pop()
+            name, result, _ = self._left.pop()  # a symlink is listed as one (no "-> target", as sftp-server)
             line = long_name(name, result, self._owner, self._group, self._now)
             part = NS(disk_bytes(name)) + NS(disk_bytes(line)) + pack_attributes(_attributes(result))
             parts.append(part)
@@ -669,8 +670,11 @@ class JailedSFTPServer:
         return d.addErrback(sftp_error)
 
     def getAttrs(self, path: bytes, followLinks: bool) -> defer.Deferred:
-        # Symbolic links inside the home folder are always shown as their target.
-        return self.filesystem.stat(path).addCallback(_attributes).addErrback(sftp_error)
+        # STAT follows a symlink; LSTAT gives the link itself, as READDIR lists it.
+        if followLinks:
+            return self.filesystem.stat(path).addCallback(_attributes).addErrback(sftp_error)
+        lstat = self.filesystem.lstat(path)
+        return lstat.addCallback(lambda listed: _attributes(listed.result)).addErrback(sftp_error)
 
     def setAttrs(self, path: bytes, attrs: dict) -> defer.Deferred:
         size, times = _attributes_to_set(attrs)
@@ -690,8 +694,9 @@ class JailedSFTPServer:
     def statvfs(self, path: bytes) -> defer.Deferred:
         return self.filesystem.statvfs(path).addErrback(sftp_error)
 
-    def readLink(self, path: bytes) -> None:
-        raise SFTPError(FX_PERMISSION_DENIED, "symbolic links are not available")
+    def readLink(self, path: bytes) -> defer.Deferred:
+        """What a symlink points to, relative to its folder as the session sees it, never a server path."""
+        return self.filesystem.read_link(path).addCallback(disk_bytes).addErrback(sftp_error)
 
     def makeLink(self, linkPath: bytes, targetPath: bytes) -> None:
         raise SFTPError(FX_PERMISSION_DENIED, "symbolic links cannot be created")

@@ -976,6 +976,58 @@ def test_a_link_to_a_file_is_listed_under_its_own_name(ftp_server):
     client.quit()
 
 
+def _tree_with_links(home: Path, name: str) -> None:
+    """``name/`` holding a file, a link to a sibling folder and a link to the home; the sibling has a file."""
+    shutil.rmtree(home / name, ignore_errors=True)
+    shutil.rmtree(home / f"{name}-kept", ignore_errors=True)
+    (home / name).mkdir()
+    (home / f"{name}-kept").mkdir()
+    (home / name / "own.txt").write_bytes(b"own")
+    (home / f"{name}-kept" / "kept.txt").write_bytes(b"kept")
+    os.symlink(home / f"{name}-kept", home / name / "to-sibling")  # a server path: shown in the session's terms
+    os.symlink("..", home / name / "up")
+
+
+def test_list_and_mlsd_show_a_symlink_as_a_link_to_its_target_in_the_session_s_terms(ftp_server):
+    """``l... name -> target`` and ``type=OS.unix=slink:target``: never what it points to, never a server path."""
+    home = ftp_server.home("alice")
+    _tree_with_links(home, "shown-links")
+    client = ftp_server.client()
+    lines = {line.split()[8]: line for line in listing(client, "shown-links")}
+    assert lines["to-sibling"].startswith("lrwxrwxrwx") and lines["to-sibling"].endswith(" to-sibling -> ../shown-links-kept")
+    assert lines["up"].startswith("lrwxrwxrwx") and lines["up"].endswith(" up -> ..")
+    assert lines["own.txt"].startswith("-rw")
+    facts = dict(client.mlsd("shown-links", facts=["type", "size"]))
+    assert facts["to-sibling"] == {"type": "OS.unix=slink:../shown-links-kept"}
+    assert facts["up"] == {"type": "OS.unix=slink:.."}
+    assert facts["own.txt"] == {"type": "file", "size": "3"}
+    assert str(home) not in "".join(lines.values())
+    assert download(client, "shown-links/to-sibling/kept.txt") == b"kept"  # used, a link still leads there
+    client.quit()
+
+
+@pytest.mark.parametrize("listing_command", ["MLSD", "LIST"])
+def test_lftp_rm_r_deletes_links_not_what_they_point_to(ftp_server, lftp, tmp_path, listing_command):
+    """``rm -r`` of a folder holding links to a sibling folder and to the home removes the links, nothing behind them.
+
+    When links were listed as what they point to, lftp went through them:
+    it deleted the sibling's files, and through ``up`` it looped until its
+    paths grew past 4 KB, deleting nearly everything in the home.
+    """
+    home = ftp_server.home("alice")
+    name = f"rm-r-{listing_command.lower()}"
+    _tree_with_links(home, name)
+    (home / f"{name}-bystander.txt").write_bytes(b"bystander")
+    use_mlsd = "yes" if listing_command == "MLSD" else "no"
+    result = run_lftp(lftp, ftp_server, f"set ftp:use-mlsd {use_mlsd}; debug 5; rm -r {name}", tmp_path)
+    log = result.stderr.decode(errors="replace")
+    assert result.returncode == 0, log
+    assert f"---> {listing_command}" in log, log
+    assert not os.path.lexists(home / name)
+    assert (home / f"{name}-kept" / "kept.txt").read_bytes() == b"kept"
+    assert (home / f"{name}-bystander.txt").read_bytes() == b"bystander"
+
+
 def test_dele_and_rename_of_a_symlink_act_on_the_link_not_the_file(ftp_server):
     """DELE of a link to a file in the home deletes the link, RNFR/RNTO renames the link; the file stays."""
     home = ftp_server.home("alice")

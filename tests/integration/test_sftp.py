@@ -541,14 +541,55 @@ def test_remove_and_rename_of_a_symlink_act_on_the_link_not_the_file(site, alice
     assert (home / target).read_bytes() == b"linked"
 
 
+def test_symlinks_are_listed_and_read_as_links_in_the_session_s_terms(site, alice, tmp_path):
+    """READDIR and LSTAT give a link as a link, READLINK its target relative to its folder; STAT follows it.
+
+    As OpenSSH's sftp-server does, so a client deleting a folder recursively
+    deletes the link instead of going through it. The target never shows a
+    server path, even when the link holds one.
+    """
+    home = site.home("alice")
+    folder, sibling = unique("with-links"), unique("sibling")
+    (home / folder).mkdir()
+    (home / sibling).mkdir()
+    (home / sibling / "s.txt").write_bytes(b"sibling")
+    (home / folder / "own.txt").write_bytes(b"own")
+    os.symlink(home / sibling, home / folder / "to-sibling")
+    os.symlink("..", home / folder / "up")
+    os.symlink("own.txt", home / folder / "own-link")
+    entries = {entry.filename: entry for entry in alice.listdir_attr(folder)}
+    assert sorted(entries) == ["own-link", "own.txt", "to-sibling", "up"]
+    for name in ("own-link", "to-sibling", "up"):
+        assert stat.S_ISLNK(entries[name].st_mode), name
+        assert entries[name].longname.startswith("lrwxrwxrwx"), entries[name].longname
+    assert stat.S_ISREG(entries["own.txt"].st_mode)
+    assert alice.readlink(f"{folder}/to-sibling") == f"../{sibling}"
+    assert alice.readlink(f"{folder}/up") == ".."
+    assert alice.readlink(f"{folder}/own-link") == "own.txt"
+    assert entries["to-sibling"].st_size == len(f"../{sibling}")  # not the length of the server path it holds
+    assert stat.S_ISLNK(alice.lstat(f"{folder}/to-sibling").st_mode)
+    assert stat.S_ISDIR(alice.stat(f"{folder}/to-sibling").st_mode)
+    assert alice.listdir(f"{folder}/to-sibling") == ["s.txt"]
+    with pytest.raises(OSError):
+        alice.readlink(f"{folder}/own.txt")  # not a link: a failure, as sftp-server's EINVAL
+    os.symlink("/etc", home / folder / "outside")
+    with pytest.raises(FileNotFoundError):
+        alice.readlink(f"{folder}/outside")
+    with pytest.raises(FileNotFoundError):
+        alice.lstat(f"{folder}/outside")
+    result = run_openssh_sftp(site.port, "alice", PASSWORDS["alice"], f"ls -l {folder}\n", tmp_path)
+    shown = result.stdout.decode()
+    assert result.returncode == 0, result.stderr.decode()
+    assert re.search(r"^lrwxrwxrwx .* up$", shown, re.M) and re.search(r"^-rw.* own.txt$", shown, re.M), shown
+    assert str(home) not in shown
+
+
 def test_symlink_creation_is_refused(site, alice):
     """The SFTP symlink request is permission denied and nothing is created."""
     name = unique("made-link")
     with pytest.raises(PermissionError):
         alice.symlink("/etc", name)
     assert not os.path.lexists(site.home("alice") / name)
-    with pytest.raises(PermissionError):
-        alice.readlink("/")
 
 
 # -- what is not SFTP ----------------------------------------------------------------

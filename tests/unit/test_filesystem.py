@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 
@@ -11,6 +12,7 @@ from sftpauth.filesystem import (
     InvalidName,
     InvalidPath,
     JailedFilesystem,
+    Listed,
     OffsetPastEnd,
     OutsideJail,
     check_new_name,
@@ -479,7 +481,7 @@ def test_folders_and_new_folders_may_be_named_with_a_trailing_slash(make_fs, roo
     fs = make_fs()
     assert stat.S_ISDIR(result_of(fs.stat("docs/")).st_mode)
     assert result_of(fs.is_directory("docs/")) is True
-    assert [name for name, _ in result_of(fs.list_directory("docs/"))] == ["deep", "report.txt", "up"]  # far-up leads outside: hidden
+    assert [name for name, *_ in result_of(fs.list_directory("docs/"))] == ["deep", "report.txt", "up"]  # far-up leads outside: hidden
     result_of(fs.make_directory("made/"))
     result_of(fs.rename("made/", "moved/"))
     result_of(fs.remove_directory("moved/"))
@@ -503,7 +505,7 @@ def test_existing_names_that_are_not_utf8_stay_usable(make_fs, root, result_of):
     with open(latin1, "wb") as made:
         made.write(b"old")
     fs = make_fs(FULL_CONTROL)
-    listed = [name for name, _ in result_of(fs.list_directory("/"))]
+    listed = [name for name, *_ in result_of(fs.list_directory("/"))]
     assert "caf\udce9.txt" in listed
     assert result_of(fs.stat(b"/caf\xe9.txt")).st_size == 3
     result_of(fs.rename(b"/caf\xe9.txt", "/caf\u00e9.txt"))
@@ -516,26 +518,78 @@ def test_existing_names_that_are_not_utf8_stay_usable(make_fs, root, result_of):
 
 def test_list_directory_hides_entries_leading_outside(make_fs, result_of):
     """Listing the home shows files, folders and inside symlinks, never ones leading outside."""
-    names = [name for name, _ in result_of(make_fs().list_directory("/"))]
+    names = [name for name, *_ in result_of(make_fs().list_directory("/"))]
     assert names == sorted(names)
     assert set(names) == {"a.txt", "absolute-inside-link", "chain-inside", "docs", "empty", "inside-link"}
-    deep = [name for name, _ in result_of(make_fs().list_directory("/docs/deep"))]
+    deep = [name for name, *_ in result_of(make_fs().list_directory("/docs/deep"))]
     assert deep == []
+
+
+def test_symlinks_are_listed_as_links_to_where_they_lead_as_the_session_sees_it(make_fs, root, result_of):
+    """A link is a link (never what it points to), its target relative to its folder, never a server path.
+
+    A client deleting a folder recursively then deletes the link instead of
+    going through it (through ``docs/up``, into everything).
+    """
+    os.symlink("gone.txt", os.path.join(root, "dangling"))
+    listed = {entry.name: entry for entry in result_of(make_fs().list_directory("/"))}
+    links = {name: entry.link for name, entry in listed.items() if entry.link is not None}
+    assert links == {
+        "absolute-inside-link": "docs/report.txt",  # the link holds the server path
+        "chain-inside": "docs",  # where the chain ends
+        "dangling": "gone.txt",  # deletable, so listed
+        "inside-link": "docs",
+    }
+    for name, target in links.items():
+        assert stat.S_ISLNK(listed[name].result.st_mode)
+        assert listed[name].result.st_size == len(target)
+    assert listed["a.txt"].link is None and stat.S_ISREG(listed["a.txt"].result.st_mode)
+    ((up,),) = [[entry for entry in result_of(make_fs().list_directory("/docs")) if entry.name == "up"]]
+    assert up.link == ".." and stat.S_ISLNK(up.result.st_mode)
+    folder = result_of(make_fs().open_folder("/docs")).read_all()  # SFTP's READDIR reads the same
+    assert {entry.name: entry.link for entry in folder} == {"deep": None, "report.txt": None, "up": ".."}
+
+
+def test_lstat_and_read_link_give_the_link_itself(make_fs, root, result_of):
+    """SFTP LSTAT and READLINK: the link and its target in the session's terms; stat still follows it."""
+    fs = make_fs()
+    link = result_of(fs.lstat("/inside-link"))
+    assert (link.name, link.link, link.result.st_size) == ("inside-link", "docs", len("docs"))
+    assert stat.S_ISLNK(link.result.st_mode)
+    assert stat.S_ISDIR(result_of(fs.stat("/inside-link")).st_mode)
+    assert result_of(fs.read_link("/absolute-inside-link")) == "docs/report.txt"
+    assert result_of(fs.read_link("up", cwd="/docs")) == ".."
+    assert result_of(fs.read_link("/docs/up")) == ".."
+    file = result_of(fs.lstat("/a.txt"))
+    assert file.link is None and file.result.st_size == 1
+    assert result_of(fs.lstat("/")).link is None
+    with pytest.raises(OSError) as not_a_link:
+        result_of(fs.read_link("/a.txt"))
+    assert not_a_link.value.errno == errno.EINVAL
+    for outside in ("/link", "/hop2", "/docs/far-up", "/sibling"):
+        with pytest.raises(OutsideJail):
+            result_of(fs.read_link(outside))
+        with pytest.raises(OutsideJail):
+            result_of(fs.lstat(outside))
+    with pytest.raises(FileNotFoundError):
+        result_of(fs.read_link("/nothing"))
+    with pytest.raises(PermissionDenied):
+        result_of(make_fs(frozenset({Permission.WRITE})).lstat("/inside-link"))
 
 
 def test_list_directory_of_a_file_lists_the_file(make_fs, result_of):
     """Listing a file gives that one file with its size."""
-    ((name, stat_result),) = result_of(make_fs().list_directory("/docs/report.txt"))
+    ((name, stat_result, _),) = result_of(make_fs().list_directory("/docs/report.txt"))
     assert name == "report.txt"
     assert stat_result.st_size == len("report")
 
 
 def test_list_directory_of_a_link_to_a_file_lists_it_under_the_link_s_name(make_fs, result_of):
     """Listing a link to a file shows the link's own name with its target's size, as ``ls -l link`` does."""
-    ((name, stat_result),) = result_of(make_fs().list_directory("absolute-inside-link", cwd="/"))
+    ((name, stat_result, _),) = result_of(make_fs().list_directory("absolute-inside-link", cwd="/"))
     assert name == "absolute-inside-link"
     assert stat_result.st_size == len("report")
-    ((name, _),) = result_of(make_fs().list_directory("../inside-link/report.txt", cwd="/docs"))
+    ((name, *_),) = result_of(make_fs().list_directory("../inside-link/report.txt", cwd="/docs"))
     assert name == "report.txt"
 
 
@@ -548,7 +602,7 @@ def test_open_folder_refuses_a_file(make_fs, result_of):
         result_of(make_fs().open_folder("/nothing/"))
     assert result_of(make_fs().open_folder("/docs/")).read(10)
     reader = result_of(make_fs().open_folder("/docs"))
-    assert sorted(name for name, _ in reader.read(10)) == ["deep", "report.txt", "up"]  # the folder's own order
+    assert sorted(name for name, *_ in reader.read(10)) == ["deep", "report.txt", "up"]  # the folder's own order
     assert reader.finished
 
 
@@ -807,6 +861,7 @@ RACED = {
     "rename-out-of": lambda fs: fs.rename("/sw/secret.txt", "/taken.txt"),
     "rename-into": lambda fs: fs.rename("/a.txt", "/sw/planted.txt"),
     "stat": lambda fs: fs.stat("/sw/secret.txt"),
+    "lstat": lambda fs: fs.lstat("/sw/secret.txt"),
     "is-directory": lambda fs: fs.is_directory("/sw/emptydir"),
     "list": lambda fs: fs.list_directory("/sw"),
     "list-file": lambda fs: fs.list_directory("/sw/secret.txt"),
@@ -831,9 +886,11 @@ def test_a_folder_swapped_for_a_link_after_the_check_is_not_followed(make_fs, ro
             assert b"OUTSIDE"[2:] not in os.pread(result, 100, 0)
         elif isinstance(result, os.stat_result):
             assert result.st_size != outside_size
+        elif isinstance(result, Listed):
+            assert result.result.st_size != outside_size
         elif isinstance(result, list):
-            assert "only-outside.txt" not in [entry for entry, _ in result]
-            assert all(status.st_size != outside_size for _, status in result)
+            assert "only-outside.txt" not in [entry.name for entry in result]
+            assert all(entry.result.st_size != outside_size for entry in result)
         elif name == "is-directory":
             assert result is not True
     finally:

@@ -287,7 +287,7 @@ def test_listings_show_the_account_and_its_primary_group_as_owner(home, run_in_t
 
 
 def test_list_hides_links_outside_and_shows_links_inside(shell, home, result_of):
-    """list names the folder's entries; a symlink leaving the home is not one of them."""
+    """list names the folder's entries; a symlink leaving the home is not one of them; one inside is a link, no folder."""
     (home / "real").mkdir()
     (home / "a.txt").write_bytes(b"abc")
     (home / "inside").symlink_to(home / "real")
@@ -295,7 +295,7 @@ def test_list_hides_links_outside_and_shows_links_inside(shell, home, result_of)
     entries = result_of(shell.list([], ("size", "directory")))
     assert [name for name, _ in entries] == ["a.txt", "inside", "real"]
     assert dict(entries)["a.txt"] == [3, False]
-    assert dict(entries)["inside"][1] is True
+    assert dict(entries)["inside"][1] is False and dict(entries)["real"][1] is True
     assert failure_of(shell.list(["outside"])).check(twisted_ftp.FileNotFoundError)
     assert result_of(shell.list(["a.txt"])) == [("a.txt", [])]
 
@@ -303,11 +303,11 @@ def test_list_hides_links_outside_and_shows_links_inside(shell, home, result_of)
 def test_a_folder_only_listing_refuses_a_file_with_501(shell, home, result_of):
     """MLSD's listing of a file is 501 (RFC 3659 7.2.1), in the same thread trip; other listings list the file."""
     (home / "f.txt").write_bytes(b"abc")
-    refused = failure_of(shell.listing(["f.txt"], lambda name, result: name.encode(), folder_only=True)).value
+    refused = failure_of(shell.listing(["f.txt"], lambda entry: entry.name.encode(), folder_only=True)).value
     assert refused.response() == "501 /f.txt: Not a folder (MLST gives the facts of a file)."
-    assert failure_of(shell.listing(["missing"], lambda name, result: b"", folder_only=True)).check(twisted_ftp.FileNotFoundError)
-    assert result_of(read_listing(shell, ["f.txt"], lambda name, result: name.encode())) == b"f.txt\r\n"
-    assert result_of(read_listing(shell, [], lambda name, result: name.encode(), folder_only=True)) == b"f.txt\r\n"
+    assert failure_of(shell.listing(["missing"], lambda entry: b"", folder_only=True)).check(twisted_ftp.FileNotFoundError)
+    assert result_of(read_listing(shell, ["f.txt"], lambda entry: entry.name.encode())) == b"f.txt\r\n"
+    assert result_of(read_listing(shell, [], lambda entry: entry.name.encode(), folder_only=True)) == b"f.txt\r\n"
 
 
 def read_listing(shell, *args, **options):
@@ -405,9 +405,9 @@ def test_a_listing_is_formatted_a_chunk_at_a_time_as_the_client_takes_it(home):
     shell = JailedFTPShell(JailedFilesystem(str(home), FULL_CONTROL, threads))
     formatted: list[str] = []
 
-    def line(name, result):
-        formatted.append(name)
-        return name.encode()
+    def line(entry):
+        formatted.append(entry.name)
+        return entry.name.encode()
 
     downloads: list[FileDownload] = []
     shell.listing([], line).addCallback(downloads.append)
@@ -435,7 +435,7 @@ def test_a_listing_stopped_by_the_client_formats_no_more(home):
     shell = JailedFTPShell(JailedFilesystem(str(home), FULL_CONTROL, threads))
     formatted: list[str] = []
     downloads: list[FileDownload] = []
-    shell.listing([], lambda name, result: formatted.append(name) or name.encode()).addCallback(downloads.append)
+    shell.listing([], lambda entry: formatted.append(entry.name) or entry.name.encode()).addCallback(downloads.append)
     threads.run_one()
     downloads[0].chunk_size = 1000
     done = downloads[0].send(RecordingConsumer())
@@ -949,7 +949,7 @@ def test_stat_of_a_folder_ended_by_the_client_leaving_logs_no_error(home):
 
         protocol, transport, threads, _ = _stat_session(home, 0)
 
-        def failing_line(name, result):
+        def failing_line(entry):
             raise OSError(5, "Input/output error")  # a disk error while the listing's entries are read
 
         protocol._list_lines = lambda: failing_line
@@ -1042,6 +1042,16 @@ def test_mlsx_facts_follow_the_permissions_and_the_chosen_facts():
     assert mlsx_facts(folder_stat, FULL_CONTROL, ("perm",), home=True) == "perm=celmp;"
 
 
+def test_mlsx_facts_of_a_symlink_say_so_with_its_target_when_a_fact_can_carry_it():
+    """RFC 3659's ``OS.unix=slink:target`` (FileZilla, lftp), or ``OS.unix=symlink`` for a target with ;, a space or a control character."""
+    link_stat = os.stat_result((0o120777, 0, 0, 1, 0, 0, 4, 0, 1_700_000_123, 0))
+    assert mlsx_facts(link_stat, FULL_CONTROL, link="docs") == "type=OS.unix=slink:docs;modify=20231114221523;perm=df;"
+    assert mlsx_facts(link_stat, frozenset({Permission.LIST}), link="..") == "type=OS.unix=slink:..;modify=20231114221523;perm=;"
+    for awkward in ("a;b", "my docs", "evil\r\nline", ""):
+        assert mlsx_facts(link_stat, FULL_CONTROL, ("type",), link=awkward) == "type=OS.unix=symlink;"
+    assert mlsx_facts(link_stat, FULL_CONTROL, ("type",), link="caf\u00e9") == "type=OS.unix=slink:caf\u00e9;"
+
+
 def test_mlst_of_the_home_folder_offers_no_delete_or_rename(home, run_in_thread):
     """The session's / can be neither deleted nor renamed, so its perm fact has no d or f; a subfolder's has both."""
     (home / "sub").mkdir()
@@ -1066,6 +1076,15 @@ def test_list_lines_are_twisted_s_ls_format(mode, modified):
     assert list_line("name.txt", result, "alice", "demo-users", time.gmtime().tm_year) == expected
 
 
+def test_a_symlink_s_list_line_is_ls_s():
+    """``lrwxrwxrwx ... name -> target``, as ``ls -l`` and vsftpd show a link, so clients do not go through it."""
+    result = os.stat_result((0o120777, 0, 0, 1, 0, 0, 2, 0, 1_700_000_123, 0))
+    assert list_line("up", result, "alice", "users", 2023, "..") == (
+        b"lrwxrwxrwx   1 alice     users                   2 Nov 14 22:15 up -> .."
+    )
+    assert list_line("odd\n", result, "alice", "users", 2023, "t\x1b").endswith(b" odd? -> t?")
+
+
 def test_listings_show_control_characters_as_question_marks():
     """A name with a line break or an escape cannot forge a listing line or reach the client's terminal."""
     assert listing_name("evil\r\n-rw-r--r-- 1 root root 9 Jan 01 00:00 PAYROLL\x1b[31m\x7f") == (
@@ -1082,9 +1101,9 @@ def test_listing_lines_are_made_in_the_thread_pool(home):
     shell = JailedFTPShell(JailedFilesystem(str(home), FULL_CONTROL, threads))
     in_thread = []
 
-    def line(name, result):
+    def line(entry):
         in_thread.append(bool(threads.running))
-        return name.encode()
+        return entry.name.encode()
 
     running = threads.run_one
 
