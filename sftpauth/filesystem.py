@@ -29,8 +29,11 @@ from contextlib import ExitStack, contextmanager
 from typing import Any, Callable, Iterator, NamedTuple, Optional, Union
 
 from twisted.internet import defer
+from twisted.logger import Logger
 
 from sftpauth.permissions import Permission, PermissionDenied
+
+_log = Logger()
 
 MAX_SEGMENT_BYTES = 255
 MAX_PATH_BYTES = 4096
@@ -215,6 +218,7 @@ def resolve_entry(root: str, client_path: Union[str, bytes], cwd: str = "/") -> 
 # A folder opened only to be walked through or used as the ``dir_fd`` of the next call: O_PATH needs
 # no read permission on it (as walking a path does not), where the system has it.
 _WALK_FLAGS = getattr(os, "O_PATH", os.O_RDONLY) | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_TRUNC  # open() flags that need allow-write
 _FOLDER_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC  # a folder to list
 
 
@@ -322,6 +326,58 @@ def _seek(file, offset: int) -> None:
     file.seek(offset)
 
 
+def printable(text: str) -> str:
+    """A client-chosen name made safe for a log line (no newlines or escapes)."""
+    return "".join(char if char.isprintable() else repr(char)[1:-1] for char in text[:1024])
+
+
+def _shown_path(client_path: Union[str, bytes], cwd: str) -> str:
+    """A client path as a log line shows it: the session's absolute path, or what was sent when it is no path."""
+    try:
+        return printable(virtual_path(client_path, cwd))
+    except InvalidPath:
+        sent = client_path.decode("utf-8", "backslashreplace") if isinstance(client_path, bytes) else client_path
+        return printable(sent)
+
+
+def describe_failure(error: BaseException) -> str:
+    """What went wrong with a file operation, in words for a client or a log line.
+
+    Never a path on the server (``str(OSError)`` holds one). Our own
+    OSErrors say what happened in their ``strerror`` (``a folder cannot be
+    moved into itself``); the kernel's say what ``strerror(3)`` says.
+    """
+    if isinstance(error, (OutsideJail, FileNotFoundError)):
+        return "no such file or folder"
+    if isinstance(error, PermissionDenied):
+        return f"permission denied: {error.permission.value} is not granted"
+    if isinstance(error, InvalidName):
+        return f"file name not allowed: {error}"
+    if isinstance(error, InvalidPath):
+        return str(error)
+    if isinstance(error, FileExistsError):
+        return "the file or folder already exists"
+    if isinstance(error, PermissionError):
+        return "permission denied"
+    if isinstance(error, IsADirectoryError):
+        return "is a folder"
+    if isinstance(error, NotADirectoryError):
+        return "not a folder"
+    if isinstance(error, OverflowError):
+        return "offset or size out of range"  # an offset or size of 2**63 or more
+    if isinstance(error, OSError):
+        if error.errno == errno.ENOTEMPTY:
+            return "the folder is not empty"
+        return error.strerror or "the operation failed"
+    return "internal error"
+
+
+def attribute_change(size: Optional[int], times: Optional[tuple[float, float]]) -> str:
+    """How a change of attributes (SFTP setstat, FTP MFMT) is named in the log."""
+    parts = ([f"truncate to {size} bytes"] if size is not None else []) + (["set times"] if times is not None else [])
+    return " and ".join(parts) or "set permissions (ignored)"
+
+
 def is_inside(root: str, path: str) -> bool:
     return _within(root, os.path.realpath(path))
 
@@ -375,11 +431,38 @@ class JailedFilesystem:
         permissions: frozenset[Permission],
         run_in_thread: Callable[..., defer.Deferred],
         resolved: bool = False,
+        log_as: str = "",
     ):
         # A login's root was resolved in a thread by the chain (Account.home_root).
         self.root = home_folder if resolved else os.path.realpath(home_folder)
         self.permissions = permissions
         self._run_in_thread = run_in_thread
+        self.log_as = log_as  # "ftp alice": each change, or its refusal, is a server log line (log_change)
+
+    def log_change(self, d: defer.Deferred, change: str, *client_paths: Union[str, bytes], cwd: str = "/",
+                   reason_of: Callable[[BaseException], str] = describe_failure) -> defer.Deferred:
+        """Log the change a client asked for when ``d`` ends: ``sftp alice: remove /a.txt``, or ``... refused: reason``.
+
+        Every change of FTP and SFTP is logged here, so both protocols say
+        the same in the same words; reads and listings are not logged.
+        ``reason_of`` words a failure (one the protocol has already worded).
+        """
+        if not self.log_as:
+            return d
+        shown = " -> ".join(_shown_path(path, cwd) for path in client_paths)
+
+        def done(result: Any) -> Any:
+            _log.info("{session}: {change} {path}", session=self.log_as, change=change, path=shown)
+            return result
+
+        def refused(failure: Any) -> Any:
+            _log.info(
+                "{session}: {change} {path} refused: {reason}",
+                session=self.log_as, change=change, path=shown, reason=reason_of(failure.value),
+            )
+            return failure
+
+        return d.addCallbacks(done, refused)
 
     # -- helpers -------------------------------------------------------------------
 
@@ -393,12 +476,14 @@ class JailedFilesystem:
         return resolve(self.root, client_path, cwd)
 
     def _call(self, permission, client_path, cwd: str, function, *args, creates: bool = False,
-              entry: bool = False, creates_file: bool = False, opens_folder: bool = False) -> defer.Deferred:
+              entry: bool = False, creates_file: bool = False, opens_folder: bool = False,
+              change: str = "") -> defer.Deferred:
         """Check permission (and the name of what ``creates`` makes), then resolve and run ``function(real_path, *args)`` in a thread.
 
         ``entry``: the path's last name is not followed (:func:`resolve_entry`): removing acts on a link itself.
         A path written as a folder's (``name/``) must not be a file (:func:`_require_folder`), unless
         ``opens_folder``: ``function`` opens it as a folder (``O_DIRECTORY``), which refuses a file itself.
+        ``change``: what the operation changes, for the log (:meth:`log_change`); reads are not logged.
         """
         try:
             virtual = virtual_path(client_path, cwd)
@@ -408,15 +493,17 @@ class JailedFilesystem:
                 self.require(permission, virtual)
             folder_named = names_a_folder(client_path) and not opens_folder
         except Exception:
-            return defer.fail()
-        resolver = resolve_entry if entry else resolve
+            d = defer.fail()
+        else:
+            resolver = resolve_entry if entry else resolve
 
-        def work():
-            if folder_named:
-                _require_folder(self.root, virtual, entry, creates_file)
-            return function(resolver(self.root, virtual), *args)
+            def work():
+                if folder_named:
+                    _require_folder(self.root, virtual, entry, creates_file)
+                return function(resolver(self.root, virtual), *args)
 
-        return self._run_in_thread(work)
+            d = self._run_in_thread(work)
+        return self.log_change(d, change, client_path, cwd=cwd) if change else d
 
     # -- operations ----------------------------------------------------------------
 
@@ -567,8 +654,9 @@ class JailedFilesystem:
         self, client_path, cwd: str = "/", append: bool = False, offset: int = 0
     ) -> defer.Deferred:
         """A new or emptied file; ``append``: written at its end; ``offset``: kept up to it, written from it (a resumed upload)."""
+        change = "append to" if append else f"upload from byte {offset} to" if offset else "upload to"
         return self._call(Permission.WRITE, client_path, cwd, self._open_write, append, offset, creates=True,
-                          creates_file=True)
+                          creates_file=True, change=change)
 
     def _open_write(self, real: str, append: bool, offset: int):
         """Opened without O_TRUNC, locked, then emptied or cut at ``offset``: see :func:`_lock_upload`."""
@@ -591,6 +679,10 @@ class JailedFilesystem:
         ``O_CREAT`` of a name :func:`check_new_name` refuses opens an existing
         file of that name and creates none (``O_EXCL``: refused outright).
         """
+        opened = self._open_file(client_path, flags, mode, cwd)
+        return self.log_change(opened, "open for writing", client_path, cwd=cwd) if flags & _WRITE_FLAGS else opened
+
+    def _open_file(self, client_path, flags: int, mode: int, cwd: str) -> defer.Deferred:
         refused: Optional[InvalidName] = None
         try:
             virtual = virtual_path(client_path, cwd)
@@ -601,9 +693,8 @@ class JailedFilesystem:
                     if flags & os.O_EXCL:
                         raise
                     refused, flags = error, flags & ~os.O_CREAT
-            writing = flags & (os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_TRUNC)
             reading = not (flags & os.O_WRONLY)
-            if writing:
+            if flags & _WRITE_FLAGS:
                 self.require(Permission.WRITE, virtual)
             if reading:
                 self.require(Permission.READ, virtual)
@@ -625,7 +716,7 @@ class JailedFilesystem:
         return self._run_in_thread(work)
 
     def make_directory(self, client_path, cwd: str = "/") -> defer.Deferred:
-        return self._call(Permission.CREATE_FOLDER, client_path, cwd, self._mkdir, creates=True)
+        return self._call(Permission.CREATE_FOLDER, client_path, cwd, self._mkdir, creates=True, change="make folder")
 
     def _mkdir(self, real: str) -> None:
         with _beneath(self.root, real) as (folder, name):
@@ -633,7 +724,7 @@ class JailedFilesystem:
 
     def remove_directory(self, client_path, cwd: str = "/") -> defer.Deferred:
         """Remove an empty folder; a symlink to a folder is not one (NotADirectoryError: DELE removes the link)."""
-        return self._call(Permission.DELETE_FOLDER, client_path, cwd, self._rmdir, entry=True)
+        return self._call(Permission.DELETE_FOLDER, client_path, cwd, self._rmdir, entry=True, change="remove folder")
 
     def _rmdir(self, real: str) -> None:
         refuse_home_folder(self.root, real, "removed")
@@ -642,7 +733,7 @@ class JailedFilesystem:
 
     def remove_file(self, client_path, cwd: str = "/") -> defer.Deferred:
         """Remove a file, or a symlink itself (whatever it points to, even a folder or nothing)."""
-        return self._call(Permission.DELETE_FILE, client_path, cwd, self._remove, entry=True)
+        return self._call(Permission.DELETE_FILE, client_path, cwd, self._remove, entry=True, change="remove")
 
     def _remove(self, real: str) -> None:
         with _beneath(self.root, real) as (folder, name):
@@ -651,6 +742,10 @@ class JailedFilesystem:
             os.unlink(name, dir_fd=folder)
 
     def rename(self, from_path, to_path, cwd: str = "/", overwrite: bool = True) -> defer.Deferred:
+        renamed = self._rename(from_path, to_path, cwd, overwrite)
+        return self.log_change(renamed, "rename", from_path, to_path, cwd=cwd)
+
+    def _rename(self, from_path, to_path, cwd: str, overwrite: bool) -> defer.Deferred:
         try:
             source = virtual_path(from_path, cwd)
             target = virtual_path(to_path, cwd)
@@ -698,7 +793,12 @@ class JailedFilesystem:
             if stat_module.S_ISDIR(moved.st_mode):
                 raise FileExistsError(errno.EEXIST, "a folder cannot replace a file", target)
             self.require(Permission.DELETE_FILE, target)
-        os.rename(source_name, target_name, src_dir_fd=source_folder, dst_dir_fd=target_folder)
+        try:
+            os.rename(source_name, target_name, src_dir_fd=source_folder, dst_dir_fd=target_folder)
+        except OSError as error:
+            if error.errno == errno.EINVAL:  # rename(2): a folder into itself, or below itself
+                raise OSError(errno.EINVAL, "a folder cannot be moved into itself", target) from None
+            raise
 
     def set_times(self, client_path, atime: float, mtime: float, cwd: str = "/") -> defer.Deferred:
         return self.set_attributes(client_path, times=(atime, mtime), cwd=cwd)
@@ -709,8 +809,11 @@ class JailedFilesystem:
 
         Gives the file's ``os.stat_result`` after the change: a filesystem
         may store another time than the one asked for (ext4 keeps 1901-2446).
+        Neither (SFTP ``chmod``, whose bits are ignored) still needs
+        allow-write, and a missing file is still said so.
         """
-        return self._call(Permission.WRITE, client_path, cwd, self._change_attributes, size, times)
+        change = attribute_change(size, times)
+        return self._call(Permission.WRITE, client_path, cwd, self._change_attributes, size, times, change=change)
 
     def _change_attributes(self, real: str, size: Optional[int], times: Optional[tuple[float, float]]) -> os.stat_result:
         with _beneath(self.root, real) as (folder, name):  # one walk for both changes

@@ -58,6 +58,7 @@ class SessionRealm:
         filesystem = JailedFilesystem(
             account.home_root or account.home_folder, account.permissions, self._run_in_thread,
             resolved=bool(account.home_root),
+            log_as=f"{mind.protocol} {account.username}",  # each change is a server log line
         )
         self._audit.record(
             "session-start",

@@ -44,7 +44,6 @@ Choices made where the SPEC is silent:
 from __future__ import annotations
 
 import base64
-import errno
 import hashlib
 import os
 import stat as stat_module
@@ -105,12 +104,13 @@ from sftpauth.config.models import SSHServiceSettings
 from sftpauth.filesystem import (
     MONTHS,
     FolderReader,
-    InvalidName,
     InvalidPath,
     JailedFilesystem,
     Listed,
     OutsideJail,
+    attribute_change,
     change_attributes,
+    describe_failure,
     disk_bytes,
     virtual_path,
 )
@@ -284,48 +284,36 @@ def _ascii(text: str) -> str:
     return text.encode("ascii", "backslashreplace").decode("ascii")
 
 
+# The SFTP status of each kind of failure (the first that matches); any other is FX_FAILURE.
+_STATUS_CODES = (
+    (OutsideJail, FX_NO_SUCH_FILE),
+    (FileNotFoundError, FX_NO_SUCH_FILE),
+    (PermissionDenied, FX_PERMISSION_DENIED),
+    (PermissionError, FX_PERMISSION_DENIED),
+    (InvalidPath, FX_BAD_MESSAGE),  # and InvalidName
+)
+
+
+def _sftp_reason(error: BaseException) -> str:
+    """A failure in words for the change log, also once :func:`sftp_error` has made it an SFTPError."""
+    return error.message if isinstance(error, SFTPError) else describe_failure(error)
+
+
 def sftp_error(failure: Failure) -> Failure:
     """Turn any failure of a file operation into an :class:`SFTPError`.
 
-    Messages never carry a real path on disk (``str(OSError)`` would).
+    Messages never carry a real path on disk (``str(OSError)`` would):
+    :func:`describe_failure` words them, as the change log does. SFTP v3 has
+    no FILE_ALREADY_EXISTS (OpenSSH's sftp prints "Unknown status"): an
+    existing file is a failure, as sftp-server says.
     """
     error = failure.value
     if isinstance(error, SFTPError):
         return failure
-    if isinstance(error, OutsideJail):
-        code, message = FX_NO_SUCH_FILE, "no such file or folder"
-    elif isinstance(error, PermissionDenied):
-        code, message = FX_PERMISSION_DENIED, f"permission denied: {error.permission.value} is not granted"
-    elif isinstance(error, InvalidName):
-        code, message = FX_BAD_MESSAGE, f"file name not allowed: {error}"
-    elif isinstance(error, InvalidPath):
-        code, message = FX_BAD_MESSAGE, str(error)
-    elif isinstance(error, FileNotFoundError):
-        code, message = FX_NO_SUCH_FILE, "no such file or folder"
-    elif isinstance(error, FileExistsError):
-        # SFTP v3 has no FILE_ALREADY_EXISTS (OpenSSH's sftp prints "Unknown status"): a failure, as sftp-server says.
-        code, message = FX_FAILURE, "the file or folder already exists"
-    elif isinstance(error, PermissionError):
-        code, message = FX_PERMISSION_DENIED, "permission denied"
-    elif isinstance(error, IsADirectoryError):
-        code, message = FX_FAILURE, "is a folder"
-    elif isinstance(error, NotADirectoryError):
-        code, message = FX_FAILURE, "not a folder"
-    elif isinstance(error, OverflowError):
-        # An offset or size of 2**63 or more (SFTP's are 64-bit unsigned): the client's mistake, not ours.
-        code, message = FX_FAILURE, "offset or size out of range"
-    elif isinstance(error, OSError):
-        if error.errno == errno.ENOTEMPTY:
-            message = "the folder is not empty"
-        elif error.errno is not None:
-            message = os.strerror(error.errno)
-        else:
-            message = "the operation failed"
-        code = FX_FAILURE
-    else:
+    if not isinstance(error, (OutsideJail, PermissionDenied, InvalidPath, OSError, OverflowError)):
         _log.failure("unexpected error in an SFTP operation", failure=failure)
-        code, message = FX_FAILURE, "internal error"
-    return Failure(SFTPError(code, _ascii(message)))
+    code = next((code for kind, code in _STATUS_CODES if isinstance(error, kind)), FX_FAILURE)
+    return Failure(SFTPError(code, _ascii(describe_failure(error))))
 
 
 def _attributes(result: os.stat_result) -> dict[str, int]:
@@ -365,11 +353,6 @@ def long_name(name: str, result: os.stat_result, owner: str, group: str, now: Op
         when = f"{day}  {moment.tm_year}"
     mode = stat_module.filemode(result.st_mode)
     return f"{mode} {result.st_nlink:>4} {owner:<8} {group:<8} {result.st_size:>8} {when} {name}"
-
-
-def _printable(text: str) -> str:
-    """A client-chosen name made safe for a log line (no newlines or escapes)."""
-    return "".join(char if char.isprintable() else repr(char)[1:-1] for char in text[:1024])
 
 
 # -- SFTP ----------------------------------------------------------------------------
@@ -451,16 +434,18 @@ class JailedFile:
         return self._run(os.fstat).addCallback(_attributes)
 
     def setAttrs(self, attrs: dict) -> defer.Deferred:
+        """As setstat by path (:meth:`JailedFilesystem.set_attributes`): allow-write, even for permission bits alone."""
         size, times = _attributes_to_set(attrs)
-        if size is None and times is None:
-            return defer.succeed(None)
         try:
             self._filesystem.require(Permission.WRITE, self.path)
             if size is not None and not self._writable:
                 raise SFTPError(FX_PERMISSION_DENIED, "the file was not opened for writing")
         except Exception:
-            return defer.fail(sftp_error(Failure()))
-        return self._run(change_attributes, size, times)
+            d = defer.fail()
+        else:
+            d = self._run(change_attributes, size, times) if size is not None or times is not None else defer.succeed(None)
+        logged = self._filesystem.log_change(d, attribute_change(size, times), self.path, reason_of=_sftp_reason)
+        return logged.addErrback(sftp_error)
 
     def sync(self) -> defer.Deferred:
         """``fsync@openssh.com``: what was written is on disk when this answers."""
@@ -591,27 +576,6 @@ class JailedSFTPServer:
         self.avatar = avatar
         self.filesystem = avatar.filesystem
 
-    def _changed(self, d: defer.Deferred, operation: str, path: Any) -> defer.Deferred:
-        """Map errors, and log each change (or refusal) the client asked for."""
-        username = self.avatar.account.username
-        shown = _printable(path.decode("utf-8", "backslashreplace") if isinstance(path, bytes) else path)
-
-        def done(result: Any) -> Any:
-            _log.info("sftp {username}: {operation} {path}", username=username, operation=operation, path=shown)
-            return result
-
-        def refused(failure: Failure) -> Failure:
-            _log.info(
-                "sftp {username}: {operation} {path} refused: {reason}",
-                username=username,
-                operation=operation,
-                path=shown,
-                reason=failure.value.message,
-            )
-            return failure
-
-        return d.addErrback(sftp_error).addCallbacks(done, refused)
-
     def gotVersion(self, otherVersion: int, extData: dict) -> dict:
         return dict(SFTP_EXTENSIONS)
 
@@ -623,35 +587,25 @@ class JailedSFTPServer:
             path = virtual_path(filename)
             self.avatar.reserveHandle()
         except Exception:
-            d = defer.fail(sftp_error(Failure()))
-            return self._changed(d, "open for writing", filename) if writable else d
+            return defer.fail(sftp_error(Failure()))
         # The jail refuses a new name with control characters (an existing file may be opened).
         # The path as sent: "name/" is not the file "name" (filesystem.names_a_folder).
         d = self.filesystem.open_file(filename, os_flags, FILE_MODE).addBoth(self.avatar.releaseHandle)
         d.addCallback(lambda fd: JailedFile(self.filesystem, fd, path, readable, writable))
-        if writable:
-            return self._changed(d, "open for writing", path)
         return d.addErrback(sftp_error)
 
     def removeFile(self, filename: bytes) -> defer.Deferred:
-        return self._changed(self.filesystem.remove_file(filename), "remove", filename)
+        return self.filesystem.remove_file(filename).addErrback(sftp_error)
 
     def renameFile(self, oldpath: bytes, newpath: bytes, overwrite: bool = False) -> defer.Deferred:
         """SFTP v3 ``rename`` never replaces a file; ``posix-rename@openssh.com`` does (``overwrite``)."""
-
-        def into_itself(failure: Failure) -> Failure:
-            if failure.check(OSError) and failure.value.errno == errno.EINVAL:  # rename(2): a folder into itself
-                return Failure(SFTPError(FX_FAILURE, "a folder cannot be moved into itself"))
-            return failure
-
-        d = self.filesystem.rename(oldpath, newpath, overwrite=overwrite).addErrback(into_itself)
-        return self._changed(d, "rename", oldpath + b" -> " + newpath)
+        return self.filesystem.rename(oldpath, newpath, overwrite=overwrite).addErrback(sftp_error)
 
     def makeDirectory(self, path: bytes, attrs: dict) -> defer.Deferred:
-        return self._changed(self.filesystem.make_directory(path), "make folder", path)
+        return self.filesystem.make_directory(path).addErrback(sftp_error)
 
     def removeDirectory(self, path: bytes) -> defer.Deferred:
-        return self._changed(self.filesystem.remove_directory(path), "remove folder", path)
+        return self.filesystem.remove_directory(path).addErrback(sftp_error)
 
     def openDirectory(self, path: bytes) -> defer.Deferred:
         # One trip to a thread: a file is "not a folder" here (FTP LIST lists it as itself).
@@ -677,19 +631,9 @@ class JailedSFTPServer:
         return lstat.addCallback(lambda listed: _attributes(listed.result)).addErrback(sftp_error)
 
     def setAttrs(self, path: bytes, attrs: dict) -> defer.Deferred:
+        # Permission bits alone: accepted and ignored with allow-write, but a missing file is still said so.
         size, times = _attributes_to_set(attrs)
-        try:
-            self.filesystem.require(Permission.WRITE, virtual_path(path))
-        except Exception:
-            return defer.fail(sftp_error(Failure()))
-        if size is None and times is None:
-            # Permission bits only: accepted and ignored with allow-write, but a missing file is still said so.
-            d = self.filesystem.require_existing(path)
-        else:
-            d = self.filesystem.set_attributes(path, size, times)
-        if size is not None:
-            return self._changed(d, "truncate", path)
-        return d.addErrback(sftp_error)
+        return self.filesystem.set_attributes(path, size, times).addCallback(lambda ignored: None).addErrback(sftp_error)
 
     def statvfs(self, path: bytes) -> defer.Deferred:
         return self.filesystem.statvfs(path).addErrback(sftp_error)

@@ -976,6 +976,44 @@ def test_a_link_to_a_file_is_listed_under_its_own_name(ftp_server):
     client.quit()
 
 
+def test_each_change_and_refusal_is_a_server_log_line(ftp_server):
+    """STOR, MKD, RNFR/RNTO, DELE, RMD and MFMT leave a line naming the session, the change and the path, as SFTP's do."""
+    client = ftp_server.client()
+    upload(client, "logged.txt", b"logged")
+    client.mkd("logged-dir")
+    client.rename("logged.txt", "logged-dir/renamed.txt")
+    client.sendcmd("MFMT 20200101000000 logged-dir/renamed.txt")
+    client.delete("logged-dir/renamed.txt")
+    client.rmd("logged-dir")
+    with pytest.raises(ftplib.error_perm):
+        client.delete("logged-missing.txt")
+    client.quit()
+    reader = ftp_server.client("reader", "reader-pass")
+    with pytest.raises(ftplib.error_perm):
+        upload(reader, "logged-by-reader.txt", b"no")
+    reader.quit()
+    expected = [
+        "ftp alice: upload to /logged.txt",
+        "ftp alice: make folder /logged-dir",
+        "ftp alice: rename /logged.txt -> /logged-dir/renamed.txt",
+        "ftp alice: set times /logged-dir/renamed.txt",
+        "ftp alice: remove /logged-dir/renamed.txt",
+        "ftp alice: remove folder /logged-dir",
+        "ftp alice: remove /logged-missing.txt refused: no such file or folder",
+        "ftp reader: upload to /logged-by-reader.txt refused: permission denied: allow-write is not granted",
+    ]
+    deadline = time.monotonic() + 5
+    while True:
+        log = ftp_server.process.log_text()
+        found = [line for line in expected if line in log]
+        if found == expected or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert found == expected, ftp_server.process.log_tail()
+    positions = [log.index(line) for line in expected]
+    assert positions == sorted(positions)
+
+
 def _tree_with_links(home: Path, name: str) -> None:
     """``name/`` holding a file, a link to a sibling folder and a link to the home; the sibling has a file."""
     shutil.rmtree(home / name, ignore_errors=True)

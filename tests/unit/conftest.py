@@ -5,6 +5,7 @@ from __future__ import annotations
 import argon2
 import pytest
 from twisted.internet import defer
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 
 # A real argon2id hash, made cheap so each verification takes about a millisecond.
@@ -34,6 +35,19 @@ def run_in_thread():
 def result_of():
     """Return the result of an already-fired Deferred, re-raising its failure."""
     return _result_of
+
+
+@pytest.fixture
+def log_lines():
+    """The text of every log event emitted during the test, in order (a list that grows)."""
+    lines: list[str] = []
+
+    def observer(event):
+        lines.append(formatEvent(event))
+
+    globalLogPublisher.addObserver(observer)
+    yield lines
+    globalLogPublisher.removeObserver(observer)
 
 
 @pytest.fixture(scope="session")

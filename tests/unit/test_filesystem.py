@@ -274,6 +274,60 @@ def _close(handle):
         handle.close()
 
 
+def test_each_change_and_each_refusal_is_one_log_line_and_reads_none(root, run_in_thread, result_of, log_lines):
+    """FTP and SFTP changes are logged by the jail, in the same words: what, where, and why it was refused."""
+    fs = JailedFilesystem(root, FULL_CONTROL, run_in_thread, log_as="ftp alice")
+    result_of(fs.make_directory("new"))
+    result_of(fs.rename("new", "/newer/"))
+    result_of(fs.remove_directory("/newer"))
+    _close(result_of(fs.open_for_writing("/up.txt")))
+    _close(result_of(fs.open_for_writing("/up.txt", append=True)))
+    _close(result_of(fs.open_for_writing("report.txt", cwd="/docs", offset=2)))
+    _close(result_of(fs.open_file("/up.txt", os.O_WRONLY)))
+    result_of(fs.set_attributes("/up.txt", size=0, times=(1000.0, 1000.0)))
+    result_of(fs.set_times("/up.txt", 1000.0, 1000.0))
+    result_of(fs.set_attributes("/up.txt"))
+    result_of(fs.remove_file("/up.txt"))
+    for refused in (
+        lambda: fs.remove_file("/missing.txt"),
+        lambda: fs.make_directory("/docs"),
+        lambda: fs.rename("/docs", "/docs/deep/docs"),
+        lambda: fs.open_file("/a.txt", os.O_WRONLY | os.O_CREAT | os.O_EXCL),
+        lambda: fs.open_for_writing("/bad\nname"),
+        lambda: fs.remove_directory("/docs"),
+        lambda: fs.remove_file("/link"),
+        lambda: JailedFilesystem(root, frozenset({Permission.READ}), run_in_thread, log_as="sftp reader").set_attributes("/a.txt"),
+    ):
+        with pytest.raises((OSError, InvalidPath, OutsideJail, PermissionDenied)):
+            result_of(refused())
+    _close(result_of(fs.open_for_reading("/a.txt")))
+    _close(result_of(fs.open_file("/a.txt", os.O_RDONLY)))
+    result_of(fs.stat("/a.txt"))
+    result_of(fs.list_directory("/"))
+    assert log_lines == [
+        "ftp alice: make folder /new",
+        "ftp alice: rename /new -> /newer",
+        "ftp alice: remove folder /newer",
+        "ftp alice: upload to /up.txt",
+        "ftp alice: append to /up.txt",
+        "ftp alice: upload from byte 2 to /docs/report.txt",
+        "ftp alice: open for writing /up.txt",
+        "ftp alice: truncate to 0 bytes and set times /up.txt",
+        "ftp alice: set times /up.txt",
+        "ftp alice: set permissions (ignored) /up.txt",
+        "ftp alice: remove /up.txt",
+        "ftp alice: remove /missing.txt refused: no such file or folder",
+        "ftp alice: make folder /docs refused: the file or folder already exists",
+        "ftp alice: rename /docs -> /docs/deep/docs refused: a folder cannot be moved into itself",
+        "ftp alice: open for writing /a.txt refused: the file or folder already exists",
+        "ftp alice: upload to /bad\\nname refused: file name not allowed: the name contains a line break",
+        "ftp alice: remove folder /docs refused: the folder is not empty",
+        "ftp alice: remove /link refused: no such file or folder",
+        "sftp reader: set permissions (ignored) /a.txt refused: permission denied: allow-write is not granted",
+    ]
+    assert not any(root in line for line in log_lines)  # the session's paths, never the server's
+
+
 # Each operation, the permission it needs, and what it must have done on success.
 OPERATIONS = {
     "read": (Permission.READ, lambda fs: fs.open_for_reading("/a.txt"), None),

@@ -28,7 +28,7 @@ FXP_WRITE, FXP_SETSTAT, FXP_FSETSTAT = 6, 9, 10
 FXP_OPENDIR, FXP_READDIR, FXP_REMOVE, FXP_MKDIR, FXP_RENAME = 11, 12, 13, 14, 18
 FILEXFER_ATTR_SIZE, FILEXFER_ATTR_PERMISSIONS = 0x01, 0x04
 FXP_STATUS, FXP_HANDLE, FXP_DATA, FXP_NAME = 101, 102, 103, 104
-FX_OK, FX_EOF, FX_FAILURE, FX_BAD_MESSAGE = 0, 1, 4, 5
+FX_OK, FX_EOF, FX_PERMISSION_DENIED, FX_FAILURE, FX_BAD_MESSAGE = 0, 1, 3, 4, 5
 FXF_READ, FXF_WRITE, FXF_CREAT, FXF_TRUNC = 0x01, 0x02, 0x08, 0x10
 CLIENT_WINDOW = 2 * 1024 * 1024
 CLIENT_MAX_PACKET = 32768
@@ -80,14 +80,14 @@ class FakeSSHTransport:
 class Client:
     """The client side of one connection: sends channel packets, reads the SFTP answers."""
 
-    def __init__(self, home: str, permissions=FULL_CONTROL):
+    def __init__(self, home: str, permissions=FULL_CONTROL, log_as: str = ""):
         account = Account(
             username="alice", method_id="local", home_folder=home,
             permissions=frozenset(permissions),
             groups=("users",),
         )
         self.threads = ManualThreads()
-        self.avatar = ssh.SFTPUser(account, JailedFilesystem(home, account.permissions, self.threads))
+        self.avatar = ssh.SFTPUser(account, JailedFilesystem(home, account.permissions, self.threads, log_as=log_as))
         self.ssh = FakeSSHTransport(self.avatar)
         self.connection = ssh.SFTPConnection()
         self.connection.transport = self.ssh
@@ -573,3 +573,32 @@ def test_permission_bits_alone_need_only_allow_write(home):
     assert os.stat(os.path.join(home, "big.bin")).st_mode == before
     kind, body = client.request(number, FXP_SETSTAT, struct.pack("!L", 3) + NS(b"missing") + mode)
     assert kind == FXP_STATUS and status_of(body)[0] == 2  # FX_NO_SUCH_FILE
+
+
+def test_chmod_by_handle_is_refused_as_chmod_by_path_and_both_are_logged(home, log_lines):
+    """A read-only user's setstat of permission bits is refused by path and by handle alike (it was OK by handle)."""
+    client = Client(home, permissions={Permission.READ}, log_as="sftp reader")
+    number = client.open_sftp()
+    mode = struct.pack("!LL", FILEXFER_ATTR_PERMISSIONS, 0o600)
+    kind, handle = client.open(number, b"big.bin")
+    assert kind == FXP_HANDLE
+    by_path = client.request(number, FXP_SETSTAT, struct.pack("!L", 2) + NS(b"big.bin") + mode)
+    by_handle = client.request(number, FXP_FSETSTAT, struct.pack("!L", 3) + NS(handle) + mode)
+    for kind, body in (by_path, by_handle):
+        assert kind == FXP_STATUS
+        assert status_of(body) == (FX_PERMISSION_DENIED, "permission denied: allow-write is not granted")
+    refusal = "sftp reader: set permissions (ignored) /big.bin refused: permission denied: allow-write is not granted"
+    assert [line for line in log_lines if line.startswith("sftp reader:")] == [refusal, refusal]
+
+
+def test_a_truncate_of_a_handle_opened_for_reading_is_refused_and_logged(home, log_lines):
+    client = Client(home, log_as="sftp alice")
+    number = client.open_sftp()
+    kind, handle = client.open(number, b"big.bin")
+    size = struct.pack("!LQ", FILEXFER_ATTR_SIZE, 0)
+    kind, body = client.request(number, FXP_FSETSTAT, struct.pack("!L", 2) + NS(handle) + size)
+    assert kind == FXP_STATUS and status_of(body) == (FX_PERMISSION_DENIED, "the file was not opened for writing")
+    assert os.path.getsize(os.path.join(home, "big.bin")) == 4 * 1024 * 1024
+    assert [line for line in log_lines if line.startswith("sftp alice:")] == [
+        "sftp alice: truncate to 0 bytes /big.bin refused: the file was not opened for writing"
+    ]
