@@ -757,6 +757,8 @@ class JailedFilesystem:
         source_folder_named, target_folder_named = names_a_folder(from_path), names_a_folder(to_path)
 
         def work():
+            if target == "/":  # RNTO /: the home folder is there, whatever the source is
+                raise FileExistsError(errno.EEXIST, "the home folder exists", target)
             if source_folder_named or target_folder_named:
                 # "dir/" may be moved, to "new/" too; a file, or a link itself, is not a folder (ENOTDIR).
                 # A missing source is left to the rename, which says so.

@@ -205,7 +205,7 @@ def ftp_error(failure: Failure, virtual: str) -> ftp.FTPCmdError:
     if isinstance(error, InvalidPath):
         return FTPReplyError(553, f"File name not allowed: {error}.")
     if isinstance(error, IsADirectoryError):
-        return ftp.IsADirectoryError(virtual)
+        return FTPReplyError(550, f"{virtual}: Is a folder.")  # Twisted's says "is a directory", beside our "Not a folder."
     if isinstance(error, NotADirectoryError):
         return FTPReplyError(550, f"{virtual}: Not a folder.")
     if isinstance(error, FileExistsError):
@@ -455,10 +455,14 @@ class JailedFTPShell:
         return self._call(path, check)
 
     def access(self, path):
+        """CWD's check (no permission needed): a folder; a file is "Not a folder", as for RMD, and only a missing name "No such file"."""
+
         def check(virtual: str) -> defer.Deferred:
-            def is_directory(answer: bool) -> None:
-                if not answer:
-                    raise ftp.FileNotFoundError(virtual)
+            def is_directory(answer: bool) -> Optional[defer.Deferred]:
+                if answer:
+                    return None
+                exists = self.filesystem.require_existing(virtual)  # FileNotFoundError when nothing is there
+                return exists.addCallback(lambda ignored: _raise(NotADirectoryError(errno.ENOTDIR, "not a folder")))
 
             return self.filesystem.is_directory(virtual).addCallback(is_directory)
 

@@ -135,9 +135,11 @@ def test_errors_become_ftp_errors(shell, home):
     assert failure_of(shell.makeDirectory(["docs"])).check(twisted_ftp.FileExistsError)
     not_empty = failure_of(shell.removeDirectory(["docs"])).value
     assert isinstance(not_empty, FTPReplyError) and not_empty.response() == "550 /docs: Folder not empty."
-    assert failure_of(shell.removeFile(["docs"])).check(twisted_ftp.IsADirectoryError)
+    assert failure_of(shell.removeFile(["docs"])).value.response() == "550 /docs: Is a folder."
     assert failure_of(shell.removeFile(["missing"])).check(twisted_ftp.FileNotFoundError)
-    assert failure_of(shell.openForReading(["docs"])).check(twisted_ftp.IsADirectoryError)
+    assert failure_of(shell.openForReading(["docs"])).value.response() == "550 /docs: Is a folder."
+    assert failure_of(shell.access(["docs", "f.txt"])).value.response() == "550 /docs/f.txt: Not a folder."
+    assert failure_of(shell.access(["nope"])).value.response() == "550 /nope: No such file or directory."
     missing = failure_of(shell.openForReading(["nope", "x"])).value
     assert missing.response() == "550 /nope/x: No such file or directory."
     assert str(home) not in missing.response()
@@ -187,6 +189,10 @@ def test_rename_errors_about_the_target_name_the_target(shell, home):
     assert (home / "a.txt").read_bytes() == b"a"
     folder_onto_file = failure_of(shell.rename(["d1"], ["a.txt"]))
     assert folder_onto_file.value.response() == "550 /a.txt: File exists"
+    assert (home / "d1").is_dir() and (home / "a.txt").read_bytes() == b"a"
+    for source in (["a.txt"], ["d1"]):
+        onto_home = failure_of(shell.rename(source, []))  # RNTO /: the home folder is there
+        assert onto_home.value.response() == "550 /: File exists"
     assert (home / "d1").is_dir() and (home / "a.txt").read_bytes() == b"a"
     (home / "a.txt").unlink()
     gone = failure_of(shell.rename(["a.txt"], ["b.txt"]))
@@ -253,15 +259,18 @@ def test_access_needs_an_existing_folder_inside(shell, home, result_of):
     (home / "out").symlink_to("/etc")
     assert result_of(shell.access([])) is None
     assert result_of(shell.access(["dir"])) is None
-    for segments in (["file"], ["missing"], ["out"]):
+    for segments in (["missing"], ["out"]):
         assert failure_of(shell.access(segments)).check(twisted_ftp.FileNotFoundError), segments
+    assert failure_of(shell.access(["file"])).value.response() == "550 /file: Not a folder."
 
 
 def test_access_needs_no_permission(home, run_in_thread, result_of):
-    """CWD works even for a group without any permission."""
+    """CWD works even for a group without any permission, and says a file is no folder."""
     (home / "dir").mkdir()
+    (home / "file").write_bytes(b"")
     shell = JailedFTPShell(JailedFilesystem(str(home), frozenset(), run_in_thread))
     assert result_of(shell.access(["dir"])) is None
+    assert failure_of(shell.access(["file"])).value.response() == "550 /file: Not a folder."
 
 
 def test_stat_values(shell, home, result_of):
