@@ -46,7 +46,7 @@ def log_lines():
         lines.append(formatEvent(event))
 
     globalLogPublisher.addObserver(observer)
-    yield lines
+    yield lines  # a fixture's teardown runs also when the test fails
     globalLogPublisher.removeObserver(observer)
 
 

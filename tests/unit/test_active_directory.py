@@ -13,13 +13,13 @@ import pytest_twisted
 from ldaptor.protocols import pureldap
 from twisted.internet import defer
 from twisted.internet.testing import MemoryReactorClock
-from twisted.logger import globalLogPublisher
 
 from sftpauth.auth.errors import LoginFailed
 from sftpauth.auth.ldap import client as ldap
 from sftpauth.auth.ldap.client import Entry, LDAPConnection, LDAPResult, ServerAddress
 from sftpauth.auth.ldap.dn import REFERRAL, complete_ranged_values, find_entry, trace_referrals
 from sftpauth.auth.ldap.filters import MATCH_ALL
+from log_capture import captured_logs
 
 DN = "CN=Bob Brown,OU=FTP Users,DC=ad,DC=example,DC=com"
 CONFIGURATION = "ldap://ad.example.com/CN=Configuration,DC=ad,DC=example,DC=com"
@@ -58,13 +58,9 @@ async def test_continuation_references_are_collected_not_chased_and_logged_once(
     entry = pureldap.LDAPSearchResultEntry(objectName=DN, attributes=[("sAMAccountName", ["bob"])])
     client = ScriptedClient([entry, reference(CONFIGURATION), reference(DNS_ZONES), done()], [reference(CONFIGURATION), done()])
     connection = LDAPConnection(client, ServerAddress("dc1.ad.example.com", 389), MemoryReactorClock(), 5)
-    logged = []
-    globalLogPublisher.addObserver(logged.append)
-    try:
+    with captured_logs() as logged:
         result, entries = await connection.search("DC=ad,DC=example,DC=com", 2, MATCH_ALL, ["sAMAccountName"])
         again, _ = await connection.search("DC=ad,DC=example,DC=com", 2, MATCH_ALL, ["sAMAccountName"])
-    finally:
-        globalLogPublisher.removeObserver(logged.append)
     assert [found.dn for found in entries] == [DN]
     assert result.ok and result.referrals == (CONFIGURATION, DNS_ZONES)
     assert again.referrals == (CONFIGURATION,)

@@ -23,6 +23,7 @@ from sftpauth.auth.trace import Trace
 from sftpauth.config import models
 from sftpauth.config.loader import parse_configuration
 from sftpauth.permissions import FULL_CONTROL, Permission
+from log_capture import captured_logs
 
 PASSWORD = "s3cret-Pa55word"
 AUDIT_FIELDS = {"time", "service", "protocol", "peer", "username", "method", "outcome", "reason"}
@@ -543,17 +544,13 @@ def test_undecodable_username_is_audited_to_the_file(tmp_path, local, run_in_thr
 @pytest.mark.parametrize("with_file", [True, False])
 def test_audit_events_go_to_the_server_log_only_without_an_audit_file(tmp_path, with_file):
     """With audit_log set each event is written once, to the file; without it, to the server log."""
-    from twisted.logger import globalLogPublisher
-
-    seen = []
-    observer = lambda event: seen.append(event) if event.get("log_namespace") == "sftpauth.audit" else None  # noqa: E731
-    globalLogPublisher.addObserver(observer)
     audit = AuditLog(str(tmp_path / "audit.jsonl") if with_file else "")
     try:
-        audit.record("session-start", username="alice")
+        with captured_logs() as events:
+            audit.record("session-start", username="alice")
     finally:
-        globalLogPublisher.removeObserver(observer)
         audit.close()
+    seen = [event for event in events if event.get("log_namespace") == "sftpauth.audit"]
     echoed = [event["line"] for event in seen if "line" in event]
     if with_file:
         assert echoed == []

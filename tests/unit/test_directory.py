@@ -8,9 +8,10 @@ from ldaptor.inmemory import fromLDIFFile
 from ldaptor.protocols import pureldap
 from twisted.internet.address import IPv4Address
 from twisted.internet.testing import StringTransport
-from twisted.logger import LogLevel, globalLogPublisher
+from twisted.logger import LogLevel
 
 from sftpauth.directory import DirectoryFactory
+from log_capture import captured_logs
 
 LDIF = b"dn: dc=example,dc=com\nobjectClass: dcObject\nobjectClass: organization\ndc: example\no: Example\n\n"
 TLS_CLIENT_HELLO = b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + bytes(32)
@@ -28,13 +29,9 @@ def _connection():
 
 def test_bytes_that_are_not_ldap_close_the_connection_with_one_short_line(capsys):
     """A TLS ClientHello (a client set to LDAPS) gets the connection closed and one info line, nothing printed."""
-    events = []
-    globalLogPublisher.addObserver(events.append)
-    try:
+    with captured_logs() as events:
         protocol, transport = _connection()
         protocol.dataReceived(TLS_CLIENT_HELLO)
-    finally:
-        globalLogPublisher.removeObserver(events.append)
     assert transport.disconnecting
     assert transport.value() == b""
     (event,) = [event for event in events if "embedded LDAP directory" in event.get("log_format", "")]

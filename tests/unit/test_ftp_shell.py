@@ -15,7 +15,6 @@ from twisted.internet import error as internet_error
 from twisted.internet.address import IPv4Address
 from twisted.internet.interfaces import IConsumer, IPushProducer
 from twisted.internet.testing import MemoryReactorClock, StringTransport
-from twisted.logger import globalLogPublisher
 from twisted.protocols import ftp as twisted_ftp
 from twisted.python import filepath
 from twisted.python.failure import Failure
@@ -32,6 +31,7 @@ from sftpauth.ftp import (
 )
 from sftpauth.permissions import FULL_CONTROL, Permission
 from sftpauth.realm import SessionInfo
+from log_capture import captured_logs
 
 
 class ManualThreads:
@@ -945,9 +945,7 @@ def test_a_stat_reply_being_read_keeps_the_session_alive_and_one_not_read_times_
 
 def test_stat_of_a_folder_ended_by_the_client_leaving_logs_no_error(home):
     """The control connection lost during STAT's listing stops it quietly; a local error ends the reply with 213."""
-    events: list[dict] = []
-    globalLogPublisher.addObserver(events.append)
-    try:
+    with captured_logs() as events:
         protocol, transport, threads, _ = _stat_session(home, 2000)
         protocol.dataReceived(b"STAT /\r\n")
         threads.run_one()
@@ -966,8 +964,6 @@ def test_stat_of_a_folder_ended_by_the_client_leaving_logs_no_error(home):
         threads.run_all()
         assert transport.value().split(b"\r\n")[-2] == b"213 End of status (the listing is incomplete: local error in processing)."
         assert [event for event in events if "log_failure" in event]
-    finally:
-        globalLogPublisher.removeObserver(events.append)
 
 
 def test_pasv_announces_passive_address_and_listens_in_the_range():

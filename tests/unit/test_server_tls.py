@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import re
 from pathlib import Path
@@ -11,28 +10,19 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from OpenSSL import SSL
 from twisted.internet import task
-from twisted.logger import LogLevel, formatEvent, globalLogPublisher
+from twisted.logger import LogLevel, formatEvent
 
 from sftpauth import ftp
 from sftpauth.config.errors import ConfigError
 from sftpauth.config.models import FTPServiceSettings
 from sftpauth.tls import CertificateProblem, DailyDateCheck, ServerTLS, can_check_session_reuse, load_server_certificate
+from log_capture import captured_logs
 from tests.integration.tls_certs import TestPKI
 
 
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory) -> TestPKI:
     return TestPKI(tmp_path_factory.mktemp("pki"))
-
-
-@contextlib.contextmanager
-def capture_logs():
-    events: list[dict] = []
-    globalLogPublisher.addObserver(events.append)
-    try:
-        yield events
-    finally:
-        globalLogPublisher.removeObserver(events.append)
 
 
 def combined(tmp_path: Path, *parts: Path, name: str = "server.pem") -> str:
@@ -215,7 +205,7 @@ def test_a_reload_and_the_daily_check_log_a_certificate_about_to_expire(pki, tmp
     tls = ServerTLS(path, "ftps")
     soon = pki.dated("soon", pki.now - DAY, pki.now + 3 * DAY + datetime.timedelta(hours=1))
     combined(tmp_path, soon.certificate, soon.key)
-    with capture_logs() as events:
+    with captured_logs() as events:
         assert tls.reload()
     warnings = [formatEvent(event) for event in events if event["log_level"] == LogLevel.warn]
     assert len(warnings) == 1 and "expires on" in warnings[0] and "in 3 days" in warnings[0]
@@ -223,13 +213,13 @@ def test_a_reload_and_the_daily_check_log_a_certificate_about_to_expire(pki, tmp
 
     clock = task.Clock()
     check = DailyDateCheck(clock, tls.check_dates)
-    with capture_logs() as events:
+    with captured_logs() as events:
         check.startService()
         assert events == []  # start-up reports dates as configuration warnings, not here
         clock.advance(DailyDateCheck.INTERVAL)
         clock.advance(DailyDateCheck.INTERVAL)
     assert [event["log_level"] for event in events] == [LogLevel.warn, LogLevel.warn]
-    with capture_logs() as events:
+    with captured_logs() as events:
         assert "expired on" in tls.check_dates(now=pki.now + 4 * DAY)
     assert [event["log_level"] for event in events] == [LogLevel.error]
     check.stopService()
@@ -244,7 +234,7 @@ def test_a_daily_check_that_raises_is_logged_not_left_unhandled():
         raise RuntimeError("bug")
 
     check = DailyDateCheck(clock, broken)
-    with capture_logs() as events:
+    with captured_logs() as events:
         check.startService()
         clock.advance(DailyDateCheck.INTERVAL)
     (event,) = [event for event in events if "log_failure" in event]

@@ -7,24 +7,18 @@ import struct
 import pytest
 from twisted.conch.ssh import connection, transport
 from twisted.conch.ssh.common import NS
-from twisted.logger import globalLogPublisher
 
 from sftpauth.ssh import MIN_CLIENT_MAX_PACKET, SFTPConnection, SFTPServerTransport, SFTPSessionChannel, SFTPUser
+from log_capture import captured_logs
 
 
 def logged(action) -> list[str]:
-    seen: list[str] = []
-
-    def observer(event):
-        if event.get("log_namespace", "").startswith(("sftpauth", "twisted.conch")):
-            seen.append(event.get("log_format", ""))
-
-    globalLogPublisher.addObserver(observer)
-    try:
+    with captured_logs() as events:
         action()
-    finally:
-        globalLogPublisher.removeObserver(observer)
-    return seen
+    return [
+        event.get("log_format", "") for event in events
+        if event.get("log_namespace", "").startswith(("sftpauth", "twisted.conch"))
+    ]
 
 
 def test_an_ordinary_goodbye_is_not_logged_but_other_disconnects_are():
@@ -64,12 +58,8 @@ def test_a_second_subsystem_on_one_channel_is_refused_with_an_info_line_not_an_e
 
     channel = SFTPSessionChannel(avatar=Avatar())
     channel.client = object()  # the first subsystem runs
-    events = []
-    globalLogPublisher.addObserver(events.append)
-    try:
+    with captured_logs() as events:
         assert channel.request_subsystem(NS(b"sftp")) == 0
-    finally:
-        globalLogPublisher.removeObserver(events.append)
     mine = [event for event in events if event.get("log_namespace", "").startswith(("sftpauth", "twisted.conch"))]
     assert [(event["log_format"], event["log_level"].name) for event in mine] == [
         ("refused a second subsystem request on one session channel", "info")]

@@ -43,6 +43,7 @@ from sftpauth.workers.pool import (
     worker_cpus,
 )
 from sftpauth.workers.worker import keep_to_cpu
+from log_capture import captured_logs
 
 BASE = "/etc/sftpauth"
 
@@ -444,17 +445,11 @@ def test_sessions_a_dead_worker_left_open_are_ended_by_the_parent(clock, tmp_pat
 
 def test_worker_audit_without_a_channel_goes_to_the_log(clock):
     """With the parent gone an event is not lost silently: it is logged (and reaches the parent's log)."""
-    from twisted.logger import globalLogPublisher
-
-    logged = []
-    globalLogPublisher.addObserver(logged.append)
-    try:
+    with captured_logs() as logged:
         audit = WorkerAuditLog(1, StateChannel(clock), clock)
         audit.record("session-end", service="ftp")
         audit.flush()
         audit.record("session-end", groups=["x" * 1000] * 70)  # lists are not shortened
-    finally:
-        globalLogPublisher.removeObserver(logged.append)
     formats = [event.get("log_format", "") for event in logged]
     assert any("the parent process is gone" in text for text in formats)
     assert any("too long to send" in text for text in formats)
