@@ -327,8 +327,16 @@ def _seek(file, offset: int) -> None:
 
 
 def printable(text: str) -> str:
-    """A client-chosen name made safe for a log line (no newlines or escapes)."""
-    return "".join(char if char.isprintable() else repr(char)[1:-1] for char in text[:1024])
+    """A client-chosen name made safe for a log line (no newlines or escapes); a byte that is not UTF-8 as ``\\xff``."""
+    return "".join(_printable_character(char) for char in text[:1024])
+
+
+def _printable_character(char: str) -> str:
+    if char.isprintable():
+        return char
+    if "\udc80" <= char <= "\udcff":  # a surrogate escape: the byte it stands for
+        return f"\\x{ord(char) - 0xDC00:02x}"
+    return repr(char)[1:-1]
 
 
 def _shown_path(client_path: Union[str, bytes], cwd: str) -> str:
@@ -374,8 +382,8 @@ def describe_failure(error: BaseException) -> str:
 
 def attribute_change(size: Optional[int], times: Optional[tuple[float, float]]) -> str:
     """How a change of attributes (SFTP setstat, FTP MFMT) is named in the log."""
-    parts = ([f"truncate to {size} bytes"] if size is not None else []) + (["set times"] if times is not None else [])
-    return " and ".join(parts) or "set permissions (ignored)"
+    truncate = [f"truncate to {size} byte{'' if size == 1 else 's'}"] if size is not None else []
+    return " and ".join(truncate + (["set times"] if times is not None else [])) or "set permissions or owner (ignored)"
 
 
 def is_inside(root: str, path: str) -> bool:
@@ -414,6 +422,8 @@ def _link_entry(root: str, real: str, result: os.stat_result) -> Optional[Listed
     leads outside is neither listed nor usable (:func:`resolve`).
     """
     target = os.path.realpath(real)
+    if os.path.islink(target):  # a loop (a -> b -> a): realpath stops on it; show the next step as the link holds it
+        target = os.path.normpath(os.path.join(os.path.dirname(real), os.readlink(real)))
     if not _within(root, target):
         return None
     shown = posixpath.relpath(_seen_from(root, target), _seen_from(root, os.path.dirname(real)))
@@ -516,16 +526,21 @@ class JailedFilesystem:
         return self._call((Permission.LIST, Permission.READ), client_path, cwd, self._stat)
 
     def _stat(self, real: str) -> os.stat_result:
-        # resolve() followed every link that stays inside: what is left to stat is no link
-        return _lstat_beneath(self.root, real)
+        # resolve() followed every link that stays inside: what is left to stat is no link, but for a loop
+        result = _lstat_beneath(self.root, real)
+        if stat_module.S_ISLNK(result.st_mode):
+            raise OSError(errno.ELOOP, "too many levels of symbolic links")
+        return result
 
     def lstat(self, client_path, cwd: str = "/") -> defer.Deferred:
         """The :class:`Listed` of the entry a path names, itself: a symlink as a link, not as what it points to.
 
         As :meth:`stat` for anything else, and with the same permissions.
         A link that leads outside is OutsideJail (:func:`resolve_entry`).
+        ``link/`` names what the link points to, as for ``lstat(2)``.
         """
-        return self._call((Permission.LIST, Permission.READ), client_path, cwd, self._entry, entry=True)
+        entry = not names_a_folder(client_path)
+        return self._call((Permission.LIST, Permission.READ), client_path, cwd, self._entry, entry=entry)
 
     def _entry(self, real: str) -> Listed:
         result = _lstat_beneath(self.root, real)
@@ -625,10 +640,10 @@ class JailedFilesystem:
         """
         try:
             result = os.stat(name, dir_fd=folder, follow_symlinks=False)
+            if stat_module.S_ISLNK(result.st_mode):
+                return _link_entry(self.root, os.path.join(real, name), result)
         except OSError:
-            return None
-        if stat_module.S_ISLNK(result.st_mode):
-            return _link_entry(self.root, os.path.join(real, name), result)
+            return None  # vanished meanwhile
         return Listed(name, result)
 
     def open_folder(self, client_path, cwd: str = "/", then: Optional[Callable[["FolderReader"], Any]] = None) -> defer.Deferred:

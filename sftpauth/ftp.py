@@ -449,8 +449,13 @@ class JailedFTPShell:
         """
 
         def check(virtual: str) -> defer.Deferred:
-            self.filesystem.require(Permission.RENAME, virtual)
-            return self.filesystem.run(_require_entry, self.filesystem.root, virtual)
+            def checked() -> defer.Deferred:
+                self.filesystem.require(Permission.RENAME, virtual)
+                return self.filesystem.run(_require_entry, self.filesystem.root, virtual)
+
+            # A refusal is logged here, as the rename it ends; RNTO logs the rename itself.
+            refused = lambda failure: self.filesystem.log_change(defer.fail(failure), "rename", virtual)  # noqa: E731
+            return defer.maybeDeferred(checked).addErrback(refused)
 
         return self._call(path, check)
 
@@ -821,19 +826,21 @@ _TELNET_OPTION_VERBS = range(0xFB, 0xFF)  # WILL, WONT, DO, DONT: an option byte
 
 
 def strip_telnet_commands(line: bytes) -> bytes:
-    """``line`` without the Telnet commands before the FTP command (RFC 854).
+    """``line`` without the Telnet commands before the FTP command (RFC 854), and byte 255 as sent, once.
 
     RFC 959 clients send ABOR behind ``IAC IP IAC DM`` (interrupt, synch),
     with a byte of it as TCP urgent data; a Telnet client negotiates options
     (``IAC DO option``). A lone ``IAC`` or command byte, the rest of the
     sequence lost on the way (a proxy dropping urgent data), goes too: no FTP
-    command starts with a byte from 0xF0 up.
+    command starts with a byte from 0xF0 up. In a path, byte 255 (``IAC``)
+    comes doubled from clients that follow RFC 959 (lftp) and is one byte
+    of the name, as ProFTPD reads it (a UTF-8 name never has it).
     """
     start = 0
     while start < len(line) and line[start] in _TELNET_COMMAND_BYTES:
         verb = line[start + 1 : start + 2]
         start += 3 if line[start] == _TELNET_IAC and verb and verb[0] in _TELNET_OPTION_VERBS else 1
-    return line[start:]
+    return line[start:].replace(b"\xff\xff", b"\xff")
 
 
 def keep_urgent_data_inline(transport) -> bool:
@@ -1936,6 +1943,8 @@ class SftpauthFTP(ftp.FTP):
         folder, glob = self._listing_target(path)
 
         def stream(download: FileDownload) -> defer.Deferred:
+            if self.transport is None:  # the client left while the folder was opened
+                return download.discard().addCallback(lambda ignored: _raise(internet_error.ConnectionLost()))
             self.sendLine(f"213-Status of {virtual_name(folder)}:")  # a name the listing took is valid
             # Each chunk the client takes keeps the session alive; one that stops reading is idle.
             return download.send(_ProgressConsumer(_IndentedLines(self.transport), self.resetTimeout))

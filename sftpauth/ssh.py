@@ -102,6 +102,7 @@ from sftpauth.auth.policy import answer_failure
 from sftpauth.config.errors import ConfigError, ConfigProblem
 from sftpauth.config.models import SSHServiceSettings
 from sftpauth.filesystem import (
+    CONTROL_CHARACTERS,
     MONTHS,
     FolderReader,
     InvalidPath,
@@ -352,7 +353,8 @@ def long_name(name: str, result: os.stat_result, owner: str, group: str, now: Op
     else:
         when = f"{day}  {moment.tm_year}"
     mode = stat_module.filemode(result.st_mode)
-    return f"{mode} {result.st_nlink:>4} {owner:<8} {group:<8} {result.st_size:>8} {when} {name}"
+    shown = CONTROL_CHARACTERS.sub("?", name)  # what a terminal prints: no line break or escape (the name field is exact)
+    return f"{mode} {result.st_nlink:>4} {owner:<8} {group:<8} {result.st_size:>8} {when} {shown}"
 
 
 # -- SFTP ----------------------------------------------------------------------------
@@ -642,8 +644,9 @@ class JailedSFTPServer:
         """What a symlink points to, relative to its folder as the session sees it, never a server path."""
         return self.filesystem.read_link(path).addCallback(disk_bytes).addErrback(sftp_error)
 
-    def makeLink(self, linkPath: bytes, targetPath: bytes) -> None:
-        raise SFTPError(FX_PERMISSION_DENIED, "symbolic links cannot be created")
+    def makeLink(self, linkPath: bytes, targetPath: bytes) -> defer.Deferred:
+        refused = defer.fail(SFTPError(FX_PERMISSION_DENIED, "symbolic links cannot be created"))
+        return self.filesystem.log_change(refused, "make link", linkPath, reason_of=_sftp_reason)
 
     def realPath(self, path: bytes) -> bytes:
         try:

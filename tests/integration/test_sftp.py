@@ -569,6 +569,7 @@ def test_symlinks_are_listed_and_read_as_links_in_the_session_s_terms(site, alic
     assert entries["to-sibling"].st_size == len(f"../{sibling}")  # not the length of the server path it holds
     assert stat.S_ISLNK(alice.lstat(f"{folder}/to-sibling").st_mode)
     assert stat.S_ISDIR(alice.stat(f"{folder}/to-sibling").st_mode)
+    assert stat.S_ISDIR(alice.lstat(f"{folder}/to-sibling/").st_mode)  # "link/" is what it points to, as lstat(2)
     assert alice.listdir(f"{folder}/to-sibling") == ["s.txt"]
     with pytest.raises(OSError):
         alice.readlink(f"{folder}/own.txt")  # not a link: a failure, as sftp-server's EINVAL
@@ -577,10 +578,11 @@ def test_symlinks_are_listed_and_read_as_links_in_the_session_s_terms(site, alic
         alice.readlink(f"{folder}/outside")
     with pytest.raises(FileNotFoundError):
         alice.lstat(f"{folder}/outside")
-    result = run_openssh_sftp(site.port, "alice", PASSWORDS["alice"], f"ls -l {folder}\n", tmp_path)
+    result = run_openssh_sftp(site.port, "alice", PASSWORDS["alice"], f"ls -l {folder}\nls -l {folder}/to-sibling/\n", tmp_path)
     shown = result.stdout.decode()
     assert result.returncode == 0, result.stderr.decode()
     assert re.search(r"^lrwxrwxrwx .* up$", shown, re.M) and re.search(r"^-rw.* own.txt$", shown, re.M), shown
+    assert re.search(r"^-rw.* s.txt$", shown, re.M), shown  # OpenSSH's ls of "link/" lstats it first
     assert str(home) not in shown
 
 

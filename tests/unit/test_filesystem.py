@@ -15,8 +15,10 @@ from sftpauth.filesystem import (
     Listed,
     OffsetPastEnd,
     OutsideJail,
+    attribute_change,
     check_new_name,
     disk_bytes,
+    printable,
     resolve,
     virtual_path,
 )
@@ -314,7 +316,7 @@ def test_each_change_and_each_refusal_is_one_log_line_and_reads_none(root, run_i
         "ftp alice: open for writing /up.txt",
         "ftp alice: truncate to 0 bytes and set times /up.txt",
         "ftp alice: set times /up.txt",
-        "ftp alice: set permissions (ignored) /up.txt",
+        "ftp alice: set permissions or owner (ignored) /up.txt",
         "ftp alice: remove /up.txt",
         "ftp alice: remove /missing.txt refused: no such file or folder",
         "ftp alice: make folder /docs refused: the file or folder already exists",
@@ -323,9 +325,14 @@ def test_each_change_and_each_refusal_is_one_log_line_and_reads_none(root, run_i
         "ftp alice: upload to /bad\\nname refused: file name not allowed: the name contains a line break",
         "ftp alice: remove folder /docs refused: the folder is not empty",
         "ftp alice: remove /link refused: no such file or folder",
-        "sftp reader: set permissions (ignored) /a.txt refused: permission denied: allow-write is not granted",
+        "sftp reader: set permissions or owner (ignored) /a.txt refused: permission denied: allow-write is not granted",
     ]
     assert not any(root in line for line in log_lines)  # the session's paths, never the server's
+
+
+def test_log_lines_escape_what_a_terminal_would_act_on_and_show_bytes_that_are_not_utf8():
+    assert printable("caf\udce9 \n\x1b[31m") == "caf\\xe9 \\n\\x1b[31m"
+    assert attribute_change(1, None) == "truncate to 1 byte" and attribute_change(0, (1.0, 2.0)) == "truncate to 0 bytes and set times"
 
 
 # Each operation, the permission it needs, and what it must have done on success.
@@ -629,6 +636,30 @@ def test_lstat_and_read_link_give_the_link_itself(make_fs, root, result_of):
         result_of(fs.read_link("/nothing"))
     with pytest.raises(PermissionDenied):
         result_of(make_fs(frozenset({Permission.WRITE})).lstat("/inside-link"))
+    through = result_of(fs.lstat("/inside-link/"))  # "link/" is what it points to, as for lstat(2)
+    assert through.link is None and stat.S_ISDIR(through.result.st_mode)
+    with pytest.raises(NotADirectoryError):
+        result_of(fs.lstat("/absolute-inside-link/"))
+    with pytest.raises(OSError) as followed:
+        result_of(fs.read_link("/inside-link/"))
+    assert followed.value.errno == errno.EINVAL
+
+
+def test_a_loop_of_links_is_listed_with_its_next_step_and_is_no_file(make_fs, root, result_of):
+    """a -> b -> a: each is listed as a link to the other (realpath stops on the loop), and stats as a loop, never as a file."""
+    os.symlink("loopb", os.path.join(root, "loopa"))
+    os.symlink("loopa", os.path.join(root, "loopb"))
+    os.symlink("docs/../self", os.path.join(root, "self"))
+    fs = make_fs()
+    links = {entry.name: entry.link for entry in result_of(fs.list_directory("/")) if entry.link is not None}
+    assert (links["loopa"], links["loopb"], links["self"]) == ("loopb", "loopa", "self")
+    assert result_of(fs.read_link("/loopa")) == "loopb"
+    for path in ("/loopa", "/self"):
+        with pytest.raises(OSError) as loop:
+            result_of(fs.stat(path))
+        assert loop.value.errno == errno.ELOOP
+    result_of(fs.remove_file("/loopa"))  # a loop can go
+    assert not os.path.lexists(os.path.join(root, "loopa"))
 
 
 def test_list_directory_of_a_file_lists_the_file(make_fs, result_of):

@@ -823,12 +823,14 @@ def test_telnet_commands_before_a_command_are_skipped(connection, prefix, ending
 
 
 def test_telnet_commands_are_skipped_only_at_the_start_of_a_line():
-    """Only the bytes before the command go; its argument keeps every byte."""
+    """Only the bytes before the command go; its argument keeps every byte (byte 255, sent doubled, once)."""
     assert strip_telnet_commands(b"\xff\xf4\xff\xf2ABOR") == b"ABOR"
     assert strip_telnet_commands(b"\xff\xfdAABOR") == b"ABOR"  # IAC DO option 'A'
     assert strip_telnet_commands(b"MKD \xff\xf4name") == b"MKD \xff\xf4name"
     assert strip_telnet_commands(b"\xff") == b""
     assert strip_telnet_commands(b"NOOP") == b"NOOP"
+    assert strip_telnet_commands(b"STOR caf\xff\xff.txt") == b"STOR caf\xff.txt"  # IAC IAC is byte 255 (RFC 854)
+    assert strip_telnet_commands(b"RETR \xff\xff\xff\xff") == b"RETR \xff\xff"
 
 
 def test_abor_behind_telnet_commands_is_read_while_a_command_runs(connection):
@@ -964,6 +966,30 @@ def test_stat_of_a_folder_ended_by_the_client_leaving_logs_no_error(home):
         threads.run_all()
         assert transport.value().split(b"\r\n")[-2] == b"213 End of status (the listing is incomplete: local error in processing)."
         assert [event for event in events if "log_failure" in event]
+
+
+def test_stat_of_a_folder_whose_client_left_before_it_was_opened_ends_quietly(home, log_lines):
+    """The connection lost while the folder is opened in a thread (transport None by then): no critical error, nothing sent."""
+    protocol, transport, threads, _ = _stat_session(home, 10)
+    protocol.dataReceived(b"STAT /\r\n")
+    protocol.connectionLost(Failure(internet_error.ConnectionLost()))
+    threads.run_all()
+    assert protocol.transport is None and b"213" not in transport.value()
+    assert not [line for line in log_lines if "failed unexpectedly" in line or "Traceback" in line], log_lines
+
+
+def test_a_rename_refused_at_rnfr_is_logged_as_the_refused_rename(home, run_in_thread, log_lines):
+    """RNFR ends the rename when refused: the log says so in the words SFTP's rename uses."""
+    (home / "top.txt").write_bytes(b"t")
+    reader = JailedFTPShell(JailedFilesystem(str(home), frozenset({Permission.READ}), run_in_thread, log_as="ftp reader"))
+    assert failure_of(reader.checkRenameSource(["top.txt"])).check(twisted_ftp.PermissionDeniedError)
+    alice = JailedFTPShell(JailedFilesystem(str(home), FULL_CONTROL, run_in_thread, log_as="ftp alice"))
+    assert failure_of(alice.checkRenameSource(["missing"])).check(twisted_ftp.FileNotFoundError)
+    assert alice.checkRenameSource(["top.txt"]).called  # accepted: nothing logged until RNTO
+    assert log_lines == [
+        "ftp reader: rename /top.txt refused: permission denied: allow-rename is not granted",
+        "ftp alice: rename /missing refused: no such file or folder",
+    ]
 
 
 def test_pasv_announces_passive_address_and_listens_in_the_range():

@@ -587,7 +587,7 @@ def test_chmod_by_handle_is_refused_as_chmod_by_path_and_both_are_logged(home, l
     for kind, body in (by_path, by_handle):
         assert kind == FXP_STATUS
         assert status_of(body) == (FX_PERMISSION_DENIED, "permission denied: allow-write is not granted")
-    refusal = "sftp reader: set permissions (ignored) /big.bin refused: permission denied: allow-write is not granted"
+    refusal = "sftp reader: set permissions or owner (ignored) /big.bin refused: permission denied: allow-write is not granted"
     assert [line for line in log_lines if line.startswith("sftp reader:")] == [refusal, refusal]
 
 
