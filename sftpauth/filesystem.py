@@ -373,6 +373,8 @@ def describe_failure(error: BaseException) -> str:
         return "not a folder"
     if isinstance(error, OverflowError):
         return "offset or size out of range"  # an offset or size of 2**63 or more
+    if isinstance(error, OffsetPastEnd):
+        return str(error)  # FTP REST beyond the end of the file
     if isinstance(error, OSError):
         if error.errno == errno.ENOTEMPTY:
             return "the folder is not empty"

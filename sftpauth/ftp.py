@@ -453,8 +453,10 @@ class JailedFTPShell:
                 self.filesystem.require(Permission.RENAME, virtual)
                 return self.filesystem.run(_require_entry, self.filesystem.root, virtual)
 
-            # A refusal is logged here, as the rename it ends; RNTO logs the rename itself.
-            refused = lambda failure: self.filesystem.log_change(defer.fail(failure), "rename", virtual)  # noqa: E731
+            def refused(failure: Failure) -> defer.Deferred:
+                # Logged here, as the rename it ends; RNTO logs the rename itself.
+                return self.filesystem.log_change(defer.fail(failure), "rename", virtual)
+
             return defer.maybeDeferred(checked).addErrback(refused)
 
         return self._call(path, check)

@@ -298,9 +298,10 @@ def test_each_change_and_each_refusal_is_one_log_line_and_reads_none(root, run_i
         lambda: fs.open_for_writing("/bad\nname"),
         lambda: fs.remove_directory("/docs"),
         lambda: fs.remove_file("/link"),
+        lambda: fs.open_for_writing("/a.txt", offset=99),
         lambda: JailedFilesystem(root, frozenset({Permission.READ}), run_in_thread, log_as="sftp reader").set_attributes("/a.txt"),
     ):
-        with pytest.raises((OSError, InvalidPath, OutsideJail, PermissionDenied)):
+        with pytest.raises((OSError, InvalidPath, OutsideJail, PermissionDenied, OffsetPastEnd)):
             result_of(refused())
     _close(result_of(fs.open_for_reading("/a.txt")))
     _close(result_of(fs.open_file("/a.txt", os.O_RDONLY)))
@@ -325,6 +326,7 @@ def test_each_change_and_each_refusal_is_one_log_line_and_reads_none(root, run_i
         "ftp alice: upload to /bad\\nname refused: file name not allowed: the name contains a line break",
         "ftp alice: remove folder /docs refused: the folder is not empty",
         "ftp alice: remove /link refused: no such file or folder",
+        "ftp alice: upload from byte 99 to /a.txt refused: the offset 99 is past the end of the file (1 bytes)",
         "sftp reader: set permissions or owner (ignored) /a.txt refused: permission denied: allow-write is not granted",
     ]
     assert not any(root in line for line in log_lines)  # the session's paths, never the server's
