@@ -164,7 +164,7 @@ def resolve(root: str, client_path: Union[str, bytes], cwd: str = "/") -> str:
     """
     virtual = virtual_path(client_path, cwd)
     real = _real_below(root, virtual)
-    if real != root and not real.startswith(root.rstrip(os.sep) + os.sep):
+    if not _within(root, real):
         raise OutsideJail(virtual)
     return real
 
