@@ -12,7 +12,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 TWISTD = str(Path(sys.executable).with_name("twistd"))
 REPOSITORY = Path(__file__).resolve().parents[2]
@@ -169,6 +169,18 @@ class SftpauthServer:
                     return event
             if time.monotonic() > deadline:
                 raise AssertionError(f"no audit event matched; events: {self.audit_events()}")
+            time.sleep(0.05)
+
+    def wait_for_log(self, predicate: Callable[[str], bool], timeout: float = 10.0) -> str:
+        """The server log once ``predicate(log text)`` holds; AssertionError when the time is up or the server exited."""
+        deadline = time.monotonic() + timeout
+        while True:
+            text = self.log_text()
+            if predicate(text):
+                return text
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"not logged (server {'exited' if self.process.poll() is not None else 'running'}):\n"
+                                     f"{self.log_tail()}")
             time.sleep(0.05)
 
 

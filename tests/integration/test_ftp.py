@@ -1002,14 +1002,7 @@ def test_each_change_and_refusal_is_a_server_log_line(ftp_server):
         "ftp alice: remove /logged-missing.txt refused: no such file or folder",
         "ftp reader: upload to /logged-by-reader.txt refused: permission denied: allow-write is not granted",
     ]
-    deadline = time.monotonic() + 5
-    while True:
-        log = ftp_server.process.log_text()
-        found = [line for line in expected if line in log]
-        if found == expected or time.monotonic() > deadline:
-            break
-        time.sleep(0.05)
-    assert found == expected, ftp_server.process.log_tail()
+    log = ftp_server.process.wait_for_log(lambda text: all(line in text for line in expected))
     positions = [log.index(line) for line in expected]
     assert positions == sorted(positions)
 

@@ -768,10 +768,7 @@ ssl_certificate = {certificate}
             time.sleep(0.1)
         certificate.write_text("not a certificate\n")
         server.process.send_signal(signal.SIGHUP)
-        deadline = time.monotonic() + 10
-        while "not reloaded" not in server.log_text():
-            assert time.monotonic() < deadline, server.log_tail()
-            time.sleep(0.1)
+        server.wait_for_log(lambda text: "not reloaded" in text)
         assert same_certificate(served_certificate(port), pki.wrong_name.certificate.read_bytes())
     finally:
         status = server.stop()

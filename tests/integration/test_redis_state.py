@@ -85,11 +85,7 @@ password = {hash_password("alice-pass")}
         return self.server.wait_for_audit(predicate, timeout=timeout)
 
     def wait_for_log(self, text: str, timeout: float = 20.0) -> None:
-        deadline = time.monotonic() + timeout
-        while text not in self.server.log_text():
-            if time.monotonic() > deadline:
-                raise AssertionError(f"{text!r} not logged:\n{self.server.log_tail()}")
-            time.sleep(0.1)
+        self.server.wait_for_log(lambda logged: text in logged, timeout=timeout)
 
 
 @pytest.fixture(scope="module")
