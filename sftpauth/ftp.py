@@ -129,7 +129,7 @@ from sftpauth.config.errors import ConfigError, ConfigProblem
 from sftpauth.config.models import FTPServiceSettings
 from sftpauth.filesystem import (
     CONTROL_CHARACTERS, MONTHS, NOT_A_BYTE, FolderReader, InvalidPath, JailedFilesystem, Listed, OffsetPastEnd, OutsideJail,
-    disk_bytes, refuse_home_folder, resolve_entry,
+    disk_bytes, printable, refuse_home_folder, resolve_entry,
 )
 from sftpauth.listening import LOGIN_GRACE_SECONDS, listening_service
 from sftpauth.permissions import Permission, PermissionDenied
@@ -223,7 +223,7 @@ def ftp_error(failure: Failure, virtual: str) -> ftp.FTPCmdError:
             return FTPReplyError(553, "File name not allowed: the name is too long.")
         if error.errno in (errno.ELOOP, errno.EXDEV, errno.EINVAL):
             return FTPReplyError(550, f"{virtual}: Requested action not taken.")
-    _log.failure("unexpected error on {path}", failure, path=virtual.encode("utf-8", "backslashreplace").decode())
+    _log.failure("unexpected error on {path}", failure, path=printable(virtual))
     return FTPReplyError(451, "Requested action aborted: local error in processing.")
 
 

@@ -113,6 +113,7 @@ from sftpauth.filesystem import (
     change_attributes,
     describe_failure,
     disk_bytes,
+    printable,
     virtual_path,
 )
 from sftpauth.private_files import write_private_file
@@ -1562,7 +1563,7 @@ class SFTPServerTransport(transport.SSHServerTransport, TimeoutMixin):
         _log.info(
             "client disconnected: code {code}, {description}",
             code=reasonCode,
-            description=description.decode("utf-8", "backslashreplace")[:200],
+            description=printable(description.decode("utf-8", "surrogateescape")[:200]),
         )
 
     def timeoutConnection(self) -> None:

@@ -145,6 +145,19 @@ def test_errors_become_ftp_errors(shell, home):
     assert str(home) not in missing.response()
 
 
+def test_an_unexpected_error_is_451_and_its_log_line_escapes_the_path():
+    """An error no reply describes is 451 to the client; the log names the path with control characters escaped."""
+    from twisted.logger import formatEvent
+
+    from sftpauth.ftp import ftp_error
+
+    with captured_logs() as events:
+        reply = ftp_error(Failure(OSError(errno.EIO, "Input/output error")), "/odd\x1b[2Jname\udcff")
+    assert reply.response() == "451 Requested action aborted: local error in processing."
+    lines = [formatEvent(event) for event in events]
+    assert lines == ["unexpected error on /odd\\x1b[2Jname\\xff"]
+
+
 def test_invalid_names_are_553(shell):
     """Names with undecodable bytes or line breaks are refused with 553."""
     for segments in (["bad\udcffname"], ["line\nbreak"], ["nul\0"]):

@@ -28,6 +28,17 @@ def test_an_ordinary_goodbye_is_not_logged_but_other_disconnects_are():
     assert lines == ["client disconnected: code {code}, {description}"]
 
 
+def test_a_disconnect_description_cannot_forge_log_lines():
+    """The client's text is shown with line breaks, escapes and bytes that are not UTF-8 escaped."""
+    from twisted.logger import formatEvent
+
+    server = SFTPServerTransport()
+    with captured_logs() as events:
+        server.receiveError(transport.DISCONNECT_PROTOCOL_ERROR, b"bye\n2026-11-24T07:00:00+0000 [-] forged\x1b[2J\xff")
+    lines = [formatEvent(event) for event in events if event.get("log_namespace", "").startswith("sftpauth")]
+    assert lines == ["client disconnected: code 2, bye\\n2026-11-24T07:00:00+0000 [-] forged\\x1b[2J\\xff"]
+
+
 def test_conch_debug_and_info_lines_are_dropped_but_warnings_kept():
     server = SFTPServerTransport()
     assert logged(lambda: (server._log.debug("kex alg={alg}", alg="x"), server._log.info("NEW KEYS"))) == []
