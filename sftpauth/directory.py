@@ -64,6 +64,7 @@ class DirectoryProtocol(LDAPServer):
 
 class DirectoryFactory(ServerFactory):
     protocol = DirectoryProtocol
+    noisy = False  # the port's "starting on" line says it; no "Starting factory <... at 0x...>" beside it
 
     def __init__(self, root):
         self.root = root

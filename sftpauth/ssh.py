@@ -1597,6 +1597,7 @@ class SFTPServerTransport(transport.SSHServerTransport, TimeoutMixin):
 
 class SFTPFactory(factory.SSHFactory):
     protocol = SFTPServerTransport
+    noisy = False  # the port's "starting on" line says it; no "Starting factory <... at 0x...>" beside it
     services = {
         b"ssh-userauth": UserAuthServer,
         b"ssh-connection": SFTPConnection,

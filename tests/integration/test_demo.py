@@ -137,3 +137,11 @@ def test_readme_test_login_example_explains_carols_refusal(demo):
     assert result.returncode == 1, result.stdout + result.stderr
     assert "filter-mismatch" in result.stdout
     assert "carol-demo" not in result.stdout + result.stderr
+
+
+def test_the_demo_log_names_what_starts_without_object_addresses(demo):
+    """One line per listening service and the Web Manager's address; no "Starting factory <... at 0x...>"."""
+    log = demo.server.log_text()
+    assert f"Web Manager demo-manager on https://127.0.0.1:{demo.manager.port}/" in log
+    assert "embedded LDAP directory demo-directory serves dc=demo,dc=example" in log
+    assert " at 0x" not in log
