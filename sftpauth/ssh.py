@@ -281,6 +281,16 @@ def _write_private_key(path: str, private_key: Any) -> None:
 # -- errors --------------------------------------------------------------------------
 
 
+def _client_name(raw: bytes, limit: int = 64) -> str:
+    """A request, channel or subsystem type the client chose, for a log line (shown with ``!r``).
+
+    Cut at ``limit`` bytes: the protocol lets a logged-in client send names
+    of up to a packet's size, and a line per refusal would fill the log.
+    """
+    shown = raw[:limit].decode("ascii", "backslashreplace")
+    return shown + "..." if len(raw) > limit else shown
+
+
 def _ascii(text: str) -> str:
     # conch sends status messages with networkString(), which takes ASCII only.
     return text.encode("ascii", "backslashreplace").decode("ascii")
@@ -1134,7 +1144,7 @@ class SFTPSessionChannel(session.SSHSession):
         if requestType not in ROUTINE_REQUESTS:  # OpenSSH's env LANG...: every login, not worth a line
             _log.info(
                 "refused a {request!r} request on an SFTP-only session",
-                request=requestType.decode("ascii", "backslashreplace"),
+                request=_client_name(requestType),
             )
         return 0
 
@@ -1145,7 +1155,7 @@ class SFTPSessionChannel(session.SSHSession):
             return 0
         if name != b"sftp" or not self.avatar.sftpEnabled:
             _log.info(
-                "refused the {name!r} subsystem", name=name.decode("ascii", "backslashreplace")
+                "refused the {name!r} subsystem", name=_client_name(name)
             )
             return 0
         if self.client is not None:
@@ -1203,7 +1213,7 @@ class SFTPUser(ConchUser):
         if requestType not in ROUTINE_REQUESTS:
             _log.info(
                 "refused the global request {request!r} (port forwarding is not available)",
-                request=requestType.decode("ascii", "backslashreplace"),
+                request=_client_name(requestType),
             )
         return 0
 
@@ -1482,7 +1492,7 @@ class SFTPConnection(connection.SSHConnection):
         if channel_type not in self.transport.avatar.channelLookup:
             _log.info(
                 "refused a {kind!r} channel (only SFTP sessions are available)",
-                kind=channel_type.decode("ascii", "backslashreplace"),
+                kind=_client_name(channel_type),
             )
             self._refuse(sender, connection.OPEN_ADMINISTRATIVELY_PROHIBITED, b"only SFTP sessions are available")
             return

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import struct
+import types
 
 import pytest
 from twisted.conch.ssh import connection, transport
@@ -114,3 +115,24 @@ def test_routine_requests_of_every_openssh_login_are_refused_without_a_log_line(
     assert answers == [0] and lines == []
     lines = logged(lambda: answers.append(channel.requestReceived(b"shell", b"")))
     assert answers == [0, 0] and lines == ["refused a {request!r} request on an SFTP-only session"]
+
+
+def test_names_the_client_chose_are_cut_short_in_log_lines():
+    """A logged-in client may send request, subsystem and channel types of a packet's size: each line stays short."""
+    from twisted.logger import formatEvent
+
+    huge = b"c" * 250_000
+    channel = SFTPSessionChannel(avatar=types.SimpleNamespace(sftpEnabled=True))
+    conn = SFTPConnection()
+    conn.transport = _Sent()
+    with captured_logs() as events:
+        channel.requestReceived(huge, b"")
+        channel.request_subsystem(NS(huge))
+        conn.ssh_CHANNEL_OPEN(NS(huge) + struct.pack(">3L", 7, 2 ** 20, 32768))
+    lines = [formatEvent(event) for event in events if event.get("log_namespace", "").startswith("sftpauth")]
+    assert lines == [
+        f"refused a '{'c' * 64}...' request on an SFTP-only session",
+        f"refused the '{'c' * 64}...' subsystem",
+        f"refused a '{'c' * 64}...' channel (only SFTP sessions are available)",
+    ]
+    assert [kind for kind, _ in conn.transport.packets] == [connection.MSG_CHANNEL_OPEN_FAILURE]
