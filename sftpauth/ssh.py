@@ -57,7 +57,6 @@ from twisted.application.service import IService
 from twisted.conch import error as conch_error
 from twisted.conch.avatar import ConchUser
 from twisted.conch.interfaces import IConchUser, ISFTPFile, ISFTPServer
-from twisted.cred.error import UnauthorizedLogin
 from twisted.conch.ssh import connection, factory, keys, session, transport, userauth
 from twisted.conch.ssh.common import NS, getNS
 from twisted.conch.ssh.filetransfer import (
@@ -1363,7 +1362,7 @@ class UserAuthServer(userauth.SSHUserAuthServer):
     def _peer(self) -> str:
         return getattr(self.transport.transport.getPeer(), "host", "") or ""
 
-    def _login(self, username: bytes, password: bytes) -> defer.Deferred:
+    def _login(self, username: bytes, password: bytes, malformed: str = "") -> defer.Deferred:
         """One login through the portal; a failure is answered FAILED_LOGIN_DELAY after the request, as on FTP."""
         settings: SSHServiceSettings = self.transport.factory.settings
         peer = self._peer()
@@ -1375,14 +1374,11 @@ class UserAuthServer(userauth.SSHUserAuthServer):
             service_id=settings.id,
             protocol="sftp",
             peer=peer,
+            malformed=malformed,
         )
         started = self.clock.seconds()
         d = self.portal.login(request, SessionInfo(settings.id, "sftp", peer), IConchUser)
         return d.addErrback(lambda failure: answer_failure(self.clock, started, failure))
-
-    def _ebPassword(self, failure: Failure) -> defer.Deferred:
-        # A refusal without a login (a malformed keyboard-interactive answer): the full delay.
-        return answer_failure(self.clock, self.clock.seconds(), failure)
 
     def auth_password(self, packet: bytes) -> defer.Deferred:
         """Password authentication through the chain; always a failed login, never a crash."""
@@ -1422,9 +1418,11 @@ class UserAuthServer(userauth.SSHUserAuthServer):
             raise conch_error.ConchError(f"{count} keyboard-interactive responses")
         responses = getNS(packet[4:], count)[:count] if count else []
         if count != 1:
-            # One prompt, one answer: anything else is a failed attempt (after the delay).
+            # One prompt, one answer: anything else fails, through the chain so that it is
+            # audited and counted against the address like any other failed login.
             conversation.waiting = False
-            self._ebPassword(Failure(UnauthorizedLogin("wrong number of responses"))).chainDeferred(conversation.result)
+            malformed = f"{count} keyboard-interactive answers to one prompt"
+            self._login(conversation.username, b"", malformed).chainDeferred(conversation.result)
             return
         answer = responses[0]
         if conversation.password is None:

@@ -78,6 +78,8 @@ def check_input(request: LoginRequest) -> None:
         raise LoginFailed("invalid-username", f"the username is {length} characters long (at most {MAX_USERNAME})")
     if any(unicodedata.category(char) in ("Cc", "Cs") for char in username):
         raise LoginFailed("invalid-username", "the username contains control characters or invalid bytes")
+    if request.malformed:
+        raise LoginFailed("invalid-password", request.malformed)
     if not request.password or not request.password.strip(" \t"):
         raise LoginFailed("empty-password", "an empty or blank password is never accepted")
     if len(request.password) > MAX_PASSWORD:

@@ -31,6 +31,10 @@ class LoginRequest:
     # FTP: whether the control connection is TLS (FTPS) at the login; None where every login is encrypted
     # (SFTP, the Web Manager) or there is no connection (the CLI). In the audit events as ``tls``.
     tls: Optional[bool] = None
+    # What the protocol layer found wrong with the client's answer, for a login that cannot succeed
+    # but is refused and audited by the chain like any other (SFTP: keyboard-interactive answers
+    # that are not one per prompt). The chain refuses it as invalid-password with this detail.
+    malformed: str = ""
 
 
 def directory_form(username: str) -> str:

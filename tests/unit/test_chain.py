@@ -404,6 +404,17 @@ def test_blank_passwords_are_refused_before_any_method(tmp_path, run_in_thread, 
     assert (event["outcome"], event["reason"]) == ("failure", "empty-password")
 
 
+def test_a_malformed_answer_is_refused_and_audited_before_any_method(tmp_path, run_in_thread, result_of):
+    """A protocol layer's malformed answer (SFTP keyboard-interactive) is a failed login with its detail."""
+    one = StubMethod("one", stub_account("one", str(tmp_path)))
+    harness = Harness(chain_configuration(tmp_path, server_methods="one"), run_in_thread, {"one": one})
+    reason = harness.failure_reason(result_of, password="", malformed="2 keyboard-interactive answers to one prompt")
+    assert reason == "invalid-password" and one.calls == []
+    (event,) = harness.events
+    assert (event["outcome"], event["reason"], event["detail"]) == (
+        "failure", "invalid-password", "2 keyboard-interactive answers to one prompt")
+
+
 @pytest.mark.parametrize(
     "username",
     ["a" * 100_000, "a" * 257, "alice\0", "ali\x00ce", "alice\r\nPASS x", "al\x1bice", "\x7f", "al\udcffice", "", "   "],

@@ -38,9 +38,13 @@ class FakeChain:
         self.totp = totp
         self.checked: list[tuple[str, str]] = []
         self.asked: list[str] = []
+        self.malformed: list[str] = []
 
     def requestAvatarId(self, credentials):
         self.checked.append((credentials.username, credentials.password))
+        if credentials.malformed:
+            self.malformed.append(credentials.malformed)
+            return defer.fail(UnauthorizedLogin("invalid-password"))
         if self.passwords.get(credentials.username) == credentials.password:
             return defer.succeed(credentials.username)
         return defer.fail(UnauthorizedLogin("login failed"))
@@ -215,16 +219,18 @@ def test_a_response_without_a_prompt_disconnects():
     assert harness.transport.disconnected[0] == ssh_transport.DISCONNECT_PROTOCOL_ERROR
 
 
-@pytest.mark.parametrize("responses", [(), (b"a", b"b")])
-def test_the_wrong_number_of_responses_is_a_failed_login(responses):
-    """Zero or two answers to one prompt fail the attempt without checking anything."""
+@pytest.mark.parametrize("responses", [(), (b"alice-pass", b"b")])
+def test_the_wrong_number_of_responses_is_a_failed_login_the_chain_audits(responses):
+    """Zero or two answers to one prompt fail the attempt, through the chain (audit, bans) without a password."""
     harness = Harness()
     harness.keyboard_interactive(b"alice")
     harness.take()
     harness.answer(*responses)
     harness.clock.advance(2)
     assert [kind for kind, payload in harness.take()] == [FAILURE]
-    assert harness.chain.checked == []
+    assert harness.chain.checked == [("alice", "")]
+    assert harness.chain.malformed == [f"{len(responses)} keyboard-interactive answers to one prompt"]
+    assert harness.transport.loginState.failures == 1
 
 
 def test_password_and_code_typed_at_the_first_prompt_work_with_an_empty_second_answer():
