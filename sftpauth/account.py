@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import unicodedata
 from typing import Optional
 
 import attrs
@@ -50,9 +51,13 @@ def home_folder_from_group(group: GroupSettings, username: str) -> str:
 
 
 def checked_home_folder(path: str) -> str:
-    """Refuse a home folder that is relative or climbs with ``..``."""
+    """Refuse a home folder that is relative, climbs with ``..`` or holds a control character."""
     if "\0" in path or not os.path.isabs(path):
         raise LoginFailed("home-folder-invalid", f"home folder {path!r} is not an absolute path")
+    if any(unicodedata.category(char) in ("Cc", "Cs") for char in path):
+        # A line break or a terminal escape from the directory would follow the path into
+        # log lines and test-login's output; no real home folder holds one.
+        raise LoginFailed("home-folder-invalid", f"home folder {path!r} contains control characters or invalid bytes")
     if ".." in path.replace("\\", "/").split("/"):
         raise LoginFailed("home-folder-invalid", f"home folder {path!r} contains '..'")
     return os.path.normpath(path)

@@ -15,6 +15,7 @@ from sftpauth import __version__
 from sftpauth.config.errors import ConfigError, ConfigProblem, in_file_order
 from sftpauth.config.loader import load_configuration
 from sftpauth.config.models import Configuration
+from sftpauth.filesystem import printable
 
 
 def _read_password(from_stdin: bool, prompt: str = "Password: ", confirm: bool = False) -> str:
@@ -219,9 +220,10 @@ def _start_embedded_directories(configuration: Configuration, runtime) -> list:
 
 
 def format_trace(trace) -> list[str]:
+    """The trace's steps for a terminal: a value from the directory cannot add a line or send an escape."""
     lines = []
     for step in trace.steps:
-        lines.append(f"  {step.elapsed * 1000:8.1f} ms  {step.method:<24} {step.action:<13} {step.detail}")
+        lines.append(f"  {step.elapsed * 1000:8.1f} ms  {step.method:<24} {step.action:<13} {printable(step.detail, None)}")
     return lines
 
 
@@ -236,15 +238,15 @@ def result_lines(account, failure, manager: bool) -> list[str]:
         lines.append(f"  entry:       {account.dn}")
     if not manager:
         permissions = ", ".join(sorted(p.value for p in account.permissions)) or "none"
-        lines.append(f"  home folder: {account.home_folder}")
+        lines.append(f"  home folder: {printable(account.home_folder, None)}")
         lines.append(f"  groups:      {', '.join(account.groups)} (primary: {account.groups[0]})")
         lines.append(f"  permissions: {permissions}")
     else:
         lines.append(f"  roles:       {', '.join(account.roles) or 'none'}")
     if account.email:
-        lines.append(f"  e-mail:      {account.email}")
+        lines.append(f"  e-mail:      {printable(account.email, None)}")
     if account.full_name:
-        lines.append(f"  full name:   {account.full_name}")
+        lines.append(f"  full name:   {printable(account.full_name, None)}")
     return lines
 
 

@@ -326,9 +326,13 @@ def _seek(file, offset: int) -> None:
     file.seek(offset)
 
 
-def printable(text: str) -> str:
-    """A client-chosen name made safe for a log line (no newlines or escapes); a byte that is not UTF-8 as ``\\xff``."""
-    return "".join(_printable_character(char) for char in text[:1024])
+def printable(text: str, limit: Optional[int] = 1024) -> str:
+    """A client-chosen name made safe for a log line or a terminal (no newlines or escapes).
+
+    A byte that is not UTF-8 is shown as ``\\xff``; text past ``limit``
+    characters (None: no limit) is left out.
+    """
+    return "".join(_printable_character(char) for char in text[:limit])
 
 
 def _printable_character(char: str) -> str:

@@ -615,10 +615,11 @@ def test_home_folder_from_group_appends_the_username():
 
 @pytest.mark.parametrize(
     "path",
-    ["/srv/ftp/../etc", "/srv/ftp/..", "../srv/alice", "srv/alice", "", "alice", "/srv/a\0b", "/srv/ftp/alice/../../etc"],
+    ["/srv/ftp/../etc", "/srv/ftp/..", "../srv/alice", "srv/alice", "", "alice", "/srv/a\0b", "/srv/ftp/alice/../../etc",
+     "/srv/e\x1b[31mred", "/srv/eve\nresult: FAKE", "/srv/\x7f", "/srv/b\udcffad"],
 )
 def test_checked_home_folder_refuses_relative_or_climbing_paths(path):
-    """A home folder that is relative or contains '..' is refused as home-folder-invalid."""
+    """A home folder that is relative, contains '..' or a control character is refused as home-folder-invalid."""
     with pytest.raises(LoginFailed) as caught:
         checked_home_folder(path)
     assert caught.value.reason == "home-folder-invalid"
@@ -626,7 +627,8 @@ def test_checked_home_folder_refuses_relative_or_climbing_paths(path):
 
 @pytest.mark.parametrize(
     "path, expected",
-    [("/srv/ftp/alice", "/srv/ftp/alice"), ("/srv//ftp/./alice/", "/srv/ftp/alice"), ("/srv/..alice", "/srv/..alice")],
+    [("/srv/ftp/alice", "/srv/ftp/alice"), ("/srv//ftp/./alice/", "/srv/ftp/alice"), ("/srv/..alice", "/srv/..alice"),
+     ("/srv/ftp/Zoë Müller", "/srv/ftp/Zoë Müller")],
 )
 def test_checked_home_folder_accepts_absolute_paths(path, expected):
     """An absolute home folder without '..' is accepted, normalised."""

@@ -468,3 +468,24 @@ def test_check_config_of_the_demo_and_of_host_keys_and_ldif_that_load(tmp_path, 
     assert main(["check-config", str(config)]) == 0
     out = capsys.readouterr().out
     assert "service sftp: ssh on 127.0.0.1:2222" in out and "warning:" not in out
+
+
+def test_test_login_lines_escape_what_the_directory_holds():
+    """A cn, mail or homeDirectory with a line break or a terminal escape cannot add a line or recolour the terminal."""
+    from types import SimpleNamespace
+
+    from sftpauth.cli import format_trace, result_lines
+
+    account = SimpleNamespace(
+        method_id="LDAP", username="eve", dn="uid=eve,dc=example,dc=com", permissions=(), roles=(),
+        home_folder="/srv/e\x1b[31mred", groups=("users",), email="eve@x\nresult: FAKE",
+        full_name="Eve\x1b[2J\nresult: ACCEPTED by FAKE",
+    )
+    lines = result_lines(account, None, manager=False)
+    assert all(char.isprintable() for line in lines for char in line)
+    assert "  home folder: /srv/e\\x1b[31mred" in lines
+    assert "  e-mail:      eve@x\\nresult: FAKE" in lines
+    assert "  full name:   Eve\\x1b[2J\\nresult: ACCEPTED by FAKE" in lines
+    step = SimpleNamespace(elapsed=0.001, method="LDAP", action="home-folder", detail="/srv/e\x1b[31mred\n" + "x" * 2000)
+    [line] = format_trace(SimpleNamespace(steps=[step]))
+    assert line.endswith("home-folder   /srv/e\\x1b[31mred\\n" + "x" * 2000)
