@@ -349,6 +349,19 @@ def test_login_command(args: argparse.Namespace) -> int:
     return outcome["code"]
 
 
+def _attribute_name(text: str) -> str:
+    """``--attribute``: an LDAP attribute name, checked as mfa_attribute is, or the LDIF line would be unusable."""
+    from sftpauth.config import checks
+
+    try:
+        name = checks.attribute(text)
+    except checks.ValidateError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    if not name:
+        raise argparse.ArgumentTypeError("an LDAP attribute name is needed")
+    return name
+
+
 def totp_new_command(args: argparse.Namespace) -> int:
     from sftpauth.auth.ldap.totp import ldif_line, new_totp_uri, terminal_qr_code
 
@@ -462,7 +475,8 @@ def build_parser() -> argparse.ArgumentParser:
     totp_new.add_argument("username", help="the account name shown by the authenticator app")
     totp_new.add_argument("--issuer", default="sftpauth", metavar="NAME", help="shown by the app (default: sftpauth)")
     totp_new.add_argument(
-        "--attribute", default="totpSharedSecret", metavar="NAME", help="LDAP attribute of the LDIF line (mfa_attribute)"
+        "--attribute", default="totpSharedSecret", metavar="NAME", type=_attribute_name,
+        help="LDAP attribute of the LDIF line (mfa_attribute)",
     )
     totp_new.add_argument("--digits", type=int, choices=(6, 7, 8), default=6, help="code length (default: 6)")
     totp_new.set_defaults(run=totp_new_command)

@@ -105,6 +105,14 @@ def test_mfa_attribute_is_required():
         AugmentedTOTP({})
 
 
+@pytest.mark.parametrize("value", [1, ["totpSharedSecret"], True])
+def test_an_mfa_attribute_that_is_not_a_text_is_said_to_be_so(value):
+    """{"mfa_attribute": 1} is there, but not a name: the error says so, not that it is missing."""
+    with pytest.raises(ValueError) as caught:
+        AugmentedTOTP({"mfa_attribute": value})
+    assert str(caught.value).startswith(f'"mfa_attribute": {value!r} is not a text')
+
+
 def test_unknown_configuration_key_is_refused():
     """A misspelt key is an error, not silently ignored."""
     with pytest.raises(ValueError, match="unknown key"):
@@ -758,6 +766,17 @@ def test_totp_new_attribute_and_digits_options(capsys):
     line = next(line for line in output.splitlines() if line.startswith("otpUri: "))
     assert parse_totp_uri(line[len("otpUri: "):]).digits == 8
     assert '"digits": 8' in output
+
+
+@pytest.mark.parametrize("name", ["bad attr:x", "", "totp;binary"])
+def test_totp_new_refuses_an_attribute_that_is_not_an_ldap_name(capsys, name):
+    """An LDIF line for 'bad attr:x' could not be loaded: exit 2 with the reason, no secret printed."""
+    with pytest.raises(SystemExit) as exited:
+        main(["totp", "new", "bob", "--attribute", name])
+    assert exited.value.code == 2
+    captured = capsys.readouterr()
+    assert "otpauth://" not in captured.out
+    assert "argument --attribute: " in captured.err
 
 
 def test_ldif_line_falls_back_to_base64():

@@ -21,15 +21,15 @@ class InvalidFilter(ValueError):
 
 def parse_filter(text: str) -> Optional[pureldap.LDAPFilter]:
     """Parse a configured filter; ``None`` for an empty one."""
-    text = text.strip()
-    if not text:
+    written = text.strip()
+    if not written:
         return None
-    if not text.startswith("("):
-        text = f"({text})"
+    # The outer parentheses may be left out (uid=x); the error quotes the value as written.
+    text = written if written.startswith("(") else f"({written})"
     try:
         return ldapfilter.parseFilter(text)
     except (ldapfilter.InvalidLDAPFilter, Exception) as error:
-        raise InvalidFilter(f"{text!r} is not a valid LDAP filter (RFC 4515): {error}") from None
+        raise InvalidFilter(f"{written!r} is not a valid LDAP filter (RFC 4515): {error}") from None
 
 
 def equals(attribute: str, value: str) -> pureldap.LDAPFilter_equalityMatch:

@@ -172,6 +172,9 @@ class AugmentedTOTP:
         if unknown:
             raise ValueError(f"unknown key(s) {', '.join(map(repr, unknown))}; allowed: {', '.join(_KEYS)}")
         attribute = configuration.get("mfa_attribute")
+        if attribute is not None and not isinstance(attribute, str):
+            raise ValueError(f'"mfa_attribute": {attribute!r} is not a text; write the attribute name in double quotes, '
+                             'e.g. {"mfa_attribute": "totpSharedSecret"}')
         if not isinstance(attribute, str) or not attribute.strip():
             raise ValueError(
                 '"mfa_attribute" is required: the LDAP attribute holding the otpauth://totp/ URI, '
