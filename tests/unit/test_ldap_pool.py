@@ -519,7 +519,8 @@ def test_a_login_lost_mid_way_is_run_again_on_the_next_server(ldap_configuration
     assert account.dn == "uid=alice,ou=people,dc=example,dc=com"
     assert pool.servers() == ["dc1", "dc2"]
     assert all(connection.closed for connection in pool.connections)
-    assert any(step.action == "failover" for step in trace.steps)
+    assert [step.detail for step in trace.steps if step.action == "failover"] == [
+        "dc1:389: connection lost during BIND; trying the login again on the next server"]
 
 
 def test_a_login_goes_on_to_every_server_until_one_answers(ldap_configuration):
@@ -532,9 +533,12 @@ def test_a_login_goes_on_to_every_server_until_one_answers(ldap_configuration):
 def test_a_login_fails_when_every_server_failed_it(ldap_configuration):
     """Each server is tried once: when all lost the login, it is service-unavailable, naming each failure."""
     pool = LoginPool(["lose", "lose", "ok"])
+    trace = Trace()
     with pytest.raises(LoginFailed) as caught:
-        login(ldap_configuration, pool)
+        login(ldap_configuration, pool, trace)
     assert caught.value.reason == "service-unavailable"
+    assert [step.detail.split("; ")[1] for step in trace.steps if step.action == "failover"] == [
+        "trying the login again on the next server", "no other server is left to try"]
     assert pool.servers() == ["dc1", "dc2"]
     assert "dc1:389: connection lost" in caught.value.explanation
     assert "dc2:389: connection lost" in caught.value.explanation
@@ -544,8 +548,11 @@ def test_a_kept_connection_closed_by_its_server_is_followed_by_a_new_one_to_it(l
     """A kept connection lost (the server restarted, or closes idle ones) is no reason to leave that server: one
     new connection to it comes first; when that one is lost too, the next server."""
     pool = LoginPool(["lose-kept", "ok"])
-    assert login(ldap_configuration, pool).dn == "uid=alice,ou=people,dc=example,dc=com"
+    trace = Trace()
+    assert login(ldap_configuration, pool, trace).dn == "uid=alice,ou=people,dc=example,dc=com"
     assert pool.servers() == ["dc1", "dc1"]
+    assert [step.detail.split("; ")[1] for step in trace.steps if step.action == "failover"] == [
+        "trying the login again on a new connection to the same server"]
     pool = LoginPool(["lose-kept", "lose", "ok"])
     assert login(ldap_configuration, pool).dn == "uid=alice,ou=people,dc=example,dc=com"
     assert pool.servers() == ["dc1", "dc1", "dc2"]

@@ -125,7 +125,7 @@ class LDAPMethod:
                     fresh.add(server)
                 else:
                     failed.add(server)
-                request.trace.add(self.id, "failover", f"{error}; trying the login again on the next server")
+                request.trace.add(self.id, "failover", f"{error}; {self._next_try(failed, server)}")
             finally:
                 # Kept for the next login when it is still sound (client.py: connection reuse).
                 self.pool.release(connection)
@@ -136,6 +136,14 @@ class LDAPMethod:
         }
         request.trace.add(self.id, "entry", f"{entry.dn}: " + "; ".join(f"{k}={list(v)}" for k, v in used.items()))
         return self._account(request, entry, member_of)
+
+    def _next_try(self, failed: set, server) -> str:
+        """What the login does after losing ``server``, for the trace."""
+        if server not in failed:
+            return "trying the login again on a new connection to the same server"
+        if any(address not in failed for address in getattr(self.pool, "addresses", ())):
+            return "trying the login again on the next server"
+        return "no other server is left to try"
 
     async def _bind_on_another_connection(self, request: LoginRequest, lookup: Lookup, dn: str, password: str):
         connection = await self.pool.connect(request.trace, self.id, exclude=lookup.exclude)
