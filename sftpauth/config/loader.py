@@ -597,6 +597,7 @@ def _cross_check(problems: _Problems, configuration: models.Configuration) -> No
         for method_id in service.authentications:
             if method_id not in methods and not problems.has_error(f"authentications/{method_id}"):
                 problems.error(section, "authentications", _unknown_id("authentication method", method_id, methods))
+        _warn_if_every_method_is_disabled(problems, configuration, section, service)
         if service.security_policy not in configuration.security_policies:
             problems.error(
                 section,
@@ -718,6 +719,20 @@ def _check_manager(problems: _Problems, configuration: models.Configuration) -> 
                 "authentications",
                 f"{models.DEFAULT_AUTHENTICATION} is not listed: the [administrators/..] cannot log into this Web Manager",
             )
+
+
+def _warn_if_every_method_is_disabled(problems: _Problems, configuration: models.Configuration, section: str,
+                                      service: models.ServiceSettings) -> None:
+    """An enabled service whose methods are all ``enabled = no`` refuses every login: say so."""
+    if not service.enabled or service.type == "ldap-directory":
+        return
+    listed = configuration.authentications_for(service)
+    methods = [configuration.authentications[method_id] for method_id in listed if method_id in configuration.authentications]
+    if not methods or len(methods) < len(listed) or any(method.enabled for method in methods):
+        return  # an unknown ID is its own error
+    where = section if service.authentications else "server"
+    problems.warn(where, "authentications", f"every method [{section}] uses is disabled ({', '.join(listed)}): "
+                                            "each of its logins is refused")
 
 
 _FTPS_OPTIONS = (

@@ -723,6 +723,42 @@ def test_missing_password_is_a_warning_not_an_error():
     assert "cannot log in" in warning.message
 
 
+def test_a_service_whose_every_method_is_disabled_is_a_warning():
+    """Every login there would be refused as unknown-user: check-config says so, on the list the service uses."""
+    text = """
+        [server]
+        authentications = PARENT
+
+        [services/ftp]
+        type = ftp
+        port = 2121
+
+        [services/sftp]
+        type = ssh
+        port = 2222
+        authentications = PARENT, LOCAL
+
+        [authentications/PARENT]
+        type = ldap
+        enabled = no
+        address = 127.0.0.1
+        bind_dn = ou=people,dc=example,dc=com
+
+        [authentications/LOCAL]
+        type = application
+        """
+    (warning,) = parse(text).warnings
+    assert (warning.line, warning.section, warning.option) == (3, "server", "authentications")
+    assert warning.message == "every method [services/ftp] uses is disabled (PARENT): each of its logins is refused"
+    disabled_too = text.replace("type = application", "type = application\n        enabled = no")
+    warnings = parse(disabled_too).warnings
+    assert [(w.section, w.message) for w in warnings] == [
+        ("server", "every method [services/ftp] uses is disabled (PARENT): each of its logins is refused"),
+        ("services/sftp", "every method [services/sftp] uses is disabled (PARENT, LOCAL): each of its logins is refused"),
+    ]
+    assert parse(text.replace("enabled = no", "enabled = yes")).warnings == ()
+
+
 @pytest.mark.parametrize("value", ["", "deny-full-control", "allow-read, deny-full-control"])
 def test_a_group_without_any_permission_is_a_warning(value):
     """permissions = (empty) grants nothing, unlike a missing option (full control): check-config says so."""
