@@ -948,6 +948,14 @@ class SFTPSubsystem(FileTransferServer):
         d.addCallback(lambda body: self.sendPacket(FXP_NAME, requestId + body))
         d.addErrback(self._ebStatus, requestId, b"scan directory failed")
 
+    def packet_CLOSE(self, data: bytes) -> None:
+        handle, rest = getNS(data[4:])
+        if handle not in self.openFiles and handle not in self.openDirs:
+            # conch answers "No such file or directory", which READ, WRITE and READDIR do not.
+            self._sendStatus(data[:4], FX_FAILURE, b"invalid handle")
+            return
+        super().packet_CLOSE(data)
+
     def _cbClose(self, result: Any, handle: bytes, requestId: bytes, isDir: int = 0) -> None:
         # The session may have ended (and closed everything) while this close ran.
         (self.openDirs if isDir else self.openFiles).pop(handle, None)

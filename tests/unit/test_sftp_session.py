@@ -347,6 +347,20 @@ def test_open_handles_are_limited_per_connection_across_sessions(home, monkeypat
     assert client.open(second, b"big.bin")[0] == FXP_HANDLE
 
 
+def test_a_handle_that_is_not_open_is_an_invalid_handle_for_close_as_for_read(home):
+    """CLOSE of a handle closed already, or never given, answers as READ does: not "No such file"."""
+    client = Client(home)
+    number = client.open_sftp()
+    handle = client.open(number, b"big.bin")[1]
+    assert status_of(client.request(number, FXP_CLOSE, struct.pack("!L", 2) + NS(handle))[1]) == (FX_OK, "file closed")
+    for request_id, stale in ((3, handle), (4, b"never-given")):
+        kind, body = client.request(number, FXP_CLOSE, struct.pack("!L", request_id) + NS(stale))
+        assert (kind, status_of(body)) == (FXP_STATUS, (FX_FAILURE, "invalid handle"))
+    client.send(number, read_request(5, handle, 0, 10))
+    [(kind, body)] = client.answers(number)
+    assert (kind, status_of(body)) == (FXP_STATUS, (FX_FAILURE, "invalid handle"))
+
+
 def test_handles_of_a_closed_session_no_longer_count(home, monkeypatch):
     """When one session of the connection ends, its handles are closed and free for the others."""
     monkeypatch.setattr(ssh, "MAX_OPEN_HANDLES", 2)
