@@ -1104,6 +1104,7 @@ class SftpauthFTP(ftp.FTP):
     workingDirectory: list[str]
     _logout: Optional[Callable[[], None]] = None
     _lost = False
+    _closing_port: Optional[defer.Deferred] = None  # the passive port being closed (see _listen_passive)
     # The TLS options (own context) of this connection once TLS is on: after
     # AUTH TLS, or set by _ImplicitTLS before connectionMade.
     tls_options: Optional[IOpenSSLServerConnectionCreator] = None
@@ -1285,7 +1286,11 @@ class SftpauthFTP(ftp.FTP):
         deferred = defer.maybeDeferred(self.processCommand, command, *arguments)
         deferred.addCallbacks(self._send_result, self._send_failure, errbackArgs=(command,))
         deferred.addErrback(lambda failure: _log.failure("cannot answer an FTP command", failure))
-        if not deferred.called:
+        # Not ``deferred.called``: a Deferred that fired is still waiting when one of its
+        # callbacks returned a Deferred that has not (PASV waiting for its old port to close).
+        answered = []
+        deferred.addBoth(answered.append)
+        if not answered:
             self._running = deferred
             deferred.addBoth(self._command_done)
 
@@ -1550,8 +1555,9 @@ class SftpauthFTP(ftp.FTP):
                 raise FTPReplyError(425, "Can't open data connection: the passive address is not an IP address.")
             if announced.version != 4:
                 raise ftp.PASVIPv6NotImplementedError()
-            port = self._listen_passive(local)
-            self.reply(ftp.ENTERING_PASV_MODE, ftp.encodeHostPort(str(announced), port))
+            return self._listen_passive(local).addCallback(
+                lambda port: self.reply(ftp.ENTERING_PASV_MODE, ftp.encodeHostPort(str(announced), port))
+            )
 
         return self._passive_address(local).addCallback(announce)
 
@@ -1588,8 +1594,7 @@ class SftpauthFTP(ftp.FTP):
             family = ftp._AFNUM_IP6 if ":" in local else ftp._AFNUM_IP
             if int(protocol) != family:
                 raise ftp.UnsupportedNetworkProtocolError(str(family))
-        port = self._listen_passive(local)
-        self.reply(ftp.ENTERING_EPSV_MODE, port)
+        return self._listen_passive(local).addCallback(lambda port: self.reply(ftp.ENTERING_EPSV_MODE, port))
 
     def _new_data_factory(self) -> tuple[_DataChannelFactory, Any]:
         """The data channel factory and what to listen or connect with (TLS around it for PROT P)."""
@@ -1604,10 +1609,32 @@ class SftpauthFTP(ftp.FTP):
             self._tls_refusal("tls-required", detail="a data connection without PROT P")
             raise FTPReplyError(521, "Data connections must be protected: send PBSZ 0 and PROT P first.")
 
-    def _listen_passive(self, local: str) -> int:
-        """Listen for one data connection on our address; the port number."""
+    def _listen_passive(self, local: str) -> defer.Deferred:
+        """Listen for one data connection on our address; fires with the port number.
+
+        The session's previous passive port is closed first, and only once
+        it is really closed (on a later turn of the reactor) is the new one
+        opened: a client sending PASV after PASV then uses one port of
+        ``passive_port_range`` at a time, not one per command (a burst of
+        pipelined EPSV took the whole range).
+        """
         self._check_data_protection()
         self._close_data_channel()
+        closing, self._closing_port = self._closing_port, None
+        if closing is None or closing.called:
+            return defer.maybeDeferred(self._listen_now, local)
+        closed = defer.Deferred()
+
+        def listen(result):
+            defer.maybeDeferred(self._listen_now, local).chainDeferred(closed)
+            return result  # the port's own Deferred keeps its result
+
+        closing.addBoth(listen)
+        return closed
+
+    def _listen_now(self, local: str) -> int:
+        if self._lost:
+            raise FTPReplyError(425, "Can't open data connection: the session has ended.")
         factory, wire = self._new_data_factory()
         try:
             port = self.getDTPPort(wire, interface=local)
@@ -1714,7 +1741,7 @@ class SftpauthFTP(ftp.FTP):
         """Twisted's, without its log lines and its assertion on a missing port."""
         port, self.dtpPort = self.dtpPort, None
         if interfaces.IListeningPort.providedBy(port):
-            port.stopListening()
+            self._closing_port = port.stopListening()  # a Deferred (or None): the next PASV waits for it
         elif interfaces.IConnector.providedBy(port):
             port.disconnect()
         factory, self.dtpFactory = self.dtpFactory, None

@@ -366,6 +366,29 @@ def test_passive_ports_come_from_the_configured_range(ftp_server):
     client.close()
 
 
+def test_a_burst_of_pipelined_passive_commands_uses_one_port_at_a_time(ftp_server):
+    """Each PASV/EPSV closes the session's previous port before opening the next: more commands in one write
+    than the range has ports all get a port, and the last one carries a transfer."""
+    raw = RawControl(ftp_server.port)
+    assert raw.command(b"USER alice").startswith(b"331")
+    assert raw.command(b"PASS alice-pass").startswith(b"230")
+    count = PASSIVE_PORTS * 3
+    raw.send(b"".join(b"EPSV\r\n" if index % 2 else b"PASV\r\n" for index in range(count)))
+    replies = [raw.reply() for _ in range(count)]
+    assert [reply[:3] for reply in replies] == [b"227" if index % 2 == 0 else b"229" for index in range(count)]
+    port = int(replies[-1].split(b"|||")[1].split(b"|")[0])
+    first, last = ftp_server.passive_ports
+    assert first <= port <= last
+    data = socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT)
+    assert raw.command(b"NLST")[:3] in (b"125", b"150")
+    while data.recv(65536):
+        pass
+    data.close()
+    assert raw.reply().startswith(b"226")
+    raw.close()
+    assert "no free passive port" not in ftp_server.process.log_text()
+
+
 def test_active_mode_transfer_works(ftp_server):
     """A PORT (active mode) data connection to the client's own address transfers data."""
     client = ftp_server.client()
