@@ -16,7 +16,7 @@ from twisted.internet.protocol import ServerFactory
 from twisted.logger import Logger
 from twisted.python.components import registerAdapter
 
-from sftpauth.auth.ldap.wire import MessageBuffer, NotLDAP
+from sftpauth.auth.ldap.wire import LDAP_DECODER, MessageBuffer, NotLDAP
 from sftpauth.config.errors import ConfigError, ConfigProblem
 from sftpauth.config.models import DirectoryServiceSettings
 from sftpauth.listening import listening_service
@@ -42,7 +42,7 @@ class DirectoryProtocol(LDAPServer):
         self._messages.feed(recd)
         while self.connected:
             try:
-                message = self._messages.next(self.berdecoder)
+                message = self._messages.next(LDAP_DECODER)
             except NotLDAP as error:
                 self._notLDAP(str(error))
                 return

@@ -8,10 +8,12 @@ from ldaptor.protocols.ldap.ldapclient import LDAPClient
 from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionAborted
 from twisted.internet.testing import StringTransport
+from twisted.logger import formatEvent
 from twisted.python.failure import Failure
 
 from sftpauth.auth.ldap.client import _LDAPProtocol
-from sftpauth.auth.ldap.wire import MessageBuffer, NotLDAP, decode_message
+from sftpauth.auth.ldap.wire import LDAP_DECODER, MessageBuffer, NotLDAP, decode_message
+from log_capture import captured_logs
 
 # An HTTP server on the LDAP port: 'H' (0x48) is a tag ldaptor does not know, 'T' a length it then skips.
 HTTP_ANSWER = b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/html\r\nContent-Length: 150\r\n\r\n" + b"<html>" * 40
@@ -67,6 +69,29 @@ def test_a_server_answering_http_fails_the_waiting_request_at_once(capsys):
     assert protocol.protocol_error == "it does not begin with an LDAP message: byte 0x48"
     protocol.connectionLost(Failure(ConnectionAborted()))  # what the aborted transport reports
     assert len(failures) == 1
+    assert capsys.readouterr().out == ""
+
+
+def test_an_unknown_operation_inside_a_message_is_refused_without_printing_and_named_host_port(capsys):
+    """ldaptor printed a 2 KB repr of its decoder to stdout (the server log) for a tag inside a message it did not know."""
+    protocol, transport = _client()
+    waiting = protocol.send(pureldap.LDAPBindRequest(dn="", auth=b""))
+    waiting.addErrback(lambda failure: None)
+    with captured_logs() as events:
+        protocol.dataReceived(bytes.fromhex("30050201017e00"))  # message 1, operation [APPLICATION 30]
+    assert transport.disconnecting and "cannot be decoded" in protocol.protocol_error
+    assert capsys.readouterr().out == ""
+    [line] = [formatEvent(event) for event in events if event.get("log_namespace", "").startswith("sftpauth")]
+    assert line.startswith("LDAP server 127.0.0.1:389 sent data that is not an LDAP answer (")
+
+
+def test_an_unknown_element_the_decoder_skips_is_skipped_without_printing(capsys):
+    """An element of an unknown tag after a known answer's fields is skipped, as ldaptor does, quietly."""
+    wire = bytearray(_bind_response(1))
+    wire[1] += 2
+    wire += b"\x9f\x00"  # an extra [CONTEXT 31]-style element no context knows
+    message, used = decode_message(LDAP_DECODER, bytes(wire))
+    assert isinstance(message.value, pureldap.LDAPBindResponse) and used == len(wire)
     assert capsys.readouterr().out == ""
 
 

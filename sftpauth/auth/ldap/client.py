@@ -59,7 +59,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from sftpauth.auth.ldap.wire import MessageBuffer, NotLDAP
+from sftpauth.auth.ldap.wire import LDAP_DECODER, MessageBuffer, NotLDAP
 from sftpauth.auth.ldap.tls import CertificateSummary, TLSPolicy, TLSReport, check_name, describe_handshake_failure
 
 _log = Logger()
@@ -138,6 +138,12 @@ def _text(value) -> str:
     return str(value)
 
 
+def _peer_text(peer) -> str:
+    """``host:port`` as the other log lines name an LDAP server (not ``IPv4Address(type='TCP', ...)``)."""
+    host, port = getattr(peer, "host", None), getattr(peer, "port", None)
+    return str(peer) if host is None else str(ServerAddress(host, port))
+
+
 @implementer(IHandshakeListener)
 class _LDAPProtocol(LDAPClient):
     """ldaptor's client, told when a TLS handshake ends and when the connection goes."""
@@ -162,7 +168,7 @@ class _LDAPProtocol(LDAPClient):
         self._messages.feed(data)
         while True:
             try:
-                message = self._messages.next(self.berdecoder)
+                message = self._messages.next(LDAP_DECODER)
             except NotLDAP as error:
                 self._not_ldap(str(error))
                 return
@@ -179,7 +185,7 @@ class _LDAPProtocol(LDAPClient):
         self._messages.clear()
         _log.warn(
             "LDAP server {peer} sent data that is not an LDAP answer ({error}); closing",
-            peer=str(self.transport.getPeer()), error=why,
+            peer=_peer_text(self.transport.getPeer()), error=why,
         )
         self.transport.abortConnection()
 

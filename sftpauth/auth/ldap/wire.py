@@ -4,19 +4,50 @@ ldaptor's own loop prints a 2 KB repr of its decoder to stdout for a
 top-level tag it does not know, skips those bytes and waits for more: an
 HTTP answer, a TLS record or a port scanner's probe then looks like a peer
 that never answers. Every LDAP message is a BER SEQUENCE (RFC 4511 §4.2),
-so any other first byte is refused at once.
+so any other first byte is refused at once. Inside a message ldaptor
+skips an element whose tag it does not know, and prints the same repr:
+:data:`LDAP_DECODER` skips it without printing.
 """
 
 from __future__ import annotations
 
 from typing import Optional
 
-from ldaptor.protocols import pureber
+from ldaptor.protocols import pureber, pureldap
 
 LDAP_MESSAGE = 0x30  # the tag of a BER SEQUENCE, which every LDAPMessage is
 # The largest message read (slapd's own default for an authenticated client is 4 MiB): a peer
 # announcing more is refused at its header, never buffered.
 MAX_MESSAGE = 16 * 1024 * 1024
+
+
+class _Skipped:
+    """What an element of a tag no context knows decodes to: nothing, as ldaptor skips it."""
+
+    @classmethod
+    def fromBER(cls, tag, content, berdecoder=None) -> None:
+        return None
+
+
+class _LastContext(pureber.BERDecoderContext):
+    """The end of every fallback chain: an unknown tag is skipped, without ldaptor's ``print()`` of its decoder.
+
+    That print went to the server log as ``[stdout#info]`` lines of about
+    2 KB, once per answer of an LDAP server sending something ldaptor does
+    not know.
+    """
+
+    def lookup_id(self, id):
+        return super().lookup_id(id) or _Skipped
+
+
+# ldaptor's LDAPClient.berdecoder and LDAPServer.berdecoder, ending in _LastContext.
+LDAP_DECODER = pureldap.LDAPBERDecoderContext_TopLevel(
+    inherit=pureldap.LDAPBERDecoderContext_LDAPMessage(
+        fallback=pureldap.LDAPBERDecoderContext(fallback=_LastContext()),
+        inherit=pureldap.LDAPBERDecoderContext(fallback=_LastContext()),
+    )
+)
 
 
 class NotLDAP(Exception):
