@@ -235,7 +235,7 @@ def result_lines(account, failure, manager: bool) -> list[str]:
         return [f"result: REJECTED ({failure.reason}): {failure.explanation}"]
     lines = [f"result: ACCEPTED by {account.method_id} as {shown(account.username)}"]
     if account.dn:
-        lines.append(f"  entry:       {account.dn}")
+        lines.append(f"  entry:       {printable(account.dn, None)}")
     if not manager:
         permissions = ", ".join(sorted(p.value for p in account.permissions)) or "none"
         lines.append(f"  home folder: {printable(account.home_folder, None)}")

@@ -477,12 +477,13 @@ def test_test_login_lines_escape_what_the_directory_holds():
     from sftpauth.cli import format_trace, result_lines
 
     account = SimpleNamespace(
-        method_id="LDAP", username="eve", dn="uid=eve,dc=example,dc=com", permissions=(), roles=(),
+        method_id="LDAP", username="eve", dn="uid=eve\x1b[2J,dc=example,dc=com", permissions=(), roles=(),
         home_folder="/srv/e\x1b[31mred", groups=("users",), email="eve@x\nresult: FAKE",
         full_name="Eve\x1b[2J\nresult: ACCEPTED by FAKE",
     )
     lines = result_lines(account, None, manager=False)
     assert all(char.isprintable() for line in lines for char in line)
+    assert "  entry:       uid=eve\\x1b[2J,dc=example,dc=com" in lines
     assert "  home folder: /srv/e\\x1b[31mred" in lines
     assert "  e-mail:      eve@x\\nresult: FAKE" in lines
     assert "  full name:   Eve\\x1b[2J\\nresult: ACCEPTED by FAKE" in lines
