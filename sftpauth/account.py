@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import os
-import unicodedata
 from typing import Optional
 
 import attrs
 
+from sftpauth.auth.credentials import has_control_characters
 from sftpauth.auth.errors import LoginFailed
 from sftpauth.config.models import USER_MARKER, GroupSettings
 from sftpauth.permissions import Permission
@@ -54,7 +54,7 @@ def checked_home_folder(path: str) -> str:
     """Refuse a home folder that is relative, climbs with ``..`` or holds a control character."""
     if "\0" in path or not os.path.isabs(path):
         raise LoginFailed("home-folder-invalid", f"home folder {path!r} is not an absolute path")
-    if any(unicodedata.category(char) in ("Cc", "Cs") for char in path):
+    if has_control_characters(path):
         # A line break or a terminal escape from the directory would follow the path into
         # log lines and test-login's output; no real home folder holds one.
         raise LoginFailed("home-folder-invalid", f"home folder {path!r} contains control characters or invalid bytes")

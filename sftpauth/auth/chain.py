@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import os
 import time
-import unicodedata
 from typing import TYPE_CHECKING, Callable, Mapping, Optional, Protocol
 
 import attrs
@@ -26,7 +25,7 @@ from zope.interface import implementer
 
 from sftpauth.account import Account
 from sftpauth.audit import AuditLog
-from sftpauth.auth.credentials import ILoginRequest, LoginRequest
+from sftpauth.auth.credentials import ILoginRequest, LoginRequest, has_control_characters
 from sftpauth.auth.errors import LoginFailed, UnknownUser
 from sftpauth.auth.policy import address_in, normalise_address
 from sftpauth.config.models import Configuration
@@ -76,7 +75,7 @@ def check_input(request: LoginRequest) -> None:
     if len(username) > MAX_USERNAME:
         length = f"over {len(username)}" if request.truncated else str(len(username))  # cut: only a part came
         raise LoginFailed("invalid-username", f"the username is {length} characters long (at most {MAX_USERNAME})")
-    if any(unicodedata.category(char) in ("Cc", "Cs") for char in username):
+    if has_control_characters(username):
         raise LoginFailed("invalid-username", "the username contains control characters or invalid bytes")
     if request.malformed:
         raise LoginFailed("invalid-password", request.malformed)

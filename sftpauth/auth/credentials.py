@@ -37,6 +37,11 @@ class LoginRequest:
     malformed: str = ""
 
 
+def has_control_characters(text: str) -> bool:
+    """Whether ``text`` holds a control character, or a byte that was not UTF-8 (a lone surrogate)."""
+    return any(unicodedata.category(char) in ("Cc", "Cs") for char in text)
+
+
 def directory_form(username: str) -> str:
     """A username as a directory's matching rules see it, case aside: NFKC, spaces trimmed and collapsed.
 

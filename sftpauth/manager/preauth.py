@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import base64
 import binascii
-import unicodedata
 from typing import Optional
 
 import attrs
+
+from sftpauth.auth.credentials import has_control_characters
 
 USERNAME = b"preauth-username"
 HEADERS = (USERNAME, b"preauth-email", b"preauth-firstname", b"preauth-lastname", b"preauth-provider")
@@ -69,7 +70,7 @@ def decode_value(raw: bytes, name: str, username: bool = False) -> str:
     text = text.strip()
     if len(text) > MAX_VALUE:
         raise InvalidPreAuthentication(f"{name}: the value is {len(text)} characters long (at most {MAX_VALUE})")
-    if any(unicodedata.category(char) in ("Cc", "Cs") for char in text):
+    if has_control_characters(text):
         raise InvalidPreAuthentication(f"{name}: the value contains control characters")
     if username and not text.replace(" ", "").isprintable():
         odd = next(char for char in text if char != " " and not char.isprintable())
