@@ -141,7 +141,7 @@ class LDAPMethod:
         """What the login does after losing ``server``, for the trace."""
         if server not in failed:
             return "trying the login again on a new connection to the same server"
-        if any(address not in failed for address in getattr(self.pool, "addresses", ())):
+        if any(address not in failed for address in self.pool.addresses):
             return "trying the login again on the next server"
         return "no other server is left to try"
 
