@@ -21,6 +21,7 @@ import pytest
 from .manager_helpers import HTTPSClient
 from .policy_helpers import ftp_fails, ftp_login
 from .server import REPOSITORY, SftpauthServer, free_port, serving
+from .sftp_fixtures import ssh_transport
 
 
 DEMO = REPOSITORY / "etc" / "demo"
@@ -69,16 +70,12 @@ def test_alice_logs_in_over_ftp_into_her_home_folder(demo):
 
 
 def test_alice_logs_in_over_sftp(demo):
-    transport = paramiko.Transport(("127.0.0.1", demo.sftp))
-    try:
-        transport.connect(username="alice", password="alice-demo")
+    with ssh_transport(demo.sftp, "alice", "alice-demo") as transport:
         sftp = paramiko.SFTPClient.from_transport(transport)
         with sftp.open("from-sftp.txt", "wb") as remote:
             remote.write(b"sftp\n")
         assert "from-sftp.txt" in sftp.listdir(".")
         sftp.close()
-    finally:
-        transport.close()
     assert (demo.folder / "home" / "alice" / "from-sftp.txt").read_bytes() == b"sftp\n"
 
 
