@@ -1,7 +1,7 @@
 """The signals sftpauth handles, besides Twisted's.
 
 - SIGTERM and SIGINT stop the process cleanly, with exit status 0
-  (:func:`stop_cleanly_on_sigterm`);
+  (:class:`StopCleanly`);
 - SIGHUP never stops it: each process that writes the audit log opens it
   again (log rotation), FTPS services reload their certificates, and with
   workers the parent passes it on to them (:class:`ReloadOnSIGHUP`, one per
@@ -25,20 +25,41 @@ from twisted.logger import Logger
 _log = Logger()
 
 
-def stop_cleanly_on_sigterm(reactor) -> None:
+class StopCleanly(Service):
     """SIGTERM (a service manager) and SIGINT (Ctrl-C) shut down cleanly and exit 0.
 
     Twisted's own handlers make twistd re-raise the signal after the clean
     shutdown, so the process would end "killed by SIGTERM" (status -15), or
-    by SIGINT (130 in a shell), as README.rst says it does not.
+    by SIGINT (130 in a shell), as README.rst says it does not. The handlers
+    go on before twistd opens the ports (``privilegedStartService``, as
+    :class:`ReloadOnSIGHUP`'s), so a SIGTERM sent as soon as a port answers
+    does not find the default action, which ends the process at once; and
+    again once the reactor runs, since it installs its own as it starts.
     """
 
-    def stop(number, frame) -> None:
-        _log.info("Received {name}, shutting down.", name=signal.Signals(number).name)
-        reactor.callFromThread(reactor.stop)
+    def __init__(self, reactor):
+        self._reactor = reactor
 
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
+    def privilegedStartService(self) -> None:
+        super().privilegedStartService()
+        self._install()
+
+    def startService(self) -> None:
+        super().startService()
+        self._install()
+        self._reactor.callWhenRunning(self._install)
+
+    def _install(self) -> None:
+        try:
+            signal.signal(signal.SIGTERM, self._stop)
+            signal.signal(signal.SIGINT, self._stop)
+        except ValueError:  # not the main thread
+            pass
+
+    def _stop(self, number, frame) -> None:
+        _log.info("Received {name}, shutting down.", name=signal.Signals(number).name)
+        # Queued until the reactor runs when the signal came before it started.
+        self._reactor.callFromThread(self._reactor.stop)
 
 
 class ReloadOnSIGHUP(Service):

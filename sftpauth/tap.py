@@ -24,7 +24,7 @@ from sftpauth.config.models import Configuration, ServiceSettings
 from sftpauth.listening import raise_open_file_limit
 from sftpauth.realm import SessionRealm
 from sftpauth.runtime import Runtime
-from sftpauth.signals import ConfigurationChangeCheck, ReloadOnSIGHUP, stop_cleanly_on_sigterm
+from sftpauth.signals import ConfigurationChangeCheck, ReloadOnSIGHUP, StopCleanly
 from sftpauth.state import SharedState, build_state
 
 _log = Logger()
@@ -249,8 +249,6 @@ class ServerServices(MultiService):
 def _make_service(options: Options, reactor=None) -> MultiService:
     if reactor is None:
         from twisted.internet import reactor
-    # After startup: the reactor installs its own signal handlers during startup.
-    reactor.callWhenRunning(stop_cleanly_on_sigterm, reactor)
     configuration: Configuration = options["configuration"]
     for warning in configuration.warnings:
         _log.warn("configuration: {warning}", warning=str(warning))
@@ -270,6 +268,7 @@ def _make_service(options: Options, reactor=None) -> MultiService:
         change.check()
 
     ReloadOnSIGHUP(reactor, reload).setServiceParent(top)
+    StopCleanly(reactor).setServiceParent(top)
     add_runtime_services(runtime, top)
     pool = None
     if configuration.server.workers > 1:

@@ -4,12 +4,22 @@ from __future__ import annotations
 
 import signal
 
-from sftpauth.signals import ConfigurationChangeCheck, ReloadOnSIGHUP
+from sftpauth.signals import ConfigurationChangeCheck, ReloadOnSIGHUP, StopCleanly
 
 
 class ImmediateReactor:
+    def __init__(self):
+        self.stopped = 0
+        self.when_running = []
+
     def callFromThread(self, function, *args):
         function(*args)
+
+    def callWhenRunning(self, function, *args):
+        self.when_running.append((function, args))
+
+    def stop(self):
+        self.stopped += 1
 
 
 def test_sighup_calls_reload_and_the_previous_handler_then_restores_it():
@@ -61,3 +71,26 @@ def test_a_changed_configuration_is_checked_with_the_files_it_names(tmp_path):
     assert "missing.pem" in problems
     config.write_text(text + "banner = Hello\n", encoding="utf-8")
     assert change._examine() == ""  # changed and valid
+
+
+def test_sigterm_and_sigint_stop_the_reactor_from_before_the_ports_listen_and_after_it_runs():
+    """Handled from privilegedStartService on (a SIGTERM as soon as a port answered ended the process with -15),
+    and put back once the reactor runs, which installs its own handlers as it starts."""
+    saved = {number: signal.getsignal(number) for number in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        reactor = ImmediateReactor()
+        service = StopCleanly(reactor)
+        service.privilegedStartService()
+        signal.raise_signal(signal.SIGTERM)
+        assert reactor.stopped == 1
+        service.startService()
+        for number in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(number, signal.SIG_IGN)  # what the reactor's start-up does: handlers of its own
+        [(install, args)] = reactor.when_running
+        install(*args)
+        signal.raise_signal(signal.SIGINT)
+        signal.raise_signal(signal.SIGTERM)
+        assert reactor.stopped == 3
+    finally:
+        for number, handler in saved.items():
+            signal.signal(number, handler)
