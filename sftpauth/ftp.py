@@ -113,13 +113,15 @@ from twisted.application.service import IService, MultiService
 from twisted.cred.error import UnauthorizedLogin, UnhandledCredentials
 from twisted.internet import defer
 from twisted.internet import error as internet_error
-from twisted.internet import interfaces
+from twisted.internet import interfaces, tcp
 from twisted.internet.interfaces import IHandshakeListener, IOpenSSLServerConnectionCreator
+from twisted.internet.posixbase import PosixReactorBase
 from twisted.internet.ssl import TLSVersion
 from twisted.logger import Logger
 from twisted.protocols import ftp
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import filepath
+from twisted.python import log as legacy_log
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -1049,6 +1051,26 @@ class _DataChannelFactory(ftp.DTPFactory):
         self._state = self._FAILED
         self.cancelTimeout()
         self.deferred.errback(ftp.PortConnectionError(reason or RuntimeError("ABOR")))
+
+
+class _QuietPort(tcp.Port):
+    """A passive data port that logs nothing of its own.
+
+    Twisted's ``tcp.Port`` logs ``_DataChannelFactory starting on N`` when it
+    opens and ``(TCP Port N Closed)`` when it closes: two lines per FTP
+    transfer that tell an administrator nothing (the transfer has its own
+    audit and log lines). The closing line has its own method; the opening
+    one is written by ``startListening`` through the legacy log, which merges
+    in the caller's log context: an empty ``log_format`` there makes it an
+    event without text, which log observers (twistd's log file, a worker's
+    output) write nothing for.
+    """
+
+    def startListening(self) -> None:
+        legacy_log.callWithContext({"log_format": ""}, super().startListening)
+
+    def _logConnectionLostMsg(self) -> None:
+        pass
 
 
 class _ProtectedDataFactory(TLSMemoryBIOFactory):
@@ -2107,9 +2129,17 @@ class FTPServiceFactory(ftp.FTPFactory):
         protocol.portal = self.portal
         protocol.timeOut = self.timeOut
         protocol.passivePortRange = self.passivePortRange
-        protocol.listenFactory = self.reactor.listenTCP
+        protocol.listenFactory = self._listen_passive_port
         protocol.callLater = self.reactor.callLater
         return protocol
+
+    def _listen_passive_port(self, port: int, factory, interface: str = ""):
+        """``reactor.listenTCP`` for a passive data port, without its log lines (:class:`_QuietPort`)."""
+        if not isinstance(self.reactor, PosixReactorBase):  # a test's memory reactor: nothing is logged there
+            return self.reactor.listenTCP(port, factory, interface=interface)
+        listening = _QuietPort(port, factory, interface=interface, reactor=self.reactor)
+        listening.startListening()
+        return listening
 
 
 def load_tls(settings: FTPServiceSettings, config_path: str) -> Optional[ServerTLS]:

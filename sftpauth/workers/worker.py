@@ -70,6 +70,8 @@ class LineWriter:
 
     def __call__(self, event: dict) -> None:
         text = eventAsText(event, includeTimestamp=False, includeSystem=True)
+        if not text:  # an event without text (ftp._QuietPort's): nothing to write
+            return
         level = event.get("log_level", LogLevel.info).name
         with self._lock:
             self._pending.extend(f"{level}\t{line}\n" for line in text.splitlines())

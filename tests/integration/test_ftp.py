@@ -11,6 +11,7 @@ import ftplib
 import io
 import os
 import random
+import re
 import shutil
 import socket
 import struct
@@ -387,6 +388,24 @@ def test_a_burst_of_pipelined_passive_commands_uses_one_port_at_a_time(ftp_serve
     assert raw.reply().startswith(b"226")
     raw.close()
     assert "no free passive port" not in ftp_server.process.log_text()
+
+
+def test_passive_data_ports_write_no_log_lines(ftp_server):
+    """Twisted logs each port's start and close; a passive data port's two lines per transfer are not written."""
+    client = ftp_server.client()
+    upload(client, "quiet.txt", b"quiet")
+    assert download(client, "quiet.txt") == b"quiet"
+    assert "quiet.txt" in client.nlst()
+    client.quit()
+    ftp_server.client().quit()  # a later turn of the reactor than the ports' closing
+    first, last = ftp_server.passive_ports
+    lines = [
+        line for line in ftp_server.process.log_text().splitlines()
+        for port in re.findall(r"starting on (\d+)|Port (\d+) Closed", line)
+        if first <= int(port[0] or port[1]) <= last
+    ]
+    assert lines == []
+    assert "_DataChannelFactory" not in ftp_server.process.log_text()
 
 
 def test_active_mode_transfer_works(ftp_server):

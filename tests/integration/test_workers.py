@@ -365,6 +365,9 @@ def test_a_taken_passive_port_is_skipped(site):
             assert data.recv(100) == b""
         assert client.voidresp().startswith("226")
         client.quit()
+    # A worker writes no line for a passive port's start or close (ftp._QuietPort).
+    assert f"starting on {site.passive + 1}" not in site.server.log_text()
+    assert f"Port {site.passive + 1} Closed" not in site.server.log_text()
 
 
 def test_the_web_manager_in_the_parent_sees_the_workers(site):

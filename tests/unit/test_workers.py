@@ -619,6 +619,21 @@ def test_worker_log_lines_are_written_once_per_reactor_turn():
     assert stream.getvalue() == "info\t[a#info] one 1\nwarn\t[b#warn] two\nwarn\tlines\n"
 
 
+def test_an_event_without_text_is_not_written_by_a_worker():
+    """An event whose format is empty (a passive FTP port's start, ftp._QuietPort) gives no line and no write."""
+    import io
+
+    from twisted.logger import LogLevel
+
+    from sftpauth.workers.worker import LineWriter
+
+    scheduled = []
+    reactor = SimpleNamespace(callLater=lambda delay, f: scheduled.append(f), callFromThread=scheduled.append)
+    stream = io.StringIO()
+    LineWriter(stream, reactor)({"log_level": LogLevel.info, "log_format": "", "log_system": "x", "log_time": 0})
+    assert scheduled == [] and stream.getvalue() == ""
+
+
 def test_no_worker_is_started_without_a_service_for_them(tmp_path):
     """workers = 2 with only a Web Manager: the pool starts no process (the reactor here cannot spawn any)."""
     config = tmp_path / "sftpauth.ini"
