@@ -9,7 +9,7 @@ import attrs
 
 from sftpauth.auth.credentials import has_control_characters
 from sftpauth.auth.errors import LoginFailed
-from sftpauth.config.models import USER_MARKER, GroupSettings
+from sftpauth.config.models import USER_MARKER, GroupSettings, user_folder_problem
 from sftpauth.permissions import Permission
 
 
@@ -47,7 +47,21 @@ def home_folder_from_group(group: GroupSettings, username: str) -> str:
     template = group.home_folder_path
     if USER_MARKER not in template:
         template = os.path.join(template, USER_MARKER)
-    return checked_home_folder(template.replace(USER_MARKER, username))
+    return checked_home_folder(with_user(template, username))
+
+
+def with_user(template: str, username: str) -> str:
+    """``template`` with ``${USER}`` replaced by the login name, which must then be one folder name.
+
+    A name that is not (:func:`user_folder_problem`) would get someone
+    else's files: the login is refused (``home-folder-invalid``).
+    """
+    if USER_MARKER not in template:
+        return template
+    problem = user_folder_problem(username)
+    if problem:
+        raise LoginFailed("home-folder-invalid", f"the user name {username!r} {problem}, so it cannot stand for {USER_MARKER}")
+    return template.replace(USER_MARKER, username)
 
 
 def checked_home_folder(path: str) -> str:

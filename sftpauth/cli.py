@@ -321,6 +321,7 @@ def test_login_command(args: argparse.Namespace) -> int:
             peer="",
             manager=args.manager,
             trace=trace,
+            test=True,
         )
         kind = "file transfer"
         if args.manager:

@@ -6,11 +6,11 @@ from typing import Callable
 
 from twisted.internet import defer
 
-from sftpauth.account import USER_MARKER, Account, account_for_groups
+from sftpauth.account import Account, account_for_groups, with_user
 from sftpauth.auth.credentials import LoginRequest
 from sftpauth.auth.errors import LoginFailed, UnknownUser
 from sftpauth.auth.passwords import verify_password
-from sftpauth.config.models import AccountSettings, ApplicationAuthenticationSettings, Configuration
+from sftpauth.config.models import AccountSettings, ApplicationAuthenticationSettings, Configuration, local_account_key
 
 
 class ApplicationMethod:
@@ -26,11 +26,11 @@ class ApplicationMethod:
         self._configuration = configuration
         self._run_in_thread = run_in_thread
         self._accounts: dict[str, AccountSettings] = {
-            account.username: account for account in configuration.accounts.values()
+            local_account_key(account.username): account for account in configuration.accounts.values()
         }
 
     def knows(self, username: str) -> bool:
-        return username in self._accounts
+        return local_account_key(username) in self._accounts
 
     def authenticate(self, request: LoginRequest) -> defer.Deferred:
         return defer.ensureDeferred(self._authenticate(request))
@@ -38,14 +38,14 @@ class ApplicationMethod:
     async def _authenticate(self, request: LoginRequest) -> Account:
         if request.manager:
             raise UnknownUser("local accounts cannot log into the Web Manager")
-        settings = self._accounts.get(request.username)
+        settings = self._accounts.get(local_account_key(request.username))
         if settings is None:
             request.trace.add(self.id, "lookup", "no local account with this username")
             raise UnknownUser(f"no [accounts/..] named {request.username!r}")
         await check_local_password(self.id, f"accounts/{settings.id}", settings, request, self._run_in_thread)
         groups = tuple(self._configuration.groups[group_id] for group_id in settings.group)
         # ${USER} in the account's own folder is its name, as in a group's; nothing is appended.
-        own = settings.home_folder_path.replace(USER_MARKER, settings.username)
+        own = with_user(settings.home_folder_path, settings.username)
         return account_for_groups(settings.username, self.id, groups, home_folder=own or None)
 
 

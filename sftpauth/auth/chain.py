@@ -177,7 +177,7 @@ class AuthenticationChain:
             if request.manager:
                 self._check_roles(account, request)
             else:
-                account = await self._prepare_home_folder(account)
+                account = await self._prepare_home_folder(account, request)
                 request.trace.add(method_id, "home-folder", account.home_folder)
         except LoginFailed as failure:
             request.trace.add(method_id or "chain", "rejected", f"{failure.reason}: {failure.explanation}")
@@ -221,13 +221,18 @@ class AuthenticationChain:
                     "role-source-filtered", f"{request.peer} is not in source_ip_filter of [roles/{role_id}]"
                 )
 
-    async def _prepare_home_folder(self, account: Account) -> Account:
-        """Check (or create) the home folder in a thread; the account gains its resolved path."""
+    async def _prepare_home_folder(self, account: Account, request: LoginRequest) -> Account:
+        """Check (or create) the home folder in a thread; the account gains its resolved path.
+
+        A test login creates nothing: it says that a login would create the folder.
+        """
 
         def prepare() -> tuple[Optional[str], str]:
             if not os.path.isdir(account.home_folder):
                 if not account.create_home_folder:
                     return "the home folder does not exist", ""
+                if request.test:
+                    return None, ""  # no resolved path: the folder is still to be made
                 try:
                     os.makedirs(account.home_folder, mode=0o750, exist_ok=True)
                 except OSError as error:
@@ -237,6 +242,9 @@ class AuthenticationChain:
         problem, root = await self._run_in_thread(prepare)
         if problem is not None:
             raise LoginFailed("home-folder-missing", f"{problem}: {account.home_folder}")
+        if not root:
+            request.trace.add(account.method_id, "home-folder",
+                              "does not exist yet: a login creates it (create_home_folder = yes); a test login does not")
         return attrs.evolve(account, home_root=root)
 
     def _record(

@@ -35,6 +35,9 @@ class LoginRequest:
     # but is refused and audited by the chain like any other (SFTP: keyboard-interactive answers
     # that are not one per prompt). The chain refuses it as invalid-password with this detail.
     malformed: str = ""
+    # A test login (``sftpauth test-login``, the Web Manager's Test login page): it leaves the disk as
+    # it was, so a home folder that a login would create is described in the trace, not created.
+    test: bool = False
 
 
 def has_control_characters(text: str) -> bool:

@@ -633,15 +633,37 @@ def _cross_check(problems: _Problems, configuration: models.Configuration) -> No
                 problems.error(section, "group", _unknown_id("group", group_id, configuration.groups))
         if not account.group:
             problems.require(section, "group", "at least one group is required (the first is the primary group)")
-        if account.username in usernames:
-            problems.error(section, "name", f"username {account.username!r} is also used by [accounts/{usernames[account.username]}]")
-        usernames.setdefault(account.username, account_id)
+        key = models.local_account_key(account.username)
+        if key in usernames:
+            problems.error(section, "name", f"username {account.username!r} is also used by [accounts/{usernames[key]}]")
+        usernames.setdefault(key, account_id)
         if problems.has_error(section, "password"):
             pass  # already said (env:NAME set but empty...)
         elif not account.password:
             problems.warn(section, "password", "no password is set: this account cannot log in")
         elif not _looks_like_hash(account.password):
             problems.error(section, "password", _NOT_A_HASH)
+        _check_account_home(problems, configuration, section, account)
+
+
+def _check_account_home(problems: _Problems, configuration: models.Configuration, section: str,
+                        account: models.AccountSettings) -> None:
+    """Warn about an account that can never log in for want of a home folder, as its logins would be refused."""
+    primary = configuration.groups.get(account.group[0]) if account.group else None
+    if account.home_folder_path:
+        template = account.home_folder_path
+    elif primary is None:
+        return  # the unknown group is the error already said
+    elif not primary.home_folder_path:
+        problems.warn(section, "group", f"[groups/{primary.id}] has no home_folder_path, and this account has none "
+                                        "of its own: this account cannot log in")
+        return
+    else:
+        template = models.USER_MARKER  # the group's path: ${USER} is in it, or appended
+    problem = models.user_folder_problem(account.username)
+    if problem and models.USER_MARKER in template:
+        problems.warn(section, "name", f"the name {account.username!r} {problem}, so it cannot stand for "
+                                       f"{models.USER_MARKER} in the home folder: this account cannot log in")
 
 
 def _check_manager(problems: _Problems, configuration: models.Configuration) -> None:

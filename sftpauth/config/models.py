@@ -7,6 +7,7 @@ two places only: its spec line (type, default) and its field here.
 from __future__ import annotations
 
 import ipaddress
+import unicodedata
 from typing import Any, Iterable, Mapping, Optional
 
 import attrs
@@ -19,6 +20,25 @@ DEFAULT_GROUP = "DEFAULT_GROUP"
 USER_MARKER = "${USER}"  # in a home_folder_path: the login name
 DEFAULT_SECURITY_POLICY = "DEFAULT-SECURITY-POLICY"
 DEFAULT_ROLE = "DEFAULT-ROLE"
+
+
+def user_folder_problem(username: str) -> str:
+    """Why ``username`` cannot stand for ``${USER}``, one folder name ("" when it can).
+
+    ``.`` would make the folder of every user's home someone's home, ``a/b``
+    a folder inside the home of ``a``.
+    """
+    if username in ("", ".", ".."):
+        return "is not a folder name"
+    if "/" in username:
+        return "contains '/'"
+    return ""
+
+
+def local_account_key(username: str) -> str:
+    """A name as local accounts are matched: exactly, except that a composed ``ü`` and a ``u`` with a
+    combining diaeresis are one name (NFC): they look the same, and clients differ in what they send."""
+    return unicodedata.normalize("NFC", username)
 
 
 def address_in(address: str, networks: Iterable[Any]) -> bool:

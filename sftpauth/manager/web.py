@@ -688,6 +688,7 @@ class ManagerApp:
             peer="",
             manager=manager,
             trace=trace,
+            test=True,
         )
         account, failure = None, None
         try:

@@ -322,6 +322,36 @@ async def test_unusable_home_folder_attribute_is_home_folder_invalid(ldap, tmp_p
     assert not (tmp_path / "etc").exists()
 
 
+ODD_NAMES = "ou=odd-names," + BASE
+_odd_names_added = []
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_user_name_that_is_not_one_folder_name_gets_no_home(ldap, slapd):
+    """QA: uid '.' got the folder of every user's home (reading alice's files), uid 'a/b' a folder in a's home.
+
+    Real entries in slapd; both logins are refused as home-folder-invalid and no folder is made.
+    """
+    if not _odd_names_added:
+        slapd.add_ldif(
+            f"dn: {ODD_NAMES}\nobjectClass: organizationalUnit\nou: odd-names\n\n"
+            + "\n".join(
+                f"dn: uid={uid},{ODD_NAMES}\nobjectClass: inetOrgPerson\nuid: {uid}\ncn: {uid}\nsn: odd\n"
+                f"userPassword: {uid}-pass\n"
+                for uid in (".", "a/b")
+            )
+        )
+        _odd_names_added.append(True)
+    site = ldap(SEARCH_AS_ADMIN.replace("{base}", ODD_NAMES))
+    (site.folder / "homes" / "a").mkdir(parents=True)
+    for uid in (".", "a/b"):
+        outcome = await site.login(uid, f"{uid}-pass")
+        assert outcome.reason == "home-folder-invalid", outcome
+        assert "cannot stand for ${USER}" in outcome.event["detail"]
+    assert [path.name for path in (site.folder / "homes").iterdir()] == ["a"]
+    assert list((site.folder / "homes" / "a").iterdir()) == []
+
+
 @pytest_twisted.ensureDeferred
 async def test_closed_port_is_service_unavailable_fast(slapd, tmp_path, spy):
     """An address on a closed port fails at once with service-unavailable; the chain never accepts."""

@@ -654,6 +654,103 @@ group = g
     assert not (tmp_path / "escaped").exists()
 
 
+@pytest.mark.parametrize("name", [".", "..", "a/b", "a/", "/root"])
+def test_a_user_name_that_is_not_one_folder_name_gets_no_home_from_user(name, tmp_path, homes, password_hash,
+                                                                         run_in_thread, result_of):
+    """QA: '.' got the folder of every home (others' files), 'a/b' a folder inside a's home. Both are refused,
+    for a group's home and for an account's own ${USER} home; a fixed own home still works."""
+    (homes / "a").mkdir()
+    configuration = configuration_from(
+        f"""
+[groups/g]
+home_folder_path = {homes}
+create_home_folder = yes
+[accounts/odd]
+name = {name}
+password = {password_hash}
+group = g
+[accounts/own]
+name = {name}x
+password = {password_hash}
+group = g
+home_folder_path = {homes}/own/${{USER}}
+""",
+        tmp_path,
+    )
+    harness = Harness(configuration, run_in_thread)
+    assert harness.failure_reason(result_of, username=name, service_id="") == "home-folder-invalid"
+    assert sorted(path.name for path in homes.iterdir()) == ["a"]
+    assert list((homes / "a").iterdir()) == []
+    with pytest.raises(LoginFailed) as caught:
+        home_folder_from_group(configuration.groups["g"], name)
+    assert caught.value.reason == "home-folder-invalid" and "cannot stand for ${USER}" in caught.value.explanation
+    if "/" in name:  # "a/bx", "a/x": not one folder name either
+        assert harness.failure_reason(result_of, username=f"{name}x", service_id="") == "home-folder-invalid"
+
+
+def test_a_fixed_own_home_folder_needs_no_folder_name(tmp_path, homes, password_hash, run_in_thread, result_of):
+    """An account whose own home_folder_path has no ${USER} may have any name, '/' included."""
+    (homes / "fixed").mkdir()
+    configuration = configuration_from(
+        f"""
+[groups/g]
+home_folder_path = {homes}
+[accounts/odd]
+name = a/b
+password = {password_hash}
+group = g
+home_folder_path = {homes}/fixed
+""",
+        tmp_path,
+    )
+    account = Harness(configuration, run_in_thread).login(result_of, username="a/b", service_id="")
+    assert account.home_folder == str(homes / "fixed")
+
+
+def test_a_local_account_name_matches_composed_or_combining(tmp_path, homes, password_hash, run_in_thread, result_of):
+    """QA: 'Ünï' typed with a combining diaeresis was unknown-user; composition does not count, case does."""
+    composed, combining = "\u00dcn\u00ef", "U\u0308n\u00ef"
+    configuration = configuration_from(
+        f"""
+[groups/g]
+home_folder_path = {homes}
+create_home_folder = yes
+[accounts/u]
+name = {combining}
+password = {password_hash}
+group = g
+""",
+        tmp_path,
+    )
+    harness = Harness(configuration, run_in_thread)
+    account = harness.login(result_of, username=composed, service_id="")
+    assert account.username == combining  # the account's own name, as configured
+    assert harness.failure_reason(result_of, username=composed.lower(), service_id="") == "unknown-user"
+
+
+def test_a_test_login_creates_no_home_folder(tmp_path, homes, password_hash, run_in_thread, result_of):
+    """QA: test-login created the home folder (as whoever ran it); it now says a login would, and creates nothing."""
+    configuration = configuration_from(
+        f"""
+[groups/g]
+home_folder_path = {homes}/new
+create_home_folder = yes
+[accounts/alice]
+password = {password_hash}
+group = g
+""",
+        tmp_path,
+    )
+    harness = Harness(configuration, run_in_thread)
+    trace = Trace()
+    account = harness.login(result_of, service_id="", protocol="cli", peer="", trace=trace, test=True)
+    assert account.home_folder == str(homes / "new" / "alice") and account.home_root == ""
+    assert not (homes / "new").exists()
+    assert any("a login creates it" in step.detail for step in trace.steps)
+    harness.login(result_of, service_id="")
+    assert (homes / "new" / "alice").is_dir()
+
+
 def test_password_hashes_are_checked_off_the_reactor_thread(local, result_of):
     """verify_password runs through run_in_thread, never directly on the reactor thread."""
     from sftpauth.auth.passwords import verify_password

@@ -290,6 +290,22 @@ def test_login_on_the_demo_serves_its_embedded_directory_and_says_so(tmp_path):
     assert "carol-demo" not in result.stdout
 
 
+def test_test_login_creates_no_home_folder(tmp_path):
+    """QA: test-login made the home folder (create_home_folder = yes), owned by whoever ran it. It says a login would."""
+    from tests.integration.server import free_port
+
+    demo = Path(__file__).resolve().parents[2] / "etc" / "demo"
+    text = (demo / "sftpauth.ini").read_text(encoding="utf-8")
+    text = text.replace("10389", str(free_port())).replace("/tmp/sftpauth-demo", str(tmp_path))
+    (tmp_path / "sftpauth.ini").write_text(text, encoding="utf-8")
+    entries = (demo / "directory.ldif").read_text(encoding="utf-8").replace("/tmp/sftpauth-demo", str(tmp_path))
+    (tmp_path / "directory.ldif").write_text(entries, encoding="utf-8")
+    result = run_sftpauth("test-login", str(tmp_path / "sftpauth.ini"), "alice", "--password-stdin", stdin="alice-demo\n")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "does not exist yet: a login creates it" in result.stdout
+    assert not (tmp_path / "home").exists()
+
+
 def test_check_config_and_test_login_report_an_audit_log_that_cannot_be_opened(tmp_path, capsys):
     """An audit log under a file is an error of check-config (as of start-up), and test-login says so plainly."""
     config_path = tmp_path / "server.ini"

@@ -710,12 +710,64 @@ def test_malformed_password_line_does_not_echo_the_password():
     assert secret not in str(caught.value)
 
 
+def test_an_account_that_can_never_log_in_for_its_home_folder_is_a_warning(password_hash):
+    """QA: an account whose group has no home_folder_path (and none of its own), or named '.' or 'a/b' with a
+    ${USER} home, loaded silently and every login failed. check-config now says so, on the line."""
+    configuration = parse(
+        f"""
+        [groups/bare]
+        [groups/homes]
+        home_folder_path = /srv/ftp
+        [accounts/nohome]
+        password = {password_hash}
+        group = bare
+        [accounts/dot]
+        name = .
+        password = {password_hash}
+        group = homes
+        [accounts/slash]
+        name = a/b
+        password = {password_hash}
+        group = bare
+        home_folder_path = /srv/own/${{USER}}
+        [accounts/fixed]
+        name = c/d
+        password = {password_hash}
+        group = bare
+        home_folder_path = /srv/fixed
+        [accounts/own]
+        password = {password_hash}
+        group = bare
+        home_folder_path = /srv/own
+        """
+    )
+    found = {(warning.section, warning.option, warning.line): warning.message for warning in configuration.warnings}
+    assert set(found) == {("accounts/nohome", "group", 7), ("accounts/dot", "name", 9), ("accounts/slash", "name", 13)}
+    assert "[groups/bare] has no home_folder_path" in found[("accounts/nohome", "group", 7)]
+    assert "'.' is not a folder name" in found[("accounts/dot", "name", 9)]
+    assert "'a/b' contains '/'" in found[("accounts/slash", "name", 13)]
+    assert all(message.endswith("this account cannot log in") for message in found.values())
+
+
+def test_account_names_differing_only_in_composition_are_one_name(password_hash):
+    """A composed 'Ü' and 'U' + combining diaeresis are the same login name: two such accounts are an error."""
+    problem = only_problem(
+        f"[groups/DEFAULT_GROUP]\nhome_folder_path = /srv/ftp\n"
+        f"[accounts/one]\nname = \u00dcn\u00ef\npassword = {password_hash}\n"
+        f"[accounts/two]\nname = U\u0308n\u00ef\npassword = {password_hash}\n"
+    )
+    assert (problem.section, problem.option, problem.line) == ("accounts/two", "name", 7)
+    assert "also used by [accounts/one]" in problem.message
+
+
 def test_missing_password_is_a_warning_not_an_error():
     """An account without a password loads, with a warning that it cannot log in."""
     configuration = parse(
         """
         [accounts/alice]
         name = alice
+        [groups/DEFAULT_GROUP]
+        home_folder_path = /srv/ftp
         """
     )
     (warning,) = configuration.warnings
@@ -1512,7 +1564,7 @@ def test_a_refused_value_is_not_also_called_missing(options, option):
 @pytest.mark.parametrize("kind", ["accounts", "administrators"])
 def test_an_empty_env_password_is_one_error_and_no_warning(kind):
     """QA: 'env:NAME set but empty' came with the warning 'no password is set', which contradicts it."""
-    extra = "roles = DEFAULT-ROLE\n" if kind == "administrators" else ""
+    extra = "roles = DEFAULT-ROLE\n" if kind == "administrators" else "home_folder_path = /srv/bob\n"
     with pytest.raises(ConfigError) as caught:
         parse(f"[{kind}/bob]\n{extra}password = env:EMPTY\n", {"EMPTY": ""})
     [problem] = caught.value.problems
