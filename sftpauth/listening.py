@@ -3,8 +3,9 @@
 Each accepted connection goes through :class:`ConnectionGuard` before the
 service's protocol (FTP, SSH, HTTPS) sees a byte of it or sends one:
 
-1. ``maximum_concurrent_connections``: over the limit, the connection is
-   closed at once;
+1. ``maximum_concurrent_connections``: over the limit, the connection gets
+   the refusal line below and is closed at once (audited as the policy's
+   refusals are, reason ``maximum-concurrent-connections``);
 2. ``proxy_protocol = yes``: the connection must start with an HAProxy PROXY
    header (v1 text or v2 binary, read with Twisted's parsers from
    ``twisted.protocols.haproxy``), within :data:`PROXY_HEADER_TIMEOUT`
@@ -204,6 +205,11 @@ class ConnectionGuard(ProtocolWrapper):
                 limit=factory.limit,
             )
             self.state = self.REFUSED
+            if factory.policy is not None:
+                factory.policy.connection_refused(factory.service_id, self.transport.getPeer().host,
+                                                  "maximum-concurrent-connections")
+            if factory.refusal_line:
+                self.transport.write(factory.refusal_line)
             self.transport.loseConnection()
             return
         factory.open_connections += 1

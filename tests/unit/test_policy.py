@@ -548,6 +548,24 @@ def test_guard_enforces_the_connection_limit(clock):
     assert not third.disconnecting and factory.open_connections == 1
 
 
+def test_a_refusal_for_the_connection_limit_gets_the_refusal_line_and_is_audited(clock, recorder):
+    """QA: past maximum_concurrent_connections the client got a silent close and the audit log nothing. It now
+    gets the service's refusal line, and a 'connection' event (throttled as the policy's other refusals)."""
+    policy = capped_policy(clock, recorder, extra="")
+    factory = ConnectionGuardFactory(EchoFactory(), service_settings(limit=1), clock, policy)
+    connect(factory)
+    _, second = connect(factory, peer=("198.51.100.7", 40001))
+    _, third = connect(factory, peer=("198.51.100.7", 40002))
+    assert second.value() == third.value() == b"421 Connection refused.\r\n" and second.disconnecting
+    [refused] = recorder.of("connection")  # the second one within the minute is counted, not written
+    assert (refused["peer"], refused["reason"], refused["outcome"], refused["service"]) == (
+        "198.51.100.7", "maximum-concurrent-connections", "refused", "guarded")
+    ssh_factory = ConnectionGuardFactory(EchoFactory(), service_settings("ssh", limit=1), clock, None)
+    connect(ssh_factory)
+    _, ssh = connect(ssh_factory)
+    assert ssh.value() == b"Connection refused.\r\n" and ssh.disconnecting  # also without a policy
+
+
 class Goodbye(Echo):
     """A protocol with the shutdown hook FTP and SSH have."""
 
