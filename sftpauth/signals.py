@@ -25,6 +25,21 @@ from twisted.logger import Logger
 _log = Logger()
 
 
+def ignore_sighup_until_handled() -> None:
+    """Ignore SIGHUP from now until :class:`ReloadOnSIGHUP` (or a worker) installs its handler.
+
+    Its default action ends the process: a SIGHUP in the second a start
+    takes (a log rotation's ``postrotate``) would stop sftpauth silently,
+    where "SIGHUP never stops sftpauth". Called as soon as sftpauth's code
+    runs in a process (twistd's options, a worker's first line).
+    """
+    try:
+        if signal.getsignal(signal.SIGHUP) == signal.SIG_DFL:
+            signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    except (ValueError, AttributeError, OSError):  # not the main thread, or no SIGHUP (Windows)
+        pass
+
+
 class StopCleanly(Service):
     """SIGTERM (a service manager) and SIGINT (Ctrl-C) shut down cleanly and exit 0.
 
@@ -39,6 +54,7 @@ class StopCleanly(Service):
 
     def __init__(self, reactor):
         self._reactor = reactor
+        self._stopping = False
 
     def privilegedStartService(self) -> None:
         super().privilegedStartService()
@@ -57,7 +73,14 @@ class StopCleanly(Service):
             pass
 
     def _stop(self, number, frame) -> None:
-        _log.info("Received {name}, shutting down.", name=signal.Signals(number).name)
+        name = signal.Signals(number).name
+        if self._stopping:
+            # A second SIGTERM (a service manager's retry) or a Ctrl-C during the shutdown: it
+            # goes on as it was (the reactor's stop, called again, would log a traceback).
+            _log.info("Received {name}: already shutting down.", name=name)
+            return
+        self._stopping = True
+        _log.info("Received {name}, shutting down.", name=name)
         # Queued until the reactor runs when the signal came before it started.
         self._reactor.callFromThread(self._reactor.stop)
 

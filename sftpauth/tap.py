@@ -24,7 +24,7 @@ from sftpauth.config.models import Configuration, ServiceSettings
 from sftpauth.listening import raise_open_file_limit
 from sftpauth.realm import SessionRealm
 from sftpauth.runtime import Runtime
-from sftpauth.signals import ConfigurationChangeCheck, ReloadOnSIGHUP, StopCleanly
+from sftpauth.signals import ConfigurationChangeCheck, ReloadOnSIGHUP, StopCleanly, ignore_sighup_until_handled
 from sftpauth.state import SharedState, build_state
 
 _log = Logger()
@@ -36,6 +36,7 @@ class Options(usage.Options):
     optParameters = [["config", "c", None, "the sftpauth configuration file (INI)"]]
 
     def postOptions(self) -> None:
+        ignore_sighup_until_handled()  # the start takes a second: a SIGHUP then must not end it
         if not self["config"]:
             raise usage.UsageError("--config FILE is required")
         _no_default_pidfile(getattr(self, "parent", None), sys.argv)

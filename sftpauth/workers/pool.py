@@ -241,7 +241,7 @@ class WorkerPool(MultiService):
             if killer.active():
                 killer.cancel()
             if live:
-                _log.info("the {count} worker processes have stopped", count=len(live))
+                _log.info("the running worker processes have stopped ({count})", count=len(live))
             return defer.maybeDeferred(MultiService.stopService, self)
 
         return stopped.addBoth(done)
@@ -316,9 +316,18 @@ class WorkerPool(MultiService):
         self._restarts[worker.index] = self.reactor.callLater(delay, self.spawn, worker.index)
 
     def forward_sighup(self) -> None:
-        """SIGHUP reloads the FTPS certificates, which the workers hold."""
-        _log.info("SIGHUP: passing it on to {count} worker processes", count=len(self.workers))
-        for worker in self.workers.values():
+        """SIGHUP reloads the FTPS certificates, which the workers hold.
+
+        Only ready workers get it: one still starting reads its certificates
+        as it starts (and ignores SIGHUP until then); while sftpauth stops,
+        nobody needs a reload.
+        """
+        if self._stopping:
+            _log.info("SIGHUP: the worker processes are stopping; not passed on")
+            return
+        ready = [worker for worker in self.workers.values() if worker.ready]
+        _log.info("SIGHUP: passing it on to {count} worker processes", count=len(ready))
+        for worker in ready:
             worker.signal("HUP")
 
     def _announce_ban(self, scope: str, address: str, seconds: float) -> None:

@@ -503,7 +503,7 @@ def test_sigterm_stops_every_worker_and_exits_0(tmp_path):
     held.close()
     assert server.process.returncode == 0
     assert not [pid for pid in workers if alive(pid)]
-    assert "the 2 worker processes have stopped" in server.log_text()
+    assert "the running worker processes have stopped (2)" in server.log_text()
     ends = [event for event in server.audit_events() if event["event"] == "session-end"]
     # The worker ended the session as its FTP service stopped, before its channel closed: not "worker-exited".
     assert [(event.get("username"), event.get("reason")) for event in ends] == [("carol", "shutdown")], server.audit_events()

@@ -51,6 +51,21 @@ def test_plugin_options_require_a_configuration_file():
         options.parseOptions([])
 
 
+def test_the_options_ignore_sighup_until_its_handler_is_installed(tmp_path):
+    """QA: a SIGHUP in the second a start takes (before the reload handler) ended twistd with status 129."""
+    import signal
+
+    config = tmp_path / "ok.ini"
+    config.write_text(f"[server]\ndata_folder = {tmp_path}/data\n[services/ftp]\ntype = ftp\nport = 0\n", encoding="utf-8")
+    saved = signal.getsignal(signal.SIGHUP)
+    try:
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)
+        _sftpauth_plugin().options().parseOptions(["--config", str(config)])
+        assert signal.getsignal(signal.SIGHUP) == signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGHUP, saved)
+
+
 def test_plugin_refuses_a_bad_configuration_with_exit_status_1(tmp_path, capsys):
     """A configuration with errors stops twistd with status 1 and the errors, not a traceback."""
     bad = tmp_path / "bad.ini"

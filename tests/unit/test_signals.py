@@ -78,19 +78,59 @@ def test_sigterm_and_sigint_stop_the_reactor_from_before_the_ports_listen_and_af
     and put back once the reactor runs, which installs its own handlers as it starts."""
     saved = {number: signal.getsignal(number) for number in (signal.SIGTERM, signal.SIGINT)}
     try:
+        early = ImmediateReactor()
+        StopCleanly(early).privilegedStartService()
+        signal.raise_signal(signal.SIGTERM)
+        assert early.stopped == 1
         reactor = ImmediateReactor()
         service = StopCleanly(reactor)
-        service.privilegedStartService()
-        signal.raise_signal(signal.SIGTERM)
-        assert reactor.stopped == 1
         service.startService()
         for number in (signal.SIGTERM, signal.SIGINT):
             signal.signal(number, signal.SIG_IGN)  # what the reactor's start-up does: handlers of its own
         [(install, args)] = reactor.when_running
         install(*args)
         signal.raise_signal(signal.SIGINT)
-        signal.raise_signal(signal.SIGTERM)
-        assert reactor.stopped == 3
+        assert reactor.stopped == 1
     finally:
         for number, handler in saved.items():
             signal.signal(number, handler)
+
+
+def test_a_second_stop_signal_during_the_shutdown_is_only_logged():
+    """QA: a second SIGTERM (or a Ctrl-C) while stopping called reactor.stop again: a ReactorNotRunning traceback."""
+    from log_capture import captured_logs
+    from twisted.logger import formatEvent
+
+    saved = {number: signal.getsignal(number) for number in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        reactor = ImmediateReactor()
+        StopCleanly(reactor).privilegedStartService()
+        with captured_logs() as events:
+            signal.raise_signal(signal.SIGTERM)
+            signal.raise_signal(signal.SIGTERM)
+            signal.raise_signal(signal.SIGINT)
+        assert reactor.stopped == 1
+        texts = [formatEvent(event) for event in events if event.get("log_namespace") == "sftpauth.signals"]
+        assert texts == ["Received SIGTERM, shutting down.", "Received SIGTERM: already shutting down.",
+                         "Received SIGINT: already shutting down."]
+    finally:
+        for number, handler in saved.items():
+            signal.signal(number, handler)
+
+
+def test_sighup_is_ignored_from_the_options_until_its_handler_is_installed():
+    """QA: a SIGHUP in the second a start takes (before ReloadOnSIGHUP) ended the process (status 129)."""
+    from sftpauth.signals import ignore_sighup_until_handled
+
+    saved = signal.getsignal(signal.SIGHUP)
+    try:
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)
+        ignore_sighup_until_handled()
+        assert signal.getsignal(signal.SIGHUP) == signal.SIG_IGN
+        signal.raise_signal(signal.SIGHUP)  # would end pytest with the default action
+        handler = lambda number, frame: None  # noqa: E731
+        signal.signal(signal.SIGHUP, handler)
+        ignore_sighup_until_handled()  # a handler that is there stays
+        assert signal.getsignal(signal.SIGHUP) is handler
+    finally:
+        signal.signal(signal.SIGHUP, saved)

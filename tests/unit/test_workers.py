@@ -684,3 +684,62 @@ def test_the_pool_tells_each_worker_its_cpu(tmp_path, monkeypatch, affinity, exp
         for shared in pool.sockets:
             shared.stopService()
     assert [args[args.index("--sockets") + 2:] for args in reactor.spawned] == expected
+
+
+class _FakeWorker:
+    def __init__(self, index, ready):
+        self.index, self.ready, self.pid = index, ready, 4000 + index
+        self.signals: list[str] = []
+        self.ended = defer.Deferred()
+
+    def signal(self, name):
+        self.signals.append(name)
+
+
+def test_sighup_is_passed_on_to_ready_workers_only_and_not_while_stopping(tmp_path):
+    """QA: a SIGHUP passed on to a worker still starting killed it (its default action). A starting worker
+    reads its certificates as it starts; while sftpauth stops, SIGHUP is passed on to nobody."""
+    config = tmp_path / "sftpauth.ini"
+    config.write_text(f"[server]\ndata_folder = {tmp_path}/data\nworkers = 2\n[services/ftp]\ntype = ftp\nport = 0\n")
+    options = Options()
+    options.parseOptions(["--config", str(config)])
+    [pool] = [service for service in makeService(options, _SpawningReactor()) if isinstance(service, WorkerPool)]
+    ready, starting = _FakeWorker(1, True), _FakeWorker(2, False)
+    pool.workers = {1: ready, 2: starting}
+    pool.forward_sighup()
+    assert ready.signals == ["HUP"] and starting.signals == []
+    pool.stopService()
+    pool.forward_sighup()
+    assert ready.signals == ["HUP", "TERM"] and starting.signals == ["TERM"]
+
+
+def test_a_worker_process_ignores_sighup_from_its_first_line(tmp_path):
+    """QA: SIGHUP to a worker still starting (before its handlers) killed it. It is ignored from the first line
+    of ``python -m sftpauth.workers``: here the worker waits for its configuration on standard input."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "sftpauth.workers", "--config", str(tmp_path / "none.ini"), "--index", "1",
+         "--workers", "2"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=str(tmp_path),
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:  # until it blocks reading standard input, past its imports
+            with open(f"/proc/{worker.pid}/wchan") as wchan, open(f"/proc/{worker.pid}/stat") as stat:
+                if stat.read().rsplit(")", 1)[1].split()[0] == "S" and wchan.read() not in ("", "0"):
+                    break
+            time.sleep(0.05)
+        worker.send_signal(signal.SIGHUP)
+        time.sleep(0.2)
+        assert worker.poll() is None, worker.stdout.read()
+    finally:
+        worker.stdin.close()
+        worker.wait(20)
+        worker.stdout.close()
+    assert worker.returncode != -signal.SIGHUP
