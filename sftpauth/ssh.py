@@ -1648,7 +1648,7 @@ class SFTPFactory(factory.SSHFactory):
 
 def make_service(settings: SSHServiceSettings, runtime: Runtime) -> IService:
     """The listening SSH/SFTP service of one ``[services/ID]``."""
-    host_keys = load_host_keys(settings, runtime.configuration.path, runtime.data_folder)
+    host_keys = runtime.host_keys.get(settings.id) or load_host_keys(settings, runtime.configuration.path, runtime.data_folder)
     # Ed25519 first: the key most clients prefer and pin.
     ordered = dict(sorted(host_keys.items(), key=lambda item: item[0] != b"ssh-ed25519"))
     for key_type, key in ordered.items():

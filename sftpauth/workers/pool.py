@@ -3,14 +3,16 @@
 Start: each FTP/FTPS/SFTP service's socket is bound in
 ``privilegedStartService`` (errors as without workers, before any worker
 exists), then the workers are spawned with ``reactor.spawnProcess``. Each
-gets the configuration text on its standard input (every worker, also a
-restarted one, runs the file as it was when sftpauth started), its channel
-on fd 3 and the listening sockets from fd 4 on.
+gets on its standard input the configuration text and the SSH host keys
+the parent loaded (:func:`start_document`: every worker, also a restarted
+one, runs the file as it was when sftpauth started, with the same host
+keys, whatever the key files hold by then), its channel on fd 3 and the
+listening sockets from fd 4 on.
 
 While running: a worker's output lines go to the parent's log as
 ``worker N: ...``; a worker that exits is started again, at once after a
 long run, with a growing delay (up to :data:`MAX_RESTART_DELAY`) when it
-keeps exiting quickly; SIGHUP is passed on to every worker (FTPS
+keeps exiting quickly; SIGHUP is passed on to every ready worker (FTPS
 certificates are reloaded there).
 
 Stop: SIGTERM to every worker, then wait until each has exited and its
@@ -97,7 +99,7 @@ class WorkerProcess(ProcessProtocol):
 
     def connectionMade(self) -> None:
         self.pid = self.transport.pid
-        self.transport.writeToChild(0, self.pool.configuration_text.encode("utf-8"))
+        self.transport.writeToChild(0, start_document(self.pool.configuration_text, self.pool.host_keys))
         self.transport.closeStdin()
 
     def childDataReceived(self, fd: int, data: bytes) -> None:
@@ -182,6 +184,7 @@ class WorkerPool(MultiService):
         with open(self.configuration.path, encoding="utf-8") as config_file:
             self.configuration_text = config_file.read()
         self.sockets: list[SharedListeningSocket] = []
+        self.host_keys: dict[str, dict] = {}  # service ID -> SSH key type -> key, loaded once for every worker
         self.workers: dict[int, WorkerProcess] = {}
         self._quick_exits: dict[int, int] = {}
         self._restarts: dict[int, object] = {}
@@ -199,7 +202,7 @@ class WorkerPool(MultiService):
         written once, before two workers could race to create them.
         """
         if settings.type in ("ssh", "sftp"):
-            ssh.load_host_keys(settings, self.configuration.path, self.runtime.data_folder)
+            self.host_keys[settings.id] = ssh.load_host_keys(settings, self.configuration.path, self.runtime.data_folder)
         else:
             ftp.load_tls(settings, self.configuration.path)
         shared = SharedListeningSocket(settings)
@@ -334,6 +337,34 @@ class WorkerPool(MultiService):
         for worker in self.workers.values():
             if worker.channel is not None:
                 worker.channel.announce_ban(scope, address, seconds)
+
+
+def start_document(configuration_text: str, host_keys: dict) -> bytes:
+    """What a worker reads on its standard input: the configuration text and the SSH host keys (JSON).
+
+    Given by the parent, the host keys are the same in every worker: a
+    worker started again after the key file was replaced or removed would
+    otherwise show clients another key (a "host key changed" warning).
+    """
+    return json.dumps({
+        "configuration": configuration_text,
+        "ssh_host_keys": {
+            service_id: [key.toString("openssh").decode("ascii") for key in keys_by_type.values()]
+            for service_id, keys_by_type in host_keys.items()
+        },
+    }).encode("utf-8")
+
+
+def read_start_document(data: str) -> tuple[str, dict]:
+    """The worker's side of :func:`start_document`: the configuration text and the host keys by service ID."""
+    from twisted.conch.ssh import keys
+
+    document = json.loads(data)
+    host_keys = {}
+    for service_id, texts in document["ssh_host_keys"].items():
+        loaded = [keys.Key.fromString(text.encode("ascii")) for text in texts]
+        host_keys[service_id] = {key.sshType(): key for key in loaded}
+    return document["configuration"], host_keys
 
 
 def worker_cpus(affinity: str, allowed: Optional[tuple[int, ...]] = None) -> tuple[int, ...]:

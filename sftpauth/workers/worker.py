@@ -37,6 +37,7 @@ from sftpauth.listening import adopt_inherited_sockets
 from sftpauth.state import ChannelBanStore, StateChannel, channel_state
 from sftpauth.workers import CHANNEL_FD
 from sftpauth.workers.channel import OneProtocolFactory, Ready, WorkerAuditLog, WorkerSide
+from sftpauth.workers.pool import read_start_document
 
 _log = Logger()
 CHANNEL_CLOSE_TIMEOUT = 5.0  # seconds to send what the services recorded while stopping
@@ -95,7 +96,7 @@ class LineWriter:
 class Worker:
     """What one worker process runs; built by :func:`main`, reactor passed in."""
 
-    def __init__(self, configuration, index: int, workers: int, sockets: dict, reactor):
+    def __init__(self, configuration, index: int, workers: int, sockets: dict, reactor, host_keys: Optional[dict] = None):
         self.reactor = reactor
         self.index = index
         self.exit_status = 0
@@ -103,7 +104,7 @@ class Worker:
         channel = StateChannel(reactor)
         state = channel_state(channel, reactor, workers) if configuration.server.state == "memory" else None
         self.audit = WorkerAuditLog(index, channel, reactor)
-        self.runtime = tap.build_runtime(configuration, reactor, state=state, audit=self.audit)
+        self.runtime = tap.build_runtime(configuration, reactor, state=state, audit=self.audit, host_keys=host_keys)
         bans = self.runtime.state.bans
         self.channel = WorkerSide(channel, bans if isinstance(bans, ChannelBanStore) else None, self._parent_gone)
         for method_id, pool in self.runtime.ldap_pools.items():  # the parent's Web Manager shows what workers find
@@ -187,7 +188,7 @@ def keep_to_cpu(cpu: int, index: int, set_affinity=getattr(os, "sched_setaffinit
 
 def main(argv: Optional[list[str]] = None) -> int:
     arguments = parse_arguments(argv)
-    text = sys.stdin.read()
+    document = sys.stdin.read()
     sys.stdin.close()
     from twisted.internet import reactor
 
@@ -197,8 +198,16 @@ def main(argv: Optional[list[str]] = None) -> int:
         keep_to_cpu(arguments.cpu, arguments.index)
 
     try:
+        text, host_keys = read_start_document(document)
+    except (ValueError, KeyError, TypeError) as error:  # not started by sftpauth's parent process
+        _log.error("worker {worker} cannot start: its standard input is not what sftpauth's parent sends ({error})",
+                   worker=arguments.index, error=error)
+        output.flush()
+        return 1
+    try:
         configuration = parse_configuration(text, arguments.config, os.path.dirname(os.path.abspath(arguments.config)), os.environ)
-        worker = Worker(configuration, arguments.index, arguments.workers, json.loads(arguments.sockets), reactor)
+        worker = Worker(configuration, arguments.index, arguments.workers, json.loads(arguments.sockets), reactor,
+                        host_keys=host_keys)
     except ConfigError as error:
         _log.error("worker {worker} cannot start:\n{error}", worker=arguments.index, error=str(error))
         output.flush()

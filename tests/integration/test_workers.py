@@ -34,6 +34,7 @@ import pytest
 from .ldap_helpers import BASE, ENGINEERING
 from .manager_helpers import _CHEAP, HTTPSClient
 from .server import SftpauthServer, free_port, serving
+from .sftp_fixtures import server_host_key
 from .test_ftps import pem_with_key
 from .tls_certs import TestPKI
 
@@ -439,6 +440,12 @@ def test_a_killed_worker_is_started_again(site):
         )
 
     held.login("alice", "alice-pass")
+    # QA: a restarted worker read the host key files again (and generated a key when one was gone), so
+    # clients met another host key on that worker. Replaced on disk now, the new worker must not use it.
+    host_key = server_host_key(site.ports["sftp"], {"keys": ["ssh-rsa", "rsa-sha2-256", "rsa-sha2-512"]})
+    key_file = site.folder / "data" / "ssh" / "ssh_host_ed25519_key"
+    original_key_text = key_file.read_bytes()
+    key_file.write_bytes(new_ed25519_key_text())
     deadline = time.monotonic() + 10
     while not site.events(started_there):  # the parent has this session's start
         assert time.monotonic() < deadline, site.server.log_tail()
@@ -464,6 +471,20 @@ def test_a_killed_worker_is_started_again(site):
     client.login("alice", "alice-pass")
     assert client.pwd() == "/"
     client.quit()
+    seen = {server_host_key(site.ports["sftp"], {"keys": ["ssh-rsa", "rsa-sha2-256", "rsa-sha2-512"]}).asbytes()
+            for _ in range(12)}  # both workers, the new one first (see above)
+    key_file.write_bytes(original_key_text)
+    assert seen == {host_key.asbytes()}
+
+
+def new_ed25519_key_text() -> bytes:
+    """A new Ed25519 private key in OpenSSH format."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+
+    return ed25519.Ed25519PrivateKey.generate().private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
+    )
 
 
 def test_sigterm_stops_every_worker_and_exits_0(tmp_path):

@@ -741,5 +741,8 @@ def test_a_worker_process_ignores_sighup_from_its_first_line(tmp_path):
     finally:
         worker.stdin.close()
         worker.wait(20)
+        output = worker.stdout.read().decode()
         worker.stdout.close()
-    assert worker.returncode != -signal.SIGHUP
+    # Nothing came on its standard input: an error line and status 1, no traceback.
+    assert worker.returncode == 1 and "its standard input is not what sftpauth's parent sends" in output, output
+    assert "Traceback" not in output
