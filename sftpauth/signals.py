@@ -26,12 +26,13 @@ _log = Logger()
 
 
 def ignore_sighup_until_handled() -> None:
-    """Ignore SIGHUP from now until :class:`ReloadOnSIGHUP` (or a worker) installs its handler.
+    """Ignore SIGHUP from now until :class:`ReloadOnSIGHUP` installs its handler.
 
     Its default action ends the process: a SIGHUP in the second a start
     takes (a log rotation's ``postrotate``) would stop sftpauth silently,
-    where "SIGHUP never stops sftpauth". Called as soon as sftpauth's code
-    runs in a process (twistd's options, a worker's first line).
+    where "SIGHUP never stops sftpauth". Called from twistd's options, the
+    first code of sftpauth's that twistd runs. (A worker ignores SIGHUP from
+    the first line of :mod:`sftpauth.workers.__main__`, before its imports.)
     """
     try:
         if signal.getsignal(signal.SIGHUP) == signal.SIG_DFL:
