@@ -270,17 +270,23 @@ def test_no_password_at_all_on_standard_input_is_an_error_not_an_empty_password(
     assert capsys.readouterr().out == ""
 
 
-def test_login_on_the_demo_serves_its_embedded_directory_and_says_so(tmp_path):
-    """With no running sftpauth, test-login serves the file's ldap-directory itself, says so, and explains carol."""
-    import shutil
+def _demo_copy(folder: Path) -> int:
+    """etc/demo in ``folder``: its directory on a free port (returned), its folders under ``folder``."""
     from tests.integration.server import free_port
 
     demo = Path(__file__).resolve().parents[2] / "etc" / "demo"
     port = free_port()
     text = (demo / "sftpauth.ini").read_text(encoding="utf-8")
-    text = text.replace("10389", str(port)).replace("/tmp/sftpauth-demo", str(tmp_path))
-    (tmp_path / "sftpauth.ini").write_text(text, encoding="utf-8")
-    shutil.copy(demo / "directory.ldif", tmp_path / "directory.ldif")
+    (folder / "sftpauth.ini").write_text(text.replace("10389", str(port)).replace("/tmp/sftpauth-demo", str(folder)),
+                                         encoding="utf-8")
+    entries = (demo / "directory.ldif").read_text(encoding="utf-8")
+    (folder / "directory.ldif").write_text(entries.replace("/tmp/sftpauth-demo", str(folder)), encoding="utf-8")
+    return port
+
+
+def test_login_on_the_demo_serves_its_embedded_directory_and_says_so(tmp_path):
+    """With no running sftpauth, test-login serves the file's ldap-directory itself, says so, and explains carol."""
+    port = _demo_copy(tmp_path)
     result = run_sftpauth("test-login", str(tmp_path / "sftpauth.ini"), "carol", "--password-stdin", stdin="carol-demo\n")
     assert result.returncode == 1, result.stdout + result.stderr
     assert f"(no running sftpauth serves [services/demo-directory] on 127.0.0.1:{port}: " in result.stdout
@@ -292,14 +298,7 @@ def test_login_on_the_demo_serves_its_embedded_directory_and_says_so(tmp_path):
 
 def test_test_login_creates_no_home_folder(tmp_path):
     """QA: test-login made the home folder (create_home_folder = yes), owned by whoever ran it. It says a login would."""
-    from tests.integration.server import free_port
-
-    demo = Path(__file__).resolve().parents[2] / "etc" / "demo"
-    text = (demo / "sftpauth.ini").read_text(encoding="utf-8")
-    text = text.replace("10389", str(free_port())).replace("/tmp/sftpauth-demo", str(tmp_path))
-    (tmp_path / "sftpauth.ini").write_text(text, encoding="utf-8")
-    entries = (demo / "directory.ldif").read_text(encoding="utf-8").replace("/tmp/sftpauth-demo", str(tmp_path))
-    (tmp_path / "directory.ldif").write_text(entries, encoding="utf-8")
+    _demo_copy(tmp_path)
     result = run_sftpauth("test-login", str(tmp_path / "sftpauth.ini"), "alice", "--password-stdin", stdin="alice-demo\n")
     assert result.returncode == 0, result.stdout + result.stderr
     assert "does not exist yet: a login creates it" in result.stdout
