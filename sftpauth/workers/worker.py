@@ -213,9 +213,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         output.flush()
         return 1
     worker.connect(CHANNEL_FD)
+    # SIGHUP and SIGINT are ignored since the first line of sftpauth.workers.__main__.
     signal.signal(signal.SIGTERM, lambda number, frame: reactor.callFromThread(worker.stop))
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # FTPS services add their certificate reload to it
     reactor.callWhenRunning(worker.start)
     try:
         reactor.run(installSignalHandlers=False)
