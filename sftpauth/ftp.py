@@ -2165,11 +2165,23 @@ def load_tls(settings: FTPServiceSettings, config_path: str) -> Optional[ServerT
     return tls
 
 
-def make_service(settings: FTPServiceSettings, runtime: Runtime) -> IService:
-    """The listening service of one ``type = ftp`` or ``type = ftpsi`` section."""
-    tls = load_tls(settings, runtime.configuration.path)
+def service_tls(settings: FTPServiceSettings, config_path: str) -> Optional[ServerTLS]:
+    """The certificate the service serves FTPS with, None for plain FTP; ConfigError when it cannot be used."""
+    tls = load_tls(settings, config_path)
     if tls is not None and not settings.implicit_tls and not settings.ftps_explicit_enabled:
-        tls = None  # plain FTP: a configuration warning says so (config.loader._check_ftps_options)
+        return None  # plain FTP: a configuration warning says so (config.loader._check_ftps_options)
+    return tls
+
+
+def make_service(settings: FTPServiceSettings, runtime: Runtime) -> IService:
+    """The listening service of one ``type = ftp`` or ``type = ftpsi`` section.
+
+    In a worker process the certificate comes from the parent (``runtime.tls``),
+    which reloads it on SIGHUP, checks its dates and gives the workers the new
+    one (:mod:`sftpauth.workers.pool`); otherwise the service does both itself.
+    """
+    given = runtime.tls.get(settings.id)
+    tls = given if given is not None else service_tls(settings, runtime.configuration.path)
     factory = FTPServiceFactory(settings, runtime, tls)
     if tls is None:
         return listening_service(runtime.reactor, settings, factory, runtime.policy_for(settings))
@@ -2192,6 +2204,7 @@ def make_service(settings: FTPServiceSettings, runtime: Runtime) -> IService:
     service = MultiService()
     service.setName(settings.id)
     listening_service(runtime.reactor, settings, wire, runtime.policy_for(settings)).setServiceParent(service)
-    ReloadOnSIGHUP(runtime.reactor, tls.reload).setServiceParent(service)
-    DailyDateCheck(runtime.reactor, tls.check_dates).setServiceParent(service)
+    if given is None:
+        ReloadOnSIGHUP(runtime.reactor, tls.reload).setServiceParent(service)
+        DailyDateCheck(runtime.reactor, tls.check_dates).setServiceParent(service)
     return service

@@ -31,6 +31,9 @@ class Runtime:
     # SSH host keys (by SSH key type) by service ID, when this process was given them: a worker gets
     # its parent's, loaded once at the start; a service not in it loads its own (ssh.load_host_keys).
     host_keys: Mapping[str, Mapping[bytes, Any]] = attrs.field(factory=dict, kw_only=True)
+    # FTPS certificates (sftpauth.tls.ServerTLS) by service ID, when this process was given them: a
+    # worker's, from its parent, which also gives it the one it reloads on SIGHUP.
+    tls: Mapping[str, Any] = attrs.field(factory=dict, kw_only=True)
 
     def policy_for(self, settings: Any) -> Any:
         """The SecurityPolicy of a service's settings (for its listening socket), None without policies."""

@@ -2,14 +2,16 @@
 
 - SIGTERM and SIGINT stop the process cleanly, with exit status 0
   (:class:`StopCleanly`);
-- SIGHUP never stops it: each process that writes the audit log opens it
-  again (log rotation), FTPS services reload their certificates, and with
-  workers the parent passes it on to them (:class:`ReloadOnSIGHUP`, one per
-  use, chained). The rest of the configuration is not reloaded: when its
-  file changed since the start, the parent says so, and whether the new
-  file is valid (:class:`ConfigurationChangeCheck`).
+- SIGHUP never stops it: the process that writes the audit log opens it
+  again (log rotation) and the FTPS certificates are reloaded; with
+  workers the parent reloads them and sends the workers those that changed
+  (:class:`ReloadOnSIGHUP`, one per use, chained). The rest of the
+  configuration is not reloaded: when its file changed since the start,
+  the parent says so, and whether the new file is valid
+  (:class:`ConfigurationChangeCheck`).
 
-Worker processes install their own handlers (:mod:`sftpauth.workers.worker`).
+Worker processes ignore SIGHUP and SIGINT and handle SIGTERM themselves
+(:mod:`sftpauth.workers.worker`).
 """
 
 from __future__ import annotations

@@ -67,13 +67,13 @@ def _no_default_pidfile(twistd_options, argv: list[str]) -> None:
 
 def build_runtime(
     configuration: Configuration, reactor, state: Optional[SharedState] = None, audit: Optional[AuditLog] = None,
-    host_keys: Optional[dict] = None,
+    host_keys: Optional[dict] = None, tls: Optional[dict] = None,
 ) -> Runtime:
     """Wire the chain, the realm and the portal shared by every service.
 
     A worker process (sftpauth.workers) passes its own ``state`` and
     ``audit``: both reach the parent process over the parent channel; and
-    the SSH ``host_keys`` its parent loaded.
+    the SSH ``host_keys`` and FTPS certificates (``tls``) its parent loaded.
     """
     reactor.suggestThreadPoolSize(20)
     run_in_thread = functools.partial(deferToThreadPool, reactor, reactor.getThreadPool())
@@ -102,6 +102,7 @@ def build_runtime(
         ldap_pools=ldap_pools(methods),
         policies=policies,
         host_keys=host_keys or {},
+        tls=tls or {},
     )
 
 

@@ -45,6 +45,7 @@ class ServerCertificate:
     """A certificate with its private key and chain (cryptography objects, as pyOpenSSL takes them)."""
 
     path: str
+    pem: bytes = attrs.field(repr=False)  # the file as read: what a worker process is given (sftpauth.workers)
     private_key: Any = attrs.field(repr=False)
     certificate: x509.Certificate
     chain: tuple[x509.Certificate, ...]
@@ -91,6 +92,13 @@ def load_server_certificate(
             data = pem_file.read()
     except OSError as error:
         raise CertificateProblem(f"cannot read {path}: {error.strerror or error}") from None
+    return parse_server_certificate(data, path, now, check_expiry)
+
+
+def parse_server_certificate(
+    data: bytes, path: str, now: Optional[datetime.datetime] = None, check_expiry: bool = True
+) -> ServerCertificate:
+    """:func:`load_server_certificate` of the PEM text ``data`` that ``path`` held (named in the messages)."""
     try:
         certificates = x509.load_pem_x509_certificates(data)
     except ValueError:
@@ -124,6 +132,7 @@ def load_server_certificate(
     try:
         loaded = ServerCertificate(
             path=path,
+            pem=data,
             private_key=key,
             certificate=leaf,
             chain=chain,
@@ -153,11 +162,12 @@ def server_options(certificate: ServerCertificate, maximum_version=None) -> ssl.
 class ServerTLS:
     """The TLS side of one service: its current certificate and a context per session."""
 
-    def __init__(self, path: str, service_id: str, maximum_version=None):
+    def __init__(self, path: str, service_id: str, maximum_version=None, certificate: Optional[ServerCertificate] = None):
+        """``certificate``: the one to use, already loaded (a worker's, from its parent); else ``path`` is read."""
         self.path = path
         self.service_id = service_id
         self.maximum_version = maximum_version  # a twisted.internet.ssl.TLSVersion, None = the newest
-        self.certificate = load_server_certificate(path)
+        self.certificate = certificate if certificate is not None else load_server_certificate(path)
 
     def new_session(self) -> ssl.CertificateOptions:
         """Options (an ``IOpenSSLServerConnectionCreator``) with a context of their own.
@@ -183,6 +193,12 @@ class ServerTLS:
         _log.info("service {service}: reloaded ssl_certificate: {certificate}", service=self.service_id, certificate=certificate.describe())
         self.check_dates()
         return True
+
+    def use(self, certificate: ServerCertificate) -> None:
+        """New sessions use ``certificate``: one the parent process reloaded, in a worker (no file is read)."""
+        self.certificate = certificate
+        _log.info("service {service}: using the reloaded ssl_certificate: {certificate}", service=self.service_id,
+                  certificate=certificate.describe())
 
     def log_certificate(self) -> None:
         """At start-up; its date problems are configuration warnings then (``cli.check_files``)."""

@@ -6,11 +6,14 @@ the audit file and feeds the Web Manager's listeners), :class:`ServerStatus`
 when one of its LDAP servers goes down or up (the Web Manager's server
 states are the parent's pools), and with ``state = memory`` the state
 commands of :mod:`sftpauth.state` (claims, failures, resets). Parent ->
-worker: :class:`~sftpauth.state.BanStarted`.
+worker: :class:`~sftpauth.state.BanStarted`, and :class:`UseCertificate`
+when the parent reloaded an FTPS certificate.
 
-Nothing but audit entries, server states and state commands crosses it: no
-password, code or secret. When it closes, the worker knows its parent is
-gone and stops.
+Besides a reloaded certificate's file (its private key included, as the
+worker's standard input carries them at its start; the socketpair is the
+two processes' own), nothing but audit entries, server states and state
+commands crosses it: no password or code. When it closes, the worker knows
+its parent is gone and stops.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from sftpauth.state import BanStarted, ChannelBanStore, SharedState, StateChanne
 _log = Logger()
 
 MAX_AUDIT_BYTES = 60_000  # an AMP value (one batch of entries) holds at most 65,535 bytes
+CERTIFICATE_PART_BYTES = 60_000  # a certificate file is sent in parts of this size, for the same reason
 AUDIT_BATCH_SECONDS = 0.05  # a worker sends its audit entries at most this long after recording them
 
 
@@ -68,6 +72,21 @@ class ServerStatus(amp.Command):
         (b"status", amp.Unicode()),  # up or down
         (b"error", amp.Unicode()),  # the last error when down
         (b"latency", amp.Float(optional=True)),  # seconds the connection took to be ready, when up
+    ]
+    requiresAnswer = False
+
+
+class UseCertificate(amp.Command):
+    """Parent -> worker: one part of the PEM file of an FTPS service's reloaded certificate; use it after the last.
+
+    A file with a long chain can exceed an AMP value; the parts of one
+    file come in order, nothing between them on this connection.
+    """
+
+    arguments = [
+        (b"service", amp.Unicode()),
+        (b"part", amp.String()),
+        (b"last", amp.Boolean()),
     ]
     requiresAnswer = False
 
@@ -161,6 +180,14 @@ class ParentSide(StateServer, _QuietAMP):
         if self.transport is not None:  # None once the channel is closed
             self.callRemote(BanStarted, scope=scope, address=address, seconds=float(seconds))
 
+    def send_certificate(self, service: str, pem: bytes) -> None:
+        """Give the worker the certificate file ``pem`` of FTPS service ``service``, in parts (:class:`UseCertificate`)."""
+        if self.transport is None:
+            return
+        parts = [pem[offset : offset + CERTIFICATE_PART_BYTES] for offset in range(0, len(pem), CERTIFICATE_PART_BYTES)] or [b""]
+        for number, part in enumerate(parts, start=1):
+            self.callRemote(UseCertificate, service=service, part=part, last=number == len(parts))
+
     def connectionLost(self, reason) -> None:
         _QuietAMP.connectionLost(self, reason)
         self._on_lost()
@@ -173,15 +200,32 @@ def _session_key(entry: dict) -> tuple:
 class WorkerSide(StateClient, _QuietAMP):
     """A worker's end: the state stores and the audit log send through it; its loss means the parent is gone."""
 
-    def __init__(self, channel: StateChannel, bans: Optional[ChannelBanStore], on_lost: Callable[[], None]):
+    def __init__(
+        self,
+        channel: StateChannel,
+        bans: Optional[ChannelBanStore],
+        on_lost: Callable[[], None],
+        on_certificate: Callable[[str, bytes], None] = lambda service, pem: None,
+    ):
         amp.AMP.__init__(self)
         self._channel = channel
         self.channel_bans = bans
         self._on_lost = on_lost
+        self._on_certificate = on_certificate
+        self._certificate_parts: dict[str, list[bytes]] = {}
 
     def connectionMade(self) -> None:
         _QuietAMP.connectionMade(self)
         self._channel.protocol = self
+
+    @UseCertificate.responder
+    def _use_certificate(self, service: str, part: bytes, last: bool) -> dict:
+        parts = self._certificate_parts.setdefault(service, [])
+        parts.append(part)
+        if last:
+            del self._certificate_parts[service]
+            self._on_certificate(service, b"".join(parts))
+        return {}
 
     def report_server_state(self, method: str, address, status: str, error: str, latency: Optional[float]) -> None:
         """An LDAP pool's listener: tell the parent a server of ``method`` went ``status`` (lost when the parent is gone)."""

@@ -3,17 +3,20 @@
 Start: each FTP/FTPS/SFTP service's socket is bound in
 ``privilegedStartService`` (errors as without workers, before any worker
 exists), then the workers are spawned with ``reactor.spawnProcess``. Each
-gets on its standard input the configuration text and the SSH host keys
-the parent loaded (:func:`start_document`: every worker, also a restarted
-one, runs the file as it was when sftpauth started, with the same host
-keys, whatever the key files hold by then), its channel on fd 3 and the
-listening sockets from fd 4 on.
+gets on its standard input the configuration text, the SSH host keys and
+the FTPS certificates the parent loaded (:func:`start_document`: every
+worker, also a restarted one, runs the file as it was when sftpauth
+started, with the same host keys and the certificate in use, whatever the
+files hold by then), its channel on fd 3 and the listening sockets from fd
+4 on.
 
 While running: a worker's output lines go to the parent's log as
 ``worker N: ...``; a worker that exits is started again, at once after a
 long run, with a growing delay (up to :data:`MAX_RESTART_DELAY`) when it
-keeps exiting quickly; SIGHUP is passed on to every ready worker (FTPS
-certificates are reloaded there).
+keeps exiting quickly. The parent holds the FTPS certificates: it reloads
+them on SIGHUP, checks their dates daily, and gives each ready worker the
+one in use when it differs from what that worker has
+(:meth:`WorkerPool.send_certificates`); workers ignore SIGHUP.
 
 Stop: SIGTERM to every worker, then wait until each has exited and its
 channel is drained (its last audit events written); a worker still there
@@ -22,6 +25,7 @@ after :data:`STOP_TIMEOUT` seconds is killed.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import socket
@@ -42,6 +46,7 @@ from sftpauth.listening import bind_shared_socket
 from sftpauth.runtime import Runtime
 from sftpauth.state import MemoryBanStore
 from sftpauth.signals import ReloadOnSIGHUP
+from sftpauth.tls import DailyDateCheck, ServerTLS, parse_server_certificate
 from sftpauth.workers import CHANNEL_FD, FIRST_SOCKET_FD
 from sftpauth.workers.channel import OneProtocolFactory, ParentSide
 
@@ -94,13 +99,16 @@ class WorkerProcess(ProcessProtocol):
         self._process_over = False
         self._channel_over = False
         self._how = "exited"
+        # The PEM text of the certificate this worker serves, by FTPS service ID: what it was given.
+        self.certificates: dict[str, bytes] = {}
 
     # -- the process ----------------------------------------------------------------
 
     def connectionMade(self) -> None:
         self.pid = self.transport.pid
-        self.transport.writeToChild(0, start_document(self.pool.configuration_text, self.pool.host_keys))
+        self.transport.writeToChild(0, start_document(self.pool.configuration_text, self.pool.host_keys, self.pool.tls))
         self.transport.closeStdin()
+        self.certificates = {service_id: tls.certificate.pem for service_id, tls in self.pool.tls.items()}
 
     def childDataReceived(self, fd: int, data: bytes) -> None:
         lines = (self._partial.get(fd, b"") + data).split(b"\n")
@@ -154,6 +162,7 @@ class WorkerProcess(ProcessProtocol):
     def channel_ready(self) -> None:
         self.ready = True
         _log.info("worker {worker} (pid {pid}) is ready", worker=self.index, pid=self.pid)
+        self.pool.send_certificates(self)  # reloaded while it started
 
     def channel_lost(self) -> None:
         self._channel_over = True
@@ -185,26 +194,31 @@ class WorkerPool(MultiService):
             self.configuration_text = config_file.read()
         self.sockets: list[SharedListeningSocket] = []
         self.host_keys: dict[str, dict] = {}  # service ID -> SSH key type -> key, loaded once for every worker
+        self.tls: dict[str, ServerTLS] = {}  # FTPS service ID -> its certificate, reloaded here on SIGHUP
         self.workers: dict[int, WorkerProcess] = {}
         self._quick_exits: dict[int, int] = {}
         self._restarts: dict[int, object] = {}
         self._stopping = False
-        ReloadOnSIGHUP(self.reactor, self.forward_sighup).setServiceParent(self)
+        ReloadOnSIGHUP(self.reactor, self.reload_certificates).setServiceParent(self)
         bans = runtime.state.bans
         if isinstance(bans, MemoryBanStore):
             bans.ban_listeners.append(self._announce_ban)
 
     def add_service(self, settings: ServiceSettings) -> SharedListeningSocket:
-        """The parent's part of one FTP/FTPS/SFTP service: its socket; its certificate or host keys checked now.
+        """The parent's part of one FTP/FTPS/SFTP service: its socket; its certificate or host keys loaded now.
 
-        Checked here, the errors of a certificate or a host key stop
-        sftpauth at start as without workers, and generated host keys are
-        written once, before two workers could race to create them.
+        Loaded here, the errors of a certificate or a host key stop
+        sftpauth at start as without workers, generated host keys are
+        written once, before two workers could race to create them, and
+        every worker serves the same key and certificate.
         """
         if settings.type in ("ssh", "sftp"):
             self.host_keys[settings.id] = ssh.load_host_keys(settings, self.configuration.path, self.runtime.data_folder)
         else:
-            ftp.load_tls(settings, self.configuration.path)
+            tls = ftp.service_tls(settings, self.configuration.path)
+            if tls is not None:
+                self.tls[settings.id] = tls
+                DailyDateCheck(self.reactor, tls.check_dates).setServiceParent(self)
         shared = SharedListeningSocket(settings)
         self.sockets.append(shared)
         return shared
@@ -318,20 +332,30 @@ class WorkerPool(MultiService):
         )
         self._restarts[worker.index] = self.reactor.callLater(delay, self.spawn, worker.index)
 
-    def forward_sighup(self) -> None:
-        """SIGHUP reloads the FTPS certificates, which the workers hold.
+    def reload_certificates(self) -> None:
+        """SIGHUP: read the FTPS certificates again, and give the ready workers those that changed.
 
-        Only ready workers get it: one still starting reads its certificates
-        as it starts (and ignores SIGHUP until then); while sftpauth stops,
-        nobody needs a reload.
+        A file that cannot be used is logged once, here, and the certificate
+        in use is kept everywhere. A worker still starting gets the new one
+        when it is ready (:meth:`WorkerProcess.channel_ready`); while
+        sftpauth stops, nothing is reloaded.
         """
         if self._stopping:
-            _log.info("SIGHUP: the worker processes are stopping; not passed on")
+            _log.info("SIGHUP: the worker processes are stopping; the FTPS certificates are not reloaded")
             return
-        ready = [worker for worker in self.workers.values() if worker.ready]
-        _log.info("SIGHUP: passing it on to {count} worker processes", count=len(ready))
-        for worker in ready:
-            worker.signal("HUP")
+        for tls in self.tls.values():
+            tls.reload()
+        for worker in self.workers.values():
+            if worker.ready:
+                self.send_certificates(worker)
+
+    def send_certificates(self, worker: WorkerProcess) -> None:
+        """Give ``worker`` each certificate in use that differs from the one it has."""
+        for service_id, tls in self.tls.items():
+            pem = tls.certificate.pem
+            if worker.certificates.get(service_id) != pem and worker.channel is not None:
+                worker.channel.send_certificate(service_id, pem)
+                worker.certificates[service_id] = pem  # the worker logs that it uses it
 
     def _announce_ban(self, scope: str, address: str, seconds: float) -> None:
         for worker in self.workers.values():
@@ -339,12 +363,15 @@ class WorkerPool(MultiService):
                 worker.channel.announce_ban(scope, address, seconds)
 
 
-def start_document(configuration_text: str, host_keys: dict) -> bytes:
-    """What a worker reads on its standard input: the configuration text and the SSH host keys (JSON).
+def start_document(configuration_text: str, host_keys: dict, tls: Optional[dict] = None) -> bytes:
+    """What a worker reads on its standard input: the configuration text, the SSH host keys and the FTPS
+    certificates in use (JSON).
 
-    Given by the parent, the host keys are the same in every worker: a
-    worker started again after the key file was replaced or removed would
-    otherwise show clients another key (a "host key changed" warning).
+    Given by the parent, the keys and certificates are the same in every
+    worker: a worker started again after a key file was replaced or removed
+    would otherwise show clients another key (a "host key changed"
+    warning), and one started after a bad certificate file was put in place
+    would not start at all.
     """
     return json.dumps({
         "configuration": configuration_text,
@@ -352,11 +379,16 @@ def start_document(configuration_text: str, host_keys: dict) -> bytes:
             service_id: [key.toString("openssh").decode("ascii") for key in keys_by_type.values()]
             for service_id, keys_by_type in host_keys.items()
         },
+        "ftps_certificates": {
+            service_id: {"path": service_tls.path, "pem": base64.b64encode(service_tls.certificate.pem).decode("ascii")}
+            for service_id, service_tls in (tls or {}).items()
+        },
     }).encode("utf-8")
 
 
-def read_start_document(data: str) -> tuple[str, dict]:
-    """The worker's side of :func:`start_document`: the configuration text and the host keys by service ID."""
+def read_start_document(data: str) -> tuple[str, dict, dict]:
+    """The worker's side of :func:`start_document`: the configuration text, the host keys and the certificates
+    (:class:`~sftpauth.tls.ServerTLS`) by service ID."""
     from twisted.conch.ssh import keys
 
     document = json.loads(data)
@@ -364,7 +396,12 @@ def read_start_document(data: str) -> tuple[str, dict]:
     for service_id, texts in document["ssh_host_keys"].items():
         loaded = [keys.Key.fromString(text.encode("ascii")) for text in texts]
         host_keys[service_id] = {key.sshType(): key for key in loaded}
-    return document["configuration"], host_keys
+    tls = {}
+    for service_id, given in document["ftps_certificates"].items():
+        # The parent checked it; its dates are the parent's to watch, so an expired one is no reason not to start.
+        certificate = parse_server_certificate(base64.b64decode(given["pem"], validate=True), given["path"], check_expiry=False)
+        tls[service_id] = ServerTLS(given["path"], service_id, maximum_version=ftp.FTPS_MAXIMUM_VERSION, certificate=certificate)
+    return document["configuration"], host_keys, tls
 
 
 def worker_cpus(affinity: str, allowed: Optional[tuple[int, ...]] = None) -> tuple[int, ...]:

@@ -9,7 +9,8 @@ each, for the parent to relay.
 
 Signals: SIGTERM stops it (exit 0); SIGINT is left to the parent (a
 terminal's Ctrl-C reaches the whole process group, and the parent stops the
-workers in order); SIGHUP reloads FTPS certificates (``sftpauth.tls``).
+workers in order); SIGHUP is ignored: the parent reloads the FTPS
+certificates and sends the worker those that changed (:class:`UseCertificate`).
 When the channel closes, the parent is gone: the worker stops.
 """
 
@@ -35,6 +36,7 @@ from sftpauth.config.errors import ConfigError
 from sftpauth.config.loader import parse_configuration
 from sftpauth.listening import adopt_inherited_sockets
 from sftpauth.state import ChannelBanStore, StateChannel, channel_state
+from sftpauth.tls import CertificateProblem, parse_server_certificate
 from sftpauth.workers import CHANNEL_FD
 from sftpauth.workers.channel import OneProtocolFactory, Ready, WorkerAuditLog, WorkerSide
 from sftpauth.workers.pool import read_start_document
@@ -96,7 +98,10 @@ class LineWriter:
 class Worker:
     """What one worker process runs; built by :func:`main`, reactor passed in."""
 
-    def __init__(self, configuration, index: int, workers: int, sockets: dict, reactor, host_keys: Optional[dict] = None):
+    def __init__(
+        self, configuration, index: int, workers: int, sockets: dict, reactor, host_keys: Optional[dict] = None,
+        tls: Optional[dict] = None,
+    ):
         self.reactor = reactor
         self.index = index
         self.exit_status = 0
@@ -104,9 +109,11 @@ class Worker:
         channel = StateChannel(reactor)
         state = channel_state(channel, reactor, workers) if configuration.server.state == "memory" else None
         self.audit = WorkerAuditLog(index, channel, reactor)
-        self.runtime = tap.build_runtime(configuration, reactor, state=state, audit=self.audit, host_keys=host_keys)
+        self.runtime = tap.build_runtime(configuration, reactor, state=state, audit=self.audit, host_keys=host_keys, tls=tls)
         bans = self.runtime.state.bans
-        self.channel = WorkerSide(channel, bans if isinstance(bans, ChannelBanStore) else None, self._parent_gone)
+        self.channel = WorkerSide(
+            channel, bans if isinstance(bans, ChannelBanStore) else None, self._parent_gone, self._use_certificate
+        )
         for method_id, pool in self.runtime.ldap_pools.items():  # the parent's Web Manager shows what workers find
             pool.state_listeners.append(functools.partial(self.channel.report_server_state, method_id))
         self._on_channel_closed: Optional[defer.Deferred] = None
@@ -158,6 +165,21 @@ class Worker:
 
         return stopped.addBoth(close_channel)
 
+    def _use_certificate(self, service_id: str, pem: bytes) -> None:
+        """The parent reloaded the certificate of FTPS service ``service_id``: new sessions use it."""
+        tls = self.runtime.tls.get(service_id)
+        if tls is None:  # both processes read one configuration text: a bug, not news
+            _log.warn("worker {worker}: the parent sent a certificate for {service}, which has none here",
+                      worker=self.index, service=service_id)
+            return
+        try:
+            certificate = parse_server_certificate(pem, tls.path, check_expiry=False)  # the parent checked it
+        except CertificateProblem as problem:
+            _log.error("worker {worker}: service {service}: the certificate the parent sent cannot be used, the one in "
+                       "use is kept: {problem}", worker=self.index, service=service_id, problem=str(problem))
+            return
+        tls.use(certificate)
+
     def _parent_gone(self) -> None:
         closed, self._on_channel_closed = self._on_channel_closed, None
         if closed is not None and not closed.called:
@@ -198,7 +220,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         keep_to_cpu(arguments.cpu, arguments.index)
 
     try:
-        text, host_keys = read_start_document(document)
+        text, host_keys, tls = read_start_document(document)
     except (ValueError, KeyError, TypeError) as error:  # not started by sftpauth's parent process
         _log.error("worker {worker} cannot start: its standard input is not what sftpauth's parent sends ({error})",
                    worker=arguments.index, error=error)
@@ -207,7 +229,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         configuration = parse_configuration(text, arguments.config, os.path.dirname(os.path.abspath(arguments.config)), os.environ)
         worker = Worker(configuration, arguments.index, arguments.workers, json.loads(arguments.sockets), reactor,
-                        host_keys=host_keys)
+                        host_keys=host_keys, tls=tls)
     except ConfigError as error:
         _log.error("worker {worker} cannot start:\n{error}", worker=arguments.index, error=str(error))
         output.flush()

@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import contextlib
 import ftplib
+import functools
 import io
 import os
 import random
 import re
 import signal
 import socket
+import ssl
 import textwrap
 import time
 from pathlib import Path
@@ -30,6 +32,9 @@ from typing import Callable, Iterator
 import paramiko
 import pyotp
 import pytest
+from cryptography.hazmat.primitives import serialization
+
+from sftpauth.tls import load_server_certificate
 
 from .ldap_helpers import BASE, ENGINEERING
 from .manager_helpers import _CHEAP, HTTPSClient
@@ -114,8 +119,8 @@ class Site:
         names = ("ftp", "sftp", "ftps", "totp", "web")
         self.ports = {name: free_port() for name in names}
         self.passive = free_port_pair()
-        pki = TestPKI(self.folder / "pki")
-        self.certificate = pem_with_key(pki.good, self.folder / "ftps.pem")
+        self.pki = TestPKI(self.folder / "pki")
+        self.certificate = pem_with_key(self.pki.good, self.folder / "ftps.pem")
         config = textwrap.dedent(
             f"""
             [server]
@@ -217,10 +222,10 @@ class Site:
             for other in others:
                 os.kill(other, signal.SIGCONT)
 
-    def ftp_on_worker(self, service: str, pid: int, source: str = "127.0.0.1") -> ftplib.FTP:
+    def ftp_on_worker(self, service: str, pid: int, source: str = "127.0.0.1", client_class=ftplib.FTP) -> ftplib.FTP:
         """An FTP connection (greeted, not logged in) served by the worker ``pid``."""
         with self.accepting_only(pid) as workers:
-            client = ftplib.FTP(timeout=TIMEOUT, encoding="utf-8", source_address=(source, 0))
+            client = client_class(timeout=TIMEOUT, encoding="utf-8", source_address=(source, 0))
             client.connect("127.0.0.1", self.ports[service])  # returns with the greeting: accepted
             assert serving_worker(self.ports[service], client.sock, workers) == pid
         return client
@@ -228,6 +233,23 @@ class Site:
     def ftp_on_each_worker(self, service: str, source: str = "127.0.0.1") -> dict[int, ftplib.FTP]:
         """An FTP connection (greeted, not logged in) served by each worker, by worker pid."""
         return {pid: self.ftp_on_worker(service, pid, source) for pid in sorted(self.workers())}
+
+    def ftps_certificate_of(self, pid: int) -> bytes:
+        """The certificate (DER) worker ``pid`` shows after ``AUTH TLS`` on the FTPS service."""
+        context = ssl.create_default_context()
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE  # the certificate is what is looked at
+        client = self.ftp_on_worker("ftps", pid, client_class=functools.partial(ftplib.FTP_TLS, context=context))
+        try:
+            client.auth()
+            return client.sock.getpeercert(binary_form=True)
+        finally:
+            client.close()
+
+
+def certificate_der(pem_path: Path) -> bytes:
+    """The server certificate of an ``ssl_certificate`` file, as DER (what a TLS client is shown)."""
+    return load_server_certificate(str(pem_path), check_expiry=False).certificate.public_bytes(serialization.Encoding.DER)
 
 
 def free_port_pair() -> int:
@@ -392,18 +414,25 @@ def test_the_web_manager_in_the_parent_sees_the_workers(site):
     assert float(line.split()[-1]) >= 2
 
 
-def test_sighup_reaches_every_worker(site):
-    """SIGHUP on the parent reloads the FTPS certificate in each worker; no worker is replaced."""
+def test_sighup_reloads_the_certificate_once_and_every_worker_serves_it(site):
+    """SIGHUP: the parent reads the FTPS certificate again (one log line, not one per worker) and gives it to
+    each worker, which serves it from its next TLS session on; no worker is replaced."""
     before = site.workers()
+    new = site.pki.issue("reloaded", "reloaded.localhost", ("localhost", "127.0.0.1"))
+    pem_with_key(new, site.certificate)  # the test leaves it in use: the file and the workers agree after it
     site.server.process.send_signal(signal.SIGHUP)
     deadline = time.monotonic() + 10
     while True:
         log = site.server.log_text()
-        reloaded = {index for index in (1, 2) if f"worker {index}: [sftpauth.tls#info] service ftps: reloaded ssl_certificate" in log}
-        if reloaded == {1, 2}:
+        using = {index for index in (1, 2)
+                 if f"worker {index}: [sftpauth.tls#info] service ftps: using the reloaded ssl_certificate" in log}
+        if using == {1, 2}:
             break
         assert time.monotonic() < deadline, site.server.log_tail()
         time.sleep(0.1)
+    assert len(re.findall(r"^\S+ \[sftpauth\.tls#info\] service ftps: reloaded ssl_certificate", log, re.M)) == 1, log
+    assert "worker 1: [sftpauth.tls#info] service ftps: reloaded" not in log  # workers do not read the file
+    assert {pid: site.ftps_certificate_of(pid) for pid in before} == {pid: certificate_der(site.certificate) for pid in before}
     assert site.server.worker_pids() == before
 
 
@@ -440,6 +469,10 @@ def test_a_killed_worker_is_started_again(site):
         )
 
     held.login("alice", "alice-pass")
+    # QA: a restarted worker read the FTPS certificate file again, and did not start while it could not be
+    # used (tried again and again with a growing delay). It is given the certificate in use.
+    certificate_text = site.certificate.read_bytes()  # in use (the SIGHUP test leaves its own in place)
+    site.certificate.write_text("-----BEGIN CERTIFICATE-----\nbeing replaced\n")
     # QA: a restarted worker read the host key files again (and generated a key when one was gone), so
     # clients met another host key on that worker. Replaced on disk now, the new worker must not use it.
     host_key = server_host_key(site.ports["sftp"], {"keys": ["ssh-rsa", "rsa-sha2-256", "rsa-sha2-512"]})
@@ -471,6 +504,9 @@ def test_a_killed_worker_is_started_again(site):
     client.login("alice", "alice-pass")
     assert client.pwd() == "/"
     client.quit()
+    served = site.ftps_certificate_of(new_pid)
+    site.certificate.write_bytes(certificate_text)
+    assert served == certificate_der(site.certificate)
     seen = {server_host_key(site.ports["sftp"], {"keys": ["ssh-rsa", "rsa-sha2-256", "rsa-sha2-512"]}).asbytes()
             for _ in range(12)}  # both workers, the new one first (see above)
     key_file.write_bytes(original_key_text)

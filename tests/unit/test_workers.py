@@ -31,7 +31,15 @@ from sftpauth.state import (
     StateChannel,
     channel_state,
 )
-from sftpauth.workers.channel import AUDIT_BATCH_SECONDS, MAX_AUDIT_BYTES, ParentSide, WorkerAuditLog, WorkerSide
+from sftpauth.tls import load_server_certificate
+from sftpauth.workers.channel import (
+    AUDIT_BATCH_SECONDS,
+    CERTIFICATE_PART_BYTES,
+    MAX_AUDIT_BYTES,
+    ParentSide,
+    WorkerAuditLog,
+    WorkerSide,
+)
 from sftpauth.tap import Options, makeService
 from sftpauth.workers.pool import (
     MAX_RESTART_DELAY,
@@ -686,31 +694,148 @@ def test_the_pool_tells_each_worker_its_cpu(tmp_path, monkeypatch, affinity, exp
     assert [args[args.index("--sockets") + 2:] for args in reactor.spawned] == expected
 
 
+class _FakeChannel:
+    def __init__(self):
+        self.sent: list[tuple[str, bytes]] = []
+
+    def send_certificate(self, service, pem):
+        self.sent.append((service, pem))
+
+
 class _FakeWorker:
     def __init__(self, index, ready):
         self.index, self.ready, self.pid = index, ready, 4000 + index
         self.signals: list[str] = []
         self.ended = defer.Deferred()
+        self.channel = _FakeChannel()
+        self.certificates: dict[str, bytes] = {}
 
     def signal(self, name):
         self.signals.append(name)
 
 
-def test_sighup_is_passed_on_to_ready_workers_only_and_not_while_stopping(tmp_path):
-    """QA: a SIGHUP passed on to a worker still starting killed it (its default action). A starting worker
-    reads its certificates as it starts; while sftpauth stops, SIGHUP is passed on to nobody."""
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory):
+    from tests.integration.tls_certs import TestPKI
+
+    return TestPKI(tmp_path_factory.mktemp("pki"))
+
+
+def _write_pem(path, pair) -> bytes:
+    pem = pair.certificate.read_bytes() + pair.key.read_bytes()
+    path.write_bytes(pem)
+    return pem
+
+
+def _ftps_pool(tmp_path, pki):
+    """A pool of two workers for an explicit FTPS service whose certificate file is ``tmp_path/ftps.pem``."""
+    first = _write_pem(tmp_path / "ftps.pem", pki.good)
     config = tmp_path / "sftpauth.ini"
-    config.write_text(f"[server]\ndata_folder = {tmp_path}/data\nworkers = 2\n[services/ftp]\ntype = ftp\nport = 0\n")
+    config.write_text(f"[server]\ndata_folder = {tmp_path}/data\nworkers = 2\n[services/ftps]\ntype = ftp\nport = 0\n"
+                      f"ssl_certificate = {tmp_path}/ftps.pem\n")
     options = Options()
     options.parseOptions(["--config", str(config)])
     [pool] = [service for service in makeService(options, _SpawningReactor()) if isinstance(service, WorkerPool)]
+    return pool, first
+
+
+def test_sighup_reloads_the_certificate_in_the_parent_and_gives_ready_workers_a_changed_one(tmp_path, pki):
+    """QA: each worker read the certificate file at its start and on SIGHUP, so a restarted worker served
+    another one, or none. The parent holds it: it reloads on SIGHUP and sends a changed one to ready
+    workers; a worker still starting gets it once ready; an unusable file changes nothing anywhere."""
+    pool, first = _ftps_pool(tmp_path, pki)
     ready, starting = _FakeWorker(1, True), _FakeWorker(2, False)
+    for worker in (ready, starting):
+        worker.certificates = {"ftps": first}
     pool.workers = {1: ready, 2: starting}
-    pool.forward_sighup()
-    assert ready.signals == ["HUP"] and starting.signals == []
+    pool.reload_certificates()  # the file has not changed: nothing to send
+    assert ready.channel.sent == [] and starting.channel.sent == []
+    second = _write_pem(tmp_path / "ftps.pem", pki.wrong_name)
+    with captured_logs() as events:
+        pool.reload_certificates()
+    assert ready.channel.sent == [("ftps", second)] and starting.channel.sent == []
+    assert [formatEvent(event) for event in events].count(
+        "service ftps: reloaded ssl_certificate: " + pool.tls["ftps"].certificate.describe()) == 1
+    pool.send_certificates(starting)  # what channel_ready does
+    assert starting.channel.sent == [("ftps", second)]
+    (tmp_path / "ftps.pem").write_text("not a certificate")
+    with captured_logs() as events:
+        pool.reload_certificates()
+    assert pool.tls["ftps"].certificate.pem == second
+    assert ready.channel.sent == [("ftps", second)] and starting.channel.sent == [("ftps", second)]
+    assert any("ssl_certificate not reloaded" in formatEvent(event) for event in events)
+    assert ready.signals == [] and starting.signals == []  # workers ignore SIGHUP: the parent does the reload
+    _write_pem(tmp_path / "ftps.pem", pki.good)
     pool.stopService()
-    pool.forward_sighup()
-    assert ready.signals == ["HUP", "TERM"] and starting.signals == ["TERM"]
+    pool.reload_certificates()
+    assert pool.tls["ftps"].certificate.pem == second and ready.channel.sent == [("ftps", second)]
+
+
+def test_a_worker_starts_with_the_certificate_in_use_even_an_expired_one(tmp_path, pki):
+    """The start document carries the parent's certificate file, byte for byte; the worker does not read the
+    file (gone or replaced by then), nor refuse to start when the certificate expired since: the parent logs
+    that, once."""
+    from sftpauth.workers.pool import read_start_document, start_document
+
+    pool, first = _ftps_pool(tmp_path, pki)
+    (tmp_path / "ftps.pem").unlink()
+    text, host_keys, tls = read_start_document(start_document(pool.configuration_text, {}, pool.tls).decode())
+    assert text == pool.configuration_text and host_keys == {}
+    assert tls["ftps"].certificate.pem == first and tls["ftps"].path == str(tmp_path / "ftps.pem")
+    assert tls["ftps"].certificate.fingerprint == pool.tls["ftps"].certificate.fingerprint
+    assert tls["ftps"].maximum_version is not None  # FTPS's TLS 1.2 at most, as in one process
+    pool.tls["ftps"].certificate = load_server_certificate(
+        _pem_file(tmp_path / "expired.pem", pki.expired), check_expiry=False)
+    _, _, tls = read_start_document(start_document(pool.configuration_text, {}, pool.tls).decode())
+    assert tls["ftps"].certificate.not_after < pki.now
+
+
+def _pem_file(path, pair) -> str:
+    _write_pem(path, pair)
+    return str(path)
+
+
+def test_a_certificate_longer_than_an_amp_value_reaches_the_worker_whole(clock, tmp_path, pki):
+    """A file with a long chain is sent in parts (an AMP value holds 65,535 bytes) and used once whole."""
+    parent = Parent(clock)
+    got: list[tuple[str, bytes]] = []
+    side = ParentSide(parent.state, parent.audit, lambda: None, lambda: None)
+    worker_side = WorkerSide(StateChannel(clock), None, lambda: None, lambda service, pem: got.append((service, pem)))
+    _, _, pump = iosim.connectedServerAndClient(lambda: side, lambda: worker_side)
+    pem = (pki.ca_bundle.read_bytes() * 200) + pki.good.certificate.read_bytes() + pki.good.key.read_bytes()
+    assert len(pem) > 2 * CERTIFICATE_PART_BYTES
+    side.send_certificate("ftps", pem)
+    side.send_certificate("other", b"short")
+    pump.flush()
+    assert got == [("ftps", pem), ("other", b"short")]
+
+
+def test_a_worker_uses_the_certificate_the_parent_sends_and_keeps_its_own_if_unusable(tmp_path, pki):
+    """The worker's FTPS service serves new sessions with the parent's reloaded certificate; a file that cannot
+    be used (not expected: the parent checked it) is logged and the one in use is kept."""
+    from sftpauth.tls import ServerTLS
+    from sftpauth.workers.worker import Worker
+
+    path = _pem_file(tmp_path / "ftps.pem", pki.good)
+    tls = ServerTLS(path, "ftps")
+    worker = Worker.__new__(Worker)
+    worker.index = 2
+    worker.runtime = SimpleNamespace(tls={"ftps": tls})
+    new = _write_pem(tmp_path / "other.pem", pki.wrong_name)
+    with captured_logs() as events:
+        worker._use_certificate("ftps", new)
+    from OpenSSL import SSL
+
+    served = SSL.Connection(tls.new_session().getContext(), None).get_certificate().to_cryptography()
+    assert tls.certificate.pem == new and served.subject == load_server_certificate(str(tmp_path / "other.pem")).certificate.subject
+    assert any(formatEvent(event).startswith("service ftps: using the reloaded ssl_certificate") for event in events)
+    with captured_logs() as events:
+        worker._use_certificate("ftps", b"garbage")
+        worker._use_certificate("nothing-here", new)
+    assert tls.certificate.pem == new
+    texts = [formatEvent(event) for event in events]
+    assert any("the certificate the parent sent cannot be used, the one in use is kept" in text for text in texts)
+    assert any("the parent sent a certificate for nothing-here, which has none here" in text for text in texts)
 
 
 def test_a_worker_process_ignores_sighup_from_its_first_line(tmp_path):
