@@ -15,7 +15,7 @@ from typing import Callable
 from twisted.internet import defer
 
 from sftpauth.account import Account
-from sftpauth.auth.application import ApplicationMethod, check_local_password
+from sftpauth.auth.application import ApplicationMethod, check_local_password, decoy_hash
 from sftpauth.auth.credentials import LoginRequest
 from sftpauth.auth.errors import UnknownUser
 from sftpauth.auth.passwords import verify_password
@@ -36,10 +36,10 @@ class AdministratorsMethod:
         self._administrators: dict[str, AdministratorSettings] = {
             administrator.username: administrator for administrator in configuration.administrators.values()
         }
-        # An unknown name is checked against this hash too (the answer ignored): otherwise a wrong
-        # password is answered in ~10 ms for a name that is not an administrator's and ~150 ms for
-        # one that is, which tells an attacker the local administrators' names.
-        self._decoy_hash = next((item.password for item in self._administrators.values() if item.password), "")
+        # An unknown name, or one without a password, is checked against this hash too (the answer
+        # ignored): otherwise a wrong password is answered in ~10 ms for a name that is not an
+        # administrator's and ~150 ms for one that is, which tells an attacker the local administrators' names.
+        self._decoy_hash = decoy_hash(self._administrators.values())
 
     def knows(self, username: str) -> bool:
         return username in self._administrators
@@ -53,7 +53,9 @@ class AdministratorsMethod:
             if self._decoy_hash:
                 await self._run_in_thread(verify_password, self._decoy_hash, request.password)
             raise UnknownUser(f"no [administrators/..] named {request.username!r}")
-        await check_local_password(self.id, f"administrators/{settings.id}", settings, request, self._run_in_thread)
+        await check_local_password(
+            self.id, f"administrators/{settings.id}", settings, request, self._run_in_thread, self._decoy_hash
+        )
         request.trace.add(self.id, "roles", f"roles: {', '.join(settings.roles)}")
         return Account(
             username=settings.username,

@@ -770,6 +770,27 @@ def test_password_hashes_are_checked_off_the_reactor_thread(local, result_of):
     assert offloaded == [verify_password]
 
 
+def test_a_disabled_or_passwordless_account_costs_a_hash_check_like_a_wrong_password(local, result_of):
+    """QA: a disabled name was refused in a few milliseconds where a wrong password takes about a hundred,
+    which told a client the name was a disabled account's. Its own hash (or another account's, when it has
+    none) is checked in a thread first, the answer ignored: the right password is still refused."""
+    from sftpauth.auth.passwords import verify_password
+
+    checked = []
+
+    def spying_run_in_thread(function, *args, **kwargs):
+        assert function is verify_password
+        checked.append(args[0])
+        return defer.maybeDeferred(function, *args, **kwargs)
+
+    harness = Harness(local.configuration, spying_run_in_thread)
+    bob, alice = local.configuration.accounts["bob"].password, local.configuration.accounts["alice"].password
+    assert harness.failure_reason(result_of, username="bob") == "account-disabled"  # with its right password
+    assert harness.failure_reason(result_of, username="bob", password="wrong") == "account-disabled"
+    assert harness.failure_reason(result_of, username="dave") == "no-password"
+    assert checked == [bob, bob, alice]
+
+
 def manager_harness(tmp_path, run_in_thread, sections: str) -> Harness:
     """A Web Manager service, ``sections`` (roles, administrators) and the chain with the methods the server builds."""
     configuration = configuration_from("[services/manager]\ntype = manager\nport = 0\n" + sections, tmp_path)
