@@ -67,7 +67,7 @@ LOGIN_GRACE_SECONDS = 120  # from connect to a successful login, FTP and SSH ali
 LISTEN_BACKLOG = 1024
 PROXY_HEADER_TIMEOUT = 10.0  # seconds for the PROXY header to arrive
 MAX_EARLY_BYTES = 65536  # bytes a client may send while the policy decides
-PROBLEM_LOG_INTERVAL = 10.0  # seconds between two log lines about bad PROXY headers of one service
+PROBLEM_LOG_INTERVAL = 10.0  # seconds between two log lines of one kind (bad PROXY headers, the limit) of one service
 SHUTDOWN_GRACE = 2.0  # seconds a connection has to close after its goodbye when its service stops; then it is cut
 
 # What a refused connection is told: constant, whatever the reason.
@@ -198,12 +198,16 @@ class ConnectionGuard(ProtocolWrapper):
             self.transport.setTcpNoDelay(True)
         if factory.open_connections >= factory.limit:
             factory.refused += 1
-            _log.warn(
-                "service {service}: refusing a connection from {peer}: maximum_concurrent_connections ({limit}) reached",
-                service=factory.service_id,
-                peer=self.transport.getPeer().host,
-                limit=factory.limit,
-            )
+            more = factory.log_due("limit")
+            if more is not None:
+                _log.warn(
+                    "service {service}: refusing a connection from {peer}: maximum_concurrent_connections ({limit}) "
+                    "reached{more}",
+                    service=factory.service_id,
+                    peer=self.transport.getPeer().host,
+                    limit=factory.limit,
+                    more=f"; {more} more refused since the last line" if more else "",
+                )
             self.state = self.REFUSED
             if factory.policy is not None:
                 factory.policy.connection_refused(factory.service_id, self.transport.getPeer().host,
@@ -400,21 +404,29 @@ class ConnectionGuardFactory(WrappingFactory):
         self.refusal_line = REFUSAL_LINES.get(settings.type, b"")
         self.open_connections = 0
         self.refused = 0
-        self._problems_logged_at = float("-inf")
-        self._problems_unlogged = 0
+        self._logged: dict[str, list[float]] = {}  # kind of line -> [when last logged, how many not logged since]
 
     def close_connections(self) -> defer.Deferred:
         """End every connection of the service (it is stopping); fires once all are closed."""
         return defer.DeferredList([guard.close_for_shutdown() for guard in list(self.protocols)])
 
-    def log_problem(self, why: str, peer) -> None:
-        """A missing, bad or unexpected PROXY header: logged, at most once every PROBLEM_LOG_INTERVAL seconds (a scan stays readable)."""
+    def log_due(self, kind: str) -> Optional[int]:
+        """Whether a line of ``kind`` may be logged now: None within PROBLEM_LOG_INTERVAL of the last one (this one
+        is counted), else how many were not logged since. A scan or a flood then stays readable in the log; the
+        audit log has its own throttle (:class:`~sftpauth.auth.policy.RepeatThrottle`)."""
         now = self.reactor.seconds()
-        if now - self._problems_logged_at < PROBLEM_LOG_INTERVAL:
-            self._problems_unlogged += 1
+        logged = self._logged.get(kind)
+        if logged is not None and now - logged[0] < PROBLEM_LOG_INTERVAL:
+            logged[1] += 1
+            return None
+        self._logged[kind] = [now, 0]
+        return int(logged[1]) if logged is not None else 0
+
+    def log_problem(self, why: str, peer) -> None:
+        """A missing, bad or unexpected PROXY header: logged, at most once every PROBLEM_LOG_INTERVAL seconds."""
+        more = self.log_due("proxy")
+        if more is None:
             return
-        self._problems_logged_at = now
-        more, self._problems_unlogged = self._problems_unlogged, 0
         _log.warn(
             "service {service}: closed a connection from {peer}: {why} (proxy_protocol = {setting}){more}",
             service=self.service_id,

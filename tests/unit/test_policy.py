@@ -566,6 +566,31 @@ def test_a_refusal_for_the_connection_limit_gets_the_refusal_line_and_is_audited
     assert ssh.value() == b"Connection refused.\r\n" and ssh.disconnecting  # also without a policy
 
 
+def test_refusals_over_the_connection_limit_log_one_line_per_interval_with_the_count(clock):
+    """QA: each refused connection over maximum_concurrent_connections logged a warning, so a flood wrote
+    thousands of lines. One line every PROBLEM_LOG_INTERVAL seconds now, saying how many were not logged."""
+    from twisted.logger import formatEvent
+
+    from log_capture import captured_logs
+    from sftpauth.listening import PROBLEM_LOG_INTERVAL
+
+    factory = ConnectionGuardFactory(EchoFactory(), service_settings(limit=1), clock, None)
+    connect(factory)
+    with captured_logs() as events:
+        for port in range(40001, 40051):
+            _, refused = connect(factory, peer=("198.51.100.7", port))
+            assert refused.disconnecting
+        clock.advance(PROBLEM_LOG_INTERVAL)
+        connect(factory, peer=("198.51.100.8", 40100))
+    lines = [formatEvent(event) for event in events if "maximum_concurrent_connections" in formatEvent(event)]
+    assert lines == [
+        "service guarded: refusing a connection from 198.51.100.7: maximum_concurrent_connections (1) reached",
+        "service guarded: refusing a connection from 198.51.100.8: maximum_concurrent_connections (1) reached; "
+        "49 more refused since the last line",
+    ]
+    assert factory.refused == 51
+
+
 class Goodbye(Echo):
     """A protocol with the shutdown hook FTP and SSH have."""
 
