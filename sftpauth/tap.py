@@ -245,6 +245,7 @@ class ServerServices(MultiService):
         stopped = super().stopService()
 
         def close(result):
+            self.runtime.chain.abandon_logins()  # a login still waiting on its LDAP server gets its event now
             self.runtime.audit.close()
             return result
 

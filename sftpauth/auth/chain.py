@@ -38,6 +38,16 @@ MAX_PASSWORD = 1024
 _log = Logger()
 
 
+@attrs.define(eq=False)
+class _LoginInFlight:
+    """A login the chain has not answered yet; ``audited`` once its authentication event is written."""
+
+    request: LoginRequest
+    started: float
+    method_id: str = ""
+    audited: bool = False
+
+
 class AuthenticationMethod(Protocol):
     id: str
 
@@ -110,6 +120,24 @@ class AuthenticationChain:
         self._clock = clock
         # The security policies (sftpauth.auth.policy): checked before any method, told every outcome.
         self._policies = policies
+        self._in_flight: set[_LoginInFlight] = set()
+
+    def abandon_logins(self) -> int:
+        """The process stops: audit each login still waiting (on an LDAP server, a hash...) as failed, reason
+        ``shutdown``, now, while the audit log is open; its answer, if it ever comes, writes nothing. How many.
+
+        Called once the services have stopped (their clients are gone) and
+        before the audit log closes (:class:`sftpauth.tap.ServerServices`, a
+        worker's shutdown).
+        """
+        abandoned = [flight for flight in self._in_flight if not flight.audited]
+        for flight in abandoned:
+            flight.request.trace.add(flight.method_id or "chain", "rejected", "shutdown: sftpauth stopped")
+            self._record(flight, "failure", "shutdown", "sftpauth stopped before the login was answered")
+        if abandoned:
+            _log.info("{count} logins still in progress at the stop are audited as failed (reason shutdown)",
+                      count=len(abandoned))
+        return len(abandoned)
 
     def method_ids_for(self, request: LoginRequest) -> tuple[str, ...]:
         service = self._configuration.services.get(request.service_id)
@@ -146,7 +174,15 @@ class AuthenticationChain:
         return defer.ensureDeferred(self.login(credentials))
 
     async def login(self, request: LoginRequest, only_method: Optional[str] = None) -> Account:
-        started = self._clock()
+        flight = _LoginInFlight(request, self._clock())
+        self._in_flight.add(flight)
+        try:
+            return await self._login(flight, only_method)
+        finally:
+            self._in_flight.discard(flight)
+
+    async def _login(self, flight: _LoginInFlight, only_method: Optional[str]) -> Account:
+        request = flight.request
         method_id = ""
         policy = self._policies.for_service(request.service_id) if self._policies is not None else None
         release: Callable[[], None] = _nothing
@@ -165,6 +201,7 @@ class AuthenticationChain:
                     request.trace.add(method_id, "skip", "method is disabled")
                     continue
                 request.trace.add(method_id, "try", f"trying method {method_id}")
+                flight.method_id = method_id
                 try:
                     account = await method.authenticate(request)
                 except UnknownUser as unknown:
@@ -180,8 +217,11 @@ class AuthenticationChain:
                 account = await self._prepare_home_folder(account, request)
                 request.trace.add(method_id, "home-folder", account.home_folder)
         except LoginFailed as failure:
+            if flight.audited:  # abandoned at the stop: audited then, counted nowhere
+                raise
+            flight.method_id = method_id
             request.trace.add(method_id or "chain", "rejected", f"{failure.reason}: {failure.explanation}")
-            self._record(request, method_id, "failure", failure.reason, started, failure.explanation)
+            self._record(flight, "failure", failure.reason, failure.explanation)
             if policy is not None:
                 await policy.record(request, "failure", failure.reason)
                 await policy.slow_down(failure.reason)
@@ -189,12 +229,17 @@ class AuthenticationChain:
         except Exception as error:  # a bug or an unexpected answer must not crash a service
             _log.failure("authentication method {method} failed unexpectedly", method=method_id)
             request.trace.add(method_id or "chain", "error", repr(error))
-            self._record(request, method_id, "failure", "internal-error", started, type(error).__name__)
+            if not flight.audited:
+                flight.method_id = method_id
+                self._record(flight, "failure", "internal-error", type(error).__name__)
             raise LoginFailed("internal-error", f"unexpected error: {type(error).__name__}") from error
         finally:
             release()
+        if flight.audited:  # abandoned at the stop: it is a failure in the audit log, and to the client
+            raise LoginFailed("shutdown", "sftpauth stopped before the login was answered")
         request.trace.add(method_id, "accepted", f"logged in as {account.username}")
-        self._record(request, method_id, "success", "", started, "", account=account.username)
+        flight.method_id = method_id
+        self._record(flight, "success", "", "", account=account.username)
         if policy is not None:
             await policy.record(request, "success")
         return account
@@ -247,22 +292,22 @@ class AuthenticationChain:
                               "does not exist yet: a login creates it (create_home_folder = yes); a test login does not")
         return attrs.evolve(account, home_root=root)
 
-    def _record(
-        self, request: LoginRequest, method_id: str, outcome: str, reason: str, started: float, detail: str,
-        account: str = "",
-    ) -> None:
-        """``account``: the name a success logged in as, written when it is not what was typed (session events use it)."""
+    def _record(self, flight: _LoginInFlight, outcome: str, reason: str, detail: str, account: str = "") -> None:
+        """The login's one authentication event. ``account``: the name a success logged in as, written when it
+        is not what was typed (session events use it)."""
+        request = flight.request
+        flight.audited = True
         self._audit.record(
             "authentication",
             service=request.service_id,
             protocol=request.protocol,
             peer=request.peer,
             username=request.username,
-            method=method_id,
+            method=flight.method_id,
             outcome=outcome,
             reason=reason,
             detail=detail,
-            duration_ms=round((self._clock() - started) * 1000, 1),
+            duration_ms=round((self._clock() - flight.started) * 1000, 1),
             **({} if request.tls is None else {"tls": request.tls}),
             **({"account": account} if account and account != request.username else {}),
         )

@@ -153,6 +153,7 @@ class Worker:
         stopped = defer.maybeDeferred(self.top.stopService)
 
         def close_channel(result):
+            self.runtime.chain.abandon_logins()  # a login still waiting on its LDAP server gets its event now
             self.audit.flush()
             transport = self.channel.transport
             if transport is None or not transport.connected:

@@ -264,3 +264,46 @@ def test_sigterm_ends_open_ftp_and_sftp_sessions_with_their_session_end(tmp_path
         ("ftp", "bob", "shutdown"),
         ("sftp", "bob", "shutdown"),
     ]
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_login_waiting_on_ldap_at_sigterm_is_audited_as_shutdown(tmp_path, workers):
+    """QA (lifecycle): a login whose LDAP server had not answered when sftpauth stopped left no audit event.
+    SIGTERM now audits it as failed, reason shutdown, with or without workers."""
+    from tests.integration.slapd import BlackHole
+
+    hole = BlackHole(accept=True)  # accepts, never answers: the BIND waits for the timeout
+    port = free_port()
+    audit = tmp_path / "run" / "audit.jsonl"
+    config = (
+        f"[server]\ndata_folder = {tmp_path}/data\naudit_log = {audit}\nworkers = {workers}\n"
+        f"authentications = directory\n\n"
+        f"[services/ftp]\ntype = ftp\nport = {port}\n\n"
+        f"[groups/DEFAULT_GROUP]\nhome_folder_path = {tmp_path}/homes\ncreate_home_folder = yes\n\n"
+        f"[authentications/directory]\ntype = ldap\naddress = 127.0.0.1\nport = {hole.port}\n"
+        f"bind_dn = ou=people,dc=example,dc=com\nusername_attribute = uid\ntimeout = 60\n"
+    )
+    server = SftpauthServer(tmp_path / "run", config, ports=(port,))
+    server.start()
+    client = socket.create_connection(("127.0.0.1", port), timeout=10)
+    try:
+        if workers > 1:
+            server.ready_workers(workers)
+        reader = client.makefile("rb")
+        assert reader.readline().startswith(b"220")
+        client.sendall(b"USER alice\r\n")
+        assert reader.readline().startswith(b"331")
+        client.sendall(b"PASS alice-pass\r\n")
+        time.sleep(1.0)  # the PASS is read at once; its BIND waits on the black hole for up to 60 s
+        server.process.send_signal(signal.SIGTERM)
+        assert server.process.wait(30) == 0
+        assert reader.readline().startswith(b"421")  # the client is told, as every open session is
+    finally:
+        client.close()
+        server.stop()
+        hole.close()
+    logins = [event for event in read_audit(audit) if event["event"] == "authentication"]
+    assert [(event["username"], event["outcome"], event["reason"], event["method"]) for event in logins] == [
+        ("alice", "failure", "shutdown", "directory")
+    ], logins
+    assert "1 logins still in progress at the stop are audited as failed (reason shutdown)" in server.log_text()

@@ -393,6 +393,52 @@ def test_service_authentications_replace_the_server_list(tmp_path, run_in_thread
     assert len(one.calls) == 1
 
 
+class WaitingMethod:
+    """A method whose answer never comes until the test gives it (an LDAP server that does not answer)."""
+
+    def __init__(self, method_id: str):
+        self.id = method_id
+        self.waiting: list[defer.Deferred] = []
+
+    def authenticate(self, request: LoginRequest) -> defer.Deferred:
+        self.waiting.append(defer.Deferred())
+        return self.waiting[-1]
+
+
+@pytest.mark.parametrize("late_answer", ["account", "failure"])
+def test_logins_still_waiting_at_the_stop_are_audited_once_as_shutdown(tmp_path, run_in_thread, late_answer):
+    """QA (lifecycle): a login waiting on its LDAP server when sftpauth stopped got no audit event: the answer
+    came after the audit log closed, or never. The stop audits it as failed, reason shutdown, while the log is
+    open; a late answer writes nothing more and counts toward no ban."""
+    one = StubMethod("one", UnknownUser("not here"))
+    two = WaitingMethod("two")
+    harness = Harness(chain_configuration(tmp_path, server_methods="one, two"), run_in_thread, {"one": one, "two": two})
+    results = []
+    harness.chain.requestAvatarId(LoginRequest("alice", PASSWORD, "ftp", "ftp", "192.0.2.7")).addBoth(results.append)
+    assert harness.chain.abandon_logins() == 1
+    assert results == []
+    (event,) = harness.events
+    assert (event["event"], event["outcome"], event["reason"], event["method"], event["username"]) == (
+        "authentication", "failure", "shutdown", "two", "alice")
+    assert harness.chain.abandon_logins() == 0  # audited once
+    answer = stub_account("two", str(tmp_path)) if late_answer == "account" else LoginFailed("invalid-password", "x")
+    if isinstance(answer, BaseException):
+        two.waiting[0].errback(answer)
+    else:
+        two.waiting[0].callback(answer)
+    assert len(harness.events) == 1
+    assert isinstance(results[0].value, LoginFailed) and results[0].value.reason == (
+        "shutdown" if late_answer == "account" else "invalid-password")
+
+
+def test_a_finished_login_is_not_abandoned(tmp_path, run_in_thread, result_of):
+    """Only logins still waiting are audited at the stop: one answered before has its own event only."""
+    one = StubMethod("one", stub_account("one", str(tmp_path)))
+    harness = Harness(chain_configuration(tmp_path, server_methods="one"), run_in_thread, {"one": one})
+    harness.login(result_of)
+    assert harness.chain.abandon_logins() == 0 and [event["outcome"] for event in harness.events] == ["success"]
+
+
 @pytest.mark.parametrize("password", ["", " ", "    ", "\t", "\t\t", " \t "], ids=repr)
 def test_blank_passwords_are_refused_before_any_method(tmp_path, run_in_thread, result_of, password):
     """Empty passwords, or ones of only spaces and tabs, are refused with no method called."""
