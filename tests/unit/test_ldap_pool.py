@@ -619,6 +619,31 @@ def test_bundle_errors_are_sentences(tmp_path):
         load_certificate_bundle(str(empty))
 
 
+def test_a_ca_with_a_negative_serial_number_loads_without_a_warning(tmp_path, pki):
+    """QA: check-config printed cryptography's CryptographyDeprecationWarning for Debian's own bundle
+    (/etc/ssl/certs/ca-certificates.crt holds a CA whose serial number is not positive)."""
+    import base64
+    import warnings
+
+    from cryptography.hazmat.primitives import serialization
+
+    certificate = _certificate(pki.good)
+    der = certificate.public_bytes(serialization.Encoding.DER)
+    serial = certificate.serial_number.to_bytes((certificate.serial_number.bit_length() + 8) // 8, "big", signed=True)
+    encoded = bytes([2, len(serial)]) + serial  # the DER INTEGER of the serial number
+    assert der.count(encoded) == 1
+    # The same length with the sign bit set: a negative serial number (the signature no longer matches,
+    # which loading does not check).
+    negative = der.replace(encoded, bytes([2, len(serial), 0x80]) + serial[1:], 1)
+    bundle = tmp_path / "bundle.pem"
+    bundle.write_text("-----BEGIN CERTIFICATE-----\n" + base64.encodebytes(negative).decode() + "-----END CERTIFICATE-----\n")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        [loaded] = load_certificate_bundle(str(bundle))
+    assert loaded.serial_number < 0
+    assert [str(warning.message) for warning in caught] == []
+
+
 def test_the_tls_context_requires_tls_1_2_and_verifies_peers(pki):
     """The context refuses TLS 1.0/1.1 and verifies the peer unless identity security is disabled."""
     from OpenSSL import SSL

@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import warnings
 from typing import Optional
 
 import attrs
 from cryptography import x509
+from cryptography.utils import CryptographyDeprecationWarning
 from OpenSSL import SSL
 from OpenSSL.crypto import X509
 from service_identity import CertificateError, VerificationError
@@ -61,7 +63,11 @@ def load_certificate_bundle(path: str) -> list[x509.Certificate]:
     except OSError as error:
         raise ValueError(f"cannot read {path!r}: {error.strerror}") from None
     try:
-        certificates = x509.load_pem_x509_certificates(data)
+        with warnings.catch_warnings():
+            # Debian's own bundle holds a CA whose serial number is not positive: cryptography warns on
+            # stderr (check-config's output too) of a file the administrator does not write.
+            warnings.simplefilter("ignore", CryptographyDeprecationWarning)
+            certificates = x509.load_pem_x509_certificates(data)
     except ValueError:
         raise ValueError(f"{path!r} holds no PEM certificate (-----BEGIN CERTIFICATE-----)") from None
     return certificates
