@@ -11,6 +11,8 @@ import io
 
 from ldaptor.inmemory import fromLDIFFile
 from ldaptor.interfaces import IConnectedLDAPEntry
+from ldaptor.protocols import pureldap
+from ldaptor.protocols.ldap import ldaperrors
 from ldaptor.protocols.ldap.ldapserver import LDAPServer
 from twisted.internet.protocol import ServerFactory
 from twisted.logger import Logger
@@ -49,6 +51,23 @@ class DirectoryProtocol(LDAPServer):
             if message is None:
                 return
             self.handle(message)
+
+    def handle_LDAPExtendedRequest(self, request, controls, reply):
+        """StartTLS is refused (protocolError, RFC 4511 4.14.2) with one info line; other extended requests as ldaptor."""
+        oid = pureldap.LDAPStartTLSRequest.oid
+        if request.requestName not in (oid, oid.decode("ascii")):
+            return super().handle_LDAPExtendedRequest(request, controls, reply)
+        peer = self.transport.getPeer()
+        _log.info(
+            "embedded LDAP directory: refused StartTLS from {host} (a client set to secure_connection = starttls? "
+            "the demo directory speaks plain LDAP only)",
+            host=getattr(peer, "host", "?"),
+        )
+        return pureldap.LDAPExtendedResponse(
+            resultCode=ldaperrors.LDAPProtocolError.resultCode,
+            errorMessage="StartTLS is not supported: the embedded demo directory speaks plain LDAP only",
+            responseName=oid,
+        )
 
     def _notLDAP(self, why: str) -> None:
         peer = self.transport.getPeer()

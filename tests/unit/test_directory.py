@@ -63,3 +63,25 @@ def test_a_request_announced_over_16_mib_closes_the_connection_at_its_header():
     protocol.dataReceived(b"\x30\x84\x7f\xff\xff\xff\x02\x01\x01" + bytes(4096))
     assert transport.disconnecting
     assert transport.value() == b""
+
+
+def test_starttls_is_refused_with_protocol_error_and_one_info_line():
+    """QA (docs): a client set to StartTLS got ldaptor's "Unknown extended request" and no log line. It gets
+    protocolError with a message that says why (RFC 4511 4.14.2), the log one info line; the connection stays."""
+    from ldaptor.protocols.ldap.ldaperrors import LDAPProtocolError
+
+    from sftpauth.auth.ldap.wire import LDAP_DECODER, MessageBuffer
+
+    MESSAGE = "StartTLS is not supported: the embedded demo directory speaks plain LDAP only"
+    with captured_logs() as events:
+        protocol, transport = _connection()
+        protocol.dataReceived(pureldap.LDAPMessage(pureldap.LDAPStartTLSRequest(), id=1).toWire())
+    buffer = MessageBuffer()
+    buffer.feed(transport.value())
+    message = buffer.next(LDAP_DECODER)
+    assert isinstance(message.value, pureldap.LDAPExtendedResponse)
+    assert message.value.resultCode == LDAPProtocolError.resultCode
+    assert message.value.errorMessage in (MESSAGE, MESSAGE.encode())
+    assert not transport.disconnecting
+    (event,) = [event for event in events if "refused StartTLS" in event.get("log_format", "")]
+    assert event["log_level"] == LogLevel.info and event["host"] == "127.0.0.1"
