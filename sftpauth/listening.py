@@ -56,6 +56,7 @@ from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.python.failure import Failure
 from zope.interface import directlyProvides, providedBy
 
+from sftpauth.auth.policy import RepeatThrottle
 from sftpauth.config.models import ServiceSettings
 
 _log = Logger()
@@ -404,7 +405,7 @@ class ConnectionGuardFactory(WrappingFactory):
         self.refusal_line = REFUSAL_LINES.get(settings.type, b"")
         self.open_connections = 0
         self.refused = 0
-        self._logged: dict[str, list[float]] = {}  # kind of line -> [when last logged, how many not logged since]
+        self._log_lines = RepeatThrottle(reactor, PROBLEM_LOG_INTERVAL)  # by kind of line: "proxy", "limit"
 
     def close_connections(self) -> defer.Deferred:
         """End every connection of the service (it is stopping); fires once all are closed."""
@@ -412,15 +413,8 @@ class ConnectionGuardFactory(WrappingFactory):
 
     def log_due(self, kind: str) -> Optional[int]:
         """Whether a line of ``kind`` may be logged now: None within PROBLEM_LOG_INTERVAL of the last one (this one
-        is counted), else how many were not logged since. A scan or a flood then stays readable in the log; the
-        audit log has its own throttle (:class:`~sftpauth.auth.policy.RepeatThrottle`)."""
-        now = self.reactor.seconds()
-        logged = self._logged.get(kind)
-        if logged is not None and now - logged[0] < PROBLEM_LOG_INTERVAL:
-            logged[1] += 1
-            return None
-        self._logged[kind] = [now, 0]
-        return int(logged[1]) if logged is not None else 0
+        is counted), else how many were not logged since. A scan or a flood then stays readable in the log."""
+        return self._log_lines.due(kind)
 
     def log_problem(self, why: str, peer) -> None:
         """A missing, bad or unexpected PROXY header: logged, at most once every PROBLEM_LOG_INTERVAL seconds."""

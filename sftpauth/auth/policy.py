@@ -135,26 +135,29 @@ def _username_forms(username: str) -> tuple[str, ...]:
 
 
 class RepeatThrottle:
-    """At most one audit event per key (service, address, reason) every :data:`REFUSAL_AUDIT_INTERVAL` seconds.
+    """At most one event per key (service, address, reason) every ``interval`` seconds
+    (:data:`REFUSAL_AUDIT_INTERVAL` by default).
 
     A flood of refusals from one address then writes one event a minute,
     with how many were not written since, instead of one per attempt. At
-    most :data:`_MAX_REFUSALS_TRACKED` keys are remembered.
+    most :data:`_MAX_REFUSALS_TRACKED` keys are remembered. The listening
+    sockets throttle their log lines with it too.
     """
 
-    def __init__(self, clock: IReactorTime):
+    def __init__(self, clock: IReactorTime, interval: float = REFUSAL_AUDIT_INTERVAL):
         self._clock = clock
-        self._seen: dict[tuple, list[float]] = {}  # key -> [time of the last audited one, repeats since]
+        self._interval = interval
+        self._seen: dict[Any, list[float]] = {}  # key -> [time of the last written one, repeats since]
 
-    def due(self, key: tuple) -> Optional[int]:
-        """None: audited less than the interval ago (this one is counted); else the repeats not audited since."""
+    def due(self, key: Any) -> Optional[int]:
+        """None: written less than the interval ago (this one is counted); else the repeats not written since."""
         now = self._clock.seconds()
         seen = self._seen.get(key)
-        if seen is not None and now - seen[0] < REFUSAL_AUDIT_INTERVAL:
+        if seen is not None and now - seen[0] < self._interval:
             seen[1] += 1
             return None
         if len(self._seen) >= _MAX_REFUSALS_TRACKED:
-            self._seen = {k: v for k, v in self._seen.items() if now - v[0] < REFUSAL_AUDIT_INTERVAL}
+            self._seen = {k: v for k, v in self._seen.items() if now - v[0] < self._interval}
             if len(self._seen) >= _MAX_REFUSALS_TRACKED:
                 self._seen.clear()
         self._seen[key] = [now, 0]
