@@ -12,6 +12,7 @@ import textwrap
 
 import pytest
 from twisted.internet import defer, task
+from twisted.logger import LogLevel, formatEvent
 
 from sftpauth.auth.credentials import LoginRequest
 from sftpauth.auth.errors import LoginFailed
@@ -31,6 +32,7 @@ from sftpauth.auth.trace import Trace
 from sftpauth.config.errors import ConfigError
 from sftpauth.config.loader import parse_configuration
 from tests.integration.tls_certs import TestPKI
+from log_capture import captured_logs
 
 FIRST = ServerAddress("dc1.example.com", 389)
 SECOND = ServerAddress("dc2.example.com", 3389)
@@ -263,6 +265,25 @@ def test_a_server_lost_during_an_operation_is_marked_down():
     assert statuses(pool) == [DOWN, UNKNOWN]
     assert "connection lost during BIND" in pool.states()[0].last_error
     assert fired(connect(pool)).server == SECOND
+
+
+def test_connections_lost_as_sftpauth_stops_mark_no_server_down():
+    """QA: at a stop, the logins still waiting lost their connections (sftpauth closed them) and every process
+    logged "LDAP server ... is down" and "every LDAP server ... is down". After stop() nothing is marked down."""
+    pool, connector, clock = make_pool({FIRST: "up", SECOND: "up"})
+    heard = []
+    pool.state_listeners.append(lambda *change: heard.append(change))
+    pool.start()
+    connection = fired(connect(pool))
+    heard.clear()
+    pool.stop()
+    with captured_logs() as events:
+        connection.fail()
+    assert statuses(pool) == [UP, UNKNOWN] and heard == []
+    assert [formatEvent(event) for event in events if event.get("log_level") in (LogLevel.warn, LogLevel.error)] == []
+    pool.start()  # a pool started again (tests, test-login) marks failures as before
+    fired(connect(pool)).fail()
+    assert statuses(pool)[0] == DOWN
 
 
 def test_state_listeners_hear_each_change_once():

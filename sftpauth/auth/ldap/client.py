@@ -569,6 +569,7 @@ class LDAPServerPool:
         self.connector = connector or Connector(reactor, timeout, tls or TLSPolicy("no", "system"), clock)
         self._servers = {address: _Server(address) for address in self.addresses}
         self._probing = False
+        self._stopped = False  # stop() was called: the process is ending
         self._probes_in_flight: set[defer.Deferred] = set()
         # Called with (address, status, last error, latency or None) when a server goes up or down
         # here (not for learn()): a worker tells its parent (sftpauth.workers.channel).
@@ -634,6 +635,8 @@ class LDAPServerPool:
             self._tell(address, UP, "", latency)
 
     def _mark_down(self, address: ServerAddress, error: LDAPUnavailable, elsewhere: bool = False) -> None:
+        if self._stopped:  # sftpauth stops: the connections it closes itself say nothing of the server
+            return
         server = self._servers[address]
         now = self._now()
         changed = server.status != DOWN
@@ -812,13 +815,16 @@ class LDAPServerPool:
     def start(self) -> None:
         """Probe down servers in the background from now on (the twistd service)."""
         self._probing = True
+        self._stopped = False
         for server in self._servers.values():
             if server.status == DOWN:
                 self._schedule_probe(server)
 
     def stop(self) -> None:
-        """No more probes: cancel the scheduled ones and those in flight."""
+        """No more probes: cancel the scheduled ones and those in flight. From now on a failure (the logins
+        still in flight lose their connections as the process stops) marks no server down."""
         self._probing = False
+        self._stopped = True
         for server in self._servers.values():
             if server.probe_call is not None and server.probe_call.active():
                 server.probe_call.cancel()
