@@ -1,6 +1,7 @@
 """The parent channel: one AMP connection per worker, over a socketpair the worker inherits.
 
-Worker -> parent: :class:`Ready` once its services accept connections,
+Worker -> parent: :class:`Starting` before its services listen (answered
+once the parent sent any newer certificate), :class:`Ready` once they accept connections,
 :class:`Audit` for every audit event (the parent is the single writer of
 the audit file and feeds the Web Manager's listeners), :class:`ServerStatus`
 when one of its LDAP servers goes down or up (the Web Manager's server
@@ -36,6 +37,15 @@ _log = Logger()
 MAX_AUDIT_BYTES = 60_000  # an AMP value (one batch of entries) holds at most 65,535 bytes
 CERTIFICATE_PART_BYTES = 60_000  # a certificate file is sent in parts of this size, for the same reason
 AUDIT_BATCH_SECONDS = 0.05  # a worker sends its audit entries at most this long after recording them
+
+
+class Starting(amp.Command):
+    """Worker -> parent, before its services listen. The parent first sends the FTPS certificates reloaded
+    since the worker's start document (:class:`UseCertificate`), then answers: messages of one connection
+    are taken in order, so the worker never serves an older certificate than the parent's."""
+
+    arguments: list = []
+    response: list = []
 
 
 class Ready(amp.Command):
@@ -112,16 +122,23 @@ class ParentSide(StateServer, _QuietAMP):
         on_ready: Callable[[], None],
         on_lost: Callable[[], None],
         ldap_pools: Mapping[str, Any] = MappingProxyType({}),
+        on_starting: Callable[[], None] = lambda: None,
     ):
         amp.AMP.__init__(self)
         self.shared_state = shared_state
         self._audit = audit
         self._ldap_pools = ldap_pools
+        self._on_starting = on_starting
         self._on_ready = on_ready
         self._on_lost = on_lost
         # The worker's sessions that started and have not ended, by what names
         # them in the audit log: ended by end_open_sessions if the worker dies.
         self.open_sessions: Counter[tuple] = Counter()
+
+    @Starting.responder
+    def _starting(self) -> dict:
+        self._on_starting()
+        return {}
 
     @Ready.responder
     def _ready(self) -> dict:

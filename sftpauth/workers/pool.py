@@ -162,7 +162,7 @@ class WorkerProcess(ProcessProtocol):
     def channel_ready(self) -> None:
         self.ready = True
         _log.info("worker {worker} (pid {pid}) is ready", worker=self.index, pid=self.pid)
-        self.pool.send_certificates(self)  # reloaded while it started
+        self.pool.send_certificates(self)  # reloaded between its Starting and now
 
     def channel_lost(self) -> None:
         self._channel_over = True
@@ -297,7 +297,8 @@ class WorkerPool(MultiService):
         finally:
             worker_end.close()
         worker.channel = ParentSide(
-            self.runtime.state, self.runtime.audit, worker.channel_ready, worker.channel_lost, self.runtime.ldap_pools
+            self.runtime.state, self.runtime.audit, worker.channel_ready, worker.channel_lost, self.runtime.ldap_pools,
+            on_starting=lambda: self.send_certificates(worker),  # reloaded since its start document
         )
         try:
             self.reactor.adoptStreamConnection(parent_end.fileno(), socket.AF_UNIX, OneProtocolFactory(worker.channel))
@@ -337,7 +338,8 @@ class WorkerPool(MultiService):
 
         A file that cannot be used is logged once, here, and the certificate
         in use is kept everywhere. A worker still starting gets the new one
-        when it is ready (:meth:`WorkerProcess.channel_ready`); while
+        before its services listen (:class:`~sftpauth.workers.channel.Starting`)
+        or when it is ready (:meth:`WorkerProcess.channel_ready`); while
         sftpauth stops, nothing is reloaded.
         """
         if self._stopping:

@@ -38,7 +38,7 @@ from sftpauth.listening import adopt_inherited_sockets
 from sftpauth.state import ChannelBanStore, StateChannel, channel_state
 from sftpauth.tls import CertificateProblem, parse_server_certificate
 from sftpauth.workers import CHANNEL_FD
-from sftpauth.workers.channel import OneProtocolFactory, Ready, WorkerAuditLog, WorkerSide
+from sftpauth.workers.channel import OneProtocolFactory, Ready, Starting, WorkerAuditLog, WorkerSide
 from sftpauth.workers.pool import read_start_document
 
 _log = Logger()
@@ -130,7 +130,20 @@ class Worker:
         os.close(fd)
 
     def start(self) -> None:
+        """Ask the parent for what changed since the start document (:class:`Starting`), then listen."""
         self.reactor.addSystemEventTrigger("before", "shutdown", self._shutdown)
+        self.channel.callRemote(Starting).addCallbacks(lambda ignored: self._start_services(), self._not_started)
+
+    def _not_started(self, failure) -> None:
+        if not self._stopping:  # the channel closed: _parent_gone stops this worker and says why
+            _log.error("worker {worker}: the parent did not answer its start: {error}", worker=self.index,
+                       error=failure.getErrorMessage())
+            self.exit_status = 1
+            self.stop()
+
+    def _start_services(self) -> None:
+        if self._stopping:
+            return
         try:
             self.top.privilegedStartService()
             self.top.startService()

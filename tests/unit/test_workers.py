@@ -810,6 +810,44 @@ def test_a_certificate_longer_than_an_amp_value_reaches_the_worker_whole(clock, 
     assert got == [("ftps", pem), ("other", b"short")]
 
 
+def test_a_starting_worker_has_the_newer_certificate_before_the_answer_that_lets_it_listen(clock):
+    """QA: a worker restarted while SIGHUP reloaded the certificate served the one of its start document until
+    it was ready. It now asks (Starting) before its services listen; the parent sends what changed, then
+    answers, and the channel keeps that order."""
+    from sftpauth.workers.channel import Starting
+
+    parent = Parent(clock)
+    order: list[str] = []
+    side = ParentSide(parent.state, parent.audit, lambda: None, lambda: None,
+                      on_starting=lambda: side.send_certificate("ftps", b"NEW PEM"))
+    worker_side = WorkerSide(StateChannel(clock), None, lambda: None, lambda service, pem: order.append(f"{service}: {pem.decode()}"))
+    _, _, pump = iosim.connectedServerAndClient(lambda: side, lambda: worker_side)
+    worker_side.callRemote(Starting).addCallback(lambda answer: order.append("answered"))
+    pump.flush()
+    assert order == ["ftps: NEW PEM", "answered"]
+
+
+def test_the_pool_answers_a_starting_worker_with_the_certificate_reloaded_since_its_spawn(tmp_path, pki):
+    """The pool wires Starting to send_certificates: a SIGHUP between a worker's spawn and its Starting reaches it."""
+    pool, first = _ftps_pool(tmp_path, pki)
+    for shared in pool.sockets:
+        shared.privilegedStartService()  # binds the shared socket
+    try:
+        worker = pool.spawn(1)
+        assert worker.certificates == {} and pool.tls["ftps"].certificate.pem == first  # no process in a memory reactor
+        worker.certificates = {"ftps": first}  # what connectionMade records with the start document
+        second = _write_pem(tmp_path / "ftps.pem", pki.wrong_name)
+        pool.reload_certificates()  # not ready: nothing sent yet
+        assert worker.certificates == {"ftps": first}
+        sent = []
+        worker.channel.send_certificate = lambda service, pem: sent.append((service, pem))
+        worker.channel._starting()
+        assert sent == [("ftps", second)] and worker.certificates == {"ftps": second}
+    finally:
+        for shared in pool.sockets:
+            shared.stopService()
+
+
 def test_a_worker_uses_the_certificate_the_parent_sends_and_keeps_its_own_if_unusable(tmp_path, pki):
     """The worker's FTPS service serves new sessions with the parent's reloaded certificate; a file that cannot
     be used (not expected: the parent checked it) is logged and the one in use is kept."""
