@@ -223,6 +223,8 @@ def ftp_error(failure: Failure, virtual: str) -> ftp.FTPCmdError:
             return FTPReplyError(452, "Requested action aborted: insufficient storage space.")
         if error.errno == errno.ENAMETOOLONG:
             return FTPReplyError(553, "File name not allowed: the name is too long.")
+        if error.errno == errno.EROFS:  # a home folder on a file system mounted read-only
+            return FTPReplyError(550, f"{virtual}: Read-only file system.")
         if error.errno in (errno.ELOOP, errno.EXDEV, errno.EINVAL):
             return FTPReplyError(550, f"{virtual}: Requested action not taken.")
     _log.failure("unexpected error on {path}", failure, path=printable(virtual))

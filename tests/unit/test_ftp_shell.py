@@ -158,6 +158,17 @@ def test_an_unexpected_error_is_451_and_its_log_line_escapes_the_path():
     assert lines == ["unexpected error on /odd\\x1b[2Jname\\xff"]
 
 
+def test_a_read_only_file_system_is_550_without_a_critical_traceback():
+    """QA (transfers): STOR, MKD or DELE on a file system mounted read-only got 451 "local error" and a critical
+    traceback in the log per command. It is 550 with the reason, and nothing is logged as unexpected."""
+    from sftpauth.ftp import ftp_error
+
+    with captured_logs() as events:
+        reply = ftp_error(Failure(OSError(errno.EROFS, "Read-only file system", "existing")), "/existing")
+    assert reply.response() == "550 /existing: Read-only file system."
+    assert events == []
+
+
 def test_invalid_names_are_553(shell):
     """Names with undecodable bytes or line breaks are refused with 553."""
     for segments in (["bad\udcffname"], ["line\nbreak"], ["nul\0"]):
