@@ -135,7 +135,9 @@ class Worker:
         self.channel.callRemote(Starting).addCallbacks(lambda ignored: self._start_services(), self._not_started)
 
     def _not_started(self, failure) -> None:
-        if not self._stopping:  # the channel closed: _parent_gone stops this worker and says why
+        # The parent answered with an error, or the channel closed (this errback comes before _parent_gone,
+        # which then has nothing more to say): the one line about it. While stopping, nothing to say.
+        if not self._stopping:
             _log.error("worker {worker}: the parent did not answer its start: {error}", worker=self.index,
                        error=failure.getErrorMessage())
             self.exit_status = 1
