@@ -480,6 +480,18 @@ class JailedFilesystem:
 
         return d.addCallbacks(done, refused)
 
+    def log_failed_write(self, virtual: str, error: BaseException, written: int) -> None:
+        """Warn that writing an open file failed (a full disk, a quota), with the reason and how far it got.
+
+        Called once per upload (FTP) or open handle (SFTP): the client's
+        retries of a full disk are each an upload of their own, logged so.
+        """
+        if self.log_as:
+            _log.warn(
+                "{session}: writing {path} failed after {written} bytes: {reason}",
+                session=self.log_as, path=printable(virtual), written=written, reason=describe_failure(error),
+            )
+
     # -- helpers -------------------------------------------------------------------
 
     def require(self, permission: Union[Permission, tuple[Permission, ...]], path: str) -> None:

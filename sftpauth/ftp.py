@@ -687,6 +687,7 @@ class FileUpload:
         self._virtual = virtual
         self._queue: list[bytes] = []
         self._pending = 0  # bytes received and not yet written
+        self._written_bytes = 0  # bytes on disk (for the log line of a failed write)
         self._writing = False
         self._error: Optional[Failure] = None
         self._producer = None
@@ -694,6 +695,11 @@ class FileUpload:
         self._received = False
         self._closing: Optional[defer.Deferred] = None
         self._idle_waiters: list[defer.Deferred] = []
+
+    @property
+    def write_failed(self) -> bool:
+        """A write to the file failed: :meth:`close` reports that error, whatever ended the data connection."""
+        return self._error is not None
 
     # IWriteFile
     def receive(self) -> defer.Deferred:
@@ -751,6 +757,7 @@ class FileUpload:
     def _written(self, ignored, size: int) -> None:
         self._writing = False
         self._pending -= size
+        self._written_bytes += size
         if self._producer_paused and self._pending <= self.low_water and self._producer is not None:
             self._producer_paused = False
             self._producer.resumeProducing()
@@ -759,6 +766,7 @@ class FileUpload:
     def _write_failed(self, failure: Failure) -> None:
         self._writing = False
         self._error = failure
+        self._filesystem.log_failed_write(self._virtual or "/", failure.value, self._written_bytes)
         self._queue.clear()
         self._pending = 0
         producer, self._producer = self._producer, None
@@ -2090,8 +2098,10 @@ class SftpauthFTP(ftp.FTP):
 
                 def close(result):
                     closing = file.close()
-                    if isinstance(result, Failure):
-                        closing.addBoth(lambda ignored: result)  # the first error is the one to report
+                    if isinstance(result, Failure) and not file.write_failed:
+                        # The first error is the one to report. A failed write (a full disk) is reported
+                        # by close(): it stopped the data connection, which may end ``result`` (under TLS).
+                        closing.addBoth(lambda ignored: result)
                     return closing
 
                 receiving = file.receive().addCallback(start).addBoth(close)

@@ -416,16 +416,23 @@ class JailedFile:
         self._writable = writable
         self._lock = defer.DeferredLock()
         self._abandoned = False
+        self._written = 0  # bytes written through this handle (for the log line of a failed write)
+        self._write_failure_logged = False
 
     @property
     def closed(self) -> bool:
         return self._fd is None
 
-    def _run(self, function: Callable[..., Any], *args: Any) -> defer.Deferred:
+    def _run(self, function: Callable[..., Any], *args: Any,
+             failed: Optional[Callable[[Failure], Any]] = None) -> defer.Deferred:
+        """``function(fd, *args)`` in a thread, after the file's other operations; ``failed`` sees a failure first."""
         if self._fd is None:
             return defer.fail(SFTPError(FX_FAILURE, "the file is closed"))
         fd = self._fd
-        return self._lock.run(self._runUnlessAbandoned, function, fd, *args).addErrback(sftp_error)
+        running = self._lock.run(self._runUnlessAbandoned, function, fd, *args)
+        if failed is not None:
+            running.addErrback(failed)
+        return running.addErrback(sftp_error)
 
     def _runUnlessAbandoned(self, function: Callable[..., Any], *args: Any) -> defer.Deferred:
         if self._abandoned:
@@ -440,7 +447,17 @@ class JailedFile:
     def writeChunk(self, offset: int, data: bytes) -> defer.Deferred:
         if not self._writable:
             return defer.fail(SFTPError(FX_PERMISSION_DENIED, "the file was not opened for writing"))
-        return self._run(lambda fd: _pwrite_all(fd, data, offset))
+        return self._run(_pwrite_all, data, offset, failed=self._write_failed).addCallback(self._wrote, len(data))
+
+    def _wrote(self, result: None, size: int) -> None:
+        self._written += size
+
+    def _write_failed(self, failure: Failure) -> Failure:
+        # One warning per handle: a client pipelines many writes, and each fails on a full disk.
+        if failure.check(OSError) and not self._write_failure_logged:
+            self._write_failure_logged = True
+            self._filesystem.log_failed_write(self.path, failure.value, self._written)
+        return failure
 
     def getAttrs(self) -> defer.Deferred:
         return self._run(os.fstat).addCallback(_attributes)

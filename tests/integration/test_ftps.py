@@ -41,6 +41,7 @@ import pytest
 
 from sftpauth.auth.passwords import hash_password
 
+from .disk import small_file_system
 from .server import SftpauthServer, free_port, read_audit
 from .sftp_fixtures import integration_required, plugin_on_python_path
 from .tls_certs import TestPKI
@@ -567,6 +568,40 @@ def test_implicit_service_starts_in_tls_and_refuses_auth(site):
             features = raw.command(b"FEAT").decode().splitlines()
             assert {" PBSZ", " PROT"} <= set(features) and " AUTH TLS" not in features
             assert raw.command(b"AUTH TLS").startswith(b"503")
+
+
+def store_until_refused(client: ftplib.FTP, path: str, size: int) -> str:
+    """STOR ``size`` bytes and return the reply, also when the server closes the data connection early."""
+    data, _ = client.ntransfercmd(f"STOR {path}")
+    try:
+        data.sendall(os.urandom(size))
+    except OSError:
+        pass  # the server stopped reading: its reply says why
+    data.close()
+    try:
+        return client.getresp()
+    except ftplib.Error as error:
+        return str(error)
+
+
+@pytest.mark.parametrize("protected", [True, False], ids=["prot-p", "plain"])
+def test_a_full_disk_answers_452_and_the_server_log_says_why(site, protected):
+    """A full disk answers 452 over a TLS data connection as over a plain one (TLS answered 426), and is logged."""
+    folder = f"small-{'tls' if protected else 'plain'}"
+    with small_file_system(site.home() / folder, 1024 * 1024):
+        if protected:
+            client = explicit_client(site)
+        else:
+            client = ftplib.FTP(timeout=TIMEOUT)
+            client.connect("127.0.0.1", site.lenient_port)
+            client.login("alice", PASSWORD)
+        reply = store_until_refused(client, f"{folder}/big.bin", 4 * 1024 * 1024)
+        assert reply.startswith("452 "), reply
+        assert client.voidcmd("NOOP").startswith("200")  # the session goes on
+        client.quit()
+    wanted = f"ftp alice: writing /{folder}/big.bin failed after "
+    lines = [line for line in site.server.log_text().splitlines() if wanted in line]
+    assert len(lines) == 1 and lines[0].endswith(" bytes: No space left on device"), lines
 
 
 # -- the lenient service ----------------------------------------------------------------

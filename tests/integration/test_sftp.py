@@ -18,6 +18,7 @@ import paramiko
 import pytest
 
 from . import jail_race
+from .disk import small_file_system
 from .server import SftpauthServer, free_port
 from .sftp_fixtures import (
     PASSWORDS,
@@ -285,6 +286,22 @@ def test_five_megabytes_round_trip_byte_exact(site, alice):
     downloaded = io.BytesIO()
     alice.getfo(name, downloaded)
     assert downloaded.getvalue() == data
+
+
+def test_a_full_disk_fails_the_upload_with_the_reason_and_is_logged_once(site, tmp_path):
+    """OpenSSH sftp's put onto a full disk fails; the server log says once why, not per write.
+
+    (The message of the answer, "No space left on device", is not shown by OpenSSH: it names the status code.)
+    """
+    require_tools("sftp", "sshpass")
+    (tmp_path / "big.bin").write_bytes(os.urandom(4 * 1024 * 1024))
+    with small_file_system(site.home("alice") / "small", 1024 * 1024):
+        result = run_openssh_sftp(site.port, "alice", PASSWORDS["alice"], "put big.bin small/big.bin\n", tmp_path)
+    output = (result.stdout + result.stderr).decode()
+    assert result.returncode != 0 and 'write remote "/small/big.bin": Failure' in output, output
+    wanted = "sftp alice: writing /small/big.bin failed after "
+    lines = [line for line in site.server.log_text().splitlines() if wanted in line]
+    assert len(lines) == 1 and lines[0].endswith(" bytes: No space left on device"), lines
 
 
 # -- permissions ---------------------------------------------------------------------

@@ -547,6 +547,36 @@ def test_upload_write_error_stops_the_producer_and_fails_close(home, run_in_thre
     assert file.closed
 
 
+class _FillsUp:
+    """A file on a disk with room for ``room`` bytes."""
+
+    closed = False
+
+    def __init__(self, room: int):
+        self.room = room
+
+    def write(self, data):
+        if len(data) > self.room:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        self.room -= len(data)
+
+    def close(self):
+        self.closed = True
+
+
+def test_a_failed_upload_write_is_logged_with_the_reason_and_the_bytes_written(home, run_in_thread, log_lines):
+    """A full disk is a warning in the server log (it was no line at all): the reason, and how far the upload got."""
+    upload = FileUpload(JailedFilesystem(str(home), FULL_CONTROL, run_in_thread, log_as="ftp alice"), _FillsUp(6), "/f")
+    upload.write(b"1234")
+    assert not upload.write_failed
+    upload.write(b"5678")
+    assert upload.write_failed
+    assert failure_of(upload.close()).value.response().startswith("452 ")
+    assert [line for line in log_lines if line.startswith("ftp alice:")] == [
+        "ftp alice: writing /f failed after 4 bytes: No space left on device"
+    ]
+
+
 # -- the protocol ------------------------------------------------------------------------
 
 

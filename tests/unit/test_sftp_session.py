@@ -616,3 +616,28 @@ def test_a_truncate_of_a_handle_opened_for_reading_is_refused_and_logged(home, l
     assert [line for line in log_lines if line.startswith("sftp alice:")] == [
         "sftp alice: truncate to 0 bytes /big.bin refused: the file was not opened for writing"
     ]
+
+
+def write_request(request_id: int, handle: bytes, offset: int, data: bytes) -> bytes:
+    return struct.pack("!L", request_id) + NS(handle) + struct.pack("!Q", offset) + NS(data)
+
+
+def test_a_full_disk_fails_each_write_and_is_logged_once_with_the_bytes_written(home, log_lines, monkeypatch):
+    """Every write on a full disk answers the reason; the server log says once why, and how far the handle got."""
+    client = Client(home, log_as="sftp alice")
+    number = client.open_sftp()
+    kind, handle = client.open(number, b"new.bin", FXF_WRITE | FXF_CREAT | FXF_TRUNC)
+    assert kind == FXP_HANDLE
+    kind, body = client.request(number, FXP_WRITE, write_request(2, handle, 0, b"12345"))
+    assert kind == FXP_STATUS and status_of(body)[0] == FX_OK
+
+    def full(fd, data, offset):
+        raise OSError(28, "No space left on device")  # ENOSPC
+
+    monkeypatch.setattr(os, "pwrite", full)
+    for request_id, offset in ((3, 5), (4, 10)):
+        kind, body = client.request(number, FXP_WRITE, write_request(request_id, handle, offset, b"67890"))
+        assert kind == FXP_STATUS and status_of(body) == (FX_FAILURE, "No space left on device")
+    assert [line for line in log_lines if line.startswith("sftp alice:") and "failed" in line] == [
+        "sftp alice: writing /new.bin failed after 5 bytes: No space left on device"
+    ]
