@@ -405,11 +405,22 @@ class ConnectionGuardFactory(WrappingFactory):
         self.refusal_line = REFUSAL_LINES.get(settings.type, b"")
         self.open_connections = 0
         self.refused = 0
-        self._log_lines = RepeatThrottle(reactor, PROBLEM_LOG_INTERVAL)  # by kind of line: "proxy", "limit"
+        # By kind of line, "proxy" or "limit"; the last of a flood in a line of its own.
+        self._log_lines = RepeatThrottle(reactor, PROBLEM_LOG_INTERVAL, summarise=self._lines_not_logged)
 
     def close_connections(self) -> defer.Deferred:
         """End every connection of the service (it is stopping); fires once all are closed."""
+        self._log_lines.stop()
         return defer.DeferredList([guard.close_for_shutdown() for guard in list(self.protocols)])
+
+    def _lines_not_logged(self, kind: str, repeats: int) -> None:
+        """The connections a throttled line did not tell of, once its interval is over and no line followed."""
+        if kind == "limit":
+            what = f"refused {repeats} more since the last line: maximum_concurrent_connections ({self.limit}) reached"
+        else:
+            setting = "yes" if self.proxy_protocol else "no"
+            what = f"closed {repeats} more since the last line for their PROXY header (proxy_protocol = {setting})"
+        _log.warn("service {service}: {what}", service=self.service_id, what=what)
 
     def log_due(self, kind: str) -> Optional[int]:
         """Whether a line of ``kind`` may be logged now: None within PROBLEM_LOG_INTERVAL of the last one (this one

@@ -43,10 +43,10 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import math
-from typing import Any, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional
 
 from twisted.internet import defer, task
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -142,11 +142,19 @@ class RepeatThrottle:
     with how many were not written since, instead of one per attempt. At
     most :data:`_MAX_REFUSALS_TRACKED` keys are remembered. The listening
     sockets throttle their log lines with it too.
+
+    ``summarise(key, repeats)``, when given, is called once the interval
+    after the last written event is over for a key that counted repeats
+    since: the last ones of a flood are told even when nothing follows them.
+    One timer serves every key.
     """
 
-    def __init__(self, clock: IReactorTime, interval: float = REFUSAL_AUDIT_INTERVAL):
+    def __init__(self, clock: IReactorTime, interval: float = REFUSAL_AUDIT_INTERVAL,
+                 summarise: Optional[Callable[[Any, int], None]] = None):
         self._clock = clock
         self._interval = interval
+        self._summarise = summarise
+        self._sweep: Optional[IDelayedCall] = None
         self._seen: dict[Any, list[float]] = {}  # key -> [time of the last written one, repeats since]
 
     def due(self, key: Any) -> Optional[int]:
@@ -155,6 +163,8 @@ class RepeatThrottle:
         seen = self._seen.get(key)
         if seen is not None and now - seen[0] < self._interval:
             seen[1] += 1
+            if self._summarise is not None and self._sweep is None:
+                self._sweep = self._clock.callLater(seen[0] + self._interval - now, self._summarise_repeats)
             return None
         if len(self._seen) >= _MAX_REFUSALS_TRACKED:
             self._seen = {k: v for k, v in self._seen.items() if now - v[0] < self._interval}
@@ -162,6 +172,37 @@ class RepeatThrottle:
                 self._seen.clear()
         self._seen[key] = [now, 0]
         return int(seen[1]) if seen is not None else 0
+
+    def _summarise_repeats(self, all_now: bool = False) -> None:
+        """Summarise each key whose interval is over (``all_now``: each) with repeats counted; a summary counts as
+        written then."""
+        self._sweep = None
+        now = self._clock.seconds()
+        next_in: Optional[float] = None
+        for key, seen in list(self._seen.items()):
+            if not seen[1]:
+                continue
+            left = seen[0] + self._interval - now
+            if left > 0 and not all_now:
+                next_in = left if next_in is None else min(next_in, left)
+                continue
+            repeats = int(seen[1])
+            seen[0], seen[1] = now, 0
+            try:
+                self._summarise(key, repeats)
+            except Exception:
+                _log.failure("summarising {repeats} repeats of {key!r} failed", repeats=repeats, key=key)
+        if next_in is not None:
+            self._sweep = self._clock.callLater(next_in, self._summarise_repeats)
+
+    def stop(self) -> None:
+        """The process is stopping: summarise the repeats counted so far, now."""
+        if self._sweep is not None and self._sweep.active():
+            self._sweep.cancel()
+        self._sweep = None
+        if self._summarise is not None:
+            self._summarise_repeats(all_now=True)
+            self._summarise = None
 
 
 class SecurityPolicy:
@@ -173,7 +214,8 @@ class SecurityPolicy:
         self._audit = audit
         self._clock = clock
         self._ban_timers: dict[str, Any] = {}
-        self._refusals = RepeatThrottle(clock)  # refused connections audited, by (service, address, reason)
+        # Refused connections audited, by (service, address, reason); the last of a flood in a summary.
+        self._refusals = RepeatThrottle(clock, summarise=self._refusals_not_audited)
         self._held: dict[str, int] = {}  # address -> open connections, with maximum_connections_per_address
 
     @property
@@ -258,17 +300,18 @@ class SecurityPolicy:
 
     def _connection_refused(self, service_id: str, address: str, reason: str, **fields: str) -> None:
         repeats = self._refusals.due((service_id, address, reason))
-        if repeats is None:
-            return
+        if repeats is not None:
+            self._audit_refusal(service_id, address, reason, repeats, **{name: value for name, value in fields.items() if value})
+
+    def _refusals_not_audited(self, key: tuple[str, str, str], repeats: int) -> None:
+        """The refusals counted since the last event, once its minute is over and none was written to tell them."""
+        self._audit_refusal(*key, repeats, summary=True)  # no refusal of its own: it stands for the repeats only
+
+    def _audit_refusal(self, service_id: str, address: str, reason: str, repeats: int, **fields: Any) -> None:
+        # repeats: refusals of this address on this service not audited since the last event
         self._audit.record(
-            "connection",
-            service=service_id,
-            peer=address,
-            outcome="refused",
-            reason=reason,
-            policy=self.id,
-            repeats=repeats,  # refusals of this address on this service not audited since the last event
-            **{name: value for name, value in fields.items() if value},
+            "connection", service=service_id, peer=address, outcome="refused", reason=reason, policy=self.id,
+            repeats=repeats, **fields,
         )
 
     # -- logins -------------------------------------------------------------------------
@@ -372,11 +415,12 @@ class SecurityPolicy:
         _log.info("security policy {policy}: the ban of {address} ended", policy=self.id, address=address)
 
     def stop(self) -> None:
-        """Forget the pending ban-end events (the process is stopping)."""
+        """Forget the pending ban-end events and summaries (the process is stopping)."""
         timers, self._ban_timers = self._ban_timers, {}
         for timer in timers.values():
             if timer.active():
                 timer.cancel()
+        self._refusals.stop()
 
 
 class LoginSlots:

@@ -256,6 +256,7 @@ class ManagerService(MultiService):
 
     def stopService(self):
         self.sessions.close_all("shutdown")
+        self.app.stop()
         return super().stopService()
 
     def service_states(self) -> dict[str, str]:

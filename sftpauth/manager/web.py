@@ -211,7 +211,8 @@ class ManagerApp:
             verify = verify_method
         self._verify = verify
         self._test_failures: dict[str, collections.deque[float]] = {}  # administrator: times of failed test logins
-        self._ignored_preauth = RepeatThrottle(runtime.reactor)  # headers from where they are not honoured
+        # Headers from where they are not honoured; the last of a run of them in a summary.
+        self._ignored_preauth = RepeatThrottle(runtime.reactor, summarise=self._preauth_not_audited)
         self.templates = Environment(
             loader=PackageLoader("sftpauth.manager", "templates"),
             autoescape=select_autoescape(default=True, default_for_string=True),
@@ -356,6 +357,20 @@ class ManagerApp:
             detail=detail,
             **fields,
         )
+
+    def _preauth_not_audited(self, key: tuple[str, str, str], repeats: int) -> None:
+        """The ignored pre-authentication headers since the last event, once its minute is over and none followed."""
+        service_id, peer, reason = key
+        self.runtime.audit.record(
+            "authentication", service=service_id, protocol="manager", peer=peer, method=PREAUTH_METHOD,
+            outcome="failure", reason=reason, repeats=repeats, summary=True,  # no attempt of its own
+        )
+        _log.warn("Web Manager {service}: requests from {peer} since the last such line: {repeats} more with "
+                  "pre-authentication headers ignored ({reason})", service=service_id, repeats=repeats, peer=peer, reason=reason)
+
+    def stop(self) -> None:
+        """The service is stopping: the ignored headers not audited yet are, now."""
+        self._ignored_preauth.stop()
 
     def _local_administrator_name(self, username: str) -> Optional[LoginFailed]:
         """A refusal when a pre-authenticated name is that of an [administrators/..] (any case or width).

@@ -79,12 +79,33 @@ def test_ignored_headers_are_audited_and_logged_once_a_minute_per_address(manage
         for _ in range(50):
             assert m.get("/login", peer="10.0.1.7", headers={"preauth-username": "mallory"}).status == 200
         m.get("/login", peer="10.0.1.8", headers={"preauth-username": "mallory"})  # another address: its own line
+        m.clock.advance(60)  # the minute is over and nothing followed: a summary of the 49 tells them
+        m.clock.advance(59)
+        m.get("/login", peer="10.0.1.7", headers={"preauth-username": "mallory"})  # within the summary's minute
+        m.clock.advance(1)  # the summary's minute is over: the one since is summarised
         m.clock.advance(60)
-        m.get("/login", peer="10.0.1.7", headers={"preauth-username": "mallory"})
+        m.get("/login", peer="10.0.1.7", headers={"preauth-username": "mallory"})  # nothing counted: written at once
     refusals = [event for event in m.events() if event.get("reason") == "preauth-untrusted"]
-    assert [(event["peer"], event["repeats"]) for event in refusals] == [("10.0.1.7", 0), ("10.0.1.8", 0), ("10.0.1.7", 49)]
+    assert [(event["peer"], event["repeats"], event.get("summary", False)) for event in refusals] == [
+        ("10.0.1.7", 0, False), ("10.0.1.8", 0, False), ("10.0.1.7", 49, True), ("10.0.1.7", 1, True), ("10.0.1.7", 0, False)
+    ]
+    assert "username" not in refusals[2]  # a summary stands for several attempts, not one
     lines = [formatEvent(event) for event in logged if "pre-authentication headers ignored" in formatEvent(event)]
-    assert len(lines) == 3 and lines[2].endswith("(49 more since the last such line)"), lines
+    assert len(lines) == 5, lines
+    assert lines[2].endswith("requests from 10.0.1.7 since the last such line: 49 more with pre-authentication "
+                             "headers ignored (preauth-untrusted)"), lines
+    assert lines[3].endswith(": 1 more with pre-authentication headers ignored (preauth-untrusted)"), lines
+    assert lines[4].endswith("10.0.1.7 is not in trusted_proxies: pre-authentication headers ignored"), lines
+
+
+def test_ignored_headers_not_audited_yet_are_summarised_at_the_stop(manager):
+    """A stop writes the summary of the ignored headers still counted: the audit log loses none of them."""
+    m = manager()
+    for _ in range(3):
+        m.get("/login", peer="10.0.1.7", headers={"preauth-username": "mallory"})
+    m.app.stop()
+    refusals = [event for event in m.events() if event.get("reason") == "preauth-untrusted"]
+    assert [(event["repeats"], event.get("summary", False)) for event in refusals] == [(0, False), (2, True)]
 
 
 def test_headers_ignored_when_header_authentication_is_off(manager):

@@ -332,12 +332,31 @@ def test_connection_refusals_are_audited_without_flooding(policies, recorder, cl
     for _ in range(5):
         assert result_of(policy.check_connection("other", "198.51.100.1")) == "source-filtered"
     assert len(recorder.of("connection")) == 1
-    clock.advance(61)
+    clock.advance(59)
+    assert len(recorder.of("connection")) == 1
+    clock.advance(1)  # the minute is over: the 4 not written are told even though none follows (QA)
+    first, summary = recorder.of("connection")
+    assert (first["repeats"], first.get("summary")) == (0, None)
+    assert (summary["repeats"], summary["summary"]) == (4, True)
+    assert summary["outcome"] == "refused" and summary["reason"] == "source-filtered"
+    assert summary["peer"] == "198.51.100.1" and summary["service"] == "other"
+    clock.advance(60)
+    assert len(recorder.of("connection")) == 2  # nothing more to tell: no empty summary
     assert result_of(policy.check_connection("other", "198.51.100.1")) == "source-filtered"
-    first, second = recorder.of("connection")
-    assert (first["repeats"], second["repeats"]) == (0, 4)
-    assert second["outcome"] == "refused" and second["reason"] == "source-filtered"
+    clock.advance(30)
+    assert result_of(policy.check_connection("other", "198.51.100.1")) == "source-filtered"  # counted
+    clock.advance(30)
+    assert [(event["repeats"], event.get("summary")) for event in recorder.of("connection")[2:]] == [(0, None), (1, True)]
     assert result_of(policy.check_connection("other", "192.0.2.1")) is None
+
+
+def test_refusals_counted_at_the_stop_are_audited_then(policies, recorder, result_of):
+    """Stopping writes the summary of the refusals not audited yet: the audit log loses none."""
+    policy = policies.for_service("other")
+    for _ in range(3):
+        assert result_of(policy.check_connection("other", "198.51.100.1")) == "source-filtered"
+    policies.stop()
+    assert [(event["repeats"], event.get("summary")) for event in recorder.of("connection")] == [(0, None), (2, True)]
 
 
 def test_banned_address_is_refused_at_connection(policies, result_of):
@@ -580,15 +599,19 @@ def test_refusals_over_the_connection_limit_log_one_line_per_interval_with_the_c
         for port in range(40001, 40051):
             _, refused = connect(factory, peer=("198.51.100.7", port))
             assert refused.disconnecting
+        clock.advance(PROBLEM_LOG_INTERVAL)  # the flood is over: its last 49 are told although nothing follows (QA)
         clock.advance(PROBLEM_LOG_INTERVAL)
         connect(factory, peer=("198.51.100.8", 40100))
+        connect(factory, peer=("198.51.100.8", 40101))
+        factory.close_connections()  # a stop tells the one not logged yet
     lines = [formatEvent(event) for event in events if "maximum_concurrent_connections" in formatEvent(event)]
     assert lines == [
         "service guarded: refusing a connection from 198.51.100.7: maximum_concurrent_connections (1) reached",
-        "service guarded: refusing a connection from 198.51.100.8: maximum_concurrent_connections (1) reached; "
-        "49 more refused since the last line",
+        "service guarded: refused 49 more since the last line: maximum_concurrent_connections (1) reached",
+        "service guarded: refusing a connection from 198.51.100.8: maximum_concurrent_connections (1) reached",
+        "service guarded: refused 1 more since the last line: maximum_concurrent_connections (1) reached",
     ]
-    assert factory.refused == 51
+    assert factory.refused == 52
 
 
 class Goodbye(Echo):
