@@ -293,6 +293,8 @@ class MemoryBanStore:
 
 REDIS_TIMEOUT = 2.0  # seconds for the first connection and for each answer
 REDIS_RETRY_MAX = 5.0  # seconds at most between two connection attempts while Redis is away
+_MAX_DOWN_REASONS = 8  # different reasons logged in one outage (a cause that changes: each once)
+_READ_COMMANDS = frozenset({"PTTL", "GET", "PING", "EXISTS"})  # their success says nothing of writes
 REDIS_POOL_SIZE = 2
 KEY_PREFIX = "sftpauth:"
 _REDIS_URL = re.compile(r"^redis://(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+)(?::(?P<port>\d{1,5}))?(?:/(?P<db>\d{1,5})?)?$")
@@ -372,9 +374,14 @@ class RedisConnection:
     (txredisapi would queue it until Redis returns), the first commands wait
     at most :data:`REDIS_TIMEOUT` for the first connection, answers are
     awaited at most as long, and the log says when Redis is lost and back.
+
+    ``refusing``: connected, but Redis answers the writes with an error
+    (a read-only replica, out of memory, an ACL): the state is as unusable
+    as with Redis down, and /health says so. The next write that succeeds
+    makes it ``up`` again.
     """
 
-    CONNECTING, UP, DOWN = "connecting", "up", "down"
+    CONNECTING, UP, DOWN, REFUSING = "connecting", "up", "down", "refusing"
 
     def __init__(self, location: RedisLocation, reactor, timeout: float = REDIS_TIMEOUT, pool_size: int = REDIS_POOL_SIZE):
         self.location = location
@@ -387,6 +394,7 @@ class RedisConnection:
         self._next = itertools.count()
         self._reports = FailureReports(reactor, location.url)
         self._stopped = False
+        self._down_reasons: set[str] = set()  # logged during this outage (each one once)
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -401,6 +409,10 @@ class RedisConnection:
 
         class ObservedRedisFactory(txredisapi.RedisFactory):
             maxDelay = REDIS_RETRY_MAX
+
+            def retryDelay(self, attempt: int) -> float:
+                # txredisapi adds its jitter after the cap: up to 30 % more than documented (QA).
+                return min(super().retryDelay(attempt), REDIS_RETRY_MAX)
 
             def stopTrying(self) -> defer.Deferred:
                 # txredisapi gives up for good when Redis refuses SELECT (a wrong database
@@ -451,20 +463,20 @@ class RedisConnection:
     # -- up and down --------------------------------------------------------------------
 
     def _connected(self) -> None:
-        if self.status != self.UP:
-            if self.status == self.DOWN:
-                _log.info("shared state {url}: Redis answers again; TOTP replay checks and bans are shared again", url=self.location.url)
-            else:
-                _log.info("shared state {url}: connected to Redis", url=self.location.url)
-        self.status = self.UP
+        if self.status == self.DOWN:
+            _log.info("shared state {url}: Redis answers again; TOTP replay checks and bans are shared again", url=self.location.url)
+        elif self.status == self.CONNECTING:
+            _log.info("shared state {url}: connected to Redis", url=self.location.url)
+        if self.status != self.REFUSING:  # another connection of the pool changes nothing to what Redis answers
+            self.status = self.UP
         waiting, self._waiting = self._waiting, []
         for waiter in waiting:
             if not waiter.called:
                 waiter.callback(None)
 
     def _lost(self, why: str) -> None:
-        if self._factory is None:
-            return  # stopping
+        if self._factory is None or self.status == self.DOWN:
+            return  # stopping; or down already, and a closed retry says nothing the log has not
         self._went_down(why)
 
     def _connect_failed(self, failure: Failure) -> None:
@@ -474,6 +486,7 @@ class RedisConnection:
 
     def _went_down(self, why: str) -> None:
         if self.status != self.DOWN:
+            self._down_reasons = {why}
             _log.warn(
                 "shared state {url}: Redis is unreachable ({why}): TOTP logins are refused and bans are counted "
                 "by this node alone until it answers again (reconnecting every {retry:.0f}s at most)",
@@ -481,6 +494,10 @@ class RedisConnection:
                 why=why,
                 retry=REDIS_RETRY_MAX,
             )
+        elif why not in self._down_reasons and len(self._down_reasons) < _MAX_DOWN_REASONS:
+            # The cause changed while down (Redis is back, but now wants a password): say the new one, once.
+            self._down_reasons.add(why)
+            _log.warn("shared state {url}: Redis is still unreachable, now: {why}", url=self.location.url, why=why)
         self.status = self.DOWN
         self._fail_waiting(why)
 
@@ -505,7 +522,7 @@ class RedisConnection:
     def execute(self, *command: Any) -> defer.Deferred:
         """Run one Redis command; fails with RedisUnavailable (or txredisapi's errors), never hangs."""
         self.start()
-        if self.status == self.UP:
+        if self.status in (self.UP, self.REFUSING):
             return self._run(command)
         if self.status == self.DOWN or self._stopped:
             return defer.fail(RedisUnavailable(f"{self.location.url}: not connected"))
@@ -531,9 +548,17 @@ class RedisConnection:
             deferred = conn.execute_command(*command)
         except Exception:
             return defer.fail()
-        return deferred.addErrback(self._no_answer)
+        writes = str(command[0]).upper() not in _READ_COMMANDS
+        return deferred.addCallbacks(self._answered, self._no_answer, callbackArgs=(writes,), errbackArgs=(writes,))
 
-    def _no_answer(self, failure: Failure) -> Failure:
+    def _answered(self, result: Any, writes: bool) -> Any:
+        if writes and self.status == self.REFUSING:
+            self.status = self.UP
+            _log.info("shared state {url}: Redis accepts writes again; TOTP replay checks and bans are shared again",
+                      url=self.location.url)
+        return result
+
+    def _no_answer(self, failure: Failure, writes: bool = True) -> Failure:
         """A command with no answer within the timeout: Redis is down for every command, not this one."""
         import txredisapi
 
@@ -541,6 +566,16 @@ class RedisConnection:
             # Only this connection is closed (by txredisapi): without this the next
             # command would wait the whole timeout again on the other one.
             self._went_down(f"no answer within {self.timeout:g}s")
+        elif failure.check(txredisapi.ResponseError) and self.status == self.UP:
+            # READONLY (a replica), OOM (maxmemory), NOPERM (an ACL): answered, but refused. A read is
+            # refused only if Redis refuses everything; either way the state cannot be used.
+            self.status = self.REFUSING
+            _log.warn(
+                "shared state {url}: Redis refuses commands ({why}): TOTP logins are refused and bans are counted "
+                "by this node alone until it accepts them again",
+                url=self.location.url,
+                why=failure.getErrorMessage(),
+            )
         return failure
 
 

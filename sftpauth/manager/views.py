@@ -102,7 +102,7 @@ def health_report(
     connection = shared_state.connection if shared_state is not None else None
     if connection is not None:  # Redis down: TOTP logins are refused, bans are per node
         report["shared_state"] = {"url": connection.location.url, "status": connection.status}
-        degraded = degraded or connection.status == connection.DOWN
+        degraded = degraded or connection.status in (connection.DOWN, connection.REFUSING)
     status = "failing" if failing else ("degraded" if degraded else "ok")
     return {"status": status, "version": __version__, **report}
 

@@ -247,3 +247,35 @@ def test_a_redis_that_stops_answering_costs_one_timeout_not_one_per_connection(l
     node.wait_for_log("Redis is unreachable (no answer within 2s)")
     assert timed_login(node, "alice", "alice-pass", "127.0.0.75") < 1.0
     node.wait_for_log("Redis answers again", timeout=30)
+
+
+def test_a_redis_that_refuses_writes_fails_totp_closed_says_so_and_recovers(lone_node):
+    """QA: a Redis made a read-only replica refused every write; the node stayed "up" and said nothing of it."""
+    node, redis = lone_node
+    start(node)
+    node.wait_for_log("connected to Redis")
+    assert redis_commands(redis, f"REPLICAOF 127.0.0.1 {free_port()}").startswith(b"+OK")
+    try:
+        assert ftp_fails(node.port, "rtom", "rtom-pass" + code("rtom"), "127.0.0.76") == FAILURE
+        node.audit(lambda e: e["event"] == "authentication" and e["username"] == "rtom" and e["reason"] == "service-unavailable")
+        node.wait_for_log("Redis refuses commands (READONLY You can't write against a read only replica.)")
+    finally:
+        assert redis_commands(redis, "REPLICAOF NO ONE").startswith(b"+OK")
+    ftp_login(node.port, "rtom", "rtom-pass" + code("rtom"), "127.0.0.77").quit()  # the code was never stored
+    node.wait_for_log("Redis accepts writes again")
+    assert node.server.log_text().count("Redis refuses commands") == 1
+
+
+def test_a_cause_that_changes_during_an_outage_is_logged_once(lone_node):
+    """QA: Redis came back wanting a password; the log kept "the connection was closed" and never said NOAUTH."""
+    node, redis = lone_node
+    start(node)
+    node.wait_for_log("connected to Redis")
+    redis_commands(redis, "CONFIG SET requirepass locked-out", "CLIENT KILL TYPE normal")
+    node.wait_for_log("Redis is unreachable (the connection was closed)")
+    node.wait_for_log("Redis is still unreachable, now: could not set dbid=0: NOAUTH Authentication required.")
+    time.sleep(6)  # more refused retries: nothing more to say
+    assert redis_commands(redis, "AUTH locked-out", 'CONFIG SET requirepass ""').endswith(b"+OK\r\n")
+    node.wait_for_log("Redis answers again")
+    log = node.server.log_text()
+    assert log.count("Redis is unreachable") == 1 and log.count("Redis is still unreachable") == 1, node.server.log_tail(40)

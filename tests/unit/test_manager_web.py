@@ -899,6 +899,9 @@ def test_health_says_when_redis_is_down():
     state.connection.status = state.connection.DOWN
     report = health_report(configuration, {}, {"web": "running"}, state)
     assert (report["status"], report["shared_state"]["status"]) == ("degraded", "down")
+    state.connection.status = state.connection.REFUSING  # QA: a read-only replica refused every write, /health said ok
+    report = health_report(configuration, {}, {"web": "running"}, state)
+    assert (report["status"], report["shared_state"]["status"]) == ("degraded", "refusing")
     assert "shared_state" not in health_report(configuration, {}, {"web": "running"}, build_state("memory", Clock()))
 
 

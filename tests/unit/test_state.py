@@ -3,14 +3,25 @@
 from __future__ import annotations
 
 import textwrap
+import types
+from typing import Any
 
 import pytest
-from twisted.internet import task
+from twisted.internet import defer, task
 from twisted.internet.testing import MemoryReactorClock
+from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
 from sftpauth.config.loader import parse_configuration
-from sftpauth.state import MemoryReplayStore, ReplayStoreFull, SharedState, build_state
+from sftpauth.state import (
+    REDIS_RETRY_MAX,
+    MemoryReplayStore,
+    RedisConnection,
+    ReplayStoreFull,
+    SharedState,
+    build_state,
+    parse_state_url,
+)
 
 
 def claimed(store, key, ttl, result_of):
@@ -146,3 +157,78 @@ def test_a_state_url_with_a_password_is_refused_without_showing_the_password():
         parse_state_url("redis://:s3cretRedisPW@127.0.0.1:6380/0")
     assert "s3cretRedisPW" not in str(refused.value)
     assert "'redis://***@127.0.0.1:6380/0'" in str(refused.value) and "not supported" in str(refused.value)
+
+
+class _AnsweringConnection:
+    """A txredisapi connection of the pool whose answers the test sets: a value, or an error reply."""
+
+    connected = True
+
+    def __init__(self):
+        self.answer: Any = "OK"
+        self.commands: list[tuple] = []
+
+    def execute_command(self, *command):
+        self.commands.append(command)
+        return defer.fail(self.answer) if isinstance(self.answer, Exception) else defer.succeed(self.answer)
+
+
+def _connected_redis(clock) -> tuple[RedisConnection, _AnsweringConnection]:
+    connection = RedisConnection(parse_state_url("redis://127.0.0.1:6379/0"), clock)
+    answering = _AnsweringConnection()
+    connection._factory = types.SimpleNamespace(pool=[answering])  # as start() would, once connected
+    connection.status = connection.UP
+    return connection, answering
+
+
+def test_a_redis_that_refuses_writes_is_refusing_until_a_write_succeeds(clock, log_lines):
+    """QA: READONLY (a replica) or OOM answers left the connection "up": /health said ok while TOTP logins failed.
+
+    An error reply makes it ``refusing`` (logged once); a read that succeeds
+    changes nothing (a replica answers reads); a write that succeeds makes it ``up`` again.
+    """
+    import txredisapi
+
+    connection, answering = _connected_redis(clock)
+    answering.answer = txredisapi.ResponseError("READONLY You can't write against a read only replica.")
+    for _ in range(3):
+        connection.execute("SET", "k", "1", "PX", 1000, "NX").addErrback(lambda failure: None)
+    assert connection.status == connection.REFUSING
+    answering.answer = 5000
+    connection.execute("PTTL", "k")
+    assert connection.status == connection.REFUSING
+    answering.answer = "OK"
+    connection.execute("SET", "k", "1", "PX", 1000, "NX")
+    assert connection.status == connection.UP
+    assert len(answering.commands) == 5  # refusing: commands still go to Redis, to see it recover
+    lines = [line for line in log_lines if line.startswith("shared state")]
+    assert lines == [
+        "shared state redis://127.0.0.1:6379/0: Redis refuses commands (READONLY You can't write against a read only "
+        "replica.): TOTP logins are refused and bans are counted by this node alone until it accepts them again",
+        "shared state redis://127.0.0.1:6379/0: Redis accepts writes again; TOTP replay checks and bans are shared again",
+    ]
+
+
+def test_a_new_reason_while_redis_is_down_is_logged_once(clock, log_lines):
+    """QA: the first reason stayed the only one logged: "connection refused" while Redis ran and wanted a password."""
+    connection, _ = _connected_redis(clock)
+    connection._lost("the connection was closed")
+    connection._connect_failed(Failure(ConnectionRefusedError("Connection refused")))
+    for _ in range(3):
+        connection._went_down("could not set dbid=0: NOAUTH Authentication required.")
+        connection._lost("the connection was closed")  # each refused retry closes: nothing new to say
+    lines = [line for line in log_lines if line.startswith("shared state")]
+    assert len(lines) == 3, lines
+    assert "Redis is unreachable (the connection was closed)" in lines[0]
+    assert lines[1] == "shared state redis://127.0.0.1:6379/0: Redis is still unreachable, now: cannot connect: Connection refused"
+    assert lines[2].endswith("now: could not set dbid=0: NOAUTH Authentication required.")
+
+
+def test_the_reconnection_delay_never_passes_the_documented_maximum():
+    """QA: txredisapi adds its jitter after the cap: 5.9-6.5 s between attempts where 5 s at most is documented."""
+    connection = RedisConnection(parse_state_url("redis://127.0.0.1:6379/0"), MemoryReactorClock())
+    connection.start()
+    delays = [connection._factory.retryDelay(attempt) for attempt in range(1, 40) for _ in range(50)]
+    assert max(delays) <= REDIS_RETRY_MAX
+    assert max(delays) > REDIS_RETRY_MAX * 0.9  # still backing off up to it
+    connection.stop()
