@@ -112,6 +112,22 @@ def normalise_address(host: Any) -> str:
     return str(address)
 
 
+IPV6_CLIENT_PREFIX = 64  # an IPv6 client is its /64: a site or subscriber gets at least that many addresses
+
+
+def client_key(address: str) -> str:
+    """Who a normalised address counts as for bans, connection limits and login slots.
+
+    An IPv4 address is itself. An IPv6 address is its /64
+    (``2001:db8:0:1::/64``): a client holding a /64 could otherwise make
+    every attempt from an address of its own, and never be banned or
+    limited. IPv4 behind one NAT shares one address the same way.
+    """
+    if ":" not in address:
+        return address
+    return str(ipaddress.IPv6Network(f"{address}/{IPV6_CLIENT_PREFIX}", strict=False))
+
+
 def address_in(address: str, networks) -> bool:
     """True when ``address`` (normalised: :func:`normalise_address`) is in one of ``networks``; never for "" or a name."""
     try:
@@ -263,12 +279,12 @@ class SecurityPolicy:
                 return "banned"
             return None
 
-        return self.ban_left(address).addCallback(decided)
+        return self.ban_left(client_key(address)).addCallback(decided)
 
     def hold_connection(self, service_id: str, host: str) -> Optional[str]:
         """Count an admitted connection of ``host`` against ``maximum_connections_per_address``.
 
-        Returns the address to :meth:`release_connection` when the
+        Returns the client (:func:`client_key`) to :meth:`release_connection` when the
         connection closes; "" when nothing was counted (no limit, or not an
         IP connection); None when the address already holds the maximum: the
         connection is refused, audited as ``too-many-connections``. Counted
@@ -278,18 +294,19 @@ class SecurityPolicy:
         address = normalise_address(host) if limit else ""
         if not address:
             return ""
-        held = self._held.get(address, 0)
+        client = client_key(address)
+        held = self._held.get(client, 0)
         if held >= limit:
             self._connection_refused(service_id, address, "too-many-connections")
             return None
-        self._held[address] = held + 1
-        return address
+        self._held[client] = held + 1
+        return client
 
-    def release_connection(self, address: str) -> None:
-        """A connection :meth:`hold_connection` counted has closed."""
-        held = self._held.pop(address, 0) - 1
+    def release_connection(self, client: str) -> None:
+        """A connection :meth:`hold_connection` counted has closed (``client``: what it returned)."""
+        held = self._held.pop(client, 0) - 1
         if held > 0:
-            self._held[address] = held
+            self._held[client] = held
 
     def connection_refused(self, service_id: str, host: str, reason: str, **fields: str) -> None:
         """A service refused what a client at ``host`` asked (FTPS's TLS policy): audited as the refusals here.
@@ -324,10 +341,12 @@ class SecurityPolicy:
                 "source-filtered", f"{address or request.peer!r} is not in source_ip_filter of [security-policies/{self.id}]"
             )
         if address:
-            left = await self.ban_left(address)
+            client = client_key(address)
+            left = await self.ban_left(client)
             if left > 0:
+                who = address if client == address else f"{address} ({client})"
                 raise LoginFailed(
-                    "banned", f"{address} is banned by [security-policies/{self.id}] for {math.ceil(left)} more seconds"
+                    "banned", f"{who} is banned by [security-policies/{self.id}] for {math.ceil(left)} more seconds"
                 )
         denied = self.denied_username(request.username, request.manager)
         if denied is not None:
@@ -354,7 +373,7 @@ class SecurityPolicy:
         is counted before the client gets its answer, so the next attempt
         already meets the ban.
         """
-        address = normalise_address(request.peer)
+        address = client_key(normalise_address(request.peer))
         if not address or not self.bans_enabled:
             return
         try:
@@ -441,7 +460,7 @@ class LoginSlots:
 
     def acquire(self, host: str) -> defer.Deferred:
         """Fire with a function that gives the slot back (call it exactly once)."""
-        address = normalise_address(host)
+        address = client_key(normalise_address(host))
         if not address:
             return defer.succeed(lambda: None)
         semaphore = self._by_address.get(address)

@@ -157,6 +157,32 @@ def test_ban_through_haproxy_bans_the_client_not_the_proxy(site):
     assert sftp_listing(site.proxied("sftp"), "alice", "alice-pass", "127.0.0.34") is not None
 
 
+def proxied_ftp_exchange(port: int, source: str, *lines: str) -> list[bytes]:
+    """A PROXY v1 header claiming the IPv6 ``source``, then FTP ``lines``: the greeting and each reply."""
+    with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as connection:
+        connection.sendall(f"PROXY TCP6 {source} 2001:db8::1 40000 21\r\n".encode())
+        reader = connection.makefile("rb")
+        replies = [reader.readline()]
+        for line in lines:
+            if not replies[-1].startswith(b"220") and len(replies) == 1:
+                break
+            connection.sendall(line.encode() + b"\r\n")
+            replies.append(reader.readline())
+        return replies
+
+
+def test_an_ipv6_client_is_banned_by_its_64(site):
+    """QA: each IPv6 address was banned alone: a client with a /64 could guess from a fresh address every time."""
+    for host in ("2001:db8:66::1", "2001:db8:66::2", "2001:db8:66::ffff:3"):
+        replies = proxied_ftp_exchange(site.ports["ftp"], host, "USER alice", "PASS wrong")
+        assert replies[-1].startswith(b"530 "), replies
+    ban = site.audit(lambda e: e["event"] == "ban" and e["peer"] == "2001:db8:66::/64")
+    assert ban["failures"] == 3
+    assert proxied_ftp_exchange(site.ports["ftp"], "2001:db8:66::99")[0] == FTP_REFUSAL
+    site.audit(lambda e: e["event"] == "connection" and e["peer"] == "2001:db8:66::99" and e["reason"] == "banned")
+    assert proxied_ftp_exchange(site.ports["ftp"], "2001:db8:67::1")[0].startswith(b"220 ")  # another /64
+
+
 def read_until_closed(connection: socket.socket) -> bytes:
     """Everything the server sends until it closes (or resets) the connection."""
     connection.settimeout(TIMEOUT)

@@ -19,7 +19,14 @@ from sftpauth.audit import AuditLog
 from sftpauth.auth.chain import AuthenticationChain
 from sftpauth.auth.credentials import LoginRequest
 from sftpauth.auth.errors import LoginFailed, UnknownUser
-from sftpauth.auth.policy import FLOOD_REFUSAL_DELAY, NOT_COUNTED, SecurityPolicies, SecurityPolicy, normalise_address
+from sftpauth.auth.policy import (
+    FLOOD_REFUSAL_DELAY,
+    NOT_COUNTED,
+    SecurityPolicies,
+    SecurityPolicy,
+    client_key,
+    normalise_address,
+)
 from sftpauth.config.errors import ConfigError
 from sftpauth.config.loader import parse_configuration
 from sftpauth.listening import (
@@ -369,6 +376,29 @@ def test_banned_address_is_refused_at_connection(policies, result_of):
     assert result_of(policy.check_connection("ftp", "198.51.100.9")) is None
 
 
+def test_an_ipv6_client_is_its_64_for_bans_at_login_and_at_connection(policies, recorder, result_of):
+    """QA: each IPv6 address was banned alone, so a client holding a /64 guessed without limit from a fresh address
+    each time. The /64 is the client: its failures add up, and the ban holds for all of it."""
+    policy = policies.for_service("ftp")
+    for host in ("2001:db8::100", "2001:db8::101", "2001:db8::ffff:1"):
+        assert refusal(result_of, policy, request(peer=host)) is None
+        fail(result_of, policy, request(peer=host))
+    assert refusal(result_of, policy, request(peer="2001:db8::67")) == "banned"
+    assert result_of(policy.check_connection("ftp", "2001:db8:0:0:abcd::1")) == "banned"
+    assert refusal(result_of, policy, request(peer="2001:db8:0:1::100")) is None  # the next /64: another client
+    [ban] = recorder.of("ban")
+    assert ban["peer"] == "2001:db8::/64" and ban["failures"] == 3
+    refused = [event for event in recorder.of("connection") if event["reason"] == "banned"]
+    assert refused[0]["peer"] == "2001:db8::abcd:0:0:1"  # the address itself is audited
+
+
+def test_client_key():
+    assert client_key("198.51.100.7") == "198.51.100.7"
+    assert client_key("2001:db8:1:2:3:4:5:6") == "2001:db8:1:2::/64"
+    assert client_key("::1") == "::/64"
+    assert client_key("") == ""
+
+
 def test_normalise_address():
     """Mapped IPv6 becomes IPv4, zones go, non-addresses give ""."""
     assert normalise_address("::ffff:10.1.2.3") == "10.1.2.3"
@@ -670,6 +700,19 @@ def test_an_address_holds_at_most_the_maximum_of_connections_across_the_policys_
     assert policy.hold_connection("ftp", "198.51.100.7") == "198.51.100.7"
 
 
+def test_the_connections_of_an_ipv6_client_are_counted_by_its_64(clock, recorder):
+    """QA: a client could hold maximum_connections_per_address from each address of its /64."""
+    policy = capped_policy(clock, recorder)
+    assert policy.hold_connection("ftp", "2001:db8::1") == "2001:db8::/64"
+    assert policy.hold_connection("ftp", "2001:db8::2") == "2001:db8::/64"
+    assert policy.hold_connection("ftp", "2001:db8::3") is None
+    assert policy.hold_connection("ftp", "2001:db8:0:1::3") == "2001:db8:0:1::/64"
+    [refused] = recorder.of("connection")
+    assert (refused["peer"], refused["reason"]) == ("2001:db8::3", "too-many-connections")
+    policy.release_connection("2001:db8::/64")
+    assert policy.hold_connection("ftp", "2001:db8::4") == "2001:db8::/64"
+
+
 def test_no_maximum_of_connections_counts_nothing(clock, recorder):
     """maximum_connections_per_address = 0 (the default), or a connection without an IP address: never refused."""
     policy = capped_policy(clock, recorder, extra="")
@@ -898,6 +941,19 @@ def test_login_slots_let_two_logins_of_an_address_run_and_queue_the_rest(result_
     result_of(third)()
     result_of(fourth)()
     assert len(slots) == 0
+
+
+def test_login_slots_count_an_ipv6_client_by_its_64(result_of):
+    """QA: the fairness limit (two logins at a time) held per IPv6 address: a /64 got past it."""
+    from sftpauth.auth.policy import LoginSlots
+
+    slots = LoginSlots(in_progress=2, waiting=1)
+    result_of(slots.acquire("2001:db8::1"))
+    result_of(slots.acquire("2001:db8::2"))
+    assert not slots.acquire("2001:db8::3").called  # waits its turn
+    with pytest.raises(LoginFailed):
+        result_of(slots.acquire("2001:db8::4"))
+    result_of(slots.acquire("2001:db8:0:1::3"))  # another /64: at once
     assert result_of(slots.acquire(""))() is None  # no address (test-login): never limited
 
 
