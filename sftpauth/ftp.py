@@ -126,7 +126,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from sftpauth.auth.credentials import LoginRequest
-from sftpauth.auth.policy import answer_failure
+from sftpauth.auth.policy import answer_failure, plain_address
 from sftpauth.config.errors import ConfigError, ConfigProblem
 from sftpauth.config.models import FTPServiceSettings
 from sftpauth.filesystem import (
@@ -814,17 +814,6 @@ class _IndentedLines(_PassingConsumer):
 # -- the protocol ----------------------------------------------------------------------
 
 
-def _plain_address(host: str) -> str:
-    """``::ffff:1.2.3.4`` as ``1.2.3.4``; anything else unchanged."""
-    try:
-        address = ipaddress.ip_address(host.split("%", 1)[0])
-    except ValueError:
-        return host
-    if address.version == 6 and address.ipv4_mapped is not None:
-        return str(address.ipv4_mapped)
-    return str(address)
-
-
 def _strip_list_options(path: str) -> str:
     """``LIST -la dir`` as ``dir``: clients send ls options the server ignores."""
     path = path.strip()
@@ -1026,7 +1015,7 @@ class _DataChannelFactory(ftp.DTPFactory):
     def buildProtocol(self, addr):
         if self._state is not self._IN_PROGRESS:
             return None
-        if self.peerHost is not None and _plain_address(getattr(addr, "host", "")) != _plain_address(self.peerHost):
+        if self.peerHost is not None and plain_address(getattr(addr, "host", "")) != plain_address(self.peerHost):
             _log.warn(
                 "FTP data connection from {host} refused: the control connection is from {peer}",
                 host=getattr(addr, "host", "?"),
@@ -1277,7 +1266,7 @@ class SftpauthFTP(ftp.FTP):
         self.transport.write(line + b"\r\n")
 
     def _peer(self) -> str:
-        return _plain_address(self.transport.getPeer().host)
+        return plain_address(self.transport.getPeer().host)
 
     def _tls_refusal(self, reason: str, username: str = "", detail: str = "") -> None:
         """Audit a refusal of the service's TLS policy (a ``connection`` event, at most one a minute per address)."""
@@ -1578,11 +1567,11 @@ class SftpauthFTP(ftp.FTP):
     def ftp_PASV(self):
         if self._epsvAll:
             return defer.fail(ftp.BadCmdSequenceError("may not send PASV after EPSV ALL"))
-        local = _plain_address(self.transport.getHost().host)
+        local = plain_address(self.transport.getHost().host)
 
         def announce(address: str):
             try:
-                announced = ipaddress.ip_address(_plain_address(address))
+                announced = ipaddress.ip_address(plain_address(address))
             except ValueError:
                 raise FTPReplyError(425, "Can't open data connection: the passive address is not an IP address.")
             if announced.version != 4:
@@ -1620,7 +1609,7 @@ class SftpauthFTP(ftp.FTP):
         if protocol.upper() == "ALL":
             self._epsvAll = True
             return ftp.EPSV_ALL_OK
-        local = _plain_address(self.transport.getHost().host)
+        local = plain_address(self.transport.getHost().host)
         if protocol:
             self._validateNetworkProtocol(protocol)
             family = ftp._AFNUM_IP6 if ":" in local else ftp._AFNUM_IP
@@ -1719,7 +1708,7 @@ class SftpauthFTP(ftp.FTP):
         return self._connect_active(host, port)
 
     def _connect_active(self, host: str, port: int):
-        if _plain_address(host) != self._peer() or port < 1024:
+        if plain_address(host) != self._peer() or port < 1024:
             return defer.fail(FTPReplyError(501, "Data connections go only to your own address, on a port above 1023."))
         try:
             self._check_data_protection()
@@ -1729,7 +1718,7 @@ class SftpauthFTP(ftp.FTP):
         factory, wire = self._new_data_factory()
         factory.setTimeout(self.dtpTimeout)
         self.dtpFactory = factory
-        self.dtpPort = self.factory.reactor.connectTCP(_plain_address(host), port, wire)
+        self.dtpPort = self.factory.reactor.connectTCP(plain_address(host), port, wire)
 
         def failed(failure: Failure):
             failure.trap(ftp.PortConnectionError)

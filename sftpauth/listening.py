@@ -56,7 +56,7 @@ from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.python.failure import Failure
 from zope.interface import directlyProvides, providedBy
 
-from sftpauth.auth.policy import RepeatThrottle
+from sftpauth.auth.policy import RepeatThrottle, plain_address
 from sftpauth.config.models import ServiceSettings
 
 _log = Logger()
@@ -205,7 +205,7 @@ class ConnectionGuard(ProtocolWrapper):
                     "service {service}: refusing a connection from {peer}: maximum_concurrent_connections ({limit}) "
                     "reached{more}",
                     service=factory.service_id,
-                    peer=self.transport.getPeer().host,
+                    peer=plain_address(self.transport.getPeer().host),
                     limit=factory.limit,
                     more=f"; {more} more refused since the last line" if more else "",
                 )

@@ -97,7 +97,7 @@ from zope.interface import implementer
 from sftpauth.account import Account
 from sftpauth.auth.chain import SecondFactor
 from sftpauth.auth.credentials import ILoginRequest, LoginRequest
-from sftpauth.auth.policy import answer_failure
+from sftpauth.auth.policy import answer_failure, plain_address
 from sftpauth.config.errors import ConfigError, ConfigProblem
 from sftpauth.config.models import SSHServiceSettings
 from sftpauth.filesystem import (
@@ -1374,7 +1374,7 @@ class UserAuthServer(userauth.SSHUserAuthServer):
                 _log.info(
                     "service {service}: disconnecting {peer} after {count} failed logins",
                     service=self.transport.factory.settings.id,
-                    peer=getattr(self.transport.transport.getPeer(), "host", ""),
+                    peer=plain_address(getattr(self.transport.transport.getPeer(), "host", "")),
                     count=attempts.failures,
                 )
                 attempts.queued = []
@@ -1385,7 +1385,7 @@ class UserAuthServer(userauth.SSHUserAuthServer):
         super()._ebBadAuth(reason)
 
     def _peer(self) -> str:
-        return getattr(self.transport.transport.getPeer(), "host", "") or ""
+        return plain_address(getattr(self.transport.transport.getPeer(), "host", "") or "")
 
     def _login(self, username: bytes, password: bytes, malformed: str = "") -> defer.Deferred:
         """One login through the portal; a failure is answered FAILED_LOGIN_DELAY after the request, as on FTP."""
@@ -1575,7 +1575,7 @@ class SFTPServerTransport(transport.SSHServerTransport, TimeoutMixin):
                 _log.warn(
                     "service {service}: disconnecting {peer}, malformed SSH packet ({error})",
                     service=self.factory.settings.id,
-                    peer=getattr(self.transport.getPeer(), "host", ""),
+                    peer=plain_address(getattr(self.transport.getPeer(), "host", "")),
                     error=f"{type(error).__name__}: {error}"[:200],
                 )
             else:

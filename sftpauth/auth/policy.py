@@ -112,6 +112,15 @@ def normalise_address(host: Any) -> str:
     return str(address)
 
 
+def plain_address(host: str) -> str:
+    """A peer as every log and audit line writes it: :func:`normalise_address`, or ``host`` unchanged when not an IP.
+
+    An IPv4 client of a service on ``::`` is then ``127.0.0.1`` on FTP, SSH
+    and the Web Manager alike, as in its ban events.
+    """
+    return normalise_address(host) or host
+
+
 IPV6_CLIENT_PREFIX = 64  # an IPv6 client is its /64: a site or subscriber gets at least that many addresses
 
 

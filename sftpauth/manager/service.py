@@ -13,6 +13,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.web.http import HTTPChannel
 from twisted.web.server import Request, Site
 
+from sftpauth.auth.policy import plain_address
 from sftpauth.config.models import ManagerServiceSettings
 from sftpauth.listening import listening_service
 from sftpauth.manager.events import AuditHistory, read_tail
@@ -59,7 +60,7 @@ class ManagerChannel(HTTPChannel):
         if self.transport.disconnecting:
             return
         if not logged:
-            peer = getattr(self.transport.getPeer(), "host", "")
+            peer = plain_address(getattr(self.transport.getPeer(), "host", ""))
             _log.warn("Web Manager refused a request from {peer}: {status}", peer=peer, status=status.decode("ascii"))
         self.transport.write(b"HTTP/1.1 %s\r\n%sConnection: close\r\nContent-Length: 0\r\n\r\n" % (status, _REFUSAL_HEADERS))
         self.loseConnection()
@@ -81,7 +82,7 @@ class ManagerChannel(HTTPChannel):
 
     def _request_too_slow(self) -> None:
         self._request_call = None
-        peer = getattr(self.transport.getPeer(), "host", "")
+        peer = plain_address(getattr(self.transport.getPeer(), "host", ""))
         _log.warn(
             "Web Manager closed a connection from {peer}: {what} within request_timeout ({seconds:g} s)",
             peer=peer,

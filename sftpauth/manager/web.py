@@ -30,7 +30,7 @@ from twisted.web.server import NOT_DONE_YET
 from sftpauth import __version__
 from sftpauth.auth.credentials import LoginRequest
 from sftpauth.auth.errors import LoginFailed
-from sftpauth.auth.policy import RepeatThrottle
+from sftpauth.auth.policy import RepeatThrottle, plain_address
 from sftpauth.auth.trace import Trace
 from sftpauth.config.models import LDAPAuthenticationSettings, ManagerServiceSettings
 from sftpauth.manager import csrf, preauth
@@ -871,8 +871,7 @@ def _read_file(path: str) -> bytes:
 
 def _peer(request) -> str:
     address = request.getClientAddress()
-    host = getattr(address, "host", "")
-    return host or ""
+    return plain_address(getattr(address, "host", "") or "")
 
 
 def _safe_next(value: str) -> str:

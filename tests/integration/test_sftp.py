@@ -304,6 +304,25 @@ def test_a_full_disk_fails_the_upload_with_the_reason_and_is_logged_once(site, t
     assert len(lines) == 1 and lines[0].endswith(" bytes: No space left on device"), lines
 
 
+def test_an_ipv4_client_of_a_service_on_every_address_is_audited_by_its_ipv4_address(tmp_path):
+    """QA (IPv6): on ``address = ::`` SSH audited ``::ffff:127.0.0.1`` where FTP and the ban events write 127.0.0.1."""
+    port = free_port()
+    config = sftp_config(tmp_path, port).replace("address = 127.0.0.1", "address = ::")
+    server = SftpauthServer(tmp_path, config, ports=(port,))
+    with plugin_on_python_path():
+        server.start()
+    try:
+        with sftp_session(port, "alice") as client:
+            client.listdir(".")
+        event = server.wait_for_audit(lambda e: e["event"] == "authentication" and e["outcome"] == "success")
+        assert event["peer"] == "127.0.0.1"
+        server.wait_for_audit(lambda e: e["event"] == "session-end")
+        peers = {event.get("peer") for event in server.audit_events() if "peer" in event}
+        assert peers == {"127.0.0.1"}, peers
+    finally:
+        server.stop()
+
+
 # -- permissions ---------------------------------------------------------------------
 
 

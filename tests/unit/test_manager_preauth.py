@@ -72,6 +72,13 @@ def test_untrusted_address_headers_are_ignored_and_audited(manager):
     assert m.events("session-start") == []
 
 
+def test_an_ipv4_client_of_a_manager_on_ipv6_is_audited_by_its_ipv4_address(manager):
+    """QA (IPv6): on ``address = ::`` the manager audited ``::ffff:10.0.1.7`` where FTP and the bans write 10.0.1.7."""
+    m = manager()
+    m.get("/", peer="::ffff:10.0.1.7", headers={"preauth-username": "mallory"})
+    assert m.events()[-1]["peer"] == "10.0.1.7"
+
+
 def test_ignored_headers_are_audited_and_logged_once_a_minute_per_address(manager):
     """A client sending preauth headers to every request writes one event and one log line a minute, with the count."""
     m = manager()

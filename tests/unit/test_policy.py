@@ -26,6 +26,7 @@ from sftpauth.auth.policy import (
     SecurityPolicy,
     client_key,
     normalise_address,
+    plain_address,
 )
 from sftpauth.config.errors import ConfigError
 from sftpauth.config.loader import parse_configuration
@@ -397,6 +398,12 @@ def test_client_key():
     assert client_key("2001:db8:1:2:3:4:5:6") == "2001:db8:1:2::/64"
     assert client_key("::1") == "::/64"
     assert client_key("") == ""
+
+
+def test_plain_address_is_what_logs_and_audit_events_show():
+    assert plain_address("::ffff:10.1.2.3") == "10.1.2.3"
+    assert plain_address("2001:DB8::1") == "2001:db8::1"
+    assert plain_address("unix-socket") == "unix-socket" and plain_address("") == ""
 
 
 def test_normalise_address():
