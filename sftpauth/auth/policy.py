@@ -241,7 +241,7 @@ class SecurityPolicy:
         self._ban_timers: dict[str, Any] = {}
         # Refused connections audited, by (service, address, reason); the last of a flood in a summary.
         self._refusals = RepeatThrottle(clock, summarise=self._refusals_not_audited)
-        self._held: dict[str, int] = {}  # address -> open connections, with maximum_connections_per_address
+        self._held: dict[str, int] = {}  # client (client_key) -> open connections, with maximum_connections_per_address
 
     @property
     def id(self) -> str:
@@ -443,7 +443,7 @@ class SecurityPolicy:
         _log.info("security policy {policy}: the ban of {address} ended", policy=self.id, address=address)
 
     def stop(self) -> None:
-        """Forget the pending ban-end events and summaries (the process is stopping)."""
+        """The process is stopping: forget the pending ban-end events; audit the refusals not audited yet."""
         timers, self._ban_timers = self._ban_timers, {}
         for timer in timers.values():
             if timer.active():
