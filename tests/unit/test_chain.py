@@ -626,12 +626,12 @@ def test_missing_home_folder_is_refused(local, homes, result_of):
     assert not (homes / "alice").exists()
 
 
-def test_missing_home_folder_is_created_when_the_group_says_so(tmp_path, homes, password_hash, run_in_thread, result_of):
-    """With create_home_folder = yes a missing home folder is created at login."""
-    configuration = configuration_from(
+def creating_home_folders(tmp_path, home_folder_path, password_hash):
+    """alice, of a group with ``create_home_folder = yes`` under ``home_folder_path``."""
+    return configuration_from(
         f"""
 [groups/g]
-home_folder_path = {homes}/nested
+home_folder_path = {home_folder_path}
 create_home_folder = yes
 [accounts/alice]
 password = {password_hash}
@@ -639,6 +639,11 @@ group = g
 """,
         tmp_path,
     )
+
+
+def test_missing_home_folder_is_created_when_the_group_says_so(tmp_path, homes, password_hash, run_in_thread, result_of):
+    """With create_home_folder = yes a missing home folder is created at login."""
+    configuration = creating_home_folders(tmp_path, homes / "nested", password_hash)
     account = Harness(configuration, run_in_thread).login(result_of, service_id="")
     assert account.home_folder == str(homes / "nested" / "alice")
     assert (homes / "nested" / "alice").is_dir()
@@ -776,17 +781,7 @@ group = g
 
 def test_a_test_login_creates_no_home_folder(tmp_path, homes, password_hash, run_in_thread, result_of):
     """QA: test-login created the home folder (as whoever ran it); it now says a login would, and creates nothing."""
-    configuration = configuration_from(
-        f"""
-[groups/g]
-home_folder_path = {homes}/new
-create_home_folder = yes
-[accounts/alice]
-password = {password_hash}
-group = g
-""",
-        tmp_path,
-    )
+    configuration = creating_home_folders(tmp_path, homes / "new", password_hash)
     harness = Harness(configuration, run_in_thread)
     trace = Trace()
     account = harness.login(result_of, service_id="", protocol="cli", peer="", trace=trace, test=True)
