@@ -27,8 +27,8 @@ from sftpauth.account import Account
 from sftpauth.audit import AuditLog
 from sftpauth.auth.credentials import ILoginRequest, LoginRequest, has_control_characters
 from sftpauth.auth.errors import LoginFailed, UnknownUser
-from sftpauth.auth.policy import address_in, normalise_address
-from sftpauth.config.models import Configuration
+from sftpauth.auth.policy import normalise_address
+from sftpauth.config.models import Configuration, address_in
 
 if TYPE_CHECKING:
     from sftpauth.auth.policy import SecurityPolicies

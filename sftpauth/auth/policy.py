@@ -53,7 +53,7 @@ from twisted.python.failure import Failure
 from sftpauth.audit import AuditLog
 from sftpauth.auth.credentials import LoginRequest, directory_form
 from sftpauth.auth.errors import LoginFailed
-from sftpauth.config.models import DEFAULT_SECURITY_POLICY, Configuration, SecurityPolicySettings
+from sftpauth.config.models import DEFAULT_SECURITY_POLICY, Configuration, SecurityPolicySettings, address_in
 from sftpauth.state import BanStore, FailureCount
 
 _log = Logger()
@@ -135,15 +135,6 @@ def client_key(address: str) -> str:
     if ":" not in address:
         return address
     return str(ipaddress.IPv6Network(f"{address}/{IPV6_CLIENT_PREFIX}", strict=False))
-
-
-def address_in(address: str, networks) -> bool:
-    """True when ``address`` (normalised: :func:`normalise_address`) is in one of ``networks``; never for "" or a name."""
-    try:
-        peer = ipaddress.ip_address(address)
-    except ValueError:
-        return False
-    return any(peer in network for network in networks if network.version == peer.version)
 
 
 def _username_forms(username: str) -> tuple[str, ...]:

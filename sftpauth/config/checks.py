@@ -269,6 +269,7 @@ def address_list(value: str) -> tuple[tuple[str, Optional[int]], ...]:
             host_text, port_text = item.split(":")
         else:
             host_text, port_text = item, None
+            _refuse_ambiguous_port(item)
         if not host_text.strip():
             raise VdtValueError(f"{item!r} names no server; write HOST:PORT, e.g. ldap.example.com:389")
         port_number = server_port(port_text) if port_text is not None else None
@@ -278,6 +279,26 @@ def address_list(value: str) -> tuple[tuple[str, Optional[int]], ...]:
     if not result:
         raise VdtValueError("at least one LDAP server address is required")
     return tuple(result)
+
+
+def _refuse_ambiguous_port(item: str) -> None:
+    """``::1:389`` is an IPv6 address, but was most likely meant as ``::1`` and port 389: ask for brackets.
+
+    Refused when the text is an IPv6 address whose last group is 2-5 digits
+    and whose text without that group is an address too (``fe80::1:10``
+    would be refused: written ``[fe80::1:10]`` it is accepted).
+    """
+    head, _, last = item.rpartition(":")
+    if not (last.isdigit() and 2 <= len(last) <= 5 and head and ":" in head):
+        return
+    try:
+        ipaddress.IPv6Address(item)
+        ipaddress.IPv6Address(head)
+    except ValueError:
+        return
+    raise VdtValueError(
+        f"{item!r} is ambiguous; write [{head}]:{last} for port {last} of {head}, or [{item}] for that address"
+    )
 
 
 def dn(value: str):
@@ -569,14 +590,25 @@ def tls_trust(value: str, resolve_path: Callable[[str], str]) -> str:
     return bundle
 
 
+_IPV4_MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")
+
+
 def network_list(value: str) -> tuple:
-    """``trusted_proxies``: IP addresses or CIDRs (``10.0.0.0/8``, ``::1``), as ip_network objects."""
+    """``trusted_proxies``: IP addresses or CIDRs (``10.0.0.0/8``, ``::1``), as ip_network objects.
+
+    An IPv4-mapped network (``::ffff:10.0.0.0/104``) is taken as the IPv4 one
+    (``10.0.0.0/8``): clients of a service on ``::`` are compared by their
+    plain IPv4 address (``policy.plain_address``), which it would never match.
+    """
 
     def network(item: str):
         try:
-            return ipaddress.ip_network(item, strict=False)
+            found = ipaddress.ip_network(item, strict=False)
         except ValueError:
             raise VdtValueError(f"{item!r} is not an IP address or network; expected e.g. 10.0.0.5 or 10.0.0.0/24") from None
+        if found.version == 6 and found.subnet_of(_IPV4_MAPPED):
+            return ipaddress.IPv4Network((int(found.network_address) & 0xFFFFFFFF, found.prefixlen - 96))
+        return found
 
     return tuple(_check_each(_items_by_line(_unquote(value)), network))
 

@@ -42,7 +42,10 @@ def local_account_key(username: str) -> str:
 
 
 def address_in(address: str, networks: Iterable[Any]) -> bool:
-    """Whether the IP ``address`` (IPv4-mapped IPv6 counts as IPv4) is in one of ``networks``."""
+    """Whether the IP ``address`` (IPv4-mapped IPv6 counts as IPv4) is in one of ``networks``; never for "" or a name.
+
+    For the source filters, ``trusted_proxies`` and ``proxy_protocol_sources``.
+    """
     try:
         peer = ipaddress.ip_address(address)
     except ValueError:

@@ -1304,6 +1304,24 @@ def test_ldap_servers_on_other_ports_or_names_are_not_listed_twice(addresses, ex
     assert configuration.authentications["dir"].address == expected
 
 
+@pytest.mark.parametrize("address, hint", [("::1:389", "[::1]:389"), ("fe80::1:636", "[fe80::1]:636")])
+def test_an_ipv6_ldap_server_with_a_port_needs_brackets(address, hint):
+    """QA, session 26: ``::1:389`` passed check-config as host ::1:389 on port 389, never the intended ::1."""
+    problem = only_problem(f"[authentications/dir]\ntype = ldap\nbind_dn = dc=example,dc=com\naddress = {address}\n")
+    assert (problem.section, problem.option, problem.line) == ("authentications/dir", "address", 4)
+    assert f"write {hint} for port" in problem.message and f"or [{address}] for that address" in problem.message
+
+
+@pytest.mark.parametrize(
+    "address, expected",
+    [("[::1:389]", ("::1:389", None)), ("[::1]:389", ("::1", 389)), ("2001:db8::1", ("2001:db8::1", None)),
+     ("2001:db8::10", ("2001:db8::10", None))],
+)
+def test_an_ipv6_ldap_server_in_brackets_or_without_a_port_like_ending_is_taken(address, expected):
+    configuration = parse(f"[authentications/dir]\ntype = ldap\nbind_dn = dc=example,dc=com\naddress = {address}\n")
+    assert configuration.authentications["dir"].address == (expected,)
+
+
 @pytest.mark.parametrize("first, second", [("localhost", "127.0.0.1"), ("::ffff:127.0.0.1", "127.0.0.1"), ("::1", "localhost")])
 def test_two_services_on_one_address_written_two_ways_clash(first, second):
     """QA, session 18: check-config said valid and twistd then could not listen."""

@@ -334,6 +334,16 @@ def test_source_filter_refuses_other_addresses(policies, result_of):
     assert refusal(result_of, policy, request(peer="", service_id="other")) is None  # test-login: no address
 
 
+def test_an_ipv4_mapped_network_in_a_filter_admits_plain_ipv4_clients(clock, recorder, result_of):
+    """QA, session 26: ``::ffff:192.0.2.0/120`` was kept as IPv6 and matched nothing: clients are plain IPv4."""
+    conf = configuration(POLICIES.replace("192.0.2.0/24, 2001:db8::/32", "::ffff:192.0.2.0/120, ::ffff:203.0.113.5"))
+    assert [str(net) for net in conf.security_policies["lenient"].source_ip_filter] == ["192.0.2.0/24", "203.0.113.5/32"]
+    policy = SecurityPolicies(conf, MemoryBanStore(clock), recorder.audit, clock).for_service("other")
+    assert refusal(result_of, policy, request(peer="192.0.2.9", service_id="other")) is None
+    assert refusal(result_of, policy, request(peer="::ffff:203.0.113.5", service_id="other")) is None
+    assert refusal(result_of, policy, request(peer="198.51.100.1", service_id="other")) == "source-filtered"
+
+
 def test_connection_refusals_are_audited_without_flooding(policies, recorder, clock, result_of):
     """A refused connection is audited once a minute per service, address and reason, with the repeats."""
     policy = policies.for_service("other")
