@@ -1698,13 +1698,15 @@ class SftpauthFTP(ftp.FTP):
             return defer.fail(ftp.BadCmdSequenceError("may not send EPRT after EPSV ALL"))
         try:
             protocol, host, port = ftp.decodeExtendedAddress(extendedAddress)
-            ipaddress.ip_address(host)
+            family = ftp._AFNUM_IP6 if ipaddress.ip_address(host).version == 6 else ftp._AFNUM_IP
             if not 0 < port < 65536:
                 raise ValueError(port)
         except (ValueError, IndexError):
             return defer.fail(ftp.CmdArgSyntaxError(extendedAddress[:64]))
         if protocol:
             self._validateNetworkProtocol(protocol)
+            if int(protocol) != family:  # RFC 2428: net-prt 1 is an IPv4 address, 2 an IPv6 one
+                return defer.fail(FTPReplyError(501, f"Network protocol {protocol} does not match the address {host}."))
         return self._connect_active(host, port)
 
     def _connect_active(self, host: str, port: int):
