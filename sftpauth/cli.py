@@ -14,7 +14,7 @@ import attrs
 from sftpauth import __version__
 from sftpauth.config.errors import ConfigError, ConfigProblem, in_file_order
 from sftpauth.config.loader import load_configuration
-from sftpauth.config.models import Configuration
+from sftpauth.config.models import Configuration, host_port
 from sftpauth.filesystem import printable
 
 
@@ -61,7 +61,7 @@ def summary(configuration: Configuration) -> str:
         state = "enabled" if service.enabled else "disabled"
         if service.type != "ldap-directory":
             state += f"; authentications: {', '.join(configuration.authentications_for(service))}"
-        lines.append(f"  service {service_id}: {_service_kind(service)} on {service.address}:{service.port} ({state})")
+        lines.append(f"  service {service_id}: {_service_kind(service)} on {host_port(service.address, service.port)} ({state})")
     for method_id, method in configuration.authentications.items():
         extension = getattr(method, "extension_entry_point", None)
         shown_type = f"{method.type} (extension {extension})" if extension else method.type
@@ -214,7 +214,7 @@ def _start_embedded_directories(configuration: Configuration, runtime) -> list:
                 ports.append(runtime.reactor.listenTCP(settings.port, factory, interface=settings.address))
             except CannotListenError:
                 continue  # the running sftpauth serves it
-            print(f"(no running sftpauth serves [services/{settings.id}] on {settings.address}:{settings.port}: "
+            print(f"(no running sftpauth serves [services/{settings.id}] on {host_port(settings.address, settings.port)}: "
                   "this command serves that embedded directory itself while it runs)")
     return ports
 

@@ -40,6 +40,8 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from sftpauth.config.models import host_port
+
 _log = Logger()
 
 DEFAULT_MAX_ENTRIES = 100_000
@@ -312,8 +314,7 @@ class RedisLocation:
 
     @property
     def url(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"redis://{host}:{self.port}/{self.db}"
+        return f"redis://{host_port(self.host, self.port)}/{self.db}"
 
 
 def parse_state_url(text: str) -> RedisLocation:

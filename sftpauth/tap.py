@@ -20,7 +20,7 @@ from sftpauth.auth.chain import AuthenticationChain
 from sftpauth.auth.policy import SecurityPolicies
 from sftpauth.auth.methods import build_methods, ldap_pools
 from sftpauth.config.errors import ConfigError, ConfigProblem
-from sftpauth.config.models import Configuration, ServiceSettings
+from sftpauth.config.models import Configuration, ServiceSettings, host_port
 from sftpauth.listening import raise_open_file_limit
 from sftpauth.realm import SessionRealm
 from sftpauth.runtime import Runtime
@@ -200,7 +200,7 @@ def cannot_listen_problem(configuration: Configuration, error: CannotListenError
     cause = error.socketError
     reason = getattr(cause, "strerror", None) or str(cause)
     hint = _LISTEN_HINTS.get(getattr(cause, "errno", None))
-    message = f"cannot listen on {error.interface or '*'}:{error.port}: {reason}" + (f" ({hint})" if hint else "")
+    message = f"cannot listen on {host_port(error.interface or '*', error.port)}: {reason}" + (f" ({hint})" if hint else "")
     section = None
     for settings in configuration.services.values():
         if settings.enabled and (settings.address, settings.port) == (error.interface, error.port):

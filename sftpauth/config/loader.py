@@ -620,7 +620,7 @@ def _cross_check(problems: _Problems, configuration: models.Configuration) -> No
         if service.enabled and service.port:
             for (address, port), other in bound.items():
                 if port == service.port and _addresses_clash(address, service.address):
-                    problems.error(section, "port", f"{service.address}:{service.port} is already used by [services/{other}]")
+                    problems.error(section, "port", f"{models.host_port(service.address, service.port)} is already used by [services/{other}]")
             bound[(service.address, service.port)] = service_id
 
     _check_manager(problems, configuration)
@@ -793,7 +793,7 @@ def _check_ldap_method(
     seen: dict[tuple[str, int], str] = {}  # (address form, port) -> the server as first written
     for host, port in method.address:
         port = port or method.port
-        server = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        server = models.host_port(host, port)
         keys = [(form, port) for form in _address_forms(host, names=False)]
         twin = next((seen[key] for key in keys if key in seen), None)
         if twin is not None:

@@ -41,6 +41,11 @@ def local_account_key(username: str) -> str:
     return unicodedata.normalize("NFC", username)
 
 
+def host_port(host: str, port: int) -> str:
+    """``host:port`` as logs, errors and pages write it: an IPv6 host in brackets (``[::1]:389``)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def address_in(address: str, networks: Iterable[Any]) -> bool:
     """Whether the IP ``address`` (IPv4-mapped IPv6 counts as IPv4) is in one of ``networks``; never for "" or a name.
 

@@ -14,7 +14,7 @@ from twisted.web.http import HTTPChannel
 from twisted.web.server import Request, Site
 
 from sftpauth.auth.policy import plain_address
-from sftpauth.config.models import ManagerServiceSettings
+from sftpauth.config.models import ManagerServiceSettings, host_port
 from sftpauth.listening import listening_service
 from sftpauth.manager.events import AuditHistory, read_tail
 from sftpauth.manager.metrics import ManagerMetrics
@@ -224,11 +224,10 @@ class ManagerService(MultiService):
         super().startService()
         settings, certificate = self.settings, self.certificate
         _log.info(
-            "Web Manager {service} on https://{address}:{port}/ ({kind} certificate {subject}, "
+            "Web Manager {service} on https://{endpoint}/ ({kind} certificate {subject}, "
             "SHA-256 fingerprint {fingerprint}, valid until {until})",
             service=settings.id,
-            address=settings.address if ":" not in settings.address else f"[{settings.address}]",
-            port=settings.port,
+            endpoint=host_port(settings.address, settings.port),
             kind="generated self-signed" if certificate.generated else "configured",
             subject=certificate.subject,
             fingerprint=certificate.fingerprint,

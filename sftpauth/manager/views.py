@@ -6,7 +6,7 @@ import datetime
 from typing import Mapping, Optional, Sequence
 
 from sftpauth import __version__
-from sftpauth.config.models import Configuration, LDAPAuthenticationSettings
+from sftpauth.config.models import Configuration, LDAPAuthenticationSettings, host_port
 from sftpauth.state import SharedState
 
 RUNNING = "running"
@@ -26,6 +26,7 @@ def service_overview(configuration: Configuration, states: Mapping[str, str]) ->
                 "type": service.type,
                 "address": service.address,
                 "port": service.port,
+                "endpoint": host_port(service.address, service.port),
                 "state": state,
                 "authentications": list(configuration.authentications_for(service))
                 if service.type != "ldap-directory"

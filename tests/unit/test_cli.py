@@ -109,6 +109,15 @@ home_folder_path = /srv/ftp
 """
 
 
+def test_check_config_writes_an_ipv6_service_address_in_brackets(tmp_path, capsys):
+    """QA, session 26: ``on ::1:2121`` read as one address; it is ``[::1]:2121``."""
+    config_path = tmp_path / "server.ini"
+    config_path.write_text(GOOD.replace("port = 2121\n", "port = 2121\naddress = ::1\n", 1), encoding="utf-8")
+    assert main(["check-config", str(config_path)]) == 0
+    out, _ = capsys.readouterr()
+    assert "service ftp: ftp on [::1]:2121 (enabled" in out
+
+
 def test_check_config_summarises_a_good_file(tmp_path, capsys):
     """check-config exits 0 and prints the chain, each service and each method, with warnings."""
     config_path = tmp_path / "server.ini"

@@ -91,6 +91,14 @@ def test_local_administrator_logs_in_with_secure_cookie(manager):
     assert start["service"] == "manager" and start["roles"] == ["DEFAULT-ROLE"]
 
 
+def test_the_dashboard_writes_an_ipv6_service_address_in_brackets(manager):
+    """QA, session 26: the services table showed ``::1:2121``."""
+    m = manager(extra="[services/ftp6]\ntype = ftp\naddress = ::1\nport = 2121\n")
+    m.login()
+    dashboard = m.get("/")
+    assert "<code>[::1]:2121</code>" in dashboard.text and "<code>127.0.0.1:10443</code>" in dashboard.text
+
+
 def test_session_ids_differ_for_each_login(manager):
     """Two logins get two different session IDs (no fixation, no predictable ID)."""
     m = manager()

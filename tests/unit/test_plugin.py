@@ -194,3 +194,22 @@ def test_wheel_installs_a_working_twistd_plugin(tmp_path):
     checked = run("sftpauth", "check-config", str(config))
     assert checked.returncode == 0, checked.stderr
     assert "service ftp: ftp on 127.0.0.1:2121" in checked.stdout
+
+
+def test_a_port_in_use_on_ipv6_is_written_in_brackets():
+    """QA, session 26: the start-up error said ``cannot listen on ::1:2121``."""
+    import errno
+
+    from twisted.internet.error import CannotListenError
+
+    from sftpauth.config.loader import parse_configuration
+    from sftpauth.tap import cannot_listen_problem
+
+    text = "[services/ftp]\ntype = ftp\naddress = ::1\nport = 2121\n"
+    configuration = parse_configuration(text, "/etc/sftpauth/sftpauth.ini", "/etc/sftpauth", {})
+    error = CannotListenError("::1", 2121, OSError(errno.EADDRINUSE, "Address already in use"))
+    problem = cannot_listen_problem(configuration, error)
+    assert (problem.section, problem.option, problem.line) == ("services/ftp", "port", 4)
+    assert problem.message == (
+        "cannot listen on [::1]:2121: Address already in use (another program, or another sftpauth, already listens there)"
+    )

@@ -61,6 +61,7 @@ from zope.interface import implementer
 
 from sftpauth.auth.ldap.wire import LDAP_DECODER, MessageBuffer, NotLDAP
 from sftpauth.auth.ldap.tls import CertificateSummary, TLSPolicy, TLSReport, check_name, describe_handshake_failure
+from sftpauth.config.models import host_port
 
 _log = Logger()
 
@@ -89,8 +90,7 @@ class ServerAddress:
     port: int
 
     def __str__(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{host}:{self.port}"
+        return host_port(self.host, self.port)
 
 
 class LDAPUnavailable(Exception):
