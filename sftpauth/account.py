@@ -84,10 +84,17 @@ def account_for_groups(
     home_folder: Optional[str] = None,
     **extra,
 ) -> Account:
-    """Build the account; the primary (first) group gives permissions and home."""
+    """Build the account; the primary (first) group gives permissions and home.
+
+    A disabled group refuses every account holding it, primary or not (as a
+    disabled role refuses its administrators): disabling ``contractors``
+    suspends every contractor, whatever group comes first for them.
+    """
     primary = groups[0]
-    if not primary.enabled:
-        raise LoginFailed("group-disabled", f"primary group [groups/{primary.id}] is disabled")
+    for group in groups:
+        if not group.enabled:
+            which = "primary group" if group is primary else "group"
+            raise LoginFailed("group-disabled", f"{which} [groups/{group.id}] is disabled")
     home = checked_home_folder(home_folder) if home_folder else home_folder_from_group(primary, username)
     return Account(
         username=username,

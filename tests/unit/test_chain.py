@@ -82,6 +82,7 @@ def local(homes, password_hash, run_in_thread, tmp_path):
     """One FTP service and the DEFAULT-AUTHENTICATION method with a few accounts."""
     (homes / "alice").mkdir()
     (homes / "carol").mkdir()
+    (homes / "erin").mkdir()
     configuration = configuration_from(
         f"""
 [services/ftp]
@@ -112,6 +113,10 @@ enabled = no
 [accounts/carol]
 password = {password_hash}
 group = off
+
+[accounts/erin]
+password = {password_hash}
+group = readers, off
 
 [accounts/dave]
 group = readers
@@ -239,6 +244,11 @@ def test_disabled_account_is_refused(local, result_of):
 def test_disabled_primary_group_is_refused(local, result_of):
     """An account whose primary group is disabled is refused with group-disabled."""
     assert local.failure_reason(result_of, username="carol") == "group-disabled"
+
+
+def test_a_disabled_secondary_group_is_refused_too(local, result_of):
+    """QA, session 27: disabling a group suspended only those for whom it came first (SFTPPlus: all its accounts)."""
+    assert local.failure_reason(result_of, username="erin") == "group-disabled"
 
 
 def test_account_without_password_is_refused(local, result_of):
