@@ -784,6 +784,9 @@ def _check_ldap_method(
 ) -> None:
     if method.bind_dn_type != "absolute" and not method.bind_dn:
         problems.require(section, "bind_dn", f"at least one base DN is required for bind_dn_type = {method.bind_dn_type}")
+    if method.username_suffix and method.bind_dn_type != "direct-username":
+        problems.warn(section, "username_suffix", f"ignored: it is added to the bind name for bind_dn_type = "
+                      f"direct-username only, and this method has bind_dn_type = {method.bind_dn_type}")
     for group_id in method.base_groups:
         if group_id not in configuration.groups:
             problems.error(section, "base_groups", _unknown_id("group", group_id, configuration.groups))

@@ -1682,6 +1682,21 @@ def test_home_folder_variables_other_than_user_are_a_warning(password_hash):
     assert "${user} is not replaced (did you mean ${USER}?)" in found[(8, "groups/g3", "home_folder_path")]
 
 
+@pytest.mark.parametrize("bind_type", ["parent", "search", "relative"])
+def test_a_username_suffix_that_no_bind_uses_is_a_warning(bind_type):
+    """QA (SFTPPlus migration): ``username_suffix`` with ``parent`` was never used, and nothing said so."""
+    configuration = parse(
+        f"[authentications/dir]\ntype = ldap\nbind_dn_type = {bind_type}\nbind_dn = dc=example,dc=com\n"
+        "username_suffix = @example.com\naddress = 127.0.0.1\n"
+    )
+    found = [(w.line, w.section, w.option, w.message) for w in configuration.warnings]
+    assert found == [(5, "authentications/dir", "username_suffix", "ignored: it is added to the bind name for "
+                      f"bind_dn_type = direct-username only, and this method has bind_dn_type = {bind_type}")]
+    direct = parse("[authentications/dir]\ntype = ldap\nbind_dn_type = direct-username\nbind_dn = dc=example,dc=com\n"
+                   "username_suffix = @example.com\naddress = 127.0.0.1\n")
+    assert direct.warnings == ()
+
+
 def test_ftps_options_on_a_plain_ftp_service_are_warnings_on_their_lines():
     """Forcing TLS on a service without a certificate changes nothing: the administrator hears that passwords go in clear."""
     configuration = parse(
