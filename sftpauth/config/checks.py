@@ -106,10 +106,19 @@ def text(value: str) -> str:
 
 
 def choice(value: str, *allowed: str) -> str:
-    """One of ``allowed``, in any case (``Yes``, ``LDAP``), given back as the configspec spells it."""
+    """One of ``allowed``, in any case (``Yes``, ``LDAP``), given back as the configspec spells it.
+
+    Where ``yes`` or ``no`` is allowed, so is every spelling :func:`yesno`
+    takes (``True``, ``off``...), as for every yes/no option.
+    """
     word = _unquote(value)
+    key = word.lower()
+    if key in _YES and "yes" in allowed:
+        key = "yes"
+    elif key in _NO and "no" in allowed:
+        key = "no"
     for option in allowed:
-        if word.lower() == option.lower():
+        if key == option.lower():
             return option
     if len(allowed) == 1:
         raise VdtValueError(f"{word!r} is not supported; the only value is {allowed[0]}")

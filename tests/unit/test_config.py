@@ -1077,6 +1077,21 @@ def test_choices_are_read_in_any_case():
     assert (method.type, method.secure_connection, method.bind_dn_type) == ("ldap", "no", "parent")
 
 
+@pytest.mark.parametrize("spelling, expected", [("False", "no"), ("off", "no"), ("True", "yes"), ("1", "yes")])
+def test_choices_with_yes_or_no_take_every_yes_no_spelling(spelling, expected):
+    """QA (SFTPPlus migration): ``secure_connection = False`` was refused where ``enabled = False`` is taken."""
+    configuration = parse(
+        f"[authentications/directory]\ntype = ldap\naddress = 127.0.0.1\nbind_dn = dc=example,dc=com\n"
+        f"secure_connection = {spelling}\n[groups/staff]\nlock_in_home_folder = {'True' if expected == 'yes' else 'yes'}\n"
+    )
+    assert configuration.authentications["directory"].secure_connection == expected
+
+
+def test_lock_in_home_folder_false_says_it_is_not_supported_as_written():
+    problem = only_problem("[groups/staff]\nlock_in_home_folder = False\n")
+    assert "'False' is not supported; the only value is yes" in problem.message
+
+
 def test_lock_in_home_folder_no_says_it_is_not_supported():
     """Sessions are always locked in their home folder: 'no' is refused with that reason."""
     problem = only_problem("[groups/staff]\nlock_in_home_folder = no\n")
