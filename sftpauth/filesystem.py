@@ -305,6 +305,30 @@ def _lock_upload(file) -> None:
         raise BlockingIOError(errno.EWOULDBLOCK, "another session is uploading this file") from None
 
 
+class PreparedUpload:
+    """A file opened and locked for an FTP upload (STOR, APPE, REST + STOR), not yet changed.
+
+    The data connection may still be refused once the file is open (its TLS
+    handshake, the TLS session-reuse check): until :meth:`begin`, the file is
+    as it was. :meth:`begin` empties it, or cuts it at the resumed offset;
+    an upload that never begins is given up by
+    :meth:`JailedFilesystem.abandon_upload`, which removes the file only if
+    opening it created it.
+    """
+
+    def __init__(self, file, real: str, cut: bool, created: bool):
+        self.file = file
+        self.real = real
+        self.created = created
+        self._cut_due = cut
+
+    def begin(self) -> None:
+        """Empty the file, or cut it at the resumed offset (its position), once (blocking: in a thread)."""
+        if self._cut_due:
+            self._cut_due = False
+            self.file.truncate()
+
+
 def refuse_home_folder(root: str, real: str, change: str) -> None:
     """PermissionError when ``real`` is the home folder itself, which can be neither removed nor renamed."""
     if real == root:
@@ -686,25 +710,42 @@ class JailedFilesystem:
     def open_for_writing(
         self, client_path, cwd: str = "/", append: bool = False, offset: int = 0
     ) -> defer.Deferred:
-        """A new or emptied file; ``append``: written at its end; ``offset``: kept up to it, written from it (a resumed upload)."""
+        """A :class:`PreparedUpload`: a file to empty; ``append``: written at its end; ``offset``: kept up to it,
+        written from it (a resumed upload). Nothing is emptied or cut before :meth:`PreparedUpload.begin`."""
         change = "append to" if append else f"upload from byte {offset} to" if offset else "upload to"
         return self._call(Permission.WRITE, client_path, cwd, self._open_write, append, offset, creates=True,
                           creates_file=True, change=change)
 
-    def _open_write(self, real: str, append: bool, offset: int):
-        """Opened without O_TRUNC, locked, then emptied or cut at ``offset``: see :func:`_lock_upload`."""
+    def _open_write(self, real: str, append: bool, offset: int) -> PreparedUpload:
+        """Opened without O_TRUNC and locked (see :func:`_lock_upload`); at ``offset`` when resumed."""
+        created = False
         if offset:
             file = _open_file_beneath(self.root, real, os.O_RDWR, "r+b")  # an upload resumed at offset: the file must exist
         else:
-            flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if append else 0)
-            file = _open_file_beneath(self.root, real, flags, "ab" if append else "wb")
+            flags, mode = (os.O_WRONLY | os.O_APPEND, "ab") if append else (os.O_WRONLY, "wb")
+            try:
+                file = _open_file_beneath(self.root, real, flags | os.O_CREAT | os.O_EXCL, mode)
+                created = True
+            except FileExistsError:
+                file = _open_file_beneath(self.root, real, flags | os.O_CREAT, mode)
         _lock_upload(file)
         if offset:
             _seek(file, offset)
-            file.truncate()
-        elif not append:
-            file.truncate(0)
-        return file
+        return PreparedUpload(file, real, cut=not append, created=created)
+
+    def abandon_upload(self, upload: PreparedUpload) -> defer.Deferred:
+        """Close an upload that never began; remove its file if opening it created it (and it is still that file)."""
+        return self._run_in_thread(self._abandon, upload)
+
+    def _abandon(self, upload: PreparedUpload) -> None:
+        with upload.file:
+            if not upload.created:
+                return
+            mine = os.fstat(upload.file.fileno())
+            with _beneath(self.root, upload.real) as (folder, name):
+                there = os.stat(name, dir_fd=folder, follow_symlinks=False)
+                if (there.st_dev, there.st_ino) == (mine.st_dev, mine.st_ino) and there.st_size == 0:
+                    os.unlink(name, dir_fd=folder)
 
     def open_file(self, client_path, flags: int, mode: int = 0o644, cwd: str = "/") -> defer.Deferred:
         """``os.open`` with SFTP-style flags; WRITE for any write flag, READ otherwise.

@@ -131,7 +131,7 @@ from sftpauth.config.errors import ConfigError, ConfigProblem
 from sftpauth.config.models import FTPServiceSettings
 from sftpauth.filesystem import (
     CONTROL_CHARACTERS, MONTHS, NOT_A_BYTE, FolderReader, InvalidPath, JailedFilesystem, Listed, OffsetPastEnd, OutsideJail,
-    disk_bytes, printable, refuse_home_folder, resolve_entry,
+    PreparedUpload, disk_bytes, printable, refuse_home_folder, resolve_entry,
 )
 from sftpauth.listening import LOGIN_GRACE_SECONDS, listening_service
 from sftpauth.permissions import Permission, PermissionDenied
@@ -681,10 +681,12 @@ class FileUpload:
     high_water = 1024 * 1024
     low_water = 256 * 1024
 
-    def __init__(self, filesystem: JailedFilesystem, file, virtual: str = ""):
+    def __init__(self, filesystem: JailedFilesystem, upload: PreparedUpload, virtual: str = ""):
         self._filesystem = filesystem
-        self._file = file
+        self._upload = upload
+        self._file = upload.file
         self._virtual = virtual
+        self._begun = False  # the data may flow: until then the file is as it was
         self._queue: list[bytes] = []
         self._pending = 0  # bytes received and not yet written
         self._written_bytes = 0  # bytes on disk (for the log line of a failed write)
@@ -708,14 +710,26 @@ class FileUpload:
         self._received = True
         return defer.succeed(self)
 
+    def begin(self) -> None:
+        """The data connection may carry data (its TLS handshake passed): the file is emptied (or cut at the
+        resumed offset) before the first write, or at :meth:`close` for an empty upload."""
+        self._begun = True
+
     def close(self) -> defer.Deferred:
-        """Wait for pending writes, close the file; fail with the first error."""
+        """Wait for pending writes, close the file; fail with the first error.
+
+        An upload that never began (its data connection was refused) leaves
+        the file as it was, and removes it if opening it created it.
+        """
         if self._closing is not None:
             return self._closing
         idle = defer.Deferred()
         self._idle_waiters.append(idle)
         self._write_more()
-        closing = idle.addCallback(lambda ignored: self._filesystem.run(self._file.close))
+        closing = idle.addCallback(
+            lambda ignored: self._filesystem.run(self._finish) if self._begun
+            else self._filesystem.abandon_upload(self._upload)
+        )
         closing.addBoth(lambda result: self._error if self._error is not None else result)
         closing.addErrback(lambda failure: _raise(ftp_error(failure, self._virtual or "/")))
         self._closing = closing
@@ -731,6 +745,7 @@ class FileUpload:
 
     def write(self, data: bytes) -> None:
         # Never raises: Twisted's DTP fires its Deferred twice if it does.
+        self._begun = True
         if self._error is not None or self._closing is not None:
             return
         self._queue.append(bytes(data))
@@ -751,8 +766,20 @@ class FileUpload:
         data = b"".join(self._queue)
         self._queue.clear()
         self._writing = True
-        writing = self._filesystem.run(self._file.write, data)
+        writing = self._filesystem.run(self._write_to_file, data)
         writing.addCallbacks(self._written, self._write_failed, callbackArgs=(len(data),))
+
+    def _write_to_file(self, data: bytes) -> None:
+        """In a thread, one at a time."""
+        self._upload.begin()
+        self._file.write(data)
+
+    def _finish(self) -> None:
+        """In a thread: an upload of no bytes empties the file too."""
+        try:
+            self._upload.begin()
+        finally:
+            self._file.close()
 
     def _written(self, ignored, size: int) -> None:
         self._writing = False
@@ -2083,9 +2110,11 @@ class SftpauthFTP(ftp.FTP):
         def transfer(dtp):
             def opened(file):
                 def start(consumer):
-                    return self._when_secured(consumer, dtp).addCallback(
-                        lambda consumer: dtp.registerConsumer(_ProgressConsumer(consumer, self.resetTimeout))
-                    )
+                    def secured(consumer):
+                        consumer.begin()
+                        return dtp.registerConsumer(_ProgressConsumer(consumer, self.resetTimeout))
+
+                    return self._when_secured(consumer, dtp).addCallback(secured)
 
                 def close(result):
                     closing = file.close()

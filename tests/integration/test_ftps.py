@@ -376,23 +376,41 @@ def test_ftplib_active_mode_with_prot_p(site):
     assert all(tls and resumed for tls, version, resumed in client.data_sockets)
 
 
+def _refused_transfer(client, transfer) -> str:
+    """The reply to a transfer whose data connection the server refuses (pytest.fail if it succeeds)."""
+    try:
+        transfer()
+    except ftplib.error_perm as error:  # the handshake looked complete to the client (TLS 1.3)
+        return str(error)
+    except (ssl.SSLError, OSError, EOFError):
+        with pytest.raises(ftplib.error_perm) as answer:
+            client.getresp()
+        return str(answer.value)
+    pytest.fail("the transfer succeeded without session reuse")
+
+
 def test_data_connection_without_session_reuse_is_refused_with_522(site):
     """Stock ftplib (no session resumption) gets no file byte: its data handshake is refused and RETR answers 522."""
     (site.home() / "guarded.txt").write_bytes(MARKER)
     client = explicit_client(site, cls=ftplib.FTP_TLS)
     received = io.BytesIO()
-    try:
-        client.retrbinary("RETR guarded.txt", received.write)
-    except ftplib.error_perm as error:  # the handshake looked complete to the client (TLS 1.3)
-        reply = str(error)
-    except (ssl.SSLError, OSError, EOFError):
-        with pytest.raises(ftplib.error_perm) as answer:
-            client.getresp()
-        reply = str(answer.value)
-    else:
-        pytest.fail("the transfer succeeded without session reuse")
+    reply = _refused_transfer(client, lambda: client.retrbinary("RETR guarded.txt", received.write))
     assert reply.startswith("522 ") and "session" in reply
     assert MARKER not in received.getvalue()
+    assert client.voidcmd("NOOP").startswith("200")
+    client.close()
+
+
+@pytest.mark.parametrize("command", ["STOR", "APPE"])
+def test_an_upload_whose_data_connection_is_refused_changes_no_file(site, command):
+    """QA, session 27: a refused STOR (its data connection without session reuse) had already emptied the file."""
+    (site.home() / "kept.bin").write_bytes(MARKER)
+    client = explicit_client(site, cls=ftplib.FTP_TLS)
+    for name in ("kept.bin", "new.bin"):
+        reply = _refused_transfer(client, lambda: client.storbinary(f"{command} {name}", io.BytesIO(b"replacement")))
+        assert reply.startswith("522 ") and "session" in reply
+    assert (site.home() / "kept.bin").read_bytes() == MARKER
+    assert not (site.home() / "new.bin").exists()  # made by the refused upload's opening, then removed
     assert client.voidcmd("NOOP").startswith("200")
     client.close()
 

@@ -15,6 +15,7 @@ from sftpauth.filesystem import (
     Listed,
     OffsetPastEnd,
     OutsideJail,
+    PreparedUpload,
     attribute_change,
     check_new_name,
     disk_bytes,
@@ -272,6 +273,8 @@ def test_jailed_filesystem_uses_the_real_home_path(tmp_path, run_in_thread):
 def _close(handle):
     if isinstance(handle, int):
         os.close(handle)
+    elif isinstance(handle, PreparedUpload):
+        handle.file.close()
     elif hasattr(handle, "close"):
         handle.close()
 
@@ -428,10 +431,42 @@ def test_offsets_resume_reads_and_writes(make_fs, root, result_of):
         assert file.read() == b"456789"
     with result_of(fs.open_for_reading("/resume.bin", offset=10)) as file:
         assert file.read() == b""
-    with result_of(fs.open_for_writing("/resume.bin", offset=6)) as file:
+    upload = result_of(fs.open_for_writing("/resume.bin", offset=6))
+    with upload.file as file:
+        upload.begin()
         file.write(b"ab")
     with open(os.path.join(root, "resume.bin"), "rb") as file:
         assert file.read() == b"012345ab"
+
+
+@pytest.mark.parametrize("options", [{}, {"append": True}, {"offset": 4}])
+def test_an_upload_changes_its_file_only_once_it_begins(make_fs, root, result_of, options):
+    """QA, session 27: STOR emptied the file on opening, before its data connection was refused (FTPS)."""
+    fs = make_fs()
+    path = os.path.join(root, "kept.bin")
+    with open(path, "wb") as file:
+        file.write(b"0123456789")
+    result_of(fs.abandon_upload(result_of(fs.open_for_writing("/kept.bin", **options))))
+    assert open(path, "rb").read() == b"0123456789"
+    upload = result_of(fs.open_for_writing("/kept.bin", **options))
+    upload.begin()
+    upload.file.close()
+    expected = {"append": b"0123456789", "offset": b"0123"}.get(next(iter(options), ""), b"")
+    assert open(path, "rb").read() == expected
+
+
+def test_an_abandoned_upload_removes_only_the_file_its_opening_created(make_fs, root, result_of):
+    fs = make_fs()
+    result_of(fs.abandon_upload(result_of(fs.open_for_writing("/made.bin"))))
+    assert not os.path.exists(os.path.join(root, "made.bin"))
+    result_of(fs.abandon_upload(result_of(fs.open_for_writing("/made.bin", append=True))))
+    assert not os.path.exists(os.path.join(root, "made.bin"))
+    upload = result_of(fs.open_for_writing("/made.bin"))
+    with open(os.path.join(root, "other.bin"), "wb") as other:
+        other.write(b"not the upload's")
+    os.replace(os.path.join(root, "other.bin"), os.path.join(root, "made.bin"))  # another session's file took the name
+    result_of(fs.abandon_upload(upload))
+    assert open(os.path.join(root, "made.bin"), "rb").read() == b"not the upload's"
 
 
 @pytest.mark.parametrize("second", [{}, {"append": True}, {"offset": 2}])
@@ -439,13 +474,14 @@ def test_a_file_being_uploaded_cannot_be_uploaded_by_another_at_once(make_fs, ro
     """The second upload is refused before it empties, appends to or cuts the file; once the first ends, it may."""
     fs = make_fs()
     first = result_of(fs.open_for_writing("/same.bin"))
-    first.write(b"first upload")
-    first.flush()
+    first.begin()
+    first.file.write(b"first upload")
+    first.file.flush()
     with pytest.raises(BlockingIOError):
         result_of(fs.open_for_writing("/same.bin", **second))
-    first.close()
+    first.file.close()
     assert open(os.path.join(root, "same.bin"), "rb").read() == b"first upload"
-    result_of(fs.open_for_writing("/same.bin", **second)).close()
+    result_of(fs.open_for_writing("/same.bin", **second)).file.close()
 
 
 def test_offsets_past_the_end_or_on_a_missing_file_are_refused(make_fs, root, result_of):

@@ -24,7 +24,7 @@ from zope.interface.verify import verifyObject
 from sftpauth.auth.credentials import LoginRequest
 from sftpauth.config.models import FTPServiceSettings
 from sftpauth.auth.policy import FAILED_LOGIN_DELAY
-from sftpauth.filesystem import JailedFilesystem
+from sftpauth.filesystem import JailedFilesystem, PreparedUpload
 from sftpauth.ftp import (
     LOGIN_GRACE_SECONDS, MAX_QUEUED_COMMANDS, FileDownload, FileUpload, FTPReplyError, FTPServiceFactory, JailedFTPShell,
     keep_urgent_data_inline, list_line, listing_name, mlsx_facts, strip_telnet_commands,
@@ -502,10 +502,28 @@ def test_upload_appends(shell, home, result_of):
     assert (home / "log").read_bytes() == b"one\ntwo\n"
 
 
+def test_an_upload_empties_its_file_only_once_its_data_may_flow(shell, home, result_of):
+    """Closed before begin() (its data connection refused): the file is as it was. An empty upload empties it."""
+    (home / "kept").write_bytes(b"precious")
+    refused = result_of(shell.openForWriting(["kept"]))
+    result_of(refused.receive())
+    result_of(refused.close())
+    assert (home / "kept").read_bytes() == b"precious"
+    empty = result_of(shell.openForWriting(["kept"]))
+    result_of(empty.receive()).begin()
+    result_of(empty.close())
+    assert (home / "kept").read_bytes() == b""
+
+
+def _prepared(file) -> PreparedUpload:
+    """An upload of ``file`` as the filesystem opens one: nothing to cut, not created by the opening."""
+    return PreparedUpload(file, "/unused", cut=False, created=False)
+
+
 def test_upload_pauses_the_producer_when_the_disk_falls_behind(home):
     """Above high_water bytes waiting for the disk the producer is paused, below low_water resumed."""
     threads = ManualThreads()
-    upload = FileUpload(JailedFilesystem(str(home), FULL_CONTROL, threads), open(home / "f", "wb"), "/f")
+    upload = FileUpload(JailedFilesystem(str(home), FULL_CONTROL, threads), _prepared(open(home / "f", "wb")), "/f")
     upload.high_water, upload.low_water = 10, 4
     producer = RecordingProducer()
     upload.registerProducer(producer, True)
@@ -536,7 +554,7 @@ class _FullDisk:
 def test_upload_write_error_stops_the_producer_and_fails_close(home, run_in_thread):
     """A failing write stops the data connection and close() fails with 452, after closing the file."""
     file = _FullDisk()
-    upload = FileUpload(JailedFilesystem(str(home), FULL_CONTROL, run_in_thread), file, "/f")
+    upload = FileUpload(JailedFilesystem(str(home), FULL_CONTROL, run_in_thread), _prepared(file), "/f")
     producer = RecordingProducer()
     upload.registerProducer(producer, True)
     upload.write(b"data")
@@ -566,7 +584,8 @@ class _FillsUp:
 
 def test_a_failed_upload_write_is_logged_with_the_reason_and_the_bytes_written(home, run_in_thread, log_lines):
     """A full disk is a warning in the server log (it was no line at all): the reason, and how far the upload got."""
-    upload = FileUpload(JailedFilesystem(str(home), FULL_CONTROL, run_in_thread, log_as="ftp alice"), _FillsUp(6), "/f")
+    upload = FileUpload(JailedFilesystem(str(home), FULL_CONTROL, run_in_thread, log_as="ftp alice"), _prepared(_FillsUp(6)),
+                        "/f")
     upload.write(b"1234")
     assert not upload.write_failed
     upload.write(b"5678")
