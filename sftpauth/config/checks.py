@@ -513,6 +513,9 @@ def make_validator(base_folder: str, environ: Mapping[str, str]) -> Validator:
             return SWITCHED_OFF
         return UNSUPPORTED
 
+    def refused(value: str, instead: str) -> None:
+        raise VdtValueError(f"an SFTPPlus option that sftpauth does not take; {instead}")
+
     functions: dict[str, Callable] = {
         "yesno": yesno,
         "text": text,
@@ -534,6 +537,7 @@ def make_validator(base_folder: str, environ: Mapping[str, str]) -> Validator:
         "folder": folder,
         "secret": secret,
         "unsupported": unsupported,
+        "refused": refused,
         "attribute": attribute,
         "required_attribute": required_attribute,
         "address_list": address_list,

@@ -370,6 +370,11 @@ def _check_section(
             try:
                 type_name = validator.check(spec["type"], type_value)
             except ValidateError as error:
+                instead = _SFTPPLUS_METHODS.get(type_value.strip().lower()) if kind == "authentications" else None
+                if instead:  # its options are that method's: no error of their own
+                    problems.error(section, "type", f"{type_value.strip()!r} is an SFTPPlus method that sftpauth does "
+                                   f"not have; {instead}")
+                    return None
                 problems.error(section, "type", str(error))
         if type_name is None:
             # Without a type its options cannot be checked; those of no type at all are typos still.
@@ -416,7 +421,7 @@ def _check_section(
         result[name] = checked
     values = {aliases.get(option, option): value for option, value in values.items()}
     for option, check in spec.items():
-        if (option in values and option not in values_with_errors) or option in result or check.startswith("unsupported"):
+        if (option in values and option not in values_with_errors) or option in result or check.startswith(("unsupported", "refused")):
             continue
         try:
             default = validator.check(check, None, missing=True)
@@ -449,6 +454,15 @@ def _switched_off(values: Mapping[str, str]) -> bool:
 _ALIASES: Mapping[str, Mapping[str, str]] = {"administrators": {"role": "roles"}}
 
 
+# SFTPPlus authentication methods that sftpauth does as a security policy, and how.
+_SFTPPLUS_METHODS: Mapping[str, str] = {
+    "ip-time-ban": "bans are a security policy's: source_ip_ban_after_count and source_ip_ban_interval in "
+                   "[security-policies/DEFAULT-SECURITY-POLICY] (or a named policy), for every service using it",
+    "deny-username": "refused usernames are a security policy's: deny_usernames in "
+                     "[security-policies/DEFAULT-SECURITY-POLICY] (or a named policy)",
+}
+
+
 def _choices(check: str) -> str:
     return ", ".join(re.findall(r'"([^"]+)"', check))
 
@@ -465,7 +479,8 @@ def _options_of_any_type(kind: str) -> dict[str, str]:
 def _unknown_option_message(option: str, spec: Mapping[str, str]) -> str:
     close = difflib.get_close_matches(option, list(spec), n=1)
     hint = f" (did you mean {close[0]!r}?)" if close else ""
-    return f"unknown option{hint}; allowed: {', '.join(sorted(spec))}"
+    allowed = sorted(name for name, check in spec.items() if not check.startswith("refused"))
+    return f"unknown option{hint}; allowed: {', '.join(allowed)}"
 
 
 def _build(

@@ -936,6 +936,38 @@ def test_all_problems_of_a_file_are_reported_at_once(password_hash):
     ]
 
 
+def test_sftpplus_server_options_sftpauth_cannot_honour_are_errors_saying_what_to_do():
+    """QA (SFTPPlus migration): SFTPPlus's documented [server] sample gave 'unknown option' (for
+    manager_authentications: 'did you mean authentications?'), and nothing about what to do instead."""
+    found = {
+        problem.option: (problem.line, problem.message)
+        for problem in problems_of(
+            "[server]\nuuid = 530019d0-92ce-11e2-9e96-0800200c9a66\naccount = sftpplus\numask = 022\n"
+            "manager_authentications = 65a1-41ce\nssl_cipher_list = HIGH\n"
+        )
+    }
+    assert sorted(found) == ["account", "manager_authentications", "umask"]
+    assert found["account"] == (3, "an SFTPPlus option that sftpauth does not take; sftpauth runs as the user that "
+                                   "starts it: User= in its systemd unit (etc/sftpauth.service)")
+    assert found["umask"][0] == 4 and "UMask= in its systemd unit" in found["umask"][1]
+    assert found["manager_authentications"][0] == 5 and "section (type = manager)" in found["manager_authentications"][1]
+    unknown = only_problem("[server]\naccounts = x\n").message
+    assert "unknown option" in unknown and "umask" not in unknown and "account," not in unknown
+
+
+@pytest.mark.parametrize(
+    "kind, options, instead",
+    [("ip-time-ban", "ban_interval = 600\nban_after_count = 3\n", "source_ip_ban_after_count and source_ip_ban_interval"),
+     ("Deny-Username", "usernames = root\n", "deny_usernames in [security-policies/DEFAULT-SECURITY-POLICY]")],
+)
+def test_sftpplus_methods_that_are_security_policies_here_say_so(kind, options, instead):
+    """QA (SFTPPlus migration): each of the method's options was an 'unknown option' with a misleading hint."""
+    problem = only_problem(f"[authentications/m]\ntype = {kind}\n{options}")
+    assert (problem.section, problem.option, problem.line) == ("authentications/m", "type", 2)
+    assert problem.message.startswith(f"{kind!r} is an SFTPPlus method that sftpauth does not have; ")
+    assert instead in problem.message
+
+
 def test_known_sftpplus_options_are_warnings_not_errors():
     """SFTPPlus options sftpauth does not implement load with a warning naming each."""
     configuration = parse(

@@ -41,7 +41,7 @@ def _spec_options():
     spec = ConfigObj(SPEC_PATH, list_values=False, interpolation=False, _inspec=True)
     for section, options in spec.items():
         for option, check in options.items():
-            if not check.startswith("unsupported"):
+            if not check.startswith(("unsupported", "refused")):  # SFTPPlus's, not sftpauth's: the header names them
                 yield section, option
 
 
