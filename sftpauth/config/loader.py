@@ -625,6 +625,7 @@ def _cross_check(problems: _Problems, configuration: models.Configuration) -> No
             problems.warn(section, "sftp", "no: clients can log in but not transfer files")
         if isinstance(service, models.FTPServiceSettings) and service.enabled:
             _check_ftps_options(problems, section, service)
+            _check_passive_address(problems, section, service)
         if service.type == "ldap-directory" and not _is_loopback(service.address):
             problems.error(
                 section,
@@ -778,6 +779,27 @@ _FTPS_OPTIONS = (
     "ftps_force_secured_data_channel",
     "ftps_require_session_reuse",
 )
+
+
+def _check_passive_address(problems: _Problems, section: str, service: models.FTPServiceSettings) -> None:
+    """A ``passive_address`` PASV cannot announce, or that the passive ports are not listened on, is an error.
+
+    Data connections come straight from the client, also behind a proxy, and
+    are listened for on the control connection's address (``docs``:
+    "Passive FTP behind a proxy").
+    """
+    try:
+        announced = ipaddress.ip_address(service.passive_address)
+        listened = ipaddress.ip_address(service.address)
+    except ValueError:
+        return  # not set, or a host name: its address is known only when PASV looks it up
+    if announced.version == 6 and announced.ipv4_mapped is None:
+        problems.error(section, "passive_address", f"{announced} is IPv6: PASV can announce only an IPv4 address "
+                       "(EPSV, which IPv6 clients use, announces a port alone)")
+    elif listened.version == 6 and not listened.is_unspecified and listened.ipv4_mapped is None:
+        problems.error(section, "passive_address", f"{announced} is IPv4, and this service listens on {listened} only, "
+                       "where its passive ports are listened for too: clients could not reach them. Give the service "
+                       "an IPv4 address, or ::")
 
 
 def _check_ftps_options(problems: _Problems, section: str, service: models.FTPServiceSettings) -> None:

@@ -1744,6 +1744,26 @@ def test_a_username_suffix_that_no_bind_uses_is_a_warning(bind_type):
     assert direct.warnings == ()
 
 
+@pytest.mark.parametrize(
+    "address, passive, message",
+    [("::1", "203.0.113.5", "203.0.113.5 is IPv4, and this service listens on ::1 only"),
+     ("127.0.0.1", "2001:db8::5", "2001:db8::5 is IPv6: PASV can announce only an IPv4 address"),
+     ("::", "2001:db8::5", "2001:db8::5 is IPv6: PASV can announce only an IPv4 address")],
+)
+def test_a_passive_address_clients_could_not_use_is_an_error(address, passive, message):
+    """QA, session 26 (IPv6): PASV announced the IPv4 address while the ports were listened for on ::1 only."""
+    problem = only_problem(f"[services/ftp]\ntype = ftp\nport = 2121\naddress = {address}\npassive_address = {passive}\n")
+    assert (problem.section, problem.option, problem.line) == ("services/ftp", "passive_address", 5)
+    assert problem.message.startswith(message)
+
+
+@pytest.mark.parametrize("address, passive", [("::", "203.0.113.5"), ("0.0.0.0", "203.0.113.5"), ("::1", "ftp.example.com"),
+                                              ("127.0.0.1", "::ffff:203.0.113.5")])
+def test_a_passive_address_clients_can_use_is_taken(address, passive):
+    configuration = parse(f"[services/ftp]\ntype = ftp\nport = 2121\naddress = {address}\npassive_address = {passive}\n")
+    assert configuration.services["ftp"].passive_address in (passive, "::ffff:cb00:7105")  # the mapped one normalised
+
+
 def test_ftps_options_on_a_plain_ftp_service_are_warnings_on_their_lines():
     """Forcing TLS on a service without a certificate changes nothing: the administrator hears that passwords go in clear."""
     configuration = parse(
