@@ -733,19 +733,34 @@ class JailedFilesystem:
             _seek(file, offset)
         return PreparedUpload(file, real, cut=not append, created=created)
 
-    def abandon_upload(self, upload: PreparedUpload) -> defer.Deferred:
-        """Close an upload that never began; remove its file if opening it created it (and it is still that file)."""
-        return self._run_in_thread(self._abandon, upload)
+    def abandon_upload(self, upload: PreparedUpload, virtual: str) -> defer.Deferred:
+        """Close an upload that never began; remove its file if opening it created it (and it is still that file).
 
-    def _abandon(self, upload: PreparedUpload) -> None:
+        Logged after the open's "upload to" line, which it undoes.
+        """
+        abandoning = self._run_in_thread(self._abandon, upload)
+
+        def logged(removed: bool) -> None:
+            if self.log_as:
+                _log.info(
+                    "{session}: upload to {path} got no data: {outcome}", session=self.log_as,
+                    path=printable(virtual),
+                    outcome="the file it created is removed" if removed else "the file is as it was",
+                )
+
+        return abandoning.addCallback(logged)
+
+    def _abandon(self, upload: PreparedUpload) -> bool:
         with upload.file:
             if not upload.created:
-                return
+                return False
             mine = os.fstat(upload.file.fileno())
             with _beneath(self.root, upload.real) as (folder, name):
                 there = os.stat(name, dir_fd=folder, follow_symlinks=False)
                 if (there.st_dev, there.st_ino) == (mine.st_dev, mine.st_ino) and there.st_size == 0:
                     os.unlink(name, dir_fd=folder)
+                    return True
+        return False
 
     def open_file(self, client_path, flags: int, mode: int = 0o644, cwd: str = "/") -> defer.Deferred:
         """``os.open`` with SFTP-style flags; WRITE for any write flag, READ otherwise.

@@ -687,6 +687,7 @@ class FileUpload:
         self._file = upload.file
         self._virtual = virtual
         self._begun = False  # the data may flow: until then the file is as it was
+        self._got_data = False  # a byte arrived: a failed upload then keeps what it wrote (to resume it)
         self._queue: list[bytes] = []
         self._pending = 0  # bytes received and not yet written
         self._written_bytes = 0  # bytes on disk (for the log line of a failed write)
@@ -715,20 +716,22 @@ class FileUpload:
         resumed offset) before the first write, or at :meth:`close` for an empty upload."""
         self._begun = True
 
-    def close(self) -> defer.Deferred:
+    def close(self, failed: bool = False) -> defer.Deferred:
         """Wait for pending writes, close the file; fail with the first error.
 
-        An upload that never began (its data connection was refused) leaves
-        the file as it was, and removes it if opening it created it.
+        An upload that never began (its data connection was refused), or
+        ``failed`` before its first byte (cut off, ABOR), leaves the file as
+        it was, and removes it if opening it created it.
         """
         if self._closing is not None:
             return self._closing
         idle = defer.Deferred()
         self._idle_waiters.append(idle)
         self._write_more()
+        abandon = not self._begun or (failed and not self._got_data)
         closing = idle.addCallback(
-            lambda ignored: self._filesystem.run(self._finish) if self._begun
-            else self._filesystem.abandon_upload(self._upload)
+            lambda ignored: self._filesystem.abandon_upload(self._upload, self._virtual) if abandon
+            else self._filesystem.run(self._finish)
         )
         closing.addBoth(lambda result: self._error if self._error is not None else result)
         closing.addErrback(lambda failure: _raise(ftp_error(failure, self._virtual or "/")))
@@ -746,6 +749,7 @@ class FileUpload:
     def write(self, data: bytes) -> None:
         # Never raises: Twisted's DTP fires its Deferred twice if it does.
         self._begun = True
+        self._got_data = self._got_data or bool(data)
         if self._error is not None or self._closing is not None:
             return
         self._queue.append(bytes(data))
@@ -2117,7 +2121,7 @@ class SftpauthFTP(ftp.FTP):
                     return self._when_secured(consumer, dtp).addCallback(secured)
 
                 def close(result):
-                    closing = file.close()
+                    closing = file.close(failed=isinstance(result, Failure))
                     if isinstance(result, Failure) and not file.write_failed:
                         # The first error is the one to report. A failed write (a full disk) is reported
                         # by close(): it stopped the data connection, which may end ``result`` (under TLS).

@@ -1166,6 +1166,31 @@ def test_commands_between_pasv_and_the_data_connection_are_answered_in_order(ftp
     raw.close()
 
 
+@pytest.mark.parametrize("name", ["kept.bin", "never-made.bin"])
+def test_an_upload_cut_off_before_its_first_byte_changes_no_file(ftp_server, name):
+    """QA, session 27: a data connection reset after 150 (a cancelled upload) emptied the file it was to replace."""
+    home = ftp_server.home("alice")
+    if name == "kept.bin":
+        (home / name).write_bytes(b"precious")
+    raw = RawControl(ftp_server.port)
+    assert raw.command(b"USER alice").startswith(b"331")
+    assert raw.command(b"PASS alice-pass").startswith(b"230")
+    host, port = ftplib.parse227(raw.command(b"PASV").decode())
+    data = socket.create_connection((host, port), timeout=TIMEOUT)
+    assert raw.command(b"STOR " + name.encode())[:3] in (b"125", b"150")
+    data.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    data.close()  # a reset, not an end of file
+    assert raw.reply().startswith(b"426")
+    if name == "kept.bin":
+        assert (home / name).read_bytes() == b"precious"
+    else:
+        assert not (home / name).exists()
+    assert raw.command(b"NOOP").startswith(b"200")
+    raw.close()
+    outcome = "the file is as it was" if name == "kept.bin" else "the file it created is removed"
+    ftp_server.process.wait_for_log(lambda text: f"ftp alice: upload to /{name} got no data: {outcome}" in text)
+
+
 def test_malformed_commands_get_errors_and_the_connection_goes_on(ftp_server):
     """Unknown, malformed and argument-less commands get 5xx replies; the session keeps working."""
     raw = RawControl(ftp_server.port)

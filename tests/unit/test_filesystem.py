@@ -446,7 +446,7 @@ def test_an_upload_changes_its_file_only_once_it_begins(make_fs, root, result_of
     path = os.path.join(root, "kept.bin")
     with open(path, "wb") as file:
         file.write(b"0123456789")
-    result_of(fs.abandon_upload(result_of(fs.open_for_writing("/kept.bin", **options))))
+    result_of(fs.abandon_upload(result_of(fs.open_for_writing("/kept.bin", **options)), "/kept.bin"))
     assert open(path, "rb").read() == b"0123456789"
     upload = result_of(fs.open_for_writing("/kept.bin", **options))
     upload.begin()
@@ -455,18 +455,24 @@ def test_an_upload_changes_its_file_only_once_it_begins(make_fs, root, result_of
     assert open(path, "rb").read() == expected
 
 
-def test_an_abandoned_upload_removes_only_the_file_its_opening_created(make_fs, root, result_of):
-    fs = make_fs()
-    result_of(fs.abandon_upload(result_of(fs.open_for_writing("/made.bin"))))
+def test_an_abandoned_upload_removes_only_the_file_its_opening_created(root, run_in_thread, result_of, log_lines):
+    """The "upload to" line of the opening is followed by what became of the file (QA, session 27)."""
+    fs = JailedFilesystem(root, FULL_CONTROL, run_in_thread, log_as="ftp alice")
+    result_of(fs.abandon_upload(result_of(fs.open_for_writing("/made.bin")), "/made.bin"))
     assert not os.path.exists(os.path.join(root, "made.bin"))
-    result_of(fs.abandon_upload(result_of(fs.open_for_writing("/made.bin", append=True))))
+    result_of(fs.abandon_upload(result_of(fs.open_for_writing("/made.bin", append=True)), "/made.bin"))
     assert not os.path.exists(os.path.join(root, "made.bin"))
     upload = result_of(fs.open_for_writing("/made.bin"))
     with open(os.path.join(root, "other.bin"), "wb") as other:
         other.write(b"not the upload's")
     os.replace(os.path.join(root, "other.bin"), os.path.join(root, "made.bin"))  # another session's file took the name
-    result_of(fs.abandon_upload(upload))
+    result_of(fs.abandon_upload(upload, "/made.bin"))
     assert open(os.path.join(root, "made.bin"), "rb").read() == b"not the upload's"
+    assert [line for line in log_lines if "got no data" in line] == [
+        "ftp alice: upload to /made.bin got no data: the file it created is removed",
+        "ftp alice: upload to /made.bin got no data: the file it created is removed",
+        "ftp alice: upload to /made.bin got no data: the file is as it was",
+    ]
 
 
 @pytest.mark.parametrize("second", [{}, {"append": True}, {"offset": 2}])

@@ -515,6 +515,21 @@ def test_an_upload_empties_its_file_only_once_its_data_may_flow(shell, home, res
     assert (home / "kept").read_bytes() == b""
 
 
+def test_an_upload_that_fails_before_its_first_byte_keeps_the_file(shell, home, result_of):
+    """QA, session 27: a cancelled upload (ABOR, a reset) that got no byte still emptied the file; one that got bytes
+    keeps them (to be resumed)."""
+    (home / "kept").write_bytes(b"precious")
+    cancelled = result_of(shell.openForWriting(["kept"]))
+    result_of(cancelled.receive()).begin()
+    result_of(cancelled.close(failed=True))
+    assert (home / "kept").read_bytes() == b"precious"
+    cut = result_of(shell.openForWriting(["kept"]))
+    result_of(cut.receive()).begin()
+    cut.write(b"new")
+    result_of(cut.close(failed=True))
+    assert (home / "kept").read_bytes() == b"new"
+
+
 def _prepared(file) -> PreparedUpload:
     """An upload of ``file`` as the filesystem opens one: nothing to cut, not created by the opening."""
     return PreparedUpload(file, "/unused", cut=False, created=False)
