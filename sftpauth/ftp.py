@@ -909,6 +909,7 @@ class _DataChannel(ftp.DTP):
     """
 
     refusal: Optional[DataChannelRefused] = None
+    aborted = False  # cut by the client's ABOR (or QUIT)
 
     def connectionLost(self, reason) -> None:
         self.isConnected = False
@@ -1010,7 +1011,10 @@ class _ProtectedDataChannel(_DataChannel):
 
     def connectionLost(self, reason) -> None:
         self._cancel_timeout()
-        if not self._verified and self.refusal is None:
+        if not self._verified and self.refusal is None and self.aborted:
+            # ABOR during the handshake: the client cancelled the transfer, TLS did not fail (RFC 959: 426, then 226)
+            self.refusal = DataChannelRefused(426, "Connection closed; transfer aborted.")
+        elif not self._verified and self.refusal is None:
             _log.info(
                 "FTP service {service}: a protected data connection ended before its TLS handshake: {reason}",
                 service=self.pi.factory.settings.id,
@@ -1806,6 +1810,7 @@ class SftpauthFTP(ftp.FTP):
     def _abort_data_connection(self) -> None:
         dtp = self.dtpInstance
         if dtp is not None and dtp.isConnected and dtp.transport is not None:
+            dtp.aborted = True
             dtp.transport.abortConnection()
 
     def _abort_transfer(self) -> None:

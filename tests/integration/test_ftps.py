@@ -786,6 +786,28 @@ def test_a_data_connection_that_fails_its_handshake_is_audited_and_one_closed_un
     assert first == "tls-handshake-failed" and detail.startswith("a data connection: ") and second[0] == "tls-required"
 
 
+
+@pytest.mark.parametrize("command", ["RETR", "STOR"])
+def test_abor_during_a_data_connections_tls_handshake_answers_426_then_226(site, command):
+    """Left by QA, session 27: ABOR while the data connection's TLS handshake was pending got 522 (a TLS
+    failure, audited as one), then 226; RFC 959 says 426 for the cancelled transfer. The file is unchanged."""
+    source = fresh_source()
+    (site.home() / "abor.bin").write_bytes(MARKER)
+    client = explicit_client(site, source_address=(source, 0))
+    host, port = ftplib.parse227(client.sendcmd("PASV"))
+    plain = socket.create_connection((host, port), timeout=TIMEOUT, source_address=(source, 0))  # no ClientHello
+    client.sock.sendall(f"{command} abor.bin\r\n".encode())
+    assert client.getresp().startswith("125")
+    client.sock.sendall(b"ABOR\r\n")
+    with pytest.raises(ftplib.error_temp, match="^426 "):
+        client.getresp()
+    assert client.getresp().startswith("226")
+    plain.close()
+    assert client.voidcmd("NOOP").startswith("200")
+    client.close()
+    assert (site.home() / "abor.bin").read_bytes() == MARKER
+    assert refusals_after_a_marker(site, source) == [("tls-required", "USER before AUTH TLS")]
+
 # -- certificates -----------------------------------------------------------------------
 
 
