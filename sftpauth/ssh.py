@@ -49,6 +49,7 @@ import os
 import stat as stat_module
 import struct
 import time
+from collections import deque
 from typing import Any, Callable, Optional
 
 from cryptography.hazmat.primitives import serialization
@@ -66,6 +67,7 @@ from twisted.conch.ssh.filetransfer import (
     FileTransferBase,
     FileTransferServer,
     FX_BAD_MESSAGE,
+    FX_EOF,
     FX_FAILURE,
     FX_NO_SUCH_FILE,
     FX_OK,
@@ -77,13 +79,17 @@ from twisted.conch.ssh.filetransfer import (
     FXF_READ,
     FXF_TRUNC,
     FXF_WRITE,
+    FXP_CLOSE,
     FXP_EXTENDED_REPLY,
+    FXP_FSETSTAT,
+    FXP_FSTAT,
     FXP_HANDLE,
     FXP_INIT,
     FXP_NAME,
     FXP_READ,
     FXP_READDIR,
     FXP_VERSION,
+    FXP_WRITE,
     SFTPError,
 )
 from twisted.internet import defer, protocol
@@ -144,6 +150,9 @@ OUTPUT_HIGH_WATER = 1024 * 1024  # unsent reply bytes: stop taking requests...
 OUTPUT_LOW_WATER = 256 * 1024  # ...until the client has read down to this
 READDIR_BATCH_ENTRIES = 250  # entries in one READDIR answer (as conch)...
 READDIR_BATCH_BYTES = 64 * 1024  # ...and about this many bytes at most
+# Requests on an open handle: each handle's lock keeps its own in order, so they run beside the
+# requests of other handles. Every other request (a path, an extension) runs alone (SFTPSubsystem).
+HANDLE_REQUESTS = frozenset({FXP_CLOSE, FXP_READ, FXP_WRITE, FXP_FSTAT, FXP_FSETSTAT, FXP_READDIR})
 # OpenSSH's extensions, announced in VERSION (name: version); SFTPSubsystem.packet_EXTENDED answers them.
 SFTP_EXTENSIONS = {
     b"posix-rename@openssh.com": b"1",  # rename that replaces the target (sftp's rename, FTP's RNTO)
@@ -724,6 +733,15 @@ class SFTPSubsystem(FileTransferServer):
     a client that pipelines reads and never collects the answers makes the
     server wait, not work; it can have no more than a window of requests
     queued. When the session ends, what is queued is dropped.
+
+    Order, as the SFTP draft asks ("as if it had sent the requests one at a
+    time"): requests on open handles run side by side, each handle's in
+    the order sent (its lock); any other request (a path: MKDIR, RENAME,
+    SETSTAT, OPEN...; an extension) starts only when every request before
+    it has been answered, and holds back every request after it until it
+    is answered. Pipelined ``mkdir -p`` (lftp) or WRITE, CLOSE, SETSTAT,
+    RENAME (WinSCP) then do what they would one at a time; OpenSSH's
+    sftp-server runs everything one at a time.
     """
 
     _log = _QuietLogger()
@@ -742,6 +760,10 @@ class SFTPSubsystem(FileTransferServer):
         self._repliesPaused = False
         self._readingPaused = False
         self._dispatching = False
+        self._held: deque[tuple[int, bytes]] = deque()  # admitted requests waiting for their turn (see the class)
+        self._running = 0  # requests started and not answered yet
+        self._runningAlone = False  # the one running is a request that runs alone
+        self._startingHeld = False
 
     def connectionMade(self) -> None:
         channel = self._channel()
@@ -795,9 +817,36 @@ class SFTPSubsystem(FileTransferServer):
         self._updateReading()
 
     def _dispatch(self, kind: int, packet: bytes) -> None:
-        requestId = packet[:4]
         if kind != FXP_INIT:  # INIT has no request id; its VERSION answer is not counted
-            self._reserve(requestId, _reply_bytes(kind, packet))
+            self._reserve(packet[:4], _reply_bytes(kind, packet))
+        if self._held or not self._mayStart(kind):
+            self._held.append((kind, packet))
+            return
+        self._start(kind, packet)
+
+    def _mayStart(self, kind: int) -> bool:
+        if kind == FXP_INIT:
+            return True
+        if kind in HANDLE_REQUESTS:
+            return not self._runningAlone
+        return self._running == 0
+
+    def _startHeld(self) -> None:
+        """Start the held requests whose turn has come, in order (an answer sent while starting one goes on here)."""
+        if self._startingHeld:
+            return
+        self._startingHeld = True
+        try:
+            while self.connected and self._held and self._mayStart(self._held[0][0]):
+                self._start(*self._held.popleft())
+        finally:
+            self._startingHeld = False
+
+    def _start(self, kind: int, packet: bytes) -> None:
+        requestId = packet[:4]
+        if kind != FXP_INIT:
+            self._running += 1
+            self._runningAlone = kind not in HANDLE_REQUESTS
         name = self.packetTypes.get(kind)
         handler = getattr(self, f"packet_{name}", None) if name else None
         if handler is None:
@@ -880,7 +929,13 @@ class SFTPSubsystem(FileTransferServer):
             return  # a read that finished after the client left: nobody to send it to
         if kind != FXP_VERSION:
             self._release(data[:4])
+            if self._running:
+                self._running -= 1
+            if not self._running:
+                self._runningAlone = False
         FileTransferBase.sendPacket(self, kind, data)
+        if self._held:
+            self._startHeld()
         if self.buf or self._readingPaused:  # a freed place: requests may be waiting for it
             self._dispatchRequests()
 
@@ -908,6 +963,7 @@ class SFTPSubsystem(FileTransferServer):
 
     def stopProducing(self) -> None:
         self.buf.clear()
+        self._held.clear()
 
     def _protocolError(self, what: str) -> None:
         _log.warn(
@@ -983,6 +1039,9 @@ class SFTPSubsystem(FileTransferServer):
         if reason.check(KeyError):  # conch's lookups of a handle the client never got
             self._sendStatus(requestId, FX_FAILURE, b"invalid handle")
             return
+        if reason.check(EOFError):  # the end of a file or listing is no failure (conch: "read failed")
+            self._sendStatus(requestId, FX_EOF, b"End of file")
+            return
         super()._ebStatus(reason, requestId, msg)
 
     def _ebRead(self, reason: Failure, requestId: bytes) -> None:
@@ -1003,6 +1062,7 @@ class SFTPSubsystem(FileTransferServer):
     def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
         FileTransferBase.connectionLost(self, reason)
         self.buf.clear()  # requests not dispatched yet are never run
+        self._held.clear()
         channel = self._channel()
         if channel is not None:
             channel.unregisterProducer()

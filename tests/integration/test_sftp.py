@@ -6,6 +6,7 @@ import hashlib
 import io
 import os
 import re
+import shutil
 import socket
 import stat
 import struct
@@ -1400,3 +1401,24 @@ def test_a_folder_swapped_for_a_link_while_a_client_uses_it_never_leads_outside(
     assert jail_race.OUTSIDE not in downloads
     assert jail_race.INSIDE in downloads and uploads  # the swaps left room for some to work
     assert jail_race.outside_unchanged(outside)
+
+
+def test_lftp_mkdir_p_and_rm_r_over_sftp_with_pipelined_requests(site, tmp_path):
+    """QA, session 29: lftp pipelines ``mkdir -p``'s MKDIRs (and ``rm -r``'s RMDIRs); the server ran them side by side
+    in its threads and the deeper ones failed ("no such file or folder"), every time. They now run in order."""
+    lftp = shutil.which("lftp")
+    if lftp is None:
+        pytest.fail("lftp is not installed", pytrace=False)
+    top = unique("deep")
+    script = (
+        'set sftp:connect-program "ssh -a -x -oStrictHostKeyChecking=no -oUserKnownHostsFile=/dev/null"; '
+        "set net:max-retries 1; set net:timeout 10; set cmd:fail-exit yes; "
+        f"mkdir -p {top}/b/c/d/e/f; cd {top}/b/c/d/e/f; pwd; cd /; rm -r {top}; bye"
+    )
+    result = subprocess.run(
+        [lftp, "-u", f"alice,{PASSWORDS['alice']}", "-p", str(site.port), "-e", script, "sftp://127.0.0.1"],
+        cwd=tmp_path, capture_output=True, timeout=60, stdin=subprocess.DEVNULL,
+    )
+    assert result.returncode == 0, result.stderr.decode(errors="replace")
+    assert f"{top}/b/c/d/e/f" in result.stdout.decode()
+    assert not (site.home("alice") / top).exists()

@@ -25,9 +25,9 @@ from sftpauth.permissions import FULL_CONTROL, Permission
 
 FXP_INIT, FXP_VERSION, FXP_OPEN, FXP_CLOSE, FXP_READ = 1, 2, 3, 4, 5
 FXP_WRITE, FXP_SETSTAT, FXP_FSETSTAT = 6, 9, 10
-FXP_OPENDIR, FXP_READDIR, FXP_REMOVE, FXP_MKDIR, FXP_RENAME = 11, 12, 13, 14, 18
+FXP_OPENDIR, FXP_READDIR, FXP_REMOVE, FXP_MKDIR, FXP_RMDIR, FXP_RENAME = 11, 12, 13, 14, 15, 18
 FILEXFER_ATTR_SIZE, FILEXFER_ATTR_PERMISSIONS = 0x01, 0x04
-FXP_STATUS, FXP_HANDLE, FXP_DATA, FXP_NAME = 101, 102, 103, 104
+FXP_STATUS, FXP_HANDLE, FXP_DATA, FXP_NAME, FXP_ATTRS = 101, 102, 103, 104, 105
 FX_OK, FX_EOF, FX_PERMISSION_DENIED, FX_FAILURE, FX_BAD_MESSAGE = 0, 1, 3, 4, 5
 FXF_READ, FXF_WRITE, FXF_CREAT, FXF_TRUNC = 0x01, 0x02, 0x08, 0x10
 CLIENT_WINDOW = 2 * 1024 * 1024
@@ -60,8 +60,11 @@ class ManualThreads:
             self.inside = False
             d.callback(result)
 
-    def run_all(self, limit: int = 100_000) -> None:
+    def run_all(self, limit: int = 100_000, newest_first: bool = False) -> None:
+        """Run the jobs, and those they start; ``newest_first``: as a thread pool may, the last one queued first."""
         while self.jobs and limit:
+            if newest_first:
+                self.jobs.insert(0, self.jobs.pop())
             self.run_one()
             limit -= 1
 
@@ -641,3 +644,93 @@ def test_a_full_disk_fails_each_write_and_is_logged_once_with_the_bytes_written(
     assert [line for line in log_lines if line.startswith("sftp alice:") and "failed" in line] == [
         "sftp alice: writing /new.bin failed after 5 bytes: No space left on device"
     ]
+
+
+# -- order of pipelined requests -------------------------------------------------------
+
+FXP_STAT, FXP_EXTENDED = 17, 200
+FILEXFER_ATTR_ACMODTIME = 0x08
+
+
+def status_request(kind: int, request_id: int, *names: bytes, rest: bytes = b"") -> bytes:
+    return sftp_packet(kind, struct.pack("!L", request_id) + b"".join(NS(name) for name in names) + rest)
+
+
+def statuses(answers: list[tuple[int, bytes]]) -> list[tuple[int, int]]:
+    """(request id, status code) of each STATUS answer, in the order received."""
+    return [(struct.unpack("!L", body[:4])[0], status_of(body)[0]) for kind, body in answers if kind == FXP_STATUS]
+
+
+def test_pipelined_path_requests_run_one_at_a_time_in_the_order_sent(home):
+    """QA, session 29: lftp's ``mkdir -p`` sends MKDIR a, a/b, a/b/c without waiting; they ran side by side in
+    the thread pool, and a/b/c failed (no such folder) whenever its thread ran first. As OpenSSH's
+    sftp-server, the result is now that of the requests sent one at a time, however the threads run."""
+    client = Client(home)
+    number = client.open_sftp()
+    names = [b"a", b"a/b", b"a/b/c", b"a/b/c/d"]
+    client.send(number, b"".join(status_request(FXP_MKDIR, 10 + index, name, rest=struct.pack("!L", 0))
+                                 for index, name in enumerate(names)))
+    assert len(client.threads.jobs) == 1  # the others wait for the first one's answer
+    client.threads.run_all(newest_first=True)
+    assert statuses(client.answers(number)) == [(10 + index, FX_OK) for index in range(len(names))]
+    assert os.path.isdir(os.path.join(home, "a", "b", "c", "d"))
+    # ...and back down, deepest first (lftp's rm -r)
+    client.send(number, b"".join(status_request(FXP_RMDIR, 20 + index, name) for index, name in enumerate(reversed(names))))
+    client.threads.run_all(newest_first=True)
+    assert statuses(client.answers(number)) == [(20 + index, FX_OK) for index in range(len(names))]
+    assert not os.path.exists(os.path.join(home, "a"))
+
+
+def test_an_upload_to_a_temporary_name_pipelined_to_its_rename_keeps_its_time(home):
+    """WinSCP's upload: WRITEs, CLOSE, SETSTAT (the time kept), rename over the final name, STAT, without waiting."""
+    client = Client(home)
+    number = client.open_sftp()
+    _, handle = client.open(number, b"report.filepart", flags=FXF_WRITE | FXF_CREAT | FXF_TRUNC)
+    times = struct.pack("!LLL", FILEXFER_ATTR_ACMODTIME, 1_000_000_000, 1_000_000_000)
+    client.send(number, b"".join([
+        sftp_packet(FXP_WRITE, write_request(30, handle, 0, b"first ")),
+        sftp_packet(FXP_WRITE, write_request(31, handle, 6, b"second")),
+        status_request(FXP_CLOSE, 32, handle),
+        status_request(FXP_SETSTAT, 33, b"report.filepart", rest=times),
+        status_request(FXP_EXTENDED, 34, b"posix-rename@openssh.com", b"report.filepart", b"report.txt"),
+        status_request(FXP_STAT, 35, b"report.txt"),
+    ]))
+    client.threads.run_all(newest_first=True)
+    answers = client.answers(number)
+    assert statuses(answers) == [(30, FX_OK), (31, FX_OK), (32, FX_OK), (33, FX_OK), (34, FX_OK)]
+    assert answers[-1][0] == FXP_ATTRS and struct.unpack("!L", answers[-1][1][:4])[0] == 35
+    final = os.path.join(home, "report.txt")
+    assert open(final, "rb").read() == b"first second"
+    assert os.stat(final).st_mtime == 1_000_000_000
+    assert not os.path.exists(os.path.join(home, "report.filepart"))
+
+
+def test_requests_on_open_handles_still_run_side_by_side_and_a_path_request_waits_for_them(home):
+    """Reads of two files are worked on at once (a lock per file keeps each file's own order); a MKDIR sent after
+    them starts once both are answered, and a read sent after the MKDIR waits for it."""
+    (open(os.path.join(home, "small.bin"), "wb")).write(b"x" * 1000)
+    client = Client(home)
+    number = client.open_sftp()
+    _, big = client.open(number, b"big.bin", request_id=1)
+    _, small = client.open(number, b"small.bin", request_id=2)
+    client.send(number, read_request(40, big, 0, 1000) + read_request(41, small, 0, 1000)
+                + status_request(FXP_MKDIR, 42, b"later", rest=struct.pack("!L", 0)) + read_request(43, small, 0, 10))
+    assert len(client.threads.jobs) == 2  # both reads, not the MKDIR
+    client.threads.run_one()
+    client.threads.run_one()
+    assert len(client.threads.jobs) == 1  # now the MKDIR, alone
+    client.threads.run_one()
+    assert len(client.threads.jobs) == 1  # then the last read
+    client.threads.run_all()
+    answers = client.answers(number)
+    assert [struct.unpack("!L", body[:4])[0] for _, body in answers] == [40, 41, 42, 43]
+
+
+def test_the_end_of_a_file_is_said_as_end_of_file_not_as_a_failure(home):
+    """QA, session 29: READ at the end of a file answered EOF with the text "read failed"."""
+    (open(os.path.join(home, "short.txt"), "wb")).write(b"abc")
+    client = Client(home)
+    number = client.open_sftp()
+    _, handle = client.open(number, b"short.txt")
+    kind, body = client.request(number, FXP_READ, struct.pack("!L", 50) + NS(handle) + struct.pack("!QL", 3, 100))
+    assert kind == FXP_STATUS and status_of(body) == (FX_EOF, "End of file")
