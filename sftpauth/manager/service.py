@@ -30,6 +30,32 @@ TOO_LARGE = b"413 Content Too Large"
 REQUEST_TIMEOUT = b"408 Request Timeout"
 # Every answer carries the security headers (docs/manager.rst), refusals sent before any request too.
 _REFUSAL_HEADERS = b"".join(b"%s: %s\r\n" % (name, value) for name, value in SECURITY_HEADERS.items())
+ACCESS_FIELD_LIMIT = 200  # characters of the path, Referer and User-Agent kept in an access line
+
+
+def _access_field(value: Optional[bytes]) -> str:
+    """``value`` for an access line: escaped as Python escapes bytes, ``"`` too, and cut to ACCESS_FIELD_LIMIT."""
+    if not value:
+        return "-"
+    cut = value[:ACCESS_FIELD_LIMIT]
+    text = repr(cut)[2:-1].replace('"', '\\"')
+    return text + ("..." if len(value) > ACCESS_FIELD_LIMIT else "")
+
+
+def access_line(timestamp: str, request: Request) -> str:
+    """The combined log format, each field bounded: any client can send a 16 KiB path, and that costs the log 200 characters."""
+    address = request.getClientAddress()
+    return '"%s" - - %s "%s %s %s" %d %s "%s" "%s"' % (
+        plain_address(getattr(address, "host", "-")),
+        timestamp,
+        _access_field(request.method),
+        _access_field(request.uri),
+        _access_field(request.clientproto),
+        request.code,
+        request.sentLength or "-",
+        _access_field(request.getHeader(b"referer")),
+        _access_field(request.getHeader(b"user-agent")),
+    )
 
 
 class ManagerChannel(HTTPChannel):
@@ -158,7 +184,7 @@ class ManagerRequest(Request):
 
 
 class ManagerSite(Site):
-    """The twisted.web site; access lines go to the twistd log (no passwords: they are never in URLs)."""
+    """The twisted.web site; access lines (:func:`access_line`) go to the twistd log (no passwords: they are never in URLs)."""
 
     noisy = False
     displayTracebacks = False
@@ -166,7 +192,7 @@ class ManagerSite(Site):
     requestFactory = ManagerRequest
 
     def __init__(self, resource, request_timeout: Optional[float] = None, **kwargs):
-        super().__init__(resource, **kwargs)
+        super().__init__(resource, logFormatter=access_line, **kwargs)
         self.request_timeout = request_timeout
 
     @classmethod

@@ -1026,3 +1026,39 @@ def test_a_disabled_or_passwordless_administrator_costs_a_hash_check_too(manager
     assert m.post_json("/api/v1/login", {"username": "empty", "password": "admin-pass"}).status == 401
     assert m.events()[-1]["reason"] == "no-password"
     assert len(checked) == 2 and checked[0].startswith("$argon2id$v=19$m=8") and checked[1].startswith("$argon2")
+
+
+def test_an_access_line_keeps_at_most_200_characters_of_each_field_a_client_chooses():
+    """QA, session 29: every request, a refused one too, wrote its whole path (up to 16 KiB), Referer and User-Agent
+    to the log, so any client could fill the log at network speed; docs/manager.rst said "nothing in the log"."""
+    from twisted.internet.address import IPv4Address
+    from twisted.web.test.requesthelper import DummyRequest
+
+    from sftpauth.manager.service import ACCESS_FIELD_LIMIT, access_line
+
+    request = DummyRequest([b""])
+    request.uri = b"/login?" + b"a" * 16000
+    request.method = b"GET"
+    request.clientproto = b"HTTP/1.1"
+    request.code = 400
+    request.sentLength = 0
+    request.client = IPv4Address("TCP", "127.0.0.9", 4242)
+    request.requestHeaders.setRawHeaders(b"user-agent", [b'say "hi"\x01' + b"x" * 5000])
+    line = access_line("[24/Nov/2026:20:00:00 +0000]", request)
+    assert line.startswith('"127.0.0.9" - - [24/Nov/2026:20:00:00 +0000] "GET /login?aaa')
+    assert len(line) < 4 * ACCESS_FIELD_LIMIT + 100
+    assert '"/login?' not in line and " 400 - " in line
+    assert 'say \\"hi\\"\\x01xxx' in line and line.endswith('..."')
+    assert '"-"' in line  # no Referer
+    # ...and it is the line the Web Manager's site writes
+    from io import StringIO
+
+    from twisted.internet.task import Clock
+    from twisted.web.resource import Resource
+
+    from sftpauth.manager.service import ManagerSite
+
+    site = ManagerSite(Resource(), reactor=Clock())
+    site._logFile, site._logDateTime = StringIO(), "[24/Nov/2026:20:00:00 +0000]"
+    site.log(request)
+    assert site._logFile.getvalue() == line + "\n"
