@@ -107,7 +107,7 @@ class Route:
     pattern: re.Pattern
     handler: str
     login: bool = True  # a session is required
-    action: bool = False  # changes something or runs something: read-only roles may not
+    action: str = ""  # the manager-action it runs (read-only roles may not): "test-login", "verify-connection"
     api: bool = False  # JSON errors instead of pages and redirects
     csrf: str = "session"  # POST check: "session" token, "login" double-submit cookie, "json" content type
 
@@ -126,17 +126,18 @@ ROUTES = (
     _route("POST", "/logout", "logout"),
     _route("GET", "/", "dashboard"),
     _route("GET", "/authentications", "authentications_page"),
-    _route("POST", "/authentications/<method_id>/verify_connection", "verify_page", action=True),
+    _route("POST", "/authentications/<method_id>/verify_connection", "verify_page", action="verify-connection"),
     _route("GET", "/test-login", "test_login_page"),
-    _route("POST", "/test-login", "test_login_form", action=True),
+    _route("POST", "/test-login", "test_login_form", action="test-login"),
     _route("GET", "/events", "events_page"),
     _route("POST", "/api/v1/login", "api_login", login=False, api=True, csrf="json"),
     _route("POST", "/api/v1/logout", "api_logout", api=True),
     _route("GET", "/api/v1/session", "api_session", api=True),
     _route("GET", "/api/v1/services", "api_services", api=True),
     _route("GET", "/api/v1/authentications", "api_authentications", api=True),
-    _route("POST", "/api/v1/authentications/<method_id>/verify_connection", "api_verify", api=True, action=True),
-    _route("POST", "/api/v1/test_login", "api_test_login", api=True, action=True),
+    _route("POST", "/api/v1/authentications/<method_id>/verify_connection", "api_verify", api=True,
+           action="verify-connection"),
+    _route("POST", "/api/v1/test_login", "api_test_login", api=True, action="test-login"),
     _route("GET", "/api/v1/events", "api_events", api=True),
 )
 
@@ -269,6 +270,8 @@ class ManagerApp:
             if problem is not None:
                 return problem
         if route.action and not call.session.can_act:
+            self._record_action(call, route.action, self._action_target(call, route.action), "failure",
+                                reason="read-only-role", detail="the administrator's roles cannot run actions")
             return self._error(
                 route.api, 403, "Not allowed", "Your role is read-only: it can look at everything but cannot run actions."
             )
@@ -631,19 +634,30 @@ class ManagerApp:
             raise BadRequest(f"no LDAP authentication method {method_id!r}", 404)
         started = time.monotonic()
         report = await self._verify(settings, self.runtime.reactor)
+        self._record_action(
+            call, "verify-connection", method_id, "success" if not report.failures else "failure",
+            detail=f"{report.failures} check(s) failed" if report.failures else "every check passed",
+            duration_ms=round((time.monotonic() - started) * 1000, 1),
+        )
+        return report
+
+    def _record_action(self, call: Call, action: str, target: str, outcome: str, **fields) -> None:
+        """One ``manager-action`` audit event: who ran (or tried) what, on what, and how it ended."""
         self.runtime.audit.record(
             "manager-action",
             service=self.settings.id,
             protocol="manager",
             peer=call.peer,
             username=call.session.username,
-            action="verify-connection",
-            target=method_id,
-            outcome="success" if not report.failures else "failure",
-            detail=f"{report.failures} check(s) failed" if report.failures else "every check passed",
-            duration_ms=round((time.monotonic() - started) * 1000, 1),
+            action=action,
+            target=target,
+            outcome=outcome,
+            **fields,
         )
-        return report
+
+    @staticmethod
+    def _action_target(call: Call, action: str) -> str:
+        return call.field("username") if action == "test-login" else call.params.get("method_id", "")
 
     async def verify_page(self, call: Call) -> Response:
         try:
@@ -685,6 +699,8 @@ class ManagerApp:
         failures = self._recent_test_failures(administrator)
         if len(failures) >= TEST_LOGIN_FAILURES:
             wait = int(failures[0] + TEST_LOGIN_WINDOW - self.runtime.reactor.seconds()) + 1
+            self._record_action(call, "test-login", username, "failure", reason="rate-limited",
+                                detail=f"{len(failures)} failed test logins in {TEST_LOGIN_WINDOW // 60} minutes")
             raise BadRequest(
                 f"{len(failures)} failed test logins in the last {TEST_LOGIN_WINDOW // 60} minutes: "
                 f"try again in {wait} seconds (this limit keeps test logins from guessing passwords)",
@@ -715,17 +731,8 @@ class ManagerApp:
             if current is not None and started in current:
                 current.remove(started)
         method_ids = (method_id,) if method_id else self.runtime.chain.method_ids_for(request)
-        self.runtime.audit.record(
-            "manager-action",
-            service=self.settings.id,
-            protocol="manager",
-            peer=call.peer,
-            username=call.session.username,
-            action="test-login",
-            target=username,
-            outcome="success" if failure is None else "failure",
-            detail="manager mode" if manager else "file transfer mode",
-        )
+        self._record_action(call, "test-login", username, "success" if failure is None else "failure",
+                            detail="manager mode" if manager else "file transfer mode")
         return {
             "username": username,
             "manager": manager,

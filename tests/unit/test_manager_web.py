@@ -359,6 +359,14 @@ def test_read_only_role_sees_pages_but_cannot_act(manager):
     assert m.get("/api/v1/session").json()["can_act"] is False
     assert m.get("/events").status == 200
     assert [event["username"] for event in m.events()] == ["auditor"]  # no test login ran
+    # QA, session 29: each refused attempt is a manager-action event, with who tried what on what
+    verify = m.post_form("/authentications/ldap/verify_connection", {"csrf_token": token})
+    assert verify.status == 403
+    refused = [(event["action"], event["target"], event["username"], event["outcome"], event["reason"])
+               for event in m.events("manager-action")]
+    assert refused == [("test-login", "admin", "auditor", "failure", "read-only-role"),
+                       ("test-login", "a", "auditor", "failure", "read-only-role"),
+                       ("verify-connection", "ldap", "auditor", "failure", "read-only-role")]
 
 
 def _never_verify(settings, reactor):
@@ -941,7 +949,9 @@ def test_failed_test_logins_are_limited_per_administrator(manager):
     assert refused.status == 429 and "10 failed test logins in the last 10 minutes" in refused.json()["error"]
     assert refused.reason == "Too Many Requests"  # Twisted alone sends "Unknown Status"
     tests = [event for event in m.events("manager-action") if event["action"] == "test-login"]
-    assert len(tests) == 11  # the refused one ran no login
+    # QA, session 29: the refused one (it ran no login) is audited too, so an auditor sees the guessing stop
+    assert [event.get("reason") for event in tests] == [None] * 11 + ["rate-limited"]
+    assert tests[-1]["outcome"] == "failure" and tests[-1]["target"] == "ftpuser" and tests[-1]["username"] == "admin"
     m.clock.advance(599)
     assert test_login("ftp-pass").status == 429
     m.clock.advance(2)  # the ten failures are now older than the window
