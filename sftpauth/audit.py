@@ -70,6 +70,11 @@ def encode(entry: dict) -> str:
     return readable(json.dumps(entry, ensure_ascii=False, sort_keys=False))
 
 
+def _open(path: str):
+    """The audit file, appended to without a buffer: each write goes to the file at once, or fails at once."""
+    return open(path, "ab", buffering=0)
+
+
 class AuditLog:
     def __init__(
         self,
@@ -84,9 +89,11 @@ class AuditLog:
         self.echo = not path if echo is None else echo
         self._lock = threading.Lock()
         self._file = None
+        self._lost = 0  # events not written since the file last took a write (a full disk)
+        self._cut = False  # the last write stopped inside a line: the next one starts on a new line
         if path:  # what path_problem() checks without creating anything
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-            self._file = open(path, "a", encoding="utf-8", buffering=1)
+            self._file = _open(path)
         self.listeners: list[Callable[[dict], None]] = []
 
     def record(self, event: str, **fields: Any) -> dict:
@@ -106,15 +113,50 @@ class AuditLog:
         come as the worker encoded them, and are written without a second
         encoding (sftpauth.workers).
         """
-        text = "".join(line + "\n" for _, line in entries)
+        data = "".join(line + "\n" for _, line in entries).encode("utf-8")
         with self._lock:
-            if self._file is not None:
-                self._file.write(text)
+            written = self._file is None or self._write(data, len(entries))
         for entry, line in entries:
             if self.echo:
                 _log.info("audit {line}", line=line)
+            elif not written:
+                _log.warn("audit (not in {path}) {line}", path=self.path, line=line)
             for listener in self.listeners:
                 listener(entry)
+
+    def _write(self, data: bytes, count: int) -> bool:
+        """Write ``data`` (``count`` events) to the file; False, with one error line per outage, when it cannot.
+
+        A full disk or an I/O error must not fail the login or session being
+        recorded, nor stop a service: the events then go to the server log
+        (publish_lines), and the file is tried again at the next event. The
+        file is unbuffered, so an event that could not be written is never
+        written later (under a later event's outcome), and a line cut by the
+        disk filling up is ended before the next one.
+        """
+        if self._cut:
+            data = b"\n" + data
+        done = 0
+        try:
+            while done < len(data):
+                done += self._file.write(data[done:]) or 0
+        except OSError as error:
+            if done:
+                self._cut = data[done - 1 : done] != b"\n"
+            if not self._lost:
+                _log.error(
+                    "cannot write the audit log {path}: {error}; its events go to the server log until it can be "
+                    "written again (sftpauth keeps running)",
+                    path=self.path, error=error.strerror or str(error),
+                )
+            self._lost += count
+            return False
+        self._cut = False
+        if self._lost:
+            _log.info("audit log {path} written again; {count} event(s) before this are only in the server log",
+                      path=self.path, count=self._lost)
+            self._lost = 0
+        return True
 
     def reopen(self) -> None:
         """Open the file again by its path (SIGHUP), so that logrotate can move it away.
@@ -125,7 +167,7 @@ class AuditLog:
         if not self.path:
             return
         try:
-            new = open(self.path, "a", encoding="utf-8", buffering=1)
+            new = _open(self.path)
         except OSError as error:
             _log.error("SIGHUP: cannot open the audit log {path} again ({error}); writing on to the file already open",
                        path=self.path, error=str(error))

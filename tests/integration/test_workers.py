@@ -17,6 +17,7 @@ import contextlib
 import ftplib
 import functools
 import io
+import json
 import os
 import random
 import re
@@ -39,6 +40,7 @@ from sftpauth.tls import load_server_certificate
 from .ldap_helpers import BASE, ENGINEERING
 from .manager_helpers import _CHEAP, HTTPSClient
 from .server import SftpauthServer, free_port, serving
+from .disk import small_file_system
 from .sftp_fixtures import server_host_key
 from .test_ftps import pem_with_key
 from .tls_certs import TestPKI
@@ -523,6 +525,24 @@ def new_ed25519_key_text() -> bytes:
     )
 
 
+def carol_config(tmp_path: Path, port: int, audit_log: str, more: str = "") -> str:
+    """Two workers, one FTP service on ``port``, the local account carol (carol-pass) and ``more`` sections."""
+    return textwrap.dedent(
+        f"""
+        [server]
+        data_folder = {tmp_path}/data
+        audit_log = {audit_log}
+        workers = 2
+        [services/ftp]
+        type = ftp
+        port = {port}
+        [accounts/carol]
+        password = {_CHEAP.hash("carol-pass")}
+        home_folder_path = {tmp_path}/carol
+        """
+    ) + more
+
+
 def test_sigterm_stops_every_worker_and_exits_0(tmp_path):
     """SIGTERM on the parent: both workers stop, then the parent exits 0, with no traceback in the log.
 
@@ -532,24 +552,7 @@ def test_sigterm_stops_every_worker_and_exits_0(tmp_path):
     """
     port = free_port()
     (tmp_path / "carol").mkdir()
-    server = SftpauthServer(
-        tmp_path,
-        textwrap.dedent(
-            f"""
-            [server]
-            data_folder = {tmp_path}/data
-            audit_log = {tmp_path}/audit.jsonl
-            workers = 2
-            [services/ftp]
-            type = ftp
-            port = {port}
-            [accounts/carol]
-            password = {_CHEAP.hash("carol-pass")}
-            home_folder_path = {tmp_path}/carol
-            """
-        ),
-        ports=(port,),
-    )
+    server = SftpauthServer(tmp_path, carol_config(tmp_path, port, f"{tmp_path}/audit.jsonl"), ports=(port,))
     with serving(server):
         workers = server.ready_workers()
         assert len(workers) == 2
@@ -564,3 +567,75 @@ def test_sigterm_stops_every_worker_and_exits_0(tmp_path):
     ends = [event for event in server.audit_events() if event["event"] == "session-end"]
     # The worker ended the session as its FTP service stopped, before its channel closed: not "worker-exited".
     assert [(event.get("username"), event.get("reason")) for event in ends] == [("carol", "shutdown")], server.audit_events()
+
+
+def _fill(folder: Path) -> None:
+    """Fill the file system of ``folder`` to its last byte."""
+    with open(folder / "filler", "wb", buffering=0) as filler:
+        with contextlib.suppress(OSError):
+            while True:
+                filler.write(b"\0" * 4096)
+        with contextlib.suppress(OSError):
+            while True:
+                filler.write(b"\0")
+
+
+def test_a_full_audit_disk_stops_no_worker_no_login_and_no_ban(tmp_path):
+    """QA, session 29 (high): with the audit log's disk full, the parent's write raised inside the workers' channel,
+    so both workers stopped, cutting every session, and kept dying when started again; with one process, every
+    valid login was refused and failures were never counted toward a ban. Now the events go to the server log."""
+    port = free_port()
+    (tmp_path / "carol").mkdir()
+    with small_file_system(tmp_path / "small", 256 * 1024) as small:
+        policy = "[security-policies/DEFAULT-SECURITY-POLICY]\nsource_ip_ban_after_count = 3\n"
+        server = SftpauthServer(tmp_path, carol_config(tmp_path, port, f"{small}/audit.jsonl", policy), ports=(port,))
+        with serving(server):
+            workers = set(server.ready_workers())
+            held = ftplib.FTP()
+            held.connect("127.0.0.1", port, timeout=10)
+            held.login("carol", "carol-pass")
+            _fill(small)
+            for _ in range(30):  # the audit file's last page still takes a few events
+                if "cannot write the audit log" in server.log_text():
+                    break
+                fresh = ftplib.FTP()
+                fresh.connect("127.0.0.1", port, timeout=10)
+                assert fresh.login("carol", "carol-pass").startswith("230")
+                fresh.quit()
+                time.sleep(0.1)
+            for _ in range(3):
+                guesser = ftplib.FTP(source_address=("127.0.0.77", 0))
+                guesser.connect("127.0.0.1", port, timeout=10)
+                with pytest.raises(ftplib.error_perm, match="^530"):
+                    guesser.login("carol", "guess")
+                guesser.close()
+            deadline = time.monotonic() + 5
+            while True:  # the ban reaches every worker
+                try:
+                    banned = ftplib.FTP(source_address=("127.0.0.77", 0))
+                    greeting = banned.connect("127.0.0.1", port, timeout=10)
+                    banned.close()
+                except (ftplib.error_temp, EOFError, OSError) as refused:
+                    greeting = str(refused)
+                if not greeting.startswith("220") or time.monotonic() > deadline:
+                    break
+                time.sleep(0.1)
+            assert not greeting.startswith("220"), "the address was not banned"
+            fresh = ftplib.FTP()
+            fresh.connect("127.0.0.1", port, timeout=10)
+            assert fresh.login("carol", "carol-pass").startswith("230")
+            fresh.quit()
+            assert held.voidcmd("NOOP").startswith("200")
+            assert set(server.ready_workers()) == workers and all(alive(pid) for pid in workers)
+            log = server.log_text()
+            assert "cannot write the audit log" in log and "No space left on device" in log
+            assert '"username": "carol"' in log  # the events are in the server log instead
+            # space again: the file takes the next event, and the log says how many it missed
+            (small / "filler").unlink()
+            held.quit()
+            deadline = time.monotonic() + 10
+            while "written again;" not in server.log_text() and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert "written again;" in server.log_text()
+            last = (small / "audit.jsonl").read_bytes().split(b"\n")[-2]
+            assert json.loads(last)["event"] == "session-end" and json.loads(last)["username"] == "carol"
