@@ -6,6 +6,7 @@ Callers pass only what may be shown: never a password, TOTP code or secret.
 from __future__ import annotations
 
 import datetime
+import errno
 import json
 import os
 import threading
@@ -139,7 +140,10 @@ class AuditLog:
         done = 0
         try:
             while done < len(data):
-                done += self._file.write(data[done:]) or 0
+                wrote = self._file.write(data[done:])
+                if not wrote:  # no byte taken and no error: trying again would spin in the reactor
+                    raise OSError(errno.EIO, "the audit file took no bytes")
+                done += wrote
         except OSError as error:
             if done:
                 self._cut = data[done - 1 : done] != b"\n"

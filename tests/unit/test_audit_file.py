@@ -68,3 +68,18 @@ def test_a_line_cut_by_the_disk_filling_up_is_ended_before_the_next_one(tmp_path
     audit.record("authentication", username="whole", outcome="success")
     lines = disk.data.split(b"\n")
     assert lines[0] == disk.data[:20] and json.loads(lines[1])["username"] == "whole" and lines[2] == b""
+
+
+def test_a_write_that_takes_no_byte_is_a_failure_not_a_loop(tmp_path, log_lines):
+    """A file whose write returns 0 without an error must not keep the reactor retrying for ever."""
+
+    class TakesNothing:
+        def write(self, data: bytes) -> int:
+            return 0
+
+    audit = AuditLog(str(tmp_path / "audit.jsonl"))
+    audit._file.close()
+    audit._file = TakesNothing()
+    audit.record("authentication", username="stuck", outcome="failure")
+    assert any("cannot write the audit log" in line and "took no bytes" in line for line in log_lines)
+    assert any(line.startswith("audit (not in ") and '"stuck"' in line for line in log_lines)
